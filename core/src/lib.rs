@@ -1,0 +1,87 @@
+//! The lifecycle of real-time, GPU-backed sessions as a pure state machine.
+//!
+//! A session goes `started -> ended`, once. Ending is idempotent, records `started_at`,
+//! `ended_at` and why it ended, and releases every resource the session held, each exactly
+//! once. Sessions also end by themselves: at `expires_at`, or when no liveness signal
+//! arrived for the orphan timeout.
+//!
+//! The crate is `no_std`, allocates nothing and does no I/O: every input that depends on
+//! time carries `now`, releases go out through the [`Effects`] callbacks the driver
+//! implements, and [`SessionTable::next_deadline`] tells the driver when to call
+//! [`SessionTable::handle_timeout`] next. Drivers (the `session-lifecycle-runtime` crate, a
+//! firmware loop, a test with a simulated clock) bring the clock, the randomness for ids
+//! and the actual resource release.
+//!
+//! ```
+//! use core::time::Duration;
+//! use session_lifecycle::*;
+//!
+//! /// Releases resources by remembering them; a real driver frees GPU memory or stops
+//! /// processes here.
+//! #[derive(Default)]
+//! struct Releases { done: heapless::Vec<u64, 8> }
+//! impl Effects for Releases {
+//!     fn release(&mut self, _: &SessionId, resource: Resource) -> ReleaseOutcome {
+//!         self.done.push(resource.handle).unwrap();
+//!         ReleaseOutcome::Released
+//!     }
+//! }
+//!
+//! let mut table = SessionTable::<64>::new(Policy::DEFAULT).unwrap();
+//! let mut effects = Releases::default();
+//! let t0 = Timestamp::parse_rfc3339("2024-01-15T10:30:00Z").unwrap();
+//!
+//! let id = *table.start(t0, 0xC0FFEE, Duration::from_secs(3600)).unwrap().id();
+//! let gpu = Resource { kind: ResourceKind(1), handle: 7 };
+//! let process = Resource { kind: ResourceKind(2), handle: 4242 };
+//! table.attach(&id, gpu).unwrap();
+//! table.attach(&id, process).unwrap();
+//!
+//! // Five minutes later the client ends the session: the process goes first, then the GPU.
+//! let t1 = Timestamp::parse_rfc3339("2024-01-15T10:35:00Z").unwrap();
+//! let first = table.end(t1, &id, EndReason::Requested, &mut effects).unwrap();
+//! assert_eq!(first.transition, Transition::Committed);
+//! assert_eq!(first.session.ended_at(), Some(t1));
+//! assert_eq!(effects.done, [4242, 7]);
+//!
+//! // Ending again is a no-op that returns the first answer.
+//! let t2 = Timestamp::parse_rfc3339("2024-01-15T10:36:00Z").unwrap();
+//! let again = table.end(t2, &id, EndReason::WebsocketDisconnected, &mut effects).unwrap();
+//! assert_eq!(again.transition, Transition::AlreadyEnded);
+//! assert_eq!(again.session.ended_at(), Some(t1));
+//! assert_eq!(again.session.end_reason(), Some(EndReason::Requested));
+//! assert_eq!(effects.done.len(), 2);
+//!
+//! // The driver sleeps until the next deadline: here, the end of the retention period.
+//! let wake = table.next_deadline().unwrap();
+//! let sweep = table.handle_timeout(wake, &mut effects);
+//! assert_eq!(sweep.evicted, 1);
+//! assert!(table.is_empty());
+//! ```
+#![no_std]
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+#[cfg(test)]
+extern crate std;
+
+mod id;
+mod policy;
+mod session;
+mod table;
+mod time;
+
+pub use id::{
+    IdText, SESSION_ID_MAX_CHARS, SESSION_ID_MAX_LEN, SESSION_ID_PREFIX, SessionId, SessionIdError,
+};
+pub use policy::{CONTRACT_ORPHAN_BOUND, Policy, PolicyError, RELEASE_ALLOWANCE};
+pub use session::{
+    AttachRefusal, EndReason, Ending, HeldResource, HeldResourceParts, InvalidSession,
+    MAX_RESOURCES, ReleaseState, ReleaseStatus, Resource, ResourceKind, Session, SessionParts,
+    Status, Transition,
+};
+pub use table::{
+    AttachError, Effects, EndOutcome, NotFound, ReleaseOutcome, SessionTable, StartError, Sweep,
+    TouchError,
+};
+pub use time::{Clock, Timestamp, TimestampError};

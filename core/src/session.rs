@@ -1,0 +1,636 @@
+//! One session: its lifecycle state, its deadlines and the resources it holds.
+
+use core::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::id::SessionId;
+use crate::policy::Policy;
+use crate::time::Timestamp;
+
+/// The most resources one session can hold at once (avatar process, GPU assignment, GPU
+/// reservation, and one to spare).
+pub const MAX_RESOURCES: usize = 4;
+
+/// A session's status. The only transition is `Started -> Ended`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    /// Running: from the moment the session exists until it ends.
+    Started,
+    /// Terminated, for good.
+    Ended,
+}
+
+/// Why a session ended. The first trigger to commit wins; later ones are no-ops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EndReason {
+    /// An explicit end call.
+    Requested,
+    /// The session's last client WebSocket closed or missed its pings.
+    WebsocketDisconnected,
+    /// The last participant left the session's video room, or the room finished.
+    RoomEmpty,
+    /// The session reached `expires_at` (its plan limit or requested duration).
+    Expired,
+    /// The safety sweeper found no liveness signal for the orphan timeout.
+    Orphaned,
+    /// The avatar server exited on its own.
+    AvatarExited,
+    /// Resources could not be acquired while starting.
+    StartFailed,
+    /// The service was stopped on purpose.
+    Shutdown,
+}
+
+impl EndReason {
+    /// Every reason, in declaration order.
+    pub const ALL: [EndReason; 8] = [
+        EndReason::Requested,
+        EndReason::WebsocketDisconnected,
+        EndReason::RoomEmpty,
+        EndReason::Expired,
+        EndReason::Orphaned,
+        EndReason::AvatarExited,
+        EndReason::StartFailed,
+        EndReason::Shutdown,
+    ];
+
+    /// The reason's wire name, as in the JSON session object.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            EndReason::Requested => "requested",
+            EndReason::WebsocketDisconnected => "websocket_disconnected",
+            EndReason::RoomEmpty => "room_empty",
+            EndReason::Expired => "expired",
+            EndReason::Orphaned => "orphaned",
+            EndReason::AvatarExited => "avatar_exited",
+            EndReason::StartFailed => "start_failed",
+            EndReason::Shutdown => "shutdown",
+        }
+    }
+
+    /// The reason with wire name `name`, if any.
+    pub fn from_name(name: &str) -> Option<EndReason> {
+        EndReason::ALL.into_iter().find(|r| r.as_str() == name)
+    }
+}
+
+impl fmt::Display for EndReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What kind of thing a resource is. Opaque to the core: the adapter that acquires a
+/// resource picks the number and knows what it means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct ResourceKind(pub u16);
+
+/// One resource held for a session: a kind and an adapter-given handle (a process id, a
+/// device index and share, an allocation number, ...).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Resource {
+    /// What it is.
+    pub kind: ResourceKind,
+    /// Which one, in the acquiring adapter's terms.
+    pub handle: u64,
+}
+
+/// Where a resource's release stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ReleaseState {
+    /// Held by a started session.
+    Held,
+    /// The session ended; releasing failed `attempts` times so far and is retried at
+    /// `retry_at`. (A release is first attempted at once when the session ends.)
+    Pending {
+        /// Failed attempts so far (at least 1).
+        attempts: u32,
+        /// When the next attempt is due.
+        retry_at: Timestamp,
+    },
+    /// Given back, for good. Never offered for release again.
+    Released {
+        /// When the release succeeded.
+        at: Timestamp,
+    },
+}
+
+/// A resource and where its release stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(into = "HeldResourceParts", try_from = "HeldResourceParts")]
+pub struct HeldResource {
+    /// The resource.
+    pub resource: Resource,
+    /// Its release state.
+    pub release: ReleaseState,
+}
+
+/// The wire shape of a [`HeldResource`]: flat, so it needs no allocation to parse.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeldResourceParts {
+    /// See [`Resource::kind`].
+    pub kind: ResourceKind,
+    /// See [`Resource::handle`].
+    pub handle: u64,
+    /// `held`, `pending` or `released`.
+    pub release: ReleaseStatus,
+    /// Failed release attempts (0 unless pending).
+    #[serde(default)]
+    pub release_attempts: u32,
+    /// When a pending release is next tried.
+    #[serde(default)]
+    pub retry_at: Option<Timestamp>,
+    /// When the release succeeded.
+    #[serde(default)]
+    pub released_at: Option<Timestamp>,
+}
+
+/// The release state's name on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReleaseStatus {
+    /// See [`ReleaseState::Held`].
+    Held,
+    /// See [`ReleaseState::Pending`].
+    Pending,
+    /// See [`ReleaseState::Released`].
+    Released,
+}
+
+impl From<HeldResource> for HeldResourceParts {
+    fn from(r: HeldResource) -> Self {
+        let (release, release_attempts, retry_at, released_at) = match r.release {
+            ReleaseState::Held => (ReleaseStatus::Held, 0, None, None),
+            ReleaseState::Pending { attempts, retry_at } => {
+                (ReleaseStatus::Pending, attempts, Some(retry_at), None)
+            }
+            ReleaseState::Released { at } => (ReleaseStatus::Released, 0, None, Some(at)),
+        };
+        HeldResourceParts {
+            kind: r.resource.kind,
+            handle: r.resource.handle,
+            release,
+            release_attempts,
+            retry_at,
+            released_at,
+        }
+    }
+}
+
+impl TryFrom<HeldResourceParts> for HeldResource {
+    type Error = InvalidSession;
+    fn try_from(p: HeldResourceParts) -> Result<Self, InvalidSession> {
+        let release = match (p.release, p.release_attempts, p.retry_at, p.released_at) {
+            (ReleaseStatus::Held, 0, None, None) => ReleaseState::Held,
+            (ReleaseStatus::Pending, attempts @ 1.., Some(retry_at), None) => {
+                ReleaseState::Pending { attempts, retry_at }
+            }
+            (ReleaseStatus::Released, 0, None, Some(at)) => ReleaseState::Released { at },
+            _ => return Err(InvalidSession::ReleaseFields),
+        };
+        Ok(HeldResource {
+            resource: Resource {
+                kind: p.kind,
+                handle: p.handle,
+            },
+            release,
+        })
+    }
+}
+
+/// How a session ended: when, and why.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Ending {
+    /// When it ended; never before `started_at`.
+    pub at: Timestamp,
+    /// Why.
+    pub reason: EndReason,
+}
+
+/// A session: who it is, when it started, whether and how it ended, and what it holds.
+///
+/// Sessions are changed only through a [`SessionTable`](crate::SessionTable), which keeps
+/// every invariant of the contract: a session only goes `started -> ended`, `ended_at` is
+/// set iff it ended and is never before `started_at`, and each resource is released once.
+///
+/// Its serde form is the contract's session object:
+///
+/// ```
+/// # use session_lifecycle::*;
+/// let json = r#"{"session_id":"sess_01H3Z8G9YR3K2N5M6P7Q8W4T","status":"ended",
+///   "started_at":"2024-01-15T10:30:00Z","ended_at":"2024-01-15T10:35:00Z",
+///   "end_reason":"requested","expires_at":"2024-01-15T11:30:00Z",
+///   "last_seen_at":"2024-01-15T10:34:00Z","resources":[]}"#;
+/// let session: Session = serde_json::from_str(json).unwrap();
+/// assert_eq!(session.status(), Status::Ended);
+/// assert_eq!(session.end_reason(), Some(EndReason::Requested));
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(into = "SessionParts", try_from = "SessionParts")]
+pub struct Session {
+    id: SessionId,
+    started_at: Timestamp,
+    expires_at: Timestamp,
+    last_seen_at: Timestamp,
+    ending: Option<Ending>,
+    resources: heapless::Vec<HeldResource, MAX_RESOURCES>,
+}
+
+/// The wire shape of a [`Session`], field for field as in the contract's session object.
+///
+/// Converting it into a [`Session`] checks every invariant, so a record read back from
+/// storage or from JSON cannot smuggle in an impossible state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionParts {
+    /// The session's id.
+    pub session_id: SessionId,
+    /// `started` or `ended`.
+    pub status: Status,
+    /// When it started.
+    pub started_at: Timestamp,
+    /// When it ended; `null` while started.
+    pub ended_at: Option<Timestamp>,
+    /// Why it ended; `null` while started.
+    pub end_reason: Option<EndReason>,
+    /// When it expires: `started_at + min(requested duration, plan limit)`.
+    pub expires_at: Timestamp,
+    /// The latest liveness signal (at least `started_at`).
+    pub last_seen_at: Timestamp,
+    /// What it holds, in acquisition order, with release states.
+    pub resources: heapless::Vec<HeldResource, MAX_RESOURCES>,
+}
+
+/// Why a [`SessionParts`] does not describe a possible session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InvalidSession {
+    /// `status`, `ended_at` and `end_reason` disagree on whether it ended.
+    StatusFields,
+    /// `ended_at`, `expires_at` or `last_seen_at` is before `started_at`.
+    BeforeStart,
+    /// A release state's fields disagree (pending without a retry time, ...).
+    ReleaseFields,
+    /// A started session lists a resource that is not simply held.
+    ReleasedWhileStarted,
+    /// The same resource is listed twice.
+    DuplicateResource,
+}
+
+impl fmt::Display for InvalidSession {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            InvalidSession::StatusFields => {
+                "status, ended_at and end_reason disagree on whether the session ended"
+            }
+            InvalidSession::BeforeStart => "a timestamp is before started_at",
+            InvalidSession::ReleaseFields => "a resource's release fields are inconsistent",
+            InvalidSession::ReleasedWhileStarted => {
+                "a started session lists a resource that is not held"
+            }
+            InvalidSession::DuplicateResource => "a resource is listed twice",
+        })
+    }
+}
+
+impl From<Session> for SessionParts {
+    fn from(s: Session) -> Self {
+        SessionParts {
+            session_id: s.id,
+            status: s.status(),
+            started_at: s.started_at,
+            ended_at: s.ended_at(),
+            end_reason: s.end_reason(),
+            expires_at: s.expires_at,
+            last_seen_at: s.last_seen_at,
+            resources: s.resources,
+        }
+    }
+}
+
+impl TryFrom<SessionParts> for Session {
+    type Error = InvalidSession;
+    fn try_from(p: SessionParts) -> Result<Self, InvalidSession> {
+        let ending = match (p.status, p.ended_at, p.end_reason) {
+            (Status::Started, None, None) => None,
+            (Status::Ended, Some(at), Some(reason)) => Some(Ending { at, reason }),
+            _ => return Err(InvalidSession::StatusFields),
+        };
+        if p.expires_at < p.started_at
+            || p.last_seen_at < p.started_at
+            || ending.is_some_and(|e| e.at < p.started_at)
+        {
+            return Err(InvalidSession::BeforeStart);
+        }
+        for (i, r) in p.resources.iter().enumerate() {
+            if ending.is_none() && r.release != ReleaseState::Held {
+                return Err(InvalidSession::ReleasedWhileStarted);
+            }
+            if p.resources[..i].iter().any(|o| o.resource == r.resource) {
+                return Err(InvalidSession::DuplicateResource);
+            }
+        }
+        Ok(Session {
+            id: p.session_id,
+            started_at: p.started_at,
+            expires_at: p.expires_at,
+            last_seen_at: p.last_seen_at,
+            ending,
+            resources: p.resources,
+        })
+    }
+}
+
+/// What a call that may end a session did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transition {
+    /// This call ended the session.
+    Committed,
+    /// The session had already ended; nothing ran, and the first ending stands.
+    AlreadyEnded,
+}
+
+impl Session {
+    /// A new, started session holding nothing, alive as of `started_at`, expiring at
+    /// `expires_at` (never before it started).
+    ///
+    /// This is a detached value: to run a session's lifecycle, with its releases and
+    /// deadlines, start it in a [`SessionTable`](crate::SessionTable).
+    pub fn new(id: SessionId, started_at: Timestamp, expires_at: Timestamp) -> Session {
+        Session {
+            id,
+            started_at,
+            expires_at: expires_at.max(started_at),
+            last_seen_at: started_at,
+            ending: None,
+            resources: heapless::Vec::new(),
+        }
+    }
+
+    /// The session's id.
+    pub fn id(&self) -> &SessionId {
+        &self.id
+    }
+
+    /// `Started` until it ends, then `Ended` for good.
+    pub fn status(&self) -> Status {
+        match self.ending {
+            None => Status::Started,
+            Some(_) => Status::Ended,
+        }
+    }
+
+    /// When it started.
+    pub fn started_at(&self) -> Timestamp {
+        self.started_at
+    }
+
+    /// When it ended; `None` while started.
+    pub fn ended_at(&self) -> Option<Timestamp> {
+        self.ending.map(|e| e.at)
+    }
+
+    /// Why it ended; `None` while started.
+    pub fn end_reason(&self) -> Option<EndReason> {
+        self.ending.map(|e| e.reason)
+    }
+
+    /// When and why it ended, together.
+    pub fn ending(&self) -> Option<Ending> {
+        self.ending
+    }
+
+    /// When it expires.
+    pub fn expires_at(&self) -> Timestamp {
+        self.expires_at
+    }
+
+    /// The latest liveness signal.
+    pub fn last_seen_at(&self) -> Timestamp {
+        self.last_seen_at
+    }
+
+    /// Its resources, in acquisition order, with their release states.
+    pub fn resources(&self) -> &[HeldResource] {
+        &self.resources
+    }
+
+    /// Whether it has ended and every resource it held is released.
+    pub fn is_fully_released(&self) -> bool {
+        self.ending.is_some()
+            && self
+                .resources
+                .iter()
+                .all(|r| matches!(r.release, ReleaseState::Released { .. }))
+    }
+
+    /// The bare `started -> ended` transition at `now` for `reason`: idempotent, and
+    /// `ended_at` is never before `started_at` even if the clock stepped back.
+    ///
+    /// On a detached value this changes only the value. A table's
+    /// [`end`](crate::SessionTable::end) calls it and then runs the releases.
+    pub fn end(&mut self, now: Timestamp, reason: EndReason) -> Transition {
+        if self.ending.is_some() {
+            return Transition::AlreadyEnded;
+        }
+        // A clock that stepped backwards must not end a session before it started.
+        self.ending = Some(Ending {
+            at: now.max(self.started_at),
+            reason,
+        });
+        Transition::Committed
+    }
+
+    /// Records a liveness signal. Time never moves `last_seen_at` backwards.
+    pub(crate) fn touch(&mut self, now: Timestamp) {
+        self.last_seen_at = self.last_seen_at.max(now);
+    }
+
+    /// Adds a resource to a started session.
+    pub(crate) fn attach(&mut self, resource: Resource) -> Result<(), AttachRefusal> {
+        if self.ending.is_some() {
+            return Err(AttachRefusal::SessionEnded);
+        }
+        if self.resources.iter().any(|r| r.resource == resource) {
+            return Err(AttachRefusal::AlreadyHeld);
+        }
+        self.resources
+            .push(HeldResource {
+                resource,
+                release: ReleaseState::Held,
+            })
+            .map_err(|_| AttachRefusal::TooManyResources)
+    }
+
+    pub(crate) fn resources_mut(&mut self) -> &mut [HeldResource] {
+        &mut self.resources
+    }
+
+    /// The next moment a table must look at this session, under `policy`.
+    pub(crate) fn deadline(&self, policy: &Policy) -> Timestamp {
+        let Some(ending) = self.ending else {
+            let orphan_at = self.last_seen_at.saturating_add(policy.orphan_timeout);
+            return self.expires_at.min(orphan_at);
+        };
+        let mut next_retry = None::<Timestamp>;
+        let mut fully_released_at = ending.at;
+        for r in &self.resources {
+            match r.release {
+                // Not reached after `end` (every held resource is offered at once), but a
+                // restored record may carry one: deal with it now.
+                ReleaseState::Held => return ending.at,
+                ReleaseState::Pending { retry_at, .. } => {
+                    next_retry = Some(next_retry.map_or(retry_at, |t| t.min(retry_at)));
+                }
+                ReleaseState::Released { at } => fully_released_at = fully_released_at.max(at),
+            }
+        }
+        next_retry.unwrap_or_else(|| fully_released_at.saturating_add(policy.retention))
+    }
+}
+
+/// Why a resource could not be attached to a session. The resource is handed back with it,
+/// and the caller must release it at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttachRefusal {
+    /// No session with that id is held.
+    NotFound,
+    /// The session has ended: a resource acquired too late is never kept.
+    SessionEnded,
+    /// The session already holds [`MAX_RESOURCES`] resources.
+    TooManyResources,
+    /// The session already holds this very resource.
+    AlreadyHeld,
+}
+
+impl fmt::Display for AttachRefusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            AttachRefusal::NotFound => "no such session",
+            AttachRefusal::SessionEnded => "the session has ended",
+            AttachRefusal::TooManyResources => "the session holds the most resources it can",
+            AttachRefusal::AlreadyHeld => "the session already holds this resource",
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ts(s: &str) -> Timestamp {
+        Timestamp::parse_rfc3339(s).unwrap()
+    }
+
+    #[test]
+    fn reference_json_shape_round_trips() {
+        // The reference's response object, with the fields the contract adds.
+        let json = r#"{"session_id":"sess_01H3Z8G9YR3K2N5M6P7Q8W4T","status":"ended","started_at":"2024-01-15T10:30:00Z","ended_at":"2024-01-15T10:35:00Z","end_reason":"requested","expires_at":"2024-01-15T11:30:00Z","last_seen_at":"2024-01-15T10:34:10Z","resources":[{"kind":1,"handle":4242,"release":"released","release_attempts":0,"retry_at":null,"released_at":"2024-01-15T10:35:01Z"}]}"#;
+        let session: Session = serde_json::from_str(json).unwrap();
+        assert_eq!(session.id().as_str(), "sess_01H3Z8G9YR3K2N5M6P7Q8W4T");
+        assert_eq!(session.status(), Status::Ended);
+        assert_eq!(session.started_at(), ts("2024-01-15T10:30:00Z"));
+        assert_eq!(session.ended_at(), Some(ts("2024-01-15T10:35:00Z")));
+        assert!(session.is_fully_released());
+        assert_eq!(serde_json::to_string(&session).unwrap(), json);
+    }
+
+    #[test]
+    fn started_session_serializes_nulls() {
+        let s = Session::new(
+            SessionId::parse("sess_01H3Z8G9YR3K2N5M6P7Q8W4T").unwrap(),
+            ts("2024-01-15T10:30:00Z"),
+            ts("2024-01-15T11:30:00Z"),
+        );
+        let v: serde_json::Value = serde_json::to_value(&s).unwrap();
+        assert_eq!(v["status"], "started");
+        assert_eq!(v["ended_at"], serde_json::Value::Null);
+        assert_eq!(v["end_reason"], serde_json::Value::Null);
+        assert_eq!(v["started_at"], "2024-01-15T10:30:00Z");
+        assert_eq!(serde_json::from_value::<Session>(v).unwrap(), s);
+    }
+
+    #[test]
+    fn inconsistent_records_are_refused() {
+        let base = r#""session_id":"sess_01","started_at":"2024-01-15T10:30:00Z","expires_at":"2024-01-15T11:30:00Z","last_seen_at":"2024-01-15T10:30:00Z""#;
+        for (rest, why) in [
+            (
+                r#""status":"ended","ended_at":null,"end_reason":null,"resources":[]"#,
+                "ended without ended_at",
+            ),
+            (
+                r#""status":"started","ended_at":"2024-01-15T10:35:00Z","end_reason":"requested","resources":[]"#,
+                "started with ended_at",
+            ),
+            (
+                r#""status":"ended","ended_at":"2024-01-15T10:29:59Z","end_reason":"requested","resources":[]"#,
+                "ended before start",
+            ),
+            (
+                r#""status":"started","ended_at":null,"end_reason":null,"resources":[{"kind":1,"handle":1,"release":"released","released_at":"2024-01-15T10:35:00Z"}]"#,
+                "released while started",
+            ),
+            (
+                r#""status":"ended","ended_at":"2024-01-15T10:35:00Z","end_reason":"requested","resources":[{"kind":1,"handle":1,"release":"pending"}]"#,
+                "pending without retry time",
+            ),
+            (
+                r#""status":"ended","ended_at":"2024-01-15T10:35:00Z","end_reason":"nope","resources":[]"#,
+                "unknown reason",
+            ),
+            (
+                r#""status":"ended","ended_at":"2024-01-15T10:35:00Z","end_reason":"requested","resources":[{"kind":1,"handle":1,"release":"held"},{"kind":1,"handle":1,"release":"held"}]"#,
+                "duplicate",
+            ),
+            (
+                r#""status":"started","ended_at":null,"end_reason":null,"resources":[{"kind":1,"handle":1,"release":"held"},{"kind":1,"handle":2,"release":"held"},{"kind":1,"handle":3,"release":"held"},{"kind":1,"handle":4,"release":"held"},{"kind":1,"handle":5,"release":"held"}]"#,
+                "too many resources",
+            ),
+        ] {
+            let json = alloc_free_concat(base, rest);
+            assert!(serde_json::from_str::<Session>(&json).is_err(), "{why}");
+        }
+    }
+
+    fn alloc_free_concat(a: &str, b: &str) -> heapless::String<1024> {
+        let mut s = heapless::String::new();
+        s.push('{').unwrap();
+        s.push_str(a).unwrap();
+        s.push(',').unwrap();
+        s.push_str(b).unwrap();
+        s.push('}').unwrap();
+        s
+    }
+
+    #[test]
+    fn end_is_idempotent_and_never_before_start() {
+        let start = ts("2024-01-15T10:30:00Z");
+        let mut s = Session::new(SessionId::parse("sess_1").unwrap(), start, start);
+        // The clock stepped back a minute.
+        assert_eq!(
+            s.end(ts("2024-01-15T10:29:00Z"), EndReason::Orphaned),
+            Transition::Committed
+        );
+        assert_eq!(s.ended_at(), Some(start));
+        assert_eq!(
+            s.end(ts("2024-01-15T10:40:00Z"), EndReason::Requested),
+            Transition::AlreadyEnded
+        );
+        assert_eq!(s.ended_at(), Some(start));
+        assert_eq!(s.end_reason(), Some(EndReason::Orphaned));
+    }
+
+    #[test]
+    fn reason_names() {
+        for r in EndReason::ALL {
+            let json = serde_json::to_string(&r).unwrap();
+            assert_eq!(json.trim_matches('"'), r.as_str());
+            assert_eq!(EndReason::from_name(r.as_str()), Some(r));
+        }
+        assert_eq!(EndReason::from_name("bored"), None);
+    }
+}
