@@ -76,7 +76,7 @@ pub use id::{
 };
 pub use policy::{CONTRACT_ORPHAN_BOUND, Policy, PolicyError, RELEASE_ALLOWANCE};
 pub use session::{
-    AttachRefusal, EndReason, Ending, HeldResource, HeldResourceParts, InvalidSession,
+    AttachRefusal, EndReason, Ending, HeldResource, HeldResourceParts, HeldResources, InvalidSession,
     MAX_RESOURCES, ReleaseState, ReleaseStatus, Resource, ResourceKind, Session, SessionParts,
     Status, Transition,
 };

@@ -104,10 +104,11 @@ pub struct Resource {
 pub enum ReleaseState {
     /// Held by a started session.
     Held,
-    /// The session ended; releasing failed `attempts` times so far and is retried at
-    /// `retry_at`. (A release is first attempted at once when the session ends.)
+    /// The session ended and the release is due at `retry_at`, after `attempts` failures.
+    /// A table attempts every release at once when the session ends, so its pending
+    /// releases have failed at least once; a durable record may hold one not yet tried.
     Pending {
-        /// Failed attempts so far (at least 1).
+        /// Failed attempts so far.
         attempts: u32,
         /// When the next attempt is due.
         retry_at: Timestamp,
@@ -187,7 +188,7 @@ impl TryFrom<HeldResourceParts> for HeldResource {
     fn try_from(p: HeldResourceParts) -> Result<Self, InvalidSession> {
         let release = match (p.release, p.release_attempts, p.retry_at, p.released_at) {
             (ReleaseStatus::Held, 0, None, None) => ReleaseState::Held,
-            (ReleaseStatus::Pending, attempts @ 1.., Some(retry_at), None) => {
+            (ReleaseStatus::Pending, attempts, Some(retry_at), None) => {
                 ReleaseState::Pending { attempts, retry_at }
             }
             (ReleaseStatus::Released, 0, None, Some(at)) => ReleaseState::Released { at },
@@ -200,6 +201,37 @@ impl TryFrom<HeldResourceParts> for HeldResource {
             },
             release,
         })
+    }
+}
+
+/// The resources of a session, in acquisition order: at most [`MAX_RESOURCES`], stored
+/// inline. Serializes as a JSON array.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct HeldResources(heapless::Vec<HeldResource, MAX_RESOURCES>);
+
+impl HeldResources {
+    /// No resources.
+    pub const fn new() -> HeldResources {
+        HeldResources(heapless::Vec::new())
+    }
+
+    /// Appends `resource`; hands it back if [`MAX_RESOURCES`] are already held.
+    pub fn push(&mut self, resource: HeldResource) -> Result<(), HeldResource> {
+        self.0.push(resource)
+    }
+}
+
+impl core::ops::Deref for HeldResources {
+    type Target = [HeldResource];
+    fn deref(&self) -> &[HeldResource] {
+        &self.0
+    }
+}
+
+impl core::ops::DerefMut for HeldResources {
+    fn deref_mut(&mut self) -> &mut [HeldResource] {
+        &mut self.0
     }
 }
 
@@ -238,7 +270,7 @@ pub struct Session {
     expires_at: Timestamp,
     last_seen_at: Timestamp,
     ending: Option<Ending>,
-    resources: heapless::Vec<HeldResource, MAX_RESOURCES>,
+    resources: HeldResources,
 }
 
 /// The wire shape of a [`Session`], field for field as in the contract's session object.
@@ -263,7 +295,7 @@ pub struct SessionParts {
     /// The latest liveness signal (at least `started_at`).
     pub last_seen_at: Timestamp,
     /// What it holds, in acquisition order, with release states.
-    pub resources: heapless::Vec<HeldResource, MAX_RESOURCES>,
+    pub resources: HeldResources,
 }
 
 /// Why a [`SessionParts`] does not describe a possible session.
@@ -367,7 +399,7 @@ impl Session {
             expires_at: expires_at.max(started_at),
             last_seen_at: started_at,
             ending: None,
-            resources: heapless::Vec::new(),
+            resources: HeldResources::new(),
         }
     }
 
@@ -478,7 +510,7 @@ impl Session {
         };
         let mut next_retry = None::<Timestamp>;
         let mut fully_released_at = ending.at;
-        for r in &self.resources {
+        for r in self.resources.iter() {
             match r.release {
                 // Not reached after `end` (every held resource is offered at once), but a
                 // restored record may carry one: deal with it now.

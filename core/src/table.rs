@@ -125,10 +125,23 @@ pub struct EndOutcome<'a> {
 
 const NONE: u32 = u32::MAX;
 
+/// One entry of the deadline heap: when the table next has to look at a slot's session
+/// (see `Session::deadline`).
+#[derive(Clone, Copy)]
+struct HeapEntry {
+    deadline: Timestamp,
+    slot: u32,
+}
+
+impl HeapEntry {
+    const EMPTY: HeapEntry = HeapEntry {
+        deadline: Timestamp::EPOCH,
+        slot: NONE,
+    };
+}
+
 struct Slot {
     session: Option<Session>,
-    /// When the table next has to look at this session (see `Session::deadline`).
-    deadline: Timestamp,
     /// The id's hash, to skip most key comparisons while probing a bucket.
     hash: u32,
     /// Next slot in the same bucket while occupied; next free slot while free.
@@ -140,7 +153,6 @@ struct Slot {
 impl Slot {
     const EMPTY: Slot = Slot {
         session: None,
-        deadline: Timestamp::EPOCH,
         hash: 0,
         link: NONE,
         heap_pos: NONE,
@@ -174,8 +186,9 @@ pub struct SessionTable<const N: usize> {
     slots: [Slot; N],
     /// Bucket heads of the id index.
     buckets: [u32; N],
-    /// Slot numbers ordered as a binary min-heap by deadline; `heap[..len]` is live.
-    heap: [u32; N],
+    /// Deadlines with their slots, a binary min-heap; `heap[..len]` is live. The deadline
+    /// sits in the entry, not the slot, so that sifting touches only this array.
+    heap: [HeapEntry; N],
     len: u32,
     /// Head of the list of slots freed by eviction.
     free_head: u32,
@@ -185,8 +198,9 @@ pub struct SessionTable<const N: usize> {
 
 impl<const N: usize> SessionTable<N> {
     /// Bytes of table storage per session slot (the slot, its bucket head and heap entry).
-    pub const BYTES_PER_SLOT: usize =
-        core::mem::size_of::<Slot>() + 2 * core::mem::size_of::<u32>();
+    pub const BYTES_PER_SLOT: usize = core::mem::size_of::<Slot>()
+        + core::mem::size_of::<u32>()
+        + core::mem::size_of::<HeapEntry>();
 
     /// An empty table with `policy`, which must pass [`Policy::validate`].
     pub const fn new(policy: Policy) -> Result<Self, PolicyError> {
@@ -204,7 +218,7 @@ impl<const N: usize> SessionTable<N> {
             policy,
             slots: [const { Slot::EMPTY }; N],
             buckets: [NONE; N],
-            heap: [NONE; N],
+            heap: [HeapEntry::EMPTY; N],
             len: 0,
             free_head: NONE,
             fresh: 0,
@@ -248,7 +262,7 @@ impl<const N: usize> SessionTable<N> {
         if self.len == 0 {
             None
         } else {
-            Some(self.slots[self.heap[0] as usize].deadline)
+            Some(self.heap[0].deadline)
         }
     }
 
@@ -326,10 +340,11 @@ impl<const N: usize> SessionTable<N> {
     pub fn handle_timeout<E: Effects>(&mut self, now: Timestamp, effects: &mut E) -> Sweep {
         let mut sweep = Sweep::default();
         while self.len > 0 {
-            let slot = self.heap[0] as usize;
-            if self.slots[slot].deadline > now {
+            let HeapEntry { deadline, slot } = self.heap[0];
+            if deadline > now {
                 break;
             }
+            let slot = slot as usize;
             self.handle_due(slot, now, effects, &mut sweep);
         }
         sweep
@@ -405,13 +420,15 @@ impl<const N: usize> SessionTable<N> {
         let deadline = session.deadline(&self.policy);
         self.slots[slot] = Slot {
             session: Some(session),
-            deadline,
             hash: hash as u32,
             link: self.buckets[bucket],
             heap_pos: NONE,
         };
         self.buckets[bucket] = slot as u32;
-        self.heap_push(slot);
+        self.heap_push(HeapEntry {
+            deadline,
+            slot: slot as u32,
+        });
         self.slots[slot]
             .session
             .as_ref()
@@ -461,25 +478,22 @@ impl<const N: usize> SessionTable<N> {
         let Some(session) = self.slots[slot].session.as_ref() else {
             return;
         };
-        self.slots[slot].deadline = session.deadline(&self.policy);
+        let deadline = session.deadline(&self.policy);
         let pos = self.slots[slot].heap_pos as usize;
+        self.heap[pos].deadline = deadline;
         let pos = self.sift_up(pos);
         self.sift_down(pos);
     }
 
-    fn key(&self, pos: usize) -> Timestamp {
-        self.slots[self.heap[pos] as usize].deadline
+    fn heap_set(&mut self, pos: usize, entry: HeapEntry) {
+        self.heap[pos] = entry;
+        self.slots[entry.slot as usize].heap_pos = pos as u32;
     }
 
-    fn heap_set(&mut self, pos: usize, slot: u32) {
-        self.heap[pos] = slot;
-        self.slots[slot as usize].heap_pos = pos as u32;
-    }
-
-    fn heap_push(&mut self, slot: usize) {
+    fn heap_push(&mut self, entry: HeapEntry) {
         let pos = self.len as usize;
         self.len += 1;
-        self.heap_set(pos, slot as u32);
+        self.heap_set(pos, entry);
         self.sift_up(pos);
     }
 
@@ -497,48 +511,44 @@ impl<const N: usize> SessionTable<N> {
             let pos = self.sift_up(pos);
             self.sift_down(pos);
         }
-        self.heap[last] = NONE;
+        self.heap[last] = HeapEntry::EMPTY;
     }
 
     fn sift_up(&mut self, mut pos: usize) -> usize {
-        let slot = self.heap[pos];
-        let key = self.slots[slot as usize].deadline;
+        let entry = self.heap[pos];
         while pos > 0 {
             let parent = (pos - 1) / 2;
-            if self.key(parent) <= key {
+            if self.heap[parent].deadline <= entry.deadline {
                 break;
             }
-            let p = self.heap[parent];
-            self.heap_set(pos, p);
+            self.heap_set(pos, self.heap[parent]);
             pos = parent;
         }
-        self.heap_set(pos, slot);
+        self.heap_set(pos, entry);
         pos
     }
 
     fn sift_down(&mut self, mut pos: usize) -> usize {
         let len = self.len as usize;
-        let slot = self.heap[pos];
-        let key = self.slots[slot as usize].deadline;
+        let entry = self.heap[pos];
         loop {
             let left = 2 * pos + 1;
             if left >= len {
                 break;
             }
             let right = left + 1;
-            let child = if right < len && self.key(right) < self.key(left) {
+            let child = if right < len && self.heap[right].deadline < self.heap[left].deadline {
                 right
             } else {
                 left
             };
-            if key <= self.key(child) {
+            if entry.deadline <= self.heap[child].deadline {
                 break;
             }
-            let c = self.heap[child];
-            self.heap_set(pos, c);
+            self.heap_set(pos, self.heap[child]);
             pos = child;
         }
-        self.heap_set(pos, slot);
+        self.heap_set(pos, entry);
         pos
     }
 
@@ -550,17 +560,18 @@ impl<const N: usize> SessionTable<N> {
             return Err("len disagrees with occupied slots");
         }
         for pos in 0..len {
-            let slot = self.heap[pos] as usize;
+            let HeapEntry { deadline, slot } = self.heap[pos];
+            let slot = slot as usize;
             if self.slots[slot].heap_pos as usize != pos {
                 return Err("heap position out of sync");
             }
-            if pos > 0 && self.key((pos - 1) / 2) > self.key(pos) {
+            if pos > 0 && self.heap[(pos - 1) / 2].deadline > deadline {
                 return Err("heap order violated");
             }
             let Some(session) = self.slots[slot].session.as_ref() else {
                 return Err("empty slot in heap");
             };
-            if self.slots[slot].deadline != session.deadline(&self.policy) {
+            if deadline != session.deadline(&self.policy) {
                 return Err("stale deadline");
             }
             if self.find(session.id()) != Some(slot) {

@@ -1,0 +1,104 @@
+//! Resource backends: what a session acquires when it starts and releases when it ends.
+
+use session_lifecycle::{EndReason, Resource, ResourceKind, SessionId};
+use tokio::sync::mpsc;
+
+use crate::store::BoxFuture;
+
+/// What a backend is asked to acquire for a starting session.
+#[derive(Debug, Clone)]
+pub struct AcquireRequest<'a> {
+    /// The session being started.
+    pub session: SessionId,
+    /// Its tenant.
+    pub tenant: &'a str,
+    /// Environment for the session's avatar server, from the backends acquired before
+    /// this one (for example `CUDA_VISIBLE_DEVICES` from a GPU backend), starting with
+    /// `SESSION_LIFECYCLE_SESSION_ID`.
+    pub env: &'a [(String, String)],
+}
+
+/// A resource just acquired, and the environment it hands to later backends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Acquired {
+    /// The resource, to be recorded as held by the session.
+    pub resource: Resource,
+    /// Variables for the avatar server's environment.
+    pub env: Vec<(String, String)>,
+}
+
+/// Why a backend could not acquire its resource. It must have released anything it got
+/// part-way before returning this.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AcquireError {
+    /// No room for another session (no GPU with enough free memory, ...).
+    #[error("no capacity: {0}")]
+    CapacityExhausted(String),
+    /// The resource could not be had for another reason (a command that cannot be
+    /// spawned, a driver error, ...).
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// Why a release attempt failed; the engine retries it with backoff.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct ReleaseError(pub String);
+
+/// Something that happened to a held resource on its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResourceEvent {
+    /// The session holding it.
+    pub session: SessionId,
+    /// The resource.
+    pub resource: Resource,
+    /// How the session must end because of it (an avatar server that exited by itself
+    /// ends its session with `avatar_exited`).
+    pub reason: EndReason,
+}
+
+/// Where backends report [`ResourceEvent`]s; the engine ends the session concerned.
+#[derive(Debug, Clone)]
+pub struct EventSink(pub(crate) mpsc::UnboundedSender<ResourceEvent>);
+
+impl EventSink {
+    /// Reports `event`. Dropped silently if the engine is gone.
+    pub fn report(&self, event: ResourceEvent) {
+        let _ = self.0.send(event);
+    }
+
+    /// A sink and its receiving end, for testing a backend on its own.
+    pub fn channel() -> (EventSink, mpsc::UnboundedReceiver<ResourceEvent>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        (EventSink(tx), rx)
+    }
+}
+
+/// One kind of resource a session holds (an avatar server process, a GPU assignment,
+/// ...). The engine acquires from its backends in order when a session starts and releases
+/// through the backend of the resource's kind when it ends.
+pub trait ResourceBackend: Send + Sync + 'static {
+    /// The kind of every resource this backend hands out; unique among an engine's
+    /// backends.
+    fn kind(&self) -> ResourceKind;
+
+    /// A short name for logs.
+    fn name(&self) -> &'static str;
+
+    /// Acquires a resource for a starting session. Anything that happens to it later on
+    /// its own is reported to `events`.
+    fn acquire<'a>(
+        &'a self,
+        request: AcquireRequest<'a>,
+        events: EventSink,
+    ) -> BoxFuture<'a, Result<Acquired, AcquireError>>;
+
+    /// Releases `resource`. Must be safe to repeat: releasing a resource that is already
+    /// gone (a retry, or a release re-run after a crash) succeeds and does nothing. The
+    /// returned note says how it went (for example `sigterm` or `sigkill`).
+    fn release(
+        &self,
+        session: SessionId,
+        resource: Resource,
+    ) -> BoxFuture<'_, Result<String, ReleaseError>>;
+}

@@ -1,0 +1,731 @@
+//! The engine: drives the core's session table with a real clock and timers, the durable
+//! store, the resource backends, the release worker and the sweeper.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use session_lifecycle::{
+    Clock, Effects, EndReason, Policy, ReleaseOutcome, Resource, ResourceKind, Session, SessionId,
+    SessionTable, Status, Timestamp, TouchError, Transition,
+};
+use tokio::sync::{Notify, mpsc};
+use tokio::task::JoinHandle;
+
+use crate::backend::{AcquireError, AcquireRequest, EventSink, ResourceBackend, ResourceEvent};
+use crate::metrics::Metrics;
+use crate::store::{
+    AttachOutcome, CreateOutcome, ListQuery, NewSession, ReleaseIntent, SessionRecord, Store,
+    StoreError, TouchOutcome,
+};
+
+/// How many started sessions one engine tracks timers for. Starting more fails with
+/// [`EngineError::CapacityExhausted`]; a node runs far fewer avatar servers than this.
+pub const TIMER_SLOTS: usize = 16_384;
+
+/// The engine's settings.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Timeouts: orphan timeout, sweep interval, release backoff. (The in-memory
+    /// retention does not apply: the store answers repeated ends.)
+    pub policy: Policy,
+    /// Who claims release intents: unique per running instance of a node.
+    pub owner: String,
+    /// How long a claim on a release intent lasts; longer than any release takes (a
+    /// graceful process stop is 10 s by default).
+    pub release_lease: Duration,
+    /// The most release intents claimed in one pass.
+    pub release_batch: u32,
+    /// The most due sessions ended in one sweep pass.
+    pub sweep_batch: u32,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            policy: Policy::DEFAULT,
+            owner: "local".to_owned(),
+            release_lease: Duration::from_secs(60),
+            release_batch: 256,
+            sweep_batch: 1024,
+        }
+    }
+}
+
+/// A tenant's plan: how many sessions it may run at once and for how long.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Plan {
+    /// The most started sessions at once; `None` for no limit.
+    pub max_concurrent_sessions: Option<u32>,
+    /// The longest a session may run.
+    pub max_session: Duration,
+}
+
+/// What starting a session asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StartRequest {
+    /// The owning tenant.
+    pub tenant: String,
+    /// Its plan.
+    pub plan: Plan,
+    /// The duration the client asked for; the plan's limit caps it.
+    pub duration: Option<Duration>,
+    /// Opaque client metadata (a small JSON document).
+    pub metadata: Option<String>,
+}
+
+/// Why an engine call failed. A failed call changes nothing the caller did not see
+/// acknowledged.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// No such session (or another tenant's).
+    #[error("session not found")]
+    NotFound,
+    /// The session has ended; the call does not apply to it.
+    #[error("session has ended")]
+    SessionEnded,
+    /// The tenant runs as many sessions as its plan allows.
+    #[error("plan limit reached: at most {0} concurrent sessions")]
+    PlanLimit(u32),
+    /// No capacity for another session; the session (if created) ended `start_failed`.
+    #[error("no capacity: {0}")]
+    CapacityExhausted(String),
+    /// A resource could not be acquired; the session ended `start_failed` and whatever was
+    /// acquired is being released.
+    #[error("start failed: {0}")]
+    StartFailed(String),
+    /// The store failed; nothing was acknowledged. Worth retrying.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The engine is shutting down and takes no new sessions.
+    #[error("shutting down")]
+    ShuttingDown,
+}
+
+/// What one [`Engine::run_due`] pass did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DueReport {
+    /// Sessions this pass ended with `expired`.
+    pub expired: u32,
+    /// Sessions this pass ended with `orphaned`.
+    pub orphaned: u32,
+    /// Releases completed.
+    pub released: u32,
+    /// Release attempts that failed (retried later).
+    pub release_failures: u32,
+}
+
+/// Ends sessions the timer table found due; releases go through the store, not the table.
+#[derive(Default)]
+struct CollectEnded(Vec<(SessionId, EndReason)>);
+
+impl Effects for CollectEnded {
+    fn release(&mut self, _: &SessionId, _: Resource) -> ReleaseOutcome {
+        // The table holds no resources: the store's release intents do.
+        ReleaseOutcome::Released
+    }
+    fn ended(&mut self, session: &Session) {
+        if let Some(reason) = session.end_reason() {
+            self.0.push((*session.id(), reason));
+        }
+    }
+}
+
+struct Inner {
+    store: Arc<dyn Store>,
+    backends: Vec<Arc<dyn ResourceBackend>>,
+    by_kind: HashMap<ResourceKind, Arc<dyn ResourceBackend>>,
+    clock: Arc<dyn Clock + Send + Sync>,
+    config: EngineConfig,
+    /// Timers of this engine's started sessions: expiry and orphan deadlines.
+    timers: Mutex<Box<SessionTable<TIMER_SLOTS>>>,
+    timers_changed: Notify,
+    releases_due: Notify,
+    events: EventSink,
+    events_rx: Mutex<Option<mpsc::UnboundedReceiver<ResourceEvent>>>,
+    closing: AtomicBool,
+    stop: Notify,
+    metrics: Metrics,
+}
+
+/// The session engine a service links in: start, end, get, list and record liveness,
+/// with durable state, resource release and automatic termination.
+///
+/// Cloning is cheap; clones share one engine.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+/// Background tasks of an engine; dropping this does not stop them, [`Engine::shutdown`]
+/// does.
+pub struct Background {
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Background {
+    /// Waits for every background task to finish (after [`Engine::shutdown`]).
+    pub async fn join(self) {
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+impl Engine {
+    /// Opens an engine over `store` and `backends` (acquired in this order at start).
+    /// Recovers what a previous run of the same owner left: claims it held are dropped so
+    /// their releases run again, and started sessions get their timers back.
+    pub async fn open(
+        store: Arc<dyn Store>,
+        backends: Vec<Arc<dyn ResourceBackend>>,
+        clock: Arc<dyn Clock + Send + Sync>,
+        config: EngineConfig,
+    ) -> Result<Engine, EngineError> {
+        let table_policy = Policy {
+            retention: Duration::ZERO,
+            ..config.policy
+        };
+        let timers = boxed_table(table_policy)
+            .map_err(|e| EngineError::StartFailed(format!("invalid policy: {e}")))?;
+        let by_kind = backends.iter().map(|b| (b.kind(), Arc::clone(b))).collect();
+        let (events, events_rx) = EventSink::channel();
+        let engine = Engine {
+            inner: Arc::new(Inner {
+                store,
+                backends,
+                by_kind,
+                clock,
+                config,
+                timers: Mutex::new(timers),
+                timers_changed: Notify::new(),
+                releases_due: Notify::new(),
+                events,
+                events_rx: Mutex::new(Some(events_rx)),
+                closing: AtomicBool::new(false),
+                stop: Notify::new(),
+                metrics: Metrics::default(),
+            }),
+        };
+        engine.recover().await?;
+        Ok(engine)
+    }
+
+    async fn recover(&self) -> Result<(), EngineError> {
+        let inner = &self.inner;
+        inner.store.drop_claims(&inner.config.owner).await?;
+        let mut before = None;
+        loop {
+            let page = inner
+                .store
+                .list(ListQuery {
+                    tenant: None,
+                    status: Some(Status::Started),
+                    limit: 500,
+                    before,
+                })
+                .await?;
+            let Some(last) = page.last() else { break };
+            before = Some(*last.session.id());
+            let mut timers = self.timers();
+            for record in &page {
+                // A full timer table leaves the rest to the store sweeper.
+                let _ = timers.restore(record.session.clone());
+            }
+        }
+        Ok(())
+    }
+
+    /// The engine's metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+
+    /// The engine's store.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.inner.store
+    }
+
+    /// The engine's clock.
+    pub fn now(&self) -> Timestamp {
+        self.inner.clock.now()
+    }
+
+    /// The policy in force.
+    pub fn policy(&self) -> &Policy {
+        &self.inner.config.policy
+    }
+
+    fn timers(&self) -> MutexGuard<'_, Box<SessionTable<TIMER_SLOTS>>> {
+        // A panic while holding the lock cannot leave the table half-changed (its methods
+        // do not panic), so a poisoned lock is still usable.
+        self.inner
+            .timers
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Starts a session for `request.tenant`: records it, then acquires its resources
+    /// from every backend in order. If any acquire fails, the session ends `start_failed`
+    /// and what was acquired is released.
+    pub async fn start(&self, request: StartRequest) -> Result<SessionRecord, EngineError> {
+        let inner = &self.inner;
+        if inner.closing.load(Ordering::SeqCst) {
+            return Err(EngineError::ShuttingDown);
+        }
+        let now = inner.clock.now();
+        let lifetime = request
+            .duration
+            .map_or(request.plan.max_session, |d| d.min(request.plan.max_session));
+        let id = SessionId::from_ulid_parts(now, random_u128());
+        let created = inner
+            .store
+            .create(NewSession {
+                id,
+                tenant: request.tenant.clone(),
+                started_at: now,
+                expires_at: now.saturating_add(lifetime),
+                metadata: request.metadata.clone(),
+                max_concurrent: request.plan.max_concurrent_sessions,
+            })
+            .await?;
+        if created == CreateOutcome::LimitReached {
+            return Err(EngineError::PlanLimit(
+                request.plan.max_concurrent_sessions.unwrap_or(0),
+            ));
+        }
+        inner.metrics.session_started();
+        let tracked = self
+            .timers()
+            .restore(Session::new(id, now, now.saturating_add(lifetime)))
+            .is_ok();
+        self.inner.timers_changed.notify_one();
+        if !tracked {
+            self.end_internal(id, EndReason::StartFailed).await?;
+            return Err(EngineError::CapacityExhausted(
+                "this node tracks the most sessions it can".to_owned(),
+            ));
+        }
+        tracing::info!(session = %id, tenant = %request.tenant, "session started");
+
+        let mut env = vec![("SESSION_LIFECYCLE_SESSION_ID".to_owned(), id.to_string())];
+        for backend in &inner.backends {
+            let acquired = backend
+                .acquire(
+                    AcquireRequest {
+                        session: id,
+                        tenant: &request.tenant,
+                        env: &env,
+                    },
+                    inner.events.clone(),
+                )
+                .await;
+            let acquired = match acquired {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(session = %id, backend = backend.name(), error = %e, "acquire failed");
+                    self.end_internal(id, EndReason::StartFailed).await?;
+                    return Err(match e {
+                        AcquireError::CapacityExhausted(m) => EngineError::CapacityExhausted(m),
+                        AcquireError::Failed(m) => EngineError::StartFailed(m),
+                    });
+                }
+            };
+            match inner.store.attach(id, acquired.resource).await {
+                Ok(AttachOutcome::Attached) => env.extend(acquired.env),
+                Ok(AttachOutcome::Refused) => {
+                    // The session ended while we were acquiring: never keep a late resource.
+                    self.release_now(id, acquired.resource).await;
+                    return Err(EngineError::SessionEnded);
+                }
+                Err(e) => {
+                    self.release_now(id, acquired.resource).await;
+                    let _ = self.end_internal(id, EndReason::StartFailed).await;
+                    return Err(e.into());
+                }
+            }
+        }
+        inner
+            .store
+            .get(id)
+            .await?
+            .ok_or(EngineError::NotFound)
+    }
+
+    /// Releases a resource that never made it into the store, at once and in place.
+    async fn release_now(&self, session: SessionId, resource: Resource) {
+        if let Some(backend) = self.inner.by_kind.get(&resource.kind) {
+            if let Err(e) = backend.release(session, resource).await {
+                tracing::error!(session = %session, ?resource, error = %e, "releasing an unrecorded resource failed");
+            }
+        }
+    }
+
+    /// The session `id`, if it belongs to `tenant` (any tenant's when `None`).
+    pub async fn get(&self, tenant: Option<&str>, id: SessionId) -> Result<SessionRecord, EngineError> {
+        let record = self.inner.store.get(id).await?.ok_or(EngineError::NotFound)?;
+        match tenant {
+            Some(t) if t != record.tenant => Err(EngineError::NotFound),
+            _ => Ok(record),
+        }
+    }
+
+    /// A page of sessions, newest first.
+    pub async fn list(&self, query: ListQuery) -> Result<Vec<SessionRecord>, EngineError> {
+        Ok(self.inner.store.list(query).await?)
+    }
+
+    /// Ends `id` for `reason` if it belongs to `tenant` (any tenant's when `None`).
+    /// Idempotent: an ended session is returned exactly as it was first ended. The release
+    /// of its resources is recorded in the same write and runs in the background.
+    pub async fn end(
+        &self,
+        tenant: Option<&str>,
+        id: SessionId,
+        reason: EndReason,
+    ) -> Result<SessionRecord, EngineError> {
+        if let Some(t) = tenant {
+            // Another tenant's session answers like an unknown one, and is never touched.
+            self.get(Some(t), id).await?;
+        }
+        let (record, _) = self.end_internal(id, reason).await?;
+        Ok(record)
+    }
+
+    async fn end_internal(
+        &self,
+        id: SessionId,
+        reason: EndReason,
+    ) -> Result<(SessionRecord, Transition), EngineError> {
+        let inner = &self.inner;
+        let now = inner.clock.now();
+        let (record, transition) = inner
+            .store
+            .end(id, now, reason)
+            .await?
+            .ok_or(EngineError::NotFound)?;
+        if transition == Transition::Committed {
+            let ended_reason = record.session.end_reason().unwrap_or(reason);
+            inner.metrics.session_ended(ended_reason);
+            tracing::info!(session = %id, reason = %ended_reason, "session ended");
+            let _ = self
+                .timers()
+                .end(now, &id, ended_reason, &mut CollectEnded::default());
+            inner.timers_changed.notify_one();
+            inner.releases_due.notify_one();
+        }
+        Ok((record, transition))
+    }
+
+    /// Records a liveness signal (heartbeat, WebSocket message, room presence).
+    pub async fn touch(&self, tenant: Option<&str>, id: SessionId) -> Result<(), EngineError> {
+        if let Some(t) = tenant {
+            self.get(Some(t), id).await?;
+        }
+        let now = self.inner.clock.now();
+        match self.inner.store.touch(id, now).await? {
+            TouchOutcome::Touched => {
+                match self.timers().touch(now, &id) {
+                    Ok(()) | Err(TouchError::NotFound) | Err(TouchError::SessionEnded) => {}
+                }
+                self.inner.timers_changed.notify_one();
+                Ok(())
+            }
+            TouchOutcome::Ended => Err(EngineError::SessionEnded),
+            TouchOutcome::NotFound => Err(EngineError::NotFound),
+        }
+    }
+
+    /// Does everything due now, and waits for it: ends sessions whose timers fired, ends
+    /// what the store sweep finds (expired, orphaned: also sessions this engine had no
+    /// timer for), and runs every due release. The background tasks call the same steps;
+    /// tests with a [`ManualClock`](crate::ManualClock) call this instead.
+    pub async fn run_due(&self) -> Result<DueReport, EngineError> {
+        let mut report = self.fire_timers().await;
+        let swept = self.sweep().await?;
+        report.expired += swept.expired;
+        report.orphaned += swept.orphaned;
+        let released = self.release_pass(true).await?;
+        report.released += released.released;
+        report.release_failures += released.release_failures;
+        Ok(report)
+    }
+
+    /// Ends the sessions whose in-memory timers are due.
+    async fn fire_timers(&self) -> DueReport {
+        let now = self.inner.clock.now();
+        let mut due = CollectEnded::default();
+        self.timers().handle_timeout(now, &mut due);
+        let mut report = DueReport::default();
+        for (id, reason) in due.0 {
+            match self.end_internal(id, reason).await {
+                Ok((_, Transition::Committed)) => count(&mut report, reason, &self.inner.metrics),
+                Ok(_) | Err(EngineError::NotFound) => {}
+                // The store sweep retries it once the store is back.
+                Err(e) => tracing::warn!(session = %id, error = %e, "ending a due session failed"),
+            }
+        }
+        report
+    }
+
+    /// Ends what the store says is due: the safety net for lost timers, crashed
+    /// processes and dead nodes.
+    async fn sweep(&self) -> Result<DueReport, EngineError> {
+        let inner = &self.inner;
+        let now = inner.clock.now();
+        let due = inner
+            .store
+            .due(now, inner.config.policy.orphan_timeout, inner.config.sweep_batch)
+            .await?;
+        let mut report = DueReport::default();
+        for (id, reason) in due {
+            if let (_, Transition::Committed) = self.end_internal(id, reason).await? {
+                count(&mut report, reason, &inner.metrics);
+            }
+        }
+        Ok(report)
+    }
+
+    /// Claims due release intents and runs them. With `wait`, runs them all to the end
+    /// before returning; without, spawns them and returns at once.
+    async fn release_pass(&self, wait: bool) -> Result<DueReport, EngineError> {
+        let inner = &self.inner;
+        let now = inner.clock.now();
+        let intents = inner
+            .store
+            .claim_releases(
+                &inner.config.owner,
+                now,
+                inner.config.release_lease,
+                inner.config.release_batch,
+            )
+            .await?;
+        let mut handles = Vec::with_capacity(intents.len());
+        for intent in intents {
+            let engine = self.clone();
+            handles.push(tokio::spawn(async move { engine.run_release(intent).await }));
+        }
+        let mut report = DueReport::default();
+        if wait {
+            for h in handles {
+                match h.await {
+                    Ok(true) => report.released += 1,
+                    Ok(false) => report.release_failures += 1,
+                    Err(e) => tracing::error!(error = %e, "release task died"),
+                }
+            }
+        }
+        Ok(report)
+    }
+
+    /// Runs one claimed release and records its outcome. True if it succeeded.
+    async fn run_release(&self, intent: ReleaseIntent) -> bool {
+        let inner = &self.inner;
+        let started = std::time::Instant::now();
+        let result = match inner.by_kind.get(&intent.resource.kind) {
+            Some(backend) => backend.release(intent.session, intent.resource).await,
+            None => Err(crate::backend::ReleaseError(format!(
+                "no backend for resource kind {}",
+                intent.resource.kind.0
+            ))),
+        };
+        let now = inner.clock.now();
+        match result {
+            Ok(note) => {
+                inner.metrics.release_done(started.elapsed());
+                tracing::info!(session = %intent.session, resource = ?intent.resource, note = %note, "resource released");
+                if let Err(e) = inner.store.complete_release(intent, now, note).await {
+                    // The claim lapses and the (repeatable) release runs again.
+                    tracing::warn!(session = %intent.session, error = %e, "recording a release failed");
+                }
+                true
+            }
+            Err(e) => {
+                inner.metrics.release_failed();
+                let attempts = intent.attempts.saturating_add(1);
+                let backoff = inner.config.policy.release_backoff(attempts);
+                tracing::warn!(session = %intent.session, resource = ?intent.resource, attempts, error = %e, "release failed; retrying");
+                let retry_at = now.saturating_add(backoff);
+                if let Err(e) = inner.store.fail_release(intent, retry_at, e.0).await {
+                    tracing::warn!(session = %intent.session, error = %e, "recording a failed release failed");
+                }
+                // Wake the worker when the retry is due (the sweep is the fallback).
+                let engine = self.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(backoff).await;
+                    engine.inner.releases_due.notify_one();
+                });
+                false
+            }
+        }
+    }
+
+    /// Starts the background tasks: timers (sleeping until the next deadline), the
+    /// periodic store sweep, the release worker and the resource event listener.
+    pub fn spawn_background(&self) -> Background {
+        let mut tasks = Vec::new();
+
+        let engine = self.clone();
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let next = engine.timers().next_deadline();
+                let sleep = match next {
+                    Some(deadline) => deadline.saturating_duration_since(engine.now()),
+                    None => engine.inner.config.policy.sweep_interval,
+                };
+                tokio::select! {
+                    _ = tokio::time::sleep(sleep) => {}
+                    _ = engine.inner.timers_changed.notified() => continue,
+                    _ = engine.inner.stop.notified() => break,
+                }
+                engine.fire_timers().await;
+            }
+        }));
+
+        let engine = self.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(engine.inner.config.policy.sweep_interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = engine.inner.stop.notified() => break,
+                }
+                if let Err(e) = engine.sweep().await {
+                    tracing::warn!(error = %e, "sweep failed");
+                }
+                // Retries whose wake-up was lost, and intents from other runs.
+                engine.inner.releases_due.notify_one();
+            }
+        }));
+
+        let engine = self.clone();
+        tasks.push(tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = engine.inner.releases_due.notified() => {}
+                    _ = engine.inner.stop.notified() => break,
+                }
+                if let Err(e) = engine.release_pass(false).await {
+                    tracing::warn!(error = %e, "claiming releases failed");
+                }
+            }
+        }));
+
+        let rx = self
+            .inner
+            .events_rx
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(mut rx) = rx {
+            let engine = self.clone();
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    let event = tokio::select! {
+                        e = rx.recv() => e,
+                        _ = engine.inner.stop.notified() => None,
+                    };
+                    let Some(event) = event else { break };
+                    if let Err(e) = engine.end_internal(event.session, event.reason).await {
+                        tracing::warn!(session = %event.session, error = %e, "ending after a resource event failed");
+                    }
+                }
+            }));
+        }
+        // Releases left by an earlier run go first.
+        self.inner.releases_due.notify_one();
+        Background { tasks }
+    }
+
+    /// Handles resource events reported so far (for drivers without background tasks).
+    pub async fn handle_events(&self) -> Result<u32, EngineError> {
+        let mut handled = 0;
+        loop {
+            let event = {
+                let mut guard = self.inner.events_rx.lock().unwrap_or_else(|p| p.into_inner());
+                match guard.as_mut().map(|rx| rx.try_recv()) {
+                    Some(Ok(event)) => event,
+                    _ => break,
+                }
+            };
+            self.end_internal(event.session, event.reason).await?;
+            handled += 1;
+        }
+        Ok(handled)
+    }
+
+    /// Stops taking sessions, ends every started session this engine tracks with
+    /// `shutdown`, waits (up to `deadline`) for their releases, and stops the background
+    /// tasks. Returns the number of sessions it ended.
+    pub async fn shutdown(&self, deadline: Duration) -> Result<u32, EngineError> {
+        self.inner.closing.store(true, Ordering::SeqCst);
+        let ids: Vec<SessionId> = self
+            .timers()
+            .iter()
+            .filter(|s| s.status() == Status::Started)
+            .map(|s| *s.id())
+            .collect();
+        let mut ended = 0;
+        for id in ids {
+            if let (_, Transition::Committed) = self.end_internal(id, EndReason::Shutdown).await? {
+                ended += 1;
+            }
+        }
+        let give_up = tokio::time::Instant::now() + deadline;
+        loop {
+            let pass = self.release_pass(true).await?;
+            if pass.released == 0 && pass.release_failures == 0 {
+                break;
+            }
+            if tokio::time::Instant::now() >= give_up {
+                tracing::warn!("shutdown deadline passed with releases still pending; they run on the next start");
+                break;
+            }
+            if pass.release_failures > 0 {
+                tokio::time::sleep(self.inner.config.policy.release_backoff_initial).await;
+            }
+        }
+        self.inner.stop.notify_waiters();
+        // Tasks between two selects miss notify_waiters; a stored permit catches them.
+        for _ in 0..4 {
+            self.inner.stop.notify_one();
+        }
+        Ok(ended)
+    }
+}
+
+fn count(report: &mut DueReport, reason: EndReason, metrics: &Metrics) {
+    match reason {
+        EndReason::Expired => report.expired += 1,
+        EndReason::Orphaned => {
+            report.orphaned += 1;
+            metrics.orphan_found();
+        }
+        _ => {}
+    }
+}
+
+/// 128 bits from the operating system's generator (ULIDs use 80 of them).
+fn random_u128() -> u128 {
+    let mut bytes = [0u8; 16];
+    // The OS generator failing is not something a service can run without.
+    getrandom::fill(&mut bytes).expect("the operating system's random generator failed");
+    u128::from_le_bytes(bytes)
+}
+
+/// Builds the timer table directly on the heap. The table is a large inline array; built
+/// on a task's stack it could overflow it, so it is built on a thread with room for it.
+fn boxed_table(
+    policy: Policy,
+) -> Result<Box<SessionTable<TIMER_SLOTS>>, session_lifecycle::PolicyError> {
+    let size = std::mem::size_of::<SessionTable<TIMER_SLOTS>>();
+    std::thread::Builder::new()
+        .name("timer-table".to_owned())
+        .stack_size(4 * size + (1 << 20))
+        .spawn(move || SessionTable::new(policy).map(Box::new))
+        .expect("spawning a thread to build the timer table")
+        .join()
+        .expect("building the timer table panicked")
+}

@@ -1,0 +1,161 @@
+//! A store wrapper that fails on purpose, for testing how callers survive store faults.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use session_lifecycle::{EndReason, Resource, SessionId, Timestamp, Transition};
+
+use crate::store::{
+    AttachOutcome, BoxFuture, CreateOutcome, ListQuery, NewSession, ReleaseIntent,
+    SessionRecord, Store, StoreError, TouchOutcome,
+};
+
+/// When a [`FaultyStore`] fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultPlan {
+    /// Never.
+    None,
+    /// The k-th call (counting from 1, every method alike) fails, once.
+    Once(u64),
+    /// Every call from the k-th on fails, until [`FaultyStore::restore`].
+    From(u64),
+}
+
+/// Wraps a store and fails calls per its [`FaultPlan`]. A failed call does not reach the
+/// inner store, so it changes nothing, as a lost connection would.
+pub struct FaultyStore {
+    inner: Arc<dyn Store>,
+    plan: FaultPlan,
+    calls: AtomicU64,
+    restored: AtomicBool,
+}
+
+impl FaultyStore {
+    /// Wraps `inner` with `plan`.
+    pub fn new(inner: Arc<dyn Store>, plan: FaultPlan) -> FaultyStore {
+        FaultyStore {
+            inner,
+            plan,
+            calls: AtomicU64::new(0),
+            restored: AtomicBool::new(false),
+        }
+    }
+
+    /// Calls made so far, failed ones included.
+    pub fn calls(&self) -> u64 {
+        self.calls.load(Ordering::SeqCst)
+    }
+
+    /// Ends the faults: every later call goes through.
+    pub fn restore(&self) {
+        self.restored.store(true, Ordering::SeqCst);
+    }
+
+    fn check(&self) -> Result<(), StoreError> {
+        let k = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
+        if self.restored.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        let fail = match self.plan {
+            FaultPlan::None => false,
+            FaultPlan::Once(n) => k == n,
+            FaultPlan::From(n) => k >= n,
+        };
+        if fail {
+            Err(StoreError::Unavailable(format!("injected fault at call {k}")))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+macro_rules! guarded {
+    ($self:ident, $call:expr) => {
+        Box::pin(async move {
+            $self.check()?;
+            $call.await
+        })
+    };
+}
+
+impl Store for FaultyStore {
+    fn create(&self, new: NewSession) -> BoxFuture<'_, Result<CreateOutcome, StoreError>> {
+        guarded!(self, self.inner.create(new))
+    }
+    fn attach(
+        &self,
+        id: SessionId,
+        resource: Resource,
+    ) -> BoxFuture<'_, Result<AttachOutcome, StoreError>> {
+        guarded!(self, self.inner.attach(id, resource))
+    }
+    fn end(
+        &self,
+        id: SessionId,
+        now: Timestamp,
+        reason: EndReason,
+    ) -> BoxFuture<'_, Result<Option<(SessionRecord, Transition)>, StoreError>> {
+        guarded!(self, self.inner.end(id, now, reason))
+    }
+    fn get(&self, id: SessionId) -> BoxFuture<'_, Result<Option<SessionRecord>, StoreError>> {
+        guarded!(self, self.inner.get(id))
+    }
+    fn list(&self, query: ListQuery) -> BoxFuture<'_, Result<Vec<SessionRecord>, StoreError>> {
+        guarded!(self, self.inner.list(query))
+    }
+    fn touch(
+        &self,
+        id: SessionId,
+        now: Timestamp,
+    ) -> BoxFuture<'_, Result<TouchOutcome, StoreError>> {
+        guarded!(self, self.inner.touch(id, now))
+    }
+    fn due(
+        &self,
+        now: Timestamp,
+        orphan_timeout: Duration,
+        limit: u32,
+    ) -> BoxFuture<'_, Result<Vec<(SessionId, EndReason)>, StoreError>> {
+        guarded!(self, self.inner.due(now, orphan_timeout, limit))
+    }
+    fn claim_releases(
+        &self,
+        owner: &str,
+        now: Timestamp,
+        lease: Duration,
+        limit: u32,
+    ) -> BoxFuture<'_, Result<Vec<ReleaseIntent>, StoreError>> {
+        let owner = owner.to_owned();
+        Box::pin(async move {
+            self.check()?;
+            self.inner.claim_releases(&owner, now, lease, limit).await
+        })
+    }
+    fn complete_release(
+        &self,
+        intent: ReleaseIntent,
+        now: Timestamp,
+        note: String,
+    ) -> BoxFuture<'_, Result<(), StoreError>> {
+        guarded!(self, self.inner.complete_release(intent, now, note))
+    }
+    fn fail_release(
+        &self,
+        intent: ReleaseIntent,
+        retry_at: Timestamp,
+        error: String,
+    ) -> BoxFuture<'_, Result<(), StoreError>> {
+        guarded!(self, self.inner.fail_release(intent, retry_at, error))
+    }
+    fn drop_claims(&self, owner: &str) -> BoxFuture<'_, Result<(), StoreError>> {
+        let owner = owner.to_owned();
+        Box::pin(async move {
+            self.check()?;
+            self.inner.drop_claims(&owner).await
+        })
+    }
+    fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+        guarded!(self, self.inner.ping())
+    }
+}

@@ -1,0 +1,38 @@
+//! The std/tokio driver of [`session_lifecycle`]: runs sessions for real, on one machine
+//! or several, surviving crashes.
+//!
+//! - [`Store`]: the durable record of sessions and release intents (SQLite in
+//!   `session-lifecycle-sqlite`, PostgreSQL in `session-lifecycle-postgres`), pinned down by
+//!   the [`conformance`] suite every implementation runs.
+//! - [`ResourceBackend`]: what a session acquires and releases (avatar server processes,
+//!   GPU shares).
+//! - [`Engine`]: start, end, get, list, liveness; its background tasks sleep until the core
+//!   table's next deadline, sweep the store for orphans, and run release intents with
+//!   backoff, finishing on start-up whatever a crash left behind.
+//!
+//! Ending a session is one conditional write in the store that also records a release
+//! intent for every resource it holds; the releases run afterwards, each claimed with a
+//! lease so that it runs once at a time, and retried until it succeeds. Backends' releases
+//! are repeatable, so a release re-run after a crash does nothing the second time.
+
+mod backend;
+mod clock;
+pub mod conformance;
+mod engine;
+pub mod faults;
+mod metrics;
+mod store;
+
+pub use backend::{
+    AcquireError, AcquireRequest, Acquired, EventSink, ReleaseError, ResourceBackend,
+    ResourceEvent,
+};
+pub use clock::{ManualClock, SystemClock};
+pub use engine::{
+    Background, DueReport, Engine, EngineConfig, EngineError, Plan, StartRequest, TIMER_SLOTS,
+};
+pub use metrics::{Metrics, MetricsSnapshot, RELEASE_LATENCY_BUCKETS};
+pub use store::{
+    AttachOutcome, BoxFuture, CreateOutcome, ListQuery, NewSession, ReleaseIntent,
+    SessionRecord, Store, StoreError, TouchOutcome,
+};

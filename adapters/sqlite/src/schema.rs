@@ -1,0 +1,83 @@
+//! The schema and its migrations, tracked in `schema_version`.
+
+use rusqlite::Connection;
+use session_lifecycle_runtime::StoreError;
+
+/// Migration `i` takes the schema from version `i` to `i + 1`.
+const MIGRATIONS: &[&str] = &[
+    // 1: sessions and their resources' release states.
+    "CREATE TABLE sessions (
+        id           TEXT PRIMARY KEY,
+        tenant       TEXT NOT NULL,
+        status       TEXT NOT NULL CHECK (status IN ('started', 'ended')),
+        started_at   INTEGER NOT NULL,
+        ended_at     INTEGER,
+        end_reason   TEXT,
+        expires_at   INTEGER NOT NULL,
+        last_seen_at INTEGER NOT NULL,
+        metadata     TEXT,
+        CHECK ((status = 'started') = (ended_at IS NULL)),
+        CHECK ((ended_at IS NULL) = (end_reason IS NULL)),
+        CHECK (ended_at IS NULL OR ended_at >= started_at)
+     );
+     -- Listing a tenant's sessions newest first (ULID ids sort by time), and counting its
+     -- started ones for the plan limit.
+     CREATE INDEX sessions_by_tenant ON sessions (tenant, status, id);
+     -- The sweeper's queries: started sessions by expiry and by last liveness.
+     CREATE INDEX sessions_started_by_expiry ON sessions (expires_at) WHERE status = 'started';
+     CREATE INDEX sessions_started_by_seen ON sessions (last_seen_at) WHERE status = 'started';
+
+     CREATE TABLE resources (
+        session_id    TEXT NOT NULL REFERENCES sessions (id),
+        seq           INTEGER NOT NULL,
+        kind          INTEGER NOT NULL,
+        handle        INTEGER NOT NULL,
+        state         TEXT NOT NULL CHECK (state IN ('held', 'pending', 'released')),
+        attempts      INTEGER NOT NULL DEFAULT 0,
+        retry_at      INTEGER,
+        released_at   INTEGER,
+        claimed_by    TEXT,
+        claimed_until INTEGER,
+        note          TEXT,
+        last_error    TEXT,
+        PRIMARY KEY (session_id, seq),
+        UNIQUE (session_id, kind, handle),
+        CHECK ((state = 'pending') = (retry_at IS NOT NULL)),
+        CHECK ((state = 'released') = (released_at IS NOT NULL))
+     );
+     -- The release worker's query: pending intents by due time.
+     CREATE INDEX resources_pending ON resources (retry_at) WHERE state = 'pending';
+     CREATE INDEX resources_claimed ON resources (claimed_by) WHERE claimed_by IS NOT NULL;",
+];
+
+/// The schema version this code writes.
+pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+
+/// Brings the database to [`SCHEMA_VERSION`], one transaction per migration. Refuses a
+/// database written by a newer version.
+pub fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let err = |e: rusqlite::Error| StoreError::Unavailable(format!("migration: {e}"));
+    conn.execute_batch("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+        .map_err(err)?;
+    loop {
+        let tx = conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(err)?;
+        let version: i64 = tx
+            .query_row("SELECT COALESCE(MAX(version), 0) FROM schema_version", [], |r| r.get(0))
+            .map_err(err)?;
+        if version > SCHEMA_VERSION {
+            return Err(StoreError::Unavailable(format!(
+                "database schema version {version} is newer than this build's {SCHEMA_VERSION}"
+            )));
+        }
+        if version == SCHEMA_VERSION {
+            return Ok(());
+        }
+        tx.execute_batch(MIGRATIONS[version as usize]).map_err(err)?;
+        tx.execute("DELETE FROM schema_version", []).map_err(err)?;
+        tx.execute("INSERT INTO schema_version (version) VALUES (?1)", [version + 1])
+            .map_err(err)?;
+        tx.commit().map_err(err)?;
+    }
+}
