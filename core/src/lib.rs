@@ -76,9 +76,9 @@ pub use id::{
 };
 pub use policy::{CONTRACT_ORPHAN_BOUND, Policy, PolicyError, RELEASE_ALLOWANCE};
 pub use session::{
-    AttachRefusal, EndReason, Ending, HeldResource, HeldResourceParts, HeldResources, InvalidSession,
-    MAX_RESOURCES, ReleaseState, ReleaseStatus, Resource, ResourceKind, Session, SessionParts,
-    Status, Transition,
+    AttachRefusal, EndReason, Ending, HeldResource, HeldResourceParts, HeldResources,
+    InvalidSession, MAX_RESOURCES, ReleaseState, ReleaseStatus, Resource, ResourceKind, Session,
+    SessionParts, Status, Transition,
 };
 pub use table::{
     AttachError, Effects, EndOutcome, NotFound, ReleaseOutcome, SessionTable, StartError, Sweep,

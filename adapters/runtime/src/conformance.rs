@@ -101,7 +101,11 @@ pub async fn create_and_get(store: &dyn Store) {
     let unknown = SessionId::from_ulid_parts(at(0), random());
     assert!(store.get(unknown).await.expect("get unknown").is_none());
     // Millisecond precision survives.
-    let precise = new_session(&tenant, Timestamp::from_millis(T0 + 1234), Duration::from_millis(5));
+    let precise = new_session(
+        &tenant,
+        Timestamp::from_millis(T0 + 1234),
+        Duration::from_millis(5),
+    );
     create(store, &precise).await;
     let r = get(store, precise.id).await;
     assert_eq!(r.session.started_at().as_millis(), T0 + 1234);
@@ -132,7 +136,10 @@ pub async fn list_is_newest_first_tenant_scoped_and_paged(store: &dyn Store) {
         ids.push(new.id);
     }
     create(store, &new_session(&other, at(3), Duration::from_secs(600))).await;
-    store.end(ids[2], at(10), EndReason::Requested).await.expect("end");
+    store
+        .end(ids[2], at(10), EndReason::Requested)
+        .await
+        .expect("end");
     ids.reverse(); // newest first
 
     let query = |status, limit, before| ListQuery {
@@ -156,10 +163,20 @@ pub async fn list_is_newest_first_tenant_scoped_and_paged(store: &dyn Store) {
     }
     assert_eq!(paged, ids, "pages cover everything once, in order");
 
-    let started = store.list(query(Some(Status::Started), 100, None)).await.expect("list");
+    let started = store
+        .list(query(Some(Status::Started), 100, None))
+        .await
+        .expect("list");
     assert_eq!(started.len(), 6);
-    assert!(started.iter().all(|r| r.session.status() == Status::Started));
-    let ended = store.list(query(Some(Status::Ended), 100, None)).await.expect("list");
+    assert!(
+        started
+            .iter()
+            .all(|r| r.session.status() == Status::Started)
+    );
+    let ended = store
+        .list(query(Some(Status::Ended), 100, None))
+        .await
+        .expect("list");
     assert_eq!(ended.len(), 1);
     assert_eq!(*ended[0].session.id(), ids[4]);
 }
@@ -180,10 +197,20 @@ pub async fn end_is_conditional_and_idempotent(store: &dyn Store) {
     assert_eq!(first.session.ended_at(), Some(at(160)));
     assert_eq!(first.session.end_reason(), Some(EndReason::Requested));
 
-    for (when, reason) in [(at(170), EndReason::Orphaned), (at(150), EndReason::Shutdown)] {
-        let (again, t) = store.end(new.id, when, reason).await.expect("end").expect("found");
+    for (when, reason) in [
+        (at(170), EndReason::Orphaned),
+        (at(150), EndReason::Shutdown),
+    ] {
+        let (again, t) = store
+            .end(new.id, when, reason)
+            .await
+            .expect("end")
+            .expect("found");
         assert_eq!(t, Transition::AlreadyEnded);
-        assert_eq!(again, first, "a repeated end returns the first ending unchanged");
+        assert_eq!(
+            again, first,
+            "a repeated end returns the first ending unchanged"
+        );
     }
 
     // A clock that stepped back ends at started_at, not before.
@@ -197,7 +224,13 @@ pub async fn end_is_conditional_and_idempotent(store: &dyn Store) {
     assert_eq!(r.session.ended_at(), Some(at(500)));
 
     let unknown = SessionId::from_ulid_parts(at(0), random());
-    assert!(store.end(unknown, at(1), EndReason::Requested).await.expect("end").is_none());
+    assert!(
+        store
+            .end(unknown, at(1), EndReason::Requested)
+            .await
+            .expect("end")
+            .is_none()
+    );
 }
 
 /// Ending turns every held resource into a release intent due at once, in the same write.
@@ -205,17 +238,35 @@ pub async fn end_records_release_intents(store: &dyn Store) {
     let new = new_session(&fresh_tenant(), at(0), Duration::from_secs(600));
     create(store, &new).await;
     for h in [1, 2] {
-        assert_eq!(store.attach(new.id, res(h)).await.expect("attach"), AttachOutcome::Attached);
+        assert_eq!(
+            store.attach(new.id, res(h)).await.expect("attach"),
+            AttachOutcome::Attached
+        );
     }
     let held = get(store, new.id).await;
-    let states: Vec<_> = held.session.resources().iter().map(|r| (r.resource, r.release)).collect();
-    assert_eq!(states, [(res(1), ReleaseState::Held), (res(2), ReleaseState::Held)]);
+    let states: Vec<_> = held
+        .session
+        .resources()
+        .iter()
+        .map(|r| (r.resource, r.release))
+        .collect();
+    assert_eq!(
+        states,
+        [(res(1), ReleaseState::Held), (res(2), ReleaseState::Held)]
+    );
 
-    let (r, _) = store.end(new.id, at(30), EndReason::Requested).await.expect("end").expect("found");
+    let (r, _) = store
+        .end(new.id, at(30), EndReason::Requested)
+        .await
+        .expect("end")
+        .expect("found");
     for held in r.session.resources() {
         assert_eq!(
             held.release,
-            ReleaseState::Pending { attempts: 0, retry_at: at(30) },
+            ReleaseState::Pending {
+                attempts: 0,
+                retry_at: at(30)
+            },
             "every held resource is due for release at the end"
         );
     }
@@ -228,17 +279,30 @@ pub async fn release_claims_lease_retry_and_complete(store: &dyn Store) {
     create(store, &new).await;
     store.attach(new.id, res(10)).await.expect("attach");
     store.attach(new.id, res(11)).await.expect("attach");
-    store.end(new.id, at(1), EndReason::Requested).await.expect("end");
+    store
+        .end(new.id, at(1), EndReason::Requested)
+        .await
+        .expect("end");
     let lease = Duration::from_secs(60);
     let mine = |v: Vec<crate::ReleaseIntent>| -> Vec<crate::ReleaseIntent> {
         v.into_iter().filter(|i| i.session == new.id).collect()
     };
 
     // The claims of other tests may be due too: look only at ours.
-    let claimed = mine(store.claim_releases("a", at(1), lease, 10_000).await.expect("claim"));
+    let claimed = mine(
+        store
+            .claim_releases("a", at(1), lease, 10_000)
+            .await
+            .expect("claim"),
+    );
     assert_eq!(claimed.len(), 2, "both intents due at once");
     assert!(claimed.iter().all(|i| i.attempts == 0));
-    let again = mine(store.claim_releases("b", at(2), lease, 10_000).await.expect("claim"));
+    let again = mine(
+        store
+            .claim_releases("b", at(2), lease, 10_000)
+            .await
+            .expect("claim"),
+    );
     assert!(again.is_empty(), "a leased intent is not handed out twice");
 
     let (ten, eleven) = if claimed[0].resource == res(10) {
@@ -246,30 +310,84 @@ pub async fn release_claims_lease_retry_and_complete(store: &dyn Store) {
     } else {
         (claimed[1], claimed[0])
     };
-    store.complete_release(ten, at(3), "sigterm".to_owned()).await.expect("complete");
-    store.fail_release(eleven, at(20), "busy".to_owned()).await.expect("fail");
+    store
+        .complete_release(ten, at(3), "sigterm".to_owned())
+        .await
+        .expect("complete");
+    store
+        .fail_release(eleven, at(20), "busy".to_owned())
+        .await
+        .expect("fail");
 
     let r = get(store, new.id).await;
-    let state = |h| r.session.resources().iter().find(|x| x.resource == res(h)).map(|x| x.release);
+    let state = |h| {
+        r.session
+            .resources()
+            .iter()
+            .find(|x| x.resource == res(h))
+            .map(|x| x.release)
+    };
     assert_eq!(state(10), Some(ReleaseState::Released { at: at(3) }));
-    assert_eq!(state(11), Some(ReleaseState::Pending { attempts: 1, retry_at: at(20) }));
+    assert_eq!(
+        state(11),
+        Some(ReleaseState::Pending {
+            attempts: 1,
+            retry_at: at(20)
+        })
+    );
     assert_eq!(r.release_notes, [(res(10), "sigterm".to_owned())]);
 
-    assert!(mine(store.claim_releases("a", at(19), lease, 10_000).await.expect("claim")).is_empty(), "not before retry_at");
-    let retry = mine(store.claim_releases("a", at(20), lease, 10_000).await.expect("claim"));
+    assert!(
+        mine(
+            store
+                .claim_releases("a", at(19), lease, 10_000)
+                .await
+                .expect("claim")
+        )
+        .is_empty(),
+        "not before retry_at"
+    );
+    let retry = mine(
+        store
+            .claim_releases("a", at(20), lease, 10_000)
+            .await
+            .expect("claim"),
+    );
     assert_eq!(retry.len(), 1);
     assert_eq!((retry[0].resource, retry[0].attempts), (res(11), 1));
 
     // The owner died: its lease runs out and another worker takes over.
-    let takeover = mine(store.claim_releases("b", at(80), lease, 10_000).await.expect("claim"));
+    let takeover = mine(
+        store
+            .claim_releases("b", at(80), lease, 10_000)
+            .await
+            .expect("claim"),
+    );
     assert_eq!(takeover.len(), 1, "an expired claim is taken over");
     // Or the owner restarts and drops its claims at once.
     store.drop_claims("b").await.expect("drop");
-    let back = mine(store.claim_releases("a", at(81), lease, 10_000).await.expect("claim"));
+    let back = mine(
+        store
+            .claim_releases("a", at(81), lease, 10_000)
+            .await
+            .expect("claim"),
+    );
     assert_eq!(back.len(), 1);
-    store.complete_release(back[0], at(82), "sigkill".to_owned()).await.expect("complete");
+    store
+        .complete_release(back[0], at(82), "sigkill".to_owned())
+        .await
+        .expect("complete");
 
-    assert!(mine(store.claim_releases("a", at(1000), lease, 10_000).await.expect("claim")).is_empty(), "released is final");
+    assert!(
+        mine(
+            store
+                .claim_releases("a", at(1000), lease, 10_000)
+                .await
+                .expect("claim")
+        )
+        .is_empty(),
+        "released is final"
+    );
     let r = get(store, new.id).await;
     assert!(r.session.is_fully_released());
 }
@@ -278,24 +396,48 @@ pub async fn release_claims_lease_retry_and_complete(store: &dyn Store) {
 pub async fn attach_is_refused_after_end(store: &dyn Store) {
     let new = new_session(&fresh_tenant(), at(0), Duration::from_secs(600));
     create(store, &new).await;
-    store.end(new.id, at(1), EndReason::Requested).await.expect("end");
-    assert_eq!(store.attach(new.id, res(3)).await.expect("attach"), AttachOutcome::Refused);
+    store
+        .end(new.id, at(1), EndReason::Requested)
+        .await
+        .expect("end");
+    assert_eq!(
+        store.attach(new.id, res(3)).await.expect("attach"),
+        AttachOutcome::Refused
+    );
     assert!(get(store, new.id).await.session.resources().is_empty());
     let unknown = SessionId::from_ulid_parts(at(0), random());
-    assert_eq!(store.attach(unknown, res(3)).await.expect("attach"), AttachOutcome::Refused);
+    assert_eq!(
+        store.attach(unknown, res(3)).await.expect("attach"),
+        AttachOutcome::Refused
+    );
 }
 
 /// Liveness moves `last_seen_at` forward only, and only on started sessions.
 pub async fn touch_moves_forward_only(store: &dyn Store) {
     let new = new_session(&fresh_tenant(), at(0), Duration::from_secs(600));
     create(store, &new).await;
-    assert_eq!(store.touch(new.id, at(50)).await.expect("touch"), TouchOutcome::Touched);
-    assert_eq!(store.touch(new.id, at(20)).await.expect("touch"), TouchOutcome::Touched);
+    assert_eq!(
+        store.touch(new.id, at(50)).await.expect("touch"),
+        TouchOutcome::Touched
+    );
+    assert_eq!(
+        store.touch(new.id, at(20)).await.expect("touch"),
+        TouchOutcome::Touched
+    );
     assert_eq!(get(store, new.id).await.session.last_seen_at(), at(50));
-    store.end(new.id, at(60), EndReason::Requested).await.expect("end");
-    assert_eq!(store.touch(new.id, at(70)).await.expect("touch"), TouchOutcome::Ended);
+    store
+        .end(new.id, at(60), EndReason::Requested)
+        .await
+        .expect("end");
+    assert_eq!(
+        store.touch(new.id, at(70)).await.expect("touch"),
+        TouchOutcome::Ended
+    );
     let unknown = SessionId::from_ulid_parts(at(0), random());
-    assert_eq!(store.touch(unknown, at(70)).await.expect("touch"), TouchOutcome::NotFound);
+    assert_eq!(
+        store.touch(unknown, at(70)).await.expect("touch"),
+        TouchOutcome::NotFound
+    );
 }
 
 /// The sweep query finds expired and orphaned started sessions, and nothing else.
@@ -313,7 +455,10 @@ pub async fn due_finds_expired_and_orphaned(store: &dyn Store) {
     for n in [&expiring, &orphan, &alive, &tie, &ended] {
         create(store, n).await;
     }
-    store.end(ended.id, later(1), EndReason::Requested).await.expect("end");
+    store
+        .end(ended.id, later(1), EndReason::Requested)
+        .await
+        .expect("end");
     store.touch(alive.id, later(50)).await.expect("touch");
 
     let ours = |v: Vec<(SessionId, EndReason)>| -> Vec<(SessionId, EndReason)> {
@@ -324,9 +469,19 @@ pub async fn due_finds_expired_and_orphaned(store: &dyn Store) {
         v.sort_by_key(|(id, _)| *id);
         v
     };
-    let d = ours(store.due(later(29), orphan_timeout, 1000).await.expect("due"));
+    let d = ours(
+        store
+            .due(later(29), orphan_timeout, 1000)
+            .await
+            .expect("due"),
+    );
     assert!(d.is_empty(), "nothing due yet: {d:?}");
-    let d = ours(store.due(later(30), orphan_timeout, 1000).await.expect("due"));
+    let d = ours(
+        store
+            .due(later(30), orphan_timeout, 1000)
+            .await
+            .expect("due"),
+    );
     assert_eq!(d, [(expiring.id, EndReason::Expired)]);
     let mut want = vec![
         (expiring.id, EndReason::Expired),
@@ -334,8 +489,16 @@ pub async fn due_finds_expired_and_orphaned(store: &dyn Store) {
         (tie.id, EndReason::Expired),
     ];
     want.sort_by_key(|(id, _)| *id);
-    let d = ours(store.due(later(60), orphan_timeout, 1000).await.expect("due"));
-    assert_eq!(d, want, "a tie between expiry and orphan timeout is an expiry");
+    let d = ours(
+        store
+            .due(later(60), orphan_timeout, 1000)
+            .await
+            .expect("due"),
+    );
+    assert_eq!(
+        d, want,
+        "a tie between expiry and orphan timeout is an expiry"
+    );
     let d = store.due(later(60), orphan_timeout, 1).await.expect("due");
     assert_eq!(d.len(), 1, "the limit holds");
 }
@@ -347,19 +510,37 @@ pub async fn plan_limit_is_enforced(store: &dyn Store) {
     for _ in 0..2 {
         let mut n = new_session(&tenant, at(0), Duration::from_secs(600));
         n.max_concurrent = Some(2);
-        assert_eq!(store.create(n.clone()).await.expect("create"), CreateOutcome::Created);
+        assert_eq!(
+            store.create(n.clone()).await.expect("create"),
+            CreateOutcome::Created
+        );
         first.get_or_insert(n.id);
     }
     let mut third = new_session(&tenant, at(0), Duration::from_secs(600));
     third.max_concurrent = Some(2);
-    assert_eq!(store.create(third.clone()).await.expect("create"), CreateOutcome::LimitReached);
-    assert!(store.get(third.id).await.expect("get").is_none(), "a refused create writes nothing");
+    assert_eq!(
+        store.create(third.clone()).await.expect("create"),
+        CreateOutcome::LimitReached
+    );
+    assert!(
+        store.get(third.id).await.expect("get").is_none(),
+        "a refused create writes nothing"
+    );
     // Another tenant is not affected.
     let mut other = new_session(&fresh_tenant(), at(0), Duration::from_secs(600));
     other.max_concurrent = Some(2);
-    assert_eq!(store.create(other).await.expect("create"), CreateOutcome::Created);
-    store.end(first.expect("created"), at(1), EndReason::Requested).await.expect("end");
-    assert_eq!(store.create(third).await.expect("create"), CreateOutcome::Created);
+    assert_eq!(
+        store.create(other).await.expect("create"),
+        CreateOutcome::Created
+    );
+    store
+        .end(first.expect("created"), at(1), EndReason::Requested)
+        .await
+        .expect("end");
+    assert_eq!(
+        store.create(third).await.expect("create"),
+        CreateOutcome::Created
+    );
 }
 
 /// 64 concurrent ends of one session: one commits, all see the same ending.
@@ -372,7 +553,11 @@ pub async fn concurrent_ends_commit_once(store: Arc<dyn Store>) {
         let store = Arc::clone(&store);
         let reason = EndReason::ALL[(i % 8) as usize];
         tasks.push(tokio::spawn(async move {
-            store.end(new.id, at(10 + i), reason).await.expect("end").expect("found")
+            store
+                .end(new.id, at(10 + i), reason)
+                .await
+                .expect("end")
+                .expect("found")
         }));
     }
     let mut committed = 0;

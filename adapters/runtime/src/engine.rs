@@ -275,9 +275,9 @@ impl Engine {
             return Err(EngineError::ShuttingDown);
         }
         let now = inner.clock.now();
-        let lifetime = request
-            .duration
-            .map_or(request.plan.max_session, |d| d.min(request.plan.max_session));
+        let lifetime = request.duration.map_or(request.plan.max_session, |d| {
+            d.min(request.plan.max_session)
+        });
         let id = SessionId::from_ulid_parts(now, random_u128());
         let created = inner
             .store
@@ -346,11 +346,7 @@ impl Engine {
                 }
             }
         }
-        inner
-            .store
-            .get(id)
-            .await?
-            .ok_or(EngineError::NotFound)
+        inner.store.get(id).await?.ok_or(EngineError::NotFound)
     }
 
     /// Releases a resource that never made it into the store, at once and in place.
@@ -363,8 +359,17 @@ impl Engine {
     }
 
     /// The session `id`, if it belongs to `tenant` (any tenant's when `None`).
-    pub async fn get(&self, tenant: Option<&str>, id: SessionId) -> Result<SessionRecord, EngineError> {
-        let record = self.inner.store.get(id).await?.ok_or(EngineError::NotFound)?;
+    pub async fn get(
+        &self,
+        tenant: Option<&str>,
+        id: SessionId,
+    ) -> Result<SessionRecord, EngineError> {
+        let record = self
+            .inner
+            .store
+            .get(id)
+            .await?
+            .ok_or(EngineError::NotFound)?;
         match tenant {
             Some(t) if t != record.tenant => Err(EngineError::NotFound),
             _ => Ok(record),
@@ -473,41 +478,56 @@ impl Engine {
     /// processes and dead nodes.
     async fn sweep(&self) -> Result<DueReport, EngineError> {
         let inner = &self.inner;
-        let now = inner.clock.now();
-        let due = inner
-            .store
-            .due(now, inner.config.policy.orphan_timeout, inner.config.sweep_batch)
-            .await?;
         let mut report = DueReport::default();
-        for (id, reason) in due {
-            if let (_, Transition::Committed) = self.end_internal(id, reason).await? {
-                count(&mut report, reason, &inner.metrics);
+        loop {
+            let now = inner.clock.now();
+            let due = inner
+                .store
+                .due(
+                    now,
+                    inner.config.policy.orphan_timeout,
+                    inner.config.sweep_batch,
+                )
+                .await?;
+            let full = due.len() >= inner.config.sweep_batch as usize;
+            for (id, reason) in due {
+                if let (_, Transition::Committed) = self.end_internal(id, reason).await? {
+                    count(&mut report, reason, &inner.metrics);
+                }
+            }
+            if !full {
+                return Ok(report);
             }
         }
-        Ok(report)
     }
 
     /// Claims due release intents and runs them. With `wait`, runs them all to the end
     /// before returning; without, spawns them and returns at once.
     async fn release_pass(&self, wait: bool) -> Result<DueReport, EngineError> {
         let inner = &self.inner;
-        let now = inner.clock.now();
-        let intents = inner
-            .store
-            .claim_releases(
-                &inner.config.owner,
-                now,
-                inner.config.release_lease,
-                inner.config.release_batch,
-            )
-            .await?;
-        let mut handles = Vec::with_capacity(intents.len());
-        for intent in intents {
-            let engine = self.clone();
-            handles.push(tokio::spawn(async move { engine.run_release(intent).await }));
-        }
         let mut report = DueReport::default();
-        if wait {
+        loop {
+            let now = inner.clock.now();
+            let intents = inner
+                .store
+                .claim_releases(
+                    &inner.config.owner,
+                    now,
+                    inner.config.release_lease,
+                    inner.config.release_batch,
+                )
+                .await?;
+            let full = intents.len() >= inner.config.release_batch as usize;
+            let mut handles = Vec::with_capacity(intents.len());
+            for intent in intents {
+                let engine = self.clone();
+                handles.push(tokio::spawn(
+                    async move { engine.run_release(intent).await },
+                ));
+            }
+            if !wait {
+                return Ok(report);
+            }
             for h in handles {
                 match h.await {
                     Ok(true) => report.released += 1,
@@ -515,8 +535,10 @@ impl Engine {
                     Err(e) => tracing::error!(error = %e, "release task died"),
                 }
             }
+            if !full {
+                return Ok(report);
+            }
         }
-        Ok(report)
     }
 
     /// Runs one claimed release and records its outcome. True if it succeeded.
@@ -644,7 +666,11 @@ impl Engine {
         let mut handled = 0;
         loop {
             let event = {
-                let mut guard = self.inner.events_rx.lock().unwrap_or_else(|p| p.into_inner());
+                let mut guard = self
+                    .inner
+                    .events_rx
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner());
                 match guard.as_mut().map(|rx| rx.try_recv()) {
                     Some(Ok(event)) => event,
                     _ => break,
@@ -680,7 +706,9 @@ impl Engine {
                 break;
             }
             if tokio::time::Instant::now() >= give_up {
-                tracing::warn!("shutdown deadline passed with releases still pending; they run on the next start");
+                tracing::warn!(
+                    "shutdown deadline passed with releases still pending; they run on the next start"
+                );
                 break;
             }
             if pass.release_failures > 0 {

@@ -7,8 +7,8 @@ use std::time::Duration;
 use session_lifecycle::{EndReason, Resource, SessionId, Timestamp, Transition};
 
 use crate::store::{
-    AttachOutcome, BoxFuture, CreateOutcome, ListQuery, NewSession, ReleaseIntent,
-    SessionRecord, Store, StoreError, TouchOutcome,
+    AttachOutcome, BoxFuture, CreateOutcome, ListQuery, NewSession, ReleaseIntent, SessionRecord,
+    Store, StoreError, TouchOutcome,
 };
 
 /// When a [`FaultyStore`] fails.
@@ -63,7 +63,9 @@ impl FaultyStore {
             FaultPlan::From(n) => k >= n,
         };
         if fail {
-            Err(StoreError::Unavailable(format!("injected fault at call {k}")))
+            Err(StoreError::Unavailable(format!(
+                "injected fault at call {k}"
+            )))
         } else {
             Ok(())
         }

@@ -24,8 +24,7 @@ mod metrics;
 mod store;
 
 pub use backend::{
-    AcquireError, AcquireRequest, Acquired, EventSink, ReleaseError, ResourceBackend,
-    ResourceEvent,
+    AcquireError, AcquireRequest, Acquired, EventSink, ReleaseError, ResourceBackend, ResourceEvent,
 };
 pub use clock::{ManualClock, SystemClock};
 pub use engine::{
@@ -33,6 +32,6 @@ pub use engine::{
 };
 pub use metrics::{Metrics, MetricsSnapshot, RELEASE_LATENCY_BUCKETS};
 pub use store::{
-    AttachOutcome, BoxFuture, CreateOutcome, ListQuery, NewSession, ReleaseIntent,
-    SessionRecord, Store, StoreError, TouchOutcome,
+    AttachOutcome, BoxFuture, CreateOutcome, ListQuery, NewSession, ReleaseIntent, SessionRecord,
+    Store, StoreError, TouchOutcome,
 };

@@ -6,8 +6,9 @@ use std::time::Duration;
 use session_lifecycle::EndReason;
 
 /// Upper bounds (seconds) of the release latency histogram's buckets.
-pub const RELEASE_LATENCY_BUCKETS: [f64; 12] =
-    [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0, 30.0];
+pub const RELEASE_LATENCY_BUCKETS: [f64; 12] = [
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0, 30.0,
+];
 
 /// Engine counters, updated lock-free.
 #[derive(Debug, Default)]
@@ -65,7 +66,8 @@ impl Metrics {
             }
         }
         let micros = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
-        self.release_latency_micros.fetch_add(micros, Ordering::Relaxed);
+        self.release_latency_micros
+            .fetch_add(micros, Ordering::Relaxed);
     }
 
     pub(crate) fn release_failed(&self) {
@@ -81,7 +83,9 @@ impl Metrics {
             orphans_found: load(&self.orphans_found),
             releases: load(&self.releases),
             release_failures: load(&self.release_failures),
-            release_latency_buckets: std::array::from_fn(|i| load(&self.release_latency_buckets[i])),
+            release_latency_buckets: std::array::from_fn(|i| {
+                load(&self.release_latency_buckets[i])
+            }),
             release_latency_sum: load(&self.release_latency_micros) as f64 / 1e6,
         }
     }

@@ -152,8 +152,11 @@ pub trait Store: Send + Sync + 'static {
     fn list(&self, query: ListQuery) -> BoxFuture<'_, Result<Vec<SessionRecord>, StoreError>>;
 
     /// Records a liveness signal for a started session.
-    fn touch(&self, id: SessionId, now: Timestamp)
-    -> BoxFuture<'_, Result<TouchOutcome, StoreError>>;
+    fn touch(
+        &self,
+        id: SessionId,
+        now: Timestamp,
+    ) -> BoxFuture<'_, Result<TouchOutcome, StoreError>>;
 
     /// Started sessions that are due to end at `now`: past `expires_at` (`expired`) or
     /// without liveness for `orphan_timeout` (`orphaned`; an expiry wins a tie), at most

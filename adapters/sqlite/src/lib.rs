@@ -23,12 +23,12 @@ use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use session_lifecycle::{
-    EndReason, HeldResourceParts, HeldResources, ReleaseStatus, Resource, ResourceKind, Session, SessionId,
-    SessionParts, Status, Timestamp, Transition,
+    EndReason, HeldResourceParts, HeldResources, ReleaseStatus, Resource, ResourceKind, Session,
+    SessionId, SessionParts, Status, Timestamp, Transition,
 };
 use session_lifecycle_runtime::{
-    AttachOutcome, BoxFuture, CreateOutcome, ListQuery, NewSession, ReleaseIntent,
-    SessionRecord, Store, StoreError, TouchOutcome,
+    AttachOutcome, BoxFuture, CreateOutcome, ListQuery, NewSession, ReleaseIntent, SessionRecord,
+    Store, StoreError, TouchOutcome,
 };
 use tokio::sync::oneshot;
 
@@ -59,11 +59,14 @@ fn unavailable(e: impl std::fmt::Display) -> StoreError {
 
 fn open_connection(path: &Path, flags: OpenFlags) -> Result<Connection, StoreError> {
     let conn = Connection::open_with_flags(path, flags).map_err(unavailable)?;
-    conn.busy_timeout(Duration::from_secs(5)).map_err(unavailable)?;
-    conn.pragma_update(None, "foreign_keys", "ON").map_err(unavailable)?;
+    conn.busy_timeout(Duration::from_secs(5))
+        .map_err(unavailable)?;
+    conn.pragma_update(None, "foreign_keys", "ON")
+        .map_err(unavailable)?;
     // FULL: each commit is fsynced before it is acknowledged (NORMAL in WAL mode may lose
     // the last commits on power loss).
-    conn.pragma_update(None, "synchronous", "FULL").map_err(unavailable)?;
+    conn.pragma_update(None, "synchronous", "FULL")
+        .map_err(unavailable)?;
     Ok(conn)
 }
 
@@ -136,7 +139,8 @@ impl SqliteStore {
             .map_err(|_| unavailable("writer lock poisoned"))?
             .send(job)
             .map_err(|_| unavailable("the writer thread has stopped"))?;
-        rx.await.map_err(|_| unavailable("the writer thread has stopped"))?
+        rx.await
+            .map_err(|_| unavailable("the writer thread has stopped"))?
     }
 
     /// Runs `f` on a read connection, off the async threads.
@@ -155,7 +159,8 @@ impl SqliteStore {
                         &inner.path,
                         OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
                     )?;
-                    c.pragma_update(None, "query_only", "ON").map_err(unavailable)?;
+                    c.pragma_update(None, "query_only", "ON")
+                        .map_err(unavailable)?;
                     c
                 }
             };
@@ -313,7 +318,13 @@ fn load_record(conn: &Connection, row: &rusqlite::Row<'_>) -> Result<SessionReco
         };
         let held = parts.try_into().map_err(|e| corrupt(&id_text, e))?;
         if let Some(note) = r.get::<_, Option<String>>(6).map_err(db)? {
-            release_notes.push((Resource { kind: ResourceKind(kind), handle: handle as u64 }, note));
+            release_notes.push((
+                Resource {
+                    kind: ResourceKind(kind),
+                    handle: handle as u64,
+                },
+                note,
+            ));
         }
         resources
             .push(held)
@@ -340,7 +351,9 @@ fn load_record(conn: &Connection, row: &rusqlite::Row<'_>) -> Result<SessionReco
 
 fn get_record(conn: &Connection, id: &str) -> Result<Option<SessionRecord>, StoreError> {
     let mut stmt = conn
-        .prepare_cached(&format!("SELECT {SESSION_COLUMNS} FROM sessions WHERE id = ?1"))
+        .prepare_cached(&format!(
+            "SELECT {SESSION_COLUMNS} FROM sessions WHERE id = ?1"
+        ))
         .map_err(db)?;
     let mut rows = stmt.query([id]).map_err(db)?;
     match rows.next().map_err(db)? {
@@ -616,7 +629,13 @@ impl Store for SqliteStore {
                  WHERE session_id = ?1 AND kind = ?2 AND handle = ?3 AND state = 'pending'",
             )
             .and_then(|mut s| {
-                s.execute(params![intent.session.to_string(), kind, handle, ms(now), note])
+                s.execute(params![
+                    intent.session.to_string(),
+                    kind,
+                    handle,
+                    ms(now),
+                    note
+                ])
             })
             .map_err(db)?;
             Ok(())
@@ -637,7 +656,13 @@ impl Store for SqliteStore {
                  WHERE session_id = ?1 AND kind = ?2 AND handle = ?3 AND state = 'pending'",
             )
             .and_then(|mut s| {
-                s.execute(params![intent.session.to_string(), kind, handle, ms(retry_at), error])
+                s.execute(params![
+                    intent.session.to_string(),
+                    kind,
+                    handle,
+                    ms(retry_at),
+                    error
+                ])
             })
             .map_err(db)?;
             Ok(())
@@ -657,8 +682,6 @@ impl Store for SqliteStore {
     }
 
     fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>> {
-        Box::pin(self.read(|c| {
-            c.query_row("SELECT 1", [], |_| Ok(())).map_err(db)
-        }))
+        Box::pin(self.read(|c| c.query_row("SELECT 1", [], |_| Ok(())).map_err(db)))
     }
 }

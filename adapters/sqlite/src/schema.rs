@@ -64,7 +64,11 @@ pub fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
             .map_err(err)?;
         let version: i64 = tx
-            .query_row("SELECT COALESCE(MAX(version), 0) FROM schema_version", [], |r| r.get(0))
+            .query_row(
+                "SELECT COALESCE(MAX(version), 0) FROM schema_version",
+                [],
+                |r| r.get(0),
+            )
             .map_err(err)?;
         if version > SCHEMA_VERSION {
             return Err(StoreError::Unavailable(format!(
@@ -74,10 +78,14 @@ pub fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
         if version == SCHEMA_VERSION {
             return Ok(());
         }
-        tx.execute_batch(MIGRATIONS[version as usize]).map_err(err)?;
-        tx.execute("DELETE FROM schema_version", []).map_err(err)?;
-        tx.execute("INSERT INTO schema_version (version) VALUES (?1)", [version + 1])
+        tx.execute_batch(MIGRATIONS[version as usize])
             .map_err(err)?;
+        tx.execute("DELETE FROM schema_version", []).map_err(err)?;
+        tx.execute(
+            "INSERT INTO schema_version (version) VALUES (?1)",
+            [version + 1],
+        )
+        .map_err(err)?;
         tx.commit().map_err(err)?;
     }
 }

@@ -46,7 +46,9 @@ async fn acknowledged_writes_survive_reopen_and_schema_is_versioned() {
         .query_row("SELECT version FROM schema_version", [], |r| r.get(0))
         .unwrap();
     assert_eq!(version, 1);
-    let mode: String = conn.query_row("PRAGMA journal_mode", [], |r| r.get(0)).unwrap();
+    let mode: String = conn
+        .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+        .unwrap();
     assert_eq!(mode, "wal");
 }
 
@@ -56,7 +58,8 @@ async fn a_newer_schema_is_refused() {
     let path = dir.path().join("s.db");
     drop(SqliteStore::open(&path).unwrap());
     let conn = rusqlite::Connection::open(&path).unwrap();
-    conn.execute("UPDATE schema_version SET version = 99", []).unwrap();
+    conn.execute("UPDATE schema_version SET version = 99", [])
+        .unwrap();
     drop(conn);
     assert!(SqliteStore::open(&path).is_err());
 }

@@ -1,0 +1,157 @@
+//! Test resources that are real files: acquiring creates one, releasing deletes it and,
+//! only if this call deleted it, appends its handle to a ledger file. The ledger lives
+//! outside the engine (and survives a killed engine process), so counting its lines per
+//! handle tells how many times each resource was really released.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use session_lifecycle::{Resource, ResourceKind, SessionId};
+use session_lifecycle_runtime::{
+    AcquireError, AcquireRequest, Acquired, BoxFuture, EventSink, ReleaseError, ResourceBackend,
+};
+
+pub const FILE_KIND: ResourceKind = ResourceKind(9);
+
+pub struct FileBackend {
+    dir: PathBuf,
+    next: AtomicU64,
+    /// When set, releases fail (to exercise retries).
+    pub fail_releases: AtomicBool,
+    /// When set, acquires fail with "no capacity".
+    pub exhausted: AtomicBool,
+}
+
+impl FileBackend {
+    pub fn new(dir: &Path) -> Arc<FileBackend> {
+        std::fs::create_dir_all(dir.join("held")).unwrap();
+        Arc::new(FileBackend {
+            dir: dir.to_path_buf(),
+            // Unique across processes sharing the directory.
+            next: AtomicU64::new(u64::from(std::process::id()) << 32),
+            fail_releases: AtomicBool::new(false),
+            exhausted: AtomicBool::new(false),
+        })
+    }
+
+    fn held(&self, handle: u64) -> PathBuf {
+        self.dir.join("held").join(handle.to_string())
+    }
+
+    fn ledger(&self) -> PathBuf {
+        self.dir.join("ledger")
+    }
+
+    /// Handles acquired (a file was created) and still held.
+    pub fn still_held(&self) -> Vec<u64> {
+        std::fs::read_dir(self.dir.join("held"))
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+            .collect()
+    }
+
+    /// Release count per handle, from the ledger.
+    pub fn releases(&self) -> HashMap<u64, u32> {
+        let text = std::fs::read_to_string(self.ledger()).unwrap_or_default();
+        let mut counts = HashMap::new();
+        for line in text.lines() {
+            *counts.entry(line.parse().unwrap()).or_default() += 1;
+        }
+        counts
+    }
+
+    /// Handles ever acquired, from the acquisitions log.
+    pub fn acquired(&self) -> Vec<u64> {
+        let text = std::fs::read_to_string(self.dir.join("acquired")).unwrap_or_default();
+        text.lines().map(|l| l.parse().unwrap()).collect()
+    }
+}
+
+fn append(path: &Path, line: &str) {
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .unwrap();
+    f.write_all(line.as_bytes()).unwrap();
+    f.sync_data().unwrap();
+}
+
+impl ResourceBackend for FileBackend {
+    fn kind(&self) -> ResourceKind {
+        FILE_KIND
+    }
+    fn name(&self) -> &'static str {
+        "file"
+    }
+    fn acquire<'a>(
+        &'a self,
+        _request: AcquireRequest<'a>,
+        _events: EventSink,
+    ) -> BoxFuture<'a, Result<Acquired, AcquireError>> {
+        Box::pin(async move {
+            if self.exhausted.load(Ordering::SeqCst) {
+                return Err(AcquireError::CapacityExhausted("no file slots".into()));
+            }
+            let handle = self.next.fetch_add(1, Ordering::SeqCst);
+            std::fs::write(self.held(handle), b"").unwrap();
+            append(&self.dir.join("acquired"), &format!("{handle}\n"));
+            Ok(Acquired {
+                resource: Resource {
+                    kind: FILE_KIND,
+                    handle,
+                },
+                env: vec![("TEST_FILE_HANDLE".into(), handle.to_string())],
+            })
+        })
+    }
+    fn release(
+        &self,
+        _session: SessionId,
+        resource: Resource,
+    ) -> BoxFuture<'_, Result<String, ReleaseError>> {
+        Box::pin(async move {
+            if self.fail_releases.load(Ordering::SeqCst) {
+                return Err(ReleaseError("release refused for the test".into()));
+            }
+            match std::fs::remove_file(self.held(resource.handle)) {
+                Ok(()) => {
+                    append(&self.ledger(), &format!("{}\n", resource.handle));
+                    Ok("deleted".into())
+                }
+                // Already released (a retry, or a re-run after a crash): nothing to do.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok("gone".into()),
+                Err(e) => Err(ReleaseError(e.to_string())),
+            }
+        })
+    }
+}
+
+/// Every handle ever acquired was released exactly once, and none is still held.
+pub fn assert_released_exactly_once(backend: &FileBackend) {
+    let releases = backend.releases();
+    let acquired = backend.acquired();
+    assert!(
+        backend.still_held().is_empty(),
+        "still held: {:?}",
+        backend.still_held()
+    );
+    for h in &acquired {
+        assert_eq!(
+            releases.get(h).copied().unwrap_or(0),
+            1,
+            "resource {h} released {:?} times",
+            releases.get(h)
+        );
+    }
+    assert_eq!(
+        releases.len(),
+        acquired.len(),
+        "released something never acquired"
+    );
+}
