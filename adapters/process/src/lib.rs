@@ -258,6 +258,20 @@ fn runs_session(pid: u32, session: SessionId) -> bool {
     environ.split(|b| *b == 0).any(|var| var == want.as_bytes())
 }
 
+/// Whether `pid` leads its process group (as every avatar server this backend starts
+/// does; its own children inherit its environment but not the leadership).
+fn leads_group(pid: u32) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // Fields after the command name: state, ppid, pgrp, ...
+    let pgrp = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().nth(2))
+        .and_then(|g| g.parse::<u32>().ok());
+    pgrp == Some(pid)
+}
+
 async fn wait_gone(pid: u32, session: SessionId, within: Duration) -> bool {
     let deadline = tokio::time::Instant::now() + within;
     while runs_session(pid, session) {
@@ -284,6 +298,38 @@ impl ResourceBackend for ProcessBackend {
         events: EventSink,
     ) -> BoxFuture<'a, Result<Acquired, AcquireError>> {
         Box::pin(self.spawn(request, events))
+    }
+
+    fn find_held<'a>(
+        &'a self,
+        sessions: &'a [SessionId],
+    ) -> BoxFuture<'a, Result<Vec<(SessionId, Resource)>, ReleaseError>> {
+        Box::pin(async move {
+            // Process group leaders whose environment names one of the sessions.
+            let entries = std::fs::read_dir("/proc")
+                .map_err(|e| ReleaseError(format!("reading /proc: {e}")))?;
+            let mut found = Vec::new();
+            for entry in entries.flatten() {
+                let Some(pid) = entry
+                    .file_name()
+                    .to_str()
+                    .and_then(|n| n.parse::<u32>().ok())
+                else {
+                    continue;
+                };
+                if !leads_group(pid) {
+                    continue;
+                }
+                if let Some(session) = sessions.iter().find(|s| runs_session(pid, **s)) {
+                    let resource = Resource {
+                        kind: PROCESS_KIND,
+                        handle: u64::from(pid),
+                    };
+                    found.push((*session, resource));
+                }
+            }
+            Ok(found)
+        })
     }
 
     fn release(

@@ -101,4 +101,17 @@ pub trait ResourceBackend: Send + Sync + 'static {
         session: SessionId,
         resource: Resource,
     ) -> BoxFuture<'_, Result<String, ReleaseError>>;
+
+    /// Every resource of this backend it can find held for one of `sessions`, whether the
+    /// store knows of it or not. Called once at start-up for the sessions that were
+    /// started when the previous run stopped: a resource acquired just before a crash, and
+    /// not yet recorded, is adopted then (and released with its session) instead of leaking.
+    /// The default finds nothing.
+    fn find_held<'a>(
+        &'a self,
+        sessions: &'a [SessionId],
+    ) -> BoxFuture<'a, Result<Vec<(SessionId, Resource)>, ReleaseError>> {
+        let _ = sessions;
+        Box::pin(async { Ok(Vec::new()) })
+    }
 }

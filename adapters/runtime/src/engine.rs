@@ -215,6 +215,7 @@ impl Engine {
     async fn recover(&self) -> Result<(), EngineError> {
         let inner = &self.inner;
         inner.store.drop_claims(&inner.config.owner).await?;
+        let mut started = Vec::new();
         let mut before = None;
         loop {
             let page = inner
@@ -229,9 +230,43 @@ impl Engine {
             let Some(last) = page.last() else { break };
             before = Some(*last.session.id());
             let mut timers = self.timers();
-            for record in &page {
+            for record in page {
                 // A full timer table leaves the rest to the store sweeper.
                 let _ = timers.restore(record.session.clone());
+                started.push(record.session);
+            }
+        }
+        self.adopt_untracked(&started).await
+    }
+
+    /// Records resources the backends hold for `sessions` that the store does not know
+    /// of (acquired just before a crash), so that they are released with their session.
+    async fn adopt_untracked(&self, sessions: &[Session]) -> Result<(), EngineError> {
+        if sessions.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<SessionId> = sessions.iter().map(|s| *s.id()).collect();
+        for backend in &self.inner.backends {
+            let found = match backend.find_held(&ids).await {
+                Ok(found) => found,
+                Err(e) => {
+                    tracing::warn!(backend = backend.name(), error = %e, "looking for untracked resources failed");
+                    continue;
+                }
+            };
+            for (id, resource) in found {
+                let known = sessions
+                    .iter()
+                    .find(|s| *s.id() == id)
+                    .is_some_and(|s| s.resources().iter().any(|r| r.resource == resource));
+                if known {
+                    continue;
+                }
+                tracing::warn!(session = %id, ?resource, "adopting a resource acquired before a crash");
+                match self.inner.store.attach(id, resource).await? {
+                    AttachOutcome::Attached => {}
+                    AttachOutcome::Refused => self.release_now(id, resource).await,
+                }
             }
         }
         Ok(())

@@ -1,7 +1,8 @@
-//! Test resources that are real files: acquiring creates one, releasing deletes it and,
-//! only if this call deleted it, appends its handle to a ledger file. The ledger lives
-//! outside the engine (and survives a killed engine process), so counting its lines per
-//! handle tells how many times each resource was really released.
+//! Test resources that are real files. Acquiring creates `held/<handle>` (holding the
+//! session id) and logs the handle in `acquired`; releasing moves it to
+//! `released/<handle>` (one atomic rename: only one release can ever take effect) and
+//! appends the handle to `ledger`. The ledger lives outside the engine and survives a
+//! killed engine process.
 
 #![allow(dead_code)]
 
@@ -30,6 +31,7 @@ pub struct FileBackend {
 impl FileBackend {
     pub fn new(dir: &Path) -> Arc<FileBackend> {
         std::fs::create_dir_all(dir.join("held")).unwrap();
+        std::fs::create_dir_all(dir.join("released")).unwrap();
         Arc::new(FileBackend {
             dir: dir.to_path_buf(),
             // Unique across processes sharing the directory.
@@ -55,7 +57,8 @@ impl FileBackend {
             .collect()
     }
 
-    /// Release count per handle, from the ledger.
+    /// Release count per handle, from the ledger. A process killed between a release's
+    /// rename and its ledger line leaves the line out: `released/` has the truth then.
     pub fn releases(&self) -> HashMap<u64, u32> {
         let text = std::fs::read_to_string(self.ledger()).unwrap_or_default();
         let mut counts = HashMap::new();
@@ -63,6 +66,14 @@ impl FileBackend {
             *counts.entry(line.parse().unwrap()).or_default() += 1;
         }
         counts
+    }
+
+    /// Handles whose release took effect.
+    pub fn released(&self) -> Vec<u64> {
+        std::fs::read_dir(self.dir.join("released"))
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+            .collect()
     }
 
     /// Handles ever acquired, from the acquisitions log.
@@ -91,7 +102,7 @@ impl ResourceBackend for FileBackend {
     }
     fn acquire<'a>(
         &'a self,
-        _request: AcquireRequest<'a>,
+        request: AcquireRequest<'a>,
         _events: EventSink,
     ) -> BoxFuture<'a, Result<Acquired, AcquireError>> {
         Box::pin(async move {
@@ -99,7 +110,10 @@ impl ResourceBackend for FileBackend {
                 return Err(AcquireError::CapacityExhausted("no file slots".into()));
             }
             let handle = self.next.fetch_add(1, Ordering::SeqCst);
-            std::fs::write(self.held(handle), b"").unwrap();
+            // Atomic: the file appears in held/ complete, or not at all.
+            let tmp = self.dir.join(format!("tmp-{handle}"));
+            std::fs::write(&tmp, request.session.to_string()).unwrap();
+            std::fs::rename(&tmp, self.held(handle)).unwrap();
             append(&self.dir.join("acquired"), &format!("{handle}\n"));
             Ok(Acquired {
                 resource: Resource {
@@ -119,7 +133,8 @@ impl ResourceBackend for FileBackend {
             if self.fail_releases.load(Ordering::SeqCst) {
                 return Err(ReleaseError("release refused for the test".into()));
             }
-            match std::fs::remove_file(self.held(resource.handle)) {
+            let to = self.dir.join("released").join(resource.handle.to_string());
+            match std::fs::rename(self.held(resource.handle), to) {
                 Ok(()) => {
                     append(&self.ledger(), &format!("{}\n", resource.handle));
                     Ok("deleted".into())
@@ -128,6 +143,27 @@ impl ResourceBackend for FileBackend {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok("gone".into()),
                 Err(e) => Err(ReleaseError(e.to_string())),
             }
+        })
+    }
+    fn find_held<'a>(
+        &'a self,
+        sessions: &'a [SessionId],
+    ) -> BoxFuture<'a, Result<Vec<(SessionId, Resource)>, ReleaseError>> {
+        Box::pin(async move {
+            let mut found = Vec::new();
+            for handle in self.still_held() {
+                let owner = std::fs::read_to_string(self.held(handle)).unwrap_or_default();
+                if let Some(id) = sessions.iter().find(|s| s.to_string() == owner) {
+                    found.push((
+                        *id,
+                        Resource {
+                            kind: FILE_KIND,
+                            handle,
+                        },
+                    ));
+                }
+            }
+            Ok(found)
         })
     }
 }
@@ -154,4 +190,22 @@ pub fn assert_released_exactly_once(backend: &FileBackend) {
         acquired.len(),
         "released something never acquired"
     );
+}
+
+/// After processes were killed mid-release: every resource that was ever created is
+/// released (its rename took effect once), none is held, and no ledger line is doubled.
+pub fn assert_released_once_after_crashes(backend: &FileBackend) {
+    assert!(
+        backend.still_held().is_empty(),
+        "leaked: {:?}",
+        backend.still_held()
+    );
+    let releases = backend.releases();
+    for (h, n) in &releases {
+        assert_eq!(*n, 1, "resource {h} released {n} times");
+    }
+    let mut released = backend.released();
+    released.sort_unstable();
+    // Every logged release took effect; an unlogged one was cut off by a kill.
+    assert!(releases.keys().all(|h| released.binary_search(h).is_ok()));
 }
