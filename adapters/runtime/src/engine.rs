@@ -331,10 +331,13 @@ impl Engine {
             ));
         }
         inner.metrics.session_started();
-        let tracked = self
-            .timers()
-            .restore(Session::new(id, now, now.saturating_add(lifetime)))
-            .is_ok();
+        let session = Session::new(id, now, now.saturating_add(lifetime));
+        let mut tracked = self.timers().restore(session.clone()).is_ok();
+        if !tracked {
+            // Ended sessions leave the table on its next timeout: make room, then retry.
+            self.fire_timers().await;
+            tracked = self.timers().restore(session).is_ok();
+        }
         self.inner.timers_changed.notify_one();
         if !tracked {
             self.end_internal(id, EndReason::StartFailed).await?;
@@ -386,10 +389,12 @@ impl Engine {
 
     /// Releases a resource that never made it into the store, at once and in place.
     async fn release_now(&self, session: SessionId, resource: Resource) {
-        if let Some(backend) = self.inner.by_kind.get(&resource.kind) {
-            if let Err(e) = backend.release(session, resource).await {
-                tracing::error!(session = %session, ?resource, error = %e, "releasing an unrecorded resource failed");
-            }
+        let Some(backend) = self.inner.by_kind.get(&resource.kind) else {
+            tracing::error!(session = %session, ?resource, "no backend releases this resource kind");
+            return;
+        };
+        if let Err(e) = backend.release(session, resource).await {
+            tracing::error!(session = %session, ?resource, error = %e, "releasing an unrecorded resource failed");
         }
     }
 

@@ -28,6 +28,7 @@ pub struct FaultyStore {
     inner: Arc<dyn Store>,
     plan: FaultPlan,
     calls: AtomicU64,
+    failures: AtomicU64,
     restored: AtomicBool,
 }
 
@@ -38,6 +39,7 @@ impl FaultyStore {
             inner,
             plan,
             calls: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
             restored: AtomicBool::new(false),
         }
     }
@@ -45,6 +47,11 @@ impl FaultyStore {
     /// Calls made so far, failed ones included.
     pub fn calls(&self) -> u64 {
         self.calls.load(Ordering::SeqCst)
+    }
+
+    /// Calls failed on purpose so far.
+    pub fn failures(&self) -> u64 {
+        self.failures.load(Ordering::SeqCst)
     }
 
     /// Ends the faults: every later call goes through.
@@ -63,6 +70,7 @@ impl FaultyStore {
             FaultPlan::From(n) => k >= n,
         };
         if fail {
+            self.failures.fetch_add(1, Ordering::SeqCst);
             Err(StoreError::Unavailable(format!(
                 "injected fault at call {k}"
             )))

@@ -2,9 +2,10 @@
 //!
 //! - WAL mode with `synchronous=FULL`: a write is acknowledged only after its commit is
 //!   fsynced, so an acknowledged end survives `kill -9` and power loss.
-//! - One writer thread owns the write connection and commits everything queued at once in
-//!   one transaction (each call in its own savepoint): under concurrent load many ends
-//!   share one fsync. Reads use separate connections and never see uncommitted writes.
+//! - Group commit: whoever holds the write connection commits every queued write in one
+//!   transaction (each in its own savepoint), on its own thread. Alone, a call commits
+//!   just its own write with no thread hop; under concurrent load many ends share one
+//!   fsync. Reads use separate connections and never see uncommitted writes.
 //! - The schema is created and migrated by [`SqliteStore::open`] (a `schema_version`
 //!   table), with partial indexes for the sweeper's queries.
 //!
@@ -18,13 +19,13 @@
 mod schema;
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use session_lifecycle::{
-    EndReason, HeldResourceParts, HeldResources, ReleaseStatus, Resource, ResourceKind, Session,
-    SessionId, SessionParts, Status, Timestamp, Transition,
+    EndReason, HeldResource, HeldResourceParts, HeldResources, ReleaseStatus, Resource,
+    ResourceKind, Session, SessionId, SessionParts, Status, Timestamp, Transition,
 };
 use session_lifecycle_runtime::{
     AttachOutcome, BoxFuture, CreateOutcome, ListQuery, NewSession, ReleaseIntent, SessionRecord,
@@ -49,7 +50,11 @@ pub struct SqliteStore {
 
 struct Inner {
     path: PathBuf,
-    writer: Mutex<mpsc::Sender<Job>>,
+    /// The write connection. Whoever holds it commits every queued job in one
+    /// transaction (group commit): alone, a caller commits its own job on its own thread;
+    /// under load, one fsync covers everything that queued up meanwhile.
+    writer: tokio::sync::Mutex<Connection>,
+    queue: Mutex<Vec<Job>>,
     readers: Mutex<Vec<Connection>>,
 }
 
@@ -90,15 +95,11 @@ impl SqliteStore {
             )));
         }
         schema::migrate(&mut conn)?;
-        let (tx, rx) = mpsc::channel::<Job>();
-        std::thread::Builder::new()
-            .name("sqlite-writer".to_owned())
-            .spawn(move || writer_loop(conn, rx))
-            .map_err(unavailable)?;
         Ok(SqliteStore {
             inner: Arc::new(Inner {
                 path,
-                writer: Mutex::new(tx),
+                writer: tokio::sync::Mutex::new(conn),
+                queue: Mutex::new(Vec::new()),
                 readers: Mutex::new(Vec::new()),
             }),
         })
@@ -134,13 +135,26 @@ impl SqliteStore {
             (ok, finish)
         });
         self.inner
-            .writer
+            .queue
             .lock()
-            .map_err(|_| unavailable("writer lock poisoned"))?
-            .send(job)
-            .map_err(|_| unavailable("the writer thread has stopped"))?;
-        rx.await
-            .map_err(|_| unavailable("the writer thread has stopped"))?
+            .map_err(|_| unavailable("write queue lock poisoned"))?
+            .push(job);
+        let mut rx = rx;
+        let conn = self.inner.writer.lock().await;
+        // An earlier holder may have committed our job with its batch.
+        if let Ok(answer) = rx.try_recv() {
+            return answer;
+        }
+        let jobs = std::mem::take(
+            &mut *self
+                .inner
+                .queue
+                .lock()
+                .map_err(|_| unavailable("write queue lock poisoned"))?,
+        );
+        blocking(|| commit_batch(&conn, jobs));
+        drop(conn);
+        rx.await.map_err(|_| unavailable("a write was dropped"))?
     }
 
     /// Runs `f` on a read connection, off the async threads.
@@ -149,8 +163,8 @@ impl SqliteStore {
         T: Send + 'static,
         F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     {
-        let inner = Arc::clone(&self.inner);
-        tokio::task::spawn_blocking(move || {
+        let inner = &self.inner;
+        blocking(move || {
             let pooled = inner.readers.lock().ok().and_then(|mut v| v.pop());
             let conn = match pooled {
                 Some(c) => c,
@@ -165,15 +179,13 @@ impl SqliteStore {
                 }
             };
             let result = f(&conn);
-            if let Ok(mut v) = inner.readers.lock() {
-                if v.len() < 8 {
-                    v.push(conn);
-                }
+            if let Ok(mut pool) = inner.readers.lock()
+                && pool.len() < 8
+            {
+                pool.push(conn);
             }
             result
         })
-        .await
-        .map_err(unavailable)?
     }
 
     /// Runs `PRAGMA integrity_check` and returns its verdict (`ok` when sound).
@@ -186,14 +198,39 @@ impl SqliteStore {
     }
 }
 
-fn writer_loop(conn: Connection, rx: mpsc::Receiver<Job>) {
-    while let Ok(first) = rx.recv() {
-        let mut jobs = vec![first];
-        while jobs.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(job) => jobs.push(job),
-                Err(_) => break,
-            }
+/// Runs blocking SQLite work on the current thread, telling a multi-threaded tokio
+/// runtime to move its other tasks away meanwhile (no hop to another thread; on a
+/// current-thread runtime it simply runs).
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
+/// Commits `jobs` in one transaction, each in its own savepoint (so that one failing
+/// job does not undo the others), then gives every job its answer.
+fn commit_batch(conn: &Connection, jobs: Vec<Job>) {
+    for chunk in chunks(jobs, MAX_BATCH) {
+        commit_chunk(conn, chunk);
+    }
+}
+
+fn chunks(mut jobs: Vec<Job>, size: usize) -> Vec<Vec<Job>> {
+    let mut out = Vec::new();
+    while jobs.len() > size {
+        let rest = jobs.split_off(size);
+        out.push(jobs);
+        jobs = rest;
+    }
+    out.push(jobs);
+    out
+}
+
+fn commit_chunk(conn: &Connection, jobs: Vec<Job>) {
+    {
+        if jobs.is_empty() {
+            return;
         }
         if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
             let msg = e.to_string();
@@ -201,23 +238,36 @@ fn writer_loop(conn: Connection, rx: mpsc::Receiver<Job>) {
                 let (_, finish) = job(Err(&msg));
                 finish(Some(&msg));
             }
-            continue;
+            return;
         }
         let mut finishes = Vec::with_capacity(jobs.len());
-        for job in jobs {
-            if let Err(e) = conn.execute_batch("SAVEPOINT job") {
-                let msg = e.to_string();
-                let (_, finish) = job(Err(&msg));
-                finishes.push((finish, Some(msg)));
-                continue;
+        if jobs.len() == 1 {
+            // Alone in its transaction: no savepoint needed, a failure rolls back the lot.
+            for job in jobs {
+                let (ok, finish) = job(Ok(conn));
+                if !ok {
+                    let _ = conn.execute_batch("ROLLBACK");
+                    finish(None);
+                    return;
+                }
+                finishes.push((finish, None));
             }
-            let (ok, finish) = job(Ok(&conn));
-            let undo = if ok {
-                conn.execute_batch("RELEASE job")
-            } else {
-                conn.execute_batch("ROLLBACK TO job; RELEASE job")
-            };
-            finishes.push((finish, undo.err().map(|e| e.to_string())));
+        } else {
+            for job in jobs {
+                if let Err(e) = conn.execute_batch("SAVEPOINT job") {
+                    let msg = e.to_string();
+                    let (_, finish) = job(Err(&msg));
+                    finishes.push((finish, Some(msg)));
+                    continue;
+                }
+                let (ok, finish) = job(Ok(conn));
+                let undo = if ok {
+                    conn.execute_batch("RELEASE job")
+                } else {
+                    conn.execute_batch("ROLLBACK TO job; RELEASE job")
+                };
+                finishes.push((finish, undo.err().map(|e| e.to_string())));
+            }
         }
         let commit_error = conn.execute_batch("COMMIT").err().map(|e| e.to_string());
         if commit_error.is_some() {
@@ -278,13 +328,16 @@ fn load_record(conn: &Connection, row: &rusqlite::Row<'_>) -> Result<SessionReco
     };
     let mut stmt = conn
         .prepare_cached(
-            "SELECT kind, handle, state, attempts, retry_at, released_at, note
-             FROM resources WHERE session_id = ?1 ORDER BY seq",
+            // Sorted here, not by SQL: an ORDER BY costs a sorter even for no rows, and a
+            // session has at most a handful.
+            "SELECT kind, handle, state, attempts, retry_at, released_at, note, seq
+             FROM resources WHERE session_id = ?1",
         )
         .map_err(db)?;
     let mut resources = HeldResources::new();
     let mut release_notes = Vec::new();
     let mut rows = stmt.query([&id_text]).map_err(db)?;
+    let mut found: Vec<(i64, HeldResource, Option<String>)> = Vec::new();
     while let Some(r) = rows.next().map_err(db)? {
         let kind: i64 = r.get(0).map_err(db)?;
         let handle: i64 = r.get(1).map_err(db)?;
@@ -316,15 +369,14 @@ fn load_record(conn: &Connection, row: &rusqlite::Row<'_>) -> Result<SessionReco
             },
             ..parts
         };
-        let held = parts.try_into().map_err(|e| corrupt(&id_text, e))?;
-        if let Some(note) = r.get::<_, Option<String>>(6).map_err(db)? {
-            release_notes.push((
-                Resource {
-                    kind: ResourceKind(kind),
-                    handle: handle as u64,
-                },
-                note,
-            ));
+        let held: HeldResource = parts.try_into().map_err(|e| corrupt(&id_text, e))?;
+        let note = r.get::<_, Option<String>>(6).map_err(db)?;
+        found.push((r.get(7).map_err(db)?, held, note));
+    }
+    found.sort_unstable_by_key(|(seq, _, _)| *seq);
+    for (_, held, note) in found {
+        if let Some(note) = note {
+            release_notes.push((held.resource, note));
         }
         resources
             .push(held)

@@ -188,8 +188,12 @@ async fn crash_recovery() {
     }
     if !files.still_held().is_empty() {
         for h in files.still_held() {
-            let owner = std::fs::read_to_string(dir.path().join("held").join(h.to_string())).unwrap();
-            let r = engine.get(None, SessionId::parse(&owner).unwrap()).await.unwrap();
+            let owner =
+                std::fs::read_to_string(dir.path().join("held").join(h.to_string())).unwrap();
+            let r = engine
+                .get(None, SessionId::parse(&owner).unwrap())
+                .await
+                .unwrap();
             eprintln!("leaked {h}: {r:?}");
         }
     }
