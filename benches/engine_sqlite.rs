@@ -24,6 +24,7 @@ fn request() -> StartRequest {
         },
         duration: None,
         metadata: None,
+        room: None,
     }
 }
 
@@ -67,6 +68,7 @@ async fn created(store: &SqliteStore, n: u64) -> Vec<SessionId> {
                             started_at: now,
                             expires_at: now.saturating_add(Duration::from_secs(3600)),
                             metadata: None,
+                            room: None,
                             max_concurrent: None,
                         })
                         .await

@@ -40,6 +40,7 @@ fn new_session(tenant: &str, started: Timestamp, lifetime: Duration) -> NewSessi
         started_at: started,
         expires_at: started.saturating_add(lifetime),
         metadata: None,
+        room: None,
         max_concurrent: None,
     }
 }
@@ -85,10 +86,15 @@ pub async fn create_and_get(store: &dyn Store) {
     let tenant = fresh_tenant();
     let mut new = new_session(&tenant, at(0), Duration::from_secs(600));
     new.metadata = Some(r#"{"user":"ada"}"#.to_owned());
+    new.room = Some(crate::RoomBinding {
+        provider: crate::RoomProvider::Livekit,
+        name: "room-1".to_owned(),
+    });
     create(store, &new).await;
     let r = get(store, new.id).await;
     assert_eq!(r.tenant, tenant);
     assert_eq!(r.metadata.as_deref(), Some(r#"{"user":"ada"}"#));
+    assert_eq!(r.room, new.room);
     let s = &r.session;
     assert_eq!(*s.id(), new.id);
     assert_eq!(s.status(), Status::Started);

@@ -16,8 +16,8 @@ use tokio::task::JoinHandle;
 use crate::backend::{AcquireError, AcquireRequest, EventSink, ResourceBackend, ResourceEvent};
 use crate::metrics::Metrics;
 use crate::store::{
-    AttachOutcome, CreateOutcome, ListQuery, NewSession, ReleaseIntent, SessionRecord, Store,
-    StoreError, TouchOutcome,
+    AttachOutcome, CreateOutcome, ListQuery, NewSession, ReleaseIntent, RoomBinding, SessionRecord,
+    Store, StoreError, TouchOutcome,
 };
 
 /// How many started sessions one engine tracks timers for. Starting more fails with
@@ -73,6 +73,8 @@ pub struct StartRequest {
     pub duration: Option<Duration>,
     /// Opaque client metadata (a small JSON document).
     pub metadata: Option<String>,
+    /// The video room the session is bound to.
+    pub room: Option<RoomBinding>,
 }
 
 /// Why an engine call failed. A failed call changes nothing the caller did not see
@@ -322,6 +324,7 @@ impl Engine {
                 started_at: now,
                 expires_at: now.saturating_add(lifetime),
                 metadata: request.metadata.clone(),
+                room: request.room.clone(),
                 max_concurrent: request.plan.max_concurrent_sessions,
             })
             .await?;

@@ -32,6 +32,6 @@ pub use engine::{
 };
 pub use metrics::{Metrics, MetricsSnapshot, RELEASE_LATENCY_BUCKETS};
 pub use store::{
-    AttachOutcome, BoxFuture, CreateOutcome, ListQuery, NewSession, ReleaseIntent, SessionRecord,
-    Store, StoreError, TouchOutcome,
+    AttachOutcome, BoxFuture, CreateOutcome, ListQuery, NewSession, ReleaseIntent, RoomBinding,
+    RoomProvider, SessionRecord, Store, StoreError, TouchOutcome,
 };

@@ -10,6 +10,43 @@ use session_lifecycle::{EndReason, Resource, Session, SessionId, Status, Timesta
 /// traits can be used as `dyn` objects chosen at run time.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
+/// The video room a session is bound to.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct RoomBinding {
+    /// `livekit` or `daily`.
+    pub provider: RoomProvider,
+    /// The room's name at the provider.
+    pub name: String,
+}
+
+/// A video room provider whose webhooks can end sessions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RoomProvider {
+    /// LiveKit.
+    Livekit,
+    /// Daily.
+    Daily,
+}
+
+impl RoomProvider {
+    /// The provider's wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RoomProvider::Livekit => "livekit",
+            RoomProvider::Daily => "daily",
+        }
+    }
+
+    /// The provider named `name`.
+    pub fn from_name(name: &str) -> Option<RoomProvider> {
+        match name {
+            "livekit" => Some(RoomProvider::Livekit),
+            "daily" => Some(RoomProvider::Daily),
+            _ => None,
+        }
+    }
+}
+
 /// A session as stored: the core's session value plus what the service knows about it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SessionRecord {
@@ -19,6 +56,8 @@ pub struct SessionRecord {
     pub tenant: String,
     /// Opaque client metadata (a small JSON document), if any.
     pub metadata: Option<String>,
+    /// The video room it is bound to, if any.
+    pub room: Option<RoomBinding>,
     /// What each finished release reported (for example `sigterm` or `sigkill`), in
     /// acquisition order, for resources that have one.
     pub release_notes: Vec<(Resource, String)>,
@@ -37,6 +76,8 @@ pub struct NewSession {
     pub expires_at: Timestamp,
     /// Opaque client metadata.
     pub metadata: Option<String>,
+    /// The video room it is bound to.
+    pub room: Option<RoomBinding>,
     /// The tenant's limit on concurrently started sessions; the create fails with
     /// [`CreateOutcome::LimitReached`] instead of exceeding it.
     pub max_concurrent: Option<u32>,

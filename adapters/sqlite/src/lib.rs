@@ -28,8 +28,8 @@ use session_lifecycle::{
     ResourceKind, Session, SessionId, SessionParts, Status, Timestamp, Transition,
 };
 use session_lifecycle_runtime::{
-    AttachOutcome, BoxFuture, CreateOutcome, ListQuery, NewSession, ReleaseIntent, SessionRecord,
-    Store, StoreError, TouchOutcome,
+    AttachOutcome, BoxFuture, CreateOutcome, ListQuery, NewSession, ReleaseIntent, RoomBinding,
+    RoomProvider, SessionRecord, Store, StoreError, TouchOutcome,
 };
 use tokio::sync::oneshot;
 
@@ -305,8 +305,8 @@ fn corrupt(id: &str, detail: impl std::fmt::Display) -> StoreError {
     }
 }
 
-const SESSION_COLUMNS: &str =
-    "id, tenant, status, started_at, ended_at, end_reason, expires_at, last_seen_at, metadata";
+const SESSION_COLUMNS: &str = "id, tenant, status, started_at, ended_at, end_reason, expires_at, \
+     last_seen_at, metadata, room_provider, room_name";
 
 /// Reads the session row at `row` (columns as in [`SESSION_COLUMNS`]) and its resources.
 fn load_record(conn: &Connection, row: &rusqlite::Row<'_>) -> Result<SessionRecord, StoreError> {
@@ -397,6 +397,17 @@ fn load_record(conn: &Connection, row: &rusqlite::Row<'_>) -> Result<SessionReco
         session,
         tenant: row.get(1).map_err(db)?,
         metadata: row.get(8).map_err(db)?,
+        room: match (
+            row.get::<_, Option<String>>(9).map_err(db)?,
+            row.get::<_, Option<String>>(10).map_err(db)?,
+        ) {
+            (Some(provider), Some(name)) => Some(RoomBinding {
+                provider: RoomProvider::from_name(&provider)
+                    .ok_or_else(|| corrupt(&id_text, format!("room provider {provider:?}")))?,
+                name,
+            }),
+            _ => None,
+        },
         release_notes,
     })
 }
@@ -434,8 +445,9 @@ impl Store for SqliteStore {
             }
             let inserted = c
                 .prepare_cached(
-                    "INSERT INTO sessions (id, tenant, status, started_at, expires_at, last_seen_at, metadata)
-                     VALUES (?1, ?2, 'started', ?3, ?4, ?3, ?5)",
+                    "INSERT INTO sessions (id, tenant, status, started_at, expires_at, last_seen_at,
+                                           metadata, room_provider, room_name)
+                     VALUES (?1, ?2, 'started', ?3, ?4, ?3, ?5, ?6, ?7)",
                 )
                 .and_then(|mut s| {
                     s.execute(params![
@@ -443,7 +455,9 @@ impl Store for SqliteStore {
                         new.tenant,
                         ms(new.started_at),
                         ms(new.expires_at.max(new.started_at)),
-                        new.metadata
+                        new.metadata,
+                        new.room.as_ref().map(|r| r.provider.as_str()),
+                        new.room.as_ref().map(|r| r.name.as_str())
                     ])
                 });
             match inserted {

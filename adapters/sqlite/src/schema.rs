@@ -48,6 +48,11 @@ const MIGRATIONS: &[&str] = &[
      -- The release worker's query: pending intents by due time.
      CREATE INDEX resources_pending ON resources (retry_at) WHERE state = 'pending';
      CREATE INDEX resources_claimed ON resources (claimed_by) WHERE claimed_by IS NOT NULL;",
+    // 2: the video room a session is bound to, found by provider and name.
+    "ALTER TABLE sessions ADD COLUMN room_provider TEXT;
+     ALTER TABLE sessions ADD COLUMN room_name TEXT;
+     CREATE INDEX sessions_by_room ON sessions (room_provider, room_name)
+        WHERE room_provider IS NOT NULL;",
 ];
 
 /// The schema version this code writes.

@@ -31,6 +31,7 @@ async fn acknowledged_writes_survive_reopen_and_schema_is_versioned() {
                 started_at: t0,
                 expires_at: t0.saturating_add(Duration::from_secs(60)),
                 metadata: None,
+                room: None,
                 max_concurrent: None,
             })
             .await
@@ -45,7 +46,7 @@ async fn acknowledged_writes_survive_reopen_and_schema_is_versioned() {
     let version: i64 = conn
         .query_row("SELECT version FROM schema_version", [], |r| r.get(0))
         .unwrap();
-    assert_eq!(version, 1);
+    assert_eq!(version, 2);
     let mode: String = conn
         .query_row("PRAGMA journal_mode", [], |r| r.get(0))
         .unwrap();

@@ -32,6 +32,7 @@ fn request() -> StartRequest {
         },
         duration: None,
         metadata: None,
+        room: None,
     }
 }
 

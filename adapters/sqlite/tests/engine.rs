@@ -31,6 +31,7 @@ fn request(tenant: &str) -> StartRequest {
         plan: plan(),
         duration: None,
         metadata: None,
+        room: None,
     }
 }
 
@@ -148,6 +149,7 @@ async fn plan_limits_and_durations() {
             plan: limited,
             duration: Some(Duration::from_secs(7200)),
             metadata: None,
+            room: None,
         })
         .await
         .unwrap();
@@ -162,6 +164,7 @@ async fn plan_limits_and_durations() {
             plan: limited,
             duration: Some(Duration::from_secs(60)),
             metadata: None,
+            room: None,
         })
         .await;
     assert!(matches!(second, Err(EngineError::PlanLimit(1))));
@@ -175,6 +178,7 @@ async fn plan_limits_and_durations() {
             plan: limited,
             duration: Some(Duration::from_secs(60)),
             metadata: None,
+            room: None,
         })
         .await
         .unwrap();
@@ -415,6 +419,7 @@ async fn sweeper_ends_and_releases_ten_thousand_orphans_within_the_bound() {
                         plan: plan(),
                         duration: Some(lifetime),
                         metadata: None,
+                        room: None,
                     })
                     .await
                     .unwrap();
@@ -427,6 +432,7 @@ async fn sweeper_ends_and_releases_ten_thousand_orphans_within_the_bound() {
                         started_at: t0,
                         expires_at: t0.saturating_add(lifetime),
                         metadata: None,
+                        room: None,
                         max_concurrent: None,
                     })
                     .await
@@ -535,6 +541,7 @@ async fn real_clock_timers_end_expired_and_orphaned_sessions() {
             plan: plan(),
             duration: Some(Duration::from_millis(300)),
             metadata: None,
+            room: None,
         })
         .await
         .unwrap()

@@ -25,6 +25,7 @@ fn request(secs: u64) -> StartRequest {
         },
         duration: Some(Duration::from_secs(secs)),
         metadata: None,
+        room: None,
     }
 }
 
