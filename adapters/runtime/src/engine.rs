@@ -279,6 +279,14 @@ impl Engine {
         &self.inner.metrics
     }
 
+    /// Started sessions this engine tracks (visits every timer slot: for metrics).
+    pub fn active_sessions(&self) -> usize {
+        self.timers()
+            .iter()
+            .filter(|s| s.status() == Status::Started)
+            .count()
+    }
+
     /// The engine's store.
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.inner.store

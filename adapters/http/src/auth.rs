@@ -1,0 +1,313 @@
+//! Tenants, API keys and client tokens.
+
+use std::path::Path;
+use std::time::Duration;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use hmac::{Hmac, Mac};
+use serde::Deserialize;
+use session_lifecycle::{SessionId, Timestamp};
+use session_lifecycle_runtime::Plan;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+/// A tenant: who owns sessions, with its key (hashed) and plan.
+#[derive(Debug, Clone)]
+pub struct Tenant {
+    /// Its name, which scopes its sessions.
+    pub name: String,
+    key_sha256: [u8; 32],
+    /// Its plan limits.
+    pub plan: Plan,
+    revoked: bool,
+}
+
+/// Why a tenants file cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML of the expected shape.
+    #[error("invalid tenants file: {0}")]
+    Parse(String),
+    /// A field is invalid.
+    #[error("tenant {tenant:?}: {problem}")]
+    Invalid {
+        /// The tenant concerned.
+        tenant: String,
+        /// What is wrong.
+        problem: String,
+    },
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TenantsFile {
+    tenants: Vec<TenantEntry>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TenantEntry {
+    name: String,
+    api_key_sha256: String,
+    max_concurrent_sessions: u32,
+    max_session_secs: u64,
+    #[serde(default)]
+    revoked: bool,
+}
+
+/// Every tenant the service knows.
+#[derive(Debug, Clone)]
+pub struct Tenants {
+    tenants: Vec<Tenant>,
+}
+
+/// The hex SHA-256 of an API key, as the tenants file stores it.
+pub fn hash_key(key: &str) -> String {
+    Sha256::digest(key.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn parse_hex32(text: &str) -> Option<[u8; 32]> {
+    if text.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, chunk) in text.as_bytes().chunks(2).enumerate() {
+        let hex = std::str::from_utf8(chunk).ok()?;
+        out[i] = u8::from_str_radix(hex, 16).ok()?;
+    }
+    Some(out)
+}
+
+impl Tenants {
+    /// Reads a tenants file (TOML, a `[[tenants]]` table per tenant).
+    pub fn from_file(path: &Path) -> Result<Tenants, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Tenants::from_toml(&text)
+    }
+
+    /// Parses a tenants file's text.
+    pub fn from_toml(text: &str) -> Result<Tenants, ConfigError> {
+        let file: TenantsFile = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        let mut tenants = Vec::with_capacity(file.tenants.len());
+        for entry in file.tenants {
+            let invalid = |problem: &str| ConfigError::Invalid {
+                tenant: entry.name.clone(),
+                problem: problem.to_owned(),
+            };
+            if entry.name.is_empty() || entry.name.len() > 64 {
+                return Err(invalid("name must have 1 to 64 characters"));
+            }
+            if tenants.iter().any(|t: &Tenant| t.name == entry.name) {
+                return Err(invalid("listed twice"));
+            }
+            let key = parse_hex32(&entry.api_key_sha256.to_ascii_lowercase())
+                .ok_or_else(|| invalid("api_key_sha256 must be 64 hex digits"))?;
+            if entry.max_session_secs == 0 {
+                return Err(invalid("max_session_secs must be positive"));
+            }
+            tenants.push(Tenant {
+                name: entry.name,
+                key_sha256: key,
+                plan: Plan {
+                    max_concurrent_sessions: Some(entry.max_concurrent_sessions),
+                    max_session: Duration::from_secs(entry.max_session_secs),
+                },
+                revoked: entry.revoked,
+            });
+        }
+        if tenants.is_empty() {
+            return Err(ConfigError::Parse("no tenants listed".to_owned()));
+        }
+        Ok(Tenants { tenants })
+    }
+
+    /// One tenant with one key (the `--api-key` shortcut and the generated key).
+    pub fn single(name: &str, key: &str, plan: Plan) -> Tenants {
+        Tenants {
+            tenants: vec![Tenant {
+                name: name.to_owned(),
+                key_sha256: Sha256::digest(key.as_bytes()).into(),
+                plan,
+                revoked: false,
+            }],
+        }
+    }
+
+    /// The tenant whose key is `key`. Compares the key's hash with every tenant's in
+    /// constant time; a missing, unknown or revoked key gets `None` alike.
+    pub fn authenticate(&self, key: Option<&str>) -> Option<&Tenant> {
+        let digest: [u8; 32] = Sha256::digest(key.unwrap_or("").as_bytes()).into();
+        let mut found = None;
+        for tenant in &self.tenants {
+            if bool::from(tenant.key_sha256.ct_eq(&digest)) {
+                found = Some(tenant);
+            }
+        }
+        match (key, found) {
+            (Some(k), Some(t)) if !k.is_empty() && !t.revoked => Some(t),
+            _ => None,
+        }
+    }
+
+    /// The tenant named `name`.
+    pub fn by_name(&self, name: &str) -> Option<&Tenant> {
+        self.tenants.iter().find(|t| t.name == name)
+    }
+}
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// Signs and checks client tokens: session-scoped credentials a browser uses to open the
+/// session's WebSocket, so that API keys never reach browsers.
+///
+/// A token is `v1.<session id>.<expiry, unix seconds>.<base64url HMAC-SHA256>`.
+#[derive(Clone)]
+pub struct TokenSigner {
+    key: [u8; 32],
+}
+
+/// Why a client token was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    /// Not a token of this shape.
+    #[error("malformed token")]
+    Malformed,
+    /// The signature does not match.
+    #[error("bad signature")]
+    BadSignature,
+    /// For another session.
+    #[error("token is for another session")]
+    WrongSession,
+    /// Past its expiry.
+    #[error("token expired")]
+    Expired,
+}
+
+impl TokenSigner {
+    /// A signer with `key`.
+    pub fn new(key: [u8; 32]) -> TokenSigner {
+        TokenSigner { key }
+    }
+
+    /// A signer with a key derived from `secret` (shared by instances behind one load
+    /// balancer).
+    pub fn from_secret(secret: &str) -> TokenSigner {
+        TokenSigner {
+            key: Sha256::digest(secret.as_bytes()).into(),
+        }
+    }
+
+    fn mac(&self, payload: &str) -> HmacSha256 {
+        let mut mac = <HmacSha256 as Mac>::new_from_slice(&self.key).expect("HMAC takes any key length");
+        mac.update(payload.as_bytes());
+        mac
+    }
+
+    /// A token for `session`, valid until `expires_at`.
+    pub fn sign(&self, session: SessionId, expires_at: Timestamp) -> String {
+        let payload = format!("v1.{session}.{}", expires_at.as_secs());
+        let tag = self.mac(&payload).finalize().into_bytes();
+        format!("{payload}.{}", URL_SAFE_NO_PAD.encode(tag))
+    }
+
+    /// Checks `token` for `session` at `now`.
+    pub fn verify(&self, token: &str, session: SessionId, now: Timestamp) -> Result<(), TokenError> {
+        let (payload, tag) = token.rsplit_once('.').ok_or(TokenError::Malformed)?;
+        let tag = URL_SAFE_NO_PAD.decode(tag).map_err(|_| TokenError::Malformed)?;
+        self.mac(payload)
+            .verify_slice(&tag)
+            .map_err(|_| TokenError::BadSignature)?;
+        let mut parts = payload.split('.');
+        let (Some("v1"), Some(id), Some(exp), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(TokenError::Malformed);
+        };
+        if SessionId::parse(id).map_err(|_| TokenError::Malformed)? != session {
+            return Err(TokenError::WrongSession);
+        }
+        let exp: u64 = exp.parse().map_err(|_| TokenError::Malformed)?;
+        if now.as_secs() > exp {
+            return Err(TokenError::Expired);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_single_tenant_shortcut_authenticates_its_key() {
+        let plan = Plan { max_concurrent_sessions: Some(2), max_session: Duration::from_secs(60) };
+        let tenants = Tenants::single("default", "sk_test", plan);
+        assert_eq!(tenants.authenticate(Some("sk_test")).unwrap().plan, plan);
+        assert!(tenants.authenticate(Some("sk_tes")).is_none());
+    }
+
+    #[test]
+    fn keys_are_matched_by_hash_and_revocation_is_honoured() {
+        let text = format!(
+            "[[tenants]]\nname = \"a\"\napi_key_sha256 = \"{}\"\nmax_concurrent_sessions = 2\nmax_session_secs = 60\n\n[[tenants]]\nname = \"b\"\napi_key_sha256 = \"{}\"\nmax_concurrent_sessions = 1\nmax_session_secs = 30\nrevoked = true\n",
+            hash_key("key-a"),
+            hash_key("key-b")
+        );
+        let tenants = Tenants::from_toml(&text).unwrap();
+        assert_eq!(tenants.authenticate(Some("key-a")).unwrap().name, "a");
+        assert!(tenants.authenticate(Some("key-b")).is_none(), "revoked");
+        assert!(tenants.authenticate(Some("nope")).is_none());
+        assert!(tenants.authenticate(Some("")).is_none());
+        assert!(tenants.authenticate(None).is_none());
+    }
+
+    #[test]
+    fn bad_tenants_files_are_refused() {
+        for bad in [
+            "",
+            "[[tenants]]\nname = \"a\"\n",
+            "[[tenants]]\nname = \"a\"\napi_key_sha256 = \"xyz\"\nmax_concurrent_sessions = 1\nmax_session_secs = 1\n",
+            "[[tenants]]\nname = \"a\"\napi_key_sha256 = \"00\"\nmax_concurrent_sessions = 1\nmax_session_secs = 1\nextra = 1\n",
+        ] {
+            assert!(Tenants::from_toml(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn tokens_are_session_scoped_signed_and_expire() {
+        let signer = TokenSigner::new([7; 32]);
+        let t0 = Timestamp::parse_rfc3339("2024-01-15T10:30:00Z").unwrap();
+        let id = SessionId::from_ulid_parts(t0, 1);
+        let other = SessionId::from_ulid_parts(t0, 2);
+        let exp = t0.saturating_add(Duration::from_secs(60));
+        let token = signer.sign(id, exp);
+        assert_eq!(signer.verify(&token, id, t0), Ok(()));
+        assert_eq!(signer.verify(&token, other, t0), Err(TokenError::WrongSession));
+        assert_eq!(
+            signer.verify(&token, id, exp.saturating_add(Duration::from_secs(1))),
+            Err(TokenError::Expired)
+        );
+        assert_eq!(
+            TokenSigner::new([8; 32]).verify(&token, id, t0),
+            Err(TokenError::BadSignature)
+        );
+        let tampered = token.replacen(&id.to_string(), &other.to_string(), 1);
+        assert_eq!(signer.verify(&tampered, other, t0), Err(TokenError::BadSignature));
+        assert_eq!(signer.verify("garbage", id, t0), Err(TokenError::Malformed));
+    }
+}

@@ -1,0 +1,272 @@
+//! `sessiond`: serves the session API on an embedded SQLite file, with no setup.
+//!
+//! `cargo run --release --bin sessiond` prints its address, a generated API key and a
+//! curl line that works as pasted. `sessiond --help` lists every flag; each also reads an
+//! environment variable `SESSIOND_<NAME>`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use session_lifecycle::Policy;
+use session_lifecycle_http::auth::{Tenants, TokenSigner, hash_key};
+use session_lifecycle_http::{AppState, HttpConfig, router};
+use session_lifecycle_process::{ProcessBackend, ProcessConfig};
+use session_lifecycle_runtime::{Engine, EngineConfig, Plan, ResourceBackend, SystemClock};
+use session_lifecycle_sqlite::SqliteStore;
+
+/// Runs real-time avatar sessions: start, end, automatic termination, resource release.
+#[derive(Parser, Debug)]
+#[command(name = "sessiond", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+
+    /// Address to listen on.
+    #[arg(long, env = "SESSIOND_LISTEN", default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+
+    /// Where sessions are stored: a SQLite file path.
+    #[arg(long, env = "SESSIOND_DATABASE", default_value = "./sessiond.db")]
+    database: String,
+
+    /// Command line of the avatar server started for each session (split on whitespace;
+    /// it gets SESSION_LIFECYCLE_SESSION_ID in its environment). None: no process.
+    #[arg(long, env = "SESSIOND_AVATAR_COMMAND")]
+    avatar_command: Option<String>,
+
+    /// Seconds between SIGTERM and SIGKILL when stopping an avatar server.
+    #[arg(long, env = "SESSIOND_AVATAR_GRACE_SECS", default_value_t = 10)]
+    avatar_grace_secs: u64,
+
+    /// Tenants file (TOML): [[tenants]] with name, api_key_sha256,
+    /// max_concurrent_sessions, max_session_secs (and optional revoked = true).
+    #[arg(long, env = "SESSIOND_TENANTS", conflicts_with = "api_key")]
+    tenants: Option<PathBuf>,
+
+    /// Single-tenant shortcut for development: this key serves tenant `default`.
+    #[arg(long, env = "SESSIOND_API_KEY")]
+    api_key: Option<String>,
+
+    /// Plan of the `default` tenant (with --api-key or a generated key): most
+    /// concurrent sessions.
+    #[arg(long, env = "SESSIOND_MAX_CONCURRENT_SESSIONS", default_value_t = 100)]
+    max_concurrent_sessions: u32,
+
+    /// Plan of the `default` tenant: longest session, in seconds.
+    #[arg(long, env = "SESSIOND_MAX_SESSION_SECS", default_value_t = 3600)]
+    max_session_secs: u64,
+
+    /// Secret that signs client tokens; instances behind one load balancer share it.
+    /// Default: random per process.
+    #[arg(long, env = "SESSIOND_TOKEN_SECRET")]
+    token_secret: Option<String>,
+
+    /// Seconds without liveness after which a session is an orphan and ends.
+    #[arg(long, env = "SESSIOND_ORPHAN_TIMEOUT_SECS", default_value_t = 60)]
+    orphan_timeout_secs: u64,
+
+    /// Seconds between safety sweeps of the store.
+    #[arg(long, env = "SESSIOND_SWEEP_INTERVAL_SECS", default_value_t = 15)]
+    sweep_interval_secs: u64,
+
+    /// Longest wait between retries of a failing release, in milliseconds.
+    #[arg(long, env = "SESSIOND_RELEASE_BACKOFF_MAX_MS", default_value_t = 8000)]
+    release_backoff_max_ms: u64,
+
+    /// Milliseconds between WebSocket pings.
+    #[arg(long, env = "SESSIOND_WS_PING_INTERVAL_MS", default_value_t = 5000)]
+    ws_ping_interval_ms: u64,
+
+    /// Milliseconds of WebSocket silence after which the socket is lost.
+    #[arg(long, env = "SESSIOND_WS_PONG_TIMEOUT_MS", default_value_t = 15000)]
+    ws_pong_timeout_ms: u64,
+
+    /// Milliseconds to wait after a session's last WebSocket is gone before ending it.
+    #[arg(long, env = "SESSIOND_WS_GRACE_MS", default_value_t = 0)]
+    ws_grace_ms: u64,
+
+    /// Largest request body, in bytes.
+    #[arg(long, env = "SESSIOND_MAX_BODY_BYTES", default_value_t = 16384)]
+    max_body_bytes: usize,
+
+    /// Longest a request may take, in seconds.
+    #[arg(long, env = "SESSIOND_REQUEST_TIMEOUT_SECS", default_value_t = 30)]
+    request_timeout_secs: u64,
+
+    /// Most requests served at once; more get 503 at once.
+    #[arg(long, env = "SESSIOND_MAX_IN_FLIGHT", default_value_t = 1024)]
+    max_in_flight: usize,
+
+    /// Seconds to finish releases when shutting down.
+    #[arg(long, env = "SESSIOND_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
+    shutdown_grace_secs: u64,
+
+    /// Log format.
+    #[arg(long, env = "SESSIOND_LOG_FORMAT", value_enum, default_value_t = LogFormat::Plain)]
+    log_format: LogFormat,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Prints the hex SHA-256 of an API key, for a tenants file.
+    HashKey {
+        /// The key.
+        key: String,
+    },
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogFormat {
+    Plain,
+    Json,
+}
+
+fn random_key() -> String {
+    let mut bytes = [0u8; 24];
+    getrandom::fill(&mut bytes).expect("the operating system's random generator failed");
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    format!("sk_{hex}")
+}
+
+fn init_logging(format: LogFormat) {
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(ansi);
+    match format {
+        LogFormat::Plain => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        // Without signal handlers the process still stops on signals, just not gracefully.
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Some(Command::HashKey { key }) = &cli.command {
+        println!("{}", hash_key(key));
+        return ExitCode::SUCCESS;
+    }
+    init_logging(cli.log_format);
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            tracing::error!("{message}");
+            eprintln!("sessiond: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<(), String> {
+    let policy = Policy {
+        orphan_timeout: Duration::from_secs(cli.orphan_timeout_secs),
+        sweep_interval: Duration::from_secs(cli.sweep_interval_secs),
+        release_backoff_max: Duration::from_millis(cli.release_backoff_max_ms),
+        ..Policy::DEFAULT
+    };
+    policy.validate().map_err(|e| format!("invalid timeouts: {e}"))?;
+    if policy.orphan_cleanup_bound() > session_lifecycle::CONTRACT_ORPHAN_BOUND {
+        tracing::warn!(
+            bound_secs = policy.orphan_cleanup_bound().as_secs(),
+            "these timeouts can leave an orphan for longer than the contract's 3 minutes"
+        );
+    }
+    let default_plan = Plan {
+        max_concurrent_sessions: Some(cli.max_concurrent_sessions),
+        max_session: Duration::from_secs(cli.max_session_secs.max(1)),
+    };
+    let (tenants, generated_key) = match (&cli.tenants, &cli.api_key) {
+        (Some(path), _) => (Tenants::from_file(path).map_err(|e| e.to_string())?, None),
+        (None, Some(key)) if !key.is_empty() => (Tenants::single("default", key, default_plan), None),
+        (None, _) => {
+            let key = random_key();
+            (Tenants::single("default", &key, default_plan), Some(key))
+        }
+    };
+    let tokens = match &cli.token_secret {
+        Some(secret) => TokenSigner::from_secret(secret),
+        None => {
+            let mut key = [0u8; 32];
+            getrandom::fill(&mut key).map_err(|e| format!("random generator: {e}"))?;
+            TokenSigner::new(key)
+        }
+    };
+
+    if cli.database.starts_with("postgres://") || cli.database.starts_with("postgresql://") {
+        return Err("PostgreSQL stores are not built into this sessiond yet; use a SQLite file path".to_owned());
+    }
+    let store = SqliteStore::open(&cli.database).map_err(|e| format!("opening {}: {e}", cli.database))?;
+    let mut backends: Vec<Arc<dyn ResourceBackend>> = Vec::new();
+    if let Some(line) = &cli.avatar_command {
+        let mut config = ProcessConfig::from_command_line(line).ok_or("--avatar-command is empty")?;
+        config.grace = Duration::from_secs(cli.avatar_grace_secs);
+        backends.push(Arc::new(ProcessBackend::new(config).map_err(|e| e.to_string())?));
+    }
+    let engine = Engine::open(
+        Arc::new(store),
+        backends,
+        Arc::new(SystemClock),
+        EngineConfig {
+            policy,
+            ..EngineConfig::default()
+        },
+    )
+    .await
+    .map_err(|e| format!("starting the engine: {e}"))?;
+    let background = engine.spawn_background();
+    let state = AppState::new(
+        engine.clone(),
+        tenants,
+        tokens,
+        HttpConfig {
+            max_body_bytes: cli.max_body_bytes,
+            request_timeout: Duration::from_secs(cli.request_timeout_secs),
+            max_in_flight: cli.max_in_flight.max(1),
+            ws_ping_interval: Duration::from_millis(cli.ws_ping_interval_ms.max(1)),
+            ws_pong_timeout: Duration::from_millis(cli.ws_pong_timeout_ms.max(1)),
+            ws_grace: Duration::from_millis(cli.ws_grace_ms),
+        },
+    );
+    let listener = tokio::net::TcpListener::bind(cli.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", cli.listen))?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    println!("sessiond listening on http://{addr} (database {})", cli.database);
+    if let Some(key) = &generated_key {
+        println!("API key (tenant \"default\", shown once): {key}");
+        println!("Try: curl -s -X POST http://{addr}/v1/sessions -H 'x-api-key: {key}'");
+    }
+    tracing::info!(%addr, "serving");
+
+    let app = router(Arc::clone(&state));
+    let serving = axum::serve(listener, app).with_graceful_shutdown(shutdown_signal());
+    serving.await.map_err(|e| format!("server error: {e}"))?;
+
+    tracing::info!("shutting down: ending this node's sessions");
+    let _ = state.shutdown.send(true);
+    let ended = engine
+        .shutdown(Duration::from_secs(cli.shutdown_grace_secs))
+        .await
+        .map_err(|e| format!("shutdown: {e}"))?;
+    background.join().await;
+    tracing::info!(ended, "stopped");
+    Ok(())
+}
