@@ -59,7 +59,11 @@ pub struct ErrorDetail {
 }
 
 impl ApiError {
-    pub(crate) fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+    pub(crate) fn new(
+        status: StatusCode,
+        code: &'static str,
+        message: impl Into<String>,
+    ) -> ApiError {
         ApiError {
             status,
             code,
@@ -74,7 +78,11 @@ impl ApiError {
     }
 
     pub(crate) fn unauthorized() -> ApiError {
-        ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "missing or invalid API key")
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "missing or invalid API key",
+        )
     }
 
     pub(crate) fn invalid(message: impl Into<String>) -> ApiError {
@@ -104,26 +112,43 @@ impl IntoResponse for ApiError {
 impl From<EngineError> for ApiError {
     fn from(e: EngineError) -> ApiError {
         match e {
-            EngineError::NotFound => ApiError::new(StatusCode::NOT_FOUND, "session_not_found", "session not found"),
-            EngineError::SessionEnded => ApiError::new(StatusCode::CONFLICT, "session_ended", "the session has ended"),
+            EngineError::NotFound => ApiError::new(
+                StatusCode::NOT_FOUND,
+                "session_not_found",
+                "session not found",
+            ),
+            EngineError::SessionEnded => ApiError::new(
+                StatusCode::CONFLICT,
+                "session_ended",
+                "the session has ended",
+            ),
             EngineError::PlanLimit(n) => ApiError::new(
                 StatusCode::TOO_MANY_REQUESTS,
                 "plan_limit_reached",
                 format!("your plan allows {n} concurrent sessions"),
             ),
             EngineError::CapacityExhausted(m) => {
-                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "capacity_exhausted", m).retry_after(5)
-            }
-            EngineError::StartFailed(m) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "start_failed", m),
-            EngineError::Store(e) => {
-                tracing::warn!(error = %e, "store failed");
-                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "storage_unavailable", "session storage is unavailable")
-                    .retry_after(1)
-            }
-            EngineError::ShuttingDown => {
-                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", "the service is shutting down")
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "capacity_exhausted", m)
                     .retry_after(5)
             }
+            EngineError::StartFailed(m) => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "start_failed", m)
+            }
+            EngineError::Store(e) => {
+                tracing::warn!(error = %e, "store failed");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "storage_unavailable",
+                    "session storage is unavailable",
+                )
+                .retry_after(1)
+            }
+            EngineError::ShuttingDown => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "shutting_down",
+                "the service is shutting down",
+            )
+            .retry_after(5),
         }
     }
 }
@@ -293,8 +318,12 @@ impl From<&SessionRecord> for SessionView {
                 .map(|held| {
                     let (release, release_attempts, released_at) = match held.release {
                         ReleaseState::Held => (ReleaseView::Held, 0, None),
-                        ReleaseState::Pending { attempts, .. } => (ReleaseView::Pending, attempts, None),
-                        ReleaseState::Released { at } => (ReleaseView::Released, 0, Some(at.to_string())),
+                        ReleaseState::Pending { attempts, .. } => {
+                            (ReleaseView::Pending, attempts, None)
+                        }
+                        ReleaseState::Released { at } => {
+                            (ReleaseView::Released, 0, Some(at.to_string()))
+                        }
                     };
                     ResourceView {
                         kind: kind_name(held.resource.kind.0),
@@ -375,19 +404,30 @@ pub struct ListParams {
 /// The authenticated tenant of a request, from its `x-api-key` header.
 pub fn tenant<'a>(state: &'a AppState, headers: &HeaderMap) -> Result<&'a Tenant, ApiError> {
     let key = headers.get("x-api-key").and_then(|v| v.to_str().ok());
-    state.tenants.authenticate(key).ok_or_else(ApiError::unauthorized)
+    state
+        .tenants
+        .authenticate(key)
+        .ok_or_else(ApiError::unauthorized)
 }
 
 /// Parses a path's session id.
 pub fn session_id(text: &str) -> Result<SessionId, ApiError> {
     SessionId::parse(text).map_err(|e| {
-        ApiError::new(StatusCode::BAD_REQUEST, "invalid_session_id", format!("invalid session id: {e}"))
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_session_id",
+            format!("invalid session id: {e}"),
+        )
     })
 }
 
 fn body_error(e: BytesRejection) -> ApiError {
     if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-        ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", "request body too large")
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            "request body too large",
+        )
     } else {
         ApiError::invalid(format!("cannot read the request body: {e}"))
     }
@@ -398,11 +438,13 @@ pub fn parse_create(body: &[u8]) -> Result<CreateRequest, ApiError> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(CreateRequest::default());
     }
-    let request: CreateRequest =
-        serde_json::from_slice(body).map_err(|e| ApiError::invalid(format!("invalid JSON body: {e}")))?;
+    let request: CreateRequest = serde_json::from_slice(body)
+        .map_err(|e| ApiError::invalid(format!("invalid JSON body: {e}")))?;
     if let Some(d) = request.duration_secs {
         if d == 0 || d > 604_800 {
-            return Err(ApiError::invalid("duration_secs must be between 1 and 604800"));
+            return Err(ApiError::invalid(
+                "duration_secs must be between 1 and 604800",
+            ));
         }
     }
     if let Some(room) = &request.room {
@@ -413,7 +455,9 @@ pub fn parse_create(body: &[u8]) -> Result<CreateRequest, ApiError> {
     if let Some(m) = &request.metadata {
         let size = serde_json::to_vec(m).map(|v| v.len()).unwrap_or(usize::MAX);
         if size > MAX_METADATA_BYTES {
-            return Err(ApiError::invalid("metadata must be at most 4096 bytes of JSON"));
+            return Err(ApiError::invalid(
+                "metadata must be at most 4096 bytes of JSON",
+            ));
         }
     }
     Ok(request)
@@ -659,11 +703,15 @@ pub async fn readyz(State(state): State<Arc<AppState>>) -> Response {
 #[utoipa::path(get, path = "/metrics", tag = "operations",
     responses((status = 200, description = "Prometheus text exposition", body = String, content_type = "text/plain")))]
 pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
-    let text = state
-        .http_metrics
-        .render(&state.engine.metrics().snapshot(), state.engine.active_sessions());
+    let text = state.http_metrics.render(
+        &state.engine.metrics().snapshot(),
+        state.engine.active_sessions(),
+    );
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         text,
     )
         .into_response()

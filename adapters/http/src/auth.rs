@@ -102,7 +102,8 @@ impl Tenants {
 
     /// Parses a tenants file's text.
     pub fn from_toml(text: &str) -> Result<Tenants, ConfigError> {
-        let file: TenantsFile = toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        let file: TenantsFile =
+            toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
         let mut tenants = Vec::with_capacity(file.tenants.len());
         for entry in file.tenants {
             let invalid = |problem: &str| ConfigError::Invalid {
@@ -213,7 +214,8 @@ impl TokenSigner {
     }
 
     fn mac(&self, payload: &str) -> HmacSha256 {
-        let mut mac = <HmacSha256 as Mac>::new_from_slice(&self.key).expect("HMAC takes any key length");
+        let mut mac =
+            <HmacSha256 as Mac>::new_from_slice(&self.key).expect("HMAC takes any key length");
         mac.update(payload.as_bytes());
         mac
     }
@@ -226,9 +228,16 @@ impl TokenSigner {
     }
 
     /// Checks `token` for `session` at `now`.
-    pub fn verify(&self, token: &str, session: SessionId, now: Timestamp) -> Result<(), TokenError> {
+    pub fn verify(
+        &self,
+        token: &str,
+        session: SessionId,
+        now: Timestamp,
+    ) -> Result<(), TokenError> {
         let (payload, tag) = token.rsplit_once('.').ok_or(TokenError::Malformed)?;
-        let tag = URL_SAFE_NO_PAD.decode(tag).map_err(|_| TokenError::Malformed)?;
+        let tag = URL_SAFE_NO_PAD
+            .decode(tag)
+            .map_err(|_| TokenError::Malformed)?;
         self.mac(payload)
             .verify_slice(&tag)
             .map_err(|_| TokenError::BadSignature)?;
@@ -255,7 +264,10 @@ mod tests {
 
     #[test]
     fn the_single_tenant_shortcut_authenticates_its_key() {
-        let plan = Plan { max_concurrent_sessions: Some(2), max_session: Duration::from_secs(60) };
+        let plan = Plan {
+            max_concurrent_sessions: Some(2),
+            max_session: Duration::from_secs(60),
+        };
         let tenants = Tenants::single("default", "sk_test", plan);
         assert_eq!(tenants.authenticate(Some("sk_test")).unwrap().plan, plan);
         assert!(tenants.authenticate(Some("sk_tes")).is_none());
@@ -297,7 +309,10 @@ mod tests {
         let exp = t0.saturating_add(Duration::from_secs(60));
         let token = signer.sign(id, exp);
         assert_eq!(signer.verify(&token, id, t0), Ok(()));
-        assert_eq!(signer.verify(&token, other, t0), Err(TokenError::WrongSession));
+        assert_eq!(
+            signer.verify(&token, other, t0),
+            Err(TokenError::WrongSession)
+        );
         assert_eq!(
             signer.verify(&token, id, exp.saturating_add(Duration::from_secs(1))),
             Err(TokenError::Expired)
@@ -307,7 +322,10 @@ mod tests {
             Err(TokenError::BadSignature)
         );
         let tampered = token.replacen(&id.to_string(), &other.to_string(), 1);
-        assert_eq!(signer.verify(&tampered, other, t0), Err(TokenError::BadSignature));
+        assert_eq!(
+            signer.verify(&tampered, other, t0),
+            Err(TokenError::BadSignature)
+        );
         assert_eq!(signer.verify("garbage", id, t0), Err(TokenError::Malformed));
     }
 }

@@ -78,7 +78,12 @@ pub struct AppState {
 
 impl AppState {
     /// State over `engine`.
-    pub fn new(engine: Engine, tenants: Tenants, tokens: TokenSigner, config: HttpConfig) -> Arc<AppState> {
+    pub fn new(
+        engine: Engine,
+        tenants: Tenants,
+        tokens: TokenSigner,
+        config: HttpConfig,
+    ) -> Arc<AppState> {
         Arc::new(AppState {
             engine,
             tenants,
@@ -152,9 +157,17 @@ async fn openapi_json() -> impl IntoResponse {
 
 async fn overloaded(error: tower::BoxError) -> ApiError {
     if error.is::<tower::timeout::error::Elapsed>() {
-        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "request_timeout", "the request took too long")
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "request_timeout",
+            "the request took too long",
+        )
     } else {
-        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "overloaded", "too many requests in flight; retry")
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "overloaded",
+            "too many requests in flight; retry",
+        )
     }
 }
 
@@ -166,7 +179,10 @@ pub fn router(state: Arc<AppState>) -> Router {
         .concurrency_limit(state.config.max_in_flight)
         .timeout(state.config.request_timeout);
     Router::new()
-        .route("/v1/sessions", post(api::create_session).get(api::list_sessions))
+        .route(
+            "/v1/sessions",
+            post(api::create_session).get(api::list_sessions),
+        )
         .route("/v1/sessions/{session_id}", get(api::get_session))
         .route("/v1/sessions/{session_id}/end", post(api::end_session))
         .route("/v1/sessions/{session_id}/heartbeat", post(api::heartbeat))
@@ -178,6 +194,9 @@ pub fn router(state: Arc<AppState>) -> Router {
         .fallback(api::not_found)
         .layer(DefaultBodyLimit::max(state.config.max_body_bytes))
         .layer(limits)
-        .layer(axum::middleware::from_fn_with_state(Arc::clone(&state), observe::observe))
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&state),
+            observe::observe,
+        ))
         .with_state(state)
 }

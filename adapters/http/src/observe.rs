@@ -13,7 +13,9 @@ use session_lifecycle_runtime::{MetricsSnapshot, RELEASE_LATENCY_BUCKETS};
 use crate::AppState;
 
 /// Upper bounds (seconds) of the request latency histogram's buckets.
-const REQUEST_BUCKETS: [f64; 10] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 2.5];
+const REQUEST_BUCKETS: [f64; 10] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 2.5,
+];
 
 #[derive(Default, Clone)]
 struct Histogram {
@@ -45,24 +47,49 @@ impl HttpMetrics {
     /// The Prometheus text exposition of the engine's and the requests' metrics.
     pub fn render(&self, engine: &MetricsSnapshot, active: usize) -> String {
         let mut out = String::new();
-        let _ = writeln!(out, "# HELP sessiond_sessions_started_total Sessions started.");
+        let _ = writeln!(
+            out,
+            "# HELP sessiond_sessions_started_total Sessions started."
+        );
         let _ = writeln!(out, "# TYPE sessiond_sessions_started_total counter");
         let _ = writeln!(out, "sessiond_sessions_started_total {}", engine.started);
-        let _ = writeln!(out, "# HELP sessiond_sessions_ended_total Sessions ended, by reason.");
+        let _ = writeln!(
+            out,
+            "# HELP sessiond_sessions_ended_total Sessions ended, by reason."
+        );
         let _ = writeln!(out, "# TYPE sessiond_sessions_ended_total counter");
         for (reason, n) in &engine.ended {
-            let _ = writeln!(out, "sessiond_sessions_ended_total{{reason=\"{reason}\"}} {n}");
+            let _ = writeln!(
+                out,
+                "sessiond_sessions_ended_total{{reason=\"{reason}\"}} {n}"
+            );
         }
-        let _ = writeln!(out, "# HELP sessiond_sessions_active Started sessions this instance tracks.");
+        let _ = writeln!(
+            out,
+            "# HELP sessiond_sessions_active Started sessions this instance tracks."
+        );
         let _ = writeln!(out, "# TYPE sessiond_sessions_active gauge");
         let _ = writeln!(out, "sessiond_sessions_active {active}");
-        let _ = writeln!(out, "# HELP sessiond_orphans_found_total Orphaned sessions the sweeper or timers ended.");
+        let _ = writeln!(
+            out,
+            "# HELP sessiond_orphans_found_total Orphaned sessions the sweeper or timers ended."
+        );
         let _ = writeln!(out, "# TYPE sessiond_orphans_found_total counter");
         let _ = writeln!(out, "sessiond_orphans_found_total {}", engine.orphans_found);
-        let _ = writeln!(out, "# HELP sessiond_release_failures_total Release attempts that failed (and are retried).");
+        let _ = writeln!(
+            out,
+            "# HELP sessiond_release_failures_total Release attempts that failed (and are retried)."
+        );
         let _ = writeln!(out, "# TYPE sessiond_release_failures_total counter");
-        let _ = writeln!(out, "sessiond_release_failures_total {}", engine.release_failures);
-        let _ = writeln!(out, "# HELP sessiond_release_duration_seconds Time a successful release took.");
+        let _ = writeln!(
+            out,
+            "sessiond_release_failures_total {}",
+            engine.release_failures
+        );
+        let _ = writeln!(
+            out,
+            "# HELP sessiond_release_duration_seconds Time a successful release took."
+        );
         let _ = writeln!(out, "# TYPE sessiond_release_duration_seconds histogram");
         for (i, bound) in RELEASE_LATENCY_BUCKETS.iter().enumerate() {
             let _ = writeln!(
@@ -71,11 +98,29 @@ impl HttpMetrics {
                 engine.release_latency_buckets[i]
             );
         }
-        let _ = writeln!(out, "sessiond_release_duration_seconds_bucket{{le=\"+Inf\"}} {}", engine.releases);
-        let _ = writeln!(out, "sessiond_release_duration_seconds_sum {}", engine.release_latency_sum);
-        let _ = writeln!(out, "sessiond_release_duration_seconds_count {}", engine.releases);
-        let _ = writeln!(out, "# HELP sessiond_http_request_duration_seconds Request latency by route and status.");
-        let _ = writeln!(out, "# TYPE sessiond_http_request_duration_seconds histogram");
+        let _ = writeln!(
+            out,
+            "sessiond_release_duration_seconds_bucket{{le=\"+Inf\"}} {}",
+            engine.releases
+        );
+        let _ = writeln!(
+            out,
+            "sessiond_release_duration_seconds_sum {}",
+            engine.release_latency_sum
+        );
+        let _ = writeln!(
+            out,
+            "sessiond_release_duration_seconds_count {}",
+            engine.releases
+        );
+        let _ = writeln!(
+            out,
+            "# HELP sessiond_http_request_duration_seconds Request latency by route and status."
+        );
+        let _ = writeln!(
+            out,
+            "# TYPE sessiond_http_request_duration_seconds histogram"
+        );
         let map = self.requests.lock().unwrap_or_else(|p| p.into_inner());
         for ((route, status), h) in map.iter() {
             let labels = format!("route=\"{route}\",status=\"{status}\"");
@@ -86,9 +131,21 @@ impl HttpMetrics {
                     h.buckets[i]
                 );
             }
-            let _ = writeln!(out, "sessiond_http_request_duration_seconds_bucket{{{labels},le=\"+Inf\"}} {}", h.count);
-            let _ = writeln!(out, "sessiond_http_request_duration_seconds_sum{{{labels}}} {}", h.sum);
-            let _ = writeln!(out, "sessiond_http_request_duration_seconds_count{{{labels}}} {}", h.count);
+            let _ = writeln!(
+                out,
+                "sessiond_http_request_duration_seconds_bucket{{{labels},le=\"+Inf\"}} {}",
+                h.count
+            );
+            let _ = writeln!(
+                out,
+                "sessiond_http_request_duration_seconds_sum{{{labels}}} {}",
+                h.sum
+            );
+            let _ = writeln!(
+                out,
+                "sessiond_http_request_duration_seconds_count{{{labels}}} {}",
+                h.count
+            );
         }
         out
     }
@@ -96,7 +153,11 @@ impl HttpMetrics {
 
 /// Logs one line per request (with the session id when the path has one) and records
 /// its latency by route and status.
-pub async fn observe(State(state): State<std::sync::Arc<AppState>>, request: Request, next: Next) -> Response {
+pub async fn observe(
+    State(state): State<std::sync::Arc<AppState>>,
+    request: Request,
+    next: Next,
+) -> Response {
     let started = Instant::now();
     let method = request.method().clone();
     let path = request.uri().path().to_owned();

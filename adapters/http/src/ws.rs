@@ -28,7 +28,12 @@ pub struct Presence {
 
 impl Presence {
     fn join(&self, id: SessionId) {
-        *self.open.lock().unwrap_or_else(|p| p.into_inner()).entry(id).or_default() += 1;
+        *self
+            .open
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(id)
+            .or_default() += 1;
     }
 
     /// Returns how many sockets the session still has.
@@ -97,10 +102,18 @@ pub async fn session_ws(
     };
     let record = state.engine.get(tenant.as_deref(), id).await?;
     if record.session.status() == Status::Ended {
-        return Err(ApiError::new(StatusCode::CONFLICT, "session_ended", "the session has ended"));
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "session_ended",
+            "the session has ended",
+        ));
     }
     let upgrade = upgrade.map_err(|_| {
-        ApiError::new(StatusCode::UPGRADE_REQUIRED, "upgrade_required", "this endpoint takes a WebSocket upgrade")
+        ApiError::new(
+            StatusCode::UPGRADE_REQUIRED,
+            "upgrade_required",
+            "this endpoint takes a WebSocket upgrade",
+        )
     })?;
     // Counted before the upgrade completes, so a quick close-and-reopen never looks
     // like "no sockets left".
@@ -166,9 +179,14 @@ async fn serve(mut socket: WebSocket, state: Arc<AppState>, id: SessionId) {
             return;
         }
     }
-    match state.engine.end(None, id, EndReason::WebsocketDisconnected).await {
+    match state
+        .engine
+        .end(None, id, EndReason::WebsocketDisconnected)
+        .await
+    {
         Ok(_) => {}
-        Err(e) => tracing::warn!(session = %id, error = %e, "ending after the last websocket failed"),
+        Err(e) => {
+            tracing::warn!(session = %id, error = %e, "ending after the last websocket failed")
+        }
     }
 }
-

@@ -148,6 +148,11 @@ struct Inner {
     events_rx: Mutex<Option<mpsc::UnboundedReceiver<ResourceEvent>>>,
     closing: AtomicBool,
     stop: Notify,
+    /// Releases claimed and not yet finished (in any task).
+    releases_in_flight: std::sync::atomic::AtomicUsize,
+    /// Held while claiming and counting releases, so that "nothing in flight" is never
+    /// read between a claim and its count.
+    claim_lock: tokio::sync::Mutex<()>,
     metrics: Metrics,
 }
 
@@ -207,6 +212,8 @@ impl Engine {
                 events_rx: Mutex::new(Some(events_rx)),
                 closing: AtomicBool::new(false),
                 stop: Notify::new(),
+                releases_in_flight: std::sync::atomic::AtomicUsize::new(0),
+                claim_lock: tokio::sync::Mutex::new(()),
                 metrics: Metrics::default(),
             }),
         };
@@ -558,6 +565,7 @@ impl Engine {
         let inner = &self.inner;
         let mut report = DueReport::default();
         loop {
+            let claim_guard = inner.claim_lock.lock().await;
             let now = inner.clock.now();
             let intents = inner
                 .store
@@ -568,6 +576,10 @@ impl Engine {
                     inner.config.release_batch,
                 )
                 .await?;
+            inner
+                .releases_in_flight
+                .fetch_add(intents.len(), Ordering::SeqCst);
+            drop(claim_guard);
             let full = intents.len() >= inner.config.release_batch as usize;
             let mut handles = Vec::with_capacity(intents.len());
             for intent in intents {
@@ -594,6 +606,14 @@ impl Engine {
 
     /// Runs one claimed release and records its outcome. True if it succeeded.
     async fn run_release(&self, intent: ReleaseIntent) -> bool {
+        let inner = &self.inner;
+        // Counted in by the pass that claimed it.
+        let done = self.run_release_inner(intent).await;
+        inner.releases_in_flight.fetch_sub(1, Ordering::SeqCst);
+        done
+    }
+
+    async fn run_release_inner(&self, intent: ReleaseIntent) -> bool {
         let inner = &self.inner;
         let started = std::time::Instant::now();
         let result = match inner.by_kind.get(&intent.resource.kind) {
@@ -753,8 +773,16 @@ impl Engine {
         let give_up = tokio::time::Instant::now() + deadline;
         loop {
             let pass = self.release_pass(true).await?;
-            if pass.released == 0 && pass.release_failures == 0 {
+            let in_flight = {
+                let _claims = self.inner.claim_lock.lock().await;
+                self.inner.releases_in_flight.load(Ordering::SeqCst)
+            };
+            if pass.released == 0 && pass.release_failures == 0 && in_flight == 0 {
                 break;
+            }
+            if in_flight > 0 {
+                // The background worker is finishing releases it claimed first.
+                tokio::time::sleep(Duration::from_millis(20)).await;
             }
             if tokio::time::Instant::now() >= give_up {
                 tracing::warn!(

@@ -146,7 +146,10 @@ fn init_logging(format: LogFormat) {
 
 async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         // Without signal handlers the process still stops on signals, just not gracefully.
         std::future::pending::<()>().await;
         return;
@@ -182,7 +185,9 @@ async fn run(cli: Cli) -> Result<(), String> {
         release_backoff_max: Duration::from_millis(cli.release_backoff_max_ms),
         ..Policy::DEFAULT
     };
-    policy.validate().map_err(|e| format!("invalid timeouts: {e}"))?;
+    policy
+        .validate()
+        .map_err(|e| format!("invalid timeouts: {e}"))?;
     if policy.orphan_cleanup_bound() > session_lifecycle::CONTRACT_ORPHAN_BOUND {
         tracing::warn!(
             bound_secs = policy.orphan_cleanup_bound().as_secs(),
@@ -195,7 +200,9 @@ async fn run(cli: Cli) -> Result<(), String> {
     };
     let (tenants, generated_key) = match (&cli.tenants, &cli.api_key) {
         (Some(path), _) => (Tenants::from_file(path).map_err(|e| e.to_string())?, None),
-        (None, Some(key)) if !key.is_empty() => (Tenants::single("default", key, default_plan), None),
+        (None, Some(key)) if !key.is_empty() => {
+            (Tenants::single("default", key, default_plan), None)
+        }
         (None, _) => {
             let key = random_key();
             (Tenants::single("default", &key, default_plan), Some(key))
@@ -211,14 +218,21 @@ async fn run(cli: Cli) -> Result<(), String> {
     };
 
     if cli.database.starts_with("postgres://") || cli.database.starts_with("postgresql://") {
-        return Err("PostgreSQL stores are not built into this sessiond yet; use a SQLite file path".to_owned());
+        return Err(
+            "PostgreSQL stores are not built into this sessiond yet; use a SQLite file path"
+                .to_owned(),
+        );
     }
-    let store = SqliteStore::open(&cli.database).map_err(|e| format!("opening {}: {e}", cli.database))?;
+    let store =
+        SqliteStore::open(&cli.database).map_err(|e| format!("opening {}: {e}", cli.database))?;
     let mut backends: Vec<Arc<dyn ResourceBackend>> = Vec::new();
     if let Some(line) = &cli.avatar_command {
-        let mut config = ProcessConfig::from_command_line(line).ok_or("--avatar-command is empty")?;
+        let mut config =
+            ProcessConfig::from_command_line(line).ok_or("--avatar-command is empty")?;
         config.grace = Duration::from_secs(cli.avatar_grace_secs);
-        backends.push(Arc::new(ProcessBackend::new(config).map_err(|e| e.to_string())?));
+        backends.push(Arc::new(
+            ProcessBackend::new(config).map_err(|e| e.to_string())?,
+        ));
     }
     let engine = Engine::open(
         Arc::new(store),
@@ -249,7 +263,10 @@ async fn run(cli: Cli) -> Result<(), String> {
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", cli.listen))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
-    println!("sessiond listening on http://{addr} (database {})", cli.database);
+    println!(
+        "sessiond listening on http://{addr} (database {})",
+        cli.database
+    );
     if let Some(key) = &generated_key {
         println!("API key (tenant \"default\", shown once): {key}");
         println!("Try: curl -s -X POST http://{addr}/v1/sessions -H 'x-api-key: {key}'");
