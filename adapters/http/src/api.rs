@@ -394,10 +394,13 @@ pub struct CreateRequest {
 #[into_params(parameter_in = Query)]
 pub struct ListParams {
     /// Only sessions with this status.
+    #[param(value_type = Option<StatusView>)]
     pub status: Option<String>,
     /// Page size, 1 to 100 (default 20).
+    #[param(value_type = Option<u32>, minimum = 1, maximum = 100)]
     pub limit: Option<String>,
     /// The `next_cursor` of the previous page.
+    #[param(pattern = "^sess_[0-9A-HJKMNP-TV-Z]{1,64}$")]
     pub cursor: Option<String>,
 }
 
@@ -440,17 +443,17 @@ pub fn parse_create(body: &[u8]) -> Result<CreateRequest, ApiError> {
     }
     let request: CreateRequest = serde_json::from_slice(body)
         .map_err(|e| ApiError::invalid(format!("invalid JSON body: {e}")))?;
-    if let Some(d) = request.duration_secs {
-        if d == 0 || d > 604_800 {
-            return Err(ApiError::invalid(
-                "duration_secs must be between 1 and 604800",
-            ));
-        }
+    if request.duration_secs.is_some_and(|d| d == 0 || d > 604_800) {
+        return Err(ApiError::invalid(
+            "duration_secs must be between 1 and 604800",
+        ));
     }
-    if let Some(room) = &request.room {
-        if room.name.is_empty() || room.name.chars().count() > MAX_ROOM_NAME {
-            return Err(ApiError::invalid("room.name must have 1 to 128 characters"));
-        }
+    if request
+        .room
+        .as_ref()
+        .is_some_and(|room| room.name.is_empty() || room.name.chars().count() > MAX_ROOM_NAME)
+    {
+        return Err(ApiError::invalid("room.name must have 1 to 128 characters"));
     }
     if let Some(m) = &request.metadata {
         let size = serde_json::to_vec(m).map(|v| v.len()).unwrap_or(usize::MAX);

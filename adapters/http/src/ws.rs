@@ -145,11 +145,11 @@ async fn serve(mut socket: WebSocket, state: Arc<AppState>, id: SessionId) {
                     break "lost (send failed)";
                 }
                 // A session ended by other means closes its sockets.
-                if let Ok(r) = state.engine.get(None, id).await {
-                    if r.session.status() == Status::Ended {
-                        let _ = socket.send(Message::Close(None)).await;
-                        break "session ended";
-                    }
+                if let Ok(r) = state.engine.get(None, id).await
+                    && r.session.status() == Status::Ended
+                {
+                    let _ = socket.send(Message::Close(None)).await;
+                    break "session ended";
                 }
             }
             message = socket.recv() => match message {
