@@ -178,8 +178,11 @@ pub struct SessionView {
     /// The client's metadata, as given.
     #[schema(value_type = Option<Object>)]
     pub metadata: Option<serde_json::Value>,
-    /// What it holds, and where each release stands.
-    pub resources: Vec<ResourceView>,
+    /// What it holds, and where each release stands. Present on create, get, list and
+    /// heartbeat answers; left out of end answers, which are identical on every repeat
+    /// while releases progress in the background.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<Vec<ResourceView>>,
 }
 
 /// Session status.
@@ -312,34 +315,44 @@ impl From<&SessionRecord> for SessionView {
                 .metadata
                 .as_deref()
                 .and_then(|m| serde_json::from_str(m).ok()),
-            resources: s
-                .resources()
-                .iter()
-                .map(|held| {
-                    let (release, release_attempts, released_at) = match held.release {
-                        ReleaseState::Held => (ReleaseView::Held, 0, None),
-                        ReleaseState::Pending { attempts, .. } => {
-                            (ReleaseView::Pending, attempts, None)
+            resources: Some(
+                s.resources()
+                    .iter()
+                    .map(|held| {
+                        let (release, release_attempts, released_at) = match held.release {
+                            ReleaseState::Held => (ReleaseView::Held, 0, None),
+                            ReleaseState::Pending { attempts, .. } => {
+                                (ReleaseView::Pending, attempts, None)
+                            }
+                            ReleaseState::Released { at } => {
+                                (ReleaseView::Released, 0, Some(at.to_string()))
+                            }
+                        };
+                        ResourceView {
+                            kind: kind_name(held.resource.kind.0),
+                            handle: held.resource.handle,
+                            release,
+                            release_attempts,
+                            released_at,
+                            note: r
+                                .release_notes
+                                .iter()
+                                .find(|(res, _)| *res == held.resource)
+                                .map(|(_, n)| n.clone()),
                         }
-                        ReleaseState::Released { at } => {
-                            (ReleaseView::Released, 0, Some(at.to_string()))
-                        }
-                    };
-                    ResourceView {
-                        kind: kind_name(held.resource.kind.0),
-                        handle: held.resource.handle,
-                        release,
-                        release_attempts,
-                        released_at,
-                        note: r
-                            .release_notes
-                            .iter()
-                            .find(|(res, _)| *res == held.resource)
-                            .map(|(_, n)| n.clone()),
-                    }
-                })
-                .collect(),
+                    })
+                    .collect(),
+            ),
         }
+    }
+}
+
+impl SessionView {
+    /// The view of an ended session as every end answer shows it: only what never changes
+    /// after the end.
+    pub fn as_ended(mut self) -> SessionView {
+        self.resources = None;
+        self
     }
 }
 
@@ -622,17 +635,63 @@ pub async fn end_session(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
     Path(id): Path<String>,
-) -> Result<Json<SessionResponse>, ApiError> {
+) -> Result<Response, ApiError> {
     let tenant = tenant(&state, &headers)?;
     let id = session_id(&id)?;
+    // An ended session never changes what an end answer shows: repeats are served from
+    // memory, byte for byte the first answer.
+    if let Some(body) = state.ended_answers.get(id, &tenant.name) {
+        return Ok(json_bytes(body));
+    }
     let record = state
         .engine
         .end(Some(&tenant.name), id, EndReason::Requested)
         .await?;
-    Ok(Json(SessionResponse {
+    let body = serde_json::to_vec(&SessionResponse {
         success: true,
-        session: SessionView::from(&record),
-    }))
+        session: SessionView::from(&record).as_ended(),
+    })
+    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
+    let body = Bytes::from(body);
+    state.ended_answers.put(id, &tenant.name, body.clone());
+    Ok(json_bytes(body))
+}
+
+fn json_bytes(body: Bytes) -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
+/// End answers of ended sessions, by session id (and tenant, checked on every hit).
+/// Bounded: when full it starts over (a miss only costs a store read).
+pub struct EndedAnswers {
+    answers: std::sync::Mutex<std::collections::HashMap<SessionId, (String, Bytes)>>,
+    capacity: usize,
+}
+
+impl EndedAnswers {
+    /// Room for `capacity` answers.
+    pub fn new(capacity: usize) -> EndedAnswers {
+        EndedAnswers {
+            answers: std::sync::Mutex::new(std::collections::HashMap::new()),
+            capacity,
+        }
+    }
+
+    fn get(&self, id: SessionId, tenant: &str) -> Option<Bytes> {
+        let answers = self.answers.lock().unwrap_or_else(|p| p.into_inner());
+        match answers.get(&id) {
+            Some((owner, body)) if owner == tenant => Some(body.clone()),
+            _ => None,
+        }
+    }
+
+    fn put(&self, id: SessionId, tenant: &str, body: Bytes) {
+        let mut answers = self.answers.lock().unwrap_or_else(|p| p.into_inner());
+        if answers.len() >= self.capacity {
+            answers.clear();
+        }
+        answers.insert(id, (tenant.to_owned(), body));
+    }
 }
 
 /// Record liveness: keeps a session from being ended as an orphan.

@@ -72,6 +72,8 @@ pub struct AppState {
     pub presence: ws::Presence,
     /// Request metrics.
     pub http_metrics: observe::HttpMetrics,
+    /// Answers of repeated ends.
+    pub ended_answers: api::EndedAnswers,
     /// Flips to `true` when the service shuts down: WebSockets close.
     pub shutdown: tokio::sync::watch::Sender<bool>,
 }
@@ -91,6 +93,7 @@ impl AppState {
             config,
             presence: ws::Presence::default(),
             http_metrics: observe::HttpMetrics::default(),
+            ended_answers: api::EndedAnswers::new(65_536),
             shutdown: tokio::sync::watch::channel(false).0,
         })
     }

@@ -27,14 +27,19 @@ struct Histogram {
 /// Request latency histograms by route and status.
 #[derive(Default)]
 pub struct HttpMetrics {
-    requests: Mutex<BTreeMap<(String, u16), Histogram>>,
+    requests: Mutex<BTreeMap<String, BTreeMap<u16, Histogram>>>,
 }
 
 impl HttpMetrics {
     fn observe(&self, route: &str, status: u16, took: Duration) {
         let secs = took.as_secs_f64();
         let mut map = self.requests.lock().unwrap_or_else(|p| p.into_inner());
-        let h = map.entry((route.to_owned(), status)).or_default();
+        // No allocation once a route has been seen.
+        let by_status = match map.get_mut(route) {
+            Some(m) => m,
+            None => map.entry(route.to_owned()).or_default(),
+        };
+        let h = by_status.entry(status).or_default();
         h.count += 1;
         h.sum += secs;
         for (i, bound) in REQUEST_BUCKETS.iter().enumerate() {
@@ -122,7 +127,10 @@ impl HttpMetrics {
             "# TYPE sessiond_http_request_duration_seconds histogram"
         );
         let map = self.requests.lock().unwrap_or_else(|p| p.into_inner());
-        for ((route, status), h) in map.iter() {
+        for (route, status, h) in map
+            .iter()
+            .flat_map(|(route, m)| m.iter().map(move |(status, h)| (route, status, h)))
+        {
             let labels = format!("route=\"{route}\",status=\"{status}\"");
             for (i, bound) in REQUEST_BUCKETS.iter().enumerate() {
                 let _ = writeln!(

@@ -709,3 +709,94 @@ async fn operations_endpoints() {
         (StatusCode::NOT_FOUND, "not_found")
     );
 }
+
+/// The router mounted in-process (as another service would) over a store that can be
+/// taken down: 503 `storage_unavailable` with `Retry-After`, nothing acknowledged that was
+/// not committed, and service resumes when the store is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_unreachable_answers_503_and_recovers() {
+    use session_lifecycle_http::auth::{Tenants, TokenSigner};
+    use session_lifecycle_http::{AppState, HttpConfig, router};
+    use session_lifecycle_runtime::faults::{FaultPlan, FaultyStore};
+    use session_lifecycle_runtime::{Engine, EngineConfig, Plan, SystemClock};
+    use std::sync::Arc;
+
+    let dir = tempfile::tempdir().unwrap();
+    let sqlite = session_lifecycle_sqlite::SqliteStore::open(dir.path().join("s.db")).unwrap();
+    let store = Arc::new(FaultyStore::new(Arc::new(sqlite), FaultPlan::None));
+    let engine = Engine::open(
+        store.clone(),
+        vec![],
+        Arc::new(SystemClock),
+        EngineConfig::default(),
+    )
+    .await
+    .unwrap();
+    let plan = Plan {
+        max_concurrent_sessions: Some(10),
+        max_session: Duration::from_secs(600),
+    };
+    let state = AppState::new(
+        engine,
+        Tenants::single("default", "k", plan),
+        TokenSigner::new([1; 32]),
+        HttpConfig::default(),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum_serve(listener, router(state)).await });
+
+    let (status, v, _) = call(
+        reqwest::Method::POST,
+        &format!("{base}/v1/sessions"),
+        Some("k"),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let id = v["session"]["session_id"].as_str().unwrap().to_owned();
+
+    store.take_down();
+    for (method, path) in [
+        (reqwest::Method::POST, "/v1/sessions".to_owned()),
+        (reqwest::Method::POST, format!("/v1/sessions/{id}/end")),
+        (reqwest::Method::GET, format!("/v1/sessions/{id}")),
+        (reqwest::Method::GET, "/v1/sessions".to_owned()),
+    ] {
+        let (status, v, headers) = call(method, &format!("{base}{path}"), Some("k"), None).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{path}");
+        assert_eq!(error_code(&v), "storage_unavailable");
+        assert_eq!(headers.get("retry-after").unwrap(), "1");
+    }
+    let (status, _, _) = call(reqwest::Method::GET, &format!("{base}/readyz"), None, None).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+
+    store.restore();
+    let (status, v, _) = call(
+        reqwest::Method::GET,
+        &format!("{base}/v1/sessions/{id}"),
+        Some("k"),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        v["session"]["status"], "started",
+        "the failed end changed nothing"
+    );
+    let (status, v, _) = call(
+        reqwest::Method::POST,
+        &format!("{base}/v1/sessions/{id}/end"),
+        Some("k"),
+        None,
+    )
+    .await;
+    assert_eq!(
+        (status, v["session"]["status"].as_str()),
+        (StatusCode::OK, Some("ended"))
+    );
+}
+
+async fn axum_serve(listener: tokio::net::TcpListener, app: axum::Router) {
+    axum::serve(listener, app).await.unwrap();
+}

@@ -30,6 +30,7 @@ pub struct FaultyStore {
     calls: AtomicU64,
     failures: AtomicU64,
     restored: AtomicBool,
+    down: AtomicBool,
 }
 
 impl FaultyStore {
@@ -41,6 +42,7 @@ impl FaultyStore {
             calls: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             restored: AtomicBool::new(false),
+            down: AtomicBool::new(false),
         }
     }
 
@@ -56,7 +58,14 @@ impl FaultyStore {
 
     /// Ends the faults: every later call goes through.
     pub fn restore(&self) {
+        self.down.store(false, Ordering::SeqCst);
         self.restored.store(true, Ordering::SeqCst);
+    }
+
+    /// Makes every call fail from now on, whatever the plan, until [`restore`](Self::restore).
+    pub fn take_down(&self) {
+        self.restored.store(false, Ordering::SeqCst);
+        self.down.store(true, Ordering::SeqCst);
     }
 
     fn check(&self) -> Result<(), StoreError> {
@@ -64,11 +73,12 @@ impl FaultyStore {
         if self.restored.load(Ordering::SeqCst) {
             return Ok(());
         }
-        let fail = match self.plan {
-            FaultPlan::None => false,
-            FaultPlan::Once(n) => k == n,
-            FaultPlan::From(n) => k >= n,
-        };
+        let fail = self.down.load(Ordering::SeqCst)
+            || match self.plan {
+                FaultPlan::None => false,
+                FaultPlan::Once(n) => k == n,
+                FaultPlan::From(n) => k >= n,
+            };
         if fail {
             self.failures.fetch_add(1, Ordering::SeqCst);
             Err(StoreError::Unavailable(format!(

@@ -164,7 +164,9 @@ impl SqliteStore {
         F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     {
         let inner = &self.inner;
-        blocking(move || {
+        // Reads are short indexed lookups served from the page cache: they run in place,
+        // without handing the worker thread over as a write's fsync does.
+        (move || {
             let pooled = inner.readers.lock().ok().and_then(|mut v| v.pop());
             let conn = match pooled {
                 Some(c) => c,
@@ -185,7 +187,7 @@ impl SqliteStore {
                 pool.push(conn);
             }
             result
-        })
+        })()
     }
 
     /// Runs `PRAGMA integrity_check` and returns its verdict (`ok` when sound).

@@ -4,10 +4,11 @@
 //! curl line that works as pasted. `sessiond --help` lists every flag; each also reads an
 //! environment variable `SESSIOND_<NAME>`.
 
+use std::io::{BufWriter, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -132,16 +133,53 @@ fn random_key() -> String {
     format!("sk_{hex}")
 }
 
-fn init_logging(format: LogFormat) {
+/// Where log lines go: stderr, through a buffer flushed every 100 ms (and when full, and
+/// at exit), so that a request costs neither a write system call nor a thread wake-up for
+/// its log line.
+#[derive(Clone)]
+struct LogSink(Arc<Mutex<BufWriter<std::io::Stderr>>>);
+
+/// One log line being written into the buffer.
+struct LogLine<'a>(MutexGuard<'a, BufWriter<std::io::Stderr>>);
+
+impl Write for LogLine<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        // Flushed by the timer, not per line.
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogSink {
+    type Writer = LogLine<'a>;
+    fn make_writer(&'a self) -> LogLine<'a> {
+        LogLine(self.0.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+}
+
+impl LogSink {
+    fn flush(&self) {
+        let _ = self.0.lock().unwrap_or_else(|p| p.into_inner()).flush();
+    }
+}
+
+fn init_logging(format: LogFormat) -> LogSink {
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let sink = LogSink(Arc::new(Mutex::new(BufWriter::with_capacity(
+        64 * 1024,
+        std::io::stderr(),
+    ))));
     let builder = tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
+        .with_writer(sink.clone())
         .with_target(false)
         .with_ansi(ansi);
     match format {
         LogFormat::Plain => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
+    sink
 }
 
 async fn shutdown_signal() {
@@ -167,15 +205,28 @@ async fn main() -> ExitCode {
         println!("{}", hash_key(key));
         return ExitCode::SUCCESS;
     }
-    init_logging(cli.log_format);
-    match run(cli).await {
+    let logs = init_logging(cli.log_format);
+    let flusher = {
+        let logs = logs.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                logs.flush();
+            }
+        })
+    };
+    let code = match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
             tracing::error!("{message}");
+            logs.flush();
             eprintln!("sessiond: {message}");
             ExitCode::FAILURE
         }
-    }
+    };
+    flusher.abort();
+    logs.flush();
+    code
 }
 
 async fn run(cli: Cli) -> Result<(), String> {
