@@ -116,6 +116,7 @@ impl AppState {
         api::healthz,
         api::readyz,
         api::metrics,
+        openapi_json,
     ),
     components(schemas(
         api::ErrorBody,
@@ -154,6 +155,9 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
     ApiDoc::openapi()
 }
 
+/// This OpenAPI document.
+#[utoipa::path(get, path = "/openapi.json", tag = "operations",
+    responses((status = 200, description = "The OpenAPI document of every route", body = Object)))]
 async fn openapi_json() -> impl IntoResponse {
     axum::Json(openapi())
 }

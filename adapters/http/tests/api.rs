@@ -677,6 +677,7 @@ async fn operations_endpoints() {
         "/healthz",
         "/readyz",
         "/metrics",
+        "/openapi.json",
     ] {
         assert!(doc["paths"].get(path).is_some(), "{path} documented");
     }
