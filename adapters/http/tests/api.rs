@@ -801,3 +801,47 @@ async fn store_unreachable_answers_503_and_recovers() {
 async fn axum_serve(listener: tokio::net::TcpListener, app: axum::Router) {
     axum::serve(listener, app).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_closes_open_websockets_and_exits() {
+    let mut s = Server::start(&[]);
+    let created = create(&s, "key-beta", None).await;
+    let id = created["session"]["session_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let token = created["client_token"].as_str().unwrap().to_owned();
+    let mut ws = ws_connect(&s, &id, &token).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    kill_term(s.child.id());
+    // The server closes the socket rather than waiting on it.
+    use futures_util::StreamExt;
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        while let Some(Ok(_)) = ws.next().await {}
+    })
+    .await;
+    assert!(closed.is_ok(), "the socket was closed by the server");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = s.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "sessiond did not stop with a WebSocket open"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success());
+    let store = session_lifecycle_sqlite::SqliteStore::open(s.db()).unwrap();
+    use session_lifecycle_runtime::Store;
+    let r = store
+        .get(session_lifecycle::SessionId::parse(&id).unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        r.session.end_reason(),
+        Some(session_lifecycle::EndReason::Shutdown)
+    );
+}
