@@ -426,6 +426,27 @@ pub fn tenant<'a>(state: &'a AppState, headers: &HeaderMap) -> Result<&'a Tenant
         .ok_or_else(ApiError::unauthorized)
 }
 
+/// The caller's tenant and the session id of the path, checked in that order (a bad
+/// key is a 401 whatever the id).
+fn caller<'a>(
+    state: &'a AppState,
+    headers: &HeaderMap,
+    raw_id: &str,
+) -> Result<(&'a Tenant, SessionId), ApiError> {
+    let tenant = tenant(state, headers)?;
+    Ok((tenant, session_id(raw_id)?))
+}
+
+impl SessionResponse {
+    /// The success answer showing `record` in full.
+    fn of(record: &SessionRecord) -> Json<SessionResponse> {
+        Json(SessionResponse {
+            success: true,
+            session: SessionView::from(record),
+        })
+    }
+}
+
 /// Parses a path's session id.
 pub fn session_id(text: &str) -> Result<SessionId, ApiError> {
     SessionId::parse(text).map_err(|e| {
@@ -551,13 +572,9 @@ pub async fn get_session(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Json<SessionResponse>, ApiError> {
-    let tenant = tenant(&state, &headers)?;
-    let id = session_id(&id)?;
+    let (tenant, id) = caller(&state, &headers, &id)?;
     let record = state.engine.get(Some(&tenant.name), id).await?;
-    Ok(Json(SessionResponse {
-        success: true,
-        session: SessionView::from(&record),
-    }))
+    Ok(SessionResponse::of(&record))
 }
 
 /// List sessions, newest first.
@@ -636,8 +653,7 @@ pub async fn end_session(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
-    let tenant = tenant(&state, &headers)?;
-    let id = session_id(&id)?;
+    let (tenant, id) = caller(&state, &headers, &id)?;
     // An ended session never changes what an end answer shows: repeats are served from
     // memory, byte for byte the first answer.
     if let Some(body) = state.ended_answers.get(id, &tenant.name) {
@@ -713,14 +729,10 @@ pub async fn heartbeat(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Json<SessionResponse>, ApiError> {
-    let tenant = tenant(&state, &headers)?;
-    let id = session_id(&id)?;
+    let (tenant, id) = caller(&state, &headers, &id)?;
     state.engine.touch(Some(&tenant.name), id).await?;
     let record = state.engine.get(Some(&tenant.name), id).await?;
-    Ok(Json(SessionResponse {
-        success: true,
-        session: SessionView::from(&record),
-    }))
+    Ok(SessionResponse::of(&record))
 }
 
 /// Liveness of the process.
