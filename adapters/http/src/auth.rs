@@ -21,6 +21,10 @@ pub struct Tenant {
     /// Its plan limits.
     pub plan: Plan,
     revoked: bool,
+    /// Its LiveKit API key and secret, if its rooms send webhooks.
+    pub livekit: Option<(String, String)>,
+    /// Its Daily webhook secret, if its rooms send webhooks.
+    pub daily_secret: Option<String>,
 }
 
 /// Why a tenants file cannot be used.
@@ -62,6 +66,12 @@ struct TenantEntry {
     max_session_secs: u64,
     #[serde(default)]
     revoked: bool,
+    #[serde(default)]
+    livekit_api_key: Option<String>,
+    #[serde(default)]
+    livekit_api_secret: Option<String>,
+    #[serde(default)]
+    daily_webhook_secret: Option<String>,
 }
 
 /// Every tenant the service knows.
@@ -121,6 +131,18 @@ impl Tenants {
             if entry.max_session_secs == 0 {
                 return Err(invalid("max_session_secs must be positive"));
             }
+            let livekit = match (entry.livekit_api_key, entry.livekit_api_secret) {
+                (Some(k), Some(s)) if !k.is_empty() && !s.is_empty() => Some((k, s)),
+                (None, None) => None,
+                _ => {
+                    return Err(invalid(
+                        "livekit_api_key and livekit_api_secret go together",
+                    ));
+                }
+            };
+            if entry.daily_webhook_secret.as_deref() == Some("") {
+                return Err(invalid("daily_webhook_secret is empty"));
+            }
             tenants.push(Tenant {
                 name: entry.name,
                 key_sha256: key,
@@ -129,6 +151,8 @@ impl Tenants {
                     max_session: Duration::from_secs(entry.max_session_secs),
                 },
                 revoked: entry.revoked,
+                livekit,
+                daily_secret: entry.daily_webhook_secret,
             });
         }
         if tenants.is_empty() {
@@ -145,8 +169,37 @@ impl Tenants {
                 key_sha256: Sha256::digest(key.as_bytes()).into(),
                 plan,
                 revoked: false,
+                livekit: None,
+                daily_secret: None,
             }],
         }
+    }
+
+    /// The webhook secrets the tenants file gives, each scoped to its tenant.
+    pub fn webhook_secrets(
+        &self,
+    ) -> (
+        Vec<crate::webhooks::LivekitKey>,
+        Vec<crate::webhooks::DailySecret>,
+    ) {
+        let mut livekit = Vec::new();
+        let mut daily = Vec::new();
+        for t in self.tenants.iter().filter(|t| !t.revoked) {
+            if let Some((api_key, api_secret)) = &t.livekit {
+                livekit.push(crate::webhooks::LivekitKey {
+                    tenant: Some(t.name.clone()),
+                    api_key: api_key.clone(),
+                    api_secret: api_secret.clone(),
+                });
+            }
+            if let Some(secret) = &t.daily_secret {
+                daily.push(crate::webhooks::DailySecret {
+                    tenant: Some(t.name.clone()),
+                    secret: secret.clone(),
+                });
+            }
+        }
+        (livekit, daily)
     }
 
     /// The tenant whose key is `key`. Compares the key's hash with every tenant's in

@@ -9,6 +9,7 @@
 pub mod api;
 pub mod auth;
 pub mod observe;
+pub mod webhooks;
 pub mod ws;
 
 use std::sync::Arc;
@@ -74,19 +75,39 @@ pub struct AppState {
     pub http_metrics: observe::HttpMetrics,
     /// Answers of repeated ends.
     pub ended_answers: api::EndedAnswers,
+    /// Room webhook secrets and settings.
+    pub webhooks: webhooks::WebhookConfig,
     /// Flips to `true` when the service shuts down: WebSockets close.
     pub shutdown: tokio::sync::watch::Sender<bool>,
 }
 
 impl AppState {
-    /// State over `engine`.
+    /// State over `engine`, with no room webhook secrets (those endpoints refuse all).
     pub fn new(
         engine: Engine,
         tenants: Tenants,
         tokens: TokenSigner,
         config: HttpConfig,
     ) -> Arc<AppState> {
+        AppState::with_webhooks(
+            engine,
+            tenants,
+            tokens,
+            config,
+            webhooks::WebhookConfig::default(),
+        )
+    }
+
+    /// State over `engine`, with room webhooks configured.
+    pub fn with_webhooks(
+        engine: Engine,
+        tenants: Tenants,
+        tokens: TokenSigner,
+        config: HttpConfig,
+        webhooks: webhooks::WebhookConfig,
+    ) -> Arc<AppState> {
         Arc::new(AppState {
+            webhooks,
             engine,
             tenants,
             tokens,
@@ -117,6 +138,8 @@ impl AppState {
         api::readyz,
         api::metrics,
         openapi_json,
+        webhooks::livekit,
+        webhooks::daily,
     ),
     components(schemas(
         api::ErrorBody,
@@ -133,6 +156,7 @@ impl AppState {
         api::ListResponse,
         api::CreateRequest,
         api::HealthResponse,
+        webhooks::WebhookResponse,
     )),
     modifiers(&ApiKeyScheme)
 )]
@@ -194,6 +218,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/sessions/{session_id}/end", post(api::end_session))
         .route("/v1/sessions/{session_id}/heartbeat", post(api::heartbeat))
         .route("/v1/sessions/{session_id}/ws", get(ws::session_ws))
+        .route("/v1/webhooks/livekit", post(webhooks::livekit))
+        .route("/v1/webhooks/daily", post(webhooks::daily))
         .route("/healthz", get(api::healthz))
         .route("/readyz", get(api::readyz))
         .route("/metrics", get(api::metrics))

@@ -13,6 +13,8 @@ use session_lifecycle_http::auth::hash_key;
 
 const SESSIOND: &str = env!("CARGO_BIN_EXE_sessiond");
 const REFERENCE_ID: &str = "sess_01H3Z8G9YR3K2N5M6P7Q8W4T";
+/// base64 of "secret-key-for-daily", as Daily hands out webhook secrets.
+const DAILY_SECRET: &str = "c2VjcmV0LWtleS1mb3ItZGFpbHk=";
 
 fn fixture() -> PathBuf {
     let exe = PathBuf::from(SESSIOND);
@@ -39,7 +41,8 @@ impl Server {
             &tenants,
             format!(
                 "[[tenants]]\nname = \"acme\"\napi_key_sha256 = \"{}\"\nmax_concurrent_sessions = 3\nmax_session_secs = 600\n\n\
-                 [[tenants]]\nname = \"beta\"\napi_key_sha256 = \"{}\"\nmax_concurrent_sessions = 200\nmax_session_secs = 600\n\n\
+                 [[tenants]]\nname = \"beta\"\napi_key_sha256 = \"{}\"\nmax_concurrent_sessions = 200\nmax_session_secs = 600\n\
+                 livekit_api_key = \"lk-key\"\nlivekit_api_secret = \"lk-secret\"\ndaily_webhook_secret = \"{DAILY_SECRET}\"\n\n\
                  [[tenants]]\nname = \"gone\"\napi_key_sha256 = \"{}\"\nmax_concurrent_sessions = 5\nmax_session_secs = 600\nrevoked = true\n",
                 hash_key("key-acme"),
                 hash_key("key-beta"),

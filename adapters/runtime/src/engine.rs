@@ -16,8 +16,8 @@ use tokio::task::JoinHandle;
 use crate::backend::{AcquireError, AcquireRequest, EventSink, ResourceBackend, ResourceEvent};
 use crate::metrics::Metrics;
 use crate::store::{
-    AttachOutcome, CreateOutcome, ListQuery, NewSession, ReleaseIntent, RoomBinding, SessionRecord,
-    Store, StoreError, TouchOutcome,
+    AttachOutcome, CreateOutcome, ListQuery, NewSession, ReleaseIntent, RoomBinding, RoomEvent,
+    SessionRecord, Store, StoreError, TouchOutcome,
 };
 
 /// How many started sessions one engine tracks timers for. Starting more fails with
@@ -39,6 +39,9 @@ pub struct EngineConfig {
     pub release_batch: u32,
     /// The most due sessions ended in one sweep pass.
     pub sweep_batch: u32,
+    /// Wait after a room empties before ending its session (none by default); someone
+    /// joining meanwhile keeps it.
+    pub room_grace: Duration,
 }
 
 impl Default for EngineConfig {
@@ -49,6 +52,7 @@ impl Default for EngineConfig {
             release_lease: Duration::from_secs(60),
             release_batch: 256,
             sweep_batch: 1024,
+            room_grace: Duration::ZERO,
         }
     }
 }
@@ -116,6 +120,15 @@ pub struct DueReport {
     pub released: u32,
     /// Release attempts that failed (retried later).
     pub release_failures: u32,
+}
+
+/// What one room event did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RoomEventReport {
+    /// The event was applied before (a repeated delivery): nothing happened.
+    pub duplicate: bool,
+    /// Sessions this event ended with `room_empty`.
+    pub ended: Vec<SessionId>,
 }
 
 /// Ends sessions the timer table found due; releases go through the store, not the table.
@@ -500,6 +513,61 @@ impl Engine {
         }
     }
 
+    /// Applies a verified room webhook event: joins and leaves update who is present in
+    /// the room of each started session bound to it (a join is liveness), and a session
+    /// ends with `room_empty` when the room finishes, or when it empties after someone had
+    /// joined (after the room grace, if any).
+    pub async fn room_event(&self, event: RoomEvent) -> Result<RoomEventReport, EngineError> {
+        let inner = &self.inner;
+        let now = inner.clock.now();
+        let Some(updates) = inner.store.room_event(event, now).await? else {
+            return Ok(RoomEventReport {
+                duplicate: true,
+                ended: Vec::new(),
+            });
+        };
+        let mut report = RoomEventReport::default();
+        for update in updates {
+            if update.present > 0 {
+                let _ = self.timers().touch(now, &update.session);
+                inner.timers_changed.notify_one();
+            }
+            let empty = update.ever_joined && update.present == 0;
+            if !(update.finished || empty) {
+                continue;
+            }
+            if update.finished || inner.config.room_grace.is_zero() {
+                if let (_, Transition::Committed) = self
+                    .end_internal(update.session, EndReason::RoomEmpty)
+                    .await?
+                {
+                    report.ended.push(update.session);
+                }
+            } else {
+                let engine = self.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(engine.inner.config.room_grace).await;
+                    match engine.inner.store.room_presence(update.session).await {
+                        Ok(0) => {
+                            if let Err(e) = engine
+                                .end_internal(update.session, EndReason::RoomEmpty)
+                                .await
+                            {
+                                tracing::warn!(session = %update.session, error = %e, "ending an empty room's session failed");
+                            }
+                        }
+                        Ok(_) => {}
+                        // The sweeper ends it as an orphan if its room stays empty.
+                        Err(e) => {
+                            tracing::warn!(session = %update.session, error = %e, "checking a room failed")
+                        }
+                    }
+                });
+            }
+        }
+        Ok(report)
+    }
+
     /// Does everything due now, and waits for it: ends sessions whose timers fired, ends
     /// what the store sweep finds (expired, orphaned: also sessions this engine had no
     /// timer for), and runs every due release. The background tasks call the same steps;
@@ -537,6 +605,17 @@ impl Engine {
     async fn sweep(&self) -> Result<DueReport, EngineError> {
         let inner = &self.inner;
         let mut report = DueReport::default();
+        // Room presence is liveness: refresh it before looking for orphans.
+        let now = inner.clock.now();
+        let present = inner.store.touch_present(now).await?;
+        if !present.is_empty() {
+            let mut timers = self.timers();
+            for id in &present {
+                let _ = timers.touch(now, id);
+            }
+            drop(timers);
+            inner.timers_changed.notify_one();
+        }
         loop {
             let now = inner.clock.now();
             let due = inner

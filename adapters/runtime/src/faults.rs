@@ -7,8 +7,8 @@ use std::time::Duration;
 use session_lifecycle::{EndReason, Resource, SessionId, Timestamp, Transition};
 
 use crate::store::{
-    AttachOutcome, BoxFuture, CreateOutcome, ListQuery, NewSession, ReleaseIntent, SessionRecord,
-    Store, StoreError, TouchOutcome,
+    AttachOutcome, BoxFuture, CreateOutcome, ListQuery, NewSession, ReleaseIntent, RoomEvent,
+    RoomUpdate, SessionRecord, Store, StoreError, TouchOutcome,
 };
 
 /// When a [`FaultyStore`] fails.
@@ -174,6 +174,19 @@ impl Store for FaultyStore {
             self.check()?;
             self.inner.drop_claims(&owner).await
         })
+    }
+    fn room_event(
+        &self,
+        event: RoomEvent,
+        now: Timestamp,
+    ) -> BoxFuture<'_, Result<Option<Vec<RoomUpdate>>, StoreError>> {
+        guarded!(self, self.inner.room_event(event, now))
+    }
+    fn room_presence(&self, id: SessionId) -> BoxFuture<'_, Result<u32, StoreError>> {
+        guarded!(self, self.inner.room_presence(id))
+    }
+    fn touch_present(&self, now: Timestamp) -> BoxFuture<'_, Result<Vec<SessionId>, StoreError>> {
+        guarded!(self, self.inner.touch_present(now))
     }
     fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>> {
         guarded!(self, self.inner.ping())

@@ -28,10 +28,12 @@ pub use backend::{
 };
 pub use clock::{ManualClock, SystemClock};
 pub use engine::{
-    Background, DueReport, Engine, EngineConfig, EngineError, Plan, StartRequest, TIMER_SLOTS,
+    Background, DueReport, Engine, EngineConfig, EngineError, Plan, RoomEventReport, StartRequest,
+    TIMER_SLOTS,
 };
 pub use metrics::{Metrics, MetricsSnapshot, RELEASE_LATENCY_BUCKETS};
 pub use store::{
     AttachOutcome, BoxFuture, CreateOutcome, ListQuery, NewSession, ReleaseIntent, RoomBinding,
-    RoomProvider, SessionRecord, Store, StoreError, TouchOutcome,
+    RoomEvent, RoomEventKind, RoomProvider, RoomUpdate, SessionRecord, Store, StoreError,
+    TouchOutcome,
 };

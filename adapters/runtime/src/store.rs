@@ -126,6 +126,54 @@ pub struct ListQuery {
     pub before: Option<SessionId>,
 }
 
+/// One verified webhook event of a video room provider.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoomEvent {
+    /// Only sessions of this tenant are concerned (`None`: any tenant's).
+    pub tenant: Option<String>,
+    /// The provider that sent it.
+    pub provider: RoomProvider,
+    /// The room's name at the provider.
+    pub room: String,
+    /// The provider's event id: an event applies once, however often it is delivered.
+    pub event_id: String,
+    /// When the provider says it happened (orders a participant's joins and leaves that
+    /// arrive out of order).
+    pub at: Timestamp,
+    /// What happened.
+    pub kind: RoomEventKind,
+}
+
+/// What happened in a room.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RoomEventKind {
+    /// A participant joined.
+    Joined {
+        /// Its identity at the provider.
+        participant: String,
+    },
+    /// A participant left.
+    Left {
+        /// Its identity at the provider.
+        participant: String,
+    },
+    /// The room (meeting) finished.
+    Finished,
+}
+
+/// Where a started session bound to a room stands after a room event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RoomUpdate {
+    /// The session.
+    pub session: SessionId,
+    /// Participants present now.
+    pub present: u32,
+    /// Whether anyone has joined since the session started.
+    pub ever_joined: bool,
+    /// Whether the room finished.
+    pub finished: bool,
+}
+
 /// A release the store asks a worker to run: claimed for that worker until `claimed_until`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ReleaseIntent {
@@ -239,6 +287,23 @@ pub trait Store: Send + Sync + 'static {
     /// Drops every claim `owner` holds (after a restart of that owner, whose in-flight
     /// releases died with it), so they are due again at once.
     fn drop_claims(&self, owner: &str) -> BoxFuture<'_, Result<(), StoreError>>;
+
+    /// Applies a room event to the started sessions bound to its room, once: `None` if an
+    /// event with this id was applied before. A participant's presence follows its latest
+    /// event by `at`, so a leave delivered before its join leaves it absent. A join is a
+    /// liveness signal (`last_seen_at` moves to `now`).
+    fn room_event(
+        &self,
+        event: RoomEvent,
+        now: Timestamp,
+    ) -> BoxFuture<'_, Result<Option<Vec<RoomUpdate>>, StoreError>>;
+
+    /// Participants present in the room of session `id` (0 if it has none).
+    fn room_presence(&self, id: SessionId) -> BoxFuture<'_, Result<u32, StoreError>>;
+
+    /// Records a liveness signal at `now` for every started session whose room has someone
+    /// present (room presence keeps a session alive), returning those sessions.
+    fn touch_present(&self, now: Timestamp) -> BoxFuture<'_, Result<Vec<SessionId>, StoreError>>;
 
     /// Checks the store can be reached.
     fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>>;

@@ -29,7 +29,8 @@ use session_lifecycle::{
 };
 use session_lifecycle_runtime::{
     AttachOutcome, BoxFuture, CreateOutcome, ListQuery, NewSession, ReleaseIntent, RoomBinding,
-    RoomProvider, SessionRecord, Store, StoreError, TouchOutcome,
+    RoomEvent, RoomEventKind, RoomProvider, RoomUpdate, SessionRecord, Store, StoreError,
+    TouchOutcome,
 };
 use tokio::sync::oneshot;
 
@@ -746,6 +747,110 @@ impl Store for SqliteStore {
             .and_then(|mut s| s.execute([owner]))
             .map_err(db)?;
             Ok(())
+        }))
+    }
+
+    fn room_event(
+        &self,
+        event: RoomEvent,
+        now: Timestamp,
+    ) -> BoxFuture<'_, Result<Option<Vec<RoomUpdate>>, StoreError>> {
+        Box::pin(self.write(move |c| {
+            let fresh = c
+                .prepare_cached(
+                    "INSERT INTO room_events (provider, event_id, received_at) VALUES (?1, ?2, ?3)
+                     ON CONFLICT DO NOTHING",
+                )
+                .and_then(|mut s| s.execute(params![event.provider.as_str(), event.event_id, ms(now)]))
+                .map_err(db)?;
+            if fresh == 0 {
+                return Ok(None);
+            }
+            let sessions: Vec<String> = c
+                .prepare_cached(
+                    "SELECT id FROM sessions
+                     WHERE room_provider = ?1 AND room_name = ?2 AND status = 'started'
+                       AND (?3 IS NULL OR tenant = ?3)",
+                )
+                .and_then(|mut s| {
+                    s.query_map(params![event.provider.as_str(), event.room, event.tenant], |r| r.get(0))?
+                        .collect()
+                })
+                .map_err(db)?;
+            let mut updates = Vec::with_capacity(sessions.len());
+            for id in sessions {
+                match &event.kind {
+                    RoomEventKind::Joined { participant } | RoomEventKind::Left { participant } => {
+                        let present = matches!(event.kind, RoomEventKind::Joined { .. });
+                        // The latest event by provider time wins, whatever the arrival order.
+                        c.prepare_cached(
+                            "INSERT INTO room_participants (session_id, identity, present, last_event_at)
+                             VALUES (?1, ?2, ?3, ?4)
+                             ON CONFLICT (session_id, identity) DO UPDATE
+                             SET present = excluded.present, last_event_at = excluded.last_event_at
+                             WHERE excluded.last_event_at >= room_participants.last_event_at",
+                        )
+                        .and_then(|mut s| s.execute(params![id, participant, present, ms(event.at)]))
+                        .map_err(db)?;
+                        if present {
+                            c.prepare_cached(
+                                "UPDATE sessions SET last_seen_at = MAX(last_seen_at, ?2) WHERE id = ?1",
+                            )
+                            .and_then(|mut s| s.execute(params![id, ms(now)]))
+                            .map_err(db)?;
+                        }
+                    }
+                    RoomEventKind::Finished => {
+                        c.prepare_cached("UPDATE sessions SET room_finished = 1 WHERE id = ?1")
+                            .and_then(|mut s| s.execute([&id]))
+                            .map_err(db)?;
+                    }
+                }
+                let (present, ever, finished): (i64, i64, bool) = c
+                    .prepare_cached(
+                        "SELECT (SELECT COUNT(*) FROM room_participants WHERE session_id = ?1 AND present = 1),
+                                (SELECT COUNT(*) FROM room_participants WHERE session_id = ?1),
+                                room_finished
+                         FROM sessions WHERE id = ?1",
+                    )
+                    .and_then(|mut s| s.query_row([&id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))))
+                    .map_err(db)?;
+                updates.push(RoomUpdate {
+                    session: parse_id(&id)?,
+                    present: u32::try_from(present).unwrap_or(u32::MAX),
+                    // A leave implies a join, even one delivered later.
+                    ever_joined: ever > 0,
+                    finished,
+                });
+            }
+            Ok(Some(updates))
+        }))
+    }
+
+    fn room_presence(&self, id: SessionId) -> BoxFuture<'_, Result<u32, StoreError>> {
+        Box::pin(self.read(move |c| {
+            let n: i64 = c
+                .prepare_cached(
+                    "SELECT COUNT(*) FROM room_participants WHERE session_id = ?1 AND present = 1",
+                )
+                .and_then(|mut s| s.query_row([id.to_string()], |r| r.get(0)))
+                .map_err(db)?;
+            Ok(u32::try_from(n).unwrap_or(u32::MAX))
+        }))
+    }
+
+    fn touch_present(&self, now: Timestamp) -> BoxFuture<'_, Result<Vec<SessionId>, StoreError>> {
+        Box::pin(self.write(move |c| {
+            let ids: Vec<String> = c
+                .prepare_cached(
+                    "UPDATE sessions SET last_seen_at = MAX(last_seen_at, ?1)
+                     WHERE status = 'started'
+                       AND id IN (SELECT session_id FROM room_participants WHERE present = 1)
+                     RETURNING id",
+                )
+                .and_then(|mut s| s.query_map([ms(now)], |r| r.get(0))?.collect())
+                .map_err(db)?;
+            ids.iter().map(|id| parse_id(id)).collect()
         }))
     }
 

@@ -53,6 +53,22 @@ const MIGRATIONS: &[&str] = &[
      ALTER TABLE sessions ADD COLUMN room_name TEXT;
      CREATE INDEX sessions_by_room ON sessions (room_provider, room_name)
         WHERE room_provider IS NOT NULL;",
+    // 3: room webhooks: events applied (for deduplication) and participants per session.
+    "CREATE TABLE room_events (
+        provider    TEXT NOT NULL,
+        event_id    TEXT NOT NULL,
+        received_at INTEGER NOT NULL,
+        PRIMARY KEY (provider, event_id)
+     );
+     CREATE TABLE room_participants (
+        session_id    TEXT NOT NULL REFERENCES sessions (id),
+        identity      TEXT NOT NULL,
+        present       INTEGER NOT NULL CHECK (present IN (0, 1)),
+        last_event_at INTEGER NOT NULL,
+        PRIMARY KEY (session_id, identity)
+     );
+     CREATE INDEX room_participants_present ON room_participants (session_id) WHERE present = 1;
+     ALTER TABLE sessions ADD COLUMN room_finished INTEGER NOT NULL DEFAULT 0;",
 ];
 
 /// The schema version this code writes.

@@ -14,6 +14,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand, ValueEnum};
 use session_lifecycle::Policy;
 use session_lifecycle_http::auth::{Tenants, TokenSigner, hash_key};
+use session_lifecycle_http::webhooks::{DailySecret, LivekitKey, WebhookConfig};
 use session_lifecycle_http::{AppState, HttpConfig, router};
 use session_lifecycle_process::{ProcessBackend, ProcessConfig};
 use session_lifecycle_runtime::{Engine, EngineConfig, Plan, ResourceBackend, SystemClock};
@@ -101,6 +102,40 @@ struct Cli {
     /// Most requests served at once; more get 503 at once.
     #[arg(long, env = "SESSIOND_MAX_IN_FLIGHT", default_value_t = 1024)]
     max_in_flight: usize,
+
+    /// LiveKit API key whose webhooks may end sessions of any tenant (per-tenant keys go
+    /// in the tenants file).
+    #[arg(
+        long,
+        env = "SESSIOND_LIVEKIT_API_KEY",
+        requires = "livekit_api_secret"
+    )]
+    livekit_api_key: Option<String>,
+
+    /// LiveKit API secret of --livekit-api-key: it signs the webhooks' JWT.
+    #[arg(
+        long,
+        env = "SESSIOND_LIVEKIT_API_SECRET",
+        requires = "livekit_api_key"
+    )]
+    livekit_api_secret: Option<String>,
+
+    /// Daily webhook secret (base64, as Daily gives it) for webhooks of any tenant.
+    #[arg(long, env = "SESSIOND_DAILY_WEBHOOK_SECRET")]
+    daily_webhook_secret: Option<String>,
+
+    /// Participant identity of the avatar itself, which does not count as presence in a
+    /// room (empty: count everyone).
+    #[arg(long, env = "SESSIOND_ROOM_AVATAR_IDENTITY", default_value = "avatar")]
+    room_avatar_identity: String,
+
+    /// Milliseconds to wait after a room empties before ending its session.
+    #[arg(long, env = "SESSIOND_ROOM_GRACE_MS", default_value_t = 0)]
+    room_grace_ms: u64,
+
+    /// Seconds a webhook signature's time may differ from ours.
+    #[arg(long, env = "SESSIOND_WEBHOOK_TOLERANCE_SECS", default_value_t = 300)]
+    webhook_tolerance_secs: u64,
 
     /// Seconds to finish releases when shutting down.
     #[arg(long, env = "SESSIOND_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
@@ -291,13 +326,34 @@ async fn run(cli: Cli) -> Result<(), String> {
         Arc::new(SystemClock),
         EngineConfig {
             policy,
+            room_grace: Duration::from_millis(cli.room_grace_ms),
             ..EngineConfig::default()
         },
     )
     .await
     .map_err(|e| format!("starting the engine: {e}"))?;
     let background = engine.spawn_background();
-    let state = AppState::new(
+    let (mut livekit, mut daily) = tenants.webhook_secrets();
+    if let (Some(api_key), Some(api_secret)) = (&cli.livekit_api_key, &cli.livekit_api_secret) {
+        livekit.push(LivekitKey {
+            tenant: None,
+            api_key: api_key.clone(),
+            api_secret: api_secret.clone(),
+        });
+    }
+    if let Some(secret) = &cli.daily_webhook_secret {
+        daily.push(DailySecret {
+            tenant: None,
+            secret: secret.clone(),
+        });
+    }
+    let webhooks = WebhookConfig {
+        livekit,
+        daily,
+        avatar_identity: Some(cli.room_avatar_identity.clone()).filter(|s| !s.is_empty()),
+        tolerance: Duration::from_secs(cli.webhook_tolerance_secs),
+    };
+    let state = AppState::with_webhooks(
         engine.clone(),
         tenants,
         tokens,
@@ -309,6 +365,7 @@ async fn run(cli: Cli) -> Result<(), String> {
             ws_pong_timeout: Duration::from_millis(cli.ws_pong_timeout_ms.max(1)),
             ws_grace: Duration::from_millis(cli.ws_grace_ms),
         },
+        webhooks,
     );
     let listener = tokio::net::TcpListener::bind(cli.listen)
         .await
