@@ -144,15 +144,22 @@ async fn crash_recovery() {
 
     // Restart once more, in this process, and let it settle.
     let (engine, files, store) = open(dir.path()).await;
-    let started = engine
-        .list(ListQuery {
-            tenant: None,
-            status: Some(Status::Started),
-            limit: 100_000,
-            before: None,
-        })
-        .await
-        .unwrap();
+    let mut started = Vec::new();
+    let mut before = None;
+    loop {
+        let page = engine
+            .list(ListQuery {
+                tenant: None,
+                status: Some(Status::Started),
+                limit: 1000,
+                before,
+            })
+            .await
+            .unwrap();
+        let Some(last) = page.last() else { break };
+        before = Some(*last.session.id());
+        started.extend(page);
+    }
     for r in &started {
         engine
             .end(None, *r.session.id(), EndReason::Shutdown)
@@ -171,15 +178,23 @@ async fn crash_recovery() {
             "{id} ended_at changed"
         );
     }
-    let all = engine
-        .list(ListQuery {
-            tenant: None,
-            status: None,
-            limit: 100_000,
-            before: None,
-        })
-        .await
-        .unwrap();
+    // Every session, page by page.
+    let mut all = Vec::new();
+    let mut before = None;
+    loop {
+        let page = engine
+            .list(ListQuery {
+                tenant: None,
+                status: None,
+                limit: 1000,
+                before,
+            })
+            .await
+            .unwrap();
+        let Some(last) = page.last() else { break };
+        before = Some(*last.session.id());
+        all.extend(page);
+    }
     for r in &all {
         assert!(
             r.session.is_fully_released(),
