@@ -555,3 +555,63 @@ async fn room_presence_keeps_a_session_alive_past_the_orphan_timeout() {
         "a room nobody joins ends as an orphan"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn room_grace_lets_someone_come_back() {
+    let s = start(true, &["--room-grace-ms", "1000"]);
+    let id = create_in_room(&s, "key-beta", "livekit", "graceful").await;
+    let t = now_secs();
+    livekit(
+        &s,
+        "participant_joined",
+        "graceful",
+        Some("alice"),
+        "EV_r1",
+        t,
+    )
+    .await;
+    livekit(
+        &s,
+        "participant_left",
+        "graceful",
+        Some("alice"),
+        "EV_r2",
+        t + 1,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        session(&s, "key-beta", &id).await["status"],
+        "started",
+        "within the grace"
+    );
+    livekit(
+        &s,
+        "participant_joined",
+        "graceful",
+        Some("alice"),
+        "EV_r3",
+        t + 2,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(
+        session(&s, "key-beta", &id).await["status"],
+        "started",
+        "she came back"
+    );
+    livekit(
+        &s,
+        "participant_left",
+        "graceful",
+        Some("alice"),
+        "EV_r4",
+        t + 3,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        session(&s, "key-beta", &id).await["end_reason"],
+        "room_empty"
+    );
+}
