@@ -160,7 +160,8 @@ struct Inner {
     events: EventSink,
     events_rx: Mutex<Option<mpsc::UnboundedReceiver<ResourceEvent>>>,
     closing: AtomicBool,
-    stop: Notify,
+    /// Turns `true` once, when the engine shuts down; every background task watches it.
+    stop: tokio::sync::watch::Sender<bool>,
     /// Releases claimed and not yet finished (in any task).
     releases_in_flight: std::sync::atomic::AtomicUsize,
     /// Held while claiming and counting releases, so that "nothing in flight" is never
@@ -224,7 +225,7 @@ impl Engine {
                 events,
                 events_rx: Mutex::new(Some(events_rx)),
                 closing: AtomicBool::new(false),
-                stop: Notify::new(),
+                stop: tokio::sync::watch::channel(false).0,
                 releases_in_flight: std::sync::atomic::AtomicUsize::new(0),
                 claim_lock: tokio::sync::Mutex::new(()),
                 metrics: Metrics::default(),
@@ -739,6 +740,7 @@ impl Engine {
         let mut tasks = Vec::new();
 
         let engine = self.clone();
+        let mut stop = self.inner.stop.subscribe();
         tasks.push(tokio::spawn(async move {
             loop {
                 let next = engine.timers().next_deadline();
@@ -749,20 +751,21 @@ impl Engine {
                 tokio::select! {
                     _ = tokio::time::sleep(sleep) => {}
                     _ = engine.inner.timers_changed.notified() => continue,
-                    _ = engine.inner.stop.notified() => break,
+                    _ = stop.wait_for(|stopped| *stopped) => break,
                 }
                 engine.fire_timers().await;
             }
         }));
 
         let engine = self.clone();
+        let mut stop = self.inner.stop.subscribe();
         tasks.push(tokio::spawn(async move {
             let mut tick = tokio::time::interval(engine.inner.config.policy.sweep_interval);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {
                     _ = tick.tick() => {}
-                    _ = engine.inner.stop.notified() => break,
+                    _ = stop.wait_for(|stopped| *stopped) => break,
                 }
                 if let Err(e) = engine.sweep().await {
                     tracing::warn!(error = %e, "sweep failed");
@@ -773,11 +776,12 @@ impl Engine {
         }));
 
         let engine = self.clone();
+        let mut stop = self.inner.stop.subscribe();
         tasks.push(tokio::spawn(async move {
             loop {
                 tokio::select! {
                     _ = engine.inner.releases_due.notified() => {}
-                    _ = engine.inner.stop.notified() => break,
+                    _ = stop.wait_for(|stopped| *stopped) => break,
                 }
                 if let Err(e) = engine.release_pass(false).await {
                     tracing::warn!(error = %e, "claiming releases failed");
@@ -793,11 +797,12 @@ impl Engine {
             .take();
         if let Some(mut rx) = rx {
             let engine = self.clone();
+            let mut stop = self.inner.stop.subscribe();
             tasks.push(tokio::spawn(async move {
                 loop {
                     let event = tokio::select! {
                         e = rx.recv() => e,
-                        _ = engine.inner.stop.notified() => None,
+                        _ = stop.wait_for(|stopped| *stopped) => None,
                     };
                     let Some(event) = event else { break };
                     if let Err(e) = engine.end_internal(event.session, event.reason).await {
@@ -873,11 +878,9 @@ impl Engine {
                 tokio::time::sleep(self.inner.config.policy.release_backoff_initial).await;
             }
         }
-        self.inner.stop.notify_waiters();
-        // Tasks between two selects miss notify_waiters; a stored permit catches them.
-        for _ in 0..4 {
-            self.inner.stop.notify_one();
-        }
+        // A watch, not a notification: a task busy right now still sees it when it next
+        // waits.
+        self.inner.stop.send_replace(true);
         Ok(ended)
     }
 }

@@ -16,8 +16,9 @@ use session_lifecycle::Policy;
 use session_lifecycle_http::auth::{Tenants, TokenSigner, hash_key};
 use session_lifecycle_http::webhooks::{DailySecret, LivekitKey, WebhookConfig};
 use session_lifecycle_http::{AppState, HttpConfig, router};
+use session_lifecycle_postgres::PostgresStore;
 use session_lifecycle_process::{ProcessBackend, ProcessConfig};
-use session_lifecycle_runtime::{Engine, EngineConfig, Plan, ResourceBackend, SystemClock};
+use session_lifecycle_runtime::{Engine, EngineConfig, Plan, ResourceBackend, Store, SystemClock};
 use session_lifecycle_sqlite::SqliteStore;
 
 /// Runs real-time avatar sessions: start, end, automatic termination, resource release.
@@ -31,9 +32,15 @@ struct Cli {
     #[arg(long, env = "SESSIOND_LISTEN", default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
 
-    /// Where sessions are stored: a SQLite file path.
+    /// Where sessions are stored: a SQLite file path, or a postgres:// URL for several
+    /// instances sharing one database.
     #[arg(long, env = "SESSIOND_DATABASE", default_value = "./sessiond.db")]
     database: String,
+
+    /// This instance's identity for release claims; unique per instance (default: host
+    /// name and listen port).
+    #[arg(long, env = "SESSIOND_NODE_ID")]
+    node_id: Option<String>,
 
     /// Command line of the avatar server started for each session (split on whitespace;
     /// it gets SESSION_LIFECYCLE_SESSION_ID in its environment). None: no process.
@@ -303,14 +310,25 @@ async fn run(cli: Cli) -> Result<(), String> {
         }
     };
 
-    if cli.database.starts_with("postgres://") || cli.database.starts_with("postgresql://") {
-        return Err(
-            "PostgreSQL stores are not built into this sessiond yet; use a SQLite file path"
-                .to_owned(),
-        );
-    }
-    let store =
-        SqliteStore::open(&cli.database).map_err(|e| format!("opening {}: {e}", cli.database))?;
+    let store: Arc<dyn Store> =
+        if cli.database.starts_with("postgres://") || cli.database.starts_with("postgresql://") {
+            Arc::new(
+                PostgresStore::connect(&cli.database)
+                    .await
+                    .map_err(|e| format!("connecting to PostgreSQL: {e}"))?,
+            )
+        } else {
+            Arc::new(
+                SqliteStore::open(&cli.database)
+                    .map_err(|e| format!("opening {}: {e}", cli.database))?,
+            )
+        };
+    let node_id = cli.node_id.clone().unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .unwrap_or_else(|_| "localhost".to_owned());
+        format!("{host}:{}", cli.listen.port())
+    });
     let mut backends: Vec<Arc<dyn ResourceBackend>> = Vec::new();
     if let Some(line) = &cli.avatar_command {
         let mut config =
@@ -321,11 +339,12 @@ async fn run(cli: Cli) -> Result<(), String> {
         ));
     }
     let engine = Engine::open(
-        Arc::new(store),
+        store,
         backends,
         Arc::new(SystemClock),
         EngineConfig {
             policy,
+            owner: node_id,
             room_grace: Duration::from_millis(cli.room_grace_ms),
             ..EngineConfig::default()
         },

@@ -1,0 +1,110 @@
+//! The schema and its migrations, safe to run from several instances at once.
+
+use session_lifecycle_runtime::StoreError;
+use tokio_postgres::Client;
+
+/// Migration `i` takes the schema from version `i` to `i + 1`.
+const MIGRATIONS: &[&str] = &["
+    CREATE TABLE sessions (
+        id            TEXT PRIMARY KEY,
+        tenant        TEXT NOT NULL,
+        status        TEXT NOT NULL CHECK (status IN ('started', 'ended')),
+        started_at    BIGINT NOT NULL,
+        ended_at      BIGINT,
+        end_reason    TEXT,
+        expires_at    BIGINT NOT NULL,
+        last_seen_at  BIGINT NOT NULL,
+        metadata      TEXT,
+        room_provider TEXT,
+        room_name     TEXT,
+        room_finished BOOLEAN NOT NULL DEFAULT FALSE,
+        CHECK ((status = 'started') = (ended_at IS NULL)),
+        CHECK ((ended_at IS NULL) = (end_reason IS NULL)),
+        CHECK (ended_at IS NULL OR ended_at >= started_at)
+    );
+    CREATE INDEX sessions_by_tenant ON sessions (tenant, status, id);
+    CREATE INDEX sessions_started_by_expiry ON sessions (expires_at) WHERE status = 'started';
+    CREATE INDEX sessions_started_by_seen ON sessions (last_seen_at) WHERE status = 'started';
+    CREATE INDEX sessions_by_room ON sessions (room_provider, room_name) WHERE room_provider IS NOT NULL;
+
+    CREATE TABLE resources (
+        session_id    TEXT NOT NULL REFERENCES sessions (id),
+        seq           INTEGER NOT NULL,
+        kind          INTEGER NOT NULL,
+        handle        BIGINT NOT NULL,
+        state         TEXT NOT NULL CHECK (state IN ('held', 'pending', 'released')),
+        attempts      INTEGER NOT NULL DEFAULT 0,
+        retry_at      BIGINT,
+        released_at   BIGINT,
+        claimed_by    TEXT,
+        claimed_until BIGINT,
+        note          TEXT,
+        last_error    TEXT,
+        PRIMARY KEY (session_id, seq),
+        UNIQUE (session_id, kind, handle),
+        CHECK ((state = 'pending') = (retry_at IS NOT NULL)),
+        CHECK ((state = 'released') = (released_at IS NOT NULL))
+    );
+    CREATE INDEX resources_pending ON resources (retry_at) WHERE state = 'pending';
+    CREATE INDEX resources_claimed ON resources (claimed_by) WHERE claimed_by IS NOT NULL;
+
+    CREATE TABLE room_events (
+        provider    TEXT NOT NULL,
+        event_id    TEXT NOT NULL,
+        received_at BIGINT NOT NULL,
+        PRIMARY KEY (provider, event_id)
+    );
+    CREATE TABLE room_participants (
+        session_id    TEXT NOT NULL REFERENCES sessions (id),
+        identity      TEXT NOT NULL,
+        present       BOOLEAN NOT NULL,
+        last_event_at BIGINT NOT NULL,
+        PRIMARY KEY (session_id, identity)
+    );
+    CREATE INDEX room_participants_present ON room_participants (session_id) WHERE present;
+"];
+
+/// The schema version this code writes.
+pub const SCHEMA_VERSION: i32 = MIGRATIONS.len() as i32;
+
+/// An arbitrary constant naming this schema's migration lock.
+const MIGRATION_LOCK: i64 = 0x5e55_1011;
+
+/// Brings the database to [`SCHEMA_VERSION`]. Instances starting together take turns on an
+/// advisory lock; each migration commits with its version. Refuses a newer schema.
+pub async fn migrate(client: &mut Client) -> Result<(), StoreError> {
+    let err = |e: tokio_postgres::Error| StoreError::Unavailable(format!("migration: {e}"));
+    let tx = client.transaction().await.map_err(err)?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+        .await
+        .map_err(err)?;
+    tx.batch_execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+        .await
+        .map_err(err)?;
+    let row = tx
+        .query_one("SELECT COALESCE(MAX(version), 0) FROM schema_version", &[])
+        .await
+        .map_err(err)?;
+    let mut version: i32 = row.get(0);
+    if version > SCHEMA_VERSION {
+        return Err(StoreError::Unavailable(format!(
+            "database schema version {version} is newer than this build's {SCHEMA_VERSION}"
+        )));
+    }
+    while version < SCHEMA_VERSION {
+        tx.batch_execute(MIGRATIONS[version as usize])
+            .await
+            .map_err(err)?;
+        version += 1;
+    }
+    tx.execute("DELETE FROM schema_version", &[])
+        .await
+        .map_err(err)?;
+    tx.execute(
+        "INSERT INTO schema_version (version) VALUES ($1)",
+        &[&version],
+    )
+    .await
+    .map_err(err)?;
+    tx.commit().await.map_err(err)
+}
