@@ -458,7 +458,8 @@ pub fn session_id(text: &str) -> Result<SessionId, ApiError> {
     })
 }
 
-fn body_error(e: BytesRejection) -> ApiError {
+/// The error for a body that could not be read: 413 past the limit, else 400.
+pub(crate) fn body_error(e: BytesRejection) -> ApiError {
     if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,

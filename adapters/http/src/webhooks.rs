@@ -324,20 +324,6 @@ fn refused(e: VerifyError) -> ApiError {
     )
 }
 
-fn body_or_413(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
-    body.map_err(|e| {
-        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "payload_too_large",
-                "request body too large",
-            )
-        } else {
-            ApiError::invalid(format!("cannot read the request body: {e}"))
-        }
-    })
-}
-
 async fn apply(
     state: &AppState,
     provider: RoomProvider,
@@ -395,7 +381,7 @@ pub async fn livekit(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<WebhookResponse>, ApiError> {
-    let body = body_or_413(body)?;
+    let body = body.map_err(crate::api::body_error)?;
     let auth = headers.get("authorization").and_then(|v| v.to_str().ok());
     let cfg = &state.webhooks;
     let tenant = verify_livekit(&cfg.livekit, auth, &body, state.engine.now(), cfg.tolerance)
@@ -425,7 +411,7 @@ pub async fn daily(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<WebhookResponse>, ApiError> {
-    let body = body_or_413(body)?;
+    let body = body.map_err(crate::api::body_error)?;
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
     let cfg = &state.webhooks;
     let tenant = verify_daily(

@@ -619,8 +619,7 @@ async fn graceful_shutdown_ends_sessions_and_stops_avatar_servers() {
         pids.push(v["session"]["resources"][0]["handle"].as_u64().unwrap());
         ids.push(v["session"]["session_id"].as_str().unwrap().to_owned());
     }
-    let pid = rustix_pid(s.child.id());
-    kill_term(pid);
+    kill_term(s.child.id());
     let deadline = Instant::now() + Duration::from_secs(20);
     let status = loop {
         if let Some(status) = s.child.try_wait().unwrap() {
@@ -648,10 +647,6 @@ async fn graceful_shutdown_ends_sessions_and_stops_avatar_servers() {
         );
         assert!(r.session.is_fully_released());
     }
-}
-
-fn rustix_pid(pid: u32) -> u32 {
-    pid
 }
 
 fn kill_term(pid: u32) {

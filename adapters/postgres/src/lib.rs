@@ -16,14 +16,13 @@ use std::time::Duration;
 
 use deadpool_postgres::GenericClient;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
-use session_lifecycle::{
-    EndReason, HeldResource, HeldResourceParts, HeldResources, ReleaseStatus, Resource,
-    ResourceKind, Session, SessionId, SessionParts, Status, Timestamp, Transition,
+use session_lifecycle::{EndReason, Resource, SessionId, Status, Timestamp, Transition};
+use session_lifecycle_runtime::rows::{
+    ResourceRow, SessionRow, millis as ms, parse_id, release_intent,
 };
 use session_lifecycle_runtime::{
-    AttachOutcome, BoxFuture, CreateOutcome, ListQuery, NewSession, ReleaseIntent, RoomBinding,
-    RoomEvent, RoomEventKind, RoomProvider, RoomUpdate, SessionRecord, Store, StoreError,
-    TouchOutcome,
+    AttachOutcome, BoxFuture, CreateOutcome, ListQuery, NewSession, ReleaseIntent, RoomEvent,
+    RoomEventKind, RoomUpdate, SessionRecord, Store, StoreError, TouchOutcome,
 };
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{NoTls, Row};
@@ -40,27 +39,8 @@ fn unavailable(e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(e.to_string())
 }
 
-fn ms(t: Timestamp) -> i64 {
-    t.as_millis() as i64
-}
-
-fn ts(v: i64) -> Timestamp {
-    Timestamp::from_millis(u64::try_from(v).unwrap_or(0))
-}
-
 fn duration_ms(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX / 2)
-}
-
-fn corrupt(id: &str, detail: impl std::fmt::Display) -> StoreError {
-    StoreError::Corrupt {
-        id: id.to_owned(),
-        detail: detail.to_string(),
-    }
-}
-
-fn parse_id(text: &str) -> Result<SessionId, StoreError> {
-    SessionId::parse(text).map_err(|e| corrupt(text, e))
 }
 
 const SESSION_COLUMNS: &str = "id, tenant, status, started_at, ended_at, end_reason, expires_at, \
@@ -96,94 +76,40 @@ impl PostgresStore {
 }
 
 async fn load_record<C: GenericClient>(c: &C, row: &Row) -> Result<SessionRecord, StoreError> {
-    let id_text: String = row.get(0);
-    let id = parse_id(&id_text)?;
-    let status = match row.get::<_, &str>(2) {
-        "started" => Status::Started,
-        "ended" => Status::Ended,
-        other => return Err(corrupt(&id_text, format!("status {other:?}"))),
+    let session = SessionRow {
+        id: row.get(0),
+        tenant: row.get(1),
+        status: row.get(2),
+        started_at: row.get(3),
+        ended_at: row.get(4),
+        end_reason: row.get(5),
+        expires_at: row.get(6),
+        last_seen_at: row.get(7),
+        metadata: row.get(8),
+        room_provider: row.get(9),
+        room_name: row.get(10),
     };
-    let end_reason = match row.get::<_, Option<&str>>(5) {
-        None => None,
-        Some(name) => Some(
-            EndReason::from_name(name)
-                .ok_or_else(|| corrupt(&id_text, format!("end_reason {name:?}")))?,
-        ),
-    };
-    let rows = c
+    let resources = c
         .query(
-            "SELECT kind, handle, state, attempts, retry_at, released_at, note
-             FROM resources WHERE session_id = $1 ORDER BY seq",
-            &[&id_text],
+            "SELECT seq, kind, handle, state, attempts, retry_at, released_at, note
+             FROM resources WHERE session_id = $1",
+            &[&session.id],
         )
         .await
-        .map_err(unavailable)?;
-    let mut resources = HeldResources::new();
-    let mut release_notes = Vec::new();
-    for r in rows {
-        let kind: i32 = r.get(0);
-        let kind = u16::try_from(kind).map_err(|_| corrupt(&id_text, "resource kind"))?;
-        let handle: i64 = r.get(1);
-        let release = match r.get::<_, &str>(2) {
-            "held" => ReleaseStatus::Held,
-            "pending" => ReleaseStatus::Pending,
-            "released" => ReleaseStatus::Released,
-            other => return Err(corrupt(&id_text, format!("release state {other:?}"))),
-        };
-        let attempts: i32 = r.get(3);
-        let parts = HeldResourceParts {
-            kind: ResourceKind(kind),
-            handle: handle as u64,
-            release,
-            release_attempts: if release == ReleaseStatus::Pending {
-                u32::try_from(attempts).unwrap_or(0)
-            } else {
-                0
-            },
-            retry_at: if release == ReleaseStatus::Pending {
-                r.get::<_, Option<i64>>(4).map(ts)
-            } else {
-                None
-            },
-            released_at: r.get::<_, Option<i64>>(5).map(ts),
-        };
-        let held: HeldResource = parts.try_into().map_err(|e| corrupt(&id_text, e))?;
-        if let Some(note) = r.get::<_, Option<String>>(6) {
-            release_notes.push((held.resource, note));
-        }
-        resources
-            .push(held)
-            .map_err(|_| corrupt(&id_text, "more resources than a session can hold"))?;
-    }
-    let session = Session::try_from(SessionParts {
-        session_id: id,
-        status,
-        started_at: ts(row.get(3)),
-        ended_at: row.get::<_, Option<i64>>(4).map(ts),
-        end_reason,
-        expires_at: ts(row.get(6)),
-        last_seen_at: ts(row.get(7)),
-        resources,
-    })
-    .map_err(|e| corrupt(&id_text, e))?;
-    let room = match (
-        row.get::<_, Option<&str>>(9),
-        row.get::<_, Option<String>>(10),
-    ) {
-        (Some(provider), Some(name)) => Some(RoomBinding {
-            provider: RoomProvider::from_name(provider)
-                .ok_or_else(|| corrupt(&id_text, format!("room provider {provider:?}")))?,
-            name,
-        }),
-        _ => None,
-    };
-    Ok(SessionRecord {
-        session,
-        tenant: row.get(1),
-        metadata: row.get(8),
-        room,
-        release_notes,
-    })
+        .map_err(unavailable)?
+        .iter()
+        .map(|r| ResourceRow {
+            seq: i64::from(r.get::<_, i32>(0)),
+            kind: i64::from(r.get::<_, i32>(1)),
+            handle: r.get(2),
+            state: r.get(3),
+            attempts: i64::from(r.get::<_, i32>(4)),
+            retry_at: r.get(5),
+            released_at: r.get(6),
+            note: r.get(7),
+        })
+        .collect();
+    session.into_record(resources)
 }
 
 async fn get_record<C: GenericClient>(
@@ -460,18 +386,12 @@ impl Store for PostgresStore {
                 .map_err(unavailable)?;
             rows.iter()
                 .map(|r| {
-                    let id: &str = r.get(0);
-                    let kind: i32 = r.get(1);
-                    Ok(ReleaseIntent {
-                        session: parse_id(id)?,
-                        resource: Resource {
-                            kind: ResourceKind(
-                                u16::try_from(kind).map_err(|_| corrupt(id, "resource kind"))?,
-                            ),
-                            handle: r.get::<_, i64>(2) as u64,
-                        },
-                        attempts: u32::try_from(r.get::<_, i32>(3)).unwrap_or(0),
-                    })
+                    release_intent(
+                        r.get(0),
+                        i64::from(r.get::<_, i32>(1)),
+                        r.get(2),
+                        i64::from(r.get::<_, i32>(3)),
+                    )
                 })
                 .collect()
         })

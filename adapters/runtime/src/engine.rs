@@ -569,11 +569,13 @@ impl Engine {
         Ok(report)
     }
 
-    /// Does everything due now, and waits for it: ends sessions whose timers fired, ends
+    /// Does everything due now, and waits for it: ends sessions whose resources reported
+    /// events (an avatar server that exited), ends sessions whose timers fired, ends
     /// what the store sweep finds (expired, orphaned: also sessions this engine had no
     /// timer for), and runs every due release. The background tasks call the same steps;
     /// tests with a [`ManualClock`](crate::ManualClock) call this instead.
     pub async fn run_due(&self) -> Result<DueReport, EngineError> {
+        self.handle_events().await?;
         let mut report = self.fire_timers().await;
         let swept = self.sweep().await?;
         report.expired += swept.expired;
@@ -816,8 +818,9 @@ impl Engine {
         Background { tasks }
     }
 
-    /// Handles resource events reported so far (for drivers without background tasks).
-    pub async fn handle_events(&self) -> Result<u32, EngineError> {
+    /// Handles resource events reported so far (part of [`run_due`](Self::run_due), for
+    /// drivers without background tasks).
+    async fn handle_events(&self) -> Result<u32, EngineError> {
         let mut handled = 0;
         loop {
             let event = {

@@ -21,6 +21,7 @@ pub mod conformance;
 mod engine;
 pub mod faults;
 mod metrics;
+pub mod rows;
 mod store;
 
 pub use backend::{

@@ -23,14 +23,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
-use session_lifecycle::{
-    EndReason, HeldResource, HeldResourceParts, HeldResources, ReleaseStatus, Resource,
-    ResourceKind, Session, SessionId, SessionParts, Status, Timestamp, Transition,
+use session_lifecycle::{EndReason, Resource, SessionId, Status, Timestamp, Transition};
+use session_lifecycle_runtime::rows::{
+    ResourceRow, SessionRow, millis as ms, parse_id, release_intent,
 };
 use session_lifecycle_runtime::{
-    AttachOutcome, BoxFuture, CreateOutcome, ListQuery, NewSession, ReleaseIntent, RoomBinding,
-    RoomEvent, RoomEventKind, RoomProvider, RoomUpdate, SessionRecord, Store, StoreError,
-    TouchOutcome,
+    AttachOutcome, BoxFuture, CreateOutcome, ListQuery, NewSession, ReleaseIntent, RoomEvent,
+    RoomEventKind, RoomUpdate, SessionRecord, Store, StoreError, TouchOutcome,
 };
 use tokio::sync::oneshot;
 
@@ -282,30 +281,8 @@ fn commit_chunk(conn: &Connection, jobs: Vec<Job>) {
     }
 }
 
-fn ms(t: Timestamp) -> i64 {
-    t.as_millis() as i64
-}
-
-fn ts(v: i64) -> Timestamp {
-    Timestamp::from_millis(u64::try_from(v).unwrap_or(0))
-}
-
 fn db(e: rusqlite::Error) -> StoreError {
     unavailable(e)
-}
-
-fn parse_id(text: &str) -> Result<SessionId, StoreError> {
-    SessionId::parse(text).map_err(|e| StoreError::Corrupt {
-        id: text.to_owned(),
-        detail: e.to_string(),
-    })
-}
-
-fn corrupt(id: &str, detail: impl std::fmt::Display) -> StoreError {
-    StoreError::Corrupt {
-        id: id.to_owned(),
-        detail: detail.to_string(),
-    }
 }
 
 const SESSION_COLUMNS: &str = "id, tenant, status, started_at, ended_at, end_reason, expires_at, \
@@ -313,106 +290,42 @@ const SESSION_COLUMNS: &str = "id, tenant, status, started_at, ended_at, end_rea
 
 /// Reads the session row at `row` (columns as in [`SESSION_COLUMNS`]) and its resources.
 fn load_record(conn: &Connection, row: &rusqlite::Row<'_>) -> Result<SessionRecord, StoreError> {
-    let id_text: String = row.get(0).map_err(db)?;
-    let id = parse_id(&id_text)?;
-    let status: String = row.get(2).map_err(db)?;
-    let status = match status.as_str() {
-        "started" => Status::Started,
-        "ended" => Status::Ended,
-        other => return Err(corrupt(&id_text, format!("status {other:?}"))),
-    };
-    let end_reason: Option<String> = row.get(5).map_err(db)?;
-    let end_reason = match end_reason {
-        None => None,
-        Some(name) => Some(
-            EndReason::from_name(&name)
-                .ok_or_else(|| corrupt(&id_text, format!("end_reason {name:?}")))?,
-        ),
+    let session = SessionRow {
+        id: row.get(0).map_err(db)?,
+        tenant: row.get(1).map_err(db)?,
+        status: row.get(2).map_err(db)?,
+        started_at: row.get(3).map_err(db)?,
+        ended_at: row.get(4).map_err(db)?,
+        end_reason: row.get(5).map_err(db)?,
+        expires_at: row.get(6).map_err(db)?,
+        last_seen_at: row.get(7).map_err(db)?,
+        metadata: row.get(8).map_err(db)?,
+        room_provider: row.get(9).map_err(db)?,
+        room_name: row.get(10).map_err(db)?,
     };
     let mut stmt = conn
         .prepare_cached(
-            // Sorted here, not by SQL: an ORDER BY costs a sorter even for no rows, and a
-            // session has at most a handful.
-            "SELECT kind, handle, state, attempts, retry_at, released_at, note, seq
+            // No ORDER BY: it costs a sorter even for no rows; the decoder sorts by seq.
+            "SELECT seq, kind, handle, state, attempts, retry_at, released_at, note
              FROM resources WHERE session_id = ?1",
         )
         .map_err(db)?;
-    let mut resources = HeldResources::new();
-    let mut release_notes = Vec::new();
-    let mut rows = stmt.query([&id_text]).map_err(db)?;
-    let mut found: Vec<(i64, HeldResource, Option<String>)> = Vec::new();
-    while let Some(r) = rows.next().map_err(db)? {
-        let kind: i64 = r.get(0).map_err(db)?;
-        let handle: i64 = r.get(1).map_err(db)?;
-        let state: String = r.get(2).map_err(db)?;
-        let release = match state.as_str() {
-            "held" => ReleaseStatus::Held,
-            "pending" => ReleaseStatus::Pending,
-            "released" => ReleaseStatus::Released,
-            other => return Err(corrupt(&id_text, format!("release state {other:?}"))),
-        };
-        let kind = u16::try_from(kind).map_err(|_| corrupt(&id_text, "resource kind"))?;
-        let parts = HeldResourceParts {
-            kind: ResourceKind(kind),
-            handle: handle as u64,
-            release,
-            release_attempts: u32::try_from(r.get::<_, i64>(3).map_err(db)?).unwrap_or(u32::MAX),
-            retry_at: if release == ReleaseStatus::Pending {
-                r.get::<_, Option<i64>>(4).map_err(db)?.map(ts)
-            } else {
-                None
-            },
-            released_at: r.get::<_, Option<i64>>(5).map_err(db)?.map(ts),
-        };
-        let parts = HeldResourceParts {
-            release_attempts: if release == ReleaseStatus::Pending {
-                parts.release_attempts
-            } else {
-                0
-            },
-            ..parts
-        };
-        let held: HeldResource = parts.try_into().map_err(|e| corrupt(&id_text, e))?;
-        let note = r.get::<_, Option<String>>(6).map_err(db)?;
-        found.push((r.get(7).map_err(db)?, held, note));
-    }
-    found.sort_unstable_by_key(|(seq, _, _)| *seq);
-    for (_, held, note) in found {
-        if let Some(note) = note {
-            release_notes.push((held.resource, note));
-        }
-        resources
-            .push(held)
-            .map_err(|_| corrupt(&id_text, "more resources than a session can hold"))?;
-    }
-    let parts = SessionParts {
-        session_id: id,
-        status,
-        started_at: ts(row.get(3).map_err(db)?),
-        ended_at: row.get::<_, Option<i64>>(4).map_err(db)?.map(ts),
-        end_reason,
-        expires_at: ts(row.get(6).map_err(db)?),
-        last_seen_at: ts(row.get(7).map_err(db)?),
-        resources,
-    };
-    let session = Session::try_from(parts).map_err(|e| corrupt(&id_text, e))?;
-    Ok(SessionRecord {
-        session,
-        tenant: row.get(1).map_err(db)?,
-        metadata: row.get(8).map_err(db)?,
-        room: match (
-            row.get::<_, Option<String>>(9).map_err(db)?,
-            row.get::<_, Option<String>>(10).map_err(db)?,
-        ) {
-            (Some(provider), Some(name)) => Some(RoomBinding {
-                provider: RoomProvider::from_name(&provider)
-                    .ok_or_else(|| corrupt(&id_text, format!("room provider {provider:?}")))?,
-                name,
-            }),
-            _ => None,
-        },
-        release_notes,
-    })
+    let resources = stmt
+        .query_map([&session.id], |r| {
+            Ok(ResourceRow {
+                seq: r.get(0)?,
+                kind: r.get(1)?,
+                handle: r.get(2)?,
+                state: r.get(3)?,
+                attempts: r.get(4)?,
+                retry_at: r.get(5)?,
+                released_at: r.get(6)?,
+                note: r.get(7)?,
+            })
+        })
+        .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
+        .map_err(db)?;
+    session.into_record(resources)
 }
 
 fn get_record(conn: &Connection, id: &str) -> Result<Option<SessionRecord>, StoreError> {
@@ -666,19 +579,12 @@ impl Store for SqliteStore {
             let mut out = Vec::new();
             while let Some(r) = rows.next().map_err(db)? {
                 let id: String = r.get(0).map_err(db)?;
-                let kind: i64 = r.get(1).map_err(db)?;
-                let handle: i64 = r.get(2).map_err(db)?;
-                let attempts: i64 = r.get(3).map_err(db)?;
-                out.push(ReleaseIntent {
-                    session: parse_id(&id)?,
-                    resource: Resource {
-                        kind: ResourceKind(
-                            u16::try_from(kind).map_err(|_| corrupt(&id, "resource kind"))?,
-                        ),
-                        handle: handle as u64,
-                    },
-                    attempts: u32::try_from(attempts).unwrap_or(u32::MAX),
-                });
+                out.push(release_intent(
+                    &id,
+                    r.get(1).map_err(db)?,
+                    r.get(2).map_err(db)?,
+                    r.get(3).map_err(db)?,
+                )?);
             }
             Ok(out)
         }))

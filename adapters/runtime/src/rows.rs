@@ -1,0 +1,181 @@
+//! Decoding of the rows SQL stores keep, shared by every SQL [`Store`](crate::Store): times
+//! as milliseconds since the epoch, states and reasons as their wire names. Every check
+//! that a record is a possible session happens here, once.
+
+use session_lifecycle::{
+    EndReason, HeldResource, HeldResourceParts, HeldResources, ReleaseStatus, Resource,
+    ResourceKind, Session, SessionId, SessionParts, Status, Timestamp,
+};
+
+use crate::store::{ReleaseIntent, RoomBinding, RoomProvider, SessionRecord, StoreError};
+
+/// A timestamp as stored: milliseconds since the epoch.
+pub fn millis(t: Timestamp) -> i64 {
+    t.as_millis() as i64
+}
+
+/// A stored timestamp (negative values read as the epoch).
+pub fn timestamp(v: i64) -> Timestamp {
+    Timestamp::from_millis(u64::try_from(v).unwrap_or(0))
+}
+
+/// The error for a stored record that is not a possible session.
+pub fn corrupt(id: &str, detail: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt {
+        id: id.to_owned(),
+        detail: detail.to_string(),
+    }
+}
+
+/// A stored session id.
+pub fn parse_id(text: &str) -> Result<SessionId, StoreError> {
+    SessionId::parse(text).map_err(|e| corrupt(text, e))
+}
+
+fn kind(id: &str, kind: i64) -> Result<ResourceKind, StoreError> {
+    u16::try_from(kind)
+        .map(ResourceKind)
+        .map_err(|_| corrupt(id, format!("resource kind {kind}")))
+}
+
+/// A claimed release intent's row.
+pub fn release_intent(
+    session: &str,
+    resource_kind: i64,
+    handle: i64,
+    attempts: i64,
+) -> Result<ReleaseIntent, StoreError> {
+    Ok(ReleaseIntent {
+        session: parse_id(session)?,
+        resource: Resource {
+            kind: kind(session, resource_kind)?,
+            handle: handle as u64,
+        },
+        attempts: u32::try_from(attempts).unwrap_or(0),
+    })
+}
+
+/// A `sessions` row.
+#[derive(Debug, Clone)]
+pub struct SessionRow {
+    /// `id`.
+    pub id: String,
+    /// `tenant`.
+    pub tenant: String,
+    /// `status`: `started` or `ended`.
+    pub status: String,
+    /// `started_at`, ms.
+    pub started_at: i64,
+    /// `ended_at`, ms.
+    pub ended_at: Option<i64>,
+    /// `end_reason`, a wire name.
+    pub end_reason: Option<String>,
+    /// `expires_at`, ms.
+    pub expires_at: i64,
+    /// `last_seen_at`, ms.
+    pub last_seen_at: i64,
+    /// `metadata`.
+    pub metadata: Option<String>,
+    /// `room_provider`, a wire name.
+    pub room_provider: Option<String>,
+    /// `room_name`.
+    pub room_name: Option<String>,
+}
+
+/// A `resources` row.
+#[derive(Debug, Clone)]
+pub struct ResourceRow {
+    /// `seq`: acquisition order.
+    pub seq: i64,
+    /// `kind`.
+    pub kind: i64,
+    /// `handle` (a `u64` stored as its bits).
+    pub handle: i64,
+    /// `state`: `held`, `pending` or `released`.
+    pub state: String,
+    /// `attempts`.
+    pub attempts: i64,
+    /// `retry_at`, ms.
+    pub retry_at: Option<i64>,
+    /// `released_at`, ms.
+    pub released_at: Option<i64>,
+    /// `note`.
+    pub note: Option<String>,
+}
+
+impl SessionRow {
+    /// The record these rows describe, checked: a corrupt row is an error, never a panic
+    /// or an impossible session.
+    pub fn into_record(self, mut resources: Vec<ResourceRow>) -> Result<SessionRecord, StoreError> {
+        let id = &self.id;
+        let status = match self.status.as_str() {
+            "started" => Status::Started,
+            "ended" => Status::Ended,
+            other => return Err(corrupt(id, format!("status {other:?}"))),
+        };
+        let end_reason = match &self.end_reason {
+            None => None,
+            Some(name) => Some(
+                EndReason::from_name(name)
+                    .ok_or_else(|| corrupt(id, format!("end_reason {name:?}")))?,
+            ),
+        };
+        resources.sort_unstable_by_key(|r| r.seq);
+        let mut held = HeldResources::new();
+        let mut release_notes = Vec::new();
+        for r in resources {
+            let release = match r.state.as_str() {
+                "held" => ReleaseStatus::Held,
+                "pending" => ReleaseStatus::Pending,
+                "released" => ReleaseStatus::Released,
+                other => return Err(corrupt(id, format!("release state {other:?}"))),
+            };
+            let pending = release == ReleaseStatus::Pending;
+            let resource: HeldResource = HeldResourceParts {
+                kind: kind(id, r.kind)?,
+                handle: r.handle as u64,
+                release,
+                release_attempts: if pending {
+                    u32::try_from(r.attempts).unwrap_or(u32::MAX)
+                } else {
+                    0
+                },
+                retry_at: r.retry_at.filter(|_| pending).map(timestamp),
+                released_at: r.released_at.map(timestamp),
+            }
+            .try_into()
+            .map_err(|e| corrupt(id, e))?;
+            if let Some(note) = r.note {
+                release_notes.push((resource.resource, note));
+            }
+            held.push(resource)
+                .map_err(|_| corrupt(id, "more resources than a session can hold"))?;
+        }
+        let session = Session::try_from(SessionParts {
+            session_id: parse_id(id)?,
+            status,
+            started_at: timestamp(self.started_at),
+            ended_at: self.ended_at.map(timestamp),
+            end_reason,
+            expires_at: timestamp(self.expires_at),
+            last_seen_at: timestamp(self.last_seen_at),
+            resources: held,
+        })
+        .map_err(|e| corrupt(id, e))?;
+        let room = match (self.room_provider, self.room_name) {
+            (Some(provider), Some(name)) => Some(RoomBinding {
+                provider: RoomProvider::from_name(&provider)
+                    .ok_or_else(|| corrupt(id, format!("room provider {provider:?}")))?,
+                name,
+            }),
+            _ => None,
+        };
+        Ok(SessionRecord {
+            session,
+            tenant: self.tenant,
+            metadata: self.metadata,
+            room,
+            release_notes,
+        })
+    }
+}
