@@ -621,6 +621,7 @@ pub async fn list_sessions(
             status,
             limit,
             before,
+            node: None,
         })
         .await?;
     let next_cursor = if records.len() == limit as usize {

@@ -11,6 +11,7 @@
 //! ```
 
 mod schema;
+pub mod testing;
 
 use std::time::Duration;
 
@@ -33,25 +34,37 @@ pub use schema::SCHEMA_VERSION;
 #[derive(Clone)]
 pub struct PostgresStore {
     pool: Pool,
+    /// For the dedicated `LISTEN` connection, outside the pool.
+    config: tokio_postgres::Config,
 }
 
-fn unavailable(e: impl std::fmt::Display) -> StoreError {
-    StoreError::Unavailable(e.to_string())
+/// The channel on which an end notifies the nodes that hold its resources (payload: the
+/// node id).
+const RELEASES_CHANNEL: &str = "session_lifecycle_releases";
+
+/// A failure to reach or use the database, with the server's own message when it sent one
+/// (tokio-postgres shows only "db error" otherwise).
+fn unavailable(e: impl std::error::Error) -> StoreError {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    StoreError::Unavailable(text)
 }
 
 fn duration_ms(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX / 2)
 }
 
-const SESSION_COLUMNS: &str = "id, tenant, status, started_at, ended_at, end_reason, expires_at, \
-     last_seen_at, metadata, room_provider, room_name";
-
 impl PostgresStore {
     /// Connects to `url` (a `postgres://` URL) with a pool, and migrates the schema.
     pub async fn connect(url: &str) -> Result<PostgresStore, StoreError> {
         let config: tokio_postgres::Config = url.parse().map_err(unavailable)?;
         let manager = Manager::from_config(
-            config,
+            config.clone(),
             NoTls,
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
@@ -64,7 +77,7 @@ impl PostgresStore {
             .runtime(deadpool_postgres::Runtime::Tokio1)
             .build()
             .map_err(unavailable)?;
-        let store = PostgresStore { pool };
+        let store = PostgresStore { pool, config };
         let mut client = store.pool.get().await.map_err(unavailable)?;
         schema::migrate(&mut client).await?;
         Ok(store)
@@ -73,60 +86,119 @@ impl PostgresStore {
     async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
         self.pool.get().await.map_err(unavailable)
     }
+
+    /// Listens on one connection for ends that concern `node`, calling `wake` for each,
+    /// until the connection fails.
+    async fn listen(
+        &self,
+        node: &str,
+        wake: &(dyn Fn() + Send + Sync),
+    ) -> Result<(), tokio_postgres::Error> {
+        let (client, mut connection) = self.config.connect(NoTls).await?;
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        // The connection is driven on its own; its notifications come back over a channel
+        // that closes when the connection ends.
+        let driver = tokio::spawn(async move {
+            loop {
+                match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+                    Some(Ok(tokio_postgres::AsyncMessage::Notification(n))) => {
+                        if tx.send(n.payload().to_owned()).is_err() {
+                            return Ok(());
+                        }
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => return Err(e),
+                    None => return Ok(()),
+                }
+            }
+        });
+        client
+            .batch_execute(&format!("LISTEN {RELEASES_CHANNEL}"))
+            .await?;
+        // Releases notified before LISTEN took effect are found now.
+        wake();
+        while let Some(payload) = rx.recv().await {
+            if payload == node {
+                wake();
+            }
+        }
+        drop(client);
+        match driver.await {
+            Ok(result) => result,
+            Err(_) => Ok(()),
+        }
+    }
 }
 
-async fn load_record<C: GenericClient>(c: &C, row: &Row) -> Result<SessionRecord, StoreError> {
-    let session = SessionRow {
-        id: row.get(0),
-        tenant: row.get(1),
-        status: row.get(2),
-        started_at: row.get(3),
-        ended_at: row.get(4),
-        end_reason: row.get(5),
-        expires_at: row.get(6),
-        last_seen_at: row.get(7),
-        metadata: row.get(8),
-        room_provider: row.get(9),
-        room_name: row.get(10),
-    };
-    let resources = c
-        .query(
-            "SELECT seq, kind, handle, state, attempts, retry_at, released_at, note
-             FROM resources WHERE session_id = $1",
-            &[&session.id],
-        )
-        .await
-        .map_err(unavailable)?
-        .iter()
-        .map(|r| ResourceRow {
-            seq: i64::from(r.get::<_, i32>(0)),
-            kind: i64::from(r.get::<_, i32>(1)),
-            handle: r.get(2),
-            state: r.get(3),
-            attempts: i64::from(r.get::<_, i32>(4)),
-            retry_at: r.get(5),
-            released_at: r.get(6),
-            note: r.get(7),
-        })
-        .collect();
-    session.into_record(resources)
+/// The columns of a session and of one of its resources (NULL when it has none), as
+/// [`records`] reads them: one statement, so one snapshot, whatever commits meanwhile.
+const RECORD_COLUMNS: &str = "s.id, s.tenant, s.status, s.started_at, s.ended_at, s.end_reason, \
+     s.expires_at, s.last_seen_at, s.metadata, s.room_provider, s.room_name, \
+     r.seq, r.kind, r.handle, r.state, r.attempts, r.retry_at, r.released_at, r.note";
+
+/// Groups rows of [`RECORD_COLUMNS`] (ordered by session) into records.
+fn records(rows: &[Row]) -> Result<Vec<SessionRecord>, StoreError> {
+    let mut out = Vec::new();
+    let mut current: Option<(SessionRow, Vec<ResourceRow>)> = None;
+    for row in rows {
+        let id: String = row.get(0);
+        if current.as_ref().is_none_or(|(s, _)| s.id != id) {
+            if let Some((session, resources)) = current.take() {
+                out.push(session.into_record(resources)?);
+            }
+            current = Some((
+                SessionRow {
+                    id,
+                    tenant: row.get(1),
+                    status: row.get(2),
+                    started_at: row.get(3),
+                    ended_at: row.get(4),
+                    end_reason: row.get(5),
+                    expires_at: row.get(6),
+                    last_seen_at: row.get(7),
+                    metadata: row.get(8),
+                    room_provider: row.get(9),
+                    room_name: row.get(10),
+                },
+                Vec::new(),
+            ));
+        }
+        if let (Some((_, resources)), Some(seq)) = (current.as_mut(), row.get::<_, Option<i32>>(11))
+        {
+            resources.push(ResourceRow {
+                seq: i64::from(seq),
+                kind: i64::from(row.get::<_, i32>(12)),
+                handle: row.get(13),
+                state: row.get(14),
+                attempts: i64::from(row.get::<_, i32>(15)),
+                retry_at: row.get(16),
+                released_at: row.get(17),
+                note: row.get(18),
+            });
+        }
+    }
+    if let Some((session, resources)) = current {
+        out.push(session.into_record(resources)?);
+    }
+    Ok(out)
 }
 
 async fn get_record<C: GenericClient>(
     c: &C,
     id: &str,
 ) -> Result<Option<SessionRecord>, StoreError> {
-    let row = c
-        .query_opt(
-            &format!("SELECT {SESSION_COLUMNS} FROM sessions WHERE id = $1"),
+    let rows = c
+        .query(
+            &format!(
+                "SELECT {RECORD_COLUMNS} FROM sessions s
+                 LEFT JOIN resources r ON r.session_id = s.id
+                 WHERE s.id = $1"
+            ),
             &[&id],
         )
         .await
         .map_err(unavailable)?;
-    match row {
-        Some(row) => load_record(c, &row).await.map(Some),
-        None => Ok(None),
-    }
+    Ok(records(&rows)?.pop())
 }
 
 fn resource_key(r: &Resource) -> (i32, i64) {
@@ -158,8 +230,8 @@ impl Store for PostgresStore {
             let inserted = tx
                 .execute(
                     "INSERT INTO sessions (id, tenant, status, started_at, expires_at, last_seen_at,
-                                           metadata, room_provider, room_name)
-                     VALUES ($1, $2, 'started', $3, $4, $3, $5, $6, $7)",
+                                           metadata, room_provider, room_name, node)
+                     VALUES ($1, $2, 'started', $3, $4, $3, $5, $6, $7, $8)",
                     &[
                         &new.id.to_string(),
                         &new.tenant,
@@ -168,6 +240,7 @@ impl Store for PostgresStore {
                         &new.metadata,
                         &new.room.as_ref().map(|r| r.provider.as_str()),
                         &new.room.as_ref().map(|r| r.name.as_str()),
+                        &new.node,
                     ],
                 )
                 .await;
@@ -195,22 +268,23 @@ impl Store for PostgresStore {
             // Lock the started session: an end waits for this attach, or refuses it.
             let started = tx
                 .query_opt(
-                    "SELECT 1 FROM sessions WHERE id = $1 AND status = 'started' FOR UPDATE",
+                    "SELECT node FROM sessions WHERE id = $1 AND status = 'started' FOR UPDATE",
                     &[&id_text],
                 )
                 .await
                 .map_err(unavailable)?;
-            if started.is_none() {
+            let Some(started) = started else {
                 return Ok(AttachOutcome::Refused);
-            }
+            };
+            let node: String = started.get(0);
             let (kind, handle) = resource_key(&resource);
             let n = tx
                 .execute(
-                    "INSERT INTO resources (session_id, seq, kind, handle, state)
-                     SELECT $1, COALESCE((SELECT MAX(seq) + 1 FROM resources WHERE session_id = $1), 0), $2, $3, 'held'
+                    "INSERT INTO resources (session_id, seq, kind, handle, state, node)
+                     SELECT $1, COALESCE((SELECT MAX(seq) + 1 FROM resources WHERE session_id = $1), 0), $2, $3, 'held', $5
                      WHERE (SELECT COUNT(*) FROM resources WHERE session_id = $1) < $4
                        AND NOT EXISTS (SELECT 1 FROM resources WHERE session_id = $1 AND kind = $2 AND handle = $3)",
-                    &[&id_text, &kind, &handle, &(session_lifecycle::MAX_RESOURCES as i64)],
+                    &[&id_text, &kind, &handle, &(session_lifecycle::MAX_RESOURCES as i64), &node],
                 )
                 .await
                 .map_err(unavailable)?;
@@ -242,10 +316,14 @@ impl Store for PostgresStore {
                 .await
                 .map_err(unavailable)?;
             let transition = if n == 1 {
+                // The owning node hears of its releases when this commits.
                 tx.execute(
-                    "UPDATE resources SET state = 'pending', attempts = 0, retry_at = $2
-                     WHERE session_id = $1 AND state = 'held'",
-                    &[&id_text, &ms(now)],
+                    "WITH due AS (
+                        UPDATE resources SET state = 'pending', attempts = 0, retry_at = $2
+                        WHERE session_id = $1 AND state = 'held'
+                        RETURNING node)
+                     SELECT pg_notify($3, node) FROM (SELECT DISTINCT node FROM due) AS nodes",
+                    &[&id_text, &ms(now), &RELEASES_CHANNEL],
                 )
                 .await
                 .map_err(unavailable)?;
@@ -276,26 +354,29 @@ impl Store for PostgresStore {
             let rows = client
                 .query(
                     &format!(
-                        "SELECT {SESSION_COLUMNS} FROM sessions
-                         WHERE ($1::TEXT IS NULL OR tenant = $1)
-                           AND ($2::TEXT IS NULL OR status = $2)
-                           AND ($3::TEXT IS NULL OR id < $3)
-                         ORDER BY id DESC LIMIT $4"
+                        "WITH page AS (
+                            SELECT id FROM sessions
+                            WHERE ($1::TEXT IS NULL OR tenant = $1)
+                              AND ($2::TEXT IS NULL OR status = $2)
+                              AND ($3::TEXT IS NULL OR id < $3)
+                              AND ($5::TEXT IS NULL OR node = $5)
+                            ORDER BY id DESC LIMIT $4)
+                         SELECT {RECORD_COLUMNS} FROM page
+                         JOIN sessions s ON s.id = page.id
+                         LEFT JOIN resources r ON r.session_id = s.id
+                         ORDER BY s.id DESC"
                     ),
                     &[
                         &query.tenant,
                         &status,
                         &query.before.map(|b| b.to_string()),
                         &i64::from(query.limit),
+                        &query.node,
                     ],
                 )
                 .await
                 .map_err(unavailable)?;
-            let mut out = Vec::with_capacity(rows.len());
-            for row in &rows {
-                out.push(load_record(&client, row).await?);
-            }
-            Ok(out)
+            records(&rows)
         })
     }
 
@@ -362,12 +443,12 @@ impl Store for PostgresStore {
 
     fn claim_releases(
         &self,
-        owner: &str,
+        node: &str,
         now: Timestamp,
         lease: Duration,
         limit: u32,
     ) -> BoxFuture<'_, Result<Vec<ReleaseIntent>, StoreError>> {
-        let owner = owner.to_owned();
+        let node = node.to_owned();
         Box::pin(async move {
             let client = self.client().await?;
             let rows = client
@@ -375,12 +456,12 @@ impl Store for PostgresStore {
                     "UPDATE resources SET claimed_by = $2, claimed_until = $1 + $3
                      WHERE (session_id, seq) IN (
                         SELECT session_id, seq FROM resources
-                        WHERE state = 'pending' AND retry_at <= $1
+                        WHERE state = 'pending' AND node = $2 AND retry_at <= $1
                           AND (claimed_until IS NULL OR claimed_until <= $1)
                         ORDER BY retry_at LIMIT $4
                         FOR UPDATE SKIP LOCKED)
                      RETURNING session_id, kind, handle, attempts",
-                    &[&ms(now), &owner, &duration_ms(lease), &i64::from(limit)],
+                    &[&ms(now), &node, &duration_ms(lease), &i64::from(limit)],
                 )
                 .await
                 .map_err(unavailable)?;
@@ -408,7 +489,9 @@ impl Store for PostgresStore {
             let (kind, handle) = resource_key(&intent.resource);
             client
                 .execute(
-                    "UPDATE resources SET state = 'released', released_at = $4, note = $5,
+                    "UPDATE resources SET state = 'released', released_at = $4,
+                            note = CASE WHEN lost_at IS NULL THEN $5
+                                        ELSE note || '; released when the node returned: ' || $5 END,
                             retry_at = NULL, claimed_by = NULL, claimed_until = NULL
                      WHERE session_id = $1 AND kind = $2 AND handle = $3 AND state = 'pending'",
                     &[&intent.session.to_string(), &kind, &handle, &ms(now), &note],
@@ -447,18 +530,113 @@ impl Store for PostgresStore {
         })
     }
 
-    fn drop_claims(&self, owner: &str) -> BoxFuture<'_, Result<(), StoreError>> {
-        let owner = owner.to_owned();
+    fn drop_claims(&self, node: &str) -> BoxFuture<'_, Result<(), StoreError>> {
+        let node = node.to_owned();
         Box::pin(async move {
             let client = self.client().await?;
             client
                 .execute(
                     "UPDATE resources SET claimed_by = NULL, claimed_until = NULL WHERE claimed_by = $1",
-                    &[&owner],
+                    &[&node],
                 )
                 .await
                 .map_err(unavailable)?;
             Ok(())
+        })
+    }
+
+    fn node_alive(&self, node: &str, now: Timestamp) -> BoxFuture<'_, Result<(), StoreError>> {
+        let node = node.to_owned();
+        Box::pin(async move {
+            let client = self.client().await?;
+            client
+                .execute(
+                    "INSERT INTO nodes (id, last_heartbeat_at) VALUES ($1, $2)
+                     ON CONFLICT (id) DO UPDATE
+                     SET last_heartbeat_at = GREATEST(nodes.last_heartbeat_at, excluded.last_heartbeat_at)",
+                    &[&node, &ms(now)],
+                )
+                .await
+                .map_err(unavailable)?;
+            Ok(())
+        })
+    }
+
+    fn end_dead_nodes(
+        &self,
+        except: &str,
+        now: Timestamp,
+        node_timeout: Duration,
+        limit: u32,
+    ) -> BoxFuture<'_, Result<Vec<SessionId>, StoreError>> {
+        let except = except.to_owned();
+        Box::pin(async move {
+            let mut client = self.client().await?;
+            let tx = client.transaction().await.map_err(unavailable)?;
+            // Row locks on the dead nodes: two sweepers taking over at once take turns.
+            let dead = tx
+                .query(
+                    "SELECT id FROM nodes WHERE id <> $1 AND last_heartbeat_at <= $2::BIGINT - $3::BIGINT
+                     ORDER BY id FOR UPDATE",
+                    &[&except, &ms(now), &duration_ms(node_timeout)],
+                )
+                .await
+                .map_err(unavailable)?;
+            let mut ended = Vec::new();
+            for row in dead {
+                let node: String = row.get(0);
+                let room = i64::from(limit).saturating_sub(ended.len() as i64);
+                let ids = tx
+                    .query(
+                        "UPDATE sessions SET status = 'ended', ended_at = GREATEST($2, started_at),
+                                end_reason = 'orphaned'
+                         WHERE id IN (SELECT id FROM sessions
+                                      WHERE node = $1 AND status = 'started'
+                                      ORDER BY id LIMIT $3 FOR UPDATE)
+                           AND status = 'started'
+                         RETURNING id",
+                        &[&node, &ms(now), &room],
+                    )
+                    .await
+                    .map_err(unavailable)?;
+                let ids: Vec<String> = ids.iter().map(|r| r.get(0)).collect();
+                tx.execute(
+                    "UPDATE resources SET state = 'pending', attempts = 0, retry_at = $2
+                     WHERE session_id = ANY($1) AND state = 'held'",
+                    &[&ids, &ms(now)],
+                )
+                .await
+                .map_err(unavailable)?;
+                tx.execute(
+                    "UPDATE resources SET lost_at = $2, note = 'lost with node ' || node
+                     WHERE node = $1 AND state = 'pending' AND lost_at IS NULL",
+                    &[&node, &ms(now)],
+                )
+                .await
+                .map_err(unavailable)?;
+                for id in &ids {
+                    ended.push(parse_id(id)?);
+                }
+            }
+            tx.commit().await.map_err(unavailable)?;
+            Ok(ended)
+        })
+    }
+
+    fn watch_releases<'a>(
+        &'a self,
+        node: &'a str,
+        wake: &'a (dyn Fn() + Send + Sync),
+    ) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            loop {
+                if let Err(e) = self.listen(node, wake).await {
+                    tracing::warn!(error = %e, "listening for releases failed; reconnecting");
+                }
+                // Whatever was notified while not listening is found by this wake-up.
+                wake();
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
         })
     }
 

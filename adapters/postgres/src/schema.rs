@@ -3,7 +3,8 @@
 use session_lifecycle_runtime::StoreError;
 use tokio_postgres::Client;
 
-/// Migration `i` takes the schema from version `i` to `i + 1`.
+/// Migration `i` takes the schema from version `i` to `i + 1`: 1, sessions, resources and
+/// rooms; 2, nodes (which node runs each session and holds each resource, heartbeats).
 const MIGRATIONS: &[&str] = &["
     CREATE TABLE sessions (
         id            TEXT PRIMARY KEY,
@@ -62,6 +63,16 @@ const MIGRATIONS: &[&str] = &["
         PRIMARY KEY (session_id, identity)
     );
     CREATE INDEX room_participants_present ON room_participants (session_id) WHERE present;
+", "
+    ALTER TABLE sessions ADD COLUMN node TEXT NOT NULL DEFAULT 'local';
+    ALTER TABLE resources ADD COLUMN node TEXT NOT NULL DEFAULT 'local';
+    ALTER TABLE resources ADD COLUMN lost_at BIGINT;
+    CREATE INDEX sessions_started_by_node ON sessions (node) WHERE status = 'started';
+    CREATE INDEX resources_pending_by_node ON resources (node, retry_at) WHERE state = 'pending';
+    CREATE TABLE nodes (
+        id                TEXT PRIMARY KEY,
+        last_heartbeat_at BIGINT NOT NULL
+    );
 "];
 
 /// The schema version this code writes.

@@ -7,77 +7,8 @@
 use std::sync::Arc;
 
 use session_lifecycle_postgres::PostgresStore;
+use session_lifecycle_postgres::testing::{TestDb, connect, pg_url};
 use session_lifecycle_runtime::conformance;
-
-/// A fresh database for one test; dropped when the guard goes.
-struct TestDb {
-    admin_url: String,
-    name: String,
-    url: String,
-}
-
-fn pg_url() -> Option<String> {
-    match std::env::var("SESSION_LIFECYCLE_PG_URL") {
-        Ok(url) if !url.is_empty() => Some(url),
-        _ => {
-            assert!(
-                std::env::var("SESSION_LIFECYCLE_REQUIRE_PG").as_deref() != Ok("1"),
-                "SESSION_LIFECYCLE_REQUIRE_PG=1 but SESSION_LIFECYCLE_PG_URL is not set"
-            );
-            eprintln!("skipped: SESSION_LIFECYCLE_PG_URL is not set");
-            None
-        }
-    }
-}
-
-async fn admin(url: &str) -> tokio_postgres::Client {
-    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-        .await
-        .unwrap_or_else(|e| panic!("cannot reach PostgreSQL at {url}: {e}"));
-    tokio::spawn(connection);
-    client
-}
-
-impl TestDb {
-    async fn create(admin_url: &str) -> TestDb {
-        let mut bytes = [0u8; 8];
-        getrandom::fill(&mut bytes).unwrap();
-        let name = format!("sl_test_{}", u64::from_le_bytes(bytes));
-        admin(admin_url)
-            .await
-            .batch_execute(&format!("CREATE DATABASE {name}"))
-            .await
-            .unwrap();
-        let mut config: tokio_postgres::Config = admin_url.parse().unwrap();
-        config.dbname(&name);
-        let url = format!(
-            "postgres://{}@{}:{}/{name}",
-            config.get_user().unwrap_or("postgres"),
-            match &config.get_hosts()[0] {
-                tokio_postgres::config::Host::Tcp(h) => h.clone(),
-                #[allow(unreachable_patterns)]
-                _ => "127.0.0.1".to_owned(),
-            },
-            config.get_ports().first().copied().unwrap_or(5432)
-        );
-        TestDb {
-            admin_url: admin_url.to_owned(),
-            name,
-            url,
-        }
-    }
-
-    async fn drop_db(self) {
-        admin(&self.admin_url)
-            .await
-            .batch_execute(&format!(
-                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-                self.name
-            ))
-            .await
-            .unwrap();
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_passes_the_conformance_suite() {
@@ -102,7 +33,7 @@ async fn migrations_run_from_several_instances_at_once() {
     for t in tasks {
         t.await.unwrap().unwrap();
     }
-    let version: i32 = admin(&db.url)
+    let version: i32 = connect(&db.url)
         .await
         .query_one("SELECT version FROM schema_version", &[])
         .await

@@ -33,6 +33,9 @@ fn fresh_tenant() -> String {
     format!("tenant-{:x}", random() as u64)
 }
 
+/// The node the suite's sessions run on, unless a check says otherwise.
+const NODE: &str = "a";
+
 fn new_session(tenant: &str, started: Timestamp, lifetime: Duration) -> NewSession {
     NewSession {
         id: SessionId::from_ulid_parts(started, random()),
@@ -42,6 +45,7 @@ fn new_session(tenant: &str, started: Timestamp, lifetime: Duration) -> NewSessi
         metadata: None,
         room: None,
         max_concurrent: None,
+        node: NODE.to_owned(),
     }
 }
 
@@ -78,6 +82,7 @@ pub async fn run_all(store: Arc<dyn Store>) {
     due_finds_expired_and_orphaned(&*store).await;
     plan_limit_is_enforced(&*store).await;
     concurrent_ends_commit_once(Arc::clone(&store)).await;
+    nodes_own_releases_and_dead_nodes_are_taken_over(&*store).await;
     room_events_track_presence(&*store).await;
     store.ping().await.expect("ping");
 }
@@ -154,6 +159,7 @@ pub async fn list_is_newest_first_tenant_scoped_and_paged(store: &dyn Store) {
         status,
         limit,
         before,
+        node: None,
     };
     let all = store.list(query(None, 100, None)).await.expect("list");
     let got: Vec<SessionId> = all.iter().map(|r| *r.session.id()).collect();
@@ -306,7 +312,7 @@ pub async fn release_claims_lease_retry_and_complete(store: &dyn Store) {
     assert!(claimed.iter().all(|i| i.attempts == 0));
     let again = mine(
         store
-            .claim_releases("b", at(2), lease, 10_000)
+            .claim_releases(NODE, at(2), lease, 10_000)
             .await
             .expect("claim"),
     );
@@ -363,16 +369,16 @@ pub async fn release_claims_lease_retry_and_complete(store: &dyn Store) {
     assert_eq!(retry.len(), 1);
     assert_eq!((retry[0].resource, retry[0].attempts), (res(11), 1));
 
-    // The owner died: its lease runs out and another worker takes over.
+    // The worker died: its lease runs out and another worker of the node takes over.
     let takeover = mine(
         store
-            .claim_releases("b", at(80), lease, 10_000)
+            .claim_releases(NODE, at(80), lease, 10_000)
             .await
             .expect("claim"),
     );
     assert_eq!(takeover.len(), 1, "an expired claim is taken over");
-    // Or the owner restarts and drops its claims at once.
-    store.drop_claims("b").await.expect("drop");
+    // Or the node restarts and drops its claims at once.
+    store.drop_claims(NODE).await.expect("drop");
     let back = mine(
         store
             .claim_releases("a", at(81), lease, 10_000)
@@ -702,5 +708,171 @@ pub async fn room_events_track_presence(store: &dyn Store) {
             .expect("event")
             .expect("fresh")
             .is_empty()
+    );
+}
+
+/// Releases run on the node that holds the resources; a node whose heartbeat lapsed has
+/// its started sessions ended `orphaned` by another node, and its unreleased resources
+/// recorded as lost with it, still owed by it; when it returns it claims them.
+pub async fn nodes_own_releases_and_dead_nodes_are_taken_over(store: &dyn Store) {
+    let (na, nb) = (
+        format!("node-{:x}", random() as u64),
+        format!("node-{:x}", random() as u64),
+    );
+    let tenant = fresh_tenant();
+    let on = |node: &str, handle: u64| {
+        let mut new = new_session(&tenant, at(0), Duration::from_secs(3600));
+        new.node = node.to_owned();
+        (new, res(handle))
+    };
+    let lease = Duration::from_secs(60);
+    let claim = |node: String, t: Timestamp, ids: Vec<SessionId>| async move {
+        let mut got: Vec<(SessionId, u64)> = store
+            .claim_releases(&node, t, lease, 10_000)
+            .await
+            .expect("claim")
+            .into_iter()
+            .filter(|i| ids.contains(&i.session))
+            .map(|i| (i.session, i.resource.handle))
+            .collect();
+        got.sort();
+        got
+    };
+    store.node_alive(&na, at(0)).await.expect("heartbeat");
+    store.node_alive(&nb, at(0)).await.expect("heartbeat");
+    let (s1, r1) = on(&na, 1);
+    let (s2, r2) = on(&na, 2);
+    let (s3, r3) = on(&nb, 3);
+    for (s, r) in [(&s1, r1), (&s2, r2), (&s3, r3)] {
+        create(store, s).await;
+        assert_eq!(
+            store.attach(s.id, r).await.expect("attach"),
+            AttachOutcome::Attached
+        );
+    }
+    let ids = vec![s1.id, s2.id, s3.id];
+
+    // Listing by node.
+    let listed: Vec<SessionId> = store
+        .list(ListQuery {
+            tenant: Some(tenant.clone()),
+            status: Some(Status::Started),
+            limit: 10,
+            before: None,
+            node: Some(na.clone()),
+        })
+        .await
+        .expect("list")
+        .iter()
+        .map(|r| *r.session.id())
+        .collect();
+    assert_eq!(listed.len(), 2);
+    assert!(listed.contains(&s1.id) && listed.contains(&s2.id));
+
+    // Any instance ends s1; only its node claims the release.
+    store
+        .end(s1.id, at(1), EndReason::Requested)
+        .await
+        .expect("end");
+    assert!(
+        claim(nb.clone(), at(1), ids.clone()).await.is_empty(),
+        "another node never claims a release it cannot run"
+    );
+    assert_eq!(claim(na.clone(), at(1), ids.clone()).await, [(s1.id, 1)]);
+    store.drop_claims(&na).await.expect("drop");
+
+    // na stops heartbeating; nb stays alive.
+    store.node_alive(&nb, at(100)).await.expect("heartbeat");
+    let timeout = Duration::from_secs(30);
+    let ended = store
+        .end_dead_nodes(&nb, at(20), timeout, 1000)
+        .await
+        .expect("takeover");
+    assert!(
+        !ended.iter().any(|id| ids.contains(id)),
+        "not dead before the timeout"
+    );
+    let ended = store
+        .end_dead_nodes(&nb, at(100), timeout, 1000)
+        .await
+        .expect("takeover");
+    assert_eq!(
+        ended.iter().filter(|id| ids.contains(id)).count(),
+        1,
+        "the dead node's started session, once"
+    );
+    assert!(ended.contains(&s2.id));
+    let r = get(store, s2.id).await;
+    assert_eq!(r.session.status(), Status::Ended);
+    assert_eq!(r.session.end_reason(), Some(EndReason::Orphaned));
+    assert_eq!(r.session.ended_at(), Some(at(100)));
+    assert!(
+        r.release_notes
+            .iter()
+            .any(|(res, note)| *res == r2 && note.contains("lost with node")),
+        "the dead node's resource is recorded as lost: {:?}",
+        r.release_notes
+    );
+    let r = get(store, s1.id).await;
+    assert!(
+        r.release_notes.iter().any(|(res, _)| *res == r1),
+        "an unreleased resource of an ended session is lost too"
+    );
+    assert_eq!(
+        get(store, s3.id).await.session.status(),
+        Status::Started,
+        "a live node keeps its sessions"
+    );
+    assert!(
+        store
+            .end_dead_nodes(&nb, at(110), timeout, 1000)
+            .await
+            .expect("takeover")
+            .iter()
+            .all(|id| !ids.contains(id)),
+        "a takeover happens once"
+    );
+    assert!(
+        claim(nb.clone(), at(110), ids.clone()).await.is_empty(),
+        "lost resources cannot be freed from elsewhere"
+    );
+
+    // na returns with its id: it is alive again and settles what it owes.
+    store.node_alive(&na, at(200)).await.expect("heartbeat");
+    let owed = claim(na.clone(), at(200), ids.clone()).await;
+    let mut want = vec![(s1.id, 1), (s2.id, 2)];
+    want.sort();
+    assert_eq!(owed, want);
+    for (id, handle) in owed {
+        store
+            .complete_release(
+                crate::ReleaseIntent {
+                    session: id,
+                    resource: res(handle),
+                    attempts: 0,
+                },
+                at(201),
+                "sigterm".to_owned(),
+            )
+            .await
+            .expect("complete");
+    }
+    let r = get(store, s2.id).await;
+    assert!(r.session.is_fully_released());
+    assert!(
+        r.release_notes
+            .iter()
+            .any(|(_, note)| note.contains("lost with node") && note.contains("sigterm")),
+        "{:?}",
+        r.release_notes
+    );
+    assert!(
+        store
+            .end_dead_nodes(&nb, at(210), timeout, 1000)
+            .await
+            .expect("takeover")
+            .iter()
+            .all(|id| !ids.contains(id)),
+        "a returned node is alive"
     );
 }

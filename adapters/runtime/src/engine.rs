@@ -30,8 +30,19 @@ pub struct EngineConfig {
     /// Timeouts: orphan timeout, sweep interval, release backoff. (The in-memory
     /// retention does not apply: the store answers repeated ends.)
     pub policy: Policy,
-    /// Who claims release intents: unique per running instance of a node.
-    pub owner: String,
+    /// This node's id. Sessions started here run here, their resources are held here and
+    /// only this node releases them. Keep it across restarts: a node that comes back with
+    /// its id settles the releases it still owes. Unique among the instances sharing a
+    /// store.
+    pub node: String,
+    /// How often this node records that it is alive.
+    pub node_heartbeat: Duration,
+    /// A node whose last heartbeat is this old is dead: any other instance's sweep ends its
+    /// started sessions (`orphaned`) and records its resources as lost with it.
+    pub node_timeout: Duration,
+    /// How often the release worker looks for due releases on its own, besides being woken
+    /// by ends here and by the store's notifications of ends elsewhere.
+    pub release_poll: Duration,
     /// How long a claim on a release intent lasts; longer than any release takes (a
     /// graceful process stop is 10 s by default).
     pub release_lease: Duration,
@@ -48,7 +59,10 @@ impl Default for EngineConfig {
     fn default() -> Self {
         EngineConfig {
             policy: Policy::DEFAULT,
-            owner: "local".to_owned(),
+            node: "local".to_owned(),
+            node_heartbeat: Duration::from_secs(5),
+            node_timeout: Duration::from_secs(30),
+            release_poll: Duration::from_secs(2),
             release_lease: Duration::from_secs(60),
             release_batch: 256,
             sweep_batch: 1024,
@@ -196,8 +210,10 @@ impl Background {
 
 impl Engine {
     /// Opens an engine over `store` and `backends` (acquired in this order at start).
-    /// Recovers what a previous run of the same owner left: claims it held are dropped so
-    /// their releases run again, and started sessions get their timers back.
+    /// Registers the node as alive, then recovers what a previous run of the same node
+    /// left: claims it held are dropped, its started sessions get their timers back,
+    /// resources acquired just before a crash are adopted, and every release it still owes
+    /// (including those recorded as lost while it was away) runs before this returns.
     pub async fn open(
         store: Arc<dyn Store>,
         backends: Vec<Arc<dyn ResourceBackend>>,
@@ -237,7 +253,11 @@ impl Engine {
 
     async fn recover(&self) -> Result<(), EngineError> {
         let inner = &self.inner;
-        inner.store.drop_claims(&inner.config.owner).await?;
+        inner
+            .store
+            .node_alive(&inner.config.node, inner.clock.now())
+            .await?;
+        inner.store.drop_claims(&inner.config.node).await?;
         let mut started = Vec::new();
         let mut before = None;
         loop {
@@ -248,6 +268,7 @@ impl Engine {
                     status: Some(Status::Started),
                     limit: 500,
                     before,
+                    node: Some(inner.config.node.clone()),
                 })
                 .await?;
             let Some(last) = page.last() else { break };
@@ -259,7 +280,16 @@ impl Engine {
                 started.push(record.session);
             }
         }
-        self.adopt_untracked(&started).await
+        self.adopt_untracked(&started).await?;
+        let owed = self.release_pass(true).await?;
+        if owed.released + owed.release_failures > 0 {
+            tracing::info!(
+                released = owed.released,
+                failed = owed.release_failures,
+                "settled releases this node owed from its previous run"
+            );
+        }
+        Ok(())
     }
 
     /// Records resources the backends hold for `sessions` that the store does not know
@@ -355,6 +385,7 @@ impl Engine {
                 metadata: request.metadata.clone(),
                 room: request.room.clone(),
                 max_concurrent: request.plan.max_concurrent_sessions,
+                node: inner.config.node.clone(),
             })
             .await?;
         if created == CreateOutcome::LimitReached {
@@ -593,6 +624,9 @@ impl Engine {
         self.timers().handle_timeout(now, &mut due);
         let mut report = DueReport::default();
         for (id, reason) in due.0 {
+            if reason == EndReason::Orphaned && self.alive_elsewhere(id, now).await {
+                continue;
+            }
             match self.end_internal(id, reason).await {
                 Ok((_, Transition::Committed)) => count(&mut report, reason, &self.inner.metrics),
                 Ok(_) | Err(EngineError::NotFound) => {}
@@ -601,6 +635,31 @@ impl Engine {
             }
         }
         report
+    }
+
+    /// Whether a session whose orphan timer fired here had a liveness signal the timer
+    /// did not see (a heartbeat or WebSocket served by another instance). If so its timer
+    /// is set again from the store's record.
+    async fn alive_elsewhere(&self, id: SessionId, now: Timestamp) -> bool {
+        let record = match self.inner.store.get(id).await {
+            Ok(Some(record)) => record,
+            // Gone, or the store is down: end it (or let the sweep retry) as usual.
+            Ok(None) | Err(_) => return false,
+        };
+        let session = record.session;
+        let orphan_at = session
+            .last_seen_at()
+            .saturating_add(self.inner.config.policy.orphan_timeout);
+        if session.status() != Status::Started || orphan_at <= now {
+            return false;
+        }
+        let mut timers = self.timers();
+        // The fired timer left an ended entry that the same timeout pass evicted (retention
+        // is zero); a failure leaves the session to the store sweep.
+        let _ = timers.restore(session);
+        drop(timers);
+        self.inner.timers_changed.notify_one();
+        true
     }
 
     /// Ends what the store says is due: the safety net for lost timers, crashed
@@ -618,6 +677,25 @@ impl Engine {
             }
             drop(timers);
             inner.timers_changed.notify_one();
+        }
+        let taken_over = inner
+            .store
+            .end_dead_nodes(
+                &inner.config.node,
+                now,
+                inner.config.node_timeout,
+                inner.config.sweep_batch,
+            )
+            .await?;
+        if !taken_over.is_empty() {
+            tracing::warn!(
+                sessions = taken_over.len(),
+                "ended the sessions of a dead node (orphaned); its resources are recorded as lost with it"
+            );
+            for _ in &taken_over {
+                count(&mut report, EndReason::Orphaned, &inner.metrics);
+                inner.metrics.session_ended(EndReason::Orphaned);
+            }
         }
         loop {
             let now = inner.clock.now();
@@ -652,7 +730,7 @@ impl Engine {
             let intents = inner
                 .store
                 .claim_releases(
-                    &inner.config.owner,
+                    &inner.config.node,
                     now,
                     inner.config.release_lease,
                     inner.config.release_batch,
@@ -783,11 +861,46 @@ impl Engine {
             loop {
                 tokio::select! {
                     _ = engine.inner.releases_due.notified() => {}
+                    _ = tokio::time::sleep(engine.inner.config.release_poll) => {}
                     _ = stop.wait_for(|stopped| *stopped) => break,
                 }
                 if let Err(e) = engine.release_pass(false).await {
                     tracing::warn!(error = %e, "claiming releases failed");
                 }
+            }
+        }));
+
+        // Heartbeat: other instances take this node's sessions over if it stops.
+        let engine = self.clone();
+        let mut stop = self.inner.stop.subscribe();
+        tasks.push(tokio::spawn(async move {
+            let mut tick = tokio::time::interval(engine.inner.config.node_heartbeat);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = stop.wait_for(|stopped| *stopped) => break,
+                }
+                let inner = &engine.inner;
+                if let Err(e) = inner
+                    .store
+                    .node_alive(&inner.config.node, inner.clock.now())
+                    .await
+                {
+                    tracing::warn!(error = %e, "recording this node's heartbeat failed");
+                }
+            }
+        }));
+
+        // Ends on other instances of this node's sessions, pushed by the store.
+        let engine = self.clone();
+        let mut stop = self.inner.stop.subscribe();
+        tasks.push(tokio::spawn(async move {
+            let inner = &engine.inner;
+            let wake = || inner.releases_due.notify_one();
+            tokio::select! {
+                _ = inner.store.watch_releases(&inner.config.node, &wake) => {}
+                _ = stop.wait_for(|stopped| *stopped) => {}
             }
         }));
 

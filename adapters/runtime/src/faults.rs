@@ -141,15 +141,15 @@ impl Store for FaultyStore {
     }
     fn claim_releases(
         &self,
-        owner: &str,
+        node: &str,
         now: Timestamp,
         lease: Duration,
         limit: u32,
     ) -> BoxFuture<'_, Result<Vec<ReleaseIntent>, StoreError>> {
-        let owner = owner.to_owned();
+        let node = node.to_owned();
         Box::pin(async move {
             self.check()?;
-            self.inner.claim_releases(&owner, now, lease, limit).await
+            self.inner.claim_releases(&node, now, lease, limit).await
         })
     }
     fn complete_release(
@@ -168,12 +168,41 @@ impl Store for FaultyStore {
     ) -> BoxFuture<'_, Result<(), StoreError>> {
         guarded!(self, self.inner.fail_release(intent, retry_at, error))
     }
-    fn drop_claims(&self, owner: &str) -> BoxFuture<'_, Result<(), StoreError>> {
-        let owner = owner.to_owned();
+    fn drop_claims(&self, node: &str) -> BoxFuture<'_, Result<(), StoreError>> {
+        let node = node.to_owned();
         Box::pin(async move {
             self.check()?;
-            self.inner.drop_claims(&owner).await
+            self.inner.drop_claims(&node).await
         })
+    }
+    fn node_alive(&self, node: &str, now: Timestamp) -> BoxFuture<'_, Result<(), StoreError>> {
+        let node = node.to_owned();
+        Box::pin(async move {
+            self.check()?;
+            self.inner.node_alive(&node, now).await
+        })
+    }
+    fn end_dead_nodes(
+        &self,
+        except: &str,
+        now: Timestamp,
+        node_timeout: Duration,
+        limit: u32,
+    ) -> BoxFuture<'_, Result<Vec<SessionId>, StoreError>> {
+        let except = except.to_owned();
+        Box::pin(async move {
+            self.check()?;
+            self.inner
+                .end_dead_nodes(&except, now, node_timeout, limit)
+                .await
+        })
+    }
+    fn watch_releases<'a>(
+        &'a self,
+        node: &'a str,
+        wake: &'a (dyn Fn() + Send + Sync),
+    ) -> BoxFuture<'a, ()> {
+        self.inner.watch_releases(node, wake)
     }
     fn room_event(
         &self,

@@ -58,8 +58,9 @@ pub struct SessionRecord {
     pub metadata: Option<String>,
     /// The video room it is bound to, if any.
     pub room: Option<RoomBinding>,
-    /// What each finished release reported (for example `sigterm` or `sigkill`), in
-    /// acquisition order, for resources that have one.
+    /// Notes on releases, in acquisition order, for resources that have one: what a
+    /// finished release reported (for example `sigterm` or `sigkill`), or that the
+    /// resource was lost with a dead node.
     pub release_notes: Vec<(Resource, String)>,
 }
 
@@ -81,6 +82,9 @@ pub struct NewSession {
     /// The tenant's limit on concurrently started sessions; the create fails with
     /// [`CreateOutcome::LimitReached`] instead of exceeding it.
     pub max_concurrent: Option<u32>,
+    /// The node that runs the session and holds its resources: each resource attached
+    /// later records it, and only that node claims their releases.
+    pub node: String,
 }
 
 /// What [`Store::create`] did.
@@ -124,6 +128,8 @@ pub struct ListQuery {
     pub limit: u32,
     /// Only sessions older than this one (the last id of the previous page).
     pub before: Option<SessionId>,
+    /// Only sessions run by this node.
+    pub node: Option<String>,
 }
 
 /// One verified webhook event of a video room provider.
@@ -257,12 +263,14 @@ pub trait Store: Send + Sync + 'static {
         limit: u32,
     ) -> BoxFuture<'_, Result<Vec<(SessionId, EndReason)>, StoreError>>;
 
-    /// Claims up to `limit` release intents that are due at `now` and not claimed by a
-    /// live lease, for `owner` until `now + lease`. A claimed intent is not handed to
-    /// anyone else until the lease runs out or the owner finishes it.
+    /// Claims up to `limit` release intents of resources held on `node` that are due at
+    /// `now` and not claimed by a live lease, for `node` until `now + lease`. A claimed
+    /// intent is not handed to anyone else until the lease runs out or the node finishes
+    /// it. Resources recorded as lost with a dead node are still owed by that node, and
+    /// offered to it when it returns.
     fn claim_releases(
         &self,
-        owner: &str,
+        node: &str,
         now: Timestamp,
         lease: Duration,
         limit: u32,
@@ -284,9 +292,39 @@ pub trait Store: Send + Sync + 'static {
         error: String,
     ) -> BoxFuture<'_, Result<(), StoreError>>;
 
-    /// Drops every claim `owner` holds (after a restart of that owner, whose in-flight
+    /// Drops every claim `node` holds (after a restart of that node, whose in-flight
     /// releases died with it), so they are due again at once.
-    fn drop_claims(&self, owner: &str) -> BoxFuture<'_, Result<(), StoreError>>;
+    fn drop_claims(&self, node: &str) -> BoxFuture<'_, Result<(), StoreError>>;
+
+    /// Records that `node` is alive at `now` (its heartbeat), registering it if it is new.
+    /// A node that was declared dead is alive again from this call on.
+    fn node_alive(&self, node: &str, now: Timestamp) -> BoxFuture<'_, Result<(), StoreError>>;
+
+    /// Takes over from dead nodes: every node other than `except` whose last heartbeat is
+    /// `node_timeout` or more before `now`. Ends up to `limit` of their started sessions
+    /// with `orphaned` (their releases become due), and records every resource they hold
+    /// and have not released as lost with that node: it cannot be freed from elsewhere,
+    /// so it stays owed by that node. Returns the sessions it ended.
+    fn end_dead_nodes(
+        &self,
+        except: &str,
+        now: Timestamp,
+        node_timeout: Duration,
+        limit: u32,
+    ) -> BoxFuture<'_, Result<Vec<SessionId>, StoreError>>;
+
+    /// Runs until dropped, calling `wake` whenever a release for `node` may have become
+    /// due because another instance ended one of its sessions. A store shared by several
+    /// instances pushes these (PostgreSQL: `LISTEN`); the engine also polls, so the
+    /// default, which never wakes, is correct for a store used by one instance.
+    fn watch_releases<'a>(
+        &'a self,
+        node: &'a str,
+        wake: &'a (dyn Fn() + Send + Sync),
+    ) -> BoxFuture<'a, ()> {
+        let _ = (node, wake);
+        Box::pin(std::future::pending())
+    }
 
     /// Applies a room event to the started sessions bound to its room, once: `None` if an
     /// event with this id was applied before. A participant's presence follows its latest

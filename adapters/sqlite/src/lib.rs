@@ -18,6 +18,8 @@
 
 mod schema;
 
+pub use schema::SCHEMA_VERSION;
+
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -180,7 +182,12 @@ impl SqliteStore {
                     c
                 }
             };
+            // One snapshot for the whole read: a session row and its resources' rows are
+            // read by separate statements, and a write committed between them must not
+            // show half of itself.
+            conn.execute_batch("BEGIN").map_err(unavailable)?;
             let result = f(&conn);
+            conn.execute_batch("COMMIT").map_err(unavailable)?;
             if let Ok(mut pool) = inner.readers.lock()
                 && pool.len() < 8
             {
@@ -362,8 +369,8 @@ impl Store for SqliteStore {
             let inserted = c
                 .prepare_cached(
                     "INSERT INTO sessions (id, tenant, status, started_at, expires_at, last_seen_at,
-                                           metadata, room_provider, room_name)
-                     VALUES (?1, ?2, 'started', ?3, ?4, ?3, ?5, ?6, ?7)",
+                                           metadata, room_provider, room_name, node)
+                     VALUES (?1, ?2, 'started', ?3, ?4, ?3, ?5, ?6, ?7, ?8)",
                 )
                 .and_then(|mut s| {
                     s.execute(params![
@@ -373,7 +380,8 @@ impl Store for SqliteStore {
                         ms(new.expires_at.max(new.started_at)),
                         new.metadata,
                         new.room.as_ref().map(|r| r.provider.as_str()),
-                        new.room.as_ref().map(|r| r.name.as_str())
+                        new.room.as_ref().map(|r| r.name.as_str()),
+                        new.node
                     ])
                 });
             match inserted {
@@ -397,9 +405,9 @@ impl Store for SqliteStore {
             let (kind, handle) = resource_key(&resource);
             let n = c
                 .prepare_cached(
-                    "INSERT INTO resources (session_id, seq, kind, handle, state)
+                    "INSERT INTO resources (session_id, seq, kind, handle, state, node)
                      SELECT ?1, COALESCE((SELECT MAX(seq) + 1 FROM resources WHERE session_id = ?1), 0),
-                            ?2, ?3, 'held'
+                            ?2, ?3, 'held', (SELECT node FROM sessions WHERE id = ?1)
                      WHERE EXISTS (SELECT 1 FROM sessions WHERE id = ?1 AND status = 'started')
                        AND (SELECT COUNT(*) FROM resources WHERE session_id = ?1) < ?4
                        AND NOT EXISTS (SELECT 1 FROM resources
@@ -468,6 +476,7 @@ impl Store for SqliteStore {
                      WHERE (?1 IS NULL OR tenant = ?1)
                        AND (?2 IS NULL OR status = ?2)
                        AND (?3 IS NULL OR id < ?3)
+                       AND (?5 IS NULL OR node = ?5)
                      ORDER BY id DESC LIMIT ?4"
                 ))
                 .map_err(db)?;
@@ -476,7 +485,8 @@ impl Store for SqliteStore {
                     query.tenant,
                     status,
                     query.before.map(|b| b.to_string()),
-                    i64::from(query.limit)
+                    i64::from(query.limit),
+                    query.node
                 ])
                 .map_err(db)?;
             let mut out = Vec::new();
@@ -554,12 +564,12 @@ impl Store for SqliteStore {
 
     fn claim_releases(
         &self,
-        owner: &str,
+        node: &str,
         now: Timestamp,
         lease: Duration,
         limit: u32,
     ) -> BoxFuture<'_, Result<Vec<ReleaseIntent>, StoreError>> {
-        let owner = owner.to_owned();
+        let node = node.to_owned();
         Box::pin(self.write(move |c| {
             let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX / 2);
             let mut stmt = c
@@ -567,14 +577,14 @@ impl Store for SqliteStore {
                     "UPDATE resources SET claimed_by = ?2, claimed_until = ?1 + ?3
                      WHERE rowid IN (
                         SELECT rowid FROM resources
-                        WHERE state = 'pending' AND retry_at <= ?1
+                        WHERE state = 'pending' AND node = ?2 AND retry_at <= ?1
                           AND (claimed_until IS NULL OR claimed_until <= ?1)
                         ORDER BY retry_at LIMIT ?4)
                      RETURNING session_id, kind, handle, attempts",
                 )
                 .map_err(db)?;
             let mut rows = stmt
-                .query(params![ms(now), owner, lease_ms, i64::from(limit)])
+                .query(params![ms(now), node, lease_ms, i64::from(limit)])
                 .map_err(db)?;
             let mut out = Vec::new();
             while let Some(r) = rows.next().map_err(db)? {
@@ -599,7 +609,9 @@ impl Store for SqliteStore {
         Box::pin(self.write(move |c| {
             let (kind, handle) = resource_key(&intent.resource);
             c.prepare_cached(
-                "UPDATE resources SET state = 'released', released_at = ?4, note = ?5,
+                "UPDATE resources SET state = 'released', released_at = ?4,
+                        note = CASE WHEN lost_at IS NULL THEN ?5
+                                    ELSE note || '; released when the node returned: ' || ?5 END,
                         retry_at = NULL, claimed_by = NULL, claimed_until = NULL
                  WHERE session_id = ?1 AND kind = ?2 AND handle = ?3 AND state = 'pending'",
             )
@@ -644,15 +656,84 @@ impl Store for SqliteStore {
         }))
     }
 
-    fn drop_claims(&self, owner: &str) -> BoxFuture<'_, Result<(), StoreError>> {
-        let owner = owner.to_owned();
+    fn drop_claims(&self, node: &str) -> BoxFuture<'_, Result<(), StoreError>> {
+        let node = node.to_owned();
         Box::pin(self.write(move |c| {
             c.prepare_cached(
                 "UPDATE resources SET claimed_by = NULL, claimed_until = NULL WHERE claimed_by = ?1",
             )
-            .and_then(|mut s| s.execute([owner]))
+            .and_then(|mut s| s.execute([node]))
             .map_err(db)?;
             Ok(())
+        }))
+    }
+
+    fn node_alive(&self, node: &str, now: Timestamp) -> BoxFuture<'_, Result<(), StoreError>> {
+        let node = node.to_owned();
+        Box::pin(self.write(move |c| {
+            c.prepare_cached(
+                "INSERT INTO nodes (id, last_heartbeat_at) VALUES (?1, ?2)
+                 ON CONFLICT (id) DO UPDATE
+                 SET last_heartbeat_at = MAX(last_heartbeat_at, excluded.last_heartbeat_at)",
+            )
+            .and_then(|mut s| s.execute(params![node, ms(now)]))
+            .map_err(db)?;
+            Ok(())
+        }))
+    }
+
+    fn end_dead_nodes(
+        &self,
+        except: &str,
+        now: Timestamp,
+        node_timeout: Duration,
+        limit: u32,
+    ) -> BoxFuture<'_, Result<Vec<SessionId>, StoreError>> {
+        let except = except.to_owned();
+        let timeout_ms = i64::try_from(node_timeout.as_millis()).unwrap_or(i64::MAX / 2);
+        Box::pin(self.write(move |c| {
+            let dead: Vec<String> = c
+                .prepare_cached(
+                    "SELECT id FROM nodes WHERE id <> ?1 AND last_heartbeat_at <= ?2 - ?3",
+                )
+                .and_then(|mut s| {
+                    s.query_map(params![except, ms(now), timeout_ms], |r| r.get(0))?
+                        .collect()
+                })
+                .map_err(db)?;
+            let mut ended = Vec::new();
+            for node in dead {
+                let room = i64::from(limit).saturating_sub(ended.len() as i64);
+                let ids: Vec<String> = c
+                    .prepare_cached(
+                        "UPDATE sessions SET status = 'ended', ended_at = MAX(?2, started_at),
+                                end_reason = 'orphaned'
+                         WHERE id IN (SELECT id FROM sessions
+                                      WHERE node = ?1 AND status = 'started' LIMIT ?3)
+                         RETURNING id",
+                    )
+                    .and_then(|mut s| {
+                        s.query_map(params![node, ms(now), room], |r| r.get(0))?
+                            .collect()
+                    })
+                    .map_err(db)?;
+                for id in &ids {
+                    c.prepare_cached(
+                        "UPDATE resources SET state = 'pending', attempts = 0, retry_at = ?2
+                         WHERE session_id = ?1 AND state = 'held'",
+                    )
+                    .and_then(|mut s| s.execute(params![id, ms(now)]))
+                    .map_err(db)?;
+                    ended.push(parse_id(id)?);
+                }
+                c.prepare_cached(
+                    "UPDATE resources SET lost_at = ?2, note = 'lost with node ' || node
+                     WHERE node = ?1 AND state = 'pending' AND lost_at IS NULL",
+                )
+                .and_then(|mut s| s.execute(params![node, ms(now)]))
+                .map_err(db)?;
+            }
+            Ok(ended)
         }))
     }
 

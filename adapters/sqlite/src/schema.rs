@@ -69,6 +69,16 @@ const MIGRATIONS: &[&str] = &[
      );
      CREATE INDEX room_participants_present ON room_participants (session_id) WHERE present = 1;
      ALTER TABLE sessions ADD COLUMN room_finished INTEGER NOT NULL DEFAULT 0;",
+    // 4: nodes: which node runs each session and holds each resource, and their heartbeats.
+    "ALTER TABLE sessions ADD COLUMN node TEXT NOT NULL DEFAULT 'local';
+     ALTER TABLE resources ADD COLUMN node TEXT NOT NULL DEFAULT 'local';
+     ALTER TABLE resources ADD COLUMN lost_at INTEGER;
+     CREATE INDEX sessions_started_by_node ON sessions (node) WHERE status = 'started';
+     CREATE INDEX resources_pending_by_node ON resources (node, retry_at) WHERE state = 'pending';
+     CREATE TABLE nodes (
+        id                TEXT PRIMARY KEY,
+        last_heartbeat_at INTEGER NOT NULL
+     );",
 ];
 
 /// The schema version this code writes.

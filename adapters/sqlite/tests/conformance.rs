@@ -33,6 +33,7 @@ async fn acknowledged_writes_survive_reopen_and_schema_is_versioned() {
                 metadata: None,
                 room: None,
                 max_concurrent: None,
+                node: "local".to_owned(),
             })
             .await
             .unwrap();
@@ -46,7 +47,7 @@ async fn acknowledged_writes_survive_reopen_and_schema_is_versioned() {
     let version: i64 = conn
         .query_row("SELECT version FROM schema_version", [], |r| r.get(0))
         .unwrap();
-    assert_eq!(version, 3);
+    assert_eq!(version, session_lifecycle_sqlite::SCHEMA_VERSION);
     let mode: String = conn
         .query_row("PRAGMA journal_mode", [], |r| r.get(0))
         .unwrap();

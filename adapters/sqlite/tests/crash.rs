@@ -153,6 +153,7 @@ async fn crash_recovery() {
                 status: Some(Status::Started),
                 limit: 1000,
                 before,
+                node: None,
             })
             .await
             .unwrap();
@@ -188,6 +189,7 @@ async fn crash_recovery() {
                 status: None,
                 limit: 1000,
                 before,
+                node: None,
             })
             .await
             .unwrap();

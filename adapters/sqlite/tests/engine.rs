@@ -215,6 +215,7 @@ async fn failed_acquire_ends_start_failed_and_releases_what_was_acquired() {
             status: None,
             limit: 10,
             before: None,
+            node: None,
         })
         .await
         .unwrap();
@@ -434,6 +435,7 @@ async fn sweeper_ends_and_releases_ten_thousand_orphans_within_the_bound() {
                         metadata: None,
                         room: None,
                         max_concurrent: None,
+                        node: "local".to_owned(),
                     })
                     .await
                     .unwrap();
@@ -466,6 +468,7 @@ async fn sweeper_ends_and_releases_ten_thousand_orphans_within_the_bound() {
                 status: Some(Status::Started),
                 limit: 20_000,
                 before: None,
+                node: None,
             })
             .await
             .unwrap()
@@ -482,6 +485,7 @@ async fn sweeper_ends_and_releases_ten_thousand_orphans_within_the_bound() {
             status: None,
             limit: 20_000,
             before: None,
+            node: None,
         })
         .await
         .unwrap();

@@ -139,6 +139,7 @@ async fn run(plan: FaultPlan) -> u64 {
             status: Some(Status::Started),
             limit: 100,
             before: None,
+            node: None,
         })
         .await
         .unwrap()
@@ -173,6 +174,7 @@ async fn run(plan: FaultPlan) -> u64 {
             status: None,
             limit: 100,
             before: None,
+            node: None,
         })
         .await
         .unwrap()

@@ -37,8 +37,10 @@ struct Cli {
     #[arg(long, env = "SESSIOND_DATABASE", default_value = "./sessiond.db")]
     database: String,
 
-    /// This instance's identity for release claims; unique per instance (default: host
-    /// name and listen port).
+    /// This node's identity: it runs the sessions started here and alone releases their
+    /// resources. Unique per instance sharing a database, and kept across restarts so a
+    /// returning node settles what it owes. Default: `local` on SQLite (one machine), host
+    /// name and listen port on PostgreSQL.
     #[arg(long, env = "SESSIOND_NODE_ID")]
     node_id: Option<String>,
 
@@ -81,6 +83,19 @@ struct Cli {
     /// Seconds between safety sweeps of the store.
     #[arg(long, env = "SESSIOND_SWEEP_INTERVAL_SECS", default_value_t = 15)]
     sweep_interval_secs: u64,
+
+    /// Milliseconds between this node's heartbeats in the store.
+    #[arg(long, env = "SESSIOND_NODE_HEARTBEAT_MS", default_value_t = 5000)]
+    node_heartbeat_ms: u64,
+
+    /// Seconds without a heartbeat after which another instance declares a node dead, ends
+    /// its sessions (`orphaned`) and records its resources as lost with it.
+    #[arg(long, env = "SESSIOND_NODE_TIMEOUT_SECS", default_value_t = 30)]
+    node_timeout_secs: u64,
+
+    /// Milliseconds between looks for due releases, besides the store's notifications.
+    #[arg(long, env = "SESSIOND_RELEASE_POLL_MS", default_value_t = 2000)]
+    release_poll_ms: u64,
 
     /// Longest wait between retries of a failing release, in milliseconds.
     #[arg(long, env = "SESSIOND_RELEASE_BACKOFF_MAX_MS", default_value_t = 8000)]
@@ -310,24 +325,36 @@ async fn run(cli: Cli) -> Result<(), String> {
         }
     };
 
-    let store: Arc<dyn Store> =
-        if cli.database.starts_with("postgres://") || cli.database.starts_with("postgresql://") {
-            Arc::new(
-                PostgresStore::connect(&cli.database)
-                    .await
-                    .map_err(|e| format!("connecting to PostgreSQL: {e}"))?,
-            )
-        } else {
-            Arc::new(
-                SqliteStore::open(&cli.database)
-                    .map_err(|e| format!("opening {}: {e}", cli.database))?,
-            )
-        };
+    let shared =
+        cli.database.starts_with("postgres://") || cli.database.starts_with("postgresql://");
+    if cli.node_heartbeat_ms == 0 || cli.node_timeout_secs * 1000 <= 2 * cli.node_heartbeat_ms {
+        return Err("--node-timeout-secs must exceed two --node-heartbeat-ms intervals".to_owned());
+    }
+    // Bound first: the default node id names the port actually bound (also for port 0).
+    let listener = tokio::net::TcpListener::bind(cli.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", cli.listen))?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let store: Arc<dyn Store> = if shared {
+        Arc::new(
+            PostgresStore::connect(&cli.database)
+                .await
+                .map_err(|e| format!("connecting to PostgreSQL: {e}"))?,
+        )
+    } else {
+        Arc::new(
+            SqliteStore::open(&cli.database)
+                .map_err(|e| format!("opening {}: {e}", cli.database))?,
+        )
+    };
     let node_id = cli.node_id.clone().unwrap_or_else(|| {
+        if !shared {
+            return "local".to_owned();
+        }
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
             .map(|h| h.trim().to_owned())
             .unwrap_or_else(|_| "localhost".to_owned());
-        format!("{host}:{}", cli.listen.port())
+        format!("{host}:{}", addr.port())
     });
     let mut backends: Vec<Arc<dyn ResourceBackend>> = Vec::new();
     if let Some(line) = &cli.avatar_command {
@@ -344,7 +371,10 @@ async fn run(cli: Cli) -> Result<(), String> {
         Arc::new(SystemClock),
         EngineConfig {
             policy,
-            owner: node_id,
+            node: node_id.clone(),
+            node_heartbeat: Duration::from_millis(cli.node_heartbeat_ms),
+            node_timeout: Duration::from_secs(cli.node_timeout_secs),
+            release_poll: Duration::from_millis(cli.release_poll_ms.max(1)),
             room_grace: Duration::from_millis(cli.room_grace_ms),
             ..EngineConfig::default()
         },
@@ -386,12 +416,8 @@ async fn run(cli: Cli) -> Result<(), String> {
         },
         webhooks,
     );
-    let listener = tokio::net::TcpListener::bind(cli.listen)
-        .await
-        .map_err(|e| format!("cannot listen on {}: {e}", cli.listen))?;
-    let addr = listener.local_addr().map_err(|e| e.to_string())?;
     println!(
-        "sessiond listening on http://{addr} (database {})",
+        "sessiond listening on http://{addr} (database {}, node {node_id})",
         cli.database
     );
     if let Some(key) = &generated_key {

@@ -7,6 +7,9 @@
 //! - `write-env PATH`: writes its session id and `CUDA_VISIBLE_DEVICES` to PATH, then
 //!   behaves.
 //!
+//! - `ledger PATH`: runs until SIGTERM, then appends `SESSION_ID SENDER_PID` to PATH (one
+//!   line, one append) and exits 0: an outside record of who stopped which session.
+//!
 //! It prints `ready` once its signal handling is in place.
 
 use std::time::Duration;
@@ -37,6 +40,30 @@ async fn main() {
             }
             println!("ready");
             term.recv().await;
+        }
+        "ledger" => {
+            use signal_hook::iterator::SignalsInfo;
+            use signal_hook::iterator::exfiltrator::WithOrigin;
+            let mut signals = SignalsInfo::<WithOrigin>::new([signal_hook::consts::SIGTERM])
+                .expect("install SIGTERM handler");
+            println!("ready");
+            let origin = signals.forever().next();
+            let sender = origin
+                .and_then(|o| o.process)
+                .map_or(-1, |p| i64::from(p.pid));
+            let line = format!(
+                "{} {sender}\n",
+                std::env::var("SESSION_LIFECYCLE_SESSION_ID").unwrap_or_default()
+            );
+            if let Some(path) = args.get(2) {
+                use std::io::Write;
+                let mut file = std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .expect("open ledger");
+                file.write_all(line.as_bytes()).expect("append to ledger");
+            }
         }
         "ignore-term" => {
             let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");

@@ -1,0 +1,250 @@
+//! Several real `sessiond` processes sharing one PostgreSQL database (a fresh one per
+//! test), each running avatar servers that write an outside ledger: one line per SIGTERM,
+//! naming the session and the process that sent the signal.
+
+#![allow(dead_code)] // Each test binary uses part of this.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde_json::Value;
+use session_lifecycle_postgres::testing::{TestDb, pg_url};
+
+pub const SESSIOND: &str = env!("CARGO_BIN_EXE_sessiond");
+pub const KEY: &str = "key-cluster";
+
+pub fn fixture() -> PathBuf {
+    let path = PathBuf::from(SESSIOND)
+        .parent()
+        .expect("target dir")
+        .join("avatar-fixture");
+    assert!(
+        path.exists(),
+        "{} is missing: run the tests with `cargo test --workspace`, which builds it",
+        path.display()
+    );
+    path
+}
+
+/// One `sessiond` process.
+pub struct Node {
+    child: Child,
+    /// `http://127.0.0.1:PORT`.
+    pub base: String,
+    /// Its node id.
+    pub id: String,
+    /// Its process id (the sender of the SIGTERMs it sends).
+    pub pid: u32,
+}
+
+impl Node {
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// Kills it with SIGKILL: no shutdown, no releases, its avatar servers left running.
+    pub fn kill_9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Stops it with SIGTERM and waits: it ends its sessions and releases what they hold.
+    pub fn stop(mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Instances on one fresh database, with one ledger.
+pub struct Cluster {
+    pub db: Option<TestDb>,
+    pub dir: tempfile::TempDir,
+    pub ledger: PathBuf,
+    /// Flags every node gets (timeouts).
+    pub flags: Vec<String>,
+}
+
+impl Cluster {
+    /// A fresh database, or `None` when the test is skipped (no PostgreSQL configured).
+    pub async fn new(flags: &[&str]) -> Option<Cluster> {
+        let url = pg_url()?;
+        let db = TestDb::create(&url).await;
+        // SESSION_LIFECYCLE_KEEP_TEST_DIRS=1 keeps the nodes' logs and the ledger.
+        let dir = tempfile::Builder::new()
+            .prefix("sessiond-cluster")
+            .disable_cleanup(std::env::var_os("SESSION_LIFECYCLE_KEEP_TEST_DIRS").is_some())
+            .tempdir()
+            .expect("temp dir");
+        eprintln!("cluster files in {}", dir.path().display());
+        let ledger = dir.path().join("ledger");
+        Some(Cluster {
+            db: Some(db),
+            dir,
+            ledger,
+            flags: flags.iter().map(|s| (*s).to_owned()).collect(),
+        })
+    }
+
+    pub fn db_url(&self) -> &str {
+        &self.db.as_ref().expect("database").url
+    }
+
+    /// Starts node `id` and waits until it serves (after settling what it owes).
+    pub fn start(&self, id: &str) -> Node {
+        let avatar = format!("{} ledger {}", fixture().display(), self.ledger.display());
+        let log = std::fs::File::create(self.dir.path().join(format!("{id}.log"))).expect("log");
+        let mut child = Command::new(SESSIOND)
+            .args(["--listen", "127.0.0.1:0", "--database", self.db_url()])
+            .args(["--node-id", id, "--api-key", KEY])
+            .args(["--max-concurrent-sessions", "100000"])
+            .args(["--avatar-command", &avatar, "--avatar-grace-secs", "5"])
+            .args(&self.flags)
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .expect("spawn sessiond");
+        let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+        let first = match lines.next() {
+            Some(Ok(line)) => line,
+            _ => panic!(
+                "{id} exited before serving; see {}",
+                self.log_path(id).display()
+            ),
+        };
+        let base = first
+            .strip_prefix("sessiond listening on ")
+            .and_then(|r| r.split_whitespace().next())
+            .unwrap_or_else(|| panic!("unexpected first line {first:?}"))
+            .to_owned();
+        std::thread::spawn(move || for _ in lines {});
+        Node {
+            pid: child.id(),
+            child,
+            base,
+            id: id.to_owned(),
+        }
+    }
+
+    pub fn log_path(&self, id: &str) -> PathBuf {
+        self.dir.path().join(format!("{id}.log"))
+    }
+
+    /// The ledger: for each session, the pids that sent its avatar server SIGTERM.
+    pub fn ledger(&self) -> HashMap<String, Vec<u32>> {
+        read_ledger(&self.ledger)
+    }
+
+    pub async fn finish(mut self) {
+        if let Some(db) = self.db.take() {
+            db.drop_db().await;
+        }
+    }
+}
+
+pub fn read_ledger(path: &Path) -> HashMap<String, Vec<u32>> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let mut out: HashMap<String, Vec<u32>> = HashMap::new();
+    for line in text.lines() {
+        let mut parts = line.split_whitespace();
+        if let (Some(id), Some(pid)) = (parts.next(), parts.next()) {
+            out.entry(id.to_owned())
+                .or_default()
+                .push(pid.parse().unwrap_or(0));
+        }
+    }
+    out
+}
+
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(60))
+        .build()
+        .expect("client")
+}
+
+/// A request's status, headers and body (as text: the exact bytes a client sees).
+pub async fn send(
+    client: &reqwest::Client,
+    method: reqwest::Method,
+    url: &str,
+) -> (StatusCode, reqwest::header::HeaderMap, String) {
+    let resp = client
+        .request(method, url)
+        .header("x-api-key", KEY)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{url}: {e}"));
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let text = resp.text().await.unwrap_or_default();
+    (status, headers, text)
+}
+
+pub fn json(text: &str) -> Value {
+    serde_json::from_str(text).unwrap_or_else(|_| panic!("not JSON: {text:?}"))
+}
+
+/// Creates a session on `node`; its id.
+pub async fn create(client: &reqwest::Client, node: &Node) -> String {
+    let (status, _, text) = send(client, reqwest::Method::POST, &node.url("/v1/sessions")).await;
+    assert_eq!(status, StatusCode::CREATED, "{text}");
+    json(&text)["session"]["session_id"]
+        .as_str()
+        .expect("session_id")
+        .to_owned()
+}
+
+/// The session as `node` reports it.
+pub async fn get(client: &reqwest::Client, node: &Node, id: &str) -> Value {
+    let (status, _, text) = send(
+        client,
+        reqwest::Method::GET,
+        &node.url(&format!("/v1/sessions/{id}")),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    json(&text)["session"].clone()
+}
+
+/// Waits (up to `limit`) until every resource of each session is released, as `node`
+/// reports; returns the sessions as they stand then.
+pub async fn wait_released(
+    client: &reqwest::Client,
+    node: &Node,
+    ids: &[String],
+    limit: Duration,
+) -> Vec<Value> {
+    let give_up = std::time::Instant::now() + limit;
+    let mut out = Vec::with_capacity(ids.len());
+    for id in ids {
+        loop {
+            let s = get(client, node, id).await;
+            let released = s["resources"]
+                .as_array()
+                .is_some_and(|r| r.iter().all(|r| r["release"] == "released"));
+            if released {
+                out.push(s);
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < give_up,
+                "{id} not released in time: {s}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    out
+}
