@@ -788,9 +788,21 @@ impl Engine {
             Ok(note) => {
                 inner.metrics.release_done(started.elapsed());
                 tracing::info!(session = %intent.session, resource = ?intent.resource, note = %note, "resource released");
-                if let Err(e) = inner.store.complete_release(intent, now, note).await {
-                    // The claim lapses and the (repeatable) release runs again.
-                    tracing::warn!(session = %intent.session, error = %e, "recording a release failed");
+                // Recording is retried while the claim lasts (the store may be restarting);
+                // after that the claim lapses and the (repeatable) release runs again.
+                let mut delay = inner.config.policy.release_backoff_initial;
+                while let Err(e) = inner
+                    .store
+                    .complete_release(intent, now, note.clone())
+                    .await
+                {
+                    if started.elapsed() + delay >= inner.config.release_lease {
+                        tracing::warn!(session = %intent.session, error = %e, "recording a release failed; it runs again when its claim lapses");
+                        break;
+                    }
+                    tracing::warn!(session = %intent.session, error = %e, "recording a release failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(inner.config.policy.release_backoff_max);
                 }
                 true
             }
