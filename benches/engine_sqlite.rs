@@ -70,6 +70,7 @@ async fn created(store: &SqliteStore, n: u64) -> Vec<SessionId> {
                             metadata: None,
                             room: None,
                             max_concurrent: None,
+                            node: "local".to_owned(),
                         })
                         .await
                         .unwrap();

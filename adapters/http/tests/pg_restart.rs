@@ -33,15 +33,17 @@ fn restart_command(url: &str) -> Option<String> {
         .copied()
         .unwrap_or(5432);
     let out = Command::new("pg_lsclusters").arg("-h").output().ok()?;
-    String::from_utf8_lossy(&out.stdout).lines().find_map(|line| {
-        let f: Vec<&str> = line.split_whitespace().collect();
-        (f.len() >= 4 && f[2] == port.to_string() && f[3] == "online").then(|| {
-            format!(
-                "pg_ctlcluster --skip-systemctl-redirect {} {} restart",
-                f[0], f[1]
-            )
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            (f.len() >= 4 && f[2] == port.to_string() && f[3] == "online").then(|| {
+                format!(
+                    "pg_ctlcluster --skip-systemctl-redirect {} {} restart",
+                    f[0], f[1]
+                )
+            })
         })
-    })
 }
 
 #[derive(Default)]
@@ -127,12 +129,11 @@ async fn database_restart_under_load_loses_no_acknowledged_end() {
 
     tokio::time::sleep(Duration::from_secs(2)).await;
     let began = Instant::now();
-    let status = tokio::task::spawn_blocking(move || {
-        Command::new("sh").arg("-c").arg(&restart).status()
-    })
-    .await
-    .unwrap()
-    .expect("run the restart command");
+    let status =
+        tokio::task::spawn_blocking(move || Command::new("sh").arg("-c").arg(&restart).status())
+            .await
+            .unwrap()
+            .expect("run the restart command");
     assert!(status.success(), "restarting PostgreSQL failed: {status}");
     let restart_took = began.elapsed();
     restarted.store(true, Ordering::SeqCst);
@@ -170,7 +171,10 @@ async fn database_restart_under_load_loses_no_acknowledged_end() {
         assert_eq!(status, StatusCode::OK, "{now}");
         let (acked, now) = (json(body), json(&now));
         for field in ["status", "ended_at", "end_reason"] {
-            assert_eq!(acked["session"][field], now["session"][field], "{id}: {field}");
+            assert_eq!(
+                acked["session"][field], now["session"][field],
+                "{id}: {field}"
+            );
         }
     }
     let ids: Vec<String> = o.created.keys().cloned().collect();
