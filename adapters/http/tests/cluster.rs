@@ -244,3 +244,37 @@ async fn a_dead_node_is_taken_over_and_settles_what_it_owes_when_it_returns() {
     drop((back, survivor));
     cluster.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn liveness_sent_to_another_instance_keeps_a_session_alive() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let Some(cluster) =
+        Cluster::new(&["--sweep-interval-secs", "1", "--orphan-timeout-secs", "3"]).await
+    else {
+        return;
+    };
+    let (owner, other) = (cluster.start("node-owner"), cluster.start("node-other"));
+    let client = client();
+    let id = create(&client, &owner).await;
+    // Heartbeats reach only the other instance; the owner's orphan timer must not end the
+    // session on its own stale view.
+    let heartbeat = other.url(&format!("/v1/sessions/{id}/heartbeat"));
+    for _ in 0..8 {
+        let (status, _, body) = send(&client, Method::POST, &heartbeat).await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    assert_eq!(get(&client, &owner, &id).await["status"], "started");
+    // Without liveness it ends as an orphan within the timeout plus a sweep.
+    let quiet = Instant::now();
+    while get(&client, &owner, &id).await["status"] != "ended" {
+        assert!(quiet.elapsed() < Duration::from_secs(30), "never orphaned");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(get(&client, &other, &id).await["end_reason"], "orphaned");
+    let released = wait_released(&client, &other, &[id.clone()], Duration::from_secs(30)).await;
+    assert_eq!(released[0]["resources"][0]["note"], "sigterm");
+    assert_eq!(cluster.ledger()[&id], [owner.pid], "released on its node");
+    drop((owner, other));
+    cluster.finish().await;
+}
