@@ -30,6 +30,7 @@ fn request() -> StartRequest {
         duration: None,
         metadata: None,
         room: None,
+        resources: Default::default(),
     }
 }
 

@@ -25,6 +25,7 @@ fn request() -> StartRequest {
         duration: None,
         metadata: None,
         room: None,
+        resources: Default::default(),
     }
 }
 

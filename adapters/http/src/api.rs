@@ -12,7 +12,7 @@ use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use session_lifecycle::{EndReason, ReleaseState, SessionId, Status};
 use session_lifecycle_runtime::{
-    EngineError, ListQuery, RoomBinding, RoomProvider, SessionRecord, StartRequest,
+    EngineError, ListQuery, ResourceRequest, RoomBinding, RoomProvider, SessionRecord, StartRequest,
 };
 use utoipa::{IntoParams, ToSchema};
 
@@ -23,6 +23,10 @@ use crate::auth::Tenant;
 pub const MAX_METADATA_BYTES: usize = 4096;
 /// Longest room name accepted.
 pub const MAX_ROOM_NAME: usize = 128;
+/// Most GPU memory a session may ask for, in MiB (1 TiB).
+pub const MAX_GPU_MEMORY_MIB: u64 = 1 << 20;
+/// Highest GPU index a session may ask for.
+pub const MAX_GPU_DEVICE: u32 = 1023;
 /// Default and largest page of a listing.
 pub const DEFAULT_PAGE: u32 = 20;
 /// Largest page of a listing.
@@ -400,6 +404,13 @@ pub struct CreateRequest {
     /// A small JSON object (at most 4096 bytes) returned with the session.
     #[schema(value_type = Option<Object>)]
     pub metadata: Option<serde_json::Map<String, serde_json::Value>>,
+    /// GPU memory for the session's avatar server, in MiB (the service's default when
+    /// absent). A start fails with 503 `capacity_exhausted` when no GPU has room.
+    #[schema(minimum = 1, maximum = 1048576)]
+    pub gpu_memory_mib: Option<u64>,
+    /// The GPU (its index) to run on; placement chooses when absent.
+    #[schema(maximum = 1023)]
+    pub gpu_device: Option<u32>,
 }
 
 /// Listing parameters.
@@ -490,6 +501,17 @@ pub fn parse_create(body: &[u8]) -> Result<CreateRequest, ApiError> {
     {
         return Err(ApiError::invalid("room.name must have 1 to 128 characters"));
     }
+    if request
+        .gpu_memory_mib
+        .is_some_and(|m| m == 0 || m > MAX_GPU_MEMORY_MIB)
+    {
+        return Err(ApiError::invalid(
+            "gpu_memory_mib must be between 1 and 1048576",
+        ));
+    }
+    if request.gpu_device.is_some_and(|d| d > MAX_GPU_DEVICE) {
+        return Err(ApiError::invalid("gpu_device must be between 0 and 1023"));
+    }
     if let Some(m) = &request.metadata {
         let size = serde_json::to_vec(m).map(|v| v.len()).unwrap_or(usize::MAX);
         if size > MAX_METADATA_BYTES {
@@ -539,6 +561,12 @@ pub async fn create_session(
                 },
                 name: r.name,
             }),
+            resources: ResourceRequest {
+                gpu_memory: request
+                    .gpu_memory_mib
+                    .map(|mib| mib.saturating_mul(1 << 20)),
+                gpu_device: request.gpu_device,
+            },
         })
         .await?;
     let token = state

@@ -55,6 +55,7 @@ async fn a_behaving_server_stops_on_sigterm_and_is_reaped() {
     let acquired = b
         .acquire(
             AcquireRequest {
+                resources: Default::default(),
                 session: id,
                 tenant: "t",
                 env: &env,
@@ -91,6 +92,7 @@ async fn a_server_ignoring_sigterm_is_killed_after_the_grace_period() {
     let acquired = b
         .acquire(
             AcquireRequest {
+                resources: Default::default(),
                 session: id,
                 tenant: "t",
                 env: &env_for(id),
@@ -124,6 +126,7 @@ async fn a_server_that_exits_on_its_own_is_reported() {
     let acquired = b
         .acquire(
             AcquireRequest {
+                resources: Default::default(),
                 session: id,
                 tenant: "t",
                 env: &env_for(id),
@@ -154,6 +157,7 @@ async fn a_command_that_cannot_be_spawned_fails_the_acquire() {
     let err = b
         .acquire(
             AcquireRequest {
+                resources: Default::default(),
                 session: id,
                 tenant: "t",
                 env: &env_for(id),
@@ -175,6 +179,7 @@ async fn after_a_restart_servers_are_stopped_by_pid_only_if_they_run_the_session
     let acquired = first
         .acquire(
             AcquireRequest {
+                resources: Default::default(),
                 session: id,
                 tenant: "t",
                 env: &env_for(id),

@@ -5,9 +5,20 @@ use tokio::sync::mpsc;
 
 use crate::store::BoxFuture;
 
+/// What a session asks of its resources, beyond what every session gets.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ResourceRequest {
+    /// GPU memory for the session, in bytes; `None` takes the GPU backend's default.
+    pub gpu_memory: Option<u64>,
+    /// The GPU to run on (its index), when it matters; `None` lets placement choose.
+    pub gpu_device: Option<u32>,
+}
+
 /// What a backend is asked to acquire for a starting session.
 #[derive(Debug, Clone)]
 pub struct AcquireRequest<'a> {
+    /// What the session asked for.
+    pub resources: ResourceRequest,
     /// The session being started.
     pub session: SessionId,
     /// Its tenant.

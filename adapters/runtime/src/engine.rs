@@ -13,7 +13,9 @@ use session_lifecycle::{
 use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinHandle;
 
-use crate::backend::{AcquireError, AcquireRequest, EventSink, ResourceBackend, ResourceEvent};
+use crate::backend::{
+    AcquireError, AcquireRequest, EventSink, ResourceBackend, ResourceEvent, ResourceRequest,
+};
 use crate::metrics::Metrics;
 use crate::store::{
     AttachOutcome, CreateOutcome, ListQuery, NewSession, ReleaseIntent, RoomBinding, RoomEvent,
@@ -93,6 +95,8 @@ pub struct StartRequest {
     pub metadata: Option<String>,
     /// The video room the session is bound to.
     pub room: Option<RoomBinding>,
+    /// What it asks of its resources (GPU memory, device).
+    pub resources: ResourceRequest,
 }
 
 /// Why an engine call failed. A failed call changes nothing the caller did not see
@@ -415,6 +419,7 @@ impl Engine {
             let acquired = backend
                 .acquire(
                     AcquireRequest {
+                        resources: request.resources,
                         session: id,
                         tenant: &request.tenant,
                         env: &env,

@@ -25,7 +25,8 @@ pub mod rows;
 mod store;
 
 pub use backend::{
-    AcquireError, AcquireRequest, Acquired, EventSink, ReleaseError, ResourceBackend, ResourceEvent,
+    AcquireError, AcquireRequest, Acquired, EventSink, ReleaseError, ResourceBackend,
+    ResourceEvent, ResourceRequest,
 };
 pub use clock::{ManualClock, SystemClock};
 pub use engine::{

@@ -32,6 +32,7 @@ fn request(tenant: &str) -> StartRequest {
         duration: None,
         metadata: None,
         room: None,
+        resources: Default::default(),
     }
 }
 
@@ -150,6 +151,7 @@ async fn plan_limits_and_durations() {
             duration: Some(Duration::from_secs(7200)),
             metadata: None,
             room: None,
+            resources: Default::default(),
         })
         .await
         .unwrap();
@@ -165,6 +167,7 @@ async fn plan_limits_and_durations() {
             duration: Some(Duration::from_secs(60)),
             metadata: None,
             room: None,
+            resources: Default::default(),
         })
         .await;
     assert!(matches!(second, Err(EngineError::PlanLimit(1))));
@@ -179,6 +182,7 @@ async fn plan_limits_and_durations() {
             duration: Some(Duration::from_secs(60)),
             metadata: None,
             room: None,
+            resources: Default::default(),
         })
         .await
         .unwrap();
@@ -421,6 +425,7 @@ async fn sweeper_ends_and_releases_ten_thousand_orphans_within_the_bound() {
                         duration: Some(lifetime),
                         metadata: None,
                         room: None,
+                        resources: Default::default(),
                     })
                     .await
                     .unwrap();
@@ -546,6 +551,7 @@ async fn real_clock_timers_end_expired_and_orphaned_sessions() {
             duration: Some(Duration::from_millis(300)),
             metadata: None,
             room: None,
+            resources: Default::default(),
         })
         .await
         .unwrap()

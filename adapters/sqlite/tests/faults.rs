@@ -26,6 +26,7 @@ fn request(secs: u64) -> StartRequest {
         duration: Some(Duration::from_secs(secs)),
         metadata: None,
         room: None,
+        resources: Default::default(),
     }
 }
 
