@@ -1,0 +1,307 @@
+//! GPU shares promised to avatar servers: placement, `CUDA_VISIBLE_DEVICES`, and a release
+//! that waits until NVML shows the session's processes hold no memory on the device.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use session_lifecycle::{Resource, ResourceKind, SessionId};
+use session_lifecycle_runtime::{
+    AcquireError, AcquireRequest, Acquired, BoxFuture, EventSink, ReleaseError, ResourceBackend,
+};
+
+use crate::gpu::{GpuError, GpuInfo, session_of};
+use crate::placement::{DeviceRoom, PlacementError, Promise, choose, outstanding};
+
+/// The resource kind of GPU shares (see [`AssignmentBackend`]).
+pub const GPU_ASSIGNMENT_KIND: ResourceKind = ResourceKind(2);
+
+/// How GPU shares are handed out and taken back.
+#[derive(Debug, Clone)]
+pub struct AssignmentConfig {
+    /// GPU memory of a session that does not say, in bytes.
+    pub default_memory: u64,
+    /// How long a release waits for the session's processes to free their memory before
+    /// it kills them.
+    pub release_timeout: Duration,
+    /// After killing them, how long it waits for the memory to be freed before the attempt
+    /// fails (and is retried).
+    pub kill_wait: Duration,
+    /// Time between NVML checks while waiting.
+    pub poll: Duration,
+}
+
+impl Default for AssignmentConfig {
+    fn default() -> Self {
+        AssignmentConfig {
+            default_memory: 2 << 30,
+            release_timeout: Duration::from_secs(5),
+            kill_wait: Duration::from_secs(5),
+            poll: Duration::from_millis(5),
+        }
+    }
+}
+
+/// Hands each session a share of one GPU's memory: picks the device with the most memory
+/// neither in use nor promised (or the one the session asked for), and tells the avatar
+/// server through `CUDA_VISIBLE_DEVICES` (the device's UUID) and
+/// `SESSION_LIFECYCLE_GPU_MEMORY_BYTES`.
+///
+/// A release waits until NVML shows that no process of the session (found by the session
+/// id in its environment) holds memory on the device; past
+/// [`release_timeout`](AssignmentConfig::release_timeout) it kills them with SIGKILL and says
+/// so in the release note. Then the share is free for other sessions.
+///
+/// Promises live in this process: after a restart, shares of sessions started before it
+/// are not counted by placement until those sessions end (their releases still work, as
+/// the handle names the device).
+pub struct AssignmentBackend {
+    gpu: Arc<dyn GpuInfo>,
+    config: AssignmentConfig,
+    promises: Arc<Mutex<HashMap<u64, Promise>>>,
+    next: Arc<AtomicU64>,
+}
+
+/// Handle layout: device index in the top 10 bits, then the share in MiB (21 bits), then a
+/// counter (33 bits). The device is all a release needs, even after a restart.
+const DEVICE_SHIFT: u32 = 54;
+const MIB_SHIFT: u32 = 33;
+const MIB_MASK: u64 = (1 << 21) - 1;
+const COUNTER_MASK: u64 = (1 << 33) - 1;
+
+/// The handle of a share of `bytes` on `device`.
+pub fn assignment_handle(device: u32, bytes: u64, counter: u64) -> u64 {
+    (u64::from(device & 0x3ff) << DEVICE_SHIFT)
+        | (((bytes >> 20).min(MIB_MASK)) << MIB_SHIFT)
+        | (counter & COUNTER_MASK)
+}
+
+/// The device of a share's handle.
+pub fn assignment_device(handle: u64) -> u32 {
+    (handle >> DEVICE_SHIFT) as u32
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Memory held on device `index` by each session's processes.
+fn usage_by_session(gpu: &dyn GpuInfo, index: u32) -> Result<HashMap<SessionId, u64>, GpuError> {
+    let mut used: HashMap<SessionId, u64> = HashMap::new();
+    for p in gpu.processes(index)? {
+        if let Some(id) = session_of(p.pid).and_then(|s| SessionId::parse(&s).ok()) {
+            let entry = used.entry(id).or_default();
+            *entry = entry.saturating_add(p.used);
+        }
+    }
+    Ok(used)
+}
+
+/// Places `bytes` for `session` and records the promise, all under the promises' lock so
+/// that concurrent starts never promise the same memory twice. Blocks on NVML.
+fn place(
+    gpu: &dyn GpuInfo,
+    promises: &Mutex<HashMap<u64, Promise>>,
+    next: &AtomicU64,
+    session: SessionId,
+    bytes: u64,
+    wanted: Option<u32>,
+) -> Result<(u64, String), AcquireError> {
+    let failed = |e: GpuError| AcquireError::Failed(e.to_string());
+    let mut promises = lock(promises);
+    let devices = gpu.devices().map_err(failed)?;
+    let mut rooms = Vec::with_capacity(devices.len());
+    for d in &devices {
+        let used = usage_by_session(gpu, d.index).map_err(failed)?;
+        rooms.push(DeviceRoom {
+            index: d.index,
+            free: d.free,
+            outstanding: outstanding(d.index, promises.values(), &used),
+        });
+    }
+    let index = choose(&rooms, bytes, wanted).map_err(|e| match e {
+        PlacementError::CapacityExhausted { .. } => AcquireError::CapacityExhausted(e.to_string()),
+        PlacementError::UnknownDevice(_) => AcquireError::Failed(e.to_string()),
+    })?;
+    let uuid = devices
+        .iter()
+        .find(|d| d.index == index)
+        .map(|d| d.uuid.clone())
+        .unwrap_or_default();
+    let handle = assignment_handle(index, bytes, next.fetch_add(1, Ordering::Relaxed));
+    promises.insert(
+        handle,
+        Promise {
+            session,
+            device: index,
+            bytes,
+        },
+    );
+    Ok((handle, uuid))
+}
+
+impl AssignmentBackend {
+    /// A backend placing shares on the GPUs `gpu` reports.
+    pub fn new(gpu: Arc<dyn GpuInfo>, config: AssignmentConfig) -> AssignmentBackend {
+        AssignmentBackend {
+            gpu,
+            config,
+            promises: Arc::new(Mutex::new(HashMap::new())),
+            next: Arc::new(AtomicU64::new(1)),
+        }
+    }
+
+    /// Bytes promised and not yet released, per device.
+    pub fn promised(&self) -> HashMap<u32, u64> {
+        let mut out: HashMap<u32, u64> = HashMap::new();
+        for p in lock(&self.promises).values() {
+            *out.entry(p.device).or_default() += p.bytes;
+        }
+        out
+    }
+
+    /// The pids of `session` holding memory on `device`.
+    async fn holders(&self, session: SessionId, device: u32) -> Result<Vec<u32>, ReleaseError> {
+        let gpu = Arc::clone(&self.gpu);
+        let wanted = session.to_string();
+        tokio::task::spawn_blocking(move || {
+            gpu.processes(device).map(|ps| {
+                ps.into_iter()
+                    .filter(|p| session_of(p.pid).as_deref() == Some(wanted.as_str()))
+                    .map(|p| p.pid)
+                    .collect()
+            })
+        })
+        .await
+        .map_err(|e| ReleaseError(format!("NVML query task failed: {e}")))?
+        .map_err(|e| ReleaseError(e.to_string()))
+    }
+
+    /// Waits up to `limit` until `session` holds nothing on `device`; the pids still holding
+    /// memory if it does not.
+    async fn wait_freed(
+        &self,
+        session: SessionId,
+        device: u32,
+        limit: Duration,
+    ) -> Result<Vec<u32>, ReleaseError> {
+        let give_up = Instant::now() + limit;
+        loop {
+            let holders = self.holders(session, device).await?;
+            if holders.is_empty() || Instant::now() >= give_up {
+                return Ok(holders);
+            }
+            tokio::time::sleep(self.config.poll).await;
+        }
+    }
+}
+
+impl ResourceBackend for AssignmentBackend {
+    fn kind(&self) -> ResourceKind {
+        GPU_ASSIGNMENT_KIND
+    }
+
+    fn name(&self) -> &'static str {
+        "gpu-assignment"
+    }
+
+    fn acquire<'a>(
+        &'a self,
+        request: AcquireRequest<'a>,
+        _events: EventSink,
+    ) -> BoxFuture<'a, Result<Acquired, AcquireError>> {
+        Box::pin(async move {
+            let bytes = request
+                .resources
+                .gpu_memory
+                .unwrap_or(self.config.default_memory);
+            if bytes == 0 {
+                return Err(AcquireError::Failed(
+                    "a GPU share needs at least one byte".to_owned(),
+                ));
+            }
+            let (gpu, promises, next) = (
+                Arc::clone(&self.gpu),
+                Arc::clone(&self.promises),
+                Arc::clone(&self.next),
+            );
+            let (session, wanted) = (request.session, request.resources.gpu_device);
+            let (handle, uuid) = tokio::task::spawn_blocking(move || {
+                place(&*gpu, &promises, &next, session, bytes, wanted)
+            })
+            .await
+            .map_err(|e| AcquireError::Failed(format!("placement task failed: {e}")))??;
+            Ok(Acquired {
+                resource: Resource {
+                    kind: GPU_ASSIGNMENT_KIND,
+                    handle,
+                },
+                env: vec![
+                    ("CUDA_VISIBLE_DEVICES".to_owned(), uuid),
+                    (
+                        "SESSION_LIFECYCLE_GPU_MEMORY_BYTES".to_owned(),
+                        bytes.to_string(),
+                    ),
+                ],
+            })
+        })
+    }
+
+    fn release(
+        &self,
+        session: SessionId,
+        resource: Resource,
+    ) -> BoxFuture<'_, Result<String, ReleaseError>> {
+        Box::pin(async move {
+            let device = assignment_device(resource.handle);
+            let started = Instant::now();
+            let holders = self
+                .wait_freed(session, device, self.config.release_timeout)
+                .await?;
+            let note = if holders.is_empty() {
+                "freed".to_owned()
+            } else {
+                // Escalate: whatever still holds the session's memory is killed.
+                for pid in &holders {
+                    if let Some(pid) = rustix::process::Pid::from_raw(*pid as i32) {
+                        let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+                    }
+                }
+                tracing::warn!(session = %session, device, pids = ?holders, "GPU memory not freed in time; killed its processes");
+                let left = self
+                    .wait_freed(session, device, self.config.kill_wait)
+                    .await?;
+                if !left.is_empty() {
+                    return Err(ReleaseError(format!(
+                        "GPU {device} memory still held by pids {left:?} after SIGKILL"
+                    )));
+                }
+                format!(
+                    "escalated: killed pids {holders:?} after {} ms",
+                    started.elapsed().as_millis()
+                )
+            };
+            lock(&self.promises).remove(&resource.handle);
+            Ok(note)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn handles_keep_the_device_and_stay_distinct() {
+        let a = assignment_handle(7, 2 << 30, 1);
+        let b = assignment_handle(7, 2 << 30, 2);
+        assert_ne!(a, b);
+        assert_eq!(assignment_device(a), 7);
+        assert_eq!(
+            assignment_device(assignment_handle(1023, u64::MAX, u64::MAX)),
+            1023
+        );
+        assert_eq!((a >> MIB_SHIFT) & MIB_MASK, 2048);
+    }
+}
