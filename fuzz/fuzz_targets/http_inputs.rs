@@ -4,7 +4,9 @@
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
-use session_lifecycle_http::api::{MAX_METADATA_BYTES, MAX_ROOM_NAME, parse_create, session_id};
+use session_lifecycle_http::api::{
+    MAX_GPU_DEVICE, MAX_GPU_MEMORY_MIB, MAX_METADATA_BYTES, MAX_ROOM_NAME, parse_create, session_id,
+};
 
 #[derive(Arbitrary, Debug)]
 enum Input<'a> {
@@ -23,6 +25,12 @@ fuzz_target!(|input: Input<'_>| match input {
             }
             if let Some(m) = &request.metadata {
                 assert!(serde_json::to_vec(m).unwrap().len() <= MAX_METADATA_BYTES);
+            }
+            if let Some(mib) = request.gpu_memory_mib {
+                assert!((1..=MAX_GPU_MEMORY_MIB).contains(&mib));
+            }
+            if let Some(device) = request.gpu_device {
+                assert!(device <= MAX_GPU_DEVICE);
             }
         }
     }

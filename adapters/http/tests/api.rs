@@ -273,6 +273,10 @@ async fn every_error_row_of_the_contract() {
         "{\"room\": {\"provider\": \"zoom\", \"name\": \"x\"}}",
         "{\"room\": {\"provider\": \"daily\", \"name\": \"\"}}",
         "{\"metadata\": 5}",
+        "{\"gpu_memory_mib\": 0}",
+        "{\"gpu_memory_mib\": 2097152}",
+        "{\"gpu_memory_mib\": -1}",
+        "{\"gpu_device\": 1024}",
     ] {
         let (status, v, _) = call(
             post.clone(),
@@ -841,5 +845,34 @@ async fn shutdown_closes_open_websockets_and_exits() {
     assert_eq!(
         r.session.end_reason(),
         Some(session_lifecycle::EndReason::Shutdown)
+    );
+}
+
+#[test]
+fn without_a_gpu_sessiond_serves_and_says_so_once() {
+    let gpu_here = session_lifecycle_cuda::NvmlGpu::discover().is_ok();
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(SESSIOND)
+        .args(["--listen", "127.0.0.1:0", "--api-key", "k", "--gpu", "auto"])
+        .arg("--database")
+        .arg(dir.path().join("s.db"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut said = 0;
+    for line in BufReader::new(child.stderr.take().unwrap()).lines() {
+        let line = line.unwrap();
+        said += usize::from(line.contains("running without GPU resources"));
+        if line.contains("serving") {
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(
+        said,
+        usize::from(!gpu_here),
+        "said once, only without a GPU"
     );
 }

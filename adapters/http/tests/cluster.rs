@@ -272,7 +272,13 @@ async fn liveness_sent_to_another_instance_keeps_a_session_alive() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(get(&client, &other, &id).await["end_reason"], "orphaned");
-    let released = wait_released(&client, &other, &[id.clone()], Duration::from_secs(30)).await;
+    let released = wait_released(
+        &client,
+        &other,
+        std::slice::from_ref(&id),
+        Duration::from_secs(30),
+    )
+    .await;
     assert_eq!(released[0]["resources"][0]["note"], "sigterm");
     assert_eq!(cluster.ledger()[&id], [owner.pid], "released on its node");
     drop((owner, other));

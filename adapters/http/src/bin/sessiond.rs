@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use session_lifecycle::Policy;
+use session_lifecycle_cuda::{AssignmentBackend, AssignmentConfig, GpuInfo, NvmlGpu};
 use session_lifecycle_http::auth::{Tenants, TokenSigner, hash_key};
 use session_lifecycle_http::webhooks::{DailySecret, LivekitKey, WebhookConfig};
 use session_lifecycle_http::{AppState, HttpConfig, router};
@@ -52,6 +53,20 @@ struct Cli {
     /// Seconds between SIGTERM and SIGKILL when stopping an avatar server.
     #[arg(long, env = "SESSIOND_AVATAR_GRACE_SECS", default_value_t = 10)]
     avatar_grace_secs: u64,
+
+    /// GPU shares for avatar servers (NVML): `auto` uses the GPUs if there are any and
+    /// runs without GPU resources otherwise (saying so once); `off` never looks.
+    #[arg(long, env = "SESSIOND_GPU", value_enum, default_value_t = GpuMode::Auto)]
+    gpu: GpuMode,
+
+    /// GPU memory of a session that does not ask for an amount (`gpu_memory_mib`), MiB.
+    #[arg(long, env = "SESSIOND_GPU_MEMORY_MIB", default_value_t = 2048)]
+    gpu_memory_mib: u64,
+
+    /// How long ending waits for a session's processes to free their GPU memory before it
+    /// kills them, ms.
+    #[arg(long, env = "SESSIOND_GPU_RELEASE_TIMEOUT_MS", default_value_t = 5000)]
+    gpu_release_timeout_ms: u64,
 
     /// Tenants file (TOML): [[tenants]] with name, api_key_sha256,
     /// max_concurrent_sessions, max_session_secs (and optional revoked = true).
@@ -175,6 +190,12 @@ enum Command {
         /// The key.
         key: String,
     },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum GpuMode {
+    Auto,
+    Off,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -357,6 +378,27 @@ async fn run(cli: Cli) -> Result<(), String> {
         format!("{host}:{}", addr.port())
     });
     let mut backends: Vec<Arc<dyn ResourceBackend>> = Vec::new();
+    // The GPU share comes first: its CUDA_VISIBLE_DEVICES reaches the avatar server, and
+    // releases run in reverse, so the server stops before its share is checked and returned.
+    if cli.gpu == GpuMode::Auto {
+        match NvmlGpu::discover() {
+            Ok(gpu) => {
+                let devices = gpu.devices().map_err(|e| e.to_string())?;
+                for d in &devices {
+                    tracing::info!(index = d.index, name = %d.name, uuid = %d.uuid, total_mib = d.total >> 20, free_mib = d.free >> 20, "GPU");
+                }
+                backends.push(Arc::new(AssignmentBackend::new(
+                    gpu,
+                    AssignmentConfig {
+                        default_memory: cli.gpu_memory_mib.max(1) << 20,
+                        release_timeout: Duration::from_millis(cli.gpu_release_timeout_ms),
+                        ..AssignmentConfig::default()
+                    },
+                )));
+            }
+            Err(e) => tracing::warn!("running without GPU resources: {e}"),
+        }
+    }
     if let Some(line) = &cli.avatar_command {
         let mut config =
             ProcessConfig::from_command_line(line).ok_or("--avatar-command is empty")?;
