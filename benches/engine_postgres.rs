@@ -9,82 +9,16 @@
 //! Run: `SESSION_LIFECYCLE_PG_URL=postgres://postgres@127.0.0.1:5432/test cargo bench -p session-lifecycle-benches --bench engine_postgres`
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput};
-use session_lifecycle::{Clock, EndReason, SessionId};
+#[path = "support.rs"]
+mod support;
+use session_lifecycle::{Clock, EndReason};
 use session_lifecycle_postgres::PostgresStore;
 use session_lifecycle_postgres::testing::{TestDb, connect};
-use session_lifecycle_runtime::{
-    Engine, EngineConfig, NewSession, Plan, StartRequest, Store, SystemClock,
-};
-
-fn request() -> StartRequest {
-    StartRequest {
-        tenant: "bench".into(),
-        plan: Plan {
-            max_concurrent_sessions: None,
-            max_session: Duration::from_secs(3600),
-        },
-        duration: None,
-        metadata: None,
-        room: None,
-        resources: Default::default(),
-    }
-}
-
-/// Starts `n` sessions (untimed), spread over `engines`.
-async fn started(engines: &[Engine], n: u64) -> Vec<(usize, SessionId)> {
-    let tasks: Vec<_> = (0..n as usize)
-        .map(|i| {
-            let k = i % engines.len();
-            let engine = engines[k].clone();
-            tokio::spawn(async move { (k, *engine.start(request()).await.unwrap().session.id()) })
-        })
-        .collect();
-    let mut ids = Vec::with_capacity(n as usize);
-    for t in tasks {
-        ids.push(t.await.unwrap());
-    }
-    ids
-}
-
-/// Distinct ids within one millisecond.
-static NEXT: AtomicU64 = AtomicU64::new(1);
-
-/// Creates `n` started sessions straight in the store (untimed).
-async fn created(store: &PostgresStore, n: u64) -> Vec<SessionId> {
-    let now = SystemClock.now();
-    let tasks: Vec<_> = (0..n)
-        .map(|_| {
-            let store = store.clone();
-            let id =
-                SessionId::from_ulid_parts(now, u128::from(NEXT.fetch_add(1, Ordering::Relaxed)));
-            tokio::spawn(async move {
-                store
-                    .create(NewSession {
-                        id,
-                        tenant: "bench".into(),
-                        started_at: now,
-                        expires_at: now.saturating_add(Duration::from_secs(3600)),
-                        metadata: None,
-                        room: None,
-                        max_concurrent: None,
-                        node: "bench-store".to_owned(),
-                    })
-                    .await
-                    .unwrap();
-                id
-            })
-        })
-        .collect();
-    let mut ids = Vec::with_capacity(n as usize);
-    for t in tasks {
-        ids.push(t.await.unwrap());
-    }
-    ids
-}
+use session_lifecycle_runtime::{Engine, EngineConfig, Store, SystemClock};
+use support::{created, started};
 
 async fn open_engine(url: &str, node: usize) -> Engine {
     let store = PostgresStore::connect(url).await.unwrap();
@@ -173,7 +107,7 @@ fn main() {
         b.iter_custom(|iters| {
             rt.block_on(async {
                 // Created in the store alone: the engine's timers never see these.
-                let ids = created(&store, iters).await;
+                let ids = created(&store, "bench-store", iters).await;
                 let t = Instant::now();
                 for id in ids {
                     store

@@ -8,90 +8,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput};
+#[path = "support.rs"]
+mod support;
 use rusqlite::{Connection, params};
-use session_lifecycle::{Clock, EndReason, SessionId};
-use session_lifecycle_runtime::{
-    Engine, EngineConfig, NewSession, Plan, StartRequest, Store, SystemClock,
-};
+use session_lifecycle::{Clock, EndReason};
+use session_lifecycle_runtime::{Engine, EngineConfig, Store, SystemClock};
 use session_lifecycle_sqlite::SqliteStore;
-
-fn request() -> StartRequest {
-    StartRequest {
-        tenant: "bench".into(),
-        plan: Plan {
-            max_concurrent_sessions: None,
-            max_session: Duration::from_secs(3600),
-        },
-        duration: None,
-        metadata: None,
-        room: None,
-        resources: Default::default(),
-    }
-}
-
-/// Starts `n` sessions (untimed), concurrently so that setup is quick.
-async fn started(engine: &Engine, n: u64) -> Vec<SessionId> {
-    let mut ids = Vec::with_capacity(n as usize);
-    let mut left = n;
-    while left > 0 {
-        let batch = left.min(256);
-        let tasks: Vec<_> = (0..batch)
-            .map(|_| {
-                let engine = engine.clone();
-                tokio::spawn(async move { *engine.start(request()).await.unwrap().session.id() })
-            })
-            .collect();
-        for t in tasks {
-            ids.push(t.await.unwrap());
-        }
-        left -= batch;
-    }
-    ids
-}
-
-/// Creates `n` started sessions straight in the store (untimed), for the bare loop: the
-/// engine never tracks them.
-async fn created(store: &SqliteStore, n: u64) -> Vec<SessionId> {
-    let now = SystemClock.now();
-    let mut ids = Vec::with_capacity(n as usize);
-    let mut left = n;
-    while left > 0 {
-        let batch = left.min(256);
-        let tasks: Vec<_> = (0..batch)
-            .map(|_| {
-                let store = store.clone();
-                let id = SessionId::from_ulid_parts(now, rand_u128());
-                tokio::spawn(async move {
-                    store
-                        .create(NewSession {
-                            id,
-                            tenant: "bare".into(),
-                            started_at: now,
-                            expires_at: now.saturating_add(Duration::from_secs(3600)),
-                            metadata: None,
-                            room: None,
-                            max_concurrent: None,
-                            node: "local".to_owned(),
-                        })
-                        .await
-                        .unwrap();
-                    id
-                })
-            })
-            .collect();
-        for t in tasks {
-            ids.push(t.await.unwrap());
-        }
-        left -= batch;
-    }
-    ids
-}
-
-fn rand_u128() -> u128 {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static NEXT: AtomicU64 = AtomicU64::new(1);
-    u128::from(NEXT.fetch_add(1, Ordering::Relaxed)) << 16 | u128::from(std::process::id() as u16)
-}
+use support::{created, started};
 
 fn bare_connection(path: &std::path::Path) -> Connection {
     let conn = Connection::open(path).unwrap();
@@ -126,7 +49,7 @@ fn main() {
     let bare = bare_connection(&path);
     group.bench_function("sequential/bare_rusqlite", |b| {
         b.iter_custom(|iters| {
-            let ids = rt.block_on(created(&store, iters));
+            let ids = rt.block_on(created(&store, "local", iters));
             let mut end = bare
                 .prepare(
                     "UPDATE sessions SET status = 'ended', ended_at = MAX(?2, started_at), end_reason = ?3
@@ -160,9 +83,9 @@ fn main() {
     group.bench_function("sequential/engine", |b| {
         b.iter_custom(|iters| {
             rt.block_on(async {
-                let ids = started(&engine, iters).await;
+                let ids = started(std::slice::from_ref(&engine), iters).await;
                 let t = Instant::now();
-                for id in ids {
+                for (_, id) in ids {
                     engine.end(None, id, EndReason::Requested).await.unwrap();
                 }
                 t.elapsed()
@@ -173,7 +96,7 @@ fn main() {
     group.bench_function("sequential/store_only", |b| {
         b.iter_custom(|iters| {
             rt.block_on(async {
-                let ids = created(&store, iters).await;
+                let ids = created(&store, "local", iters).await;
                 let t = Instant::now();
                 for id in ids {
                     store
@@ -193,11 +116,11 @@ fn main() {
                 rt.block_on(async {
                     let mut total = Duration::ZERO;
                     for _ in 0..iters {
-                        let ids = started(&engine, concurrency).await;
+                        let ids = started(std::slice::from_ref(&engine), concurrency).await;
                         let t = Instant::now();
                         let tasks: Vec<_> = ids
                             .into_iter()
-                            .map(|id| {
+                            .map(|(_, id)| {
                                 let engine = engine.clone();
                                 tokio::spawn(async move {
                                     engine.end(None, id, EndReason::Requested).await.unwrap()

@@ -11,7 +11,7 @@ use session_lifecycle_runtime::{
     AcquireError, AcquireRequest, Acquired, BoxFuture, EventSink, ReleaseError, ResourceBackend,
 };
 
-use crate::gpu::{GpuError, GpuInfo, session_of};
+use crate::gpu::{GpuError, GpuInfo, lock, session_of};
 use crate::placement::{DeviceRoom, PlacementError, Promise, choose, outstanding};
 
 /// The resource kind of GPU shares (see [`AssignmentBackend`]).
@@ -80,10 +80,6 @@ pub fn assignment_handle(device: u32, bytes: u64, counter: u64) -> u64 {
 /// The device of a share's handle.
 pub fn assignment_device(handle: u64) -> u32 {
     (handle >> DEVICE_SHIFT) as u32
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Memory held on device `index` by each session's processes.

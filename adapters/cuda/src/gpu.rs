@@ -144,3 +144,9 @@ pub fn session_of(pid: u32) -> Option<String> {
             .map(str::to_owned)
     })
 }
+
+/// Locks `m`; the maps it guards stay consistent when a holder panicked (each change is
+/// one insert or remove), so a poisoned lock is still used.
+pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}

@@ -12,7 +12,7 @@ use session_lifecycle_runtime::{
     AcquireError, AcquireRequest, Acquired, BoxFuture, EventSink, ReleaseError, ResourceBackend,
 };
 
-use crate::gpu::{GpuError, GpuInfo, cuda_driver_present};
+use crate::gpu::{GpuError, GpuInfo, cuda_driver_present, lock};
 use crate::placement::{DeviceRoom, PlacementError, choose};
 
 /// The resource kind of in-process device memory (see [`ReservationBackend`]).
@@ -39,10 +39,6 @@ pub struct ReservationBackend {
     allocations: Arc<Mutex<HashMap<u64, Allocation>>>,
     default_memory: u64,
     next: AtomicU64,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 fn driver(e: cudarc::driver::DriverError) -> GpuError {

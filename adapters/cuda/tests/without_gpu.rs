@@ -136,8 +136,24 @@ async fn placement_goes_where_most_memory_is_neither_used_nor_promised() {
 }
 
 /// A real process carrying `session` in its environment, which the fake GPU reports as
-/// holding memory on GPU 0 while it runs.
-fn holder(gpu: &FakeGpu, session: SessionId, ignore_term: bool) -> Child {
+/// holding memory on GPU 0 while it runs. Killed when dropped, so a failing test leaves
+/// nothing behind.
+struct Holder(Child);
+
+impl Holder {
+    fn id(&self) -> u32 {
+        self.0.id()
+    }
+}
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn holder(gpu: &FakeGpu, session: SessionId, ignore_term: bool) -> Holder {
     let script = if ignore_term {
         "trap '' TERM; while :; do sleep 0.05; done"
     } else {
@@ -148,8 +164,14 @@ fn holder(gpu: &FakeGpu, session: SessionId, ignore_term: bool) -> Child {
         .env("SESSION_LIFECYCLE_SESSION_ID", session.to_string())
         .spawn()
         .unwrap();
+    // Until it has exec'd, /proc shows the parent's environment; NVML would not list it
+    // before it made a CUDA context either.
+    let want = session.to_string();
+    while session_lifecycle_cuda::session_of(child.id()).as_deref() != Some(want.as_str()) {
+        std::thread::sleep(Duration::from_millis(1));
+    }
     gpu.holders.lock().unwrap().insert(child.id(), GIB);
-    child
+    Holder(child)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -167,12 +189,11 @@ async fn release_waits_for_the_memory_and_escalates_when_it_is_not_freed() {
 
     // The avatar server exits while the release waits: freed, no escalation.
     let (share, _) = acquire(&backend, id(10), GIB, None).await.unwrap();
-    let mut polite = holder(&gpu, id(10), false);
+    let polite = holder(&gpu, id(10), false);
     let pid = polite.id();
     let stopper = std::thread::spawn(move || {
         std::thread::sleep(Duration::from_millis(100));
-        polite.kill().unwrap();
-        polite.wait().unwrap();
+        drop(polite);
     });
     assert_eq!(backend.release(id(10), share).await.unwrap(), "freed");
     stopper.join().unwrap();
@@ -189,18 +210,17 @@ async fn release_waits_for_the_memory_and_escalates_when_it_is_not_freed() {
         "{note}"
     );
     assert!(started.elapsed() >= Duration::from_millis(400));
-    let status = stubborn.wait().unwrap();
+    let status = stubborn.0.wait().unwrap();
     assert_eq!(
         std::os::unix::process::ExitStatusExt::signal(&status),
         Some(9)
     );
     // Another session's process is never touched.
     let (share, _) = acquire(&backend, id(12), GIB, None).await.unwrap();
-    let mut bystander = holder(&gpu, id(13), true);
+    let bystander = holder(&gpu, id(13), true);
     assert_eq!(backend.release(id(12), share).await.unwrap(), "freed");
     assert!(running(bystander.id()));
-    bystander.kill().unwrap();
-    bystander.wait().unwrap();
+    drop(bystander);
     assert!(backend.promised().is_empty(), "every share returned");
 }
 

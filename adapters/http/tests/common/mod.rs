@@ -51,19 +51,26 @@ impl Node {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-
-    /// Stops it with SIGTERM and waits: it ends its sessions and releases what they hold.
-    pub fn stop(mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let _ = self.child.wait();
-    }
 }
 
 impl Drop for Node {
+    /// A graceful stop (SIGTERM: it ends its sessions and stops their avatar servers), so
+    /// that a test leaves no process behind, even sessions it never learned of (a create
+    /// answered 503 after its commit); SIGKILL if that takes over 30 s.
     fn drop(&mut self) {
-        let _ = self.child.kill();
+        if let Ok(None) = self.child.try_wait() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &self.child.id().to_string()])
+                .status();
+            let give_up = std::time::Instant::now() + Duration::from_secs(30);
+            while let Ok(None) = self.child.try_wait() {
+                if std::time::Instant::now() >= give_up {
+                    let _ = self.child.kill();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
         let _ = self.child.wait();
     }
 }
