@@ -14,11 +14,11 @@ use std::time::{Duration, Instant};
 use criterion::{Criterion, Throughput};
 #[path = "support.rs"]
 mod support;
-use session_lifecycle::{Clock, EndReason};
+use session_lifecycle::EndReason;
 use session_lifecycle_postgres::PostgresStore;
 use session_lifecycle_postgres::testing::{TestDb, connect};
-use session_lifecycle_runtime::{Engine, EngineConfig, Store, SystemClock};
-use support::{created, started};
+use session_lifecycle_runtime::{Engine, EngineConfig, SystemClock};
+use support::{created, end_concurrently, end_in_store, started};
 
 async fn open_engine(url: &str, node: usize) -> Engine {
     let store = PostgresStore::connect(url).await.unwrap();
@@ -109,12 +109,7 @@ fn main() {
                 // Created in the store alone: the engine's timers never see these.
                 let ids = created(&store, "bench-store", iters).await;
                 let t = Instant::now();
-                for id in ids {
-                    store
-                        .end(id, SystemClock.now(), EndReason::Requested)
-                        .await
-                        .unwrap();
-                }
+                end_in_store(&store, ids).await;
                 t.elapsed()
             })
         })
@@ -132,18 +127,7 @@ fn main() {
                     for _ in 0..iters {
                         let ids = started(engines, in_flight).await;
                         let t = Instant::now();
-                        let tasks: Vec<_> = ids
-                            .into_iter()
-                            .map(|(k, id)| {
-                                let engine = engines[k].clone();
-                                tokio::spawn(async move {
-                                    engine.end(None, id, EndReason::Requested).await.unwrap()
-                                })
-                            })
-                            .collect();
-                        for task in tasks {
-                            task.await.unwrap();
-                        }
+                        end_concurrently(engines, ids).await;
                         total += t.elapsed();
                     }
                     total

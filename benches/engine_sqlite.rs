@@ -11,10 +11,10 @@ use criterion::{Criterion, Throughput};
 #[path = "support.rs"]
 mod support;
 use rusqlite::{Connection, params};
-use session_lifecycle::{Clock, EndReason};
-use session_lifecycle_runtime::{Engine, EngineConfig, Store, SystemClock};
+use session_lifecycle::EndReason;
+use session_lifecycle_runtime::{Engine, EngineConfig, SystemClock};
 use session_lifecycle_sqlite::SqliteStore;
-use support::{created, started};
+use support::{created, end_concurrently, end_in_store, started};
 
 fn bare_connection(path: &std::path::Path) -> Connection {
     let conn = Connection::open(path).unwrap();
@@ -98,12 +98,7 @@ fn main() {
             rt.block_on(async {
                 let ids = created(&store, "local", iters).await;
                 let t = Instant::now();
-                for id in ids {
-                    store
-                        .end(id, SystemClock.now(), EndReason::Requested)
-                        .await
-                        .unwrap();
-                }
+                end_in_store(&store, ids).await;
                 t.elapsed()
             })
         })
@@ -118,18 +113,7 @@ fn main() {
                     for _ in 0..iters {
                         let ids = started(std::slice::from_ref(&engine), concurrency).await;
                         let t = Instant::now();
-                        let tasks: Vec<_> = ids
-                            .into_iter()
-                            .map(|(_, id)| {
-                                let engine = engine.clone();
-                                tokio::spawn(async move {
-                                    engine.end(None, id, EndReason::Requested).await.unwrap()
-                                })
-                            })
-                            .collect();
-                        for task in tasks {
-                            task.await.unwrap();
-                        }
+                        end_concurrently(std::slice::from_ref(&engine), ids).await;
                         total += t.elapsed();
                     }
                     total

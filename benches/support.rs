@@ -4,7 +4,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use session_lifecycle::{Clock, SessionId};
+use session_lifecycle::{Clock, EndReason, SessionId};
 use session_lifecycle_runtime::{Engine, NewSession, Plan, StartRequest, Store, SystemClock};
 
 /// A session with no plan limit, no room and no GPU.
@@ -92,4 +92,29 @@ pub async fn created<S: Store + Clone>(store: &S, node: &str, n: u64) -> Vec<Ses
         left -= batch;
     }
     ids
+}
+
+/// Ends `ids` all at once, each through the engine that started it; returns when every
+/// end is acknowledged.
+pub async fn end_concurrently(engines: &[Engine], ids: Vec<(usize, SessionId)>) {
+    let tasks: Vec<_> = ids
+        .into_iter()
+        .map(|(k, id)| {
+            let engine = engines[k].clone();
+            tokio::spawn(async move { engine.end(None, id, EndReason::Requested).await.unwrap() })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+}
+
+/// Ends `ids` one after another straight in `store`.
+pub async fn end_in_store<S: Store>(store: &S, ids: Vec<SessionId>) {
+    for id in ids {
+        store
+            .end(id, SystemClock.now(), EndReason::Requested)
+            .await
+            .unwrap();
+    }
 }

@@ -12,7 +12,7 @@ use session_lifecycle_runtime::{
 };
 
 use crate::gpu::{GpuError, GpuInfo, lock, session_of};
-use crate::placement::{DeviceRoom, PlacementError, Promise, choose, outstanding};
+use crate::placement::{DeviceRoom, Promise, choose, outstanding};
 
 /// The resource kind of GPU shares (see [`AssignmentBackend`]).
 pub const GPU_ASSIGNMENT_KIND: ResourceKind = ResourceKind(2);
@@ -116,10 +116,7 @@ fn place(
             outstanding: outstanding(d.index, promises.values(), &used),
         });
     }
-    let index = choose(&rooms, bytes, wanted).map_err(|e| match e {
-        PlacementError::CapacityExhausted { .. } => AcquireError::CapacityExhausted(e.to_string()),
-        PlacementError::UnknownDevice(_) => AcquireError::Failed(e.to_string()),
-    })?;
+    let index = choose(&rooms, bytes, wanted)?;
     let uuid = devices
         .iter()
         .find(|d| d.index == index)

@@ -68,6 +68,20 @@ pub enum PlacementError {
     UnknownDevice(u32),
 }
 
+impl From<PlacementError> for session_lifecycle_runtime::AcquireError {
+    /// No room is capacity (the API's `capacity_exhausted`); a device that does not exist
+    /// is a failed start.
+    fn from(e: PlacementError) -> Self {
+        use session_lifecycle_runtime::AcquireError;
+        match e {
+            PlacementError::CapacityExhausted { .. } => {
+                AcquireError::CapacityExhausted(e.to_string())
+            }
+            PlacementError::UnknownDevice(_) => AcquireError::Failed(e.to_string()),
+        }
+    }
+}
+
 /// Chooses a device for `bytes`: the one asked for if it has room, else the one with the
 /// most room (ties go to the lowest index).
 pub fn choose(

@@ -13,7 +13,7 @@ use session_lifecycle_runtime::{
 };
 
 use crate::gpu::{GpuError, GpuInfo, cuda_driver_present, lock};
-use crate::placement::{DeviceRoom, PlacementError, choose};
+use crate::placement::{DeviceRoom, choose};
 
 /// The resource kind of in-process device memory (see [`ReservationBackend`]).
 pub const GPU_RESERVATION_KIND: ResourceKind = ResourceKind(3);
@@ -147,12 +147,7 @@ impl ResourceBackend for ReservationBackend {
                         outstanding: 0,
                     })
                     .collect();
-                let index = choose(&rooms, bytes, wanted).map_err(|e| match e {
-                    PlacementError::CapacityExhausted { .. } => {
-                        AcquireError::CapacityExhausted(e.to_string())
-                    }
-                    PlacementError::UnknownDevice(_) => AcquireError::Failed(e.to_string()),
-                })?;
+                let index = choose(&rooms, bytes, wanted)?;
                 let device = devices
                     .iter()
                     .position(|d| d.index == index)

@@ -135,12 +135,17 @@ impl PostgresStore {
 }
 
 /// The columns of a session and of one of its resources (NULL when it has none), as
-/// [`records`] reads them: one statement, so one snapshot, whatever commits meanwhile.
-const RECORD_COLUMNS: &str = "s.id, s.tenant, s.status, s.started_at, s.ended_at, s.end_reason, \
+/// [`records`] reads them: one statement, so one snapshot, whatever commits meanwhile. A
+/// macro, so that the statements using it are `&'static str` built at compile time.
+macro_rules! record_columns {
+    () => {
+        "s.id, s.tenant, s.status, s.started_at, s.ended_at, s.end_reason, \
      s.expires_at, s.last_seen_at, s.metadata, s.room_provider, s.room_name, \
-     r.seq, r.kind, r.handle, r.state, r.attempts, r.retry_at, r.released_at, r.note";
+     r.seq, r.kind, r.handle, r.state, r.attempts, r.retry_at, r.released_at, r.note"
+    };
+}
 
-/// Groups rows of [`RECORD_COLUMNS`] (ordered by session) into records.
+/// Groups rows of `record_columns!()` (ordered by session) into records.
 fn records(rows: &[Row]) -> Result<Vec<SessionRecord>, StoreError> {
     let mut out = Vec::new();
     let mut current: Option<(SessionRow, Vec<ResourceRow>)> = None;
@@ -192,8 +197,10 @@ async fn get_record<C: GenericClient>(
     id: &str,
 ) -> Result<Option<SessionRecord>, StoreError> {
     let statement = c
-        .prepare_cached(&format!(
-            "SELECT {RECORD_COLUMNS} FROM sessions s
+        .prepare_cached(concat!(
+            "SELECT ",
+            record_columns!(),
+            " FROM sessions s
              LEFT JOIN resources r ON r.session_id = s.id
              WHERE s.id = $1"
         ))
@@ -312,7 +319,7 @@ impl Store for PostgresStore {
             // update, the release intents, the owning nodes' notification (sent when it
             // commits) and the record as ended, built from what the updates return.
             let statement = client
-                .prepare_cached(&format!(
+                .prepare_cached(concat!(
                     "WITH ended AS (
                         UPDATE sessions SET status = 'ended', ended_at = GREATEST($2, started_at),
                                             end_reason = $3
@@ -324,7 +331,9 @@ impl Store for PostgresStore {
                         RETURNING *),
                      notified AS (
                         SELECT pg_notify($4, node) FROM (SELECT DISTINCT node FROM due) AS nodes)
-                     SELECT {RECORD_COLUMNS}, (SELECT COUNT(*) FROM notified)
+                     SELECT ",
+                    record_columns!(),
+                    ", (SELECT COUNT(*) FROM notified)
                      FROM ended s
                      LEFT JOIN (SELECT * FROM due
                                 UNION ALL
@@ -364,21 +373,27 @@ impl Store for PostgresStore {
                 Status::Started => "started",
                 Status::Ended => "ended",
             });
-            let rows = client
-                .query(
-                    &format!(
-                        "WITH page AS (
+            let statement = client
+                .prepare_cached(concat!(
+                    "WITH page AS (
                             SELECT id FROM sessions
                             WHERE ($1::TEXT IS NULL OR tenant = $1)
                               AND ($2::TEXT IS NULL OR status = $2)
                               AND ($3::TEXT IS NULL OR id < $3)
                               AND ($5::TEXT IS NULL OR node = $5)
                             ORDER BY id DESC LIMIT $4)
-                         SELECT {RECORD_COLUMNS} FROM page
-                         JOIN sessions s ON s.id = page.id
-                         LEFT JOIN resources r ON r.session_id = s.id
-                         ORDER BY s.id DESC"
-                    ),
+                     SELECT ",
+                    record_columns!(),
+                    " FROM page
+                     JOIN sessions s ON s.id = page.id
+                     LEFT JOIN resources r ON r.session_id = s.id
+                     ORDER BY s.id DESC"
+                ))
+                .await
+                .map_err(unavailable)?;
+            let rows = client
+                .query(
+                    &statement,
                     &[
                         &query.tenant,
                         &status,
