@@ -72,7 +72,7 @@ impl<const N: usize> Bed<N> {
     fn clean(&mut self, ids: &[SessionId]) {
         for id in ids {
             self.table
-                .end(self.ts(), id, EndReason::Requested, &mut Noop)
+                .end_and_release(self.ts(), id, EndReason::Requested, &mut Noop)
                 .unwrap();
         }
         self.now += 2;
@@ -120,7 +120,7 @@ fn table_benches<const N: usize>(c: &mut Criterion, bed: &mut Bed<N>) {
                 for id in &ids {
                     black_box(
                         bed.table
-                            .end(now, id, EndReason::Requested, &mut Noop)
+                            .end_and_release(now, id, EndReason::Requested, &mut Noop)
                             .is_ok(),
                     );
                 }
@@ -134,14 +134,14 @@ fn table_benches<const N: usize>(c: &mut Criterion, bed: &mut Bed<N>) {
 
     let ended = bed.start(YEAR);
     bed.table
-        .end(bed.ts(), &ended, EndReason::Requested, &mut Noop)
+        .end_and_release(bed.ts(), &ended, EndReason::Requested, &mut Noop)
         .unwrap();
     group.bench_function(BenchmarkId::new("repeated_end", N), |b| {
         let now = bed.ts();
         b.iter(|| {
-            let out = bed
-                .table
-                .end(now, black_box(&ended), EndReason::Requested, &mut Noop);
+            let out =
+                bed.table
+                    .end_and_release(now, black_box(&ended), EndReason::Requested, &mut Noop);
             black_box(out.map(|o| o.transition).ok())
         })
     });

@@ -49,6 +49,8 @@ pub enum SessionIdError {
     },
 }
 
+impl core::error::Error for SessionIdError {}
+
 impl fmt::Display for SessionIdError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {

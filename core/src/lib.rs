@@ -6,11 +6,23 @@
 //! arrived for the orphan timeout.
 //!
 //! The crate is `no_std`, allocates nothing and does no I/O: every input that depends on
-//! time carries `now`, releases go out through the [`Effects`] callbacks the driver
-//! implements, and [`SessionTable::next_deadline`] tells the driver when to call
-//! [`SessionTable::handle_timeout`] next. Drivers (the `session-lifecycle-runtime` crate, a
-//! firmware loop, a test with a simulated clock) bring the clock, the randomness for ids
-//! and the actual resource release.
+//! time carries `now`, and [`SessionTable::next_deadline`] tells the driver when to look
+//! again. Drivers (the `session-lifecycle-runtime` crate, a firmware loop, a test with a
+//! simulated clock) bring the clock, the randomness for ids and the actual resource release.
+//!
+//! The rules of release live here, once: a session's resources are released one at a time,
+//! in reverse acquisition order (what uses a resource goes before the resource); a
+//! resource's release starts only once every resource acquired after it is released; a
+//! failed release is retried after the policy's backoff; a released resource is never
+//! offered again. Drivers get them two ways, over the same functions:
+//!
+//! - sans-IO, for releases that take time: [`SessionTable::poll`] hands out the next
+//!   [`Work`] (a session to end, a release to run) and [`SessionTable::handle_release`]
+//!   takes the outcome back; a driver that keeps sessions elsewhere (a database) does the
+//!   same with a lone [`Session`] ([`Session::poll_release`], [`Session::handle_release`],
+//!   [`Session::next_release_at`]);
+//! - synchronous, for releases that finish at once: [`SessionTable::end_and_release`] and
+//!   [`SessionTable::handle_timeout`] run the same loop through the [`Effects`] callbacks.
 //!
 //! ```
 //! use core::time::Duration;
@@ -39,14 +51,14 @@
 //!
 //! // Five minutes later the client ends the session: the process goes first, then the GPU.
 //! let t1 = Timestamp::parse_rfc3339("2024-01-15T10:35:00Z").unwrap();
-//! let first = table.end(t1, &id, EndReason::Requested, &mut effects).unwrap();
+//! let first = table.end_and_release(t1, &id, EndReason::Requested, &mut effects).unwrap();
 //! assert_eq!(first.transition, Transition::Committed);
 //! assert_eq!(first.session.ended_at(), Some(t1));
 //! assert_eq!(effects.done, [4242, 7]);
 //!
 //! // Ending again is a no-op that returns the first answer.
 //! let t2 = Timestamp::parse_rfc3339("2024-01-15T10:36:00Z").unwrap();
-//! let again = table.end(t2, &id, EndReason::WebsocketDisconnected, &mut effects).unwrap();
+//! let again = table.end_and_release(t2, &id, EndReason::WebsocketDisconnected, &mut effects).unwrap();
 //! assert_eq!(again.transition, Transition::AlreadyEnded);
 //! assert_eq!(again.session.ended_at(), Some(t1));
 //! assert_eq!(again.session.end_reason(), Some(EndReason::Requested));
@@ -57,6 +69,35 @@
 //! let sweep = table.handle_timeout(wake, &mut effects);
 //! assert_eq!(sweep.evicted, 1);
 //! assert!(table.is_empty());
+//! ```
+//!
+//! The same session driven the sans-IO way, as an async driver does with releases that take
+//! seconds: it runs each release itself and reports back.
+//!
+//! ```
+//! # use core::time::Duration;
+//! # use session_lifecycle::*;
+//! let mut table = SessionTable::<64>::new(Policy::DEFAULT).unwrap();
+//! let t0 = Timestamp::parse_rfc3339("2024-01-15T10:30:00Z").unwrap();
+//! let id = *table.start(t0, 1, Duration::from_secs(3600)).unwrap().id();
+//! let gpu = Resource { kind: ResourceKind(1), handle: 7 };
+//! let process = Resource { kind: ResourceKind(2), handle: 4242 };
+//! table.attach(&id, gpu).unwrap();
+//! table.attach(&id, process).unwrap();
+//! table.end(t0, &id, EndReason::Requested).unwrap();
+//!
+//! // The process first; nothing else of this session until its outcome is back.
+//! assert_eq!(table.poll(t0), Some(Work::Release { session: id, resource: process }));
+//! assert_eq!(table.poll(t0), None);
+//! // Stopping it failed: it is retried after the backoff, and the GPU waits.
+//! table.handle_release(t0, &id, process, ReleaseOutcome::Failed).unwrap();
+//! let retry = table.next_deadline().unwrap();
+//! assert_eq!(retry, t0.saturating_add(Policy::DEFAULT.release_backoff_initial));
+//! assert_eq!(table.poll(retry), Some(Work::Release { session: id, resource: process }));
+//! table.handle_release(retry, &id, process, ReleaseOutcome::Released).unwrap();
+//! assert_eq!(table.poll(retry), Some(Work::Release { session: id, resource: gpu }));
+//! table.handle_release(retry, &id, gpu, ReleaseOutcome::Released).unwrap();
+//! assert!(table.get(&id).unwrap().is_fully_released());
 //! ```
 #![no_std]
 #![forbid(unsafe_code)]
@@ -77,11 +118,11 @@ pub use id::{
 pub use policy::{CONTRACT_ORPHAN_BOUND, Policy, PolicyError, RELEASE_ALLOWANCE};
 pub use session::{
     AttachRefusal, EndReason, Ending, HeldResource, HeldResourceParts, HeldResources,
-    InvalidSession, MAX_RESOURCES, ReleaseState, ReleaseStatus, Resource, ResourceKind, Session,
-    SessionParts, Status, Transition,
+    InvalidSession, MAX_RESOURCES, NotInFlight, ReleaseOutcome, ReleaseState, ReleaseStatus,
+    ReleaseStep, Resource, ResourceKind, Session, SessionParts, Status, Transition,
 };
 pub use table::{
-    AttachError, Effects, EndOutcome, NotFound, ReleaseOutcome, SessionTable, StartError, Sweep,
-    TouchError,
+    AttachError, Effects, EndOutcome, NotFound, ReleaseRefused, SessionTable, StartError, Sweep,
+    TouchError, Work,
 };
 pub use time::{Clock, Timestamp, TimestampError};

@@ -45,6 +45,8 @@ pub enum PolicyError {
     BackoffInverted,
 }
 
+impl core::error::Error for PolicyError {}
+
 impl fmt::Display for PolicyError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {

@@ -104,9 +104,10 @@ pub struct Resource {
 pub enum ReleaseState {
     /// Held by a started session.
     Held,
-    /// The session ended and the release is due at `retry_at`, after `attempts` failures.
-    /// A table attempts every release at once when the session ends, so its pending
-    /// releases have failed at least once; a durable record may hold one not yet tried.
+    /// The session ended and the release is due at `retry_at`, after `attempts` failures
+    /// (`attempts` is 0, and `retry_at` the end, until the first attempt fails). Releases
+    /// go one at a time in reverse acquisition order, so a pending resource also waits for
+    /// every resource acquired after it.
     Pending {
         /// Failed attempts so far.
         attempts: u32,
@@ -271,6 +272,10 @@ pub struct Session {
     last_seen_at: Timestamp,
     ending: Option<Ending>,
     resources: HeldResources,
+    /// The resource whose release is handed out (by [`Session::poll_release`]) and whose
+    /// outcome has not come back yet, as an index into `resources`. Not part of the wire
+    /// shape: a record read back from storage has nothing in flight.
+    releasing: Option<u8>,
 }
 
 /// The wire shape of a [`Session`], field for field as in the contract's session object.
@@ -312,6 +317,8 @@ pub enum InvalidSession {
     /// The same resource is listed twice.
     DuplicateResource,
 }
+
+impl core::error::Error for InvalidSession {}
 
 impl fmt::Display for InvalidSession {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -373,6 +380,7 @@ impl TryFrom<SessionParts> for Session {
             last_seen_at: p.last_seen_at,
             ending,
             resources: p.resources,
+            releasing: None,
         })
     }
 }
@@ -385,6 +393,50 @@ pub enum Transition {
     /// The session had already ended; nothing ran, and the first ending stands.
     AlreadyEnded,
 }
+
+/// What a release attempt reported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReleaseOutcome {
+    /// The resource is given back. It is never offered again.
+    Released,
+    /// Releasing failed; the resource stays pending and is offered again after a backoff.
+    Failed,
+}
+
+/// Where releasing an ended session's resources stands (see [`Session::release_step`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReleaseStep {
+    /// The session has not ended: it releases nothing.
+    NotEnded,
+    /// This resource's release is due now.
+    Due(Resource),
+    /// The next release is due at this time (a failed release's backoff).
+    WaitUntil(Timestamp),
+    /// This resource's release was handed out and its outcome has not come back.
+    InFlight(Resource),
+    /// Every resource is released.
+    Done,
+}
+
+/// An outcome reported for a resource whose release is not in flight: refused, nothing
+/// changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NotInFlight {
+    /// The resource named in the report.
+    pub resource: Resource,
+}
+
+impl fmt::Display for NotInFlight {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "no release of resource {}/{} is in flight",
+            self.resource.kind.0, self.resource.handle
+        )
+    }
+}
+
+impl core::error::Error for NotInFlight {}
 
 impl Session {
     /// A new, started session holding nothing, alive as of `started_at`, expiring at
@@ -400,6 +452,7 @@ impl Session {
             last_seen_at: started_at,
             ending: None,
             resources: HeldResources::new(),
+            releasing: None,
         }
     }
 
@@ -463,17 +516,17 @@ impl Session {
     /// The bare `started -> ended` transition at `now` for `reason`: idempotent, and
     /// `ended_at` is never before `started_at` even if the clock stepped back.
     ///
-    /// On a detached value this changes only the value. A table's
-    /// [`end`](crate::SessionTable::end) calls it and then runs the releases.
+    /// Every held resource becomes a pending release due at the end; hand them out with
+    /// [`poll_release`](Self::poll_release). A table's [`end`](crate::SessionTable::end)
+    /// calls this.
     pub fn end(&mut self, now: Timestamp, reason: EndReason) -> Transition {
         if self.ending.is_some() {
             return Transition::AlreadyEnded;
         }
         // A clock that stepped backwards must not end a session before it started.
-        self.ending = Some(Ending {
-            at: now.max(self.started_at),
-            reason,
-        });
+        let at = now.max(self.started_at);
+        self.ending = Some(Ending { at, reason });
+        self.mark_releases_due(at);
         Transition::Committed
     }
 
@@ -498,30 +551,158 @@ impl Session {
             .map_err(|_| AttachRefusal::TooManyResources)
     }
 
-    pub(crate) fn resources_mut(&mut self) -> &mut [HeldResource] {
-        &mut self.resources
+    /// What releasing this session's resources calls for at `now`: nothing yet (it has not
+    /// ended), the next release (due now, or later after a failure's backoff), the release
+    /// already handed out, or nothing more (every resource is released).
+    ///
+    /// The rules, in one place: resources are released one at a time, in reverse acquisition
+    /// order; a resource's release starts only once every resource acquired after it is
+    /// released; a failed release is retried after the policy's backoff; a released resource
+    /// is never offered again.
+    pub fn release_step(&self, now: Timestamp) -> ReleaseStep {
+        if self.ending.is_none() {
+            return ReleaseStep::NotEnded;
+        }
+        if let Some(resource) = self.release_in_flight() {
+            return ReleaseStep::InFlight(resource);
+        }
+        match self.next_release() {
+            None => ReleaseStep::Done,
+            Some((resource, due_at)) if due_at <= now => ReleaseStep::Due(resource),
+            Some((_, due_at)) => ReleaseStep::WaitUntil(due_at),
+        }
     }
 
-    /// The next moment a table must look at this session, under `policy`.
-    pub(crate) fn deadline(&self, policy: &Policy) -> Timestamp {
-        let Some(ending) = self.ending else {
-            let orphan_at = self.last_seen_at.saturating_add(policy.orphan_timeout);
-            return self.expires_at.min(orphan_at);
+    /// When the next release of this ended session is due; `None` while it is started, while
+    /// a release is in flight, and once everything is released. A driver that keeps the
+    /// session elsewhere (a database) stores this as the session's "release due" time.
+    pub fn next_release_at(&self) -> Option<Timestamp> {
+        if self.releasing.is_some() {
+            return None;
+        }
+        self.next_release().map(|(_, at)| at)
+    }
+
+    /// Hands out the next release if it is due at `now`, and marks it in flight: nothing else
+    /// of this session is handed out until its outcome comes back through
+    /// [`handle_release`](Self::handle_release). `None` when nothing is due (see
+    /// [`release_step`](Self::release_step) for why).
+    pub fn poll_release(&mut self, now: Timestamp) -> Option<Resource> {
+        let ReleaseStep::Due(resource) = self.release_step(now) else {
+            return None;
         };
-        let mut next_retry = None::<Timestamp>;
-        let mut fully_released_at = ending.at;
-        for r in self.resources.iter() {
-            match r.release {
-                // Not reached after `end` (every held resource is offered at once), but a
-                // restored record may carry one: deal with it now.
-                ReleaseState::Held => return ending.at,
-                ReleaseState::Pending { retry_at, .. } => {
-                    next_retry = Some(next_retry.map_or(retry_at, |t| t.min(retry_at)));
+        let index = self.resources.iter().position(|r| r.resource == resource)?;
+        // At most MAX_RESOURCES (4) resources: the index fits.
+        self.releasing = Some(index as u8);
+        Some(resource)
+    }
+
+    /// The resource handed out by [`poll_release`](Self::poll_release) and not yet reported.
+    pub fn release_in_flight(&self) -> Option<Resource> {
+        self.releasing
+            .map(|i| self.resources[usize::from(i)].resource)
+    }
+
+    /// Takes back the outcome of the release in flight at `now`: released for good, or
+    /// failed and due again after `policy`'s backoff. Refused, changing nothing, unless
+    /// `resource` is the one in flight.
+    pub fn handle_release(
+        &mut self,
+        now: Timestamp,
+        resource: Resource,
+        outcome: ReleaseOutcome,
+        policy: &Policy,
+    ) -> Result<(), NotInFlight> {
+        let index = match self.releasing {
+            Some(i) if self.resources[usize::from(i)].resource == resource => usize::from(i),
+            _ => return Err(NotInFlight { resource }),
+        };
+        let held = &mut self.resources[index];
+        let failed_before = match held.release {
+            ReleaseState::Pending { attempts, .. } => attempts,
+            ReleaseState::Held | ReleaseState::Released { .. } => 0,
+        };
+        held.release = match outcome {
+            ReleaseOutcome::Released => ReleaseState::Released { at: now },
+            ReleaseOutcome::Failed => {
+                let attempts = failed_before.saturating_add(1);
+                ReleaseState::Pending {
+                    attempts,
+                    retry_at: now.saturating_add(policy.release_backoff(attempts)),
                 }
-                ReleaseState::Released { at } => fully_released_at = fully_released_at.max(at),
+            }
+        };
+        self.releasing = None;
+        Ok(())
+    }
+
+    /// The next resource to release, ignoring what is in flight, and when it is due: the
+    /// last one in acquisition order that is not released. `None` before the end and once
+    /// everything is released.
+    fn next_release(&self) -> Option<(Resource, Timestamp)> {
+        let ending = self.ending?;
+        let held = self
+            .resources
+            .iter()
+            .rev()
+            .find(|r| !matches!(r.release, ReleaseState::Released { .. }))?;
+        let due_at = match held.release {
+            // Not tried yet (a record from before the end marked it): due from the end on.
+            ReleaseState::Held => ending.at,
+            ReleaseState::Pending { retry_at, .. } => retry_at,
+            ReleaseState::Released { .. } => return None,
+        };
+        Some((held.resource, due_at))
+    }
+
+    /// Turns every held resource into a pending release due at the end (what ending does,
+    /// and what a store records in the same write).
+    fn mark_releases_due(&mut self, at: Timestamp) {
+        for r in self.resources.iter_mut() {
+            if r.release == ReleaseState::Held {
+                r.release = ReleaseState::Pending {
+                    attempts: 0,
+                    retry_at: at,
+                };
             }
         }
-        next_retry.unwrap_or_else(|| fully_released_at.saturating_add(policy.retention))
+    }
+
+    /// The next moment a table must look at this session, under `policy`: its expiry or
+    /// orphan deadline while started; its next release once ended ([`Timestamp::MAX`] while
+    /// one is in flight: the driver reports back); the end of its retention once released.
+    pub(crate) fn deadline(&self, policy: &Policy) -> Timestamp {
+        let Some(ending) = self.ending else {
+            return self.timeout(policy).0;
+        };
+        if self.releasing.is_some() {
+            return Timestamp::MAX;
+        }
+        match self.next_release() {
+            Some((_, due_at)) => due_at,
+            None => {
+                let released_at = self
+                    .resources
+                    .iter()
+                    .filter_map(|r| match r.release {
+                        ReleaseState::Released { at } => Some(at),
+                        _ => None,
+                    })
+                    .fold(ending.at, Timestamp::max);
+                released_at.saturating_add(policy.retention)
+            }
+        }
+    }
+
+    /// When a started session ends by itself, and why: at `expires_at` (`expired`) or
+    /// `orphan_timeout` after its last liveness signal (`orphaned`); a tie is an expiry.
+    pub(crate) fn timeout(&self, policy: &Policy) -> (Timestamp, EndReason) {
+        let orphan_at = self.last_seen_at.saturating_add(policy.orphan_timeout);
+        if self.expires_at <= orphan_at {
+            (self.expires_at, EndReason::Expired)
+        } else {
+            (orphan_at, EndReason::Orphaned)
+        }
     }
 }
 
@@ -538,6 +719,8 @@ pub enum AttachRefusal {
     /// The session already holds this very resource.
     AlreadyHeld,
 }
+
+impl core::error::Error for AttachRefusal {}
 
 impl fmt::Display for AttachRefusal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -654,6 +837,50 @@ mod tests {
         );
         assert_eq!(s.ended_at(), Some(start));
         assert_eq!(s.end_reason(), Some(EndReason::Orphaned));
+    }
+
+    #[test]
+    fn a_lone_session_releases_one_resource_at_a_time_in_reverse() {
+        let p = Policy::DEFAULT;
+        let t0 = ts("2024-01-15T10:30:00Z");
+        let mut s = Session::new(SessionId::parse("sess_1").unwrap(), t0, t0);
+        let res = |h| Resource {
+            kind: ResourceKind(1),
+            handle: h,
+        };
+        for h in [1, 2, 3] {
+            s.attach(res(h)).unwrap();
+        }
+        assert_eq!(s.release_step(t0), ReleaseStep::NotEnded);
+        assert_eq!(s.poll_release(t0), None);
+        s.end(t0, EndReason::Requested);
+        assert_eq!(s.next_release_at(), Some(t0));
+        assert_eq!(s.poll_release(t0), Some(res(3)));
+        assert_eq!(s.release_step(t0), ReleaseStep::InFlight(res(3)));
+        assert_eq!(s.poll_release(t0), None, "one at a time");
+        assert_eq!(s.next_release_at(), None);
+        assert_eq!(
+            s.handle_release(t0, res(2), ReleaseOutcome::Released, &p),
+            Err(NotInFlight { resource: res(2) })
+        );
+        s.handle_release(t0, res(3), ReleaseOutcome::Failed, &p)
+            .unwrap();
+        let retry = t0.saturating_add(p.release_backoff(1));
+        assert_eq!(s.release_step(t0), ReleaseStep::WaitUntil(retry));
+        assert_eq!(s.next_release_at(), Some(retry));
+        assert_eq!(s.poll_release(t0), None, "not before its backoff");
+        assert_eq!(s.poll_release(retry), Some(res(3)));
+        s.handle_release(retry, res(3), ReleaseOutcome::Released, &p)
+            .unwrap();
+        assert_eq!(s.poll_release(retry), Some(res(2)));
+        s.handle_release(retry, res(2), ReleaseOutcome::Released, &p)
+            .unwrap();
+        assert_eq!(s.poll_release(retry), Some(res(1)));
+        s.handle_release(retry, res(1), ReleaseOutcome::Released, &p)
+            .unwrap();
+        assert_eq!(s.release_step(retry), ReleaseStep::Done);
+        assert!(s.is_fully_released());
+        assert_eq!(s.poll_release(retry), None, "nothing after released");
     }
 
     #[test]

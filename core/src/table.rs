@@ -5,26 +5,23 @@ use core::time::Duration;
 
 use crate::id::SessionId;
 use crate::policy::{Policy, PolicyError};
-use crate::session::{AttachRefusal, EndReason, ReleaseState, Resource, Session, Transition};
+use crate::session::{
+    AttachRefusal, EndReason, NotInFlight, ReleaseOutcome, Resource, Session, Transition,
+};
 use crate::time::Timestamp;
 
-/// What a resource release callback reports.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ReleaseOutcome {
-    /// The resource is given back. It is never offered again.
-    Released,
-    /// Releasing failed; the resource stays pending and is offered again after a backoff.
-    Failed,
-}
-
-/// The callbacks a [`SessionTable`] makes into its driver.
+/// The callbacks of the synchronous loops ([`SessionTable::handle_timeout`],
+/// [`SessionTable::end_and_release`]), for drivers whose releases finish at once. Drivers
+/// whose releases take time (a SIGTERM grace, an NVML wait) use [`SessionTable::poll`] and
+/// [`SessionTable::handle_release`] instead; both ways run the same rules.
 ///
-/// Both are called only after the state change they report is committed in the table, so a
-/// callback can never observe (or cause) a half-ended session.
+/// Both callbacks are called only after the state change they report is committed in the
+/// table, so a callback can never observe (or cause) a half-ended session.
 pub trait Effects {
-    /// Release one resource of `session`. Called once per held resource when the session
-    /// ends, in reverse acquisition order, and again after a backoff for each release that
-    /// reported [`ReleaseOutcome::Failed`]. A resource that was released is never offered
+    /// Release one resource of `session`. Called for one resource of a session at a time,
+    /// in reverse acquisition order: a resource only once every resource acquired after it
+    /// is released. A failed release is offered again after the policy's backoff, and holds
+    /// back the resources acquired before it. A resource that was released is never offered
     /// again. Must be safe to repeat after a failure.
     fn release(&mut self, session: &SessionId, resource: Resource) -> ReleaseOutcome;
 
@@ -35,6 +32,31 @@ pub trait Effects {
     }
 }
 
+/// Work a table hands its driver from [`SessionTable::poll`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Work {
+    /// A started session reached its expiry (`expired`) or orphan deadline (`orphaned`).
+    /// The table has not ended it: the driver commits the end wherever it must first (a
+    /// database), then calls [`SessionTable::end`]; or, if it could not, puts the timer
+    /// back with [`SessionTable::defer_end`]. Until then the session is not handed out
+    /// again.
+    End {
+        /// The session.
+        session: SessionId,
+        /// Why it ends.
+        reason: EndReason,
+    },
+    /// Release `resource` of the ended `session`, then report the outcome with
+    /// [`SessionTable::handle_release`]. Nothing else of this session is handed out
+    /// meanwhile.
+    Release {
+        /// The session.
+        session: SessionId,
+        /// What to release.
+        resource: Resource,
+    },
+}
+
 /// What one [`SessionTable::handle_timeout`] call did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Sweep {
@@ -42,7 +64,7 @@ pub struct Sweep {
     pub expired: u32,
     /// Sessions ended with `orphaned`.
     pub orphaned: u32,
-    /// Release attempts made (first attempts of the sessions ended here, and retries).
+    /// Release attempts made (first attempts and retries).
     pub release_attempts: u32,
     /// Of those, the ones that failed and stay pending.
     pub release_failures: u32,
@@ -59,6 +81,8 @@ pub enum StartError {
     DuplicateId,
 }
 
+impl core::error::Error for StartError {}
+
 impl fmt::Display for StartError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
@@ -71,6 +95,8 @@ impl fmt::Display for StartError {
 /// No session with the given id is in the table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct NotFound;
+
+impl core::error::Error for NotFound {}
 
 impl fmt::Display for NotFound {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -87,6 +113,8 @@ pub enum TouchError {
     SessionEnded,
 }
 
+impl core::error::Error for TouchError {}
+
 impl fmt::Display for TouchError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
@@ -95,6 +123,32 @@ impl fmt::Display for TouchError {
         })
     }
 }
+
+/// Why [`SessionTable::handle_release`] refused an outcome; nothing changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReleaseRefused {
+    /// No session with that id is in the table.
+    NotFound,
+    /// That resource's release is not in flight.
+    NotInFlight(NotInFlight),
+}
+
+impl From<NotInFlight> for ReleaseRefused {
+    fn from(e: NotInFlight) -> Self {
+        ReleaseRefused::NotInFlight(e)
+    }
+}
+
+impl fmt::Display for ReleaseRefused {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ReleaseRefused::NotFound => f.write_str("no such session"),
+            ReleaseRefused::NotInFlight(e) => e.fmt(f),
+        }
+    }
+}
+
+impl core::error::Error for ReleaseRefused {}
 
 /// A resource that could not be attached, handed back with the reason. The caller owns it
 /// again and must release it at once.
@@ -105,6 +159,8 @@ pub struct AttachError {
     /// The resource, to be released by the caller.
     pub resource: Resource,
 }
+
+impl core::error::Error for AttachError {}
 
 impl fmt::Display for AttachError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -126,18 +182,37 @@ pub struct EndOutcome<'a> {
 const NONE: u32 = u32::MAX;
 
 /// One entry of the deadline heap: when the table next has to look at a slot's session
-/// (see `Session::deadline`).
+/// (see `Session::deadline`). Equal deadlines go in insertion order (`seq`), so the order in
+/// which [`SessionTable::poll`] hands out work is fully determined by the inputs.
 #[derive(Clone, Copy)]
 struct HeapEntry {
     deadline: Timestamp,
+    seq: u32,
     slot: u32,
 }
 
 impl HeapEntry {
     const EMPTY: HeapEntry = HeapEntry {
         deadline: Timestamp::EPOCH,
+        seq: 0,
         slot: NONE,
     };
+
+    /// Whether `self` comes before `other`: earlier deadline, then earlier insertion.
+    fn before(&self, other: &HeapEntry) -> bool {
+        (self.deadline, self.seq) < (other.deadline, other.seq)
+    }
+}
+
+/// Where a started session's own timer stands.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Timer {
+    /// It fires at the session's expiry or orphan deadline.
+    Armed,
+    /// It fired and [`Work::End`] went to the driver, which has not answered yet.
+    HandedOut,
+    /// The driver could not end it: it fires again at this time at the earliest.
+    Deferred(Timestamp),
 }
 
 struct Slot {
@@ -148,6 +223,10 @@ struct Slot {
     link: u32,
     /// Where this slot sits in the deadline heap.
     heap_pos: u32,
+    /// When the session was inserted, among all insertions (ties in the heap).
+    seq: u32,
+    /// The started session's timer; `Armed` once it ended.
+    timer: Timer,
 }
 
 impl Slot {
@@ -156,6 +235,8 @@ impl Slot {
         hash: 0,
         link: NONE,
         heap_pos: NONE,
+        seq: 0,
+        timer: Timer::Armed,
     };
 }
 
@@ -194,6 +275,8 @@ pub struct SessionTable<const N: usize> {
     free_head: u32,
     /// Slots `fresh..N` have never been used.
     fresh: u32,
+    /// Insertions so far (wrapping), the `seq` of the next one.
+    inserted: u32,
 }
 
 impl<const N: usize> SessionTable<N> {
@@ -222,6 +305,7 @@ impl<const N: usize> SessionTable<N> {
             len: 0,
             free_head: NONE,
             fresh: 0,
+            inserted: 0,
         })
     }
 
@@ -255,11 +339,13 @@ impl<const N: usize> SessionTable<N> {
         self.slots.iter().filter_map(|s| s.session.as_ref())
     }
 
-    /// The earliest moment at which [`handle_timeout`](Self::handle_timeout) has work to do,
-    /// or `None` when the table is empty. A deadline in the past means "now"; once handled it
-    /// moves on, so a driver that sleeps until it never spins.
+    /// The earliest moment at which [`poll`](Self::poll) (or
+    /// [`handle_timeout`](Self::handle_timeout)) has work to do; `None` when nothing will
+    /// come due without another input (the table is empty, or all its work is out with the
+    /// driver). A deadline in the past means "now"; once handled it moves on, so a driver
+    /// that sleeps until it never spins.
     pub fn next_deadline(&self) -> Option<Timestamp> {
-        if self.len == 0 {
+        if self.len == 0 || self.heap[0].deadline == Timestamp::MAX {
             None
         } else {
             Some(self.heap[0].deadline)
@@ -280,7 +366,7 @@ impl<const N: usize> SessionTable<N> {
     }
 
     /// Puts back a session read from durable storage, in whatever state it was recorded
-    /// (ended sessions with pending releases are retried on the next timeout).
+    /// (an ended session's pending releases are handed out again as they come due).
     pub fn restore(&mut self, session: Session) -> Result<&Session, StartError> {
         self.insert(session)
     }
@@ -312,10 +398,29 @@ impl<const N: usize> SessionTable<N> {
         session.attach(resource).map_err(refuse)
     }
 
-    /// Ends the session `id` at `now` for `reason`, then releases what it holds through
-    /// `effects` (in reverse acquisition order). Idempotent: ending an ended session changes
-    /// nothing, runs nothing, and returns it as it was first ended.
-    pub fn end<E: Effects>(
+    /// Ends the session `id` at `now` for `reason`, and nothing more: its releases become
+    /// due, for [`poll`](Self::poll) to hand out. Idempotent: ending an ended session
+    /// changes nothing and returns it as it was first ended.
+    pub fn end(
+        &mut self,
+        now: Timestamp,
+        id: &SessionId,
+        reason: EndReason,
+    ) -> Result<EndOutcome<'_>, NotFound> {
+        let slot = self.find(id).ok_or(NotFound)?;
+        let transition = self.end_slot(slot, now, reason)?;
+        let session = self.slots[slot].session.as_ref().ok_or(NotFound)?;
+        Ok(EndOutcome {
+            session,
+            transition,
+        })
+    }
+
+    /// [`end`](Self::end), then tells `effects` and runs the session's releases that are due
+    /// through it, one after another in reverse acquisition order, stopping at the first
+    /// failure (retried after its backoff by [`handle_timeout`](Self::handle_timeout)).
+    /// For drivers whose releases finish at once; a repeated end runs nothing.
+    pub fn end_and_release<E: Effects>(
         &mut self,
         now: Timestamp,
         id: &SessionId,
@@ -323,9 +428,12 @@ impl<const N: usize> SessionTable<N> {
         effects: &mut E,
     ) -> Result<EndOutcome<'_>, NotFound> {
         let slot = self.find(id).ok_or(NotFound)?;
-        let transition = self.end_slot(slot, now, reason, effects).ok_or(NotFound)?;
+        let transition = self.end_slot(slot, now, reason)?;
         if transition == Transition::Committed {
-            self.reschedule(slot);
+            if let Some(session) = self.slots[slot].session.as_ref() {
+                effects.ended(session);
+            }
+            self.release_due(slot, now, effects);
         }
         let session = self.slots[slot].session.as_ref().ok_or(NotFound)?;
         Ok(EndOutcome {
@@ -334,71 +442,155 @@ impl<const N: usize> SessionTable<N> {
         })
     }
 
-    /// Does everything due at or before `now`: ends expired sessions (`expired`) and those
-    /// without liveness for the orphan timeout (`orphaned`), retries pending releases, and
-    /// evicts ended sessions past their retention. Costs O(1) when nothing is due.
-    pub fn handle_timeout<E: Effects>(&mut self, now: Timestamp, effects: &mut E) -> Sweep {
-        let mut sweep = Sweep::default();
+    /// Puts back the timer of a session whose [`Work::End`] the driver could not carry out
+    /// (its store was unreachable, or the session proved alive elsewhere): it fires again at
+    /// `not_before` at the earliest, or later if the session is touched meanwhile. A session
+    /// that ended or whose timer was not handed out is left as it is.
+    pub fn defer_end(&mut self, id: &SessionId, not_before: Timestamp) -> Result<(), NotFound> {
+        let slot = self.find(id).ok_or(NotFound)?;
+        let started = self.slots[slot]
+            .session
+            .as_ref()
+            .is_some_and(|s| s.ended_at().is_none());
+        if started && self.slots[slot].timer == Timer::HandedOut {
+            self.slots[slot].timer = Timer::Deferred(not_before);
+            self.reschedule(slot);
+        }
+        Ok(())
+    }
+
+    /// Hands out the most overdue work at `now`, if any: a started session to end
+    /// ([`Work::End`]) or a release to run ([`Work::Release`]). Each piece of work is handed
+    /// out once and comes back through [`end`](Self::end) or [`defer_end`](Self::defer_end),
+    /// or [`handle_release`](Self::handle_release). Ended sessions whose releases are done
+    /// are evicted here once their retention passed. Costs O(log n) per piece of work, O(1)
+    /// when nothing is due.
+    pub fn poll(&mut self, now: Timestamp) -> Option<Work> {
         while self.len > 0 {
-            let HeapEntry { deadline, slot } = self.heap[0];
+            let HeapEntry { deadline, slot, .. } = self.heap[0];
             if deadline > now {
-                break;
+                return None;
             }
             let slot = slot as usize;
-            self.handle_due(slot, now, effects, &mut sweep);
+            let policy = self.policy;
+            let Some(session) = self.slots[slot].session.as_mut() else {
+                // An empty slot is never in the heap; drop it rather than loop on it.
+                self.heap_remove(slot);
+                continue;
+            };
+            let id = *session.id();
+            if session.ended_at().is_none() {
+                let (_, reason) = session.timeout(&policy);
+                self.slots[slot].timer = Timer::HandedOut;
+                self.reschedule(slot);
+                return Some(Work::End {
+                    session: id,
+                    reason,
+                });
+            }
+            if let Some(resource) = session.poll_release(now) {
+                self.reschedule(slot);
+                return Some(Work::Release {
+                    session: id,
+                    resource,
+                });
+            }
+            // Ended, nothing in flight and nothing due, with a deadline that passed: only a
+            // released session past its retention has such a deadline.
+            self.evict(slot);
         }
+        None
+    }
+
+    /// Takes back the outcome of a release handed out by [`poll`](Self::poll): released for
+    /// good, or failed and retried after the policy's backoff. Refused, changing nothing,
+    /// unless that release of that session is in flight.
+    pub fn handle_release(
+        &mut self,
+        now: Timestamp,
+        id: &SessionId,
+        resource: Resource,
+        outcome: ReleaseOutcome,
+    ) -> Result<(), ReleaseRefused> {
+        let slot = self.find(id).ok_or(ReleaseRefused::NotFound)?;
+        let policy = self.policy;
+        let session = self.slots[slot]
+            .session
+            .as_mut()
+            .ok_or(ReleaseRefused::NotFound)?;
+        session.handle_release(now, resource, outcome, &policy)?;
+        self.reschedule(slot);
+        Ok(())
+    }
+
+    /// Does everything due at or before `now` through `effects`: ends expired sessions
+    /// (`expired`) and those without liveness for the orphan timeout (`orphaned`), runs due
+    /// releases and retries, and evicts ended sessions past their retention. A loop over
+    /// [`poll`](Self::poll) for drivers whose releases finish at once. Costs O(1) when
+    /// nothing is due.
+    pub fn handle_timeout<E: Effects>(&mut self, now: Timestamp, effects: &mut E) -> Sweep {
+        let mut sweep = Sweep::default();
+        let len_before = self.len;
+        while let Some(work) = self.poll(now) {
+            match work {
+                Work::End { session, reason } => {
+                    match reason {
+                        EndReason::Expired => sweep.expired += 1,
+                        _ => sweep.orphaned += 1,
+                    }
+                    if let Ok(out) = self.end(now, &session, reason) {
+                        effects.ended(out.session);
+                    }
+                }
+                Work::Release { session, resource } => {
+                    let outcome = effects.release(&session, resource);
+                    sweep.release_attempts += 1;
+                    if outcome == ReleaseOutcome::Failed {
+                        sweep.release_failures += 1;
+                    }
+                    // The release was just handed out, so its outcome is taken.
+                    let _ = self.handle_release(now, &session, resource, outcome);
+                }
+            }
+        }
+        // Nothing is inserted meanwhile: what is gone was evicted.
+        sweep.evicted = len_before.saturating_sub(self.len);
         sweep
     }
 
-    fn handle_due<E: Effects>(
-        &mut self,
-        slot: usize,
-        now: Timestamp,
-        effects: &mut E,
-        sweep: &mut Sweep,
-    ) {
-        let policy = self.policy;
-        let Some(session) = self.slots[slot].session.as_mut() else {
-            // An empty slot is never in the heap; drop it rather than loop on it.
-            self.heap_remove(slot);
-            return;
-        };
-        let (attempts, failures) = if session.ending().is_none() {
-            let orphan_at = session.last_seen_at().saturating_add(policy.orphan_timeout);
-            // The earlier deadline names the reason; a tie is an expiry.
-            let reason = if session.expires_at() <= orphan_at {
-                sweep.expired += 1;
-                EndReason::Expired
-            } else {
-                sweep.orphaned += 1;
-                EndReason::Orphaned
-            };
-            let (_, attempts, failures) = commit_end(&policy, now, session, reason, effects);
-            (attempts, failures)
-        } else if session.is_fully_released() {
-            self.evict(slot);
-            sweep.evicted += 1;
-            return;
-        } else {
-            run_releases(&policy, now, session, effects)
-        };
-        sweep.release_attempts += attempts;
-        sweep.release_failures += failures;
-        self.reschedule(slot);
-    }
-
-    /// Ends the session in `slot` through [`commit_end`]; `None` if the slot is empty.
-    fn end_slot<E: Effects>(
+    /// Ends the session in `slot` (the state change only) and reschedules it.
+    fn end_slot(
         &mut self,
         slot: usize,
         now: Timestamp,
         reason: EndReason,
-        effects: &mut E,
-    ) -> Option<Transition> {
+    ) -> Result<Transition, NotFound> {
+        let session = self.slots[slot].session.as_mut().ok_or(NotFound)?;
+        let transition = session.end(now, reason);
+        if transition == Transition::Committed {
+            self.slots[slot].timer = Timer::Armed;
+            self.reschedule(slot);
+        }
+        Ok(transition)
+    }
+
+    /// Runs the releases of the session in `slot` that are due at `now` through `effects`,
+    /// one at a time, until one fails or none is due.
+    fn release_due<E: Effects>(&mut self, slot: usize, now: Timestamp, effects: &mut E) {
         let policy = self.policy;
-        let session = self.slots[slot].session.as_mut()?;
-        let (transition, _, _) = commit_end(&policy, now, session, reason, effects);
-        Some(transition)
+        let Some(session) = self.slots[slot].session.as_mut() else {
+            return;
+        };
+        let id = *session.id();
+        while let Some(resource) = session.poll_release(now) {
+            let outcome = effects.release(&id, resource);
+            // Just handed out, so the outcome is taken.
+            let _ = session.handle_release(now, resource, outcome, &policy);
+            if outcome == ReleaseOutcome::Failed {
+                break;
+            }
+        }
+        self.reschedule(slot);
     }
 
     fn insert(&mut self, session: Session) -> Result<&Session, StartError> {
@@ -418,15 +610,20 @@ impl<const N: usize> SessionTable<N> {
         let hash = id_hash(session.id());
         let bucket = bucket_of(hash, N);
         let deadline = session.deadline(&self.policy);
+        let seq = self.inserted;
+        self.inserted = self.inserted.wrapping_add(1);
         self.slots[slot] = Slot {
             session: Some(session),
             hash: hash as u32,
             link: self.buckets[bucket],
             heap_pos: NONE,
+            seq,
+            timer: Timer::Armed,
         };
         self.buckets[bucket] = slot as u32;
         self.heap_push(HeapEntry {
             deadline,
+            seq,
             slot: slot as u32,
         });
         self.slots[slot]
@@ -473,12 +670,24 @@ impl<const N: usize> SessionTable<N> {
         None
     }
 
+    /// When the table next looks at the session in `slot`: the session's own deadline,
+    /// unless its timer is out with the driver or deferred.
+    fn slot_deadline(&self, slot: usize) -> Option<Timestamp> {
+        let s = &self.slots[slot];
+        let session = s.session.as_ref()?;
+        let own = session.deadline(&self.policy);
+        Some(match (session.ended_at(), s.timer) {
+            (None, Timer::HandedOut) => Timestamp::MAX,
+            (None, Timer::Deferred(not_before)) => own.max(not_before),
+            _ => own,
+        })
+    }
+
     /// Recomputes the slot's deadline after its session changed and restores heap order.
     fn reschedule(&mut self, slot: usize) {
-        let Some(session) = self.slots[slot].session.as_ref() else {
+        let Some(deadline) = self.slot_deadline(slot) else {
             return;
         };
-        let deadline = session.deadline(&self.policy);
         let pos = self.slots[slot].heap_pos as usize;
         self.heap[pos].deadline = deadline;
         let pos = self.sift_up(pos);
@@ -518,7 +727,7 @@ impl<const N: usize> SessionTable<N> {
         let entry = self.heap[pos];
         while pos > 0 {
             let parent = (pos - 1) / 2;
-            if self.heap[parent].deadline <= entry.deadline {
+            if !entry.before(&self.heap[parent]) {
                 break;
             }
             self.heap_set(pos, self.heap[parent]);
@@ -537,12 +746,12 @@ impl<const N: usize> SessionTable<N> {
                 break;
             }
             let right = left + 1;
-            let child = if right < len && self.heap[right].deadline < self.heap[left].deadline {
+            let child = if right < len && self.heap[right].before(&self.heap[left]) {
                 right
             } else {
                 left
             };
-            if entry.deadline <= self.heap[child].deadline {
+            if !self.heap[child].before(&entry) {
                 break;
             }
             self.heap_set(pos, self.heap[child]);
@@ -560,19 +769,25 @@ impl<const N: usize> SessionTable<N> {
             return Err("len disagrees with occupied slots");
         }
         for pos in 0..len {
-            let HeapEntry { deadline, slot } = self.heap[pos];
-            let slot = slot as usize;
+            let entry = self.heap[pos];
+            let slot = entry.slot as usize;
             if self.slots[slot].heap_pos as usize != pos {
                 return Err("heap position out of sync");
             }
-            if pos > 0 && self.heap[(pos - 1) / 2].deadline > deadline {
+            if pos > 0 && entry.before(&self.heap[(pos - 1) / 2]) {
                 return Err("heap order violated");
+            }
+            if entry.seq != self.slots[slot].seq {
+                return Err("heap entry's insertion order out of sync");
             }
             let Some(session) = self.slots[slot].session.as_ref() else {
                 return Err("empty slot in heap");
             };
-            if deadline != session.deadline(&self.policy) {
+            if Some(entry.deadline) != self.slot_deadline(slot) {
                 return Err("stale deadline");
+            }
+            if session.ended_at().is_some() && self.slots[slot].timer != Timer::Armed {
+                return Err("an ended session's timer is not reset");
             }
             if self.find(session.id()) != Some(slot) {
                 return Err("session not reachable through the index");
@@ -580,58 +795,6 @@ impl<const N: usize> SessionTable<N> {
         }
         Ok(())
     }
-}
-
-/// Ends `session` unless it already ended: commits the state change first, then tells
-/// `effects`, then runs the first release attempts. Returns the transition and the
-/// (attempts, failures) of those releases.
-fn commit_end<E: Effects>(
-    policy: &Policy,
-    now: Timestamp,
-    session: &mut Session,
-    reason: EndReason,
-    effects: &mut E,
-) -> (Transition, u32, u32) {
-    let transition = session.end(now, reason);
-    if transition == Transition::AlreadyEnded {
-        return (transition, 0, 0);
-    }
-    effects.ended(session);
-    let (attempts, failures) = run_releases(policy, now, session, effects);
-    (transition, attempts, failures)
-}
-
-/// Runs the releases of `session` that are due at `now`: every held resource (first
-/// attempts, after an end) and every pending one whose retry time came, in reverse
-/// acquisition order. Returns (attempts, failures).
-fn run_releases<E: Effects>(
-    policy: &Policy,
-    now: Timestamp,
-    session: &mut Session,
-    effects: &mut E,
-) -> (u32, u32) {
-    let id = *session.id();
-    let (mut attempts_made, mut failures) = (0, 0);
-    for held in session.resources_mut().iter_mut().rev() {
-        let failed_before = match held.release {
-            ReleaseState::Held => 0,
-            ReleaseState::Pending { attempts, retry_at } if retry_at <= now => attempts,
-            ReleaseState::Pending { .. } | ReleaseState::Released { .. } => continue,
-        };
-        attempts_made += 1;
-        held.release = match effects.release(&id, held.resource) {
-            ReleaseOutcome::Released => ReleaseState::Released { at: now },
-            ReleaseOutcome::Failed => {
-                failures += 1;
-                let attempts = failed_before.saturating_add(1);
-                ReleaseState::Pending {
-                    attempts,
-                    retry_at: now.saturating_add(policy.release_backoff(attempts)),
-                }
-            }
-        };
-    }
-    (attempts_made, failures)
 }
 
 fn id_hash(id: &SessionId) -> u64 {
@@ -696,7 +859,9 @@ mod tests {
         for h in [1, 2, 3] {
             t.attach(&id, res(h)).unwrap();
         }
-        let out = t.end(at(5), &id, EndReason::Requested, &mut log).unwrap();
+        let out = t
+            .end_and_release(at(5), &id, EndReason::Requested, &mut log)
+            .unwrap();
         assert_eq!(out.transition, Transition::Committed);
         assert_eq!(
             log.calls,
@@ -704,7 +869,9 @@ mod tests {
         );
         assert!(out.session.is_fully_released());
         // A repeated end runs nothing.
-        let again = t.end(at(9), &id, EndReason::Shutdown, &mut log).unwrap();
+        let again = t
+            .end_and_release(at(9), &id, EndReason::Shutdown, &mut log)
+            .unwrap();
         assert_eq!(again.transition, Transition::AlreadyEnded);
         assert_eq!(again.session.ended_at(), Some(at(5)));
         assert_eq!(log.calls.len(), 4);
@@ -714,8 +881,7 @@ mod tests {
     fn late_resource_is_handed_back() {
         let mut t = table();
         let id = *t.start(at(0), 1, Duration::from_secs(60)).unwrap().id();
-        t.end(at(1), &id, EndReason::Requested, &mut Log::default())
-            .unwrap();
+        t.end(at(1), &id, EndReason::Requested).unwrap();
         let err = t.attach(&id, res(9)).unwrap_err();
         assert_eq!(err.refusal, AttachRefusal::SessionEnded);
         assert_eq!(err.resource, res(9));
@@ -723,15 +889,19 @@ mod tests {
     }
 
     #[test]
-    fn failed_release_is_retried_with_backoff_until_it_succeeds() {
+    fn a_failed_release_holds_back_the_ones_acquired_before_it() {
         let mut t = table();
         let mut log = Log {
             failing: std::vec![7],
             ..Log::default()
         };
         let id = *t.start(at(0), 1, Duration::from_secs(3600)).unwrap().id();
+        t.attach(&id, res(6)).unwrap();
         t.attach(&id, res(7)).unwrap();
-        t.end(at(10), &id, EndReason::Requested, &mut log).unwrap();
+        t.end_and_release(at(10), &id, EndReason::Requested, &mut log)
+            .unwrap();
+        // 7 failed, so 6 (acquired before it) waits.
+        assert_eq!(log.calls, [("ended", 0), ("release", 7)]);
         // First retry after the initial backoff (250 ms), then 500 ms later.
         let first_retry = Timestamp::from_millis(at(10).as_millis() + 250);
         assert_eq!(t.next_deadline(), Some(first_retry));
@@ -740,15 +910,120 @@ mod tests {
         assert_eq!(t.next_deadline(), Some(second_retry));
         log.failing.clear();
         let sweep = t.handle_timeout(second_retry, &mut log);
-        assert_eq!((sweep.release_attempts, sweep.release_failures), (1, 0));
+        assert_eq!((sweep.release_attempts, sweep.release_failures), (2, 0));
         assert!(t.get(&id).unwrap().is_fully_released());
-        assert_eq!(log.calls.iter().filter(|c| c.0 == "release").count(), 3);
+        assert_eq!(
+            log.calls[1..],
+            [
+                ("release", 7),
+                ("release", 7),
+                ("release", 7),
+                ("release", 6)
+            ]
+        );
         // Released once, never offered again; evicted after retention.
         let evict_at = second_retry.saturating_add(Policy::DEFAULT.retention);
         assert_eq!(t.next_deadline(), Some(evict_at));
         assert_eq!(t.handle_timeout(evict_at, &mut log).evicted, 1);
-        assert_eq!(log.calls.iter().filter(|c| c.0 == "release").count(), 3);
+        assert_eq!(log.calls.len(), 5);
         assert!(t.get(&id).is_none());
+    }
+
+    #[test]
+    fn poll_hands_out_one_release_of_a_session_at_a_time() {
+        let mut t = table();
+        let a = *t.start(at(0), 1, Duration::from_secs(3600)).unwrap().id();
+        let b = *t.start(at(0), 2, Duration::from_secs(3600)).unwrap().id();
+        for h in [1, 2] {
+            t.attach(&a, res(h)).unwrap();
+            t.attach(&b, res(10 + h)).unwrap();
+        }
+        t.end(at(5), &a, EndReason::Requested).unwrap();
+        t.end(at(5), &b, EndReason::Requested).unwrap();
+        // One release of each session, the last acquired first; then nothing until they
+        // come back.
+        let first = t.poll(at(5));
+        let second = t.poll(at(5));
+        assert_eq!(
+            first,
+            Some(Work::Release {
+                session: a,
+                resource: res(2)
+            })
+        );
+        assert_eq!(
+            second,
+            Some(Work::Release {
+                session: b,
+                resource: res(12)
+            })
+        );
+        assert_eq!(t.poll(at(60)), None);
+        assert_eq!(t.next_deadline(), None, "everything is out with the driver");
+        // Reporting the wrong resource is refused and changes nothing.
+        assert_eq!(
+            t.handle_release(at(6), &a, res(1), ReleaseOutcome::Released),
+            Err(ReleaseRefused::NotInFlight(NotInFlight {
+                resource: res(1)
+            }))
+        );
+        t.handle_release(at(6), &a, res(2), ReleaseOutcome::Released)
+            .unwrap();
+        assert_eq!(
+            t.poll(at(6)),
+            Some(Work::Release {
+                session: a,
+                resource: res(1)
+            })
+        );
+        // A failure: retried after the backoff, not before.
+        t.handle_release(at(7), &b, res(12), ReleaseOutcome::Failed)
+            .unwrap();
+        let retry = Timestamp::from_millis(at(7).as_millis() + 250);
+        assert_eq!(t.next_deadline(), Some(retry));
+        assert_eq!(t.poll(Timestamp::from_millis(retry.as_millis() - 1)), None);
+        assert_eq!(
+            t.poll(retry),
+            Some(Work::Release {
+                session: b,
+                resource: res(12)
+            })
+        );
+    }
+
+    #[test]
+    fn a_timer_is_handed_out_once_and_can_be_deferred() {
+        let mut t = table();
+        let id = *t.start(at(0), 1, Duration::from_secs(3600)).unwrap().id();
+        // Orphaned at 60 s; the table does not end it, the driver does.
+        assert_eq!(t.poll(at(59)), None);
+        assert_eq!(
+            t.poll(at(60)),
+            Some(Work::End {
+                session: id,
+                reason: EndReason::Orphaned
+            })
+        );
+        assert_eq!(t.poll(at(61)), None, "handed out once");
+        assert_eq!(t.get(&id).unwrap().status(), Status::Started);
+        // The driver's store was down: look again at 70 s.
+        t.defer_end(&id, at(70)).unwrap();
+        assert_eq!(t.next_deadline(), Some(at(70)));
+        assert_eq!(
+            t.poll(at(70)),
+            Some(Work::End {
+                session: id,
+                reason: EndReason::Orphaned
+            })
+        );
+        // It turned out alive elsewhere: a touch and a deferral re-arm the timer.
+        t.touch(at(70), &id).unwrap();
+        t.defer_end(&id, at(70)).unwrap();
+        assert_eq!(t.next_deadline(), Some(at(130)));
+        assert_eq!(t.poll(at(130)).map(|_| ()), Some(()));
+        let out = t.end(at(130), &id, EndReason::Orphaned).unwrap();
+        assert_eq!(out.transition, Transition::Committed);
+        t.check_structure().unwrap();
     }
 
     #[test]
@@ -779,9 +1054,7 @@ mod tests {
     fn clock_stepping_back_never_ends_before_start() {
         let mut t = table();
         let id = *t.start(at(100), 1, Duration::from_secs(60)).unwrap().id();
-        let out = t
-            .end(at(40), &id, EndReason::Requested, &mut Log::default())
-            .unwrap();
+        let out = t.end(at(40), &id, EndReason::Requested).unwrap();
         assert_eq!(out.session.ended_at(), Some(at(100)));
     }
 
@@ -808,7 +1081,8 @@ mod tests {
         let mut now = at(0);
         for round in 0..20u128 {
             let id = *t.start(now, round, Duration::from_secs(60)).unwrap().id();
-            t.end(now, &id, EndReason::Requested, &mut log).unwrap();
+            t.end_and_release(now, &id, EndReason::Requested, &mut log)
+                .unwrap();
             now = now.saturating_add(Duration::from_secs(601));
             t.handle_timeout(now, &mut log);
             t.check_structure().unwrap();

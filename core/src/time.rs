@@ -35,6 +35,8 @@ pub enum TimestampError {
     Unrepresentable,
 }
 
+impl core::error::Error for TimestampError {}
+
 impl fmt::Display for TimestampError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {

@@ -1,6 +1,13 @@
 //! Model-based property test: a plain reference model and the real `SessionTable` run the
 //! same random operation sequences, and must agree after every step.
 //!
+//! Both ways of driving releases are covered: the synchronous loops over `Effects`
+//! (`end_and_release`, `handle_timeout`) and the sans-IO one, where `poll` hands out work
+//! and the driver reports back later (`handle_release`, `end`, `defer_end`), with several
+//! pieces of work out at once. Beyond agreeing with the model, the table must never have
+//! two releases of one session in flight, must release in reverse acquisition order, never
+//! retry before the backoff, and never offer a released resource again.
+//!
 //! `PROPTEST_CASES` sets the number of sequences (CI runs 10,000).
 
 use std::collections::HashMap;
@@ -13,6 +20,7 @@ use session_lifecycle::*;
 
 const CAPACITY: usize = 8;
 const BASE_MS: u64 = 1_705_314_600_000; // 2024-01-15T10:30:00Z
+const NEVER: u64 = Timestamp::MAX.as_millis();
 
 fn policy() -> Policy {
     Policy {
@@ -22,6 +30,10 @@ fn policy() -> Policy {
         release_backoff_initial: Duration::from_secs(1),
         release_backoff_max: Duration::from_secs(4),
     }
+}
+
+fn ms(d: Duration) -> u64 {
+    d.as_millis() as u64
 }
 
 /// Whether releasing `resource` fails during a step with `fail_mask`: decided by the
@@ -36,7 +48,13 @@ enum Op {
         random: u128,
         lifetime_ms: u64,
     },
+    /// `end`: the state change only.
     End {
+        target: Option<Index>,
+        reason: EndReason,
+    },
+    /// `end_and_release`: the state change, then due releases through `Effects`.
+    EndAndRelease {
         target: Option<Index>,
         reason: EndReason,
         fail_mask: u8,
@@ -48,6 +66,7 @@ enum Op {
     Touch {
         target: Option<Index>,
     },
+    /// `handle_timeout`: everything due, through `Effects`.
     Advance {
         ms: u64,
         fail_mask: u8,
@@ -55,30 +74,57 @@ enum Op {
     StepBack {
         ms: u64,
     },
+    /// `poll`: hand out one piece of work, kept by the driver.
+    Poll,
+    /// Report the outcome of one outstanding release (or, with none out, a bogus report).
+    Complete {
+        pick: Index,
+        fail: bool,
+    },
+    /// Answer one outstanding `Work::End`: commit it or defer it.
+    AnswerEnd {
+        pick: Index,
+        commit: bool,
+        defer_ms: u64,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq)]
 enum ModelRelease {
-    Held,
     Pending { attempts: u32, retry_at: u64 },
+    Held,
     Released { at: u64 },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum ModelTimer {
+    Armed,
+    HandedOut,
+    Deferred(u64),
 }
 
 #[derive(Clone, Debug)]
 struct ModelSession {
     id: SessionId,
+    seq: u32,
     started_at: u64,
     expires_at: u64,
     last_seen: u64,
     ended: Option<(u64, EndReason)>,
     resources: Vec<(Resource, ModelRelease)>,
+    /// Index of the resource whose release is in flight.
+    releasing: Option<usize>,
+    timer: ModelTimer,
     evicted: bool,
 }
 
 #[derive(Clone, Debug)]
 struct Model {
     now: u64,
+    inserted: u32,
     sessions: Vec<ModelSession>,
+    /// Work handed out by `poll` and not answered yet, oldest first.
+    outstanding: Vec<Work>,
     /// What the last operation must have returned, checked by the SUT step.
     expect: Expect,
 }
@@ -90,66 +136,142 @@ enum Expect {
     Ended(Result<(Transition, u64, EndReason), NotFound>),
     Attached(Result<(), AttachRefusal>),
     Touched(Result<(), TouchError>),
-    Swept { expired: u32, orphaned: u32 },
+    Swept {
+        expired: u32,
+        orphaned: u32,
+    },
+    Polled(Option<Work>),
+    Handled {
+        session: SessionId,
+        resource: Resource,
+        outcome: ReleaseOutcome,
+        result: Result<(), ReleaseRefused>,
+    },
+    Deferred(SessionId, u64),
+    /// A handed-out end committed with its reason.
+    EndCommitted(
+        SessionId,
+        EndReason,
+        Result<(Transition, u64, EndReason), NotFound>,
+    ),
 }
 
 impl ModelSession {
+    /// When the table looks at this session next (its heap deadline).
     fn deadline(&self, p: &Policy) -> u64 {
-        let ms = |d: Duration| d.as_millis() as u64;
         match self.ended {
-            None => self.expires_at.min(self.last_seen + ms(p.orphan_timeout)),
-            Some((ended_at, _)) => {
-                if self.resources.iter().any(|(_, r)| *r == ModelRelease::Held) {
-                    return ended_at;
+            None => {
+                let natural = self.expires_at.min(self.last_seen + ms(p.orphan_timeout));
+                match self.timer {
+                    ModelTimer::Armed => natural,
+                    ModelTimer::HandedOut => NEVER,
+                    ModelTimer::Deferred(t) => natural.max(t),
                 }
-                let retry = self
-                    .resources
-                    .iter()
-                    .filter_map(|(_, r)| match r {
-                        ModelRelease::Pending { retry_at, .. } => Some(*retry_at),
-                        _ => None,
-                    })
-                    .min();
-                retry.unwrap_or_else(|| {
-                    let done = self
-                        .resources
-                        .iter()
-                        .filter_map(|(_, r)| match r {
-                            ModelRelease::Released { at } => Some(*at),
-                            _ => None,
-                        })
-                        .fold(ended_at, u64::max);
-                    done + ms(p.retention)
-                })
+            }
+            Some((ended_at, _)) => {
+                if self.releasing.is_some() {
+                    return NEVER;
+                }
+                match self.next_release(ended_at) {
+                    Some((_, due)) => due,
+                    None => {
+                        let done = self
+                            .resources
+                            .iter()
+                            .filter_map(|(_, r)| match r {
+                                ModelRelease::Released { at } => Some(*at),
+                                _ => None,
+                            })
+                            .fold(ended_at, u64::max);
+                        done + ms(p.retention)
+                    }
+                }
             }
         }
     }
 
-    fn run_releases(&mut self, now: u64, fail_mask: u8, p: &Policy) {
-        for (resource, state) in self.resources.iter_mut().rev() {
-            let before = match state {
-                ModelRelease::Held => 0,
-                ModelRelease::Pending { attempts, retry_at } if *retry_at <= now => *attempts,
-                _ => continue,
-            };
-            *state = if fails(*resource, fail_mask) {
-                ModelRelease::Pending {
-                    attempts: before + 1,
-                    retry_at: now + p.release_backoff(before + 1).as_millis() as u64,
-                }
-            } else {
-                ModelRelease::Released { at: now }
-            };
-        }
+    /// The last unreleased resource and when its release is due.
+    fn next_release(&self, ended_at: u64) -> Option<(usize, u64)> {
+        let i = self
+            .resources
+            .iter()
+            .rposition(|(_, r)| !matches!(r, ModelRelease::Released { .. }))?;
+        let due = match self.resources[i].1 {
+            ModelRelease::Pending { retry_at, .. } => retry_at,
+            ModelRelease::Held => ended_at,
+            ModelRelease::Released { .. } => unreachable!(),
+        };
+        Some((i, due))
     }
 
-    fn end(&mut self, now: u64, reason: EndReason, fail_mask: u8, p: &Policy) -> Transition {
+    /// Hands out the next release if due.
+    fn poll_release(&mut self, now: u64) -> Option<Resource> {
+        let (ended_at, _) = self.ended?;
+        if self.releasing.is_some() {
+            return None;
+        }
+        let (i, due) = self.next_release(ended_at)?;
+        if due > now {
+            return None;
+        }
+        self.releasing = Some(i);
+        Some(self.resources[i].0)
+    }
+
+    fn handle_release(&mut self, now: u64, outcome: ReleaseOutcome, p: &Policy) {
+        let i = self.releasing.take().expect("a release in flight");
+        let before = match self.resources[i].1 {
+            ModelRelease::Pending { attempts, .. } => attempts,
+            _ => 0,
+        };
+        self.resources[i].1 = match outcome {
+            ReleaseOutcome::Released => ModelRelease::Released { at: now },
+            ReleaseOutcome::Failed => ModelRelease::Pending {
+                attempts: before + 1,
+                retry_at: now + ms(p.release_backoff(before + 1)),
+            },
+        };
+    }
+
+    fn end(&mut self, now: u64, reason: EndReason) -> Transition {
         if self.ended.is_some() {
             return Transition::AlreadyEnded;
         }
-        self.ended = Some((now.max(self.started_at), reason));
-        self.run_releases(now, fail_mask, p);
+        let at = now.max(self.started_at);
+        self.ended = Some((at, reason));
+        for (_, r) in self.resources.iter_mut() {
+            if *r == ModelRelease::Held {
+                *r = ModelRelease::Pending {
+                    attempts: 0,
+                    retry_at: at,
+                };
+            }
+        }
+        self.timer = ModelTimer::Armed;
         Transition::Committed
+    }
+
+    /// The synchronous release loop: due releases one after another until one fails.
+    fn release_due(&mut self, now: u64, fail_mask: u8, p: &Policy) {
+        while let Some(resource) = self.poll_release(now) {
+            let outcome = if fails(resource, fail_mask) {
+                ReleaseOutcome::Failed
+            } else {
+                ReleaseOutcome::Released
+            };
+            self.handle_release(now, outcome, p);
+            if outcome == ReleaseOutcome::Failed {
+                break;
+            }
+        }
+    }
+
+    fn timeout_reason(&self, p: &Policy) -> EndReason {
+        if self.expires_at <= self.last_seen + ms(p.orphan_timeout) {
+            EndReason::Expired
+        } else {
+            EndReason::Orphaned
+        }
     }
 }
 
@@ -168,6 +290,45 @@ impl Model {
     fn live_target(&self, target: &Option<Index>) -> Option<usize> {
         self.target(target).filter(|&i| !self.sessions[i].evicted)
     }
+
+    fn index_of(&self, id: &SessionId) -> usize {
+        self.sessions
+            .iter()
+            .position(|s| s.id == *id && !s.evicted)
+            .expect("work names a live session")
+    }
+
+    /// What `SessionTable::poll` hands out: the due session with the earliest (deadline,
+    /// insertion), evicting released sessions past their retention on the way.
+    fn poll(&mut self, p: &Policy) -> Option<Work> {
+        let now = self.now;
+        loop {
+            let i = self
+                .sessions
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| !s.evicted)
+                .map(|(i, s)| (s.deadline(p), s.seq, i))
+                .filter(|(d, _, _)| *d <= now)
+                .min()?
+                .2;
+            let s = &mut self.sessions[i];
+            if s.ended.is_none() {
+                s.timer = ModelTimer::HandedOut;
+                return Some(Work::End {
+                    session: s.id,
+                    reason: s.timeout_reason(p),
+                });
+            }
+            if let Some(resource) = s.poll_release(now) {
+                return Some(Work::Release {
+                    session: s.id,
+                    resource,
+                });
+            }
+            s.evicted = true;
+        }
+    }
 }
 
 /// An id no session in the test ever has (its ULID time is before the base).
@@ -184,7 +345,9 @@ impl ReferenceStateMachine for TableModel {
     fn init_state() -> BoxedStrategy<Model> {
         Just(Model {
             now: BASE_MS,
+            inserted: 0,
             sessions: Vec::new(),
+            outstanding: Vec::new(),
             expect: Expect::Nothing,
         })
         .boxed()
@@ -195,12 +358,19 @@ impl ReferenceStateMachine for TableModel {
         let reason = proptest::sample::select(EndReason::ALL.to_vec());
         prop_oneof![
             3 => (0u128..4, 0u64..60_000).prop_map(|(random, lifetime_ms)| Op::Start { random, lifetime_ms }),
-            3 => (target.clone(), reason, any::<u8>())
-                .prop_map(|(target, reason, fail_mask)| Op::End { target, reason, fail_mask }),
+            2 => (target.clone(), reason.clone())
+                .prop_map(|(target, reason)| Op::End { target, reason }),
+            2 => (target.clone(), reason, any::<u8>())
+                .prop_map(|(target, reason, fail_mask)| Op::EndAndRelease { target, reason, fail_mask }),
             3 => (target.clone(), 0u64..12).prop_map(|(target, handle)| Op::Attach { target, handle }),
             2 => target.prop_map(|target| Op::Touch { target }),
-            4 => (0u64..20_000, any::<u8>()).prop_map(|(ms, fail_mask)| Op::Advance { ms, fail_mask }),
+            3 => (0u64..20_000, any::<u8>()).prop_map(|(ms, fail_mask)| Op::Advance { ms, fail_mask }),
             1 => (0u64..15_000).prop_map(|ms| Op::StepBack { ms }),
+            4 => Just(Op::Poll),
+            4 => (any::<Index>(), proptest::bool::weighted(0.3))
+                .prop_map(|(pick, fail)| Op::Complete { pick, fail }),
+            2 => (any::<Index>(), any::<bool>(), 0u64..20_000)
+                .prop_map(|(pick, commit, defer_ms)| Op::AnswerEnd { pick, commit, defer_ms }),
         ]
         .boxed()
     }
@@ -220,17 +390,31 @@ impl ReferenceStateMachine for TableModel {
                 } else {
                     m.sessions.push(ModelSession {
                         id,
+                        seq: m.inserted,
                         started_at: m.now,
                         expires_at: m.now + lifetime_ms,
                         last_seen: m.now,
                         ended: None,
                         resources: Vec::new(),
+                        releasing: None,
+                        timer: ModelTimer::Armed,
                         evicted: false,
                     });
+                    m.inserted += 1;
                     Expect::Started(Ok(id))
                 }
             }
-            Op::End {
+            Op::End { target, reason } => match m.live_target(target) {
+                None => Expect::Ended(Err(NotFound)),
+                Some(i) => {
+                    let now = m.now;
+                    let s = &mut m.sessions[i];
+                    let t = s.end(now, *reason);
+                    let (at, why) = s.ended.unwrap();
+                    Expect::Ended(Ok((t, at, why)))
+                }
+            },
+            Op::EndAndRelease {
                 target,
                 reason,
                 fail_mask,
@@ -239,7 +423,10 @@ impl ReferenceStateMachine for TableModel {
                 Some(i) => {
                     let now = m.now;
                     let s = &mut m.sessions[i];
-                    let t = s.end(now, *reason, *fail_mask, &p);
+                    let t = s.end(now, *reason);
+                    if t == Transition::Committed {
+                        s.release_due(now, *fail_mask, &p);
+                    }
                     let (at, why) = s.ended.unwrap();
                     Expect::Ended(Ok((t, at, why)))
                 }
@@ -281,28 +468,24 @@ impl ReferenceStateMachine for TableModel {
                 m.now += ms;
                 let now = m.now;
                 let (mut expired, mut orphaned) = (0, 0);
-                for s in m.sessions.iter_mut().filter(|s| !s.evicted) {
-                    while !s.evicted && s.deadline(&p) <= now {
-                        match s.ended {
-                            None => {
-                                let orphan_at = s.last_seen + p.orphan_timeout.as_millis() as u64;
-                                let reason = if s.expires_at <= orphan_at {
-                                    expired += 1;
-                                    EndReason::Expired
-                                } else {
-                                    orphaned += 1;
-                                    EndReason::Orphaned
-                                };
-                                s.end(now, reason, *fail_mask, &p);
+                while let Some(work) = m.poll(&p) {
+                    match work {
+                        Work::End { session, reason } => {
+                            match reason {
+                                EndReason::Expired => expired += 1,
+                                _ => orphaned += 1,
                             }
-                            Some(_)
-                                if s.resources
-                                    .iter()
-                                    .all(|(_, r)| matches!(r, ModelRelease::Released { .. })) =>
-                            {
-                                s.evicted = true;
-                            }
-                            Some(_) => s.run_releases(now, *fail_mask, &p),
+                            let i = m.index_of(&session);
+                            m.sessions[i].end(now, reason);
+                        }
+                        Work::Release { session, resource } => {
+                            let outcome = if fails(resource, *fail_mask) {
+                                ReleaseOutcome::Failed
+                            } else {
+                                ReleaseOutcome::Released
+                            };
+                            let i = m.index_of(&session);
+                            m.sessions[i].handle_release(now, outcome, &p);
                         }
                     }
                 }
@@ -311,6 +494,101 @@ impl ReferenceStateMachine for TableModel {
             Op::StepBack { ms } => {
                 m.now = m.now.saturating_sub(*ms).max(BASE_MS - 60_000);
                 Expect::Nothing
+            }
+            Op::Poll => {
+                let work = m.poll(&p);
+                if let Some(w) = work {
+                    m.outstanding.push(w);
+                }
+                Expect::Polled(work)
+            }
+            Op::Complete { pick, fail } => {
+                let releases: Vec<usize> = m
+                    .outstanding
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, w)| matches!(w, Work::Release { .. }))
+                    .map(|(i, _)| i)
+                    .collect();
+                let outcome = if *fail {
+                    ReleaseOutcome::Failed
+                } else {
+                    ReleaseOutcome::Released
+                };
+                if releases.is_empty() {
+                    // A bogus report: the first resource of some session, none in flight.
+                    match m.sessions.first() {
+                        None => Expect::Nothing,
+                        Some(s) => {
+                            let resource = s.resources.first().map_or(
+                                Resource {
+                                    kind: ResourceKind(1),
+                                    handle: 99,
+                                },
+                                |r| r.0,
+                            );
+                            let result = if s.evicted {
+                                Err(ReleaseRefused::NotFound)
+                            } else {
+                                Err(ReleaseRefused::NotInFlight(NotInFlight { resource }))
+                            };
+                            Expect::Handled {
+                                session: s.id,
+                                resource,
+                                outcome,
+                                result,
+                            }
+                        }
+                    }
+                } else {
+                    let k = releases[pick.index(releases.len())];
+                    let Work::Release { session, resource } = m.outstanding.remove(k) else {
+                        unreachable!()
+                    };
+                    let now = m.now;
+                    let i = m.index_of(&session);
+                    m.sessions[i].handle_release(now, outcome, &p);
+                    Expect::Handled {
+                        session,
+                        resource,
+                        outcome,
+                        result: Ok(()),
+                    }
+                }
+            }
+            Op::AnswerEnd {
+                pick,
+                commit,
+                defer_ms,
+            } => {
+                let ends: Vec<usize> = m
+                    .outstanding
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, w)| matches!(w, Work::End { .. }))
+                    .map(|(i, _)| i)
+                    .collect();
+                if ends.is_empty() {
+                    Expect::Nothing
+                } else {
+                    let k = ends[pick.index(ends.len())];
+                    let Work::End { session, reason } = m.outstanding.remove(k) else {
+                        unreachable!()
+                    };
+                    let now = m.now;
+                    let i = m.index_of(&session);
+                    let s = &mut m.sessions[i];
+                    if *commit {
+                        let t = s.end(now, reason);
+                        let (at, why) = s.ended.unwrap();
+                        Expect::EndCommitted(session, reason, Ok((t, at, why)))
+                    } else {
+                        if s.ended.is_none() && s.timer == ModelTimer::HandedOut {
+                            s.timer = ModelTimer::Deferred(now + defer_ms);
+                        }
+                        Expect::Deferred(session, now + defer_ms)
+                    }
+                }
             }
         };
         m
@@ -322,19 +600,29 @@ impl ReferenceStateMachine for TableModel {
 struct Ledger {
     fail_mask: u8,
     released: HashMap<(SessionId, Resource), u32>,
-    attempts: u32,
+    /// Per session, the resources released, in the order they were.
+    order: HashMap<SessionId, Vec<Resource>>,
     ended_calls: HashMap<SessionId, u32>,
+}
+
+impl Ledger {
+    fn record(&mut self, session: SessionId, resource: Resource, outcome: ReleaseOutcome) {
+        if outcome == ReleaseOutcome::Released {
+            *self.released.entry((session, resource)).or_default() += 1;
+            self.order.entry(session).or_default().push(resource);
+        }
+    }
 }
 
 impl Effects for Ledger {
     fn release(&mut self, session: &SessionId, resource: Resource) -> ReleaseOutcome {
-        self.attempts += 1;
-        if fails(resource, self.fail_mask) {
+        let outcome = if fails(resource, self.fail_mask) {
             ReleaseOutcome::Failed
         } else {
-            *self.released.entry((*session, resource)).or_default() += 1;
             ReleaseOutcome::Released
-        }
+        };
+        self.record(*session, resource, outcome);
+        outcome
     }
 
     fn ended(&mut self, session: &Session) {
@@ -352,6 +640,30 @@ struct Sut {
     ledger: Ledger,
     /// The first answer of every end, to compare later ones against.
     first_end: HashMap<SessionId, (Timestamp, EndReason)>,
+}
+
+/// What handing out `resource` of `session` must respect: it is not released, every
+/// resource acquired after it is, and its retry time (after a failure) has come.
+fn check_handout(session: &Session, resource: Resource, now: Timestamp) {
+    let resources = session.resources();
+    let i = resources
+        .iter()
+        .position(|r| r.resource == resource)
+        .expect("a handed-out resource belongs to its session");
+    match resources[i].release {
+        ReleaseState::Released { .. } => panic!("{resource:?} handed out after its release"),
+        ReleaseState::Pending { retry_at, .. } => {
+            assert!(retry_at <= now, "{resource:?} retried before its backoff")
+        }
+        ReleaseState::Held => {}
+    }
+    assert!(
+        resources[i + 1..]
+            .iter()
+            .all(|r| matches!(r.release, ReleaseState::Released { .. })),
+        "{resource:?} handed out before the resources acquired after it were released"
+    );
+    assert_eq!(session.release_in_flight(), Some(resource));
 }
 
 struct TableTest;
@@ -374,6 +686,28 @@ impl StateMachineTest for TableTest {
             Some(i) => m.sessions[i].id,
             None => unknown_id(),
         };
+        let check_end =
+            |sut: &mut Sut,
+             id: SessionId,
+             got: Result<(Transition, u64, EndReason), NotFound>,
+             want: &Result<(Transition, u64, EndReason), NotFound>| {
+                assert_eq!(&got, want);
+                if let Ok((_, at, why)) = got {
+                    // A repeated end is identical to the first.
+                    let first = *sut
+                        .first_end
+                        .entry(id)
+                        .or_insert((Timestamp::from_millis(at), why));
+                    assert_eq!(first, (Timestamp::from_millis(at), why));
+                }
+            };
+        let summary = |o: EndOutcome<'_>| {
+            (
+                o.transition,
+                o.session.ended_at().unwrap().as_millis(),
+                o.session.end_reason().unwrap(),
+            )
+        };
         match (&op, &m.expect) {
             (
                 Op::Start {
@@ -388,8 +722,13 @@ impl StateMachineTest for TableTest {
                     .map(|s| *s.id());
                 assert_eq!(&got, want);
             }
+            (Op::End { target, reason }, Expect::Ended(want)) => {
+                let id = id_of(target);
+                let got = sut.table.end(now, &id, *reason).map(summary);
+                check_end(&mut sut, id, got, want);
+            }
             (
-                Op::End {
+                Op::EndAndRelease {
                     target,
                     reason,
                     fail_mask,
@@ -398,22 +737,11 @@ impl StateMachineTest for TableTest {
             ) => {
                 sut.ledger.fail_mask = *fail_mask;
                 let id = id_of(target);
-                let got = sut.table.end(now, &id, *reason, &mut sut.ledger).map(|o| {
-                    (
-                        o.transition,
-                        o.session.ended_at().unwrap().as_millis(),
-                        o.session.end_reason().unwrap(),
-                    )
-                });
-                assert_eq!(&got, want);
-                if let Ok((_, at, why)) = got {
-                    // A repeated end is identical to the first.
-                    let first = *sut
-                        .first_end
-                        .entry(id)
-                        .or_insert((Timestamp::from_millis(at), why));
-                    assert_eq!(first, (Timestamp::from_millis(at), why));
-                }
+                let got = sut
+                    .table
+                    .end_and_release(now, &id, *reason, &mut sut.ledger)
+                    .map(summary);
+                check_end(&mut sut, id, got, want);
             }
             (Op::Attach { target, handle }, Expect::Attached(want)) => {
                 let resource = Resource {
@@ -441,6 +769,42 @@ impl StateMachineTest for TableTest {
                 assert!(sut.table.next_deadline().is_none_or(|d| d > now));
             }
             (Op::StepBack { .. }, Expect::Nothing) => {}
+            (Op::Poll, Expect::Polled(want)) => {
+                let got = sut.table.poll(now);
+                assert_eq!(&got, want);
+                if let Some(Work::Release { session, resource }) = got {
+                    let s = sut.table.get(&session).expect("handed out from the table");
+                    check_handout(s, resource, now);
+                }
+            }
+            (Op::Complete { .. }, Expect::Nothing) => {}
+            (
+                Op::Complete { .. },
+                Expect::Handled {
+                    session,
+                    resource,
+                    outcome,
+                    result,
+                },
+            ) => {
+                let got = sut.table.handle_release(now, session, *resource, *outcome);
+                assert_eq!(&got, result);
+                if got.is_ok() {
+                    sut.ledger.record(*session, *resource, *outcome);
+                }
+            }
+            (Op::AnswerEnd { .. }, Expect::Nothing) => {}
+            (Op::AnswerEnd { .. }, Expect::EndCommitted(id, reason, want)) => {
+                let got = sut.table.end(now, id, *reason).map(summary);
+                // The session may have ended for another reason meanwhile: the model
+                // says which.
+                check_end(&mut sut, *id, got, want);
+            }
+            (Op::AnswerEnd { .. }, Expect::Deferred(id, not_before)) => {
+                sut.table
+                    .defer_end(id, Timestamp::from_millis(*not_before))
+                    .unwrap();
+            }
             (op, expect) => panic!("model produced {expect:?} for {op:?}"),
         }
         for s in sut.table.iter() {
@@ -455,6 +819,17 @@ impl StateMachineTest for TableTest {
         sut.table.check_structure().unwrap();
         assert_eq!(sut.table.len(), m.live().count());
         let p = policy();
+        // Never two releases of one session out at once.
+        let mut out: HashMap<SessionId, u32> = HashMap::new();
+        for w in &m.outstanding {
+            if let Work::Release { session, .. } = w {
+                *out.entry(*session).or_default() += 1;
+            }
+        }
+        assert!(
+            out.values().all(|n| *n == 1),
+            "two releases of one session in flight"
+        );
         for ms in &m.sessions {
             let got = sut.table.get(&ms.id);
             if ms.evicted {
@@ -490,8 +865,11 @@ impl StateMachineTest for TableTest {
                 })
                 .collect();
             assert_eq!(states, ms.resources);
-            // A started session holds everything; an ended one holds nothing unreleased
-            // once its releases succeeded.
+            assert_eq!(
+                s.release_in_flight(),
+                ms.releasing.map(|i| ms.resources[i].0)
+            );
+            // A started session holds everything.
             if ms.ended.is_none() {
                 assert!(
                     s.resources()
@@ -500,8 +878,17 @@ impl StateMachineTest for TableTest {
                 );
             }
             // An expired or orphaned session does not outlive its deadline past a timeout.
-            if s.status() == Status::Started {
+            if s.status() == Status::Started && ms.timer == ModelTimer::Armed {
                 assert!(ms.deadline(&p) > m.now || !matches!(m.expect, Expect::Swept { .. }));
+            }
+            // Released in reverse acquisition order.
+            if let Some(order) = sut.ledger.order.get(&ms.id) {
+                let index = |r: &Resource| ms.resources.iter().position(|(x, _)| x == r).unwrap();
+                assert!(
+                    order.windows(2).all(|w| index(&w[0]) > index(&w[1])),
+                    "{} released out of order: {order:?}",
+                    ms.id
+                );
             }
         }
         // No resource is released twice, and the released ones are exactly the ledger's.
@@ -518,7 +905,11 @@ impl StateMachineTest for TableTest {
             .filter(|(_, (_, st))| matches!(st, ModelRelease::Released { .. }))
             .count();
         assert_eq!(sut.ledger.released.len(), released_in_model);
-        let model_next = m.live().map(|s| s.deadline(&p)).min();
+        let model_next = m
+            .live()
+            .map(|s| s.deadline(&p))
+            .min()
+            .filter(|d| *d != NEVER);
         assert_eq!(sut.table.next_deadline().map(|t| t.as_millis()), model_next);
     }
 }

@@ -138,6 +138,15 @@ impl From<EngineError> for ApiError {
             EngineError::StartFailed(m) => {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "start_failed", m)
             }
+            EngineError::InvalidConfig(e) => {
+                // Not reachable once the engine opened (its settings were checked then).
+                tracing::error!(error = %e, "invalid engine settings");
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal_error",
+                    "the service is misconfigured",
+                )
+            }
             EngineError::Store(e) => {
                 tracing::warn!(error = %e, "store failed");
                 ApiError::new(

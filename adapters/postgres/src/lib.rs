@@ -19,10 +19,10 @@ use deadpool_postgres::GenericClient;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use session_lifecycle::{EndReason, Resource, SessionId, Status, Timestamp, Transition};
 use session_lifecycle_runtime::rows::{
-    ResourceRow, SessionRow, millis as ms, parse_id, release_intent,
+    RELEASED_ON_RETURN, ResourceRow, SessionRow, millis as ms, parse_id, release_columns,
 };
 use session_lifecycle_runtime::{
-    AttachOutcome, BoxFuture, CreateOutcome, ListQuery, NewSession, ReleaseIntent, RoomEvent,
+    AttachOutcome, BoxFuture, CreateOutcome, ListQuery, NewSession, ReleaseProgress, RoomEvent,
     RoomEventKind, RoomUpdate, SessionRecord, Store, StoreError, TouchOutcome,
 };
 use tokio_postgres::error::SqlState;
@@ -141,7 +141,8 @@ macro_rules! record_columns {
     () => {
         "s.id, s.tenant, s.status, s.started_at, s.ended_at, s.end_reason, \
      s.expires_at, s.last_seen_at, s.metadata, s.room_provider, s.room_name, \
-     r.seq, r.kind, r.handle, r.state, r.attempts, r.retry_at, r.released_at, r.note"
+     r.seq, r.kind, r.handle, r.state, r.attempts, r.retry_at, r.released_at, r.note, \
+     r.last_error"
     };
 }
 
@@ -183,6 +184,7 @@ fn records(rows: &[Row]) -> Result<Vec<SessionRecord>, StoreError> {
                 retry_at: row.get(16),
                 released_at: row.get(17),
                 note: row.get(18),
+                last_error: row.get(19),
             });
         }
     }
@@ -297,6 +299,14 @@ impl Store for PostgresStore {
                 )
                 .await
                 .map_err(unavailable)?;
+            if n == 1 {
+                tx.execute(
+                    "UPDATE sessions SET resource_count = resource_count + 1 WHERE id = $1",
+                    &[&id_text],
+                )
+                .await
+                .map_err(unavailable)?;
+            }
             tx.commit().await.map_err(unavailable)?;
             Ok(if n == 1 {
                 AttachOutcome::Attached
@@ -322,11 +332,14 @@ impl Store for PostgresStore {
                 .prepare_cached(concat!(
                     "WITH ended AS (
                         UPDATE sessions SET status = 'ended', ended_at = GREATEST($2, started_at),
-                                            end_reason = $3
+                                            end_reason = $3,
+                                            release_due_at = CASE WHEN resource_count > 0
+                                                             THEN GREATEST($2, started_at) END
                         WHERE id = $1 AND status = 'started'
                         RETURNING *),
                      due AS (
-                        UPDATE resources SET state = 'pending', attempts = 0, retry_at = $2
+                        UPDATE resources SET state = 'pending', attempts = 0,
+                                             retry_at = (SELECT ended_at FROM ended)
                         WHERE session_id IN (SELECT id FROM ended) AND state = 'held'
                         RETURNING *),
                      notified AS (
@@ -475,81 +488,107 @@ impl Store for PostgresStore {
         now: Timestamp,
         lease: Duration,
         limit: u32,
-    ) -> BoxFuture<'_, Result<Vec<ReleaseIntent>, StoreError>> {
+    ) -> BoxFuture<'_, Result<Vec<SessionRecord>, StoreError>> {
         let node = node.to_owned();
         Box::pin(async move {
             let client = self.client().await?;
+            // One statement: the claim and the claimed records, from one snapshot.
+            let statement = client
+                .prepare_cached(concat!(
+                    "WITH claimed AS (
+                        UPDATE sessions SET release_claimed_by = $2,
+                                            release_claimed_until = $1 + $3
+                        WHERE id IN (
+                            SELECT id FROM sessions
+                            WHERE node = $2 AND release_due_at <= $1
+                              AND (release_claimed_until IS NULL OR release_claimed_until <= $1)
+                            ORDER BY release_due_at LIMIT $4
+                            FOR UPDATE SKIP LOCKED)
+                        RETURNING *)
+                     SELECT ",
+                    record_columns!(),
+                    " FROM claimed s
+                     LEFT JOIN resources r ON r.session_id = s.id
+                     ORDER BY s.id"
+                ))
+                .await
+                .map_err(unavailable)?;
             let rows = client
                 .query(
-                    "UPDATE resources SET claimed_by = $2, claimed_until = $1 + $3
-                     WHERE (session_id, seq) IN (
-                        SELECT session_id, seq FROM resources
-                        WHERE state = 'pending' AND node = $2 AND retry_at <= $1
-                          AND (claimed_until IS NULL OR claimed_until <= $1)
-                        ORDER BY retry_at LIMIT $4
-                        FOR UPDATE SKIP LOCKED)
-                     RETURNING session_id, kind, handle, attempts",
+                    &statement,
                     &[&ms(now), &node, &duration_ms(lease), &i64::from(limit)],
                 )
                 .await
                 .map_err(unavailable)?;
-            rows.iter()
-                .map(|r| {
-                    release_intent(
-                        r.get(0),
-                        i64::from(r.get::<_, i32>(1)),
-                        r.get(2),
-                        i64::from(r.get::<_, i32>(3)),
-                    )
-                })
-                .collect()
+            records(&rows)
         })
     }
 
-    fn complete_release(
+    fn record_release(
         &self,
-        intent: ReleaseIntent,
-        now: Timestamp,
-        note: String,
+        node: &str,
+        progress: ReleaseProgress,
     ) -> BoxFuture<'_, Result<(), StoreError>> {
+        let node = node.to_owned();
         Box::pin(async move {
             let client = self.client().await?;
-            let (kind, handle) = resource_key(&intent.resource);
-            client
-                .execute(
-                    "UPDATE resources SET state = 'released', released_at = $4,
-                            note = CASE WHEN lost_at IS NULL THEN $5
-                                        ELSE note || '; released when the node returned: ' || $5 END,
-                            retry_at = NULL, claimed_by = NULL, claimed_until = NULL
-                     WHERE session_id = $1 AND kind = $2 AND handle = $3 AND state = 'pending'",
-                    &[&intent.session.to_string(), &kind, &handle, &ms(now), &note],
+            let id = progress.session.to_string();
+            let (kind, handle, state, attempts, retry_at, released_at, released, note) =
+                match &progress.attempt {
+                    Some(a) => {
+                        let (kind, handle) = resource_key(&a.resource);
+                        let (state, attempts, retry_at, released_at) = release_columns(a.release);
+                        (
+                            Some(kind),
+                            Some(handle),
+                            Some(state),
+                            Some(attempts as i32),
+                            retry_at,
+                            released_at,
+                            state == "released",
+                            Some(a.note.as_str()),
+                        )
+                    }
+                    None => (None, None, None, None, None, None, false, None),
+                };
+            // One statement: the attempt's resource (if any) and the session's next due time
+            // and claim.
+            let statement = client
+                .prepare_cached(
+                    "WITH attempt AS (
+                        UPDATE resources SET state = $5, attempts = $6, retry_at = $7,
+                            released_at = $8,
+                            note = CASE WHEN NOT $9 THEN note
+                                        WHEN lost_at IS NULL THEN $10
+                                        ELSE note || $13 || $10 END,
+                            last_error = CASE WHEN $9 THEN NULL ELSE $10 END
+                        WHERE $3::INTEGER IS NOT NULL AND session_id = $1 AND kind = $3
+                          AND handle = $4 AND state <> 'released'
+                        RETURNING 1)
+                     UPDATE sessions SET release_due_at = $11,
+                        release_claimed_by = CASE WHEN $12::BIGINT IS NULL THEN NULL ELSE $2 END,
+                        release_claimed_until = $12
+                     WHERE id = $1 AND node = $2",
                 )
                 .await
                 .map_err(unavailable)?;
-            Ok(())
-        })
-    }
-
-    fn fail_release(
-        &self,
-        intent: ReleaseIntent,
-        retry_at: Timestamp,
-        error: String,
-    ) -> BoxFuture<'_, Result<(), StoreError>> {
-        Box::pin(async move {
-            let client = self.client().await?;
-            let (kind, handle) = resource_key(&intent.resource);
             client
                 .execute(
-                    "UPDATE resources SET attempts = attempts + 1, retry_at = $4, last_error = $5,
-                            claimed_by = NULL, claimed_until = NULL
-                     WHERE session_id = $1 AND kind = $2 AND handle = $3 AND state = 'pending'",
+                    &statement,
                     &[
-                        &intent.session.to_string(),
+                        &id,
+                        &node,
                         &kind,
                         &handle,
-                        &ms(retry_at),
-                        &error,
+                        &state,
+                        &attempts,
+                        &retry_at,
+                        &released_at,
+                        &released,
+                        &note,
+                        &progress.next_release_at.map(ms),
+                        &progress.keep_claim_until.map(ms),
+                        &RELEASED_ON_RETURN,
                     ],
                 )
                 .await
@@ -564,7 +603,8 @@ impl Store for PostgresStore {
             let client = self.client().await?;
             client
                 .execute(
-                    "UPDATE resources SET claimed_by = NULL, claimed_until = NULL WHERE claimed_by = $1",
+                    "UPDATE sessions SET release_claimed_by = NULL, release_claimed_until = NULL
+                     WHERE release_claimed_by = $1",
                     &[&node],
                 )
                 .await
@@ -628,10 +668,19 @@ impl Store for PostgresStore {
                     .await
                     .map_err(unavailable)?;
                 let ids: Vec<String> = ids.iter().map(|r| r.get(0)).collect();
+                // What the core's end does to their resources (see `end`).
                 tx.execute(
-                    "UPDATE resources SET state = 'pending', attempts = 0, retry_at = $2
+                    "UPDATE resources SET state = 'pending', attempts = 0,
+                            retry_at = (SELECT ended_at FROM sessions WHERE id = session_id)
                      WHERE session_id = ANY($1) AND state = 'held'",
-                    &[&ids, &ms(now)],
+                    &[&ids],
+                )
+                .await
+                .map_err(unavailable)?;
+                tx.execute(
+                    "UPDATE sessions SET release_due_at = ended_at
+                     WHERE id = ANY($1) AND resource_count > 0",
+                    &[&ids],
                 )
                 .await
                 .map_err(unavailable)?;

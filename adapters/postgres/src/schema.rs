@@ -4,7 +4,10 @@ use session_lifecycle_runtime::StoreError;
 use tokio_postgres::Client;
 
 /// Migration `i` takes the schema from version `i` to `i + 1`: 1, sessions, resources and
-/// rooms; 2, nodes (which node runs each session and holds each resource, heartbeats).
+/// rooms; 2, nodes (which node runs each session and holds each resource, heartbeats); 3,
+/// releases claimed per session at the time the core says the next one is due; the session
+/// row counts its resources (an end, which waits for a concurrent attach's row lock, then
+/// sees the count the attach left, where a read of `resources` would use an older snapshot).
 const MIGRATIONS: &[&str] = &["
     CREATE TABLE sessions (
         id            TEXT PRIMARY KEY,
@@ -73,6 +76,22 @@ const MIGRATIONS: &[&str] = &["
         id                TEXT PRIMARY KEY,
         last_heartbeat_at BIGINT NOT NULL
     );
+", "
+    ALTER TABLE sessions ADD COLUMN release_due_at BIGINT;
+    ALTER TABLE sessions ADD COLUMN resource_count INTEGER NOT NULL DEFAULT 0;
+    UPDATE sessions SET resource_count =
+        (SELECT COUNT(*) FROM resources WHERE session_id = sessions.id);
+    ALTER TABLE sessions ADD COLUMN release_claimed_by TEXT;
+    ALTER TABLE sessions ADD COLUMN release_claimed_until BIGINT;
+    UPDATE sessions SET release_due_at =
+        (SELECT MIN(retry_at) FROM resources WHERE session_id = sessions.id AND state = 'pending')
+     WHERE status = 'ended';
+    CREATE INDEX sessions_release_due ON sessions (node, release_due_at)
+        WHERE release_due_at IS NOT NULL;
+    CREATE INDEX sessions_release_claimed ON sessions (release_claimed_by)
+        WHERE release_claimed_by IS NOT NULL;
+    ALTER TABLE resources DROP COLUMN claimed_by;
+    ALTER TABLE resources DROP COLUMN claimed_until;
 "];
 
 /// The schema version this code writes.

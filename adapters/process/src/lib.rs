@@ -1,21 +1,47 @@
 //! Avatar servers as child processes, one per session.
 //!
-//! Acquiring starts the configured command line in its own process group, with the
-//! session id and the resources acquired before it (`CUDA_VISIBLE_DEVICES`, ...) in its
-//! environment. A supervisor task waits on it (so it is always reaped) and, if it exits on
-//! its own, reports it so the engine ends the session with `avatar_exited`.
+//! Acquiring starts the configured command line with the session id and the resources
+//! acquired before it (`CUDA_VISIBLE_DEVICES`, ...) in its environment. A supervisor task
+//! waits on it (so it is always reaped) and, if it exits on its own, reports it so the
+//! engine ends the session with `avatar_exited`.
 //!
-//! Releasing is a graceful stop of the whole process group: SIGTERM, a grace period
-//! (10 s by default), then SIGKILL; the release note says which one stopped it
-//! (`sigterm`, `sigkill`, or `exited` if it was gone already).
+//! # One unit per session: a cgroup
 //!
-//! After a crash of the service, its avatar servers outlive it as orphans. The restarted
-//! service still releases them by pid, but first checks `/proc/<pid>/environ` for the
-//! session's id, so that a recycled pid is never signalled. Linux only.
+//! Where cgroup v2 can be written to (see [`CgroupMode`] for where the root is), each
+//! session gets its own cgroup, `<root>/session-lifecycle/<session id>`, which the avatar
+//! server joins between fork and exec: nothing it ever starts can be outside, whatever it
+//! does with sessions and process groups. Releasing stops the whole cgroup: SIGTERM to every member, a grace period (10 s
+//! by default) for `cgroup.events` to say `populated 0`, then `cgroup.kill`; then the
+//! cgroup is removed. The release note is `sigterm`, `sigkill: cgroup.kill after 10 s grace
+//! (2 processes left)`, or `exited` when the cgroup was empty already.
+//!
+//! # Fallback: a process group
+//!
+//! Without cgroup v2 (or with [`CgroupMode::Off`], or for a session whose cgroup could
+//! not be made), the avatar server leads its own process group. Releasing sends SIGTERM to
+//! the group, and the stop is done when no live process of the group is left (members are
+//! found by their `pgrp` in `/proc/*/stat`); after the grace period the group gets
+//! SIGKILL. The notes are `sigterm`, `sigkill` and `exited`. A descendant that calls
+//! `setsid` (a daemonising helper) leaves the group and escapes the stop: the GPU
+//! backend's own escalation on release remains the backstop for the GPU memory it holds,
+//! and cgroups are the fix.
+//!
+//! # After a restart
+//!
+//! After a crash of the service its avatar servers outlive it as orphans. The restarted
+//! service stops a session by its cgroup when that exists (no pid is signalled directly);
+//! otherwise by pid, after checking `/proc/<pid>/environ` for the session's id, so that a
+//! recycled pid is never signalled. Linux only.
+
+#![deny(unsafe_code)]
+
+mod cgroup;
 
 use std::collections::HashMap;
-use std::ffi::OsString;
+use std::ffi::{CString, OsString};
 use std::io;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -27,15 +53,25 @@ use session_lifecycle_runtime::{
 };
 use tokio::sync::watch;
 
+pub use cgroup::{CgroupMode, session_of_pid};
+
+use cgroup::Cgroups;
+
 /// The resource kind of avatar server processes (the handle is the process id).
 pub const PROCESS_KIND: ResourceKind = ResourceKind(1);
 
 /// The variable that carries the session id into the avatar server's environment.
 pub const SESSION_ENV: &str = "SESSION_LIFECYCLE_SESSION_ID";
 
-/// How long to wait for a process to disappear after SIGKILL before calling the release
-/// failed (it is retried).
-const KILL_WAIT: Duration = Duration::from_secs(5);
+/// How long to wait for a process to disappear after SIGKILL (or a cgroup to empty after
+/// `cgroup.kill`) before calling the release failed (it is retried).
+pub(crate) const KILL_WAIT: Duration = Duration::from_secs(5);
+
+/// How often a process-group stop looks for the group's members.
+const GROUP_POLL: Duration = Duration::from_millis(20);
+
+/// Set once the fallback to process groups has been logged (once per process).
+static FALLBACK_LOGGED: AtomicBool = AtomicBool::new(false);
 
 /// How to run avatar servers.
 #[derive(Debug, Clone)]
@@ -46,10 +82,13 @@ pub struct ProcessConfig {
     pub grace: Duration,
     /// Extra environment for every avatar server.
     pub env: Vec<(OsString, OsString)>,
+    /// Whether, and where, to put each session's processes in a cgroup of its own.
+    pub cgroups: CgroupMode,
 }
 
 impl ProcessConfig {
-    /// Runs `command` with the default 10 s grace period.
+    /// Runs `command` with the default 10 s grace period, in cgroups where possible
+    /// ([`CgroupMode::Auto`]).
     pub fn new<I, S>(command: I) -> ProcessConfig
     where
         I: IntoIterator<Item = S>,
@@ -59,6 +98,7 @@ impl ProcessConfig {
             command: command.into_iter().map(Into::into).collect(),
             grace: Duration::from_secs(10),
             env: Vec::new(),
+            cgroups: CgroupMode::Auto,
         }
     }
 
@@ -77,20 +117,30 @@ impl ProcessConfig {
 /// A child this backend started and still supervises.
 struct Child {
     session: SessionId,
+    /// Its session's cgroup; `None` when it runs in a process group only.
+    cgroup: Option<PathBuf>,
     /// `true` once the supervisor reaped it.
     exited: watch::Receiver<bool>,
     /// Set before a release signals it, so its exit is not reported as `avatar_exited`.
-    stopping: Arc<std::sync::atomic::AtomicBool>,
+    stopping: Arc<AtomicBool>,
 }
 
 /// Starts, supervises and stops avatar server processes.
+///
+/// The children it supervises are per instance (kept in memory): after a restart, or from
+/// another instance, a session's processes are found again through its cgroup or the
+/// session id in their environment, never through this table.
 pub struct ProcessBackend {
     config: ProcessConfig,
+    /// `None`: process groups only.
+    cgroups: Option<Cgroups>,
     children: Mutex<HashMap<u32, Child>>,
 }
 
 impl ProcessBackend {
-    /// A backend running `config`. Fails if the command line is empty.
+    /// A backend running `config`. Fails if the command line is empty. Falls back to
+    /// process groups, with one warning per process saying why, when the cgroups `config`
+    /// asks for are not usable.
     pub fn new(config: ProcessConfig) -> io::Result<ProcessBackend> {
         if config.command.is_empty() {
             return Err(io::Error::new(
@@ -98,10 +148,48 @@ impl ProcessBackend {
                 "empty avatar command",
             ));
         }
+        let cgroups = match Cgroups::open(&config.cgroups) {
+            Ok(Some(cgroups)) => {
+                tracing::info!(
+                    root = %cgroups.base().display(),
+                    "avatar servers run in one cgroup per session"
+                );
+                Some(cgroups)
+            }
+            Ok(None) => None,
+            Err(why) => {
+                if !FALLBACK_LOGGED.swap(true, Ordering::SeqCst) {
+                    tracing::warn!(
+                        %why,
+                        "cgroup v2 not usable: avatar servers are stopped by process group, \
+                         and a descendant that calls setsid escapes the stop"
+                    );
+                }
+                None
+            }
+        };
         Ok(ProcessBackend {
             config,
+            cgroups,
             children: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Whether sessions get a cgroup each (`false`: process groups only).
+    pub fn uses_cgroups(&self) -> bool {
+        self.cgroups.is_some()
+    }
+
+    /// Where `session`'s cgroup is (or would be), when this backend uses cgroups.
+    pub fn cgroup_dir(&self, session: SessionId) -> Option<PathBuf> {
+        self.cgroups.as_ref().map(|c| c.dir(session))
+    }
+
+    /// The processes in `session`'s cgroup (none if it has no cgroup); `None` when this
+    /// backend does not use cgroups.
+    pub fn session_pids(&self, session: SessionId) -> Option<Vec<u32>> {
+        let cgroups = self.cgroups.as_ref()?;
+        Some(cgroup::members(&cgroups.dir(session)).unwrap_or_default())
     }
 
     fn children(&self) -> std::sync::MutexGuard<'_, HashMap<u32, Child>> {
@@ -113,37 +201,65 @@ impl ProcessBackend {
         request: AcquireRequest<'_>,
         events: EventSink,
     ) -> Result<Acquired, AcquireError> {
+        let session = request.session;
         let mut cmd = tokio::process::Command::new(&self.config.command[0]);
         cmd.args(&self.config.command[1..])
             .envs(self.config.env.iter().map(|(k, v)| (k, v)))
             .envs(request.env.iter().map(|(k, v)| (k, v)))
-            .env(SESSION_ENV, request.session.to_string())
+            .env(SESSION_ENV, session.to_string())
             .stdin(std::process::Stdio::null())
-            // Its own group: a stop reaches whatever the avatar server started.
+            // Its own group: the fallback's stop, and harmless with a cgroup.
             .process_group(0)
             .kill_on_drop(false);
-        let mut child = cmd.spawn().map_err(|e| {
-            AcquireError::Failed(format!(
-                "cannot start avatar server {:?}: {e}",
-                self.config.command[0]
-            ))
-        })?;
-        let Some(pid) = child.id() else {
-            return Err(AcquireError::Failed(
-                "avatar server exited at once".to_owned(),
-            ));
+        let cgroup = match self.cgroups.as_ref().map(|c| c.create(session)) {
+            None => None,
+            Some(Ok((dir, procs))) => {
+                join_cgroup_before_exec(&mut cmd, procs);
+                Some(dir)
+            }
+            Some(Err(e)) => {
+                tracing::warn!(
+                    session = %session,
+                    error = %e,
+                    "cannot create the session's cgroup: its avatar server runs in a process group only"
+                );
+                None
+            }
+        };
+        let spawned = match cmd.spawn() {
+            Ok(child) => child
+                .id()
+                .map(|pid| (child, pid))
+                .ok_or_else(|| AcquireError::Failed("avatar server exited at once".to_owned())),
+            Err(e) => Err(AcquireError::Failed(format!(
+                "cannot start avatar server {:?}{}: {e}",
+                self.config.command[0],
+                cgroup
+                    .as_ref()
+                    .map_or(String::new(), |d| format!(" in cgroup {}", d.display()))
+            ))),
+        };
+        let (mut child, pid) = match spawned {
+            Ok(spawned) => spawned,
+            Err(e) => {
+                if let Some(dir) = &cgroup {
+                    // Nothing ran in it (or what did has exited): leave nothing behind.
+                    let _ = cgroup::remove(dir).await;
+                }
+                return Err(e);
+            }
         };
         let (exited_tx, exited_rx) = watch::channel(false);
-        let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopping = Arc::new(AtomicBool::new(false));
         self.children().insert(
             pid,
             Child {
-                session: request.session,
+                session,
+                cgroup: cgroup.clone(),
                 exited: exited_rx,
                 stopping: Arc::clone(&stopping),
             },
         );
-        let session = request.session;
         let resource = Resource {
             kind: PROCESS_KIND,
             handle: u64::from(pid),
@@ -152,7 +268,7 @@ impl ProcessBackend {
             // Waiting reaps it: no zombie is left, whoever stops it.
             let status = child.wait().await;
             let _ = exited_tx.send(true);
-            if !stopping.load(std::sync::atomic::Ordering::SeqCst) {
+            if !stopping.load(Ordering::SeqCst) {
                 tracing::warn!(session = %session, pid, ?status, "avatar server exited on its own");
                 events.report(ResourceEvent {
                     session,
@@ -161,7 +277,12 @@ impl ProcessBackend {
                 });
             }
         });
-        tracing::info!(session = %session, pid, "avatar server started");
+        tracing::info!(
+            session = %session,
+            pid,
+            cgroup = cgroup.as_ref().map(|d| d.display().to_string()),
+            "avatar server started"
+        );
         Ok(Acquired {
             resource,
             env: Vec::new(),
@@ -170,11 +291,21 @@ impl ProcessBackend {
 
     async fn stop(&self, session: SessionId, pid: u32) -> Result<String, ReleaseError> {
         let supervised = self.children().get(&pid).map(|c| {
-            c.stopping.store(true, std::sync::atomic::Ordering::SeqCst);
-            (c.session, c.exited.clone())
+            if c.session == session {
+                c.stopping.store(true, Ordering::SeqCst);
+            }
+            (c.session, c.cgroup.clone(), c.exited.clone())
         });
         let result = match supervised {
-            Some((owner, exited)) if owner == session => self.stop_child(pid, exited).await,
+            Some((owner, Some(dir), exited)) if owner == session => {
+                let note = cgroup::stop(&dir, session, self.config.grace).await?;
+                // Its cgroup is empty, so it has exited: the supervisor reaps it now.
+                wait_reaped(exited).await;
+                Ok(note)
+            }
+            Some((owner, None, exited)) if owner == session => {
+                self.stop_group(pid, Some(exited)).await
+            }
             // Another session's process: never ours to stop.
             Some(_) => Ok("gone".to_owned()),
             None => self.stop_orphan(session, pid).await,
@@ -185,102 +316,156 @@ impl ProcessBackend {
         result
     }
 
-    async fn stop_child(
+    /// Stops the process group `pgid` leads: SIGTERM, the grace period for every live
+    /// member to exit, SIGKILL. `exited` is the supervisor's word on the leader, when it is
+    /// our child.
+    async fn stop_group(
         &self,
-        pid: u32,
-        mut exited: watch::Receiver<bool>,
+        pgid: u32,
+        exited: Option<watch::Receiver<bool>>,
     ) -> Result<String, ReleaseError> {
-        if *exited.borrow() {
+        let leader_reaped = exited.as_ref().is_some_and(|e| *e.borrow());
+        if leader_reaped && group_members(pgid).is_empty() {
             return Ok("exited".to_owned());
         }
-        signal_group(pid, Signal::TERM)?;
-        if tokio::time::timeout(self.config.grace, exited.wait_for(|e| *e))
-            .await
-            .is_ok()
-        {
-            return Ok("sigterm".to_owned());
+        signal_group(pgid, Signal::TERM)?;
+        let note = if wait_group_gone(pgid, self.config.grace).await {
+            "sigterm"
+        } else {
+            signal_group(pgid, Signal::KILL)?;
+            if !wait_group_gone(pgid, KILL_WAIT).await {
+                return Err(ReleaseError(format!(
+                    "process group {pgid} survived SIGKILL"
+                )));
+            }
+            "sigkill"
+        };
+        if let Some(exited) = exited {
+            wait_reaped(exited).await;
         }
-        signal_group(pid, Signal::KILL)?;
-        match tokio::time::timeout(KILL_WAIT, exited.wait_for(|e| *e)).await {
-            Ok(_) => Ok("sigkill".to_owned()),
-            Err(_) => Err(ReleaseError(format!("process {pid} survived SIGKILL"))),
-        }
+        Ok(note.to_owned())
     }
 
-    /// Stops a process a previous run of the service started (not our child).
+    /// Stops a session a previous run of the service started (not our child): by its
+    /// cgroup when it has one, else by `pid` if that still runs the session.
     async fn stop_orphan(&self, session: SessionId, pid: u32) -> Result<String, ReleaseError> {
+        if let Some(cgroups) = &self.cgroups {
+            let dir = cgroups.dir(session);
+            if dir.exists() {
+                return cgroup::stop(&dir, session, self.config.grace).await;
+            }
+        }
         if !runs_session(pid, session) {
             return Ok("gone".to_owned());
         }
-        signal_group(pid, Signal::TERM)?;
-        if wait_gone(pid, session, self.config.grace).await {
-            return Ok("sigterm".to_owned());
-        }
-        signal_group(pid, Signal::KILL)?;
-        if wait_gone(pid, session, KILL_WAIT).await {
-            Ok("sigkill".to_owned())
-        } else {
-            Err(ReleaseError(format!("process {pid} survived SIGKILL")))
-        }
+        self.stop_group(pid, None).await
     }
 }
 
-fn signal_group(pid: u32, signal: Signal) -> Result<(), ReleaseError> {
-    let Some(pid) = i32::try_from(pid).ok().and_then(Pid::from_raw) else {
-        return Err(ReleaseError(format!("invalid pid {pid}")));
+/// Makes the child spawned by `cmd` join the cgroup whose `cgroup.procs` is `procs`
+/// between fork and exec, so that nothing it ever starts is outside that cgroup. If it
+/// cannot, the spawn fails.
+#[allow(unsafe_code)]
+fn join_cgroup_before_exec(cmd: &mut tokio::process::Command, procs: CString) {
+    use rustix::fs::{Mode, OFlags};
+    // SAFETY: the closure runs in the forked child before exec, where only
+    // async-signal-safe operations are allowed. It makes three system calls through
+    // rustix (open, write, and close when the fd drops) on a path prepared before the
+    // fork, allocates nothing (a rustix `Errno` becomes an `io::Error` without
+    // allocating), takes no lock, and touches no state shared with the parent.
+    unsafe {
+        cmd.pre_exec(move || {
+            let fd = rustix::fs::open(
+                procs.as_c_str(),
+                OFlags::WRONLY | OFlags::CLOEXEC,
+                Mode::empty(),
+            )?;
+            rustix::io::write(&fd, b"0")?;
+            Ok(())
+        });
+    }
+}
+
+/// A duration for a note: `10 s`, `500 ms`.
+pub(crate) fn describe(d: Duration) -> String {
+    if d.subsec_millis() == 0 && d.as_secs() > 0 {
+        format!("{} s", d.as_secs())
+    } else {
+        format!("{} ms", d.as_millis())
+    }
+}
+
+/// Waits (up to [`KILL_WAIT`]) for the supervisor to reap a child that has exited.
+async fn wait_reaped(mut exited: watch::Receiver<bool>) {
+    let _ = tokio::time::timeout(KILL_WAIT, exited.wait_for(|e| *e)).await;
+}
+
+fn signal_group(pgid: u32, signal: Signal) -> Result<(), ReleaseError> {
+    let Some(pid) = i32::try_from(pgid).ok().and_then(Pid::from_raw) else {
+        return Err(ReleaseError(format!("invalid pid {pgid}")));
     };
     match kill_process_group(pid, signal) {
         // Already gone: nothing left to stop.
         Ok(()) | Err(rustix::io::Errno::SRCH) => Ok(()),
         Err(e) => Err(ReleaseError(format!(
-            "signal {signal:?} to process group {}: {e}",
-            pid.as_raw_nonzero()
+            "signal {signal:?} to process group {pgid}: {e}"
         ))),
+    }
+}
+
+/// The state and process group of `pid`, from `/proc/<pid>/stat`.
+fn state_and_group(pid: u32) -> Option<(char, u32)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised command name: state, ppid, pgrp, ...
+    let mut fields = stat.rsplit_once(')')?.1.split_whitespace();
+    let state = fields.next()?.chars().next()?;
+    let pgrp = fields.nth(1)?.parse().ok()?;
+    Some((state, pgrp))
+}
+
+/// Whether a process state is a dead one (`Z` zombie, `X` dead).
+fn is_dead(state: char) -> bool {
+    matches!(state, 'Z' | 'X')
+}
+
+/// The live (not zombie) processes of process group `pgid`.
+fn group_members(pgid: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            state_and_group(*pid).is_some_and(|(state, pgrp)| pgrp == pgid && !is_dead(state))
+        })
+        .collect()
+}
+
+/// Waits up to `within` for process group `pgid` to have no live member.
+async fn wait_group_gone(pgid: u32, within: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if group_members(pgid).is_empty() {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(GROUP_POLL).await;
     }
 }
 
 /// Whether `pid` is alive (not a zombie) and runs `session`'s avatar server.
 fn runs_session(pid: u32, session: SessionId) -> bool {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return false;
-    };
-    // The state follows the parenthesised command name; `Z` is a zombie, already dead.
-    let state = stat
-        .rsplit_once(')')
-        .and_then(|(_, rest)| rest.split_whitespace().next());
-    if matches!(state, Some("Z" | "X")) {
-        return false;
-    }
-    let Ok(environ) = std::fs::read(format!("/proc/{pid}/environ")) else {
-        return false;
-    };
-    let want = format!("{SESSION_ENV}={session}");
-    environ.split(|b| *b == 0).any(|var| var == want.as_bytes())
+    let alive = state_and_group(pid).is_some_and(|(state, _)| !is_dead(state));
+    alive && cgroup::env_session(pid) == Some(session)
 }
 
 /// Whether `pid` leads its process group (as every avatar server this backend starts
 /// does; its own children inherit its environment but not the leadership).
 fn leads_group(pid: u32) -> bool {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return false;
-    };
-    // Fields after the command name: state, ppid, pgrp, ...
-    let pgrp = stat
-        .rsplit_once(')')
-        .and_then(|(_, rest)| rest.split_whitespace().nth(2))
-        .and_then(|g| g.parse::<u32>().ok());
-    pgrp == Some(pid)
-}
-
-async fn wait_gone(pid: u32, session: SessionId, within: Duration) -> bool {
-    let deadline = tokio::time::Instant::now() + within;
-    while runs_session(pid, session) {
-        if tokio::time::Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    true
+    state_and_group(pid).is_some_and(|(_, pgrp)| pgrp == pid)
 }
 
 impl ResourceBackend for ProcessBackend {
@@ -290,6 +475,12 @@ impl ResourceBackend for ProcessBackend {
 
     fn name(&self) -> &'static str {
         "process"
+    }
+
+    /// The grace, then SIGKILL and its wait, the reap and the cgroup's removal, and a
+    /// margin.
+    fn release_deadline(&self) -> Duration {
+        self.config.grace + KILL_WAIT * 2 + Duration::from_secs(10)
     }
 
     fn acquire<'a>(
@@ -305,10 +496,36 @@ impl ResourceBackend for ProcessBackend {
         sessions: &'a [SessionId],
     ) -> BoxFuture<'a, Result<Vec<(SessionId, Resource)>, ReleaseError>> {
         Box::pin(async move {
-            // Process group leaders whose environment names one of the sessions.
+            let resource = |pid: u32| Resource {
+                kind: PROCESS_KIND,
+                handle: u64::from(pid),
+            };
+            let mut found = Vec::new();
+            let mut by_env = Vec::new();
+            for &session in sessions {
+                // A session with a non-empty cgroup: its avatar server is the member that
+                // leads a process group (else any member; the release goes by cgroup).
+                let members = match &self.cgroups {
+                    Some(cgroups) => cgroup::members(&cgroups.dir(session)).map_err(|e| {
+                        ReleaseError(format!("reading the cgroup of {session}: {e}"))
+                    })?,
+                    None => Vec::new(),
+                };
+                match members
+                    .iter()
+                    .find(|p| leads_group(**p))
+                    .or(members.first())
+                {
+                    Some(&pid) => found.push((session, resource(pid))),
+                    None => by_env.push(session),
+                }
+            }
+            if by_env.is_empty() {
+                return Ok(found);
+            }
+            // Process group leaders whose environment names one of the other sessions.
             let entries = std::fs::read_dir("/proc")
                 .map_err(|e| ReleaseError(format!("reading /proc: {e}")))?;
-            let mut found = Vec::new();
             for entry in entries.flatten() {
                 let Some(pid) = entry
                     .file_name()
@@ -320,12 +537,8 @@ impl ResourceBackend for ProcessBackend {
                 if !leads_group(pid) {
                     continue;
                 }
-                if let Some(session) = sessions.iter().find(|s| runs_session(pid, **s)) {
-                    let resource = Resource {
-                        kind: PROCESS_KIND,
-                        handle: u64::from(pid),
-                    };
-                    found.push((*session, resource));
+                if let Some(session) = by_env.iter().find(|s| runs_session(pid, **s)) {
+                    found.push((*session, resource(pid)));
                 }
             }
             Ok(found)

@@ -25,7 +25,7 @@ pub struct AcquireRequest<'a> {
     pub tenant: &'a str,
     /// Environment for the session's avatar server, from the backends acquired before
     /// this one (for example `CUDA_VISIBLE_DEVICES` from a GPU backend), starting with
-    /// `SESSION_LIFECYCLE_SESSION_ID`.
+    /// [`SESSION_ID_ENV`](crate::SESSION_ID_ENV).
     pub env: &'a [(String, String)],
 }
 
@@ -112,6 +112,15 @@ pub trait ResourceBackend: Send + Sync + 'static {
         session: SessionId,
         resource: Resource,
     ) -> BoxFuture<'_, Result<String, ReleaseError>>;
+
+    /// The longest one release may take, including the backend's own escalation (a
+    /// SIGTERM grace and SIGKILL, an NVML wait and a kill). Past it the engine counts the
+    /// attempt as failed and retries it after the backoff; the resource stays held
+    /// meanwhile. [`EngineConfig::release_deadlines`](crate::EngineConfig::release_deadlines)
+    /// overrides it per kind. The default is 30 s.
+    fn release_deadline(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(30)
+    }
 
     /// Every resource of this backend it can find held for one of `sessions`, whether the
     /// store knows of it or not. Called once at start-up for the sessions that were

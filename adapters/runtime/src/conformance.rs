@@ -76,7 +76,7 @@ pub async fn run_all(store: Arc<dyn Store>) {
     list_is_newest_first_tenant_scoped_and_paged(&*store).await;
     end_is_conditional_and_idempotent(&*store).await;
     end_records_release_intents(&*store).await;
-    release_claims_lease_retry_and_complete(&*store).await;
+    release_claims_follow_the_core(&*store).await;
     attach_is_refused_after_end(&*store).await;
     touch_moves_forward_only(&*store).await;
     due_finds_expired_and_orphaned(&*store).await;
@@ -246,7 +246,8 @@ pub async fn end_is_conditional_and_idempotent(store: &dyn Store) {
     );
 }
 
-/// Ending turns every held resource into a release intent due at once, in the same write.
+/// Ending turns every held resource into a pending release due at the end, in the same
+/// write, as the core's end does.
 pub async fn end_records_release_intents(store: &dyn Store) {
     let new = new_session(&fresh_tenant(), at(0), Duration::from_secs(600));
     create(store, &new).await;
@@ -284,11 +285,87 @@ pub async fn end_records_release_intents(store: &dyn Store) {
         );
     }
     assert_eq!(r.session.resources().len(), 2);
+    let mut core = held.session.clone();
+    core.end(at(30), EndReason::Requested);
+    assert_eq!(r.session, core, "the store's end is the core's end");
 }
 
-/// Claims are leased, failures retried at their time, completions final.
-pub async fn release_claims_lease_retry_and_complete(store: &dyn Store) {
-    let new = new_session(&fresh_tenant(), at(0), Duration::from_secs(600));
+/// A unique node name, so that a check's claims see only its own sessions.
+fn fresh_node() -> String {
+    format!("node-{:x}", random() as u64)
+}
+
+/// Claims for `node` at `now`, keeping only the sessions in `ids`.
+async fn claim(
+    store: &dyn Store,
+    node: &str,
+    now: Timestamp,
+    lease: Duration,
+    ids: &[SessionId],
+) -> Vec<SessionRecord> {
+    store
+        .claim_releases(node, now, lease, 10_000)
+        .await
+        .expect("claim")
+        .into_iter()
+        .filter(|r| ids.contains(r.session.id()))
+        .collect()
+}
+
+/// Runs one release of a claimed session the way an engine does: asks the core for the
+/// next resource, applies `outcome` at `now`, and records what the core decided (keeping
+/// the claim when the next release is due at once). Returns the released resource and the
+/// session as the core now sees it.
+async fn release_one(
+    store: &dyn Store,
+    node: &str,
+    session: &mut session_lifecycle::Session,
+    now: Timestamp,
+    outcome: session_lifecycle::ReleaseOutcome,
+    note: &str,
+    lease: Duration,
+) -> Resource {
+    use session_lifecycle::ReleaseStep;
+    let policy = session_lifecycle::Policy::DEFAULT;
+    let resource = session.poll_release(now).expect("a release is due");
+    session
+        .handle_release(now, resource, outcome, &policy)
+        .expect("in flight");
+    let release = session
+        .resources()
+        .iter()
+        .find(|r| r.resource == resource)
+        .expect("held")
+        .release;
+    let go_on = matches!(session.release_step(now), ReleaseStep::Due(_));
+    store
+        .record_release(
+            node,
+            crate::ReleaseProgress {
+                session: *session.id(),
+                attempt: Some(crate::ReleaseAttempt {
+                    resource,
+                    release,
+                    note: note.to_owned(),
+                }),
+                next_release_at: session.next_release_at(),
+                keep_claim_until: go_on.then(|| now.saturating_add(lease)),
+            },
+        )
+        .await
+        .expect("record");
+    resource
+}
+
+/// Claims are per session and leased; a claimed session is not handed out again until
+/// its claim is given up or lapses; a session is due when the core says its next release
+/// is (in the core's order), not when any of its resources is; what the core decided is
+/// what the store keeps.
+pub async fn release_claims_follow_the_core(store: &dyn Store) {
+    use session_lifecycle::ReleaseOutcome::{Failed, Released};
+    let node = fresh_node();
+    let mut new = new_session(&fresh_tenant(), at(0), Duration::from_secs(600));
+    new.node = node.clone();
     create(store, &new).await;
     store.attach(new.id, res(10)).await.expect("attach");
     store.attach(new.id, res(11)).await.expect("attach");
@@ -297,112 +374,127 @@ pub async fn release_claims_lease_retry_and_complete(store: &dyn Store) {
         .await
         .expect("end");
     let lease = Duration::from_secs(60);
-    let mine = |v: Vec<crate::ReleaseIntent>| -> Vec<crate::ReleaseIntent> {
-        v.into_iter().filter(|i| i.session == new.id).collect()
-    };
+    let ids = [new.id];
 
-    // The claims of other tests may be due too: look only at ours.
-    let claimed = mine(
-        store
-            .claim_releases("a", at(1), lease, 10_000)
-            .await
-            .expect("claim"),
+    let claimed = claim(store, &node, at(1), lease, &ids).await;
+    assert_eq!(claimed.len(), 1, "the ended session is due at its end");
+    assert!(
+        claim(store, &node, at(2), lease, &ids).await.is_empty(),
+        "a claimed session is not handed out again"
     );
-    assert_eq!(claimed.len(), 2, "both intents due at once");
-    assert!(claimed.iter().all(|i| i.attempts == 0));
-    let again = mine(
-        store
-            .claim_releases(NODE, at(2), lease, 10_000)
+    assert!(
+        claim(store, "another-node", at(2), lease, &ids)
             .await
-            .expect("claim"),
+            .is_empty(),
+        "another node never claims a release it cannot run"
     );
-    assert!(again.is_empty(), "a leased intent is not handed out twice");
 
-    let (ten, eleven) = if claimed[0].resource == res(10) {
-        (claimed[0], claimed[1])
-    } else {
-        (claimed[1], claimed[0])
-    };
-    store
-        .complete_release(ten, at(3), "sigterm".to_owned())
-        .await
-        .expect("complete");
-    store
-        .fail_release(eleven, at(20), "busy".to_owned())
-        .await
-        .expect("fail");
-
+    // The core picks the last acquired resource first; it fails.
+    let mut session = claimed[0].session.clone();
+    let first = release_one(store, &node, &mut session, at(3), Failed, "busy", lease).await;
+    assert_eq!(first, res(11), "the last acquired goes first");
+    let retry = at(3).saturating_add(session_lifecycle::Policy::DEFAULT.release_backoff(1));
     let r = get(store, new.id).await;
-    let state = |h| {
+    let state = |r: &SessionRecord, h| {
         r.session
             .resources()
             .iter()
             .find(|x| x.resource == res(h))
             .map(|x| x.release)
     };
-    assert_eq!(state(10), Some(ReleaseState::Released { at: at(3) }));
     assert_eq!(
-        state(11),
+        state(&r, 11),
         Some(ReleaseState::Pending {
             attempts: 1,
-            retry_at: at(20)
+            retry_at: retry
         })
     );
-    assert_eq!(r.release_notes, [(res(10), "sigterm".to_owned())]);
+    assert_eq!(
+        state(&r, 10),
+        Some(ReleaseState::Pending {
+            attempts: 0,
+            retry_at: at(1)
+        })
+    );
+    assert_eq!(r.release_errors, [(res(11), "busy".to_owned())]);
 
+    // Resource 10 has been due since the end, but the core's next release is 11's retry:
+    // the session is not handed out before it.
     assert!(
-        mine(
-            store
-                .claim_releases("a", at(19), lease, 10_000)
-                .await
-                .expect("claim")
+        claim(
+            store,
+            &node,
+            Timestamp::from_millis(retry.as_millis() - 1),
+            lease,
+            &ids
         )
-        .is_empty(),
-        "not before retry_at"
-    );
-    let retry = mine(
-        store
-            .claim_releases("a", at(20), lease, 10_000)
-            .await
-            .expect("claim"),
-    );
-    assert_eq!(retry.len(), 1);
-    assert_eq!((retry[0].resource, retry[0].attempts), (res(11), 1));
-
-    // The worker died: its lease runs out and another worker of the node takes over.
-    let takeover = mine(
-        store
-            .claim_releases(NODE, at(80), lease, 10_000)
-            .await
-            .expect("claim"),
-    );
-    assert_eq!(takeover.len(), 1, "an expired claim is taken over");
-    // Or the node restarts and drops its claims at once.
-    store.drop_claims(NODE).await.expect("drop");
-    let back = mine(
-        store
-            .claim_releases("a", at(81), lease, 10_000)
-            .await
-            .expect("claim"),
-    );
-    assert_eq!(back.len(), 1);
-    store
-        .complete_release(back[0], at(82), "sigkill".to_owned())
         .await
-        .expect("complete");
-
-    assert!(
-        mine(
-            store
-                .claim_releases("a", at(1000), lease, 10_000)
-                .await
-                .expect("claim")
-        )
         .is_empty(),
+        "not before the core's next release"
+    );
+    let claimed = claim(store, &node, retry, lease, &ids).await;
+    assert_eq!(claimed.len(), 1);
+    let mut session = claimed[0].session.clone();
+    assert_eq!(
+        session, r.session,
+        "a claim hands out the session as recorded"
+    );
+    let second = release_one(
+        store,
+        &node,
+        &mut session,
+        retry,
+        Released,
+        "sigterm",
+        lease,
+    )
+    .await;
+    assert_eq!(second, res(11));
+    // The worker goes on with 10 and keeps its claim meanwhile.
+    assert!(
+        claim(store, &node, retry, lease, &ids).await.is_empty(),
+        "a kept claim holds"
+    );
+    let third = release_one(store, &node, &mut session, retry, Released, "freed", lease).await;
+    assert_eq!(third, res(10));
+    assert!(session.is_fully_released());
+
+    let r = get(store, new.id).await;
+    assert_eq!(r.session, session, "the store keeps what the core decided");
+    assert_eq!(
+        r.release_notes,
+        [
+            (res(10), "freed".to_owned()),
+            (res(11), "sigterm".to_owned())
+        ]
+    );
+    assert!(r.release_errors.is_empty());
+    assert!(
+        claim(store, &node, at(1000), lease, &ids).await.is_empty(),
         "released is final"
     );
-    let r = get(store, new.id).await;
-    assert!(r.session.is_fully_released());
+
+    // A worker that dies mid-release: its claim lapses and the session is claimed again,
+    // at the same resource.
+    let mut other = new_session(&fresh_tenant(), at(0), Duration::from_secs(600));
+    other.node = node.clone();
+    create(store, &other).await;
+    store.attach(other.id, res(20)).await.expect("attach");
+    store.attach(other.id, res(21)).await.expect("attach");
+    store
+        .end(other.id, at(5), EndReason::Orphaned)
+        .await
+        .expect("end");
+    let ids = [other.id];
+    assert_eq!(claim(store, &node, at(5), lease, &ids).await.len(), 1);
+    assert!(claim(store, &node, at(64), lease, &ids).await.is_empty());
+    let again = claim(store, &node, at(65), lease, &ids).await;
+    assert_eq!(again.len(), 1, "a lapsed claim is taken over");
+    let mut session = again[0].session.clone();
+    assert_eq!(session.poll_release(at(65)), Some(res(21)));
+    // Or the node restarts and drops its claims at once.
+    store.drop_claims(&node).await.expect("drop");
+    assert_eq!(claim(store, &node, at(66), lease, &ids).await.len(), 1);
 }
 
 /// A resource acquired after its session ended is refused, never kept.
@@ -726,14 +818,11 @@ pub async fn nodes_own_releases_and_dead_nodes_are_taken_over(store: &dyn Store)
         (new, res(handle))
     };
     let lease = Duration::from_secs(60);
-    let claim = |node: String, t: Timestamp, ids: Vec<SessionId>| async move {
-        let mut got: Vec<(SessionId, u64)> = store
-            .claim_releases(&node, t, lease, 10_000)
+    let claimed = |node: String, t: Timestamp, ids: Vec<SessionId>| async move {
+        let mut got: Vec<SessionId> = claim(store, &node, t, lease, &ids)
             .await
-            .expect("claim")
-            .into_iter()
-            .filter(|i| ids.contains(&i.session))
-            .map(|i| (i.session, i.resource.handle))
+            .iter()
+            .map(|r| *r.session.id())
             .collect();
         got.sort();
         got
@@ -775,10 +864,10 @@ pub async fn nodes_own_releases_and_dead_nodes_are_taken_over(store: &dyn Store)
         .await
         .expect("end");
     assert!(
-        claim(nb.clone(), at(1), ids.clone()).await.is_empty(),
+        claimed(nb.clone(), at(1), ids.clone()).await.is_empty(),
         "another node never claims a release it cannot run"
     );
-    assert_eq!(claim(na.clone(), at(1), ids.clone()).await, [(s1.id, 1)]);
+    assert_eq!(claimed(na.clone(), at(1), ids.clone()).await, [s1.id]);
     store.drop_claims(&na).await.expect("drop");
 
     // na stops heartbeating; nb stays alive.
@@ -833,29 +922,30 @@ pub async fn nodes_own_releases_and_dead_nodes_are_taken_over(store: &dyn Store)
         "a takeover happens once"
     );
     assert!(
-        claim(nb.clone(), at(110), ids.clone()).await.is_empty(),
+        claimed(nb.clone(), at(110), ids.clone()).await.is_empty(),
         "lost resources cannot be freed from elsewhere"
     );
 
     // na returns with its id: it is alive again and settles what it owes.
     store.node_alive(&na, at(200)).await.expect("heartbeat");
-    let owed = claim(na.clone(), at(200), ids.clone()).await;
-    let mut want = vec![(s1.id, 1), (s2.id, 2)];
+    let owed = claim(store, &na, at(200), lease, &ids).await;
+    let mut want = vec![s1.id, s2.id];
     want.sort();
-    assert_eq!(owed, want);
-    for (id, handle) in owed {
-        store
-            .complete_release(
-                crate::ReleaseIntent {
-                    session: id,
-                    resource: res(handle),
-                    attempts: 0,
-                },
-                at(201),
-                "sigterm".to_owned(),
-            )
-            .await
-            .expect("complete");
+    let mut got: Vec<SessionId> = owed.iter().map(|r| *r.session.id()).collect();
+    got.sort();
+    assert_eq!(got, want);
+    for record in owed {
+        let mut session = record.session;
+        release_one(
+            store,
+            &na,
+            &mut session,
+            at(201),
+            session_lifecycle::ReleaseOutcome::Released,
+            "sigterm",
+            lease,
+        )
+        .await;
     }
     let r = get(store, s2.id).await;
     assert!(r.session.is_fully_released());

@@ -7,7 +7,7 @@ use std::time::Duration;
 use session_lifecycle::{EndReason, Resource, SessionId, Timestamp, Transition};
 
 use crate::store::{
-    AttachOutcome, BoxFuture, CreateOutcome, ListQuery, NewSession, ReleaseIntent, RoomEvent,
+    AttachOutcome, BoxFuture, CreateOutcome, ListQuery, NewSession, ReleaseProgress, RoomEvent,
     RoomUpdate, SessionRecord, Store, StoreError, TouchOutcome,
 };
 
@@ -145,28 +145,23 @@ impl Store for FaultyStore {
         now: Timestamp,
         lease: Duration,
         limit: u32,
-    ) -> BoxFuture<'_, Result<Vec<ReleaseIntent>, StoreError>> {
+    ) -> BoxFuture<'_, Result<Vec<SessionRecord>, StoreError>> {
         let node = node.to_owned();
         Box::pin(async move {
             self.check()?;
             self.inner.claim_releases(&node, now, lease, limit).await
         })
     }
-    fn complete_release(
+    fn record_release(
         &self,
-        intent: ReleaseIntent,
-        now: Timestamp,
-        note: String,
+        node: &str,
+        progress: ReleaseProgress,
     ) -> BoxFuture<'_, Result<(), StoreError>> {
-        guarded!(self, self.inner.complete_release(intent, now, note))
-    }
-    fn fail_release(
-        &self,
-        intent: ReleaseIntent,
-        retry_at: Timestamp,
-        error: String,
-    ) -> BoxFuture<'_, Result<(), StoreError>> {
-        guarded!(self, self.inner.fail_release(intent, retry_at, error))
+        let node = node.to_owned();
+        Box::pin(async move {
+            self.check()?;
+            self.inner.record_release(&node, progress).await
+        })
     }
     fn drop_claims(&self, node: &str) -> BoxFuture<'_, Result<(), StoreError>> {
         let node = node.to_owned();

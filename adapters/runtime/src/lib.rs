@@ -28,14 +28,14 @@ pub use backend::{
     AcquireError, AcquireRequest, Acquired, EventSink, ReleaseError, ResourceBackend,
     ResourceEvent, ResourceRequest,
 };
-pub use clock::{ManualClock, SystemClock};
+pub use clock::{ManualClock, RuntimeClock, SystemClock, TokioClock};
 pub use engine::{
-    Background, DueReport, Engine, EngineConfig, EngineError, Plan, RoomEventReport, StartRequest,
-    TIMER_SLOTS,
+    Background, DueReport, Engine, EngineConfig, EngineError, Plan, RoomEventReport,
+    SESSION_ID_ENV, StartRequest, TIMER_SLOTS,
 };
 pub use metrics::{Metrics, MetricsSnapshot, RELEASE_LATENCY_BUCKETS};
 pub use store::{
-    AttachOutcome, BoxFuture, CreateOutcome, ListQuery, NewSession, ReleaseIntent, RoomBinding,
-    RoomEvent, RoomEventKind, RoomProvider, RoomUpdate, SessionRecord, Store, StoreError,
-    TouchOutcome,
+    AttachOutcome, BoxFuture, CreateOutcome, ListQuery, NewSession, ReleaseAttempt,
+    ReleaseProgress, RoomBinding, RoomEvent, RoomEventKind, RoomProvider, RoomUpdate,
+    SessionRecord, Store, StoreError, TouchOutcome,
 };

@@ -3,11 +3,11 @@
 //! that a record is a possible session happens here, once.
 
 use session_lifecycle::{
-    EndReason, HeldResource, HeldResourceParts, HeldResources, ReleaseStatus, Resource,
+    EndReason, HeldResource, HeldResourceParts, HeldResources, ReleaseState, ReleaseStatus,
     ResourceKind, Session, SessionId, SessionParts, Status, Timestamp,
 };
 
-use crate::store::{ReleaseIntent, RoomBinding, RoomProvider, SessionRecord, StoreError};
+use crate::store::{RoomBinding, RoomProvider, SessionRecord, StoreError};
 
 /// A timestamp as stored: milliseconds since the epoch.
 pub fn millis(t: Timestamp) -> i64 {
@@ -38,21 +38,20 @@ fn kind(id: &str, kind: i64) -> Result<ResourceKind, StoreError> {
         .map_err(|_| corrupt(id, format!("resource kind {kind}")))
 }
 
-/// A claimed release intent's row.
-pub fn release_intent(
-    session: &str,
-    resource_kind: i64,
-    handle: i64,
-    attempts: i64,
-) -> Result<ReleaseIntent, StoreError> {
-    Ok(ReleaseIntent {
-        session: parse_id(session)?,
-        resource: Resource {
-            kind: kind(session, resource_kind)?,
-            handle: handle as u64,
-        },
-        attempts: u32::try_from(attempts).unwrap_or(0),
-    })
+/// What a lost resource's note gets before the note of its release, once its node returned
+/// and released it: `lost with node <id>; released when the node returned: sigterm`.
+pub const RELEASED_ON_RETURN: &str = "; released when the node returned: ";
+
+/// The columns a resource's release state is stored in: `state`, `attempts`, `retry_at`
+/// and `released_at`.
+pub fn release_columns(release: ReleaseState) -> (&'static str, i64, Option<i64>, Option<i64>) {
+    match release {
+        ReleaseState::Held => ("held", 0, None, None),
+        ReleaseState::Pending { attempts, retry_at } => {
+            ("pending", i64::from(attempts), Some(millis(retry_at)), None)
+        }
+        ReleaseState::Released { at } => ("released", 0, None, Some(millis(at))),
+    }
 }
 
 /// A `sessions` row.
@@ -101,6 +100,8 @@ pub struct ResourceRow {
     pub released_at: Option<i64>,
     /// `note`.
     pub note: Option<String>,
+    /// `last_error`: the error of the last failed attempt.
+    pub last_error: Option<String>,
 }
 
 impl SessionRow {
@@ -123,6 +124,7 @@ impl SessionRow {
         resources.sort_unstable_by_key(|r| r.seq);
         let mut held = HeldResources::new();
         let mut release_notes = Vec::new();
+        let mut release_errors = Vec::new();
         for r in resources {
             let release = match r.state.as_str() {
                 "held" => ReleaseStatus::Held,
@@ -147,6 +149,9 @@ impl SessionRow {
             .map_err(|e| corrupt(id, e))?;
             if let Some(note) = r.note {
                 release_notes.push((resource.resource, note));
+            }
+            if let Some(error) = r.last_error.filter(|_| pending) {
+                release_errors.push((resource.resource, error));
             }
             held.push(resource)
                 .map_err(|_| corrupt(id, "more resources than a session can hold"))?;
@@ -176,6 +181,7 @@ impl SessionRow {
             metadata: self.metadata,
             room,
             release_notes,
+            release_errors,
         })
     }
 }

@@ -4,7 +4,9 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
-use session_lifecycle::{EndReason, Resource, Session, SessionId, Status, Timestamp, Transition};
+use session_lifecycle::{
+    EndReason, ReleaseState, Resource, Session, SessionId, Status, Timestamp, Transition,
+};
 
 /// A boxed, sendable future: what [`Store`] and backend methods return, so that both
 /// traits can be used as `dyn` objects chosen at run time.
@@ -62,6 +64,8 @@ pub struct SessionRecord {
     /// finished release reported (for example `sigterm` or `sigkill`), or that the
     /// resource was lost with a dead node.
     pub release_notes: Vec<(Resource, String)>,
+    /// The error of each resource's last failed release attempt, while it is not released.
+    pub release_errors: Vec<(Resource, String)>,
 }
 
 /// What a new session is created with.
@@ -180,15 +184,37 @@ pub struct RoomUpdate {
     pub finished: bool,
 }
 
-/// A release the store asks a worker to run: claimed for that worker until `claimed_until`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ReleaseIntent {
-    /// The ended session that held the resource.
+/// What a release worker persists after it asked the core what to do with a claimed
+/// session: the attempt it made (if any), the core's answer to when the session's next
+/// release is due, and whether it keeps the claim to go on at once.
+///
+/// The store decides nothing here: it writes these values, in one step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReleaseProgress {
+    /// The ended session being released.
     pub session: SessionId,
-    /// The resource to release.
+    /// The attempt just made, if any.
+    pub attempt: Option<ReleaseAttempt>,
+    /// When the session's next release is due (the core's
+    /// [`Session::next_release_at`](session_lifecycle::Session::next_release_at)); `None`
+    /// once everything is released.
+    pub next_release_at: Option<Timestamp>,
+    /// `Some(until)`: the worker goes on with the next release and keeps its claim until
+    /// then. `None`: the claim is given up (the next release waits for its time, or there
+    /// is none).
+    pub keep_claim_until: Option<Timestamp>,
+}
+
+/// One release attempt, as the core recorded it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReleaseAttempt {
+    /// The resource.
     pub resource: Resource,
-    /// Failed attempts so far.
-    pub attempts: u32,
+    /// Its release state after the attempt: released, or pending with the retry time the
+    /// core's backoff gave it.
+    pub release: ReleaseState,
+    /// The release note of a success (`sigterm`, `freed`, ...), or the error of a failure.
+    pub note: String,
 }
 
 /// Why a store call failed. Every failure leaves the store as it was before the call.
@@ -229,7 +255,9 @@ pub trait Store: Send + Sync + 'static {
     ) -> BoxFuture<'_, Result<AttachOutcome, StoreError>>;
 
     /// Ends `id` at `now` for `reason` if it is started, in one conditional write that
-    /// also turns every held resource into a release intent due at once. `ended_at` is
+    /// also does what the core's end does to its resources: every held one becomes a
+    /// pending release (no attempt yet, due at the end), and the session's next release is
+    /// due at the end if it holds any. `ended_at` is
     /// `max(now, started_at)`. Returns the session as it now stands and whether this call
     /// ended it; an already ended session is returned unchanged with
     /// [`Transition::AlreadyEnded`]. `None` if there is no such session.
@@ -263,37 +291,31 @@ pub trait Store: Send + Sync + 'static {
         limit: u32,
     ) -> BoxFuture<'_, Result<Vec<(SessionId, EndReason)>, StoreError>>;
 
-    /// Claims up to `limit` release intents of resources held on `node` that are due at
-    /// `now` and not claimed by a live lease, for `node` until `now + lease`. A claimed
-    /// intent is not handed to anyone else until the lease runs out or the node finishes
-    /// it. Resources recorded as lost with a dead node are still owed by that node, and
-    /// offered to it when it returns.
+    /// Claims up to `limit` ended sessions run by `node` whose next release is due at
+    /// `now` (the time the core last gave, see [`ReleaseProgress::next_release_at`]) and
+    /// that no live claim holds, for `node` until `now + lease`, most overdue first. A
+    /// claimed session is not handed to anyone else until its claim runs out or is given
+    /// up. Sessions of a node declared dead stay owed by that node, and are offered to it
+    /// when it returns. Returns the claimed sessions as they stand.
     fn claim_releases(
         &self,
         node: &str,
         now: Timestamp,
         lease: Duration,
         limit: u32,
-    ) -> BoxFuture<'_, Result<Vec<ReleaseIntent>, StoreError>>;
+    ) -> BoxFuture<'_, Result<Vec<SessionRecord>, StoreError>>;
 
-    /// Marks a claimed intent done: the resource is released, for good, with `note`.
-    fn complete_release(
+    /// Persists a release worker's progress on a session `node` claimed: the attempt's
+    /// resource state and note, the session's next release time, and the claim kept or
+    /// given up, in one step. A resource already recorded released stays as it was.
+    fn record_release(
         &self,
-        intent: ReleaseIntent,
-        now: Timestamp,
-        note: String,
-    ) -> BoxFuture<'_, Result<(), StoreError>>;
-
-    /// Records a failed attempt of a claimed intent: it is retried at `retry_at`.
-    fn fail_release(
-        &self,
-        intent: ReleaseIntent,
-        retry_at: Timestamp,
-        error: String,
+        node: &str,
+        progress: ReleaseProgress,
     ) -> BoxFuture<'_, Result<(), StoreError>>;
 
     /// Drops every claim `node` holds (after a restart of that node, whose in-flight
-    /// releases died with it), so they are due again at once.
+    /// releases died with it), so their sessions can be claimed again at once.
     fn drop_claims(&self, node: &str) -> BoxFuture<'_, Result<(), StoreError>>;
 
     /// Records that `node` is alive at `now` (its heartbeat), registering it if it is new.
@@ -302,9 +324,9 @@ pub trait Store: Send + Sync + 'static {
 
     /// Takes over from dead nodes: every node other than `except` whose last heartbeat is
     /// `node_timeout` or more before `now`. Ends up to `limit` of their started sessions
-    /// with `orphaned` (their releases become due), and records every resource they hold
-    /// and have not released as lost with that node: it cannot be freed from elsewhere,
-    /// so it stays owed by that node. Returns the sessions it ended.
+    /// with `orphaned` (their releases become due, as an end makes them), and records every
+    /// resource they hold and have not released as lost with that node: it cannot be freed
+    /// from elsewhere, so it stays owed by that node. Returns the sessions it ended.
     fn end_dead_nodes(
         &self,
         except: &str,

@@ -27,10 +27,10 @@ use std::time::Duration;
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use session_lifecycle::{EndReason, Resource, SessionId, Status, Timestamp, Transition};
 use session_lifecycle_runtime::rows::{
-    ResourceRow, SessionRow, millis as ms, parse_id, release_intent,
+    RELEASED_ON_RETURN, ResourceRow, SessionRow, millis as ms, parse_id, release_columns,
 };
 use session_lifecycle_runtime::{
-    AttachOutcome, BoxFuture, CreateOutcome, ListQuery, NewSession, ReleaseIntent, RoomEvent,
+    AttachOutcome, BoxFuture, CreateOutcome, ListQuery, NewSession, ReleaseProgress, RoomEvent,
     RoomEventKind, RoomUpdate, SessionRecord, Store, StoreError, TouchOutcome,
 };
 use tokio::sync::oneshot;
@@ -313,7 +313,7 @@ fn load_record(conn: &Connection, row: &rusqlite::Row<'_>) -> Result<SessionReco
     let mut stmt = conn
         .prepare_cached(
             // No ORDER BY: it costs a sorter even for no rows; the decoder sorts by seq.
-            "SELECT seq, kind, handle, state, attempts, retry_at, released_at, note
+            "SELECT seq, kind, handle, state, attempts, retry_at, released_at, note, last_error
              FROM resources WHERE session_id = ?1",
         )
         .map_err(db)?;
@@ -328,6 +328,7 @@ fn load_record(conn: &Connection, row: &rusqlite::Row<'_>) -> Result<SessionReco
                 retry_at: r.get(5)?,
                 released_at: r.get(6)?,
                 note: r.get(7)?,
+                last_error: r.get(8)?,
             })
         })
         .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
@@ -346,6 +347,25 @@ fn get_record(conn: &Connection, id: &str) -> Result<Option<SessionRecord>, Stor
         Some(row) => load_record(conn, row).map(Some),
         None => Ok(None),
     }
+}
+
+/// What the core's end does to a session's resources, in the same transaction as the end:
+/// every held one becomes a pending release due at the end, and the session's next
+/// release is due then if it holds any.
+fn mark_releases_due(c: &Connection, id: &str) -> Result<(), StoreError> {
+    c.prepare_cached(
+        "UPDATE resources SET state = 'pending', attempts = 0,
+                retry_at = (SELECT ended_at FROM sessions WHERE id = ?1)
+         WHERE session_id = ?1 AND state = 'held'",
+    )
+    .and_then(|mut s| s.execute([id]))
+    .map_err(db)?;
+    c.prepare_cached(
+        "UPDATE sessions SET release_due_at = ended_at WHERE id = ?1 AND resource_count > 0",
+    )
+    .and_then(|mut s| s.execute([id]))
+    .map_err(db)?;
+    Ok(())
 }
 
 fn resource_key(r: &Resource) -> (i64, i64) {
@@ -422,6 +442,13 @@ impl Store for SqliteStore {
                     ])
                 })
                 .map_err(db)?;
+            if n == 1 {
+                c.prepare_cached(
+                    "UPDATE sessions SET resource_count = resource_count + 1 WHERE id = ?1",
+                )
+                .and_then(|mut s| s.execute([id.to_string()]))
+                .map_err(db)?;
+            }
             Ok(if n == 1 {
                 AttachOutcome::Attached
             } else {
@@ -446,12 +473,7 @@ impl Store for SqliteStore {
                 .and_then(|mut s| s.execute(params![id_text, ms(now), reason.as_str()]))
                 .map_err(db)?;
             let transition = if n == 1 {
-                c.prepare_cached(
-                    "UPDATE resources SET state = 'pending', attempts = 0, retry_at = ?2
-                     WHERE session_id = ?1 AND state = 'held'",
-                )
-                .and_then(|mut s| s.execute(params![id_text, ms(now)]))
-                .map_err(db)?;
+                mark_releases_due(c, &id_text)?;
                 Transition::Committed
             } else {
                 Transition::AlreadyEnded
@@ -568,87 +590,86 @@ impl Store for SqliteStore {
         now: Timestamp,
         lease: Duration,
         limit: u32,
-    ) -> BoxFuture<'_, Result<Vec<ReleaseIntent>, StoreError>> {
+    ) -> BoxFuture<'_, Result<Vec<SessionRecord>, StoreError>> {
         let node = node.to_owned();
         Box::pin(self.write(move |c| {
             let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX / 2);
-            let mut stmt = c
+            let ids: Vec<String> = c
                 .prepare_cached(
-                    "UPDATE resources SET claimed_by = ?2, claimed_until = ?1 + ?3
-                     WHERE rowid IN (
-                        SELECT rowid FROM resources
-                        WHERE state = 'pending' AND node = ?2 AND retry_at <= ?1
-                          AND (claimed_until IS NULL OR claimed_until <= ?1)
-                        ORDER BY retry_at LIMIT ?4)
-                     RETURNING session_id, kind, handle, attempts",
+                    "UPDATE sessions SET release_claimed_by = ?2, release_claimed_until = ?1 + ?3
+                     WHERE id IN (
+                        SELECT id FROM sessions
+                        WHERE node = ?2 AND release_due_at <= ?1
+                          AND (release_claimed_until IS NULL OR release_claimed_until <= ?1)
+                        ORDER BY release_due_at LIMIT ?4)
+                     RETURNING id",
                 )
+                .and_then(|mut s| {
+                    s.query_map(params![ms(now), node, lease_ms, i64::from(limit)], |r| {
+                        r.get(0)
+                    })?
+                    .collect()
+                })
                 .map_err(db)?;
-            let mut rows = stmt
-                .query(params![ms(now), node, lease_ms, i64::from(limit)])
-                .map_err(db)?;
-            let mut out = Vec::new();
-            while let Some(r) = rows.next().map_err(db)? {
-                let id: String = r.get(0).map_err(db)?;
-                out.push(release_intent(
-                    &id,
-                    r.get(1).map_err(db)?,
-                    r.get(2).map_err(db)?,
-                    r.get(3).map_err(db)?,
-                )?);
+            let mut out = Vec::with_capacity(ids.len());
+            for id in ids {
+                if let Some(record) = get_record(c, &id)? {
+                    out.push(record);
+                }
             }
             Ok(out)
         }))
     }
 
-    fn complete_release(
+    fn record_release(
         &self,
-        intent: ReleaseIntent,
-        now: Timestamp,
-        note: String,
+        node: &str,
+        progress: ReleaseProgress,
     ) -> BoxFuture<'_, Result<(), StoreError>> {
+        let node = node.to_owned();
         Box::pin(self.write(move |c| {
-            let (kind, handle) = resource_key(&intent.resource);
+            let id = progress.session.to_string();
+            if let Some(attempt) = &progress.attempt {
+                let (kind, handle) = resource_key(&attempt.resource);
+                let (state, attempts, retry_at, released_at) = release_columns(attempt.release);
+                let released = state == "released";
+                c.prepare_cached(
+                    "UPDATE resources SET state = ?4, attempts = ?5, retry_at = ?6, released_at = ?7,
+                        note = CASE WHEN NOT ?8 THEN note
+                                    WHEN lost_at IS NULL THEN ?9
+                                    ELSE note || ?10 || ?9 END,
+                        last_error = CASE WHEN ?8 THEN NULL ELSE ?9 END
+                     WHERE session_id = ?1 AND kind = ?2 AND handle = ?3 AND state <> 'released'",
+                )
+                .and_then(|mut s| {
+                    s.execute(params![
+                        id,
+                        kind,
+                        handle,
+                        state,
+                        attempts,
+                        retry_at,
+                        released_at,
+                        released,
+                        attempt.note,
+                        RELEASED_ON_RETURN,
+                    ])
+                })
+                .map_err(db)?;
+            }
+            let claimed_until = progress.keep_claim_until.map(ms);
             c.prepare_cached(
-                "UPDATE resources SET state = 'released', released_at = ?4,
-                        note = CASE WHEN lost_at IS NULL THEN ?5
-                                    ELSE note || '; released when the node returned: ' || ?5 END,
-                        retry_at = NULL, claimed_by = NULL, claimed_until = NULL
-                 WHERE session_id = ?1 AND kind = ?2 AND handle = ?3 AND state = 'pending'",
+                "UPDATE sessions SET release_due_at = ?3,
+                        release_claimed_by = CASE WHEN ?4 IS NULL THEN NULL ELSE ?2 END,
+                        release_claimed_until = ?4
+                 WHERE id = ?1 AND node = ?2",
             )
             .and_then(|mut s| {
                 s.execute(params![
-                    intent.session.to_string(),
-                    kind,
-                    handle,
-                    ms(now),
-                    note
-                ])
-            })
-            .map_err(db)?;
-            Ok(())
-        }))
-    }
-
-    fn fail_release(
-        &self,
-        intent: ReleaseIntent,
-        retry_at: Timestamp,
-        error: String,
-    ) -> BoxFuture<'_, Result<(), StoreError>> {
-        Box::pin(self.write(move |c| {
-            let (kind, handle) = resource_key(&intent.resource);
-            c.prepare_cached(
-                "UPDATE resources SET attempts = attempts + 1, retry_at = ?4, last_error = ?5,
-                        claimed_by = NULL, claimed_until = NULL
-                 WHERE session_id = ?1 AND kind = ?2 AND handle = ?3 AND state = 'pending'",
-            )
-            .and_then(|mut s| {
-                s.execute(params![
-                    intent.session.to_string(),
-                    kind,
-                    handle,
-                    ms(retry_at),
-                    error
+                    id,
+                    node,
+                    progress.next_release_at.map(ms),
+                    claimed_until
                 ])
             })
             .map_err(db)?;
@@ -660,7 +681,8 @@ impl Store for SqliteStore {
         let node = node.to_owned();
         Box::pin(self.write(move |c| {
             c.prepare_cached(
-                "UPDATE resources SET claimed_by = NULL, claimed_until = NULL WHERE claimed_by = ?1",
+                "UPDATE sessions SET release_claimed_by = NULL, release_claimed_until = NULL
+                 WHERE release_claimed_by = ?1",
             )
             .and_then(|mut s| s.execute([node]))
             .map_err(db)?;
@@ -718,12 +740,7 @@ impl Store for SqliteStore {
                     })
                     .map_err(db)?;
                 for id in &ids {
-                    c.prepare_cached(
-                        "UPDATE resources SET state = 'pending', attempts = 0, retry_at = ?2
-                         WHERE session_id = ?1 AND state = 'held'",
-                    )
-                    .and_then(|mut s| s.execute(params![id, ms(now)]))
-                    .map_err(db)?;
+                    mark_releases_due(c, id)?;
                     ended.push(parse_id(id)?);
                 }
                 c.prepare_cached(

@@ -79,6 +79,25 @@ const MIGRATIONS: &[&str] = &[
         id                TEXT PRIMARY KEY,
         last_heartbeat_at INTEGER NOT NULL
      );",
+    // 5: releases are claimed per session, at the time the core says its next release is
+    // due (`release_due_at`); resources no longer carry claims of their own. The session
+    // row counts its resources, so that an end knows whether it has any to release.
+    "ALTER TABLE sessions ADD COLUMN release_due_at INTEGER;
+     ALTER TABLE sessions ADD COLUMN resource_count INTEGER NOT NULL DEFAULT 0;
+     UPDATE sessions SET resource_count =
+        (SELECT COUNT(*) FROM resources WHERE session_id = sessions.id);
+     ALTER TABLE sessions ADD COLUMN release_claimed_by TEXT;
+     ALTER TABLE sessions ADD COLUMN release_claimed_until INTEGER;
+     UPDATE sessions SET release_due_at =
+        (SELECT MIN(retry_at) FROM resources WHERE session_id = sessions.id AND state = 'pending')
+      WHERE status = 'ended';
+     CREATE INDEX sessions_release_due ON sessions (node, release_due_at)
+        WHERE release_due_at IS NOT NULL;
+     CREATE INDEX sessions_release_claimed ON sessions (release_claimed_by)
+        WHERE release_claimed_by IS NOT NULL;
+     DROP INDEX resources_claimed;
+     ALTER TABLE resources DROP COLUMN claimed_by;
+     ALTER TABLE resources DROP COLUMN claimed_until;",
 ];
 
 /// The schema version this code writes.

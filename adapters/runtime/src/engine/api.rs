@@ -1,0 +1,231 @@
+//! What callers ask of the engine: start, end, get, list and liveness. Every change is
+//! committed in the store first; the in-memory timer table follows what the store says.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use session_lifecycle::{EndReason, Resource, Session, SessionId, TouchError, Transition};
+
+use super::{Engine, EngineError, StartRequest, lock};
+use crate::backend::{AcquireError, AcquireRequest};
+use crate::store::{
+    AttachOutcome, CreateOutcome, ListQuery, NewSession, SessionRecord, TouchOutcome,
+};
+
+/// The variable that carries the session id into every avatar server's environment.
+pub const SESSION_ID_ENV: &str = "SESSION_LIFECYCLE_SESSION_ID";
+
+impl Engine {
+    /// Starts a session for `request.tenant`: records it, then acquires its resources
+    /// from every backend in order. If any acquire fails, the session ends `start_failed`
+    /// and what was acquired is released.
+    pub async fn start(&self, request: StartRequest) -> Result<SessionRecord, EngineError> {
+        let inner = &self.inner;
+        if inner.closing.load(Ordering::SeqCst) {
+            return Err(EngineError::ShuttingDown);
+        }
+        let now = inner.clock.now();
+        let lifetime = request.duration.map_or(request.plan.max_session, |d| {
+            d.min(request.plan.max_session)
+        });
+        let id = SessionId::from_ulid_parts(now, random_u128());
+        // Held until every acquire is done: this session's releases wait for it.
+        let starting = Arc::new(tokio::sync::Mutex::new(()));
+        let _acquiring = Arc::clone(&starting).lock_owned().await;
+        lock(&inner.starting).insert(id, starting);
+        let result = self.start_session(id, now, lifetime, request).await;
+        lock(&inner.starting).remove(&id);
+        result
+    }
+
+    async fn start_session(
+        &self,
+        id: SessionId,
+        now: session_lifecycle::Timestamp,
+        lifetime: std::time::Duration,
+        request: StartRequest,
+    ) -> Result<SessionRecord, EngineError> {
+        let inner = &self.inner;
+        let created = inner
+            .store
+            .create(NewSession {
+                id,
+                tenant: request.tenant.clone(),
+                started_at: now,
+                expires_at: now.saturating_add(lifetime),
+                metadata: request.metadata.clone(),
+                room: request.room.clone(),
+                max_concurrent: request.plan.max_concurrent_sessions,
+                node: inner.config.node.clone(),
+            })
+            .await?;
+        if created == CreateOutcome::LimitReached {
+            return Err(EngineError::PlanLimit(
+                request.plan.max_concurrent_sessions.unwrap_or(0),
+            ));
+        }
+        inner.metrics.session_started();
+        let session = Session::new(id, now, now.saturating_add(lifetime));
+        let mut tracked = self.timers().restore(session.clone()).is_ok();
+        if !tracked {
+            // Ended sessions leave the table on its next pass: make room, then retry.
+            self.timers_once().await;
+            tracked = self.timers().restore(session).is_ok();
+        }
+        inner.timers_changed.notify_one();
+        if !tracked {
+            self.end_internal(id, EndReason::StartFailed).await?;
+            return Err(EngineError::CapacityExhausted(
+                "this node tracks the most sessions it can".to_owned(),
+            ));
+        }
+        tracing::info!(session = %id, tenant = %request.tenant, "session started");
+
+        let mut env = vec![(SESSION_ID_ENV.to_owned(), id.to_string())];
+        for backend in &inner.backends {
+            let acquired = backend
+                .acquire(
+                    AcquireRequest {
+                        resources: request.resources,
+                        session: id,
+                        tenant: &request.tenant,
+                        env: &env,
+                    },
+                    inner.events.clone(),
+                )
+                .await;
+            let acquired = match acquired {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(session = %id, backend = backend.name(), error = %e, "acquire failed");
+                    self.end_internal(id, EndReason::StartFailed).await?;
+                    return Err(match e {
+                        AcquireError::CapacityExhausted(m) => EngineError::CapacityExhausted(m),
+                        AcquireError::Failed(m) => EngineError::StartFailed(m),
+                    });
+                }
+            };
+            match inner.store.attach(id, acquired.resource).await {
+                Ok(AttachOutcome::Attached) => env.extend(acquired.env),
+                Ok(AttachOutcome::Refused) => {
+                    // The session ended while we were acquiring: never keep a late resource.
+                    // It is the last acquired, so it goes first; the session's other
+                    // releases wait for this start to return.
+                    self.release_now(id, acquired.resource).await;
+                    return Err(EngineError::SessionEnded);
+                }
+                Err(e) => {
+                    self.release_now(id, acquired.resource).await;
+                    let _ = self.end_internal(id, EndReason::StartFailed).await;
+                    return Err(e.into());
+                }
+            }
+        }
+        inner.store.get(id).await?.ok_or(EngineError::NotFound)
+    }
+
+    /// Releases a resource that never made it into the store, at once and in place.
+    pub(super) async fn release_now(&self, session: SessionId, resource: Resource) {
+        let Some(backend) = self.inner.by_kind.get(&resource.kind) else {
+            tracing::error!(session = %session, ?resource, "no backend releases this resource kind");
+            return;
+        };
+        if let Err(e) = backend.release(session, resource).await {
+            tracing::error!(session = %session, ?resource, error = %e, "releasing an unrecorded resource failed");
+        }
+    }
+
+    /// The session `id`, if it belongs to `tenant` (any tenant's when `None`).
+    pub async fn get(
+        &self,
+        tenant: Option<&str>,
+        id: SessionId,
+    ) -> Result<SessionRecord, EngineError> {
+        let record = self
+            .inner
+            .store
+            .get(id)
+            .await?
+            .ok_or(EngineError::NotFound)?;
+        match tenant {
+            Some(t) if t != record.tenant => Err(EngineError::NotFound),
+            _ => Ok(record),
+        }
+    }
+
+    /// A page of sessions, newest first.
+    pub async fn list(&self, query: ListQuery) -> Result<Vec<SessionRecord>, EngineError> {
+        Ok(self.inner.store.list(query).await?)
+    }
+
+    /// Ends `id` for `reason` if it belongs to `tenant` (any tenant's when `None`).
+    /// Idempotent: an ended session is returned exactly as it was first ended. Its
+    /// releases are recorded in the same write and run in the background.
+    pub async fn end(
+        &self,
+        tenant: Option<&str>,
+        id: SessionId,
+        reason: EndReason,
+    ) -> Result<SessionRecord, EngineError> {
+        if let Some(t) = tenant {
+            // Another tenant's session answers like an unknown one, and is never touched.
+            self.get(Some(t), id).await?;
+        }
+        let (record, _) = self.end_internal(id, reason).await?;
+        Ok(record)
+    }
+
+    /// Ends `id` in the store, then, once that committed, in the timer table (with the
+    /// ending the store recorded, which an earlier trigger may have set), and wakes the
+    /// release worker.
+    pub(super) async fn end_internal(
+        &self,
+        id: SessionId,
+        reason: EndReason,
+    ) -> Result<(SessionRecord, Transition), EngineError> {
+        let inner = &self.inner;
+        let now = inner.clock.now();
+        let (record, transition) = inner
+            .store
+            .end(id, now, reason)
+            .await?
+            .ok_or(EngineError::NotFound)?;
+        let ended_reason = record.session.end_reason().unwrap_or(reason);
+        if transition == Transition::Committed {
+            inner.metrics.session_ended(ended_reason);
+            tracing::info!(session = %id, reason = %ended_reason, "session ended");
+            inner.releases_due.notify_one();
+        }
+        // Durable first, memory second: the table learns of the end only now.
+        let _ = self.timers().end(now, &id, ended_reason);
+        inner.timers_changed.notify_one();
+        Ok((record, transition))
+    }
+
+    /// Records a liveness signal (heartbeat, WebSocket message, room presence).
+    pub async fn touch(&self, tenant: Option<&str>, id: SessionId) -> Result<(), EngineError> {
+        if let Some(t) = tenant {
+            self.get(Some(t), id).await?;
+        }
+        let now = self.inner.clock.now();
+        match self.inner.store.touch(id, now).await? {
+            TouchOutcome::Touched => {
+                match self.timers().touch(now, &id) {
+                    Ok(()) | Err(TouchError::NotFound) | Err(TouchError::SessionEnded) => {}
+                }
+                self.inner.timers_changed.notify_one();
+                Ok(())
+            }
+            TouchOutcome::Ended => Err(EngineError::SessionEnded),
+            TouchOutcome::NotFound => Err(EngineError::NotFound),
+        }
+    }
+}
+
+/// 128 bits from the operating system's generator (ULIDs use 80 of them).
+fn random_u128() -> u128 {
+    let mut bytes = [0u8; 16];
+    // The OS generator failing is not something a service can run without.
+    getrandom::fill(&mut bytes).expect("the operating system's random generator failed");
+    u128::from_le_bytes(bytes)
+}

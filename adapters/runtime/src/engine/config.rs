@@ -1,0 +1,155 @@
+//! The engine's settings, requests, reports and errors.
+
+use std::time::Duration;
+
+use session_lifecycle::{Policy, ResourceKind, SessionId};
+
+use crate::backend::ResourceRequest;
+use crate::store::{RoomBinding, StoreError};
+
+/// How many started sessions one engine tracks timers for. Starting more fails with
+/// [`EngineError::CapacityExhausted`]; a node runs far fewer avatar servers than this.
+pub const TIMER_SLOTS: usize = 16_384;
+
+/// The engine's settings.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Timeouts: orphan timeout, sweep interval, release backoff. (The in-memory
+    /// retention does not apply: the store answers repeated ends.)
+    pub policy: Policy,
+    /// This node's id. Sessions started here run here, their resources are held here and
+    /// only this node releases them. Keep it across restarts: a node that comes back with
+    /// its id settles the releases it still owes. Unique among the instances sharing a
+    /// store.
+    pub node: String,
+    /// How often this node records that it is alive.
+    pub node_heartbeat: Duration,
+    /// A node whose last heartbeat is this old is dead: any other instance's sweep ends its
+    /// started sessions (`orphaned`) and records its resources as lost with it.
+    pub node_timeout: Duration,
+    /// How often the release worker looks for due releases on its own, besides being woken
+    /// by ends here, by the store's notifications of ends elsewhere and by retry times.
+    pub release_poll: Duration,
+    /// How long a claim on a session's releases lasts; it is renewed before each release of
+    /// the session, so it must outlast the longest single release (see
+    /// [`release_deadlines`](Self::release_deadlines)).
+    pub release_lease: Duration,
+    /// The most sessions whose releases are claimed in one pass (they release in
+    /// parallel, each session's resources one at a time).
+    pub release_batch: u32,
+    /// The longest one release attempt may take, per resource kind, overriding the
+    /// backend's own [`release_deadline`](crate::ResourceBackend::release_deadline). Past
+    /// it the attempt counts as failed and is retried after the backoff, while the resource
+    /// stays held.
+    pub release_deadlines: Vec<(ResourceKind, Duration)>,
+    /// The most due sessions ended in one sweep pass.
+    pub sweep_batch: u32,
+    /// Wait after a room empties before ending its session (none by default); someone
+    /// joining meanwhile keeps it.
+    pub room_grace: Duration,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            policy: Policy::DEFAULT,
+            node: "local".to_owned(),
+            node_heartbeat: Duration::from_secs(5),
+            node_timeout: Duration::from_secs(30),
+            release_poll: Duration::from_secs(2),
+            release_lease: Duration::from_secs(60),
+            release_batch: 256,
+            release_deadlines: Vec::new(),
+            sweep_batch: 1024,
+            room_grace: Duration::ZERO,
+        }
+    }
+}
+
+/// A tenant's plan: how many sessions it may run at once and for how long.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Plan {
+    /// The most started sessions at once; `None` for no limit.
+    pub max_concurrent_sessions: Option<u32>,
+    /// The longest a session may run.
+    pub max_session: Duration,
+}
+
+/// What starting a session asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StartRequest {
+    /// The owning tenant.
+    pub tenant: String,
+    /// Its plan.
+    pub plan: Plan,
+    /// The duration the client asked for; the plan's limit caps it.
+    pub duration: Option<Duration>,
+    /// Opaque client metadata (a small JSON document).
+    pub metadata: Option<String>,
+    /// The video room the session is bound to.
+    pub room: Option<RoomBinding>,
+    /// What it asks of its resources (GPU memory, device).
+    pub resources: ResourceRequest,
+}
+
+/// Why an engine call failed. A failed call changes nothing the caller did not see
+/// acknowledged.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// No such session (or another tenant's).
+    #[error("session not found")]
+    NotFound,
+    /// The session has ended; the call does not apply to it.
+    #[error("session has ended")]
+    SessionEnded,
+    /// The tenant runs as many sessions as its plan allows.
+    #[error("plan limit reached: at most {0} concurrent sessions")]
+    PlanLimit(u32),
+    /// No capacity for another session; the session (if created) ended `start_failed`.
+    #[error("no capacity: {0}")]
+    CapacityExhausted(String),
+    /// A resource could not be acquired; the session ended `start_failed` and whatever was
+    /// acquired is being released.
+    #[error("start failed: {0}")]
+    StartFailed(String),
+    /// The engine's settings cannot be used (an invalid policy).
+    #[error("invalid engine settings: {0}")]
+    InvalidConfig(#[from] session_lifecycle::PolicyError),
+    /// The store failed; nothing was acknowledged. Worth retrying.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The engine is shutting down and takes no new sessions.
+    #[error("shutting down")]
+    ShuttingDown,
+}
+
+/// What one [`Engine::run_due`](crate::Engine::run_due) pass did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DueReport {
+    /// Sessions this pass ended with `expired`.
+    pub expired: u32,
+    /// Sessions this pass ended with `orphaned`.
+    pub orphaned: u32,
+    /// Releases completed.
+    pub released: u32,
+    /// Release attempts that failed (retried later).
+    pub release_failures: u32,
+}
+
+impl DueReport {
+    pub(crate) fn add(&mut self, other: DueReport) {
+        self.expired += other.expired;
+        self.orphaned += other.orphaned;
+        self.released += other.released;
+        self.release_failures += other.release_failures;
+    }
+}
+
+/// What one room event did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RoomEventReport {
+    /// The event was applied before (a repeated delivery): nothing happened.
+    pub duplicate: bool,
+    /// Sessions this event ended with `room_empty`.
+    pub ended: Vec<SessionId>,
+}

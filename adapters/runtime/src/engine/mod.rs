@@ -1,0 +1,199 @@
+//! The engine: drives the core with a store, resource backends and a clock.
+//!
+//! The core ([`session_lifecycle`]) is the one rulebook; this module only drives it:
+//!
+//! - `api`: start, end, get, list and liveness, each committed in the store first and
+//!   mirrored in the in-memory timer table second;
+//! - `timers`: the timer table of this node's started sessions (expiry and orphan
+//!   deadlines), whose due work is ended durably before it is ended in memory;
+//! - `sweeper`: the store sweep for what timers cannot see (dead nodes, other instances'
+//!   sessions, room presence) and this node's heartbeat;
+//! - `releases`: the release worker: it claims *sessions* with a release due on this
+//!   node, and for each asks the core which resource is next, runs it, records the
+//!   outcome, and goes on until the core says wait or done;
+//! - `rooms`: room webhook events and their grace waits;
+//! - `recovery`: what a restarted node settles before it serves;
+//! - `tasks`: the background loops, each a `run` over a `*_once` step that
+//!   [`Engine::run_due`] calls too, every task tracked, and shutdown.
+
+mod api;
+mod config;
+mod recovery;
+mod releases;
+mod rooms;
+mod sweeper;
+mod tasks;
+mod timers;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use session_lifecycle::{
+    Policy, Resource, ResourceKind, SessionId, SessionTable, Status, Timestamp,
+};
+use tokio::sync::{Notify, mpsc};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub use api::SESSION_ID_ENV;
+pub use config::{
+    DueReport, EngineConfig, EngineError, Plan, RoomEventReport, StartRequest, TIMER_SLOTS,
+};
+pub use tasks::Background;
+
+use crate::backend::{EventSink, ResourceBackend, ResourceEvent};
+use crate::clock::RuntimeClock;
+use crate::metrics::Metrics;
+use crate::store::Store;
+
+/// How long to wait before trying again a store write that a timer or the sweep could not
+/// make (the store was unreachable): the session's timer is put back for then.
+const STORE_RETRY: Duration = Duration::from_secs(1);
+
+pub(crate) struct Inner {
+    store: Arc<dyn Store>,
+    backends: Vec<Arc<dyn ResourceBackend>>,
+    by_kind: HashMap<ResourceKind, Arc<dyn ResourceBackend>>,
+    /// The longest one release of each kind may take.
+    release_deadlines: HashMap<ResourceKind, Duration>,
+    clock: Arc<dyn RuntimeClock>,
+    config: EngineConfig,
+    /// Timers of this engine's started sessions: expiry and orphan deadlines. It holds no
+    /// resources: those are released from the store's record.
+    timers: Mutex<Box<SessionTable<TIMER_SLOTS>>>,
+    /// A timer changed: the timer loop looks at its next deadline again.
+    timers_changed: Notify,
+    /// A release may have become due here: the release worker claims again.
+    releases_due: Notify,
+    /// Release progress the store could not take when it was made; written before the next
+    /// claim.
+    unrecorded: Mutex<Vec<crate::store::ReleaseProgress>>,
+    /// The earliest retry time a session's releases wait for on this node.
+    next_retry: Mutex<Option<Timestamp>>,
+    events: EventSink,
+    events_rx: Mutex<Option<mpsc::UnboundedReceiver<ResourceEvent>>>,
+    /// Set when shutting down: no new sessions.
+    closing: AtomicBool,
+    /// Sessions still acquiring their resources here: their releases wait for the start
+    /// to finish, so that a resource acquired last is also released first.
+    starting: Mutex<HashMap<SessionId, Arc<tokio::sync::Mutex<()>>>>,
+    /// Resources whose last release attempt here failed and that are not released yet.
+    failing: Mutex<HashSet<(SessionId, Resource)>>,
+    /// Every task the engine starts: background loops, room-grace waits.
+    tasks: TaskTracker,
+    /// The release runs of sessions (each one session's releases, in order).
+    release_tasks: TaskTracker,
+    /// Cancelled at shutdown: every task stops.
+    cancel: CancellationToken,
+    metrics: Metrics,
+}
+
+/// The session engine a service links in: start, end, get, list and record liveness,
+/// with durable state, resource release and automatic termination.
+///
+/// Cloning is cheap; clones share one engine.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+impl Engine {
+    /// Opens an engine over `store` and `backends` (acquired in this order at start,
+    /// released in the reverse order at the end). Registers the node as alive, then
+    /// recovers what a previous run of the same node left: claims it held are dropped, its
+    /// started sessions get their timers back, resources acquired just before a crash are
+    /// adopted, and every release it still owes (including those recorded as lost while it
+    /// was away) runs before this returns.
+    pub async fn open(
+        store: Arc<dyn Store>,
+        backends: Vec<Arc<dyn ResourceBackend>>,
+        clock: Arc<dyn RuntimeClock>,
+        config: EngineConfig,
+    ) -> Result<Engine, EngineError> {
+        config.policy.validate()?;
+        let table_policy = Policy {
+            retention: Duration::ZERO,
+            ..config.policy
+        };
+        let timers = timers::boxed_table(table_policy)?;
+        let by_kind = backends.iter().map(|b| (b.kind(), Arc::clone(b))).collect();
+        let mut release_deadlines: HashMap<ResourceKind, Duration> = backends
+            .iter()
+            .map(|b| (b.kind(), b.release_deadline()))
+            .collect();
+        release_deadlines.extend(config.release_deadlines.iter().copied());
+        let (events, events_rx) = EventSink::channel();
+        let engine = Engine {
+            inner: Arc::new(Inner {
+                store,
+                backends,
+                by_kind,
+                release_deadlines,
+                clock,
+                config,
+                timers: Mutex::new(timers),
+                timers_changed: Notify::new(),
+                releases_due: Notify::new(),
+                unrecorded: Mutex::new(Vec::new()),
+                next_retry: Mutex::new(None),
+                events,
+                events_rx: Mutex::new(Some(events_rx)),
+                closing: AtomicBool::new(false),
+                starting: Mutex::new(HashMap::new()),
+                failing: Mutex::new(HashSet::new()),
+                tasks: TaskTracker::new(),
+                release_tasks: TaskTracker::new(),
+                cancel: CancellationToken::new(),
+                metrics: Metrics::default(),
+            }),
+        };
+        engine.recover().await?;
+        Ok(engine)
+    }
+
+    /// The engine's metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+
+    /// Started sessions this engine tracks (visits every timer slot: for metrics).
+    pub fn active_sessions(&self) -> usize {
+        self.timers()
+            .iter()
+            .filter(|s| s.status() == Status::Started)
+            .count()
+    }
+
+    /// Resources whose last release attempt on this node failed and that are still held
+    /// (for metrics: such a resource is retried, and never handed to another session).
+    pub fn releases_failing(&self) -> usize {
+        lock(&self.inner.failing).len()
+    }
+
+    /// The engine's store.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.inner.store
+    }
+
+    /// The engine's clock.
+    pub fn now(&self) -> Timestamp {
+        self.inner.clock.now()
+    }
+
+    /// The policy in force.
+    pub fn policy(&self) -> &Policy {
+        &self.inner.config.policy
+    }
+
+    fn timers(&self) -> MutexGuard<'_, Box<SessionTable<TIMER_SLOTS>>> {
+        lock(&self.inner.timers)
+    }
+}
+
+/// Locks `m`. Every value these locks guard is changed in single steps that do not panic
+/// halfway, so a lock poisoned by a panic elsewhere still guards a consistent value.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}

@@ -1,0 +1,81 @@
+//! What a node settles when it starts, before it serves: its stale claims, the timers of
+//! its started sessions, resources acquired just before a crash, and every release it
+//! still owes.
+
+use session_lifecycle::{Session, SessionId, Status};
+
+use super::{Engine, EngineError};
+use crate::store::{AttachOutcome, ListQuery};
+
+impl Engine {
+    pub(super) async fn recover(&self) -> Result<(), EngineError> {
+        let inner = &self.inner;
+        self.heartbeat_once().await?;
+        inner.store.drop_claims(&inner.config.node).await?;
+        let mut started = Vec::new();
+        let mut before = None;
+        loop {
+            let page = inner
+                .store
+                .list(ListQuery {
+                    tenant: None,
+                    status: Some(Status::Started),
+                    limit: 500,
+                    before,
+                    node: Some(inner.config.node.clone()),
+                })
+                .await?;
+            let Some(last) = page.last() else { break };
+            before = Some(*last.session.id());
+            let mut timers = self.timers();
+            for record in page {
+                // A full timer table leaves the rest to the store sweeper.
+                let _ = timers.restore(record.session.clone());
+                started.push(record.session);
+            }
+        }
+        self.adopt_untracked(&started).await?;
+        let owed = self.releases_once().await?;
+        if owed.released + owed.release_failures > 0 {
+            tracing::info!(
+                released = owed.released,
+                failed = owed.release_failures,
+                "settled releases this node owed from its previous run"
+            );
+        }
+        Ok(())
+    }
+
+    /// Records resources the backends hold for `sessions` that the store does not know
+    /// of (acquired just before a crash), so that they are released with their session.
+    async fn adopt_untracked(&self, sessions: &[Session]) -> Result<(), EngineError> {
+        if sessions.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<SessionId> = sessions.iter().map(|s| *s.id()).collect();
+        for backend in &self.inner.backends {
+            let found = match backend.find_held(&ids).await {
+                Ok(found) => found,
+                Err(e) => {
+                    tracing::warn!(backend = backend.name(), error = %e, "looking for untracked resources failed");
+                    continue;
+                }
+            };
+            for (id, resource) in found {
+                let known = sessions
+                    .iter()
+                    .find(|s| *s.id() == id)
+                    .is_some_and(|s| s.resources().iter().any(|r| r.resource == resource));
+                if known {
+                    continue;
+                }
+                tracing::warn!(session = %id, ?resource, "adopting a resource acquired before a crash");
+                match self.inner.store.attach(id, resource).await? {
+                    AttachOutcome::Attached => {}
+                    AttachOutcome::Refused => self.release_now(id, resource).await,
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,182 @@
+//! Everything the engine runs in the background, tracked: each loop is a `run_*` over a
+//! `*_once` step that [`Engine::run_due`] calls too; every task (loops, release runs,
+//! room-grace waits) is spawned on a [`TaskTracker`](tokio_util::task::TaskTracker) and
+//! stops when the engine's cancellation token fires. [`Engine::shutdown`] cancels and waits
+//! for all of them: nothing the engine started acts after it returns.
+
+use std::future::Future;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use session_lifecycle::{EndReason, SessionId, Status, Transition};
+use tokio_util::task::TaskTracker;
+
+use super::{DueReport, Engine, EngineError, lock};
+
+/// The engine's background tasks; dropping this does not stop them, [`Engine::shutdown`]
+/// does.
+pub struct Background {
+    tasks: TaskTracker,
+}
+
+impl Background {
+    /// Waits for every background task to finish (after [`Engine::shutdown`]).
+    pub async fn join(self) {
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+}
+
+impl Engine {
+    /// Spawns `task` as a tracked task that stops when the engine shuts down. Nothing is
+    /// spawned once shutdown has begun cancelling.
+    pub(super) fn spawn_tracked<F>(&self, task: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let cancel = self.inner.cancel.clone();
+        if cancel.is_cancelled() {
+            return;
+        }
+        self.inner.tasks.spawn(async move {
+            tokio::select! {
+                _ = cancel.cancelled() => {}
+                _ = task => {}
+            }
+        });
+    }
+
+    /// Starts the background tasks: timers (sleeping until the next deadline), the
+    /// periodic store sweep, the heartbeat, the release worker, the store's notifications
+    /// of releases due here, and the resource event listener.
+    pub fn spawn_background(&self) -> Background {
+        let engine = self.clone();
+        self.spawn_tracked(async move { engine.run_timers().await });
+        let engine = self.clone();
+        self.spawn_tracked(async move { engine.run_sweeper().await });
+        let engine = self.clone();
+        self.spawn_tracked(async move { engine.run_heartbeat().await });
+        let engine = self.clone();
+        self.spawn_tracked(async move { engine.run_releases().await });
+        // Ends on other instances of this node's sessions, pushed by the store.
+        let engine = self.clone();
+        self.spawn_tracked(async move {
+            let inner = &engine.inner;
+            let wake = || inner.releases_due.notify_one();
+            inner.store.watch_releases(&inner.config.node, &wake).await;
+        });
+        let engine = self.clone();
+        self.spawn_tracked(async move { engine.run_events().await });
+        // Releases left by an earlier run go first.
+        self.inner.releases_due.notify_one();
+        Background {
+            tasks: self.inner.tasks.clone(),
+        }
+    }
+
+    /// Ends the sessions whose resources reported events so far (an avatar server that
+    /// exited on its own). Part of [`run_due`](Self::run_due).
+    async fn events_once(&self) -> Result<u32, EngineError> {
+        let mut handled = 0;
+        loop {
+            let event = {
+                let mut rx = lock(&self.inner.events_rx);
+                match rx.as_mut().map(|rx| rx.try_recv()) {
+                    Some(Ok(event)) => event,
+                    _ => break,
+                }
+            };
+            self.end_internal(event.session, event.reason).await?;
+            handled += 1;
+        }
+        Ok(handled)
+    }
+
+    /// The resource event listener.
+    async fn run_events(&self) {
+        let Some(mut rx) = lock(&self.inner.events_rx).take() else {
+            return;
+        };
+        while let Some(event) = rx.recv().await {
+            if let Err(e) = self.end_internal(event.session, event.reason).await {
+                tracing::warn!(session = %event.session, error = %e, "ending after a resource event failed");
+            }
+        }
+    }
+
+    /// Does everything due now, and waits for it: ends sessions whose resources reported
+    /// events (an avatar server that exited), ends sessions whose timers are due, ends
+    /// what the store sweep finds (expired, orphaned: also sessions this engine had no
+    /// timer for), and runs every due release. The same steps the background loops run;
+    /// tests with a [`ManualClock`](crate::ManualClock) call this instead.
+    pub async fn run_due(&self) -> Result<DueReport, EngineError> {
+        self.events_once().await?;
+        let mut report = self.timers_once().await;
+        report.add(self.sweep_once().await?);
+        report.add(self.releases_once().await?);
+        Ok(report)
+    }
+
+    /// Stops taking sessions, ends every started session this engine tracks with
+    /// `shutdown`, waits (up to `deadline`, on the engine's clock) for this node's releases
+    /// to finish, then cancels every task and waits for them all. Nothing the engine
+    /// started acts after this returns; releases left unfinished run on the node's next
+    /// start. Returns the number of sessions it ended.
+    pub async fn shutdown(&self, deadline: Duration) -> Result<u32, EngineError> {
+        let inner = &self.inner;
+        inner.closing.store(true, Ordering::SeqCst);
+        let give_up = inner.clock.now().saturating_add(deadline);
+        let ids: Vec<SessionId> = self
+            .timers()
+            .iter()
+            .filter(|s| s.status() == Status::Started)
+            .map(|s| *s.id())
+            .collect();
+        let mut ended = 0;
+        let mut result = Ok(());
+        for id in ids {
+            match self.end_internal(id, EndReason::Shutdown).await {
+                Ok((_, Transition::Committed)) => ended += 1,
+                Ok(_) | Err(EngineError::NotFound) => {}
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
+            }
+        }
+        if result.is_ok() {
+            result = tokio::select! {
+                r = self.settle_releases() => r,
+                _ = inner.clock.sleep_until(give_up) => {
+                    tracing::warn!("shutdown deadline passed with releases still running; they run on the next start");
+                    Ok(())
+                }
+            };
+        }
+        inner.cancel.cancel();
+        for tracker in [&inner.tasks, &inner.release_tasks] {
+            tracker.close();
+            tracker.wait().await;
+        }
+        result.map(|()| ended)
+    }
+
+    /// Runs this node's due releases until none is due or running; waits for a pending
+    /// retry's time when one is left.
+    async fn settle_releases(&self) -> Result<(), EngineError> {
+        let inner = &self.inner;
+        loop {
+            let pass = self.releases_once().await?;
+            // Runs the background worker claimed before this pass.
+            inner.release_tasks.close();
+            inner.release_tasks.wait().await;
+            inner.release_tasks.reopen();
+            let retry = lock(&inner.next_retry).take();
+            match retry {
+                Some(at) => inner.clock.sleep_until(at).await,
+                None if pass.released + pass.release_failures > 0 => {}
+                None => return Ok(()),
+            }
+        }
+    }
+}
