@@ -4,14 +4,18 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use session_lifecycle::{Resource, ResourceKind, SessionId};
 use session_lifecycle_runtime::{
     AcquireError, AcquireRequest, Acquired, BoxFuture, EventSink, ReleaseError, ResourceBackend,
 };
 
-use crate::gpu::{GpuError, GpuInfo, lock, session_of};
+use session_lifecycle_process::session_of_pid;
+
+use crate::gpu::{GpuError, GpuInfo, lock};
 use crate::placement::{DeviceRoom, Promise, choose, outstanding};
 
 /// The resource kind of GPU shares (see [`AssignmentBackend`]).
@@ -48,8 +52,10 @@ impl Default for AssignmentConfig {
 /// server through `CUDA_VISIBLE_DEVICES` (the device's UUID) and
 /// `SESSION_LIFECYCLE_GPU_MEMORY_BYTES`.
 ///
-/// A release waits until NVML shows that no process of the session (found by the session
-/// id in its environment) holds memory on the device; past
+/// A release runs after the session's avatar server was stopped (releases go in reverse
+/// acquisition order, and the share is acquired first). It waits until NVML shows that no
+/// process of the session (found by the session's cgroup, or the session id in its
+/// environment) holds memory on the device: a child the avatar server left behind. Past
 /// [`release_timeout`](AssignmentConfig::release_timeout) it kills them with SIGKILL and says
 /// so in the release note. Then the share is free for other sessions.
 ///
@@ -86,7 +92,7 @@ pub fn assignment_device(handle: u64) -> u32 {
 fn usage_by_session(gpu: &dyn GpuInfo, index: u32) -> Result<HashMap<SessionId, u64>, GpuError> {
     let mut used: HashMap<SessionId, u64> = HashMap::new();
     for p in gpu.processes(index)? {
-        if let Some(id) = session_of(p.pid).and_then(|s| SessionId::parse(&s).ok()) {
+        if let Some(id) = session_of_pid(p.pid) {
             let entry = used.entry(id).or_default();
             *entry = entry.saturating_add(p.used);
         }
@@ -157,11 +163,10 @@ impl AssignmentBackend {
     /// The pids of `session` holding memory on `device`.
     async fn holders(&self, session: SessionId, device: u32) -> Result<Vec<u32>, ReleaseError> {
         let gpu = Arc::clone(&self.gpu);
-        let wanted = session.to_string();
         tokio::task::spawn_blocking(move || {
             gpu.processes(device).map(|ps| {
                 ps.into_iter()
-                    .filter(|p| session_of(p.pid).as_deref() == Some(wanted.as_str()))
+                    .filter(|p| session_of_pid(p.pid) == Some(session))
                     .map(|p| p.pid)
                     .collect()
             })
@@ -197,6 +202,11 @@ impl ResourceBackend for AssignmentBackend {
 
     fn name(&self) -> &'static str {
         "gpu-assignment"
+    }
+
+    /// The wait for the memory, the kill and its wait, and a margin.
+    fn release_deadline(&self) -> Duration {
+        self.config.release_timeout + self.config.kill_wait + Duration::from_secs(5)
     }
 
     fn acquire<'a>(

@@ -133,18 +133,6 @@ pub fn cuda_driver_present() -> bool {
     })
 }
 
-/// The session whose id is in the environment of process `pid`
-/// (`SESSION_LIFECYCLE_SESSION_ID`, set for every avatar server), if any.
-pub fn session_of(pid: u32) -> Option<String> {
-    let environ = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
-    environ.split(|b| *b == 0).find_map(|entry| {
-        entry
-            .strip_prefix(b"SESSION_LIFECYCLE_SESSION_ID=")
-            .and_then(|v| std::str::from_utf8(v).ok())
-            .map(str::to_owned)
-    })
-}
-
 /// Locks `m`; the maps it guards stay consistent when a holder panicked (each change is
 /// one insert or remove), so a poisoned lock is still used.
 pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -38,7 +38,5 @@ mod reservation;
 pub use assignment::{
     AssignmentBackend, AssignmentConfig, GPU_ASSIGNMENT_KIND, assignment_device, assignment_handle,
 };
-pub use gpu::{
-    DeviceMemory, GpuError, GpuInfo, GpuProcess, NvmlGpu, cuda_driver_present, session_of,
-};
+pub use gpu::{DeviceMemory, GpuError, GpuInfo, GpuProcess, NvmlGpu, cuda_driver_present};
 pub use reservation::{GPU_RESERVATION_KIND, ReservationBackend};

@@ -166,8 +166,7 @@ fn holder(gpu: &FakeGpu, session: SessionId, ignore_term: bool) -> Holder {
         .unwrap();
     // Until it has exec'd, /proc shows the parent's environment; NVML would not list it
     // before it made a CUDA context either.
-    let want = session.to_string();
-    while session_lifecycle_cuda::session_of(child.id()).as_deref() != Some(want.as_str()) {
+    while session_lifecycle_process::session_of_pid(child.id()) != Some(session) {
         std::thread::sleep(Duration::from_millis(1));
     }
     gpu.holders.lock().unwrap().insert(child.id(), GIB);
@@ -242,5 +241,225 @@ fn no_driver_and_no_nvml_are_typed_errors_not_panics() {
             ReservationBackend::new(gpu, GIB),
             Err(GpuError::NoDriver)
         ));
+    }
+}
+
+/// The engine on SQLite with a GPU share (NVML faked, its "processes" real ones) and an
+/// avatar server process: the share is acquired first, so it is released last.
+mod engine {
+    use super::*;
+    use session_lifecycle::{Clock, EndReason, ReleaseState};
+    use session_lifecycle_process::{CgroupMode, ProcessBackend, ProcessConfig};
+    use session_lifecycle_runtime::{
+        Engine, EngineConfig, Plan, ResourceBackend, SessionRecord, StartRequest, SystemClock,
+    };
+    use session_lifecycle_sqlite::SqliteStore;
+
+    fn fixture() -> std::path::PathBuf {
+        let exe = std::env::current_exe().unwrap();
+        exe.parent()
+            .unwrap()
+            .parent()
+            .unwrap()
+            .join("avatar-fixture")
+    }
+
+    async fn engine(
+        dir: &std::path::Path,
+        gpu: Arc<FakeGpu>,
+        gpu_timeout: Duration,
+        avatar: ProcessConfig,
+    ) -> Engine {
+        let share = AssignmentBackend::new(
+            gpu as Arc<dyn GpuInfo>,
+            AssignmentConfig {
+                release_timeout: gpu_timeout,
+                kill_wait: Duration::from_secs(2),
+                ..AssignmentConfig::default()
+            },
+        );
+        let backends: Vec<Arc<dyn ResourceBackend>> = vec![
+            Arc::new(share),
+            Arc::new(ProcessBackend::new(avatar).unwrap()),
+        ];
+        Engine::open(
+            Arc::new(SqliteStore::open(dir.join("gpu.db")).unwrap()),
+            backends,
+            Arc::new(SystemClock),
+            EngineConfig::default(),
+        )
+        .await
+        .unwrap()
+    }
+
+    async fn start(engine: &Engine) -> SessionRecord {
+        engine
+            .start(StartRequest {
+                tenant: "t".into(),
+                plan: Plan {
+                    max_concurrent_sessions: None,
+                    max_session: Duration::from_secs(3600),
+                },
+                duration: None,
+                metadata: None,
+                room: None,
+                resources: ResourceRequest {
+                    gpu_memory: Some(GIB),
+                    gpu_device: None,
+                },
+            })
+            .await
+            .unwrap()
+    }
+
+    fn note(record: &SessionRecord, kind: session_lifecycle::ResourceKind) -> String {
+        record
+            .release_notes
+            .iter()
+            .find(|(r, _)| r.kind == kind)
+            .map(|(_, n)| n.clone())
+            .unwrap_or_default()
+    }
+
+    fn released_at(record: &SessionRecord, kind: session_lifecycle::ResourceKind) -> Timestamp {
+        match record
+            .session
+            .resources()
+            .iter()
+            .find(|r| r.resource.kind == kind)
+            .map(|r| r.release)
+        {
+            Some(ReleaseState::Released { at }) => at,
+            other => panic!("{kind:?} not released: {other:?}"),
+        }
+    }
+
+    /// Waits for `pid`'s file to name a process (the fixture writes it once running).
+    fn pid_in(path: &std::path::Path) -> u32 {
+        for _ in 0..500 {
+            if let Some(pid) = std::fs::read_to_string(path)
+                .ok()
+                .and_then(|t| t.trim().parse().ok())
+            {
+                return pid;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("no pid in {}", path.display());
+    }
+
+    /// An avatar server that needs 7 s after SIGTERM, with a 10 s grace and a 5 s GPU
+    /// release timeout: the GPU release starts only once the server is gone, so nothing is
+    /// killed and nothing escalates.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_slow_avatar_stops_in_its_grace_before_the_gpu_release_starts() {
+        let dir = tempfile::tempdir().unwrap();
+        let gpu = Arc::new(FakeGpu {
+            free: vec![40 * GIB],
+            holders: Mutex::new(HashMap::new()),
+        });
+        let mut avatar = ProcessConfig::new([
+            fixture().into_os_string(),
+            "slow-exit".into(),
+            "7000".into(),
+        ]);
+        avatar.grace = Duration::from_secs(10);
+        let engine = engine(dir.path(), Arc::clone(&gpu), Duration::from_secs(5), avatar).await;
+        let started = start(&engine).await;
+        let id = *started.session.id();
+        let resources = started.session.resources();
+        assert_eq!(
+            resources[0].resource.kind, GPU_ASSIGNMENT_KIND,
+            "the share first"
+        );
+        let pid = resources[1].resource.handle as u32;
+        // The server holds its share's memory while it runs.
+        gpu.holders.lock().unwrap().insert(pid, GIB);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+
+        let t0 = SystemClock.now();
+        engine.end(None, id, EndReason::Requested).await.unwrap();
+        engine.run_due().await.unwrap();
+        let record = engine.get(None, id).await.unwrap();
+        assert!(record.session.is_fully_released());
+        let process_kind = session_lifecycle_process::PROCESS_KIND;
+        assert_eq!(
+            note(&record, process_kind),
+            "sigterm",
+            "stopped in its grace"
+        );
+        assert_eq!(note(&record, GPU_ASSIGNMENT_KIND), "freed", "no escalation");
+        let process_done = released_at(&record, process_kind);
+        let gpu_done = released_at(&record, GPU_ASSIGNMENT_KIND);
+        assert!(
+            process_done.saturating_duration_since(t0) >= Duration::from_millis(6_900),
+            "the server took its 7 s"
+        );
+        assert!(gpu_done >= process_done, "the share goes after the server");
+        assert!(!running(pid));
+        engine.shutdown(Duration::from_secs(5)).await.unwrap();
+    }
+
+    /// A child the avatar server left behind (it escaped the process group with `setsid`,
+    /// as it can without cgroups) still holds GPU memory after the server stopped: the GPU
+    /// release kills it and says so.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_child_left_holding_gpu_memory_is_killed_by_the_gpu_release() {
+        let dir = tempfile::tempdir().unwrap();
+        let gpu = Arc::new(FakeGpu {
+            free: vec![40 * GIB],
+            holders: Mutex::new(HashMap::new()),
+        });
+        let pid_file = dir.path().join("grandchild.pid");
+        let mut avatar = ProcessConfig::new([
+            fixture().into_os_string(),
+            "setsid-child".into(),
+            pid_file.clone().into_os_string(),
+        ]);
+        avatar.grace = Duration::from_secs(2);
+        avatar.cgroups = CgroupMode::Off;
+        let engine = engine(
+            dir.path(),
+            Arc::clone(&gpu),
+            Duration::from_millis(500),
+            avatar,
+        )
+        .await;
+        let started = start(&engine).await;
+        let id = *started.session.id();
+        let grandchild = pid_in(&pid_file);
+        struct Reap(u32);
+        impl Drop for Reap {
+            fn drop(&mut self) {
+                if let Some(pid) = rustix::process::Pid::from_raw(self.0 as i32) {
+                    let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+                }
+            }
+        }
+        let _cleanup = Reap(grandchild);
+        gpu.holders.lock().unwrap().insert(grandchild, GIB);
+
+        engine.end(None, id, EndReason::Requested).await.unwrap();
+        engine.run_due().await.unwrap();
+        let record = engine.get(None, id).await.unwrap();
+        assert!(record.session.is_fully_released());
+        assert_eq!(
+            note(&record, session_lifecycle_process::PROCESS_KIND),
+            "sigterm",
+            "the server itself stopped gracefully"
+        );
+        let gpu_note = note(&record, GPU_ASSIGNMENT_KIND);
+        assert!(
+            gpu_note.starts_with(&format!("escalated: killed pids [{grandchild}]")),
+            "{gpu_note}"
+        );
+        for _ in 0..200 {
+            if !running(grandchild) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(!running(grandchild), "the left-behind child is gone");
+        engine.shutdown(Duration::from_secs(5)).await.unwrap();
     }
 }

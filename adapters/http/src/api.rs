@@ -276,9 +276,15 @@ pub struct ResourceView {
     pub release: ReleaseView,
     /// Failed release attempts so far.
     pub release_attempts: u32,
+    /// When a pending release is tried next (releases go one at a time, the last acquired
+    /// first: a resource also waits for those acquired after it).
+    pub retry_at: Option<String>,
+    /// Why the last attempt failed, while the resource is still held.
+    pub release_error: Option<String>,
     /// When it was released.
     pub released_at: Option<String>,
-    /// How the release went (`sigterm`, `sigkill`, `exited`, ...).
+    /// How the release went (`sigterm`, `sigkill: cgroup.kill ...`, `freed`,
+    /// `escalated: killed pids [...]`, `exited`, ...).
     pub note: Option<String>,
 }
 
@@ -332,26 +338,33 @@ impl From<&SessionRecord> for SessionView {
                 s.resources()
                     .iter()
                     .map(|held| {
-                        let (release, release_attempts, released_at) = match held.release {
-                            ReleaseState::Held => (ReleaseView::Held, 0, None),
-                            ReleaseState::Pending { attempts, .. } => {
-                                (ReleaseView::Pending, attempts, None)
-                            }
-                            ReleaseState::Released { at } => {
-                                (ReleaseView::Released, 0, Some(at.to_string()))
-                            }
+                        let (release, release_attempts, retry_at, released_at) =
+                            match held.release {
+                                ReleaseState::Held => (ReleaseView::Held, 0, None, None),
+                                ReleaseState::Pending { attempts, retry_at } => (
+                                    ReleaseView::Pending,
+                                    attempts,
+                                    Some(retry_at.to_string()),
+                                    None,
+                                ),
+                                ReleaseState::Released { at } => {
+                                    (ReleaseView::Released, 0, None, Some(at.to_string()))
+                                }
+                            };
+                        let find = |list: &[(session_lifecycle::Resource, String)]| {
+                            list.iter()
+                                .find(|(res, _)| *res == held.resource)
+                                .map(|(_, n)| n.clone())
                         };
                         ResourceView {
                             kind: kind_name(held.resource.kind.0),
                             handle: held.resource.handle,
                             release,
                             release_attempts,
+                            retry_at,
+                            release_error: find(&r.release_errors),
                             released_at,
-                            note: r
-                                .release_notes
-                                .iter()
-                                .find(|(res, _)| *res == held.resource)
-                                .map(|(_, n)| n.clone()),
+                            note: find(&r.release_notes),
                         }
                     })
                     .collect(),
@@ -819,6 +832,7 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     let text = state.http_metrics.render(
         &state.engine.metrics().snapshot(),
         state.engine.active_sessions(),
+        state.engine.releases_failing(),
     );
     (
         [(

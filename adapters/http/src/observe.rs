@@ -50,7 +50,7 @@ impl HttpMetrics {
     }
 
     /// The Prometheus text exposition of the engine's and the requests' metrics.
-    pub fn render(&self, engine: &MetricsSnapshot, active: usize) -> String {
+    pub fn render(&self, engine: &MetricsSnapshot, active: usize, failing: usize) -> String {
         let mut out = String::new();
         let _ = writeln!(
             out,
@@ -91,6 +91,12 @@ impl HttpMetrics {
             "sessiond_release_failures_total {}",
             engine.release_failures
         );
+        let _ = writeln!(
+            out,
+            "# HELP sessiond_releases_failing Resources whose last release attempt on this instance failed and that are still held (retried with backoff; never handed to another session)."
+        );
+        let _ = writeln!(out, "# TYPE sessiond_releases_failing gauge");
+        let _ = writeln!(out, "sessiond_releases_failing {failing}");
         let _ = writeln!(
             out,
             "# HELP sessiond_release_duration_seconds Time a successful release took."

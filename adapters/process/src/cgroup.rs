@@ -318,6 +318,9 @@ fn signal_members(dir: &Path, session: SessionId, signal: Signal) -> io::Result<
 /// Waits up to `within` for cgroup `dir` to be empty; whether it became so.
 async fn wait_empty(dir: &Path, within: Duration) -> io::Result<bool> {
     let deadline = tokio::time::Instant::now() + within;
+    // A cooperative server is gone within milliseconds: look often at first, then every
+    // POLL.
+    let mut pause = Duration::from_millis(1);
     loop {
         if !populated(dir)? {
             return Ok(true);
@@ -325,7 +328,8 @@ async fn wait_empty(dir: &Path, within: Duration) -> io::Result<bool> {
         if tokio::time::Instant::now() >= deadline {
             return Ok(false);
         }
-        tokio::time::sleep(POLL).await;
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(POLL);
     }
 }
 

@@ -18,7 +18,7 @@ use session_lifecycle_http::auth::{Tenants, TokenSigner, hash_key};
 use session_lifecycle_http::webhooks::{DailySecret, LivekitKey, WebhookConfig};
 use session_lifecycle_http::{AppState, HttpConfig, router};
 use session_lifecycle_postgres::PostgresStore;
-use session_lifecycle_process::{ProcessBackend, ProcessConfig};
+use session_lifecycle_process::{CgroupMode, ProcessBackend, ProcessConfig};
 use session_lifecycle_runtime::{Engine, EngineConfig, Plan, ResourceBackend, Store, SystemClock};
 use session_lifecycle_sqlite::SqliteStore;
 
@@ -53,6 +53,21 @@ struct Cli {
     /// Seconds between SIGTERM and SIGKILL when stopping an avatar server.
     #[arg(long, env = "SESSIOND_AVATAR_GRACE_SECS", default_value_t = 10)]
     avatar_grace_secs: u64,
+
+    /// Where each avatar server gets a cgroup v2 of its own (stopped as one unit with
+    /// `cgroup.kill`): `auto` finds this process's own cgroup in the mount table, a path
+    /// names the subtree to use (as systemd's `Delegate=` or a container hands one over),
+    /// `off` uses process groups. Without a writable cgroup v2 it falls back to process
+    /// groups and says so once.
+    #[arg(long, env = "SESSIOND_CGROUP_ROOT", default_value = "auto")]
+    cgroup_root: String,
+
+    /// The longest one release may take, per backend (`process=30000`,
+    /// `gpu-assignment=20000`, in ms; repeat the flag or separate with commas). Past it the
+    /// attempt counts as failed and is retried, while the resource stays held. Default:
+    /// each backend's own bound (process: grace + 20 s; GPU: its timeouts + 5 s).
+    #[arg(long, env = "SESSIOND_RELEASE_DEADLINE_MS", value_delimiter = ',')]
+    release_deadline_ms: Vec<String>,
 
     /// GPU shares for avatar servers (NVML): `auto` uses the GPUs if there are any and
     /// runs without GPU resources otherwise (saying so once); `off` never looks.
@@ -403,9 +418,30 @@ async fn run(cli: Cli) -> Result<(), String> {
         let mut config =
             ProcessConfig::from_command_line(line).ok_or("--avatar-command is empty")?;
         config.grace = Duration::from_secs(cli.avatar_grace_secs);
-        backends.push(Arc::new(
-            ProcessBackend::new(config).map_err(|e| e.to_string())?,
-        ));
+        config.cgroups = match cli.cgroup_root.as_str() {
+            "auto" => CgroupMode::Auto,
+            "off" => CgroupMode::Off,
+            path => CgroupMode::Root(PathBuf::from(path)),
+        };
+        let processes = ProcessBackend::new(config).map_err(|e| e.to_string())?;
+        if processes.uses_cgroups() {
+            tracing::info!("avatar servers run in a cgroup v2 each");
+        }
+        backends.push(Arc::new(processes));
+    }
+    let mut release_deadlines = Vec::new();
+    for entry in &cli.release_deadline_ms {
+        let parsed = entry.split_once('=').and_then(|(name, ms)| {
+            let backend = backends.iter().find(|b| b.name() == name.trim())?;
+            let ms = ms.trim().parse::<u64>().ok().filter(|ms| *ms > 0)?;
+            Some((backend.kind(), Duration::from_millis(ms)))
+        });
+        let names: Vec<&str> = backends.iter().map(|b| b.name()).collect();
+        release_deadlines.push(parsed.ok_or_else(|| {
+            format!(
+                "--release-deadline-ms {entry:?}: expected NAME=MS with NAME one of {names:?} and MS > 0"
+            )
+        })?);
     }
     let engine = Engine::open(
         store,
@@ -418,6 +454,7 @@ async fn run(cli: Cli) -> Result<(), String> {
             node_timeout: Duration::from_secs(cli.node_timeout_secs),
             release_poll: Duration::from_millis(cli.release_poll_ms.max(1)),
             room_grace: Duration::from_millis(cli.room_grace_ms),
+            release_deadlines,
             ..EngineConfig::default()
         },
     )

@@ -172,6 +172,12 @@ impl Engine {
         lock(&self.inner.failing).len()
     }
 
+    /// When this node's timers next fire (an expiry, an orphan deadline, or a retry of an
+    /// end the store could not take); `None` when no timer is armed.
+    pub fn next_timer(&self) -> Option<Timestamp> {
+        self.timers().next_deadline()
+    }
+
     /// The engine's store.
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.inner.store

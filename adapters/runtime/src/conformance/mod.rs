@@ -1,0 +1,97 @@
+//! The conformance suite every [`Store`] implementation runs unchanged, as object_store's
+//! `integration.rs` does for its backends: a new store is correct when this suite passes.
+//!
+//! Each function panics with a message on the first violation. They use fresh random ids,
+//! so they can share one store and run in any order; [`run_all`] runs them all.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use session_lifecycle::{Resource, ResourceKind, SessionId, Timestamp};
+
+use crate::store::{CreateOutcome, NewSession, SessionRecord, Store};
+
+/// 2024-01-15T10:30:00Z, the reference's start time.
+pub(super) const T0: u64 = 1_705_314_600_000;
+
+pub(super) fn at(secs: u64) -> Timestamp {
+    Timestamp::from_millis(T0 + secs * 1000)
+}
+
+pub(super) fn random() -> u128 {
+    let mut b = [0u8; 16];
+    getrandom::fill(&mut b).expect("OS randomness");
+    u128::from_le_bytes(b)
+}
+
+pub(super) fn fresh_tenant() -> String {
+    format!("tenant-{:x}", random() as u64)
+}
+
+/// The node the suite's sessions run on, unless a check says otherwise.
+pub(super) const NODE: &str = "a";
+
+pub(super) fn new_session(tenant: &str, started: Timestamp, lifetime: Duration) -> NewSession {
+    NewSession {
+        id: SessionId::from_ulid_parts(started, random()),
+        tenant: tenant.to_owned(),
+        started_at: started,
+        expires_at: started.saturating_add(lifetime),
+        metadata: None,
+        room: None,
+        max_concurrent: None,
+        node: NODE.to_owned(),
+    }
+}
+
+pub(super) async fn create(store: &dyn Store, new: &NewSession) {
+    let outcome = store.create(new.clone()).await.expect("create");
+    assert_eq!(outcome, CreateOutcome::Created, "create {}", new.id);
+}
+
+pub(super) async fn get(store: &dyn Store, id: SessionId) -> SessionRecord {
+    store
+        .get(id)
+        .await
+        .expect("get")
+        .unwrap_or_else(|| panic!("{id} not found"))
+}
+
+pub(super) fn res(handle: u64) -> Resource {
+    Resource {
+        kind: ResourceKind(7),
+        handle,
+    }
+}
+
+mod nodes;
+mod releases;
+mod rooms;
+mod sessions;
+
+pub use nodes::nodes_own_releases_and_dead_nodes_are_taken_over;
+pub use releases::{end_records_release_intents, release_claims_follow_the_core};
+pub use rooms::room_events_track_presence;
+pub use sessions::{
+    attach_is_refused_after_end, concurrent_ends_commit_once, create_and_get,
+    due_finds_expired_and_orphaned, duplicate_ids_are_refused, end_is_conditional_and_idempotent,
+    list_is_newest_first_tenant_scoped_and_paged, plan_limit_is_enforced, touch_moves_forward_only,
+};
+
+/// Runs every check of the suite against `store`.
+pub async fn run_all(store: Arc<dyn Store>) {
+    create_and_get(&*store).await;
+    duplicate_ids_are_refused(&*store).await;
+    list_is_newest_first_tenant_scoped_and_paged(&*store).await;
+    end_is_conditional_and_idempotent(&*store).await;
+    end_records_release_intents(&*store).await;
+    release_claims_follow_the_core(&*store).await;
+    attach_is_refused_after_end(&*store).await;
+    touch_moves_forward_only(&*store).await;
+    due_finds_expired_and_orphaned(&*store).await;
+    plan_limit_is_enforced(&*store).await;
+    concurrent_ends_commit_once(Arc::clone(&store)).await;
+    nodes_own_releases_and_dead_nodes_are_taken_over(&*store).await;
+    room_events_track_presence(&*store).await;
+    store.ping().await.expect("ping");
+}

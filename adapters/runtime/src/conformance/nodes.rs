@@ -1,0 +1,173 @@
+//! Node ownership of releases, heartbeats and dead-node takeover.
+
+use std::time::Duration;
+
+use session_lifecycle::{EndReason, SessionId, Status, Timestamp};
+
+use super::releases::{claim, release_one};
+use super::{at, create, fresh_tenant, get, new_session, random, res};
+use crate::store::{AttachOutcome, ListQuery, Store};
+
+/// Releases run on the node that holds the resources; a node whose heartbeat lapsed has
+/// its started sessions ended `orphaned` by another node, and its unreleased resources
+/// recorded as lost with it, still owed by it; when it returns it claims them.
+pub async fn nodes_own_releases_and_dead_nodes_are_taken_over(store: &dyn Store) {
+    let (na, nb) = (
+        format!("node-{:x}", random() as u64),
+        format!("node-{:x}", random() as u64),
+    );
+    let tenant = fresh_tenant();
+    let on = |node: &str, handle: u64| {
+        let mut new = new_session(&tenant, at(0), Duration::from_secs(3600));
+        new.node = node.to_owned();
+        (new, res(handle))
+    };
+    let lease = Duration::from_secs(60);
+    let claimed = |node: String, t: Timestamp, ids: Vec<SessionId>| async move {
+        let mut got: Vec<SessionId> = claim(store, &node, t, lease, &ids)
+            .await
+            .iter()
+            .map(|r| *r.session.id())
+            .collect();
+        got.sort();
+        got
+    };
+    store.node_alive(&na, at(0)).await.expect("heartbeat");
+    store.node_alive(&nb, at(0)).await.expect("heartbeat");
+    let (s1, r1) = on(&na, 1);
+    let (s2, r2) = on(&na, 2);
+    let (s3, r3) = on(&nb, 3);
+    for (s, r) in [(&s1, r1), (&s2, r2), (&s3, r3)] {
+        create(store, s).await;
+        assert_eq!(
+            store.attach(s.id, r).await.expect("attach"),
+            AttachOutcome::Attached
+        );
+    }
+    let ids = vec![s1.id, s2.id, s3.id];
+
+    // Listing by node.
+    let listed: Vec<SessionId> = store
+        .list(ListQuery {
+            tenant: Some(tenant.clone()),
+            status: Some(Status::Started),
+            limit: 10,
+            before: None,
+            node: Some(na.clone()),
+        })
+        .await
+        .expect("list")
+        .iter()
+        .map(|r| *r.session.id())
+        .collect();
+    assert_eq!(listed.len(), 2);
+    assert!(listed.contains(&s1.id) && listed.contains(&s2.id));
+
+    // Any instance ends s1; only its node claims the release.
+    store
+        .end(s1.id, at(1), EndReason::Requested)
+        .await
+        .expect("end");
+    assert!(
+        claimed(nb.clone(), at(1), ids.clone()).await.is_empty(),
+        "another node never claims a release it cannot run"
+    );
+    assert_eq!(claimed(na.clone(), at(1), ids.clone()).await, [s1.id]);
+    store.drop_claims(&na).await.expect("drop");
+
+    // na stops heartbeating; nb stays alive.
+    store.node_alive(&nb, at(100)).await.expect("heartbeat");
+    let timeout = Duration::from_secs(30);
+    let ended = store
+        .end_dead_nodes(&nb, at(20), timeout, 1000)
+        .await
+        .expect("takeover");
+    assert!(
+        !ended.iter().any(|id| ids.contains(id)),
+        "not dead before the timeout"
+    );
+    let ended = store
+        .end_dead_nodes(&nb, at(100), timeout, 1000)
+        .await
+        .expect("takeover");
+    assert_eq!(
+        ended.iter().filter(|id| ids.contains(id)).count(),
+        1,
+        "the dead node's started session, once"
+    );
+    assert!(ended.contains(&s2.id));
+    let r = get(store, s2.id).await;
+    assert_eq!(r.session.status(), Status::Ended);
+    assert_eq!(r.session.end_reason(), Some(EndReason::Orphaned));
+    assert_eq!(r.session.ended_at(), Some(at(100)));
+    assert!(
+        r.release_notes
+            .iter()
+            .any(|(res, note)| *res == r2 && note.contains("lost with node")),
+        "the dead node's resource is recorded as lost: {:?}",
+        r.release_notes
+    );
+    let r = get(store, s1.id).await;
+    assert!(
+        r.release_notes.iter().any(|(res, _)| *res == r1),
+        "an unreleased resource of an ended session is lost too"
+    );
+    assert_eq!(
+        get(store, s3.id).await.session.status(),
+        Status::Started,
+        "a live node keeps its sessions"
+    );
+    assert!(
+        store
+            .end_dead_nodes(&nb, at(110), timeout, 1000)
+            .await
+            .expect("takeover")
+            .iter()
+            .all(|id| !ids.contains(id)),
+        "a takeover happens once"
+    );
+    assert!(
+        claimed(nb.clone(), at(110), ids.clone()).await.is_empty(),
+        "lost resources cannot be freed from elsewhere"
+    );
+
+    // na returns with its id: it is alive again and settles what it owes.
+    store.node_alive(&na, at(200)).await.expect("heartbeat");
+    let owed = claim(store, &na, at(200), lease, &ids).await;
+    let mut want = vec![s1.id, s2.id];
+    want.sort();
+    let mut got: Vec<SessionId> = owed.iter().map(|r| *r.session.id()).collect();
+    got.sort();
+    assert_eq!(got, want);
+    for record in owed {
+        let mut session = record.session;
+        release_one(
+            store,
+            &na,
+            &mut session,
+            at(201),
+            session_lifecycle::ReleaseOutcome::Released,
+            "sigterm",
+            lease,
+        )
+        .await;
+    }
+    let r = get(store, s2.id).await;
+    assert!(r.session.is_fully_released());
+    assert!(
+        r.release_notes
+            .iter()
+            .any(|(_, note)| note.contains("lost with node") && note.contains("sigterm")),
+        "{:?}",
+        r.release_notes
+    );
+    assert!(
+        store
+            .end_dead_nodes(&nb, at(210), timeout, 1000)
+            .await
+            .expect("takeover")
+            .iter()
+            .all(|id| !ids.contains(id)),
+        "a returned node is alive"
+    );
+}

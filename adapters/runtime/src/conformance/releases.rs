@@ -1,0 +1,259 @@
+//! The release queue: ends make releases due; claims are per session and follow the core.
+
+use std::time::Duration;
+
+use session_lifecycle::{EndReason, ReleaseState, Resource, SessionId, Timestamp};
+
+use super::{at, create, fresh_tenant, get, new_session, random, res};
+use crate::store::{AttachOutcome, SessionRecord, Store};
+
+/// Ending turns every held resource into a pending release due at the end, in the same
+/// write, as the core's end does.
+pub async fn end_records_release_intents(store: &dyn Store) {
+    let new = new_session(&fresh_tenant(), at(0), Duration::from_secs(600));
+    create(store, &new).await;
+    for h in [1, 2] {
+        assert_eq!(
+            store.attach(new.id, res(h)).await.expect("attach"),
+            AttachOutcome::Attached
+        );
+    }
+    let held = get(store, new.id).await;
+    let states: Vec<_> = held
+        .session
+        .resources()
+        .iter()
+        .map(|r| (r.resource, r.release))
+        .collect();
+    assert_eq!(
+        states,
+        [(res(1), ReleaseState::Held), (res(2), ReleaseState::Held)]
+    );
+
+    let (r, _) = store
+        .end(new.id, at(30), EndReason::Requested)
+        .await
+        .expect("end")
+        .expect("found");
+    for held in r.session.resources() {
+        assert_eq!(
+            held.release,
+            ReleaseState::Pending {
+                attempts: 0,
+                retry_at: at(30)
+            },
+            "every held resource is due for release at the end"
+        );
+    }
+    assert_eq!(r.session.resources().len(), 2);
+    let mut core = held.session.clone();
+    core.end(at(30), EndReason::Requested);
+    assert_eq!(r.session, core, "the store's end is the core's end");
+}
+
+/// A unique node name, so that a check's claims see only its own sessions.
+pub(super) fn fresh_node() -> String {
+    format!("node-{:x}", random() as u64)
+}
+
+/// Claims for `node` at `now`, keeping only the sessions in `ids`.
+pub(super) async fn claim(
+    store: &dyn Store,
+    node: &str,
+    now: Timestamp,
+    lease: Duration,
+    ids: &[SessionId],
+) -> Vec<SessionRecord> {
+    store
+        .claim_releases(node, now, lease, 10_000)
+        .await
+        .expect("claim")
+        .into_iter()
+        .filter(|r| ids.contains(r.session.id()))
+        .collect()
+}
+
+/// Runs one release of a claimed session the way an engine does: asks the core for the
+/// next resource, applies `outcome` at `now`, and records what the core decided (keeping
+/// the claim when the next release is due at once). Returns the released resource and the
+/// session as the core now sees it.
+pub(super) async fn release_one(
+    store: &dyn Store,
+    node: &str,
+    session: &mut session_lifecycle::Session,
+    now: Timestamp,
+    outcome: session_lifecycle::ReleaseOutcome,
+    note: &str,
+    lease: Duration,
+) -> Resource {
+    use session_lifecycle::ReleaseStep;
+    let policy = session_lifecycle::Policy::DEFAULT;
+    let resource = session.poll_release(now).expect("a release is due");
+    session
+        .handle_release(now, resource, outcome, &policy)
+        .expect("in flight");
+    let release = session
+        .resources()
+        .iter()
+        .find(|r| r.resource == resource)
+        .expect("held")
+        .release;
+    let go_on = matches!(session.release_step(now), ReleaseStep::Due(_));
+    store
+        .record_release(
+            node,
+            crate::ReleaseProgress {
+                session: *session.id(),
+                attempt: Some(crate::ReleaseAttempt {
+                    resource,
+                    release,
+                    note: note.to_owned(),
+                }),
+                next_release_at: session.next_release_at(),
+                keep_claim_until: go_on.then(|| now.saturating_add(lease)),
+            },
+        )
+        .await
+        .expect("record");
+    resource
+}
+
+/// Claims are per session and leased; a claimed session is not handed out again until
+/// its claim is given up or lapses; a session is due when the core says its next release
+/// is (in the core's order), not when any of its resources is; what the core decided is
+/// what the store keeps.
+pub async fn release_claims_follow_the_core(store: &dyn Store) {
+    use session_lifecycle::ReleaseOutcome::{Failed, Released};
+    let node = fresh_node();
+    let mut new = new_session(&fresh_tenant(), at(0), Duration::from_secs(600));
+    new.node = node.clone();
+    create(store, &new).await;
+    store.attach(new.id, res(10)).await.expect("attach");
+    store.attach(new.id, res(11)).await.expect("attach");
+    store
+        .end(new.id, at(1), EndReason::Requested)
+        .await
+        .expect("end");
+    let lease = Duration::from_secs(60);
+    let ids = [new.id];
+
+    let claimed = claim(store, &node, at(1), lease, &ids).await;
+    assert_eq!(claimed.len(), 1, "the ended session is due at its end");
+    assert!(
+        claim(store, &node, at(2), lease, &ids).await.is_empty(),
+        "a claimed session is not handed out again"
+    );
+    assert!(
+        claim(store, "another-node", at(2), lease, &ids)
+            .await
+            .is_empty(),
+        "another node never claims a release it cannot run"
+    );
+
+    // The core picks the last acquired resource first; it fails.
+    let mut session = claimed[0].session.clone();
+    let first = release_one(store, &node, &mut session, at(3), Failed, "busy", lease).await;
+    assert_eq!(first, res(11), "the last acquired goes first");
+    let retry = at(3).saturating_add(session_lifecycle::Policy::DEFAULT.release_backoff(1));
+    let r = get(store, new.id).await;
+    let state = |r: &SessionRecord, h| {
+        r.session
+            .resources()
+            .iter()
+            .find(|x| x.resource == res(h))
+            .map(|x| x.release)
+    };
+    assert_eq!(
+        state(&r, 11),
+        Some(ReleaseState::Pending {
+            attempts: 1,
+            retry_at: retry
+        })
+    );
+    assert_eq!(
+        state(&r, 10),
+        Some(ReleaseState::Pending {
+            attempts: 0,
+            retry_at: at(1)
+        })
+    );
+    assert_eq!(r.release_errors, [(res(11), "busy".to_owned())]);
+
+    // Resource 10 has been due since the end, but the core's next release is 11's retry:
+    // the session is not handed out before it.
+    assert!(
+        claim(
+            store,
+            &node,
+            Timestamp::from_millis(retry.as_millis() - 1),
+            lease,
+            &ids
+        )
+        .await
+        .is_empty(),
+        "not before the core's next release"
+    );
+    let claimed = claim(store, &node, retry, lease, &ids).await;
+    assert_eq!(claimed.len(), 1);
+    let mut session = claimed[0].session.clone();
+    assert_eq!(
+        session, r.session,
+        "a claim hands out the session as recorded"
+    );
+    let second = release_one(
+        store,
+        &node,
+        &mut session,
+        retry,
+        Released,
+        "sigterm",
+        lease,
+    )
+    .await;
+    assert_eq!(second, res(11));
+    // The worker goes on with 10 and keeps its claim meanwhile.
+    assert!(
+        claim(store, &node, retry, lease, &ids).await.is_empty(),
+        "a kept claim holds"
+    );
+    let third = release_one(store, &node, &mut session, retry, Released, "freed", lease).await;
+    assert_eq!(third, res(10));
+    assert!(session.is_fully_released());
+
+    let r = get(store, new.id).await;
+    assert_eq!(r.session, session, "the store keeps what the core decided");
+    assert_eq!(
+        r.release_notes,
+        [
+            (res(10), "freed".to_owned()),
+            (res(11), "sigterm".to_owned())
+        ]
+    );
+    assert!(r.release_errors.is_empty());
+    assert!(
+        claim(store, &node, at(1000), lease, &ids).await.is_empty(),
+        "released is final"
+    );
+
+    // A worker that dies mid-release: its claim lapses and the session is claimed again,
+    // at the same resource.
+    let mut other = new_session(&fresh_tenant(), at(0), Duration::from_secs(600));
+    other.node = node.clone();
+    create(store, &other).await;
+    store.attach(other.id, res(20)).await.expect("attach");
+    store.attach(other.id, res(21)).await.expect("attach");
+    store
+        .end(other.id, at(5), EndReason::Orphaned)
+        .await
+        .expect("end");
+    let ids = [other.id];
+    assert_eq!(claim(store, &node, at(5), lease, &ids).await.len(), 1);
+    assert!(claim(store, &node, at(64), lease, &ids).await.is_empty());
+    let again = claim(store, &node, at(65), lease, &ids).await;
+    assert_eq!(again.len(), 1, "a lapsed claim is taken over");
+    let mut session = again[0].session.clone();
+    assert_eq!(session.poll_release(at(65)), Some(res(21)));
+    // Or the node restarts and drops its claims at once.
+    store.drop_claims(&node).await.expect("drop");
+    assert_eq!(claim(store, &node, at(66), lease, &ids).await.len(), 1);
+}
