@@ -32,10 +32,14 @@ pub enum EndReason {
     WebsocketDisconnected,
     /// The last participant left the session's video room, or the room finished.
     RoomEmpty,
+    /// No participant joined the session's room within its allowance.
+    NobodyJoined,
     /// The session reached `expires_at` (its plan limit or requested duration).
     Expired,
     /// The safety sweeper found no liveness signal for the orphan timeout.
     Orphaned,
+    /// The node running the session died (its heartbeat lapsed); another node ended it.
+    NodeLost,
     /// The avatar server exited on its own.
     AvatarExited,
     /// Resources could not be acquired while starting.
@@ -46,12 +50,14 @@ pub enum EndReason {
 
 impl EndReason {
     /// Every reason, in declaration order.
-    pub const ALL: [EndReason; 8] = [
+    pub const ALL: [EndReason; 10] = [
         EndReason::Requested,
         EndReason::WebsocketDisconnected,
         EndReason::RoomEmpty,
+        EndReason::NobodyJoined,
         EndReason::Expired,
         EndReason::Orphaned,
+        EndReason::NodeLost,
         EndReason::AvatarExited,
         EndReason::StartFailed,
         EndReason::Shutdown,
@@ -63,8 +69,10 @@ impl EndReason {
             EndReason::Requested => "requested",
             EndReason::WebsocketDisconnected => "websocket_disconnected",
             EndReason::RoomEmpty => "room_empty",
+            EndReason::NobodyJoined => "nobody_joined",
             EndReason::Expired => "expired",
             EndReason::Orphaned => "orphaned",
+            EndReason::NodeLost => "node_lost",
             EndReason::AvatarExited => "avatar_exited",
             EndReason::StartFailed => "start_failed",
             EndReason::Shutdown => "shutdown",

@@ -11,6 +11,7 @@ use tokio::time::Instant;
 use session_lifecycle::{Resource, ResourceKind, SessionId};
 use session_lifecycle_runtime::{
     AcquireError, AcquireRequest, Acquired, BoxFuture, EventSink, ReleaseError, ResourceBackend,
+    ResourceRequest,
 };
 
 use session_lifecycle_process::session_of_pid;
@@ -88,6 +89,11 @@ pub fn assignment_device(handle: u64) -> u32 {
     (handle >> DEVICE_SHIFT) as u32
 }
 
+/// The memory of a share's handle, in bytes (kept in MiB).
+pub fn assignment_bytes(handle: u64) -> u64 {
+    ((handle >> MIB_SHIFT) & MIB_MASK) << 20
+}
+
 /// Memory held on device `index` by each session's processes.
 fn usage_by_session(gpu: &dyn GpuInfo, index: u32) -> Result<HashMap<SessionId, u64>, GpuError> {
     let mut used: HashMap<SessionId, u64> = HashMap::new();
@@ -110,8 +116,28 @@ fn place(
     bytes: u64,
     wanted: Option<u32>,
 ) -> Result<(u64, String), AcquireError> {
-    let failed = |e: GpuError| AcquireError::Failed(e.to_string());
     let mut promises = lock(promises);
+    let (index, uuid) = choose_device(gpu, &promises, bytes, wanted)?;
+    let handle = assignment_handle(index, bytes, next.fetch_add(1, Ordering::Relaxed));
+    promises.insert(
+        handle,
+        Promise {
+            session,
+            device: index,
+            bytes,
+        },
+    );
+    Ok((handle, uuid))
+}
+
+/// The device a share of `bytes` would go to now, and its UUID. Blocks on NVML.
+fn choose_device(
+    gpu: &dyn GpuInfo,
+    promises: &HashMap<u64, Promise>,
+    bytes: u64,
+    wanted: Option<u32>,
+) -> Result<(u32, String), AcquireError> {
+    let failed = |e: GpuError| AcquireError::Failed(e.to_string());
     let devices = gpu.devices().map_err(failed)?;
     let mut rooms = Vec::with_capacity(devices.len());
     for d in &devices {
@@ -128,16 +154,7 @@ fn place(
         .find(|d| d.index == index)
         .map(|d| d.uuid.clone())
         .unwrap_or_default();
-    let handle = assignment_handle(index, bytes, next.fetch_add(1, Ordering::Relaxed));
-    promises.insert(
-        handle,
-        Promise {
-            session,
-            device: index,
-            bytes,
-        },
-    );
-    Ok((handle, uuid))
+    Ok((index, uuid))
 }
 
 impl AssignmentBackend {
@@ -248,6 +265,45 @@ impl ResourceBackend for AssignmentBackend {
                     ),
                 ],
             })
+        })
+    }
+
+    /// Whether a share of `request`'s size (the default when it names none) can be placed
+    /// now, without promising anything.
+    fn room_for(&self, request: ResourceRequest) -> BoxFuture<'_, Result<(), AcquireError>> {
+        Box::pin(async move {
+            let bytes = request.gpu_memory.unwrap_or(self.config.default_memory);
+            let (gpu, promises) = (Arc::clone(&self.gpu), Arc::clone(&self.promises));
+            tokio::task::spawn_blocking(move || {
+                let promises = lock(&promises);
+                choose_device(&*gpu, &promises, bytes, request.gpu_device).map(|_| ())
+            })
+            .await
+            .map_err(|e| AcquireError::Failed(format!("placement task failed: {e}")))?
+        })
+    }
+
+    /// Counts a share of a session started by an earlier run (after a crash or a handover)
+    /// as promised again, so that placement never promises its memory twice.
+    fn resume<'a>(
+        &'a self,
+        session: SessionId,
+        resource: Resource,
+        _events: EventSink,
+    ) -> BoxFuture<'a, Result<(), ReleaseError>> {
+        Box::pin(async move {
+            let promise = Promise {
+                session,
+                device: assignment_device(resource.handle),
+                bytes: assignment_bytes(resource.handle),
+            };
+            lock(&self.promises).insert(resource.handle, promise);
+            // New handles must not collide with taken-back ones.
+            self.next.fetch_max(
+                (resource.handle & COUNTER_MASK).saturating_add(1),
+                Ordering::Relaxed,
+            );
+            Ok(())
         })
     }
 

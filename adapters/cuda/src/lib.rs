@@ -36,7 +36,8 @@ pub mod placement;
 mod reservation;
 
 pub use assignment::{
-    AssignmentBackend, AssignmentConfig, GPU_ASSIGNMENT_KIND, assignment_device, assignment_handle,
+    AssignmentBackend, AssignmentConfig, GPU_ASSIGNMENT_KIND, assignment_bytes, assignment_device,
+    assignment_handle,
 };
 pub use gpu::{DeviceMemory, GpuError, GpuInfo, GpuProcess, NvmlGpu, cuda_driver_present};
 pub use reservation::{GPU_RESERVATION_KIND, ReservationBackend};

@@ -12,7 +12,8 @@ use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use session_lifecycle::{EndReason, ReleaseState, SessionId, Status};
 use session_lifecycle_runtime::{
-    EngineError, ListQuery, ResourceRequest, RoomBinding, RoomProvider, SessionRecord, StartRequest,
+    EngineError, ListQuery, Readiness, ResourceRequest, RoomBinding, RoomProvider, SessionRecord,
+    StartRequest,
 };
 use utoipa::{IntoParams, ToSchema};
 
@@ -156,6 +157,12 @@ impl From<EngineError> for ApiError {
                 )
                 .retry_after(1)
             }
+            EngineError::Draining => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "draining",
+                "this instance is draining and takes no new sessions; retry (another instance takes it)",
+            )
+            .retry_after(1),
             EngineError::ShuttingDown => ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "shutting_down",
@@ -218,10 +225,14 @@ pub enum EndReasonView {
     WebsocketDisconnected,
     /// The last participant left the video room.
     RoomEmpty,
+    /// No participant joined its room in time.
+    NobodyJoined,
     /// It reached `expires_at`.
     Expired,
     /// The safety sweeper found no liveness for the orphan timeout.
     Orphaned,
+    /// The node running it died; another node ended it.
+    NodeLost,
     /// The avatar server exited on its own.
     AvatarExited,
     /// Its resources could not be acquired.
@@ -236,8 +247,10 @@ impl From<EndReason> for EndReasonView {
             EndReason::Requested => EndReasonView::Requested,
             EndReason::WebsocketDisconnected => EndReasonView::WebsocketDisconnected,
             EndReason::RoomEmpty => EndReasonView::RoomEmpty,
+            EndReason::NobodyJoined => EndReasonView::NobodyJoined,
             EndReason::Expired => EndReasonView::Expired,
             EndReason::Orphaned => EndReasonView::Orphaned,
+            EndReason::NodeLost => EndReasonView::NodeLost,
             EndReason::AvatarExited => EndReasonView::AvatarExited,
             EndReason::StartFailed => EndReasonView::StartFailed,
             EndReason::Shutdown => EndReasonView::Shutdown,
@@ -338,19 +351,19 @@ impl From<&SessionRecord> for SessionView {
                 s.resources()
                     .iter()
                     .map(|held| {
-                        let (release, release_attempts, retry_at, released_at) =
-                            match held.release {
-                                ReleaseState::Held => (ReleaseView::Held, 0, None, None),
-                                ReleaseState::Pending { attempts, retry_at } => (
-                                    ReleaseView::Pending,
-                                    attempts,
-                                    Some(retry_at.to_string()),
-                                    None,
-                                ),
-                                ReleaseState::Released { at } => {
-                                    (ReleaseView::Released, 0, None, Some(at.to_string()))
-                                }
-                            };
+                        let (release, release_attempts, retry_at, released_at) = match held.release
+                        {
+                            ReleaseState::Held => (ReleaseView::Held, 0, None, None),
+                            ReleaseState::Pending { attempts, retry_at } => (
+                                ReleaseView::Pending,
+                                attempts,
+                                Some(retry_at.to_string()),
+                                None,
+                            ),
+                            ReleaseState::Released { at } => {
+                                (ReleaseView::Released, 0, None, Some(at.to_string()))
+                            }
+                        };
                         let find = |list: &[(session_lifecycle::Resource, String)]| {
                             list.iter()
                                 .find(|(res, _)| *res == held.resource)
@@ -790,8 +803,11 @@ pub async fn heartbeat(
 /// Liveness of the process.
 #[derive(Serialize, ToSchema)]
 pub struct HealthResponse {
-    /// `ok`, or what is wrong.
+    /// `ok`, or what is wrong: `draining`, `no_capacity`, `storage_unavailable`.
     pub status: String,
+    /// Why, when not `ok`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
 }
 
 /// The process is up.
@@ -800,6 +816,7 @@ pub struct HealthResponse {
 pub async fn healthz() -> Json<HealthResponse> {
     Json(HealthResponse {
         status: "ok".to_owned(),
+        detail: None,
     })
 }
 
@@ -807,22 +824,29 @@ pub async fn healthz() -> Json<HealthResponse> {
 #[utoipa::path(get, path = "/readyz", tag = "operations",
     responses(
         (status = 200, description = "Ready", body = HealthResponse),
-        (status = 503, description = "The store is unreachable", body = HealthResponse),
+        (status = 503, description = "Not ready: `draining`, `no_capacity` (no GPU has room for a session of the default size) or `storage_unavailable`", body = HealthResponse),
     ))]
 pub async fn readyz(State(state): State<Arc<AppState>>) -> Response {
-    match state.engine.store().ping().await {
-        Ok(()) => Json(HealthResponse {
-            status: "ok".to_owned(),
-        })
-        .into_response(),
-        Err(e) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(HealthResponse {
-                status: format!("store unreachable: {e}"),
-            }),
-        )
-            .into_response(),
-    }
+    let (status, detail) = match state.engine.readiness().await {
+        Readiness::Ready => {
+            return Json(HealthResponse {
+                status: "ok".to_owned(),
+                detail: None,
+            })
+            .into_response();
+        }
+        Readiness::Draining => ("draining", None),
+        Readiness::NoCapacity(why) => ("no_capacity", Some(why)),
+        Readiness::StoreUnreachable(why) => ("storage_unavailable", Some(why)),
+    };
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        Json(HealthResponse {
+            status: status.to_owned(),
+            detail,
+        }),
+    )
+        .into_response()
 }
 
 /// Prometheus metrics.

@@ -52,7 +52,13 @@ impl Server {
         .unwrap();
         let db = dir.path().join("sessiond.db");
         let mut child = Command::new(SESSIOND)
-            .args(["--listen", "127.0.0.1:0", "--database"])
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--shutdown-mode",
+                "end",
+                "--database",
+            ])
             .arg(&db)
             .arg("--tenants")
             .arg(&tenants)

@@ -178,7 +178,7 @@ async fn a_dead_node_is_taken_over_and_settles_what_it_owes_when_it_returns() {
     let taken_over_in = killed_at.elapsed();
     for id in &lost {
         let s = get(&client, &survivor, id).await;
-        assert_eq!(s["end_reason"], "orphaned", "{s}");
+        assert_eq!(s["end_reason"], "node_lost", "{s}");
         let r = &s["resources"][0];
         assert_eq!(r["release"], "pending", "{s}");
         assert!(

@@ -10,41 +10,14 @@
 mod common;
 
 use std::collections::HashMap;
-use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{Cluster, client, json, send, wait_released};
+use common::{Cluster, client, json, pg_control, send, wait_released};
 use reqwest::{Method, StatusCode};
 use session_lifecycle_postgres::testing::pg_required;
 use tokio::sync::Mutex;
-
-/// The command that restarts the server, if one is known.
-fn restart_command(url: &str) -> Option<String> {
-    if let Ok(cmd) = std::env::var("SESSION_LIFECYCLE_PG_RESTART") {
-        return Some(cmd);
-    }
-    let port = url
-        .parse::<tokio_postgres::Config>()
-        .ok()?
-        .get_ports()
-        .first()
-        .copied()
-        .unwrap_or(5432);
-    let out = Command::new("pg_lsclusters").arg("-h").output().ok()?;
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .find_map(|line| {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            (f.len() >= 4 && f[2] == port.to_string() && f[3] == "online").then(|| {
-                format!(
-                    "pg_ctlcluster --skip-systemctl-redirect {} {} restart",
-                    f[0], f[1]
-                )
-            })
-        })
-}
 
 #[derive(Default)]
 struct Outcomes {
@@ -63,7 +36,7 @@ async fn database_restart_under_load_loses_no_acknowledged_end() {
     let Some(cluster) = Cluster::new(&["--sweep-interval-secs", "1"]).await else {
         return;
     };
-    let Some(restart) = restart_command(cluster.db_url()) else {
+    let Some(restart) = pg_control(cluster.db_url(), "restart") else {
         assert!(
             !pg_required(),
             "SESSION_LIFECYCLE_REQUIRE_PG=1 but no way to restart PostgreSQL: set SESSION_LIFECYCLE_PG_RESTART"
@@ -129,11 +102,15 @@ async fn database_restart_under_load_loses_no_acknowledged_end() {
 
     tokio::time::sleep(Duration::from_secs(2)).await;
     let began = Instant::now();
-    let status =
-        tokio::task::spawn_blocking(move || Command::new("sh").arg("-c").arg(&restart).status())
-            .await
-            .unwrap()
-            .expect("run the restart command");
+    let status = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("sh")
+            .arg("-c")
+            .arg(&restart)
+            .status()
+    })
+    .await
+    .unwrap()
+    .expect("run the restart command");
     assert!(status.success(), "restarting PostgreSQL failed: {status}");
     let restart_took = began.elapsed();
     restarted.store(true, Ordering::SeqCst);

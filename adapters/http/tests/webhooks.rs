@@ -52,7 +52,13 @@ fn start(with_secrets: bool, extra: &[&str]) -> Server {
     )
     .unwrap();
     let mut child = Command::new(SESSIOND)
-        .args(["--listen", "127.0.0.1:0", "--database"])
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--shutdown-mode",
+            "end",
+            "--database",
+        ])
         .arg(dir.path().join("s.db"))
         .arg("--tenants")
         .arg(&tenants)

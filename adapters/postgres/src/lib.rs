@@ -22,8 +22,8 @@ use session_lifecycle_runtime::rows::{
     RELEASED_ON_RETURN, ResourceRow, SessionRow, millis as ms, parse_id, release_columns,
 };
 use session_lifecycle_runtime::{
-    AttachOutcome, BoxFuture, CreateOutcome, ListQuery, NewSession, ReleaseProgress, RoomEvent,
-    RoomEventKind, RoomUpdate, SessionRecord, Store, StoreError, TouchOutcome,
+    AttachOutcome, BoxFuture, CreateOutcome, ListQuery, NewSession, ReleaseClaim, ReleaseProgress,
+    RoomEvent, RoomEventKind, RoomUpdate, SessionRecord, Store, StoreError, TouchOutcome,
 };
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{NoTls, Row};
@@ -101,8 +101,9 @@ impl PostgresStore {
         let (client, mut connection) = self.config.connect(NoTls).await?;
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         // The connection is driven on its own; its notifications come back over a channel
-        // that closes when the connection ends.
-        let driver = tokio::spawn(async move {
+        // that closes when the connection ends. The driver is aborted with this future, so
+        // nothing of it outlives the engine that listens.
+        let mut driver = AbortOnDrop(tokio::spawn(async move {
             loop {
                 match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
                     Some(Ok(tokio_postgres::AsyncMessage::Notification(n))) => {
@@ -115,7 +116,7 @@ impl PostgresStore {
                     None => return Ok(()),
                 }
             }
-        });
+        }));
         client
             .batch_execute(&format!("LISTEN {RELEASES_CHANNEL}"))
             .await?;
@@ -127,10 +128,19 @@ impl PostgresStore {
             }
         }
         drop(client);
-        match driver.await {
+        match (&mut driver.0).await {
             Ok(result) => result,
             Err(_) => Ok(()),
         }
+    }
+}
+
+/// Aborts a spawned task when dropped.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -140,9 +150,23 @@ impl PostgresStore {
 macro_rules! record_columns {
     () => {
         "s.id, s.tenant, s.status, s.started_at, s.ended_at, s.end_reason, \
-     s.expires_at, s.last_seen_at, s.metadata, s.room_provider, s.room_name, \
+     s.expires_at, s.last_seen_at, s.metadata, s.room_provider, s.room_name, s.node, \
      r.seq, r.kind, r.handle, r.state, r.attempts, r.retry_at, r.released_at, r.note, \
      r.last_error"
+    };
+}
+
+/// The database's clock, in milliseconds since the epoch.
+macro_rules! db_now_ms {
+    () => {
+        "(extract(epoch FROM clock_timestamp()) * 1000)::BIGINT"
+    };
+}
+
+/// When the database server last started, in milliseconds since the epoch.
+macro_rules! db_start_ms {
+    () => {
+        "(extract(epoch FROM pg_postmaster_start_time()) * 1000)::BIGINT"
     };
 }
 
@@ -169,22 +193,23 @@ fn records(rows: &[Row]) -> Result<Vec<SessionRecord>, StoreError> {
                     metadata: row.get(8),
                     room_provider: row.get(9),
                     room_name: row.get(10),
+                    node: row.get(11),
                 },
                 Vec::new(),
             ));
         }
-        if let (Some((_, resources)), Some(seq)) = (current.as_mut(), row.get::<_, Option<i32>>(11))
+        if let (Some((_, resources)), Some(seq)) = (current.as_mut(), row.get::<_, Option<i32>>(12))
         {
             resources.push(ResourceRow {
                 seq: i64::from(seq),
-                kind: i64::from(row.get::<_, i32>(12)),
-                handle: row.get(13),
-                state: row.get(14),
-                attempts: i64::from(row.get::<_, i32>(15)),
-                retry_at: row.get(16),
-                released_at: row.get(17),
-                note: row.get(18),
-                last_error: row.get(19),
+                kind: i64::from(row.get::<_, i32>(13)),
+                handle: row.get(14),
+                state: row.get(15),
+                attempts: i64::from(row.get::<_, i32>(16)),
+                retry_at: row.get(17),
+                released_at: row.get(18),
+                note: row.get(19),
+                last_error: row.get(20),
             });
         }
     }
@@ -321,6 +346,7 @@ impl Store for PostgresStore {
         id: SessionId,
         now: Timestamp,
         reason: EndReason,
+        claim: Option<ReleaseClaim>,
     ) -> BoxFuture<'_, Result<Option<(SessionRecord, Transition)>, StoreError>> {
         Box::pin(async move {
             let client = self.client().await?;
@@ -334,7 +360,11 @@ impl Store for PostgresStore {
                         UPDATE sessions SET status = 'ended', ended_at = GREATEST($2, started_at),
                                             end_reason = $3,
                                             release_due_at = CASE WHEN resource_count > 0
-                                                             THEN GREATEST($2, started_at) END
+                                                             THEN GREATEST($2, started_at) END,
+                                            release_claimed_by = CASE WHEN resource_count > 0
+                                                                 AND node = $5 THEN $5 END,
+                                            release_claimed_until = CASE WHEN resource_count > 0
+                                                                    AND node = $5 THEN $6::BIGINT END
                         WHERE id = $1 AND status = 'started'
                         RETURNING *),
                      due AS (
@@ -343,7 +373,8 @@ impl Store for PostgresStore {
                         WHERE session_id IN (SELECT id FROM ended) AND state = 'held'
                         RETURNING *),
                      notified AS (
-                        SELECT pg_notify($4, node) FROM (SELECT DISTINCT node FROM due) AS nodes)
+                        SELECT pg_notify($4, node)
+                        FROM (SELECT DISTINCT node FROM due WHERE node IS DISTINCT FROM $5) AS nodes)
                      SELECT ",
                     record_columns!(),
                     ", (SELECT COUNT(*) FROM notified)
@@ -358,7 +389,14 @@ impl Store for PostgresStore {
             let rows = client
                 .query(
                     &statement,
-                    &[&id_text, &ms(now), &reason.as_str(), &RELEASES_CHANNEL],
+                    &[
+                        &id_text,
+                        &ms(now),
+                        &reason.as_str(),
+                        &RELEASES_CHANNEL,
+                        &claim.as_ref().map(|c| c.node.as_str()),
+                        &claim.as_ref().map(|c| ms(c.until)),
+                    ],
                 )
                 .await
                 .map_err(unavailable)?;
@@ -613,16 +651,19 @@ impl Store for PostgresStore {
         })
     }
 
-    fn node_alive(&self, node: &str, now: Timestamp) -> BoxFuture<'_, Result<(), StoreError>> {
+    fn node_alive(&self, node: &str, _now: Timestamp) -> BoxFuture<'_, Result<(), StoreError>> {
         let node = node.to_owned();
         Box::pin(async move {
             let client = self.client().await?;
             client
                 .execute(
-                    "INSERT INTO nodes (id, last_heartbeat_at) VALUES ($1, $2)
-                     ON CONFLICT (id) DO UPDATE
-                     SET last_heartbeat_at = GREATEST(nodes.last_heartbeat_at, excluded.last_heartbeat_at)",
-                    &[&node, &ms(now)],
+                    concat!(
+                        "INSERT INTO nodes (id, last_heartbeat_at) VALUES ($1, ",
+                        db_now_ms!(),
+                        ") ON CONFLICT (id) DO UPDATE
+                         SET last_heartbeat_at = GREATEST(nodes.last_heartbeat_at, excluded.last_heartbeat_at)"
+                    ),
+                    &[&node],
                 )
                 .await
                 .map_err(unavailable)?;
@@ -641,12 +682,23 @@ impl Store for PostgresStore {
         Box::pin(async move {
             let mut client = self.client().await?;
             let tx = client.transaction().await.map_err(unavailable)?;
-            // Row locks on the dead nodes: two sweepers taking over at once take turns.
+            // Judged on the database's clock, which also wrote the heartbeats: the
+            // instances' clocks never meet. And only time the database was up counts: no
+            // node could write a heartbeat while it was down. Row locks on the dead nodes:
+            // two sweepers taking over at once take turns.
             let dead = tx
                 .query(
-                    "SELECT id FROM nodes WHERE id <> $1 AND last_heartbeat_at <= $2::BIGINT - $3::BIGINT
-                     ORDER BY id FOR UPDATE",
-                    &[&except, &ms(now), &duration_ms(node_timeout)],
+                    concat!(
+                        "SELECT id FROM nodes
+                         WHERE id <> $1
+                           AND GREATEST(last_heartbeat_at, ",
+                        db_start_ms!(),
+                        ") <= ",
+                        db_now_ms!(),
+                        " - $2::BIGINT
+                         ORDER BY id FOR UPDATE"
+                    ),
+                    &[&except, &duration_ms(node_timeout)],
                 )
                 .await
                 .map_err(unavailable)?;
@@ -657,7 +709,7 @@ impl Store for PostgresStore {
                 let ids = tx
                     .query(
                         "UPDATE sessions SET status = 'ended', ended_at = GREATEST($2, started_at),
-                                end_reason = 'orphaned'
+                                end_reason = 'node_lost'
                          WHERE id IN (SELECT id FROM sessions
                                       WHERE node = $1 AND status = 'started'
                                       ORDER BY id LIMIT $3 FOR UPDATE)

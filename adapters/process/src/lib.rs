@@ -135,7 +135,15 @@ pub struct ProcessBackend {
     /// `None`: process groups only.
     cgroups: Option<Cgroups>,
     children: Mutex<HashMap<u32, Child>>,
+    /// Avatar servers an earlier run of the service started and this one took back
+    /// ([`ResourceBackend::resume`]), watched for an exit of their own: their pid and the
+    /// flag a release sets before it stops them.
+    resumed: Mutex<HashMap<u32, Arc<AtomicBool>>>,
 }
+
+/// How often a taken-back avatar server (not our child: no exit status to wait for) is
+/// looked at.
+const RESUMED_POLL: Duration = Duration::from_millis(200);
 
 impl ProcessBackend {
     /// A backend running `config`. Fails if the command line is empty. Falls back to
@@ -172,6 +180,7 @@ impl ProcessBackend {
             config,
             cgroups,
             children: Mutex::new(HashMap::new()),
+            resumed: Mutex::new(HashMap::new()),
         })
     }
 
@@ -329,7 +338,15 @@ impl ProcessBackend {
             return Ok("exited".to_owned());
         }
         signal_group(pgid, Signal::TERM)?;
-        let note = if wait_group_gone(pgid, self.config.grace).await {
+        let give_up = tokio::time::Instant::now() + self.config.grace;
+        if let Some(exited) = &exited {
+            // The leader's exit comes first and costs nothing to wait for; the rest of the
+            // group is looked for after it (a /proc scan each time).
+            let mut exited = exited.clone();
+            let _ = tokio::time::timeout_at(give_up, exited.wait_for(|e| *e)).await;
+        }
+        let left = give_up.saturating_duration_since(tokio::time::Instant::now());
+        let note = if wait_group_gone(pgid, left).await {
             "sigterm"
         } else {
             signal_group(pgid, Signal::KILL)?;
@@ -349,6 +366,30 @@ impl ProcessBackend {
     /// Stops a session a previous run of the service started (not our child): by its
     /// cgroup when it has one, else by `pid` if that still runs the session.
     async fn stop_orphan(&self, session: SessionId, pid: u32) -> Result<String, ReleaseError> {
+        let resumed = self
+            .resumed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&pid)
+            .cloned();
+        if let Some(stopping) = resumed {
+            stopping.store(true, Ordering::SeqCst);
+        }
+        let result = self.stop_unsupervised(session, pid).await;
+        if result.is_ok() {
+            self.resumed
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&pid);
+        }
+        result
+    }
+
+    async fn stop_unsupervised(
+        &self,
+        session: SessionId,
+        pid: u32,
+    ) -> Result<String, ReleaseError> {
         if let Some(cgroups) = &self.cgroups {
             let dir = cgroups.dir(session);
             if dir.exists() {
@@ -542,6 +583,48 @@ impl ResourceBackend for ProcessBackend {
                 }
             }
             Ok(found)
+        })
+    }
+
+    /// Watches an avatar server an earlier run started (after a crash or a handover): when
+    /// it exits on its own, its session ends `avatar_exited`, as for a child of this run.
+    fn resume<'a>(
+        &'a self,
+        session: SessionId,
+        resource: Resource,
+        events: EventSink,
+    ) -> BoxFuture<'a, Result<(), ReleaseError>> {
+        Box::pin(async move {
+            let pid = u32::try_from(resource.handle)
+                .map_err(|_| ReleaseError(format!("invalid pid {}", resource.handle)))?;
+            if self.children().contains_key(&pid) {
+                return Ok(());
+            }
+            let stopping = Arc::new(AtomicBool::new(false));
+            self.resumed
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(pid, Arc::clone(&stopping));
+            tokio::spawn(async move {
+                // Alive and still the session's: its cgroup, or its environment.
+                let alive = |pid| {
+                    state_and_group(pid).is_some_and(|(state, _)| !is_dead(state))
+                        && session_of_pid(pid) == Some(session)
+                };
+                while alive(pid) {
+                    tokio::time::sleep(RESUMED_POLL).await;
+                }
+                if !stopping.load(Ordering::SeqCst) {
+                    tracing::warn!(session = %session, pid, "avatar server exited on its own");
+                    events.report(ResourceEvent {
+                        session,
+                        resource,
+                        reason: EndReason::AvatarExited,
+                    });
+                }
+            });
+            tracing::info!(session = %session, pid, "took back a running avatar server");
+            Ok(())
         })
     }
 

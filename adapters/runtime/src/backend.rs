@@ -122,6 +122,30 @@ pub trait ResourceBackend: Send + Sync + 'static {
         std::time::Duration::from_secs(30)
     }
 
+    /// Whether a session asking `request` could get this backend's resource now (GPU
+    /// memory neither used nor promised, ...), without acquiring anything: what readiness
+    /// reports, so that a load balancer sends creates where they can succeed. The default
+    /// always has room.
+    fn room_for(&self, request: ResourceRequest) -> BoxFuture<'_, Result<(), AcquireError>> {
+        let _ = request;
+        Box::pin(async { Ok(()) })
+    }
+
+    /// Takes back `resource`, held by the started `session`, when a node starts again
+    /// after a crash or an in-place upgrade: what the backend keeps in memory about its
+    /// resources (a process to watch, a GPU share placement must count) is restored, and
+    /// anything that happens to it later on its own is reported to `events`. The default
+    /// does nothing.
+    fn resume<'a>(
+        &'a self,
+        session: SessionId,
+        resource: Resource,
+        events: EventSink,
+    ) -> BoxFuture<'a, Result<(), ReleaseError>> {
+        let _ = (session, resource, events);
+        Box::pin(async { Ok(()) })
+    }
+
     /// Every resource of this backend it can find held for one of `sessions`, whether the
     /// store knows of it or not. Called once at start-up for the sessions that were
     /// started when the previous run stopped: a resource acquired just before a crash, and

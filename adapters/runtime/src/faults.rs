@@ -7,8 +7,8 @@ use std::time::Duration;
 use session_lifecycle::{EndReason, Resource, SessionId, Timestamp, Transition};
 
 use crate::store::{
-    AttachOutcome, BoxFuture, CreateOutcome, ListQuery, NewSession, ReleaseProgress, RoomEvent,
-    RoomUpdate, SessionRecord, Store, StoreError, TouchOutcome,
+    AttachOutcome, BoxFuture, CreateOutcome, ListQuery, NewSession, ReleaseClaim, ReleaseProgress,
+    RoomEvent, RoomUpdate, SessionRecord, Store, StoreError, TouchOutcome,
 };
 
 /// When a [`FaultyStore`] fails.
@@ -115,8 +115,9 @@ impl Store for FaultyStore {
         id: SessionId,
         now: Timestamp,
         reason: EndReason,
+        claim: Option<ReleaseClaim>,
     ) -> BoxFuture<'_, Result<Option<(SessionRecord, Transition)>, StoreError>> {
-        guarded!(self, self.inner.end(id, now, reason))
+        guarded!(self, self.inner.end(id, now, reason, claim))
     }
     fn get(&self, id: SessionId) -> BoxFuture<'_, Result<Option<SessionRecord>, StoreError>> {
         guarded!(self, self.inner.get(id))

@@ -30,12 +30,12 @@ pub use backend::{
 };
 pub use clock::{ManualClock, RuntimeClock, SystemClock, TokioClock};
 pub use engine::{
-    Background, DueReport, Engine, EngineConfig, EngineError, Plan, RoomEventReport,
+    Background, DueReport, Engine, EngineConfig, EngineError, Plan, Readiness, RoomEventReport,
     SESSION_ID_ENV, StartRequest, TIMER_SLOTS,
 };
 pub use metrics::{Metrics, MetricsSnapshot, RELEASE_LATENCY_BUCKETS};
 pub use store::{
-    AttachOutcome, BoxFuture, CreateOutcome, ListQuery, NewSession, ReleaseAttempt,
+    AttachOutcome, BoxFuture, CreateOutcome, ListQuery, NewSession, ReleaseAttempt, ReleaseClaim,
     ReleaseProgress, RoomBinding, RoomEvent, RoomEventKind, RoomProvider, RoomUpdate,
     SessionRecord, Store, StoreError, TouchOutcome,
 };

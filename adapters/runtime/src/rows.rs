@@ -79,6 +79,8 @@ pub struct SessionRow {
     pub room_provider: Option<String>,
     /// `room_name`.
     pub room_name: Option<String>,
+    /// `node`.
+    pub node: String,
 }
 
 /// A `resources` row.
@@ -180,6 +182,7 @@ impl SessionRow {
             tenant: self.tenant,
             metadata: self.metadata,
             room,
+            node: self.node,
             release_notes,
             release_errors,
         })

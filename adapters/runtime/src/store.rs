@@ -60,6 +60,8 @@ pub struct SessionRecord {
     pub metadata: Option<String>,
     /// The video room it is bound to, if any.
     pub room: Option<RoomBinding>,
+    /// The node that runs it and holds its resources.
+    pub node: String,
     /// Notes on releases, in acquisition order, for resources that have one: what a
     /// finished release reported (for example `sigterm` or `sigkill`), or that the
     /// resource was lost with a dead node.
@@ -184,6 +186,15 @@ pub struct RoomUpdate {
     pub finished: bool,
 }
 
+/// A claim on a session's releases taken with its end (see [`Store::end`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReleaseClaim {
+    /// The node ending the session; the claim is taken only if the session runs on it.
+    pub node: String,
+    /// Until when the claim holds.
+    pub until: Timestamp,
+}
+
 /// What a release worker persists after it asked the core what to do with a claimed
 /// session: the attempt it made (if any), the core's answer to when the session's next
 /// release is due, and whether it keeps the claim to go on at once.
@@ -261,11 +272,17 @@ pub trait Store: Send + Sync + 'static {
     /// `max(now, started_at)`. Returns the session as it now stands and whether this call
     /// ended it; an already ended session is returned unchanged with
     /// [`Transition::AlreadyEnded`]. `None` if there is no such session.
+    ///
+    /// With `claim`, when the session runs on `claim.node` and has resources to release,
+    /// this end also claims its releases for that node until `claim.until`, in the same
+    /// write: the node ending its own session runs the releases at once, without another
+    /// round trip (see [`claim_releases`](Self::claim_releases)).
     fn end(
         &self,
         id: SessionId,
         now: Timestamp,
         reason: EndReason,
+        claim: Option<ReleaseClaim>,
     ) -> BoxFuture<'_, Result<Option<(SessionRecord, Transition)>, StoreError>>;
 
     /// The session `id`, if any.
@@ -319,12 +336,16 @@ pub trait Store: Send + Sync + 'static {
     fn drop_claims(&self, node: &str) -> BoxFuture<'_, Result<(), StoreError>>;
 
     /// Records that `node` is alive at `now` (its heartbeat), registering it if it is new.
-    /// A node that was declared dead is alive again from this call on.
+    /// A node that was declared dead is alive again from this call on. A store shared by
+    /// several machines records its own clock's time instead of `now`, and judges node
+    /// death on it too (see [`end_dead_nodes`](Self::end_dead_nodes)): the instances'
+    /// clocks never meet.
     fn node_alive(&self, node: &str, now: Timestamp) -> BoxFuture<'_, Result<(), StoreError>>;
 
     /// Takes over from dead nodes: every node other than `except` whose last heartbeat is
-    /// `node_timeout` or more before `now`. Ends up to `limit` of their started sessions
-    /// with `orphaned` (their releases become due, as an end makes them), and records every
+    /// `node_timeout` or more before `now` (a shared store: before its own clock's now, and
+    /// counting only time the store was up). Ends up to `limit` of their started sessions
+    /// with `node_lost` (their releases become due, as an end makes them), and records every
     /// resource they hold and have not released as lost with that node: it cannot be freed
     /// from elsewhere, so it stays owed by that node. Returns the sessions it ended.
     fn end_dead_nodes(

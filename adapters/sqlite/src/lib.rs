@@ -30,8 +30,8 @@ use session_lifecycle_runtime::rows::{
     RELEASED_ON_RETURN, ResourceRow, SessionRow, millis as ms, parse_id, release_columns,
 };
 use session_lifecycle_runtime::{
-    AttachOutcome, BoxFuture, CreateOutcome, ListQuery, NewSession, ReleaseProgress, RoomEvent,
-    RoomEventKind, RoomUpdate, SessionRecord, Store, StoreError, TouchOutcome,
+    AttachOutcome, BoxFuture, CreateOutcome, ListQuery, NewSession, ReleaseClaim, ReleaseProgress,
+    RoomEvent, RoomEventKind, RoomUpdate, SessionRecord, Store, StoreError, TouchOutcome,
 };
 use tokio::sync::oneshot;
 
@@ -293,7 +293,7 @@ fn db(e: rusqlite::Error) -> StoreError {
 }
 
 const SESSION_COLUMNS: &str = "id, tenant, status, started_at, ended_at, end_reason, expires_at, \
-     last_seen_at, metadata, room_provider, room_name";
+     last_seen_at, metadata, room_provider, room_name, node";
 
 /// Reads the session row at `row` (columns as in [`SESSION_COLUMNS`]) and its resources.
 fn load_record(conn: &Connection, row: &rusqlite::Row<'_>) -> Result<SessionRecord, StoreError> {
@@ -309,6 +309,7 @@ fn load_record(conn: &Connection, row: &rusqlite::Row<'_>) -> Result<SessionReco
         metadata: row.get(8).map_err(db)?,
         room_provider: row.get(9).map_err(db)?,
         room_name: row.get(10).map_err(db)?,
+        node: row.get(11).map_err(db)?,
     };
     let mut stmt = conn
         .prepare_cached(
@@ -462,6 +463,7 @@ impl Store for SqliteStore {
         id: SessionId,
         now: Timestamp,
         reason: EndReason,
+        claim: Option<ReleaseClaim>,
     ) -> BoxFuture<'_, Result<Option<(SessionRecord, Transition)>, StoreError>> {
         Box::pin(self.write(move |c| {
             let id_text = id.to_string();
@@ -474,6 +476,14 @@ impl Store for SqliteStore {
                 .map_err(db)?;
             let transition = if n == 1 {
                 mark_releases_due(c, &id_text)?;
+                if let Some(claim) = &claim {
+                    c.prepare_cached(
+                        "UPDATE sessions SET release_claimed_by = ?2, release_claimed_until = ?3
+                         WHERE id = ?1 AND node = ?2 AND release_due_at IS NOT NULL",
+                    )
+                    .and_then(|mut s| s.execute(params![id_text, claim.node, ms(claim.until)]))
+                    .map_err(db)?;
+                }
                 Transition::Committed
             } else {
                 Transition::AlreadyEnded
@@ -729,7 +739,7 @@ impl Store for SqliteStore {
                 let ids: Vec<String> = c
                     .prepare_cached(
                         "UPDATE sessions SET status = 'ended', ended_at = MAX(?2, started_at),
-                                end_reason = 'orphaned'
+                                end_reason = 'node_lost'
                          WHERE id IN (SELECT id FROM sessions
                                       WHERE node = ?1 AND status = 'started' LIMIT ?3)
                          RETURNING id",

@@ -37,7 +37,7 @@ async fn acknowledged_writes_survive_reopen_and_schema_is_versioned() {
             })
             .await
             .unwrap();
-        store.end(id, t0, EndReason::Requested).await.unwrap();
+        store.end(id, t0, EndReason::Requested, None).await.unwrap();
     }
     let store = SqliteStore::open(&path).unwrap();
     let r = store.get(id).await.unwrap().unwrap();

@@ -175,7 +175,8 @@ async fn release_order_is_reverse_acquisition_one_at_a_time_sessions_in_parallel
 }
 
 /// A timer whose store end fails stays armed: the session is still tracked, its timer is
-/// due again shortly, and it ends once the store is back (durable first, memory second).
+/// due again shortly, and it ends once the store is back and the outage has settled
+/// (durable first, memory second).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_store_end_leaves_the_timer_armed() {
     let dir = tempfile::tempdir().unwrap();
@@ -195,14 +196,20 @@ async fn a_failed_store_end_leaves_the_timer_armed() {
     assert_eq!(engine.next_timer(), Some(orphan_at));
 
     clock.advance(Policy::DEFAULT.orphan_timeout);
+    // The store answered a moment ago (a heartbeat would have), then goes away.
+    engine.get(None, id).await.unwrap();
     store.take_down();
     assert!(engine.run_due().await.is_err(), "the store is down");
     assert_eq!(engine.active_sessions(), 1, "not ended in memory");
     let retry = engine.next_timer().expect("the timer is still armed");
     assert!(retry > orphan_at, "put back for a later try: {retry}");
 
+    // Back: nothing is judged silent until the outage has settled (10 s by default).
     store.restore();
     clock.set(retry);
+    assert_eq!(engine.run_due().await.unwrap().orphaned, 0, "settling");
+    assert_eq!(engine.active_sessions(), 1);
+    clock.advance(EngineConfig::default().outage_settle);
     let report = engine.run_due().await.unwrap();
     assert_eq!(report.orphaned, 1);
     assert_eq!(engine.active_sessions(), 0);

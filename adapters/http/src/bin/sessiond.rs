@@ -24,7 +24,7 @@ use session_lifecycle_sqlite::SqliteStore;
 
 /// Runs real-time avatar sessions: start, end, automatic termination, resource release.
 #[derive(Parser, Debug)]
-#[command(name = "sessiond", version, about)]
+#[command(name = "sessiond", version, about, args_override_self = true)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -193,6 +193,25 @@ struct Cli {
     #[arg(long, env = "SESSIOND_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
     shutdown_grace_secs: u64,
 
+    /// What SIGTERM (or SIGINT) does. `drain`: readiness answers 503 at once, creates
+    /// answer 503 `draining`, running sessions continue until they end or
+    /// --drain-timeout-secs passes, then the rest end `shutdown`. `handover`: for an
+    /// in-place upgrade, exits leaving avatar servers running; the next start with the
+    /// same --node-id takes them back. `end`: ends every session at once (`shutdown`). A
+    /// second signal during a drain ends the rest at once.
+    #[arg(long, env = "SESSIOND_SHUTDOWN_MODE", value_enum, default_value_t = ShutdownMode::Drain)]
+    shutdown_mode: ShutdownMode,
+
+    /// Longest a drain waits for running sessions to end by themselves, in seconds.
+    #[arg(long, env = "SESSIOND_DRAIN_TIMEOUT_SECS", default_value_t = 1800)]
+    drain_timeout_secs: u64,
+
+    /// After the database comes back from an outage, milliseconds during which no session
+    /// is judged silent (orphaned) and no node dead, so that live ones report again.
+    /// Default: two --node-heartbeat-ms.
+    #[arg(long, env = "SESSIOND_OUTAGE_SETTLE_MS")]
+    outage_settle_ms: Option<u64>,
+
     /// Log format.
     #[arg(long, env = "SESSIOND_LOG_FORMAT", value_enum, default_value_t = LogFormat::Plain)]
     log_format: LogFormat,
@@ -211,6 +230,13 @@ enum Command {
 enum GpuMode {
     Auto,
     Off,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum ShutdownMode {
+    Drain,
+    Handover,
+    End,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -455,6 +481,9 @@ async fn run(cli: Cli) -> Result<(), String> {
             release_poll: Duration::from_millis(cli.release_poll_ms.max(1)),
             room_grace: Duration::from_millis(cli.room_grace_ms),
             release_deadlines,
+            outage_settle: Duration::from_millis(
+                cli.outage_settle_ms.unwrap_or(2 * cli.node_heartbeat_ms),
+            ),
             ..EngineConfig::default()
         },
     )
@@ -506,15 +535,68 @@ async fn run(cli: Cli) -> Result<(), String> {
     tracing::info!(%addr, "serving");
 
     let app = router(Arc::clone(&state));
-    let serving = axum::serve(listener, app).with_graceful_shutdown(shutdown_signal());
-    serving.await.map_err(|e| format!("server error: {e}"))?;
-
-    tracing::info!("shutting down: ending this node's sessions");
-    let _ = state.shutdown.send(true);
-    let ended = engine
-        .shutdown(Duration::from_secs(cli.shutdown_grace_secs))
-        .await
-        .map_err(|e| format!("shutdown: {e}"))?;
+    let (stop_serving, serving_stopped) = tokio::sync::oneshot::channel::<()>();
+    let mut server = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let _ = serving_stopped.await;
+            })
+            .await
+    });
+    let stopped = tokio::select! {
+        r = &mut server => Some(r),
+        _ = shutdown_signal() => None,
+    };
+    if let Some(r) = stopped {
+        return r
+            .map_err(|e| format!("server task: {e}"))?
+            .map_err(|e| format!("server error: {e}"));
+    }
+    let grace = Duration::from_secs(cli.shutdown_grace_secs);
+    let ended = match cli.shutdown_mode {
+        ShutdownMode::Handover => {
+            tracing::info!("handing over: exiting with avatar servers left running");
+            engine.drain();
+            let _ = state.shutdown.send(true);
+            let _ = stop_serving.send(());
+            let _ = server.await;
+            engine.handover().await;
+            background.join().await;
+            return Ok(());
+        }
+        ShutdownMode::Drain => {
+            engine.drain();
+            let timeout = Duration::from_secs(cli.drain_timeout_secs);
+            let drained = tokio::select! {
+                drained = engine.wait_drained(timeout) => drained,
+                _ = shutdown_signal() => false,
+            };
+            if !drained {
+                tracing::warn!(
+                    sessions = engine.active_sessions(),
+                    "drain over: ending the sessions left (shutdown)"
+                );
+            }
+            let _ = state.shutdown.send(true);
+            let ended = engine
+                .shutdown(grace)
+                .await
+                .map_err(|e| format!("shutdown: {e}"))?;
+            let _ = stop_serving.send(());
+            let _ = server.await;
+            ended
+        }
+        ShutdownMode::End => {
+            tracing::info!("shutting down: ending this node's sessions");
+            let _ = stop_serving.send(());
+            let _ = server.await;
+            let _ = state.shutdown.send(true);
+            engine
+                .shutdown(grace)
+                .await
+                .map_err(|e| format!("shutdown: {e}"))?
+        }
+    };
     background.join().await;
     tracing::info!(ended, "stopped");
     Ok(())

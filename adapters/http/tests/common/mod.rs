@@ -51,6 +51,31 @@ impl Node {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+
+    /// Sends it SIGTERM (what it then does depends on its `--shutdown-mode`).
+    pub fn terminate(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    }
+
+    /// Waits (up to `limit`) for it to exit; its exit status.
+    pub async fn exited(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let give_up = std::time::Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(
+                std::time::Instant::now() < give_up,
+                "{} did not exit within {limit:?}",
+                self.id
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
 }
 
 impl Drop for Node {
@@ -78,6 +103,8 @@ impl Drop for Node {
 /// Instances on one fresh database, with one ledger.
 pub struct Cluster {
     pub db: Option<TestDb>,
+    /// A SQLite file instead of PostgreSQL (one machine).
+    pub sqlite: Option<PathBuf>,
     pub dir: tempfile::TempDir,
     pub ledger: PathBuf,
     /// Flags every node gets (timeouts).
@@ -99,23 +126,50 @@ impl Cluster {
         let ledger = dir.path().join("ledger");
         Some(Cluster {
             db: Some(db),
+            sqlite: None,
             dir,
             ledger,
             flags: flags.iter().map(|s| (*s).to_owned()).collect(),
         })
     }
 
+    /// One machine's instances (one at a time) on a SQLite file.
+    pub fn sqlite(flags: &[&str]) -> Cluster {
+        let dir = tempfile::Builder::new()
+            .prefix("sessiond-sqlite")
+            .disable_cleanup(std::env::var_os("SESSION_LIFECYCLE_KEEP_TEST_DIRS").is_some())
+            .tempdir()
+            .expect("temp dir");
+        eprintln!("sessiond files in {}", dir.path().display());
+        Cluster {
+            db: None,
+            sqlite: Some(dir.path().join("sessiond.db")),
+            ledger: dir.path().join("ledger"),
+            dir,
+            flags: flags.iter().map(|s| (*s).to_owned()).collect(),
+        }
+    }
+
     pub fn db_url(&self) -> &str {
-        &self.db.as_ref().expect("database").url
+        match &self.sqlite {
+            Some(path) => path.to_str().expect("utf-8 path"),
+            None => &self.db.as_ref().expect("database").url,
+        }
     }
 
     /// Starts node `id` and waits until it serves (after settling what it owes).
     pub fn start(&self, id: &str) -> Node {
+        self.start_on(id, self.db_url())
+    }
+
+    /// Starts node `id` on database `url` (the cluster's, reached another way: through a
+    /// proxy).
+    pub fn start_on(&self, id: &str, url: &str) -> Node {
         let avatar = format!("{} ledger {}", fixture().display(), self.ledger.display());
         let log = std::fs::File::create(self.dir.path().join(format!("{id}.log"))).expect("log");
         let mut child = Command::new(SESSIOND)
-            .args(["--listen", "127.0.0.1:0", "--database", self.db_url()])
-            .args(["--node-id", id, "--api-key", KEY])
+            .args(["--listen", "127.0.0.1:0", "--database", url])
+            .args(["--node-id", id, "--api-key", KEY, "--shutdown-mode", "end"])
             .args(["--max-concurrent-sessions", "100000"])
             .args(["--avatar-command", &avatar, "--avatar-grace-secs", "5"])
             .args(&self.flags)
@@ -254,4 +308,38 @@ pub async fn wait_released(
         }
     }
     out
+}
+
+/// The shell command that does `action` (`stop`, `start`, `restart`) to the PostgreSQL
+/// server of `url`: `SESSION_LIFECYCLE_PG_<ACTION>` if set, else `pg_ctlcluster` for the
+/// local cluster on the URL's port. `None` when neither is known.
+pub fn pg_control(url: &str, action: &str) -> Option<String> {
+    if let Ok(cmd) = std::env::var(format!("SESSION_LIFECYCLE_PG_{}", action.to_uppercase())) {
+        return Some(cmd);
+    }
+    let port = url
+        .parse::<tokio_postgres::Config>()
+        .ok()?
+        .get_ports()
+        .first()
+        .copied()
+        .unwrap_or(5432);
+    let out = Command::new("pg_lsclusters").arg("-h").output().ok()?;
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            (f.len() >= 4 && f[2] == port.to_string()).then(|| {
+                format!(
+                    "pg_ctlcluster --skip-systemctl-redirect {} {} {action}",
+                    f[0], f[1]
+                )
+            })
+        })
+}
+
+/// Runs a shell command line, asserting it succeeds.
+pub fn shell(cmd: &str) {
+    let status = Command::new("sh").args(["-c", cmd]).status().expect("sh");
+    assert!(status.success(), "{cmd}: {status:?}");
 }

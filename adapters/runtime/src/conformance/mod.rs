@@ -70,7 +70,10 @@ mod rooms;
 mod sessions;
 
 pub use nodes::nodes_own_releases_and_dead_nodes_are_taken_over;
-pub use releases::{end_records_release_intents, release_claims_follow_the_core};
+pub use releases::{
+    an_end_claims_releases_for_its_own_node, end_records_release_intents,
+    release_claims_follow_the_core,
+};
 pub use rooms::room_events_track_presence;
 pub use sessions::{
     attach_is_refused_after_end, concurrent_ends_commit_once, create_and_get,
@@ -86,6 +89,7 @@ pub async fn run_all(store: Arc<dyn Store>) {
     end_is_conditional_and_idempotent(&*store).await;
     end_records_release_intents(&*store).await;
     release_claims_follow_the_core(&*store).await;
+    an_end_claims_releases_for_its_own_node(&*store).await;
     attach_is_refused_after_end(&*store).await;
     touch_moves_forward_only(&*store).await;
     due_finds_expired_and_orphaned(&*store).await;

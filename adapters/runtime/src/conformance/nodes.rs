@@ -9,7 +9,7 @@ use super::{at, create, fresh_tenant, get, new_session, random, res};
 use crate::store::{AttachOutcome, ListQuery, Store};
 
 /// Releases run on the node that holds the resources; a node whose heartbeat lapsed has
-/// its started sessions ended `orphaned` by another node, and its unreleased resources
+/// its started sessions ended `node_lost` by another node, and its unreleased resources
 /// recorded as lost with it, still owed by it; when it returns it claims them.
 pub async fn nodes_own_releases_and_dead_nodes_are_taken_over(store: &dyn Store) {
     let (na, nb) = (
@@ -65,7 +65,7 @@ pub async fn nodes_own_releases_and_dead_nodes_are_taken_over(store: &dyn Store)
 
     // Any instance ends s1; only its node claims the release.
     store
-        .end(s1.id, at(1), EndReason::Requested)
+        .end(s1.id, at(1), EndReason::Requested, None)
         .await
         .expect("end");
     assert!(
@@ -75,19 +75,28 @@ pub async fn nodes_own_releases_and_dead_nodes_are_taken_over(store: &dyn Store)
     assert_eq!(claimed(na.clone(), at(1), ids.clone()).await, [s1.id]);
     store.drop_claims(&na).await.expect("drop");
 
-    // na stops heartbeating; nb stays alive.
-    store.node_alive(&nb, at(100)).await.expect("heartbeat");
-    let timeout = Duration::from_secs(30);
+    // na stops heartbeating; nb stays alive. Node death is judged on the store's clock
+    // (a shared store's own), so this part runs on the wall clock with a short timeout.
+    let wall = || {
+        use session_lifecycle::Clock;
+        crate::SystemClock.now()
+    };
+    let timeout = Duration::from_millis(800);
+    store.node_alive(&na, wall()).await.expect("heartbeat");
+    store.node_alive(&nb, wall()).await.expect("heartbeat");
     let ended = store
-        .end_dead_nodes(&nb, at(20), timeout, 1000)
+        .end_dead_nodes(&nb, wall(), timeout, 1000)
         .await
         .expect("takeover");
     assert!(
         !ended.iter().any(|id| ids.contains(id)),
         "not dead before the timeout"
     );
+    tokio::time::sleep(timeout + Duration::from_millis(200)).await;
+    store.node_alive(&nb, wall()).await.expect("heartbeat");
+    let taken_at = wall();
     let ended = store
-        .end_dead_nodes(&nb, at(100), timeout, 1000)
+        .end_dead_nodes(&nb, taken_at, timeout, 1000)
         .await
         .expect("takeover");
     assert_eq!(
@@ -98,8 +107,8 @@ pub async fn nodes_own_releases_and_dead_nodes_are_taken_over(store: &dyn Store)
     assert!(ended.contains(&s2.id));
     let r = get(store, s2.id).await;
     assert_eq!(r.session.status(), Status::Ended);
-    assert_eq!(r.session.end_reason(), Some(EndReason::Orphaned));
-    assert_eq!(r.session.ended_at(), Some(at(100)));
+    assert_eq!(r.session.end_reason(), Some(EndReason::NodeLost));
+    assert_eq!(r.session.ended_at(), Some(taken_at));
     assert!(
         r.release_notes
             .iter()
@@ -119,7 +128,7 @@ pub async fn nodes_own_releases_and_dead_nodes_are_taken_over(store: &dyn Store)
     );
     assert!(
         store
-            .end_dead_nodes(&nb, at(110), timeout, 1000)
+            .end_dead_nodes(&nb, wall(), timeout, 1000)
             .await
             .expect("takeover")
             .iter()
@@ -127,13 +136,13 @@ pub async fn nodes_own_releases_and_dead_nodes_are_taken_over(store: &dyn Store)
         "a takeover happens once"
     );
     assert!(
-        claimed(nb.clone(), at(110), ids.clone()).await.is_empty(),
+        claimed(nb.clone(), wall(), ids.clone()).await.is_empty(),
         "lost resources cannot be freed from elsewhere"
     );
 
     // na returns with its id: it is alive again and settles what it owes.
-    store.node_alive(&na, at(200)).await.expect("heartbeat");
-    let owed = claim(store, &na, at(200), lease, &ids).await;
+    store.node_alive(&na, wall()).await.expect("heartbeat");
+    let owed = claim(store, &na, wall(), lease, &ids).await;
     let mut want = vec![s1.id, s2.id];
     want.sort();
     let mut got: Vec<SessionId> = owed.iter().map(|r| *r.session.id()).collect();
@@ -145,7 +154,7 @@ pub async fn nodes_own_releases_and_dead_nodes_are_taken_over(store: &dyn Store)
             store,
             &na,
             &mut session,
-            at(201),
+            wall(),
             session_lifecycle::ReleaseOutcome::Released,
             "sigterm",
             lease,
@@ -163,7 +172,7 @@ pub async fn nodes_own_releases_and_dead_nodes_are_taken_over(store: &dyn Store)
     );
     assert!(
         store
-            .end_dead_nodes(&nb, at(210), timeout, 1000)
+            .end_dead_nodes(&nb, wall(), timeout, 1000)
             .await
             .expect("takeover")
             .iter()

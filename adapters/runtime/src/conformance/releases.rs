@@ -31,7 +31,7 @@ pub async fn end_records_release_intents(store: &dyn Store) {
     );
 
     let (r, _) = store
-        .end(new.id, at(30), EndReason::Requested)
+        .end(new.id, at(30), EndReason::Requested, None)
         .await
         .expect("end")
         .expect("found");
@@ -131,7 +131,7 @@ pub async fn release_claims_follow_the_core(store: &dyn Store) {
     store.attach(new.id, res(10)).await.expect("attach");
     store.attach(new.id, res(11)).await.expect("attach");
     store
-        .end(new.id, at(1), EndReason::Requested)
+        .end(new.id, at(1), EndReason::Requested, None)
         .await
         .expect("end");
     let lease = Duration::from_secs(60);
@@ -243,7 +243,7 @@ pub async fn release_claims_follow_the_core(store: &dyn Store) {
     store.attach(other.id, res(20)).await.expect("attach");
     store.attach(other.id, res(21)).await.expect("attach");
     store
-        .end(other.id, at(5), EndReason::Orphaned)
+        .end(other.id, at(5), EndReason::Orphaned, None)
         .await
         .expect("end");
     let ids = [other.id];
@@ -256,4 +256,79 @@ pub async fn release_claims_follow_the_core(store: &dyn Store) {
     // Or the node restarts and drops its claims at once.
     store.drop_claims(&node).await.expect("drop");
     assert_eq!(claim(store, &node, at(66), lease, &ids).await.len(), 1);
+}
+
+/// An end can claim the session's releases for the node ending it, in the same write, when
+/// the session runs there and has something to release; for any other node it claims
+/// nothing.
+pub async fn an_end_claims_releases_for_its_own_node(store: &dyn Store) {
+    let node = fresh_node();
+    let lease = Duration::from_secs(60);
+    let session_on = |node: &str| {
+        let mut new = new_session(&fresh_tenant(), at(0), Duration::from_secs(600));
+        new.node = node.to_owned();
+        new
+    };
+    let claim_for = |node: &str| {
+        Some(crate::ReleaseClaim {
+            node: node.to_owned(),
+            until: at(70),
+        })
+    };
+
+    // Ended by its own node: claimed with the end.
+    let own = session_on(&node);
+    create(store, &own).await;
+    store.attach(own.id, res(1)).await.expect("attach");
+    let (record, _) = store
+        .end(own.id, at(10), EndReason::Requested, claim_for(&node))
+        .await
+        .expect("end")
+        .expect("found");
+    assert_eq!(record.node, node);
+    assert_eq!(record.session.next_release_at(), Some(at(10)));
+    assert!(
+        claim(store, &node, at(10), lease, &[own.id])
+            .await
+            .is_empty(),
+        "claimed with the end"
+    );
+    assert_eq!(
+        claim(store, &node, at(70), lease, &[own.id]).await.len(),
+        1,
+        "until the claim lapses"
+    );
+
+    // Ended by another node: its owner claims it.
+    let other = session_on(&node);
+    create(store, &other).await;
+    store.attach(other.id, res(2)).await.expect("attach");
+    store
+        .end(
+            other.id,
+            at(10),
+            EndReason::Requested,
+            claim_for("elsewhere"),
+        )
+        .await
+        .expect("end");
+    assert_eq!(
+        claim(store, &node, at(10), lease, &[other.id]).await.len(),
+        1
+    );
+
+    // Nothing to release: nothing claimed, nothing due.
+    let bare = session_on(&node);
+    create(store, &bare).await;
+    let (record, _) = store
+        .end(bare.id, at(10), EndReason::Requested, claim_for(&node))
+        .await
+        .expect("end")
+        .expect("found");
+    assert_eq!(record.session.next_release_at(), None);
+    assert!(
+        claim(store, &node, at(1000), lease, &[bare.id])
+            .await
+            .is_empty()
+    );
 }

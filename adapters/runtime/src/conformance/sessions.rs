@@ -70,7 +70,7 @@ pub async fn list_is_newest_first_tenant_scoped_and_paged(store: &dyn Store) {
     }
     create(store, &new_session(&other, at(3), Duration::from_secs(600))).await;
     store
-        .end(ids[2], at(10), EndReason::Requested)
+        .end(ids[2], at(10), EndReason::Requested, None)
         .await
         .expect("end");
     ids.reverse(); // newest first
@@ -122,7 +122,7 @@ pub async fn end_is_conditional_and_idempotent(store: &dyn Store) {
     let new = new_session(&tenant, at(100), Duration::from_secs(600));
     create(store, &new).await;
     let (first, t) = store
-        .end(new.id, at(160), EndReason::Requested)
+        .end(new.id, at(160), EndReason::Requested, None)
         .await
         .expect("end")
         .expect("found");
@@ -136,7 +136,7 @@ pub async fn end_is_conditional_and_idempotent(store: &dyn Store) {
         (at(150), EndReason::Shutdown),
     ] {
         let (again, t) = store
-            .end(new.id, when, reason)
+            .end(new.id, when, reason, None)
             .await
             .expect("end")
             .expect("found");
@@ -151,7 +151,7 @@ pub async fn end_is_conditional_and_idempotent(store: &dyn Store) {
     let late = new_session(&tenant, at(500), Duration::from_secs(600));
     create(store, &late).await;
     let (r, _) = store
-        .end(late.id, at(400), EndReason::Expired)
+        .end(late.id, at(400), EndReason::Expired, None)
         .await
         .expect("end")
         .expect("found");
@@ -160,7 +160,7 @@ pub async fn end_is_conditional_and_idempotent(store: &dyn Store) {
     let unknown = SessionId::from_ulid_parts(at(0), random());
     assert!(
         store
-            .end(unknown, at(1), EndReason::Requested)
+            .end(unknown, at(1), EndReason::Requested, None)
             .await
             .expect("end")
             .is_none()
@@ -172,7 +172,7 @@ pub async fn attach_is_refused_after_end(store: &dyn Store) {
     let new = new_session(&fresh_tenant(), at(0), Duration::from_secs(600));
     create(store, &new).await;
     store
-        .end(new.id, at(1), EndReason::Requested)
+        .end(new.id, at(1), EndReason::Requested, None)
         .await
         .expect("end");
     assert_eq!(
@@ -201,7 +201,7 @@ pub async fn touch_moves_forward_only(store: &dyn Store) {
     );
     assert_eq!(get(store, new.id).await.session.last_seen_at(), at(50));
     store
-        .end(new.id, at(60), EndReason::Requested)
+        .end(new.id, at(60), EndReason::Requested, None)
         .await
         .expect("end");
     assert_eq!(
@@ -231,7 +231,7 @@ pub async fn due_finds_expired_and_orphaned(store: &dyn Store) {
         create(store, n).await;
     }
     store
-        .end(ended.id, later(1), EndReason::Requested)
+        .end(ended.id, later(1), EndReason::Requested, None)
         .await
         .expect("end");
     store.touch(alive.id, later(50)).await.expect("touch");
@@ -309,7 +309,7 @@ pub async fn plan_limit_is_enforced(store: &dyn Store) {
         CreateOutcome::Created
     );
     store
-        .end(first.expect("created"), at(1), EndReason::Requested)
+        .end(first.expect("created"), at(1), EndReason::Requested, None)
         .await
         .expect("end");
     assert_eq!(
@@ -326,10 +326,10 @@ pub async fn concurrent_ends_commit_once(store: Arc<dyn Store>) {
     let mut tasks = Vec::new();
     for i in 0..64u64 {
         let store = Arc::clone(&store);
-        let reason = EndReason::ALL[(i % 8) as usize];
+        let reason = EndReason::ALL[i as usize % EndReason::ALL.len()];
         tasks.push(tokio::spawn(async move {
             store
-                .end(new.id, at(10 + i), reason)
+                .end(new.id, at(10 + i), reason, None)
                 .await
                 .expect("end")
                 .expect("found")

@@ -9,7 +9,7 @@ use session_lifecycle::{EndReason, Resource, Session, SessionId, TouchError, Tra
 use super::{Engine, EngineError, StartRequest, lock};
 use crate::backend::{AcquireError, AcquireRequest};
 use crate::store::{
-    AttachOutcome, CreateOutcome, ListQuery, NewSession, SessionRecord, TouchOutcome,
+    AttachOutcome, CreateOutcome, ListQuery, NewSession, ReleaseClaim, SessionRecord, TouchOutcome,
 };
 
 /// The variable that carries the session id into every avatar server's environment.
@@ -21,8 +21,19 @@ impl Engine {
     /// and what was acquired is released.
     pub async fn start(&self, request: StartRequest) -> Result<SessionRecord, EngineError> {
         let inner = &self.inner;
+        if inner.draining.load(Ordering::SeqCst) {
+            return Err(EngineError::Draining);
+        }
         if inner.closing.load(Ordering::SeqCst) {
             return Err(EngineError::ShuttingDown);
+        }
+        let down = lock(&inner.health).is_down();
+        if down && inner.store.ping().await.is_err() {
+            // A node that cannot write its heartbeat may be taken over any moment: it
+            // starts nothing new.
+            return Err(EngineError::Store(crate::StoreError::Unavailable(
+                "the store is unreachable from this node; it takes no new sessions".to_owned(),
+            )));
         }
         let now = inner.clock.now();
         let lifetime = request.duration.map_or(request.plan.max_session, |d| {
@@ -185,16 +196,25 @@ impl Engine {
     ) -> Result<(SessionRecord, Transition), EngineError> {
         let inner = &self.inner;
         let now = inner.clock.now();
+        // A session of this node has its releases claimed with its end, and run at once.
+        let claim = ReleaseClaim {
+            node: inner.config.node.clone(),
+            until: now.saturating_add(inner.config.release_lease),
+        };
         let (record, transition) = inner
             .store
-            .end(id, now, reason)
+            .end(id, now, reason, Some(claim))
             .await?
             .ok_or(EngineError::NotFound)?;
         let ended_reason = record.session.end_reason().unwrap_or(reason);
         if transition == Transition::Committed {
             inner.metrics.session_ended(ended_reason);
             tracing::info!(session = %id, reason = %ended_reason, "session ended");
-            inner.releases_due.notify_one();
+            if record.node == inner.config.node && record.session.next_release_at().is_some() {
+                self.spawn_release_run(record.clone());
+            } else {
+                inner.releases_due.notify_one();
+            }
         }
         // Durable first, memory second: the table learns of the end only now.
         let _ = self.timers().end(now, &id, ended_reason);
@@ -208,7 +228,19 @@ impl Engine {
             self.get(Some(t), id).await?;
         }
         let now = self.inner.clock.now();
-        match self.inner.store.touch(id, now).await? {
+        let touched = match self.inner.store.touch(id, now).await {
+            Ok(touched) => touched,
+            Err(e) => {
+                // Liveness is not lost with the store: kept here, written once it is back,
+                // before anything is judged silent.
+                if matches!(e, crate::StoreError::Unavailable(_)) {
+                    lock(&self.inner.pending_touches).insert(id, now);
+                    let _ = self.timers().touch(now, &id);
+                }
+                return Err(e.into());
+            }
+        };
+        match touched {
             TouchOutcome::Touched => {
                 match self.timers().touch(now, &id) {
                     Ok(()) | Err(TouchError::NotFound) | Err(TouchError::SessionEnded) => {}

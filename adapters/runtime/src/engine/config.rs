@@ -47,6 +47,10 @@ pub struct EngineConfig {
     /// Wait after a room empties before ending its session (none by default); someone
     /// joining meanwhile keeps it.
     pub room_grace: Duration,
+    /// After the store comes back from an outage, how long nothing is judged silent (no
+    /// orphan, no dead node), so that live nodes and clients have time to report again.
+    /// Two heartbeats by default.
+    pub outage_settle: Duration,
 }
 
 impl Default for EngineConfig {
@@ -62,6 +66,7 @@ impl Default for EngineConfig {
             release_deadlines: Vec::new(),
             sweep_batch: 1024,
             room_grace: Duration::ZERO,
+            outage_settle: Duration::from_secs(10),
         }
     }
 }
@@ -121,6 +126,9 @@ pub enum EngineError {
     /// The engine is shutting down and takes no new sessions.
     #[error("shutting down")]
     ShuttingDown,
+    /// This node is draining: its running sessions continue, new ones go elsewhere.
+    #[error("draining: this node takes no new sessions")]
+    Draining,
 }
 
 /// What one [`Engine::run_due`](crate::Engine::run_due) pass did.
@@ -130,6 +138,8 @@ pub struct DueReport {
     pub expired: u32,
     /// Sessions this pass ended with `orphaned`.
     pub orphaned: u32,
+    /// Sessions of dead nodes this pass ended with `node_lost`.
+    pub node_lost: u32,
     /// Releases completed.
     pub released: u32,
     /// Release attempts that failed (retried later).
@@ -140,6 +150,7 @@ impl DueReport {
     pub(crate) fn add(&mut self, other: DueReport) {
         self.expired += other.expired;
         self.orphaned += other.orphaned;
+        self.node_lost += other.node_lost;
         self.released += other.released;
         self.release_failures += other.release_failures;
     }

@@ -18,12 +18,15 @@
 
 mod api;
 mod config;
+mod health;
+mod outages;
 mod recovery;
 mod releases;
 mod rooms;
 mod sweeper;
 mod tasks;
 mod timers;
+mod watched;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::AtomicBool;
@@ -41,7 +44,7 @@ pub use api::SESSION_ID_ENV;
 pub use config::{
     DueReport, EngineConfig, EngineError, Plan, RoomEventReport, StartRequest, TIMER_SLOTS,
 };
-pub use tasks::Background;
+pub use tasks::{Background, Readiness};
 
 use crate::backend::{EventSink, ResourceBackend, ResourceEvent};
 use crate::clock::RuntimeClock;
@@ -53,7 +56,13 @@ use crate::store::Store;
 const STORE_RETRY: Duration = Duration::from_secs(1);
 
 pub(crate) struct Inner {
+    /// The store, watched: every call records whether it could be reached.
     store: Arc<dyn Store>,
+    /// What the store's reachability has been: outages, the last recovery.
+    health: Arc<Mutex<health::StoreHealth>>,
+    /// Liveness signals received while the store could not be reached, by session: written
+    /// as soon as it is back, before anything is judged.
+    pending_touches: Mutex<HashMap<SessionId, Timestamp>>,
     backends: Vec<Arc<dyn ResourceBackend>>,
     by_kind: HashMap<ResourceKind, Arc<dyn ResourceBackend>>,
     /// The longest one release of each kind may take.
@@ -74,8 +83,10 @@ pub(crate) struct Inner {
     next_retry: Mutex<Option<Timestamp>>,
     events: EventSink,
     events_rx: Mutex<Option<mpsc::UnboundedReceiver<ResourceEvent>>>,
-    /// Set when shutting down: no new sessions.
+    /// Set when shutting down or draining: no new sessions.
     closing: AtomicBool,
+    /// Set when draining: running sessions continue, no new ones start here.
+    draining: AtomicBool,
     /// Sessions still acquiring their resources here: their releases wait for the start
     /// to finish, so that a resource acquired last is also released first.
     starting: Mutex<HashMap<SessionId, Arc<tokio::sync::Mutex<()>>>>,
@@ -85,6 +96,9 @@ pub(crate) struct Inner {
     tasks: TaskTracker,
     /// The release runs of sessions (each one session's releases, in order).
     release_tasks: TaskTracker,
+    /// Runs of sessions this node ended itself (claimed with the end), not yet waited for
+    /// by a [`Engine::run_due`].
+    local_runs: Mutex<Vec<tokio::task::JoinHandle<DueReport>>>,
     /// Cancelled at shutdown: every task stops.
     cancel: CancellationToken,
     metrics: Metrics,
@@ -125,9 +139,17 @@ impl Engine {
             .collect();
         release_deadlines.extend(config.release_deadlines.iter().copied());
         let (events, events_rx) = EventSink::channel();
+        let health = Arc::new(Mutex::new(health::StoreHealth::new(clock.now())));
+        let store: Arc<dyn Store> = Arc::new(watched::WatchedStore::new(
+            store,
+            Arc::clone(&health),
+            Arc::clone(&clock),
+        ));
         let engine = Engine {
             inner: Arc::new(Inner {
                 store,
+                health,
+                pending_touches: Mutex::new(HashMap::new()),
                 backends,
                 by_kind,
                 release_deadlines,
@@ -141,10 +163,12 @@ impl Engine {
                 events,
                 events_rx: Mutex::new(Some(events_rx)),
                 closing: AtomicBool::new(false),
+                draining: AtomicBool::new(false),
                 starting: Mutex::new(HashMap::new()),
                 failing: Mutex::new(HashSet::new()),
                 tasks: TaskTracker::new(),
                 release_tasks: TaskTracker::new(),
+                local_runs: Mutex::new(Vec::new()),
                 cancel: CancellationToken::new(),
                 metrics: Metrics::default(),
             }),

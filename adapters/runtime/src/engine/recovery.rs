@@ -35,6 +35,7 @@ impl Engine {
             }
         }
         self.adopt_untracked(&started).await?;
+        self.resume_held(&started).await;
         let owed = self.releases_once().await?;
         if owed.released + owed.release_failures > 0 {
             tracing::info!(
@@ -44,6 +45,28 @@ impl Engine {
             );
         }
         Ok(())
+    }
+
+    /// Hands every resource the started `sessions` hold back to its backend (see
+    /// [`ResourceBackend::resume`](crate::ResourceBackend::resume)).
+    async fn resume_held(&self, sessions: &[Session]) {
+        let inner = &self.inner;
+        for session in sessions {
+            let Some(record) = self.inner.store.get(*session.id()).await.ok().flatten() else {
+                continue;
+            };
+            for held in record.session.resources() {
+                let Some(backend) = inner.by_kind.get(&held.resource.kind) else {
+                    continue;
+                };
+                if let Err(e) = backend
+                    .resume(*session.id(), held.resource, inner.events.clone())
+                    .await
+                {
+                    tracing::warn!(session = %session.id(), resource = ?held.resource, error = %e, "taking a resource back failed");
+                }
+            }
+        }
     }
 
     /// Records resources the backends hold for `sessions` that the store does not know

@@ -43,26 +43,44 @@ impl Engine {
                 inner.config.release_batch,
             )
             .await?;
-        let mut runs = Vec::with_capacity(claimed.len());
-        for record in claimed {
-            let engine = self.clone();
-            let cancel = inner.cancel.clone();
-            runs.push(inner.release_tasks.spawn(async move {
-                tokio::select! {
-                    report = engine.release_session(record) => report,
-                    // Cut short by shutdown: the claim is dropped when the node next
-                    // starts, and the (repeatable) release runs again then.
-                    _ = cancel.cancelled() => DueReport::default(),
-                }
-            }));
-        }
-        Ok(runs)
+        Ok(claimed
+            .into_iter()
+            .map(|record| self.spawn_run(record))
+            .collect())
+    }
+
+    /// Starts the release run of a session whose releases this node claimed, tracked.
+    fn spawn_run(&self, record: SessionRecord) -> JoinHandle<DueReport> {
+        let engine = self.clone();
+        let cancel = self.inner.cancel.clone();
+        self.inner.release_tasks.spawn(async move {
+            tokio::select! {
+                report = engine.release_session(record) => report,
+                // Cut short by shutdown: the claim is dropped when the node next starts,
+                // and the (repeatable) release runs again then.
+                _ = cancel.cancelled() => DueReport::default(),
+            }
+        })
+    }
+
+    /// Starts the release run of a session this node just ended and claimed with its end;
+    /// [`releases_once`](Self::releases_once) waits for it too.
+    pub(super) fn spawn_release_run(&self, record: SessionRecord) {
+        let run = self.spawn_run(record);
+        lock(&self.inner.local_runs).push(run);
     }
 
     /// Claims and runs every release due on this node now, and waits for the runs; claims
     /// again while a pass filled its batch. Part of [`run_due`](Engine::run_due).
     pub(super) async fn releases_once(&self) -> Result<DueReport, EngineError> {
         let mut report = DueReport::default();
+        let local = std::mem::take(&mut *lock(&self.inner.local_runs));
+        for run in local {
+            match run.await {
+                Ok(r) => report.add(r),
+                Err(e) => tracing::error!(error = %e, "a release run died"),
+            }
+        }
         loop {
             let runs = self.claim_and_spawn_releases().await?;
             let full = runs.len() >= self.inner.config.release_batch as usize;
@@ -88,7 +106,14 @@ impl Engine {
         // acquires last is released first.
         let starting = lock(&inner.starting).get(&id).cloned();
         if let Some(starting) = starting {
-            let _done = starting.lock().await;
+            drop(starting.lock().await);
+            // What the start attached meanwhile may be newer than the claimed record.
+            match inner.store.get(id).await {
+                Ok(Some(fresh)) => session = fresh.session,
+                Ok(None) => return DueReport::default(),
+                // The claim lapses and the session is claimed again.
+                Err(_) => return DueReport::default(),
+            }
         }
         let mut run = RunReport::default();
         loop {

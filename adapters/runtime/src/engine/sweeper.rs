@@ -2,9 +2,14 @@
 //! other instances, of dead nodes, of a crashed run), and this node's heartbeat keeps other
 //! instances from taking its sessions over.
 
+use std::time::Duration;
+
 use session_lifecycle::{EndReason, Transition};
 
-use super::{DueReport, Engine, EngineError};
+use super::{DueReport, Engine, EngineError, lock};
+
+/// An orphan timeout no session reaches: the sweep then finds expiries only.
+const NEVER_ORPHANED: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
 impl Engine {
     /// One sweep: refreshes room presence as liveness, takes over dead nodes, and ends the
@@ -23,34 +28,42 @@ impl Engine {
             drop(timers);
             inner.timers_changed.notify_one();
         }
-        let taken_over = inner
-            .store
-            .end_dead_nodes(
-                &inner.config.node,
-                now,
-                inner.config.node_timeout,
-                inner.config.sweep_batch,
-            )
-            .await?;
-        if !taken_over.is_empty() {
-            tracing::warn!(
-                sessions = taken_over.len(),
-                "ended the sessions of a dead node (orphaned); its resources are recorded as lost with it"
-            );
-            for _ in &taken_over {
-                report.count(EndReason::Orphaned, &inner.metrics);
-                inner.metrics.session_ended(EndReason::Orphaned);
+        // Silence is judged only with the store reachable and settled, and never counts
+        // time this instance could not reach it (see `health`).
+        let judging = self.may_judge(now).await;
+        if judging {
+            let node_timeout = lock(&inner.health).cover(now, inner.config.node_timeout);
+            let taken_over = inner
+                .store
+                .end_dead_nodes(
+                    &inner.config.node,
+                    now,
+                    node_timeout,
+                    inner.config.sweep_batch,
+                )
+                .await?;
+            if !taken_over.is_empty() {
+                tracing::warn!(
+                    sessions = taken_over.len(),
+                    "ended the sessions of a dead node (node_lost); its resources are recorded as lost with it"
+                );
+                for _ in &taken_over {
+                    inner.metrics.session_ended(EndReason::NodeLost);
+                }
+                report.node_lost += taken_over.len() as u32;
             }
         }
         loop {
             let now = inner.clock.now();
+            let orphan_timeout = if judging {
+                lock(&inner.health).cover(now, inner.config.policy.orphan_timeout)
+            } else {
+                // Expiries only.
+                NEVER_ORPHANED
+            };
             let due = inner
                 .store
-                .due(
-                    now,
-                    inner.config.policy.orphan_timeout,
-                    inner.config.sweep_batch,
-                )
+                .due(now, orphan_timeout, inner.config.sweep_batch)
                 .await?;
             let full = due.len() >= inner.config.sweep_batch as usize;
             for (id, reason) in due {
@@ -64,13 +77,14 @@ impl Engine {
         }
     }
 
-    /// Records that this node is alive.
+    /// Records that this node is alive; after an outage, does what a recovery calls for.
     pub(super) async fn heartbeat_once(&self) -> Result<(), EngineError> {
         let inner = &self.inner;
         inner
             .store
             .node_alive(&inner.config.node, inner.clock.now())
             .await?;
+        self.after_outage().await;
         Ok(())
     }
 

@@ -13,6 +13,19 @@ use tokio_util::task::TaskTracker;
 
 use super::{DueReport, Engine, EngineError, lock};
 
+/// Whether a node can take new sessions (see [`Engine::readiness`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Readiness {
+    /// It can.
+    Ready,
+    /// It is draining: running sessions continue, new ones go elsewhere.
+    Draining,
+    /// A backend has no room for a session of the default size (no GPU with enough memory).
+    NoCapacity(String),
+    /// The store cannot be reached.
+    StoreUnreachable(String),
+}
+
 /// The engine's background tasks; dropping this does not stop them, [`Engine::shutdown`]
 /// does.
 pub struct Background {
@@ -159,6 +172,87 @@ impl Engine {
             tracker.wait().await;
         }
         result.map(|()| ended)
+    }
+
+    /// Starts draining: no new sessions start here (they answer
+    /// [`EngineError::Draining`]); running ones continue, end as usual and release as
+    /// usual. A load balancer reading readiness sends new sessions elsewhere.
+    pub fn drain(&self) {
+        self.inner.draining.store(true, Ordering::SeqCst);
+        self.inner.closing.store(true, Ordering::SeqCst);
+        tracing::info!(
+            sessions = self.active_sessions(),
+            "draining: no new sessions here; running ones continue"
+        );
+    }
+
+    /// Whether this node can take a new session of the default size now: not draining,
+    /// its store reachable, and every backend with room (see
+    /// [`ResourceBackend::room_for`](crate::ResourceBackend::room_for)).
+    pub async fn readiness(&self) -> Readiness {
+        if self.is_draining() {
+            return Readiness::Draining;
+        }
+        if let Err(e) = self.inner.store.ping().await {
+            return Readiness::StoreUnreachable(e.to_string());
+        }
+        for backend in &self.inner.backends {
+            match backend.room_for(Default::default()).await {
+                Ok(()) => {}
+                Err(crate::AcquireError::CapacityExhausted(why)) => {
+                    return Readiness::NoCapacity(why);
+                }
+                Err(crate::AcquireError::Failed(why)) => {
+                    return Readiness::NoCapacity(format!("{}: {why}", backend.name()));
+                }
+            }
+        }
+        Readiness::Ready
+    }
+
+    /// Whether this node is draining.
+    pub fn is_draining(&self) -> bool {
+        self.inner.draining.load(Ordering::SeqCst)
+    }
+
+    /// Waits until this node runs no started session, or `timeout` passes on the engine's
+    /// clock. Whether it drained.
+    pub async fn wait_drained(&self, timeout: Duration) -> bool {
+        let inner = &self.inner;
+        let give_up = inner.clock.now().saturating_add(timeout);
+        loop {
+            if self.active_sessions() == 0 {
+                return true;
+            }
+            let now = inner.clock.now();
+            if now >= give_up {
+                return false;
+            }
+            let next = now.saturating_add(Duration::from_millis(100)).min(give_up);
+            inner.clock.sleep_until(next).await;
+        }
+    }
+
+    /// Stops for an in-place upgrade: takes no new sessions, ends none, releases nothing,
+    /// and stops every task the engine started. The avatar servers and everything the
+    /// sessions hold stay as they are; the next run of the same node (same node id, same
+    /// store) takes them back before it serves: timers, processes, GPU shares and the
+    /// releases it owes. It must come back within the node timeout, or other instances
+    /// take its sessions over (`node_lost`). Returns the number of sessions left running.
+    pub async fn handover(&self) -> usize {
+        let inner = &self.inner;
+        inner.closing.store(true, Ordering::SeqCst);
+        inner.cancel.cancel();
+        for tracker in [&inner.tasks, &inner.release_tasks] {
+            tracker.close();
+            tracker.wait().await;
+        }
+        let running = self.active_sessions();
+        tracing::info!(
+            sessions = running,
+            "handed over: sessions and their resources keep running for the next start"
+        );
+        running
     }
 
     /// Runs this node's due releases until none is due or running; waits for a pending

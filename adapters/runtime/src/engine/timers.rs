@@ -7,12 +7,13 @@ use session_lifecycle::{
     EndReason, Policy, ReleaseOutcome, SessionId, SessionTable, Status, Timestamp, Work,
 };
 
-use super::{DueReport, Engine, EngineError, STORE_RETRY, TIMER_SLOTS};
+use super::{DueReport, Engine, EngineError, STORE_RETRY, TIMER_SLOTS, lock};
 
 /// What the store says of a session whose orphan timer fired here.
 enum Liveness {
-    /// Started, and a liveness signal reached another instance since: alive until
-    /// `last_seen_at + orphan_timeout`.
+    /// Started, and not silent for the orphan timeout: a liveness signal reached another
+    /// instance, or part of the silence was an outage of this instance's store. Alive as if
+    /// last seen at this time.
     SeenElsewhere(Timestamp),
     /// Ended already (elsewhere), for this reason.
     Ended(EndReason),
@@ -47,8 +48,14 @@ impl Engine {
             due
         };
         let mut report = DueReport::default();
+        let judging = self.may_judge(now).await;
         for (id, reason) in due {
             if reason == EndReason::Orphaned {
+                if !judging {
+                    // Silence is not judged during an outage or while it settles.
+                    self.retry_timer_later(id, now);
+                    continue;
+                }
                 match self.liveness(id, now).await {
                     Liveness::SeenElsewhere(last_seen) => {
                         let mut timers = self.timers();
@@ -107,11 +114,16 @@ impl Engine {
         if let Some(reason) = session.end_reason() {
             return Liveness::Ended(reason);
         }
-        let orphan_at = session
-            .last_seen_at()
-            .saturating_add(self.inner.config.policy.orphan_timeout);
-        if session.status() == Status::Started && orphan_at > now {
-            Liveness::SeenElsewhere(session.last_seen_at())
+        // Time during which this instance could not reach the store is not silence.
+        let last_seen = session.last_seen_at();
+        let unreachable = lock(&self.inner.health).unreachable_within(last_seen, now);
+        let silence = now
+            .saturating_duration_since(last_seen)
+            .saturating_sub(unreachable);
+        let timeout = self.inner.config.policy.orphan_timeout;
+        if session.status() == Status::Started && silence < timeout {
+            // Alive until its silence reaches the timeout: as if last seen that much later.
+            Liveness::SeenElsewhere(now.saturating_sub(silence))
         } else {
             Liveness::Silent
         }

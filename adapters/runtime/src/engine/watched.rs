@@ -1,0 +1,177 @@
+//! The engine's view of its store: every call goes through here, which keeps the memory of
+//! outages ([`StoreHealth`]) that liveness judgements rely on.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use session_lifecycle::{EndReason, Resource, SessionId, Timestamp, Transition};
+
+use super::health::StoreHealth;
+use super::lock;
+use crate::clock::RuntimeClock;
+use crate::store::{
+    AttachOutcome, BoxFuture, CreateOutcome, ListQuery, NewSession, ReleaseClaim, ReleaseProgress,
+    RoomEvent, RoomUpdate, SessionRecord, Store, StoreError, TouchOutcome,
+};
+
+/// Wraps the engine's store and records, after each call, whether the store could be
+/// reached.
+pub(crate) struct WatchedStore {
+    inner: Arc<dyn Store>,
+    health: Arc<Mutex<StoreHealth>>,
+    clock: Arc<dyn RuntimeClock>,
+}
+
+impl WatchedStore {
+    pub(crate) fn new(
+        inner: Arc<dyn Store>,
+        health: Arc<Mutex<StoreHealth>>,
+        clock: Arc<dyn RuntimeClock>,
+    ) -> WatchedStore {
+        WatchedStore {
+            inner,
+            health,
+            clock,
+        }
+    }
+
+    fn observe<T>(&self, result: &Result<T, StoreError>) {
+        let reachable = !matches!(result, Err(StoreError::Unavailable(_)));
+        lock(&self.health).observe(reachable, self.clock.now());
+    }
+}
+
+macro_rules! watched {
+    ($self:ident, $call:expr) => {
+        Box::pin(async move {
+            let result = $call.await;
+            $self.observe(&result);
+            result
+        })
+    };
+}
+
+impl Store for WatchedStore {
+    fn create(&self, new: NewSession) -> BoxFuture<'_, Result<CreateOutcome, StoreError>> {
+        watched!(self, self.inner.create(new))
+    }
+    fn attach(
+        &self,
+        id: SessionId,
+        resource: Resource,
+    ) -> BoxFuture<'_, Result<AttachOutcome, StoreError>> {
+        watched!(self, self.inner.attach(id, resource))
+    }
+    fn end(
+        &self,
+        id: SessionId,
+        now: Timestamp,
+        reason: EndReason,
+        claim: Option<ReleaseClaim>,
+    ) -> BoxFuture<'_, Result<Option<(SessionRecord, Transition)>, StoreError>> {
+        watched!(self, self.inner.end(id, now, reason, claim))
+    }
+    fn get(&self, id: SessionId) -> BoxFuture<'_, Result<Option<SessionRecord>, StoreError>> {
+        watched!(self, self.inner.get(id))
+    }
+    fn list(&self, query: ListQuery) -> BoxFuture<'_, Result<Vec<SessionRecord>, StoreError>> {
+        watched!(self, self.inner.list(query))
+    }
+    fn touch(
+        &self,
+        id: SessionId,
+        now: Timestamp,
+    ) -> BoxFuture<'_, Result<TouchOutcome, StoreError>> {
+        watched!(self, self.inner.touch(id, now))
+    }
+    fn due(
+        &self,
+        now: Timestamp,
+        orphan_timeout: Duration,
+        limit: u32,
+    ) -> BoxFuture<'_, Result<Vec<(SessionId, EndReason)>, StoreError>> {
+        watched!(self, self.inner.due(now, orphan_timeout, limit))
+    }
+    fn claim_releases(
+        &self,
+        node: &str,
+        now: Timestamp,
+        lease: Duration,
+        limit: u32,
+    ) -> BoxFuture<'_, Result<Vec<SessionRecord>, StoreError>> {
+        let node = node.to_owned();
+        Box::pin(async move {
+            let result = self.inner.claim_releases(&node, now, lease, limit).await;
+            self.observe(&result);
+            result
+        })
+    }
+    fn record_release(
+        &self,
+        node: &str,
+        progress: ReleaseProgress,
+    ) -> BoxFuture<'_, Result<(), StoreError>> {
+        let node = node.to_owned();
+        Box::pin(async move {
+            let result = self.inner.record_release(&node, progress).await;
+            self.observe(&result);
+            result
+        })
+    }
+    fn drop_claims(&self, node: &str) -> BoxFuture<'_, Result<(), StoreError>> {
+        let node = node.to_owned();
+        Box::pin(async move {
+            let result = self.inner.drop_claims(&node).await;
+            self.observe(&result);
+            result
+        })
+    }
+    fn node_alive(&self, node: &str, now: Timestamp) -> BoxFuture<'_, Result<(), StoreError>> {
+        let node = node.to_owned();
+        Box::pin(async move {
+            let result = self.inner.node_alive(&node, now).await;
+            self.observe(&result);
+            result
+        })
+    }
+    fn end_dead_nodes(
+        &self,
+        except: &str,
+        now: Timestamp,
+        node_timeout: Duration,
+        limit: u32,
+    ) -> BoxFuture<'_, Result<Vec<SessionId>, StoreError>> {
+        let except = except.to_owned();
+        Box::pin(async move {
+            let result = self
+                .inner
+                .end_dead_nodes(&except, now, node_timeout, limit)
+                .await;
+            self.observe(&result);
+            result
+        })
+    }
+    fn watch_releases<'a>(
+        &'a self,
+        node: &'a str,
+        wake: &'a (dyn Fn() + Send + Sync),
+    ) -> BoxFuture<'a, ()> {
+        self.inner.watch_releases(node, wake)
+    }
+    fn room_event(
+        &self,
+        event: RoomEvent,
+        now: Timestamp,
+    ) -> BoxFuture<'_, Result<Option<Vec<RoomUpdate>>, StoreError>> {
+        watched!(self, self.inner.room_event(event, now))
+    }
+    fn room_presence(&self, id: SessionId) -> BoxFuture<'_, Result<u32, StoreError>> {
+        watched!(self, self.inner.room_presence(id))
+    }
+    fn touch_present(&self, now: Timestamp) -> BoxFuture<'_, Result<Vec<SessionId>, StoreError>> {
+        watched!(self, self.inner.touch_present(now))
+    }
+    fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+        watched!(self, self.inner.ping())
+    }
+}
