@@ -351,18 +351,12 @@ fn get_record(conn: &Connection, id: &str) -> Result<Option<SessionRecord>, Stor
 }
 
 /// What the core's end does to a session's resources, in the same transaction as the end:
-/// every held one becomes a pending release due at the end, and the session's next
-/// release is due then if it holds any.
-fn mark_releases_due(c: &Connection, id: &str) -> Result<(), StoreError> {
+/// every held one becomes a pending release due at the end.
+fn mark_resources_due(c: &Connection, id: &str) -> Result<(), StoreError> {
     c.prepare_cached(
         "UPDATE resources SET state = 'pending', attempts = 0,
                 retry_at = (SELECT ended_at FROM sessions WHERE id = ?1)
          WHERE session_id = ?1 AND state = 'held'",
-    )
-    .and_then(|mut s| s.execute([id]))
-    .map_err(db)?;
-    c.prepare_cached(
-        "UPDATE sessions SET release_due_at = ended_at WHERE id = ?1 AND resource_count > 0",
     )
     .and_then(|mut s| s.execute([id]))
     .map_err(db)?;
@@ -467,23 +461,32 @@ impl Store for SqliteStore {
     ) -> BoxFuture<'_, Result<Option<(SessionRecord, Transition)>, StoreError>> {
         Box::pin(self.write(move |c| {
             let id_text = id.to_string();
+            let (claim_node, claim_until) = match &claim {
+                Some(claim) => (Some(claim.node.as_str()), Some(ms(claim.until))),
+                None => (None, None),
+            };
+            // One statement for the session row: the end, its next release due at the end
+            // if it holds anything, and the claim of the node ending its own session.
             let n = c
                 .prepare_cached(
-                    "UPDATE sessions SET status = 'ended', ended_at = MAX(?2, started_at), end_reason = ?3
+                    "UPDATE sessions SET status = 'ended', ended_at = MAX(?2, started_at), end_reason = ?3,
+                            release_due_at = CASE WHEN resource_count > 0 THEN MAX(?2, started_at) END,
+                            release_claimed_by = CASE WHEN resource_count > 0 AND node = ?4 THEN ?4 END,
+                            release_claimed_until = CASE WHEN resource_count > 0 AND node = ?4 THEN ?5 END
                      WHERE id = ?1 AND status = 'started'",
                 )
-                .and_then(|mut s| s.execute(params![id_text, ms(now), reason.as_str()]))
+                .and_then(|mut s| {
+                    s.execute(params![
+                        id_text,
+                        ms(now),
+                        reason.as_str(),
+                        claim_node,
+                        claim_until
+                    ])
+                })
                 .map_err(db)?;
             let transition = if n == 1 {
-                mark_releases_due(c, &id_text)?;
-                if let Some(claim) = &claim {
-                    c.prepare_cached(
-                        "UPDATE sessions SET release_claimed_by = ?2, release_claimed_until = ?3
-                         WHERE id = ?1 AND node = ?2 AND release_due_at IS NOT NULL",
-                    )
-                    .and_then(|mut s| s.execute(params![id_text, claim.node, ms(claim.until)]))
-                    .map_err(db)?;
-                }
+                mark_resources_due(c, &id_text)?;
                 Transition::Committed
             } else {
                 Transition::AlreadyEnded
@@ -739,7 +742,9 @@ impl Store for SqliteStore {
                 let ids: Vec<String> = c
                     .prepare_cached(
                         "UPDATE sessions SET status = 'ended', ended_at = MAX(?2, started_at),
-                                end_reason = 'node_lost'
+                                end_reason = 'node_lost',
+                                release_due_at = CASE WHEN resource_count > 0
+                                                 THEN MAX(?2, started_at) END
                          WHERE id IN (SELECT id FROM sessions
                                       WHERE node = ?1 AND status = 'started' LIMIT ?3)
                          RETURNING id",
@@ -750,7 +755,7 @@ impl Store for SqliteStore {
                     })
                     .map_err(db)?;
                 for id in &ids {
-                    mark_releases_due(c, id)?;
+                    mark_resources_due(c, id)?;
                     ended.push(parse_id(id)?);
                 }
                 c.prepare_cached(

@@ -365,8 +365,13 @@ async fn sixty_four_concurrent_ends_a_thousand_times() {
         for t in tasks {
             answers.push(t.await.unwrap());
         }
+        // Every answer names the same ending; release progress may move between them
+        // (the HTTP end answer leaves it out for that reason).
         assert!(
-            answers.windows(2).all(|w| w[0] == w[1]),
+            answers
+                .windows(2)
+                .all(|w| w[0].session.ending() == w[1].session.ending()
+                    && w[0].session.id() == w[1].session.id()),
             "round {round}: answers differ"
         );
         engine.run_due().await.unwrap();
