@@ -113,7 +113,7 @@ pub async fn end_concurrently(engines: &[Engine], ids: Vec<(usize, SessionId)>) 
 pub async fn end_in_store<S: Store>(store: &S, ids: Vec<SessionId>) {
     for id in ids {
         store
-            .end(id, SystemClock.now(), EndReason::Requested, None)
+            .end(id, None, SystemClock.now(), EndReason::Requested, None)
             .await
             .unwrap();
     }

@@ -543,8 +543,11 @@ impl Session {
         self.last_seen_at = self.last_seen_at.max(now);
     }
 
-    /// Adds a resource to a started session.
-    pub(crate) fn attach(&mut self, resource: Resource) -> Result<(), AttachRefusal> {
+    /// Adds a resource to a started session, after those it holds: refused once it ended,
+    /// for a resource it already holds, or past [`MAX_RESOURCES`]. A table's
+    /// [`attach`](crate::SessionTable::attach) calls this; a driver that keeps a session
+    /// elsewhere mirrors the attach it recorded.
+    pub fn attach(&mut self, resource: Resource) -> Result<(), AttachRefusal> {
         if self.ending.is_some() {
             return Err(AttachRefusal::SessionEnded);
         }

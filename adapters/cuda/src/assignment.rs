@@ -10,8 +10,8 @@ use tokio::time::Instant;
 
 use session_lifecycle::{Resource, ResourceKind, SessionId};
 use session_lifecycle_runtime::{
-    AcquireError, AcquireRequest, Acquired, BoxFuture, EventSink, ReleaseError, ResourceBackend,
-    ResourceRequest,
+    AcquireError, AcquireRequest, Acquired, BoxFuture, EventSink, ReleaseError, ReleaseNote,
+    ResourceBackend, ResourceRequest,
 };
 
 use session_lifecycle_process::session_of_pid;
@@ -189,8 +189,8 @@ impl AssignmentBackend {
             })
         })
         .await
-        .map_err(|e| ReleaseError(format!("NVML query task failed: {e}")))?
-        .map_err(|e| ReleaseError(e.to_string()))
+        .map_err(|e| ReleaseError::transient("NVML query task failed").caused_by(e))?
+        .map_err(|e| ReleaseError::transient("NVML query failed").caused_by(e))
     }
 
     /// Waits up to `limit` until `session` holds nothing on `device`; the pids still holding
@@ -219,6 +219,10 @@ impl ResourceBackend for AssignmentBackend {
 
     fn name(&self) -> &'static str {
         "gpu-assignment"
+    }
+
+    fn kind_name(&self) -> &'static str {
+        "gpu_assignment"
     }
 
     /// The wait for the memory, the kill and its wait, and a margin.
@@ -311,7 +315,7 @@ impl ResourceBackend for AssignmentBackend {
         &self,
         session: SessionId,
         resource: Resource,
-    ) -> BoxFuture<'_, Result<String, ReleaseError>> {
+    ) -> BoxFuture<'_, Result<ReleaseNote, ReleaseError>> {
         Box::pin(async move {
             let device = assignment_device(resource.handle);
             let started = Instant::now();
@@ -319,31 +323,44 @@ impl ResourceBackend for AssignmentBackend {
                 .wait_freed(session, device, self.config.release_timeout)
                 .await?;
             let note = if holders.is_empty() {
-                "freed".to_owned()
+                ReleaseNote::Freed
             } else {
-                // Escalate: whatever still holds the session's memory is killed.
+                // Escalate: whatever of the session still holds its memory is killed.
                 for pid in &holders {
-                    if let Some(pid) = rustix::process::Pid::from_raw(*pid as i32) {
-                        let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
-                    }
+                    kill_if_session(*pid, session);
                 }
                 tracing::warn!(session = %session, device, pids = ?holders, "GPU memory not freed in time; killed its processes");
                 let left = self
                     .wait_freed(session, device, self.config.kill_wait)
                     .await?;
                 if !left.is_empty() {
-                    return Err(ReleaseError(format!(
+                    return Err(ReleaseError::transient(format!(
                         "GPU {device} memory still held by pids {left:?} after SIGKILL"
                     )));
                 }
-                format!(
-                    "escalated: killed pids {holders:?} after {} ms",
-                    started.elapsed().as_millis()
-                )
+                ReleaseNote::Escalated {
+                    pids: holders,
+                    after: started.elapsed(),
+                }
             };
             lock(&self.promises).remove(&resource.handle);
             Ok(note)
         })
+    }
+}
+
+/// SIGKILL to `pid` if it is still a process of `session`: the pid is pinned with a pidfd
+/// first and checked after, so a pid reused by another process is never signalled.
+fn kill_if_session(pid: u32, session: SessionId) {
+    use rustix::process::{Pid, PidfdFlags, Signal, pidfd_open, pidfd_send_signal};
+    let Some(raw) = i32::try_from(pid).ok().and_then(Pid::from_raw) else {
+        return;
+    };
+    let Ok(pidfd) = pidfd_open(raw, PidfdFlags::empty()) else {
+        return;
+    };
+    if session_of_pid(pid) == Some(session) {
+        let _ = pidfd_send_signal(&pidfd, Signal::KILL);
     }
 }
 

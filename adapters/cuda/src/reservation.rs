@@ -9,7 +9,8 @@ use std::sync::{Arc, Mutex};
 use cudarc::driver::{CudaContext, CudaSlice};
 use session_lifecycle::{Resource, ResourceKind, SessionId};
 use session_lifecycle_runtime::{
-    AcquireError, AcquireRequest, Acquired, BoxFuture, EventSink, ReleaseError, ResourceBackend,
+    AcquireError, AcquireRequest, Acquired, BoxFuture, EventSink, ReleaseError, ReleaseNote,
+    ResourceBackend,
 };
 
 use crate::gpu::{GpuError, GpuInfo, cuda_driver_present, lock};
@@ -116,6 +117,10 @@ impl ResourceBackend for ReservationBackend {
         "gpu-reservation"
     }
 
+    fn kind_name(&self) -> &'static str {
+        "gpu_reservation"
+    }
+
     fn acquire<'a>(
         &'a self,
         request: AcquireRequest<'a>,
@@ -193,29 +198,29 @@ impl ResourceBackend for ReservationBackend {
         &self,
         _session: SessionId,
         resource: Resource,
-    ) -> BoxFuture<'_, Result<String, ReleaseError>> {
+    ) -> BoxFuture<'_, Result<ReleaseNote, ReleaseError>> {
         Box::pin(async move {
             let Some(allocation) = lock(&self.allocations).remove(&resource.handle) else {
                 // Freed already, or held by a process that has since exited (its memory
                 // went with it).
-                return Ok("gone".to_owned());
+                return Ok(ReleaseNote::Gone);
             };
             let devices = Arc::clone(&self.devices);
             tokio::task::spawn_blocking(move || {
                 let context = &devices[allocation.device].context;
-                context
-                    .bind_to_thread()
-                    .map_err(|e| ReleaseError(e.to_string()))?;
+                context.bind_to_thread().map_err(|e| {
+                    ReleaseError::transient("freeing device memory failed").caused_by(e)
+                })?;
                 let stream = allocation.memory.stream().clone();
                 drop(allocation.memory);
                 // The free is ordered on the stream: done when it is synchronized.
-                stream
-                    .synchronize()
-                    .map_err(|e| ReleaseError(e.to_string()))?;
-                Ok("freed".to_owned())
+                stream.synchronize().map_err(|e| {
+                    ReleaseError::transient("freeing device memory failed").caused_by(e)
+                })?;
+                Ok(ReleaseNote::Freed)
             })
             .await
-            .map_err(|e| ReleaseError(format!("free task failed: {e}")))?
+            .map_err(|e| ReleaseError::transient("free task failed").caused_by(e))?
         })
     }
 }

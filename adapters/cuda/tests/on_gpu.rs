@@ -228,7 +228,10 @@ async fn an_avatar_server_ignoring_sigterm_is_killed_and_reported() {
     let mut child = Command::new(fixture())
         .args(["512", "ignore-term"])
         .envs(share.env.iter().map(|(k, v)| (k, v)))
-        .env("SESSION_LIFECYCLE_SESSION_ID", session.to_string())
+        .env(
+            session_lifecycle_runtime::SESSION_ID_ENV,
+            session.to_string(),
+        )
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
@@ -244,7 +247,11 @@ async fn an_avatar_server_ignoring_sigterm_is_killed_and_reported() {
         .status()
         .unwrap();
     let t = Instant::now();
-    let note = backend.release(session, share.resource).await.unwrap();
+    let note = backend
+        .release(session, share.resource)
+        .await
+        .unwrap()
+        .to_string();
     let took = t.elapsed();
     println!(
         "GPU-RESULT escalation device=\"{}\" note=\"{note}\" release_took={took:?} held={}MiB",

@@ -13,7 +13,7 @@ use session_lifecycle_cuda::{
     GpuProcess, NvmlGpu, ReservationBackend, assignment_device, cuda_driver_present,
 };
 use session_lifecycle_runtime::{
-    AcquireError, AcquireRequest, EventSink, ResourceBackend, ResourceRequest,
+    AcquireError, AcquireRequest, EventSink, ReleaseNote, ResourceBackend, ResourceRequest,
 };
 
 const GIB: u64 = 1 << 30;
@@ -128,7 +128,7 @@ async fn placement_goes_where_most_memory_is_neither_used_nor_promised() {
     // A released share is room again.
     assert_eq!(
         backend.release(id(1), first).await.unwrap(),
-        "freed",
+        ReleaseNote::Freed,
         "no process of the session holds memory"
     );
     let (again, _) = acquire(&backend, id(5), 8 * GIB, Some(1)).await.unwrap();
@@ -161,7 +161,10 @@ fn holder(gpu: &FakeGpu, session: SessionId, ignore_term: bool) -> Holder {
     };
     let child = Command::new("sh")
         .args(["-c", script])
-        .env("SESSION_LIFECYCLE_SESSION_ID", session.to_string())
+        .env(
+            session_lifecycle_runtime::SESSION_ID_ENV,
+            session.to_string(),
+        )
         .spawn()
         .unwrap();
     // Until it has exec'd, /proc shows the parent's environment; NVML would not list it
@@ -194,7 +197,10 @@ async fn release_waits_for_the_memory_and_escalates_when_it_is_not_freed() {
         std::thread::sleep(Duration::from_millis(100));
         drop(polite);
     });
-    assert_eq!(backend.release(id(10), share).await.unwrap(), "freed");
+    assert_eq!(
+        backend.release(id(10), share).await.unwrap(),
+        ReleaseNote::Freed
+    );
     stopper.join().unwrap();
     assert!(!running(pid));
 
@@ -203,7 +209,7 @@ async fn release_waits_for_the_memory_and_escalates_when_it_is_not_freed() {
     let mut stubborn = holder(&gpu, id(11), true);
     let pid = stubborn.id();
     let started = std::time::Instant::now();
-    let note = backend.release(id(11), share).await.unwrap();
+    let note = backend.release(id(11), share).await.unwrap().to_string();
     assert!(
         note.starts_with(&format!("escalated: killed pids [{pid}]")),
         "{note}"
@@ -217,7 +223,10 @@ async fn release_waits_for_the_memory_and_escalates_when_it_is_not_freed() {
     // Another session's process is never touched.
     let (share, _) = acquire(&backend, id(12), GIB, None).await.unwrap();
     let bystander = holder(&gpu, id(13), true);
-    assert_eq!(backend.release(id(12), share).await.unwrap(), "freed");
+    assert_eq!(
+        backend.release(id(12), share).await.unwrap(),
+        ReleaseNote::Freed
+    );
     assert!(running(bystander.id()));
     drop(bystander);
     assert!(backend.promised().is_empty(), "every share returned");

@@ -795,8 +795,7 @@ pub async fn heartbeat(
     Path(id): Path<String>,
 ) -> Result<Json<SessionResponse>, ApiError> {
     let (tenant, id) = caller(&state, &headers, &id)?;
-    state.engine.touch(Some(&tenant.name), id).await?;
-    let record = state.engine.get(Some(&tenant.name), id).await?;
+    let record = state.engine.touch(Some(&tenant.name), id).await?;
     Ok(SessionResponse::of(&record))
 }
 

@@ -644,7 +644,7 @@ async fn graceful_shutdown_ends_sessions_and_stops_avatar_servers() {
         assert!(!pid_alive(pid), "avatar server {pid} stopped: {stat}");
     }
     let store = session_lifecycle_sqlite::SqliteStore::open(s.db()).unwrap();
-    use session_lifecycle_runtime::Store;
+    use session_lifecycle_runtime::SessionStore;
     for id in ids {
         let r = store
             .get(session_lifecycle::SessionId::parse(&id).unwrap())
@@ -842,7 +842,7 @@ async fn shutdown_closes_open_websockets_and_exits() {
     };
     assert!(status.success());
     let store = session_lifecycle_sqlite::SqliteStore::open(s.db()).unwrap();
-    use session_lifecycle_runtime::Store;
+    use session_lifecycle_runtime::SessionStore;
     let r = store
         .get(session_lifecycle::SessionId::parse(&id).unwrap())
         .await

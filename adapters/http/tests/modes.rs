@@ -11,7 +11,7 @@ use common::{Cluster, KEY, Node, client, json, send};
 use futures_util::StreamExt;
 use reqwest::{Method, StatusCode};
 use session_lifecycle::{EndReason, SessionId};
-use session_lifecycle_runtime::Store;
+use session_lifecycle_runtime::SessionStore;
 
 /// A session the test created: its id, client token and avatar server pid.
 struct Created {

@@ -22,8 +22,9 @@ use session_lifecycle_runtime::rows::{
     RELEASED_ON_RETURN, ResourceRow, SessionRow, millis as ms, parse_id, release_columns,
 };
 use session_lifecycle_runtime::{
-    AttachOutcome, BoxFuture, CreateOutcome, ListQuery, NewSession, ReleaseClaim, ReleaseProgress,
-    RoomEvent, RoomEventKind, RoomUpdate, SessionRecord, Store, StoreError, TouchOutcome,
+    AttachOutcome, BoxFuture, CreateOutcome, ListQuery, NewSession, NodeMembership, ReleaseClaim,
+    ReleaseProgress, ReleaseQueue, RoomEvent, RoomEventKind, RoomStore, RoomUpdate, SessionRecord,
+    SessionStore, StoreError, StoreHealth, TenantScope, TouchOutcome,
 };
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{NoTls, Row};
@@ -42,17 +43,37 @@ pub struct PostgresStore {
 /// node id).
 const RELEASES_CHANNEL: &str = "session_lifecycle_releases";
 
-/// A failure to reach or use the database, with the server's own message when it sent one
-/// (tokio-postgres shows only "db error" otherwise).
-fn unavailable(e: impl std::error::Error) -> StoreError {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
+/// A failure to reach or use the database: its error as the source, displayed with the
+/// server's own message and the rest of its chain (tokio-postgres alone shows only "db
+/// error").
+#[derive(Debug)]
+struct PgError(tokio_postgres::Error);
+
+impl std::fmt::Display for PgError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = std::error::Error::source(&self.0);
+        while let Some(cause) = source {
+            write!(f, ": {cause}")?;
+            source = cause.source();
+        }
+        Ok(())
     }
-    StoreError::Unavailable(text)
+}
+
+impl std::error::Error for PgError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.0)
+    }
+}
+
+pub(crate) fn unavailable(e: tokio_postgres::Error) -> StoreError {
+    StoreError::unavailable(PgError(e))
+}
+
+/// A failure of the connection pool (no connection could be had).
+fn pool_unavailable(e: impl std::error::Error + Send + Sync + 'static) -> StoreError {
+    StoreError::unavailable(e)
 }
 
 fn duration_ms(d: Duration) -> i64 {
@@ -62,7 +83,9 @@ fn duration_ms(d: Duration) -> i64 {
 impl PostgresStore {
     /// Connects to `url` (a `postgres://` URL) with a pool, and migrates the schema.
     pub async fn connect(url: &str) -> Result<PostgresStore, StoreError> {
-        let config: tokio_postgres::Config = url.parse().map_err(unavailable)?;
+        let config: tokio_postgres::Config = url
+            .parse()
+            .map_err(|e: tokio_postgres::Error| StoreError::InvalidConfig(Box::new(PgError(e))))?;
         let manager = Manager::from_config(
             config.clone(),
             NoTls,
@@ -80,15 +103,15 @@ impl PostgresStore {
             .create_timeout(Some(Duration::from_secs(5)))
             .runtime(deadpool_postgres::Runtime::Tokio1)
             .build()
-            .map_err(unavailable)?;
+            .map_err(|e| StoreError::InvalidConfig(Box::new(e)))?;
         let store = PostgresStore { pool, config };
-        let mut client = store.pool.get().await.map_err(unavailable)?;
+        let mut client = store.pool.get().await.map_err(pool_unavailable)?;
         schema::migrate(&mut client).await?;
         Ok(store)
     }
 
     async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
-        self.pool.get().await.map_err(unavailable)
+        self.pool.get().await.map_err(pool_unavailable)
     }
 
     /// Listens on one connection for ends that concern `node`, calling `wake` for each,
@@ -170,12 +193,25 @@ macro_rules! db_start_ms {
     };
 }
 
+/// Column `idx` of `row`: a type or NULL mismatch is a corrupt record, never a panic.
+fn col<'a, T: tokio_postgres::types::FromSql<'a>>(
+    row: &'a Row,
+    idx: usize,
+) -> Result<T, StoreError> {
+    row.try_get(idx).map_err(|e| StoreError::Corrupt {
+        id: row
+            .try_get::<_, String>(0)
+            .unwrap_or_else(|_| "(unknown)".to_owned()),
+        detail: format!("column {idx}: {e}"),
+    })
+}
+
 /// Groups rows of `record_columns!()` (ordered by session) into records.
 fn records(rows: &[Row]) -> Result<Vec<SessionRecord>, StoreError> {
     let mut out = Vec::new();
     let mut current: Option<(SessionRow, Vec<ResourceRow>)> = None;
     for row in rows {
-        let id: String = row.get(0);
+        let id: String = col(row, 0)?;
         if current.as_ref().is_none_or(|(s, _)| s.id != id) {
             if let Some((session, resources)) = current.take() {
                 out.push(session.into_record(resources)?);
@@ -183,17 +219,17 @@ fn records(rows: &[Row]) -> Result<Vec<SessionRecord>, StoreError> {
             current = Some((
                 SessionRow {
                     id,
-                    tenant: row.get(1),
-                    status: row.get(2),
-                    started_at: row.get(3),
-                    ended_at: row.get(4),
-                    end_reason: row.get(5),
-                    expires_at: row.get(6),
-                    last_seen_at: row.get(7),
-                    metadata: row.get(8),
-                    room_provider: row.get(9),
-                    room_name: row.get(10),
-                    node: row.get(11),
+                    tenant: col(row, 1)?,
+                    status: col(row, 2)?,
+                    started_at: col(row, 3)?,
+                    ended_at: col(row, 4)?,
+                    end_reason: col(row, 5)?,
+                    expires_at: col(row, 6)?,
+                    last_seen_at: col(row, 7)?,
+                    metadata: col(row, 8)?,
+                    room_provider: col(row, 9)?,
+                    room_name: col(row, 10)?,
+                    node: col(row, 11)?,
                 },
                 Vec::new(),
             ));
@@ -202,14 +238,14 @@ fn records(rows: &[Row]) -> Result<Vec<SessionRecord>, StoreError> {
         {
             resources.push(ResourceRow {
                 seq: i64::from(seq),
-                kind: i64::from(row.get::<_, i32>(13)),
-                handle: row.get(14),
-                state: row.get(15),
-                attempts: i64::from(row.get::<_, i32>(16)),
-                retry_at: row.get(17),
-                released_at: row.get(18),
-                note: row.get(19),
-                last_error: row.get(20),
+                kind: i64::from(col::<i32>(row, 13)?),
+                handle: col(row, 14)?,
+                state: col(row, 15)?,
+                attempts: i64::from(col::<i32>(row, 16)?),
+                retry_at: col(row, 17)?,
+                released_at: col(row, 18)?,
+                note: col(row, 19)?,
+                last_error: col(row, 20)?,
             });
         }
     }
@@ -241,7 +277,7 @@ fn resource_key(r: &Resource) -> (i32, i64) {
     (i32::from(r.kind.0), r.handle as i64)
 }
 
-impl Store for PostgresStore {
+impl SessionStore for PostgresStore {
     fn create(&self, new: NewSession) -> BoxFuture<'_, Result<CreateOutcome, StoreError>> {
         Box::pin(async move {
             let mut client = self.client().await?;
@@ -251,14 +287,15 @@ impl Store for PostgresStore {
                 tx.execute("SELECT pg_advisory_xact_lock(hashtext($1))", &[&new.tenant])
                     .await
                     .map_err(unavailable)?;
-                let running: i64 = tx
-                    .query_one(
+                let running: i64 = col(
+                    &tx.query_one(
                         "SELECT COUNT(*) FROM sessions WHERE tenant = $1 AND status = 'started'",
                         &[&new.tenant],
                     )
                     .await
-                    .map_err(unavailable)?
-                    .get(0);
+                    .map_err(unavailable)?,
+                    0,
+                )?;
                 if running >= i64::from(max) {
                     return Ok(CreateOutcome::LimitReached);
                 }
@@ -312,7 +349,7 @@ impl Store for PostgresStore {
             let Some(started) = started else {
                 return Ok(AttachOutcome::Refused);
             };
-            let node: String = started.get(0);
+            let node: String = col(&started, 0)?;
             let (kind, handle) = resource_key(&resource);
             let n = tx
                 .execute(
@@ -341,13 +378,14 @@ impl Store for PostgresStore {
         })
     }
 
-    fn end(
-        &self,
+    fn end<'a>(
+        &'a self,
         id: SessionId,
+        tenant: TenantScope<'a>,
         now: Timestamp,
         reason: EndReason,
         claim: Option<ReleaseClaim>,
-    ) -> BoxFuture<'_, Result<Option<(SessionRecord, Transition)>, StoreError>> {
+    ) -> BoxFuture<'a, Result<Option<(SessionRecord, Transition)>, StoreError>> {
         Box::pin(async move {
             let client = self.client().await?;
             let id_text = id.to_string();
@@ -365,7 +403,7 @@ impl Store for PostgresStore {
                                                                  AND node = $5 THEN $5 END,
                                             release_claimed_until = CASE WHEN resource_count > 0
                                                                     AND node = $5 THEN $6::BIGINT END
-                        WHERE id = $1 AND status = 'started'
+                        WHERE id = $1 AND status = 'started' AND ($7::TEXT IS NULL OR tenant = $7)
                         RETURNING *),
                      due AS (
                         UPDATE resources SET state = 'pending', attempts = 0,
@@ -396,6 +434,7 @@ impl Store for PostgresStore {
                         &RELEASES_CHANNEL,
                         &claim.as_ref().map(|c| c.node.as_str()),
                         &claim.as_ref().map(|c| ms(c.until)),
+                        &tenant,
                     ],
                 )
                 .await
@@ -403,9 +442,12 @@ impl Store for PostgresStore {
             if let Some(record) = records(&rows)?.pop() {
                 return Ok(Some((record, Transition::Committed)));
             }
-            // Already ended, or unknown. A fresh statement, whose snapshot includes the end
-            // that a concurrent call committed while this one waited on its row lock.
-            let record = get_record(&client, &id_text).await?;
+            // Already ended, unknown or out of scope. A fresh statement, whose snapshot
+            // includes the end that a concurrent call committed while this one waited on its
+            // row lock.
+            let record = get_record(&client, &id_text)
+                .await?
+                .filter(|r| tenant.is_none_or(|t| t == r.tenant));
             Ok(record.map(|r| (r, Transition::AlreadyEnded)))
         })
     }
@@ -459,33 +501,52 @@ impl Store for PostgresStore {
         })
     }
 
-    fn touch(
-        &self,
+    fn touch<'a>(
+        &'a self,
         id: SessionId,
+        tenant: TenantScope<'a>,
         now: Timestamp,
-    ) -> BoxFuture<'_, Result<TouchOutcome, StoreError>> {
+    ) -> BoxFuture<'a, Result<TouchOutcome, StoreError>> {
         Box::pin(async move {
             let client = self.client().await?;
-            let id_text = id.to_string();
-            let n = client
-                .execute(
-                    "UPDATE sessions SET last_seen_at = GREATEST(last_seen_at, $2)
-                     WHERE id = $1 AND status = 'started'",
-                    &[&id_text, &ms(now)],
-                )
+            // One statement: the conditional touch and the record after it (its resources
+            // joined), with whether the touch applied.
+            let statement = client
+                .prepare_cached(concat!(
+                    "WITH touched AS (
+                        UPDATE sessions SET last_seen_at = GREATEST(last_seen_at, $2)
+                        WHERE id = $1 AND status = 'started' AND ($3::TEXT IS NULL OR tenant = $3)
+                        RETURNING *),
+                     current AS (
+                        SELECT * FROM touched
+                        UNION ALL
+                        SELECT * FROM sessions
+                        WHERE id = $1 AND NOT EXISTS (SELECT 1 FROM touched)
+                          AND ($3::TEXT IS NULL OR tenant = $3))
+                     SELECT ",
+                    record_columns!(),
+                    ", EXISTS (SELECT 1 FROM touched)
+                     FROM current s
+                     LEFT JOIN resources r ON r.session_id = s.id"
+                ))
                 .await
                 .map_err(unavailable)?;
-            if n == 1 {
-                return Ok(TouchOutcome::Touched);
-            }
-            let exists = client
-                .query_opt("SELECT 1 FROM sessions WHERE id = $1", &[&id_text])
+            let rows = client
+                .query(&statement, &[&id.to_string(), &ms(now), &tenant])
                 .await
                 .map_err(unavailable)?;
-            Ok(if exists.is_some() {
-                TouchOutcome::Ended
+            let touched = match rows.first() {
+                Some(row) => col::<bool>(row, 21)?,
+                None => return Ok(TouchOutcome::NotFound),
+            };
+            let record = records(&rows)?.pop().ok_or_else(|| StoreError::Corrupt {
+                id: id.to_string(),
+                detail: "a touched session without a record".to_owned(),
+            })?;
+            Ok(if touched {
+                TouchOutcome::Touched(record)
             } else {
-                TouchOutcome::NotFound
+                TouchOutcome::Ended(record)
             })
         })
     }
@@ -502,24 +563,26 @@ impl Store for PostgresStore {
                 .query(
                     "SELECT id, expires_at <= last_seen_at + $2 FROM sessions
                      WHERE status = 'started' AND (expires_at <= $1 OR last_seen_at <= $1 - $2)
-                     ORDER BY LEAST(expires_at, last_seen_at + $2) LIMIT $3",
+                     ORDER BY LEAST(expires_at, last_seen_at + $2), id LIMIT $3",
                     &[&ms(now), &duration_ms(orphan_timeout), &i64::from(limit)],
                 )
                 .await
                 .map_err(unavailable)?;
             rows.iter()
                 .map(|r| {
-                    let reason = if r.get::<_, bool>(1) {
+                    let reason = if col::<bool>(r, 1)? {
                         EndReason::Expired
                     } else {
                         EndReason::Orphaned
                     };
-                    Ok((parse_id(r.get(0))?, reason))
+                    Ok((parse_id(&col::<String>(r, 0)?)?, reason))
                 })
                 .collect()
         })
     }
+}
 
+impl ReleaseQueue for PostgresStore {
     fn claim_releases(
         &self,
         node: &str,
@@ -635,6 +698,23 @@ impl Store for PostgresStore {
         })
     }
 
+    fn watch_releases<'a>(
+        &'a self,
+        node: &'a str,
+        wake: &'a (dyn Fn() + Send + Sync),
+    ) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            loop {
+                if let Err(e) = self.listen(node, wake).await {
+                    tracing::warn!(error = %e, "listening for releases failed; reconnecting");
+                }
+                // Whatever was notified while not listening is found by this wake-up.
+                wake();
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        })
+    }
+
     fn drop_claims(&self, node: &str) -> BoxFuture<'_, Result<(), StoreError>> {
         let node = node.to_owned();
         Box::pin(async move {
@@ -650,7 +730,9 @@ impl Store for PostgresStore {
             Ok(())
         })
     }
+}
 
+impl NodeMembership for PostgresStore {
     fn node_alive(&self, node: &str, _now: Timestamp) -> BoxFuture<'_, Result<(), StoreError>> {
         let node = node.to_owned();
         Box::pin(async move {
@@ -704,7 +786,7 @@ impl Store for PostgresStore {
                 .map_err(unavailable)?;
             let mut ended = Vec::new();
             for row in dead {
-                let node: String = row.get(0);
+                let node: String = col(&row, 0)?;
                 let room = i64::from(limit).saturating_sub(ended.len() as i64);
                 let ids = tx
                     .query(
@@ -719,7 +801,7 @@ impl Store for PostgresStore {
                     )
                     .await
                     .map_err(unavailable)?;
-                let ids: Vec<String> = ids.iter().map(|r| r.get(0)).collect();
+                let ids: Vec<String> = ids.iter().map(|r| col(r, 0)).collect::<Result<_, _>>()?;
                 // What the core's end does to their resources (see `end`).
                 tx.execute(
                     "UPDATE resources SET state = 'pending', attempts = 0,
@@ -751,24 +833,9 @@ impl Store for PostgresStore {
             Ok(ended)
         })
     }
+}
 
-    fn watch_releases<'a>(
-        &'a self,
-        node: &'a str,
-        wake: &'a (dyn Fn() + Send + Sync),
-    ) -> BoxFuture<'a, ()> {
-        Box::pin(async move {
-            loop {
-                if let Err(e) = self.listen(node, wake).await {
-                    tracing::warn!(error = %e, "listening for releases failed; reconnecting");
-                }
-                // Whatever was notified while not listening is found by this wake-up.
-                wake();
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-        })
-    }
-
+impl RoomStore for PostgresStore {
     fn room_event(
         &self,
         event: RoomEvent,
@@ -800,7 +867,7 @@ impl Store for PostgresStore {
                 .map_err(unavailable)?;
             let mut updates = Vec::with_capacity(sessions.len());
             for row in sessions {
-                let id: String = row.get(0);
+                let id: String = col(&row, 0)?;
                 match &event.kind {
                     RoomEventKind::Joined { participant } | RoomEventKind::Left { participant } => {
                         let present = matches!(event.kind, RoomEventKind::Joined { .. });
@@ -845,10 +912,10 @@ impl Store for PostgresStore {
                     .map_err(unavailable)?;
                 updates.push(RoomUpdate {
                     session: parse_id(&id)?,
-                    present: u32::try_from(state.get::<_, i64>(0)).unwrap_or(u32::MAX),
+                    present: u32::try_from(col::<i64>(&state, 0)?).unwrap_or(u32::MAX),
                     // A leave implies a join, even one delivered later.
-                    ever_joined: state.get::<_, i64>(1) > 0,
-                    finished: state.get(2),
+                    ever_joined: col::<i64>(&state, 1)? > 0,
+                    finished: col(&state, 2)?,
                 });
             }
             tx.commit().await.map_err(unavailable)?;
@@ -859,15 +926,45 @@ impl Store for PostgresStore {
     fn room_presence(&self, id: SessionId) -> BoxFuture<'_, Result<u32, StoreError>> {
         Box::pin(async move {
             let client = self.client().await?;
-            let n: i64 = client
-                .query_one(
-                    "SELECT COUNT(*) FROM room_participants WHERE session_id = $1 AND present",
-                    &[&id.to_string()],
+            let n: i64 = col(
+                &client
+                    .query_one(
+                        "SELECT COUNT(*) FROM room_participants WHERE session_id = $1 AND present",
+                        &[&id.to_string()],
+                    )
+                    .await
+                    .map_err(unavailable)?,
+                0,
+            )?;
+            Ok(u32::try_from(n).unwrap_or(u32::MAX))
+        })
+    }
+
+    fn prune_rooms(
+        &self,
+        ended_before: Timestamp,
+        limit: u32,
+    ) -> BoxFuture<'_, Result<u32, StoreError>> {
+        Box::pin(async move {
+            let client = self.client().await?;
+            let pruned = client
+                .execute(
+                    "DELETE FROM room_participants WHERE session_id IN (
+                        SELECT DISTINCT p.session_id FROM room_participants p
+                        JOIN sessions s ON s.id = p.session_id
+                        WHERE s.status = 'ended' AND s.ended_at <= $1 LIMIT $2)",
+                    &[&ms(ended_before), &i64::from(limit)],
                 )
                 .await
-                .map_err(unavailable)?
-                .get(0);
-            Ok(u32::try_from(n).unwrap_or(u32::MAX))
+                .map_err(unavailable)?;
+            client
+                .execute(
+                    "DELETE FROM room_events WHERE received_at <= $1",
+                    &[&ms(ended_before)],
+                )
+                .await
+                .map_err(unavailable)?;
+            Ok(u32::try_from(pruned).unwrap_or(u32::MAX))
         })
     }
 
@@ -884,10 +981,14 @@ impl Store for PostgresStore {
                 )
                 .await
                 .map_err(unavailable)?;
-            rows.iter().map(|r| parse_id(r.get(0))).collect()
+            rows.iter()
+                .map(|r| parse_id(&col::<String>(r, 0)?))
+                .collect()
         })
     }
+}
 
+impl StoreHealth for PostgresStore {
     fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>> {
         Box::pin(async move {
             let client = self.client().await?;

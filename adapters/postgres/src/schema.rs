@@ -103,7 +103,7 @@ const MIGRATION_LOCK: i64 = 0x5e55_1011;
 /// Brings the database to [`SCHEMA_VERSION`]. Instances starting together take turns on an
 /// advisory lock; each migration commits with its version. Refuses a newer schema.
 pub async fn migrate(client: &mut Client) -> Result<(), StoreError> {
-    let err = |e: tokio_postgres::Error| StoreError::Unavailable(format!("migration: {e}"));
+    let err = crate::unavailable;
     let tx = client.transaction().await.map_err(err)?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
         .await
@@ -115,11 +115,12 @@ pub async fn migrate(client: &mut Client) -> Result<(), StoreError> {
         .query_one("SELECT COALESCE(MAX(version), 0) FROM schema_version", &[])
         .await
         .map_err(err)?;
-    let mut version: i32 = row.get(0);
+    let mut version: i32 = row.try_get(0).map_err(err)?;
     if version > SCHEMA_VERSION {
-        return Err(StoreError::Unavailable(format!(
-            "database schema version {version} is newer than this build's {SCHEMA_VERSION}"
-        )));
+        return Err(StoreError::NewerSchema {
+            found: i64::from(version),
+            supported: i64::from(SCHEMA_VERSION),
+        });
     }
     while version < SCHEMA_VERSION {
         tx.batch_execute(MIGRATIONS[version as usize])

@@ -24,9 +24,11 @@ use std::time::Duration;
 
 use rustix::process::{Pid, PidfdFlags, Signal, pidfd_open, pidfd_send_signal};
 use session_lifecycle::SessionId;
-use session_lifecycle_runtime::ReleaseError;
+use session_lifecycle_runtime::{ReleaseError, ReleaseNote};
 
-use crate::{KILL_WAIT, SESSION_ENV, describe};
+use session_lifecycle_runtime::SESSION_ID_ENV;
+
+use crate::KILL_WAIT;
 
 /// Where avatar servers' cgroups go.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -212,7 +214,7 @@ pub fn session_of_pid(pid: u32) -> Option<SessionId> {
 /// The session named in the environment of process `pid`.
 pub(crate) fn env_session(pid: u32) -> Option<SessionId> {
     let environ = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
-    let prefix = format!("{SESSION_ENV}=");
+    let prefix = format!("{SESSION_ID_ENV}=");
     environ.split(|b| *b == 0).find_map(|var| {
         let id = var.strip_prefix(prefix.as_bytes())?;
         SessionId::parse(std::str::from_utf8(id).ok()?).ok()
@@ -340,11 +342,12 @@ pub(crate) async fn stop(
     dir: &Path,
     session: SessionId,
     grace: Duration,
-) -> Result<String, ReleaseError> {
-    let failed =
-        |what: &str, e: io::Error| ReleaseError(format!("{what} of cgroup {}: {e}", dir.display()));
+) -> Result<ReleaseNote, ReleaseError> {
+    let failed = |what: &str, e: io::Error| {
+        ReleaseError::transient(format!("{what} of cgroup {}", dir.display())).caused_by(e)
+    };
     let note = if !populated(dir).map_err(|e| failed("reading cgroup.events", e))? {
-        "exited".to_owned()
+        ReleaseNote::Exited
     } else {
         signal_members(dir, session, Signal::TERM)
             .map_err(|e| failed("SIGTERM to the members", e))?;
@@ -352,7 +355,7 @@ pub(crate) async fn stop(
             .await
             .map_err(|e| failed("reading cgroup.events", e))?
         {
-            "sigterm".to_owned()
+            ReleaseNote::Sigterm
         } else {
             let left = members(dir)
                 .map_err(|e| failed("reading cgroup.procs", e))?
@@ -363,17 +366,13 @@ pub(crate) async fn stop(
                 .await
                 .map_err(|e| failed("reading cgroup.events", e))?
             {
-                return Err(ReleaseError(format!(
-                    "cgroup {} still populated {} after cgroup.kill",
+                return Err(ReleaseError::transient(format!(
+                    "cgroup {} still populated {} ms after cgroup.kill",
                     dir.display(),
-                    describe(KILL_WAIT)
+                    KILL_WAIT.as_millis()
                 )));
             }
-            let processes = if left == 1 { "process" } else { "processes" };
-            format!(
-                "sigkill: cgroup.kill after {} grace ({left} {processes} left)",
-                describe(grace)
-            )
+            ReleaseNote::CgroupKilled { grace, left }
         }
     };
     remove(dir)

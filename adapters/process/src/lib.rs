@@ -48,8 +48,8 @@ use std::time::Duration;
 use rustix::process::{Pid, Signal, kill_process_group};
 use session_lifecycle::{EndReason, Resource, ResourceKind, SessionId};
 use session_lifecycle_runtime::{
-    AcquireError, AcquireRequest, Acquired, BoxFuture, EventSink, ReleaseError, ResourceBackend,
-    ResourceEvent,
+    AcquireError, AcquireRequest, Acquired, BoxFuture, EventSink, ReleaseError, ReleaseNote,
+    ResourceBackend, ResourceEvent, SESSION_ID_ENV,
 };
 use tokio::sync::watch;
 
@@ -59,9 +59,6 @@ use cgroup::Cgroups;
 
 /// The resource kind of avatar server processes (the handle is the process id).
 pub const PROCESS_KIND: ResourceKind = ResourceKind(1);
-
-/// The variable that carries the session id into the avatar server's environment.
-pub const SESSION_ENV: &str = "SESSION_LIFECYCLE_SESSION_ID";
 
 /// How long to wait for a process to disappear after SIGKILL (or a cgroup to empty after
 /// `cgroup.kill`) before calling the release failed (it is retried).
@@ -215,7 +212,7 @@ impl ProcessBackend {
         cmd.args(&self.config.command[1..])
             .envs(self.config.env.iter().map(|(k, v)| (k, v)))
             .envs(request.env.iter().map(|(k, v)| (k, v)))
-            .env(SESSION_ENV, session.to_string())
+            .env(SESSION_ID_ENV, session.to_string())
             .stdin(std::process::Stdio::null())
             // Its own group: the fallback's stop, and harmless with a cgroup.
             .process_group(0)
@@ -298,7 +295,7 @@ impl ProcessBackend {
         })
     }
 
-    async fn stop(&self, session: SessionId, pid: u32) -> Result<String, ReleaseError> {
+    async fn stop(&self, session: SessionId, pid: u32) -> Result<ReleaseNote, ReleaseError> {
         let supervised = self.children().get(&pid).map(|c| {
             if c.session == session {
                 c.stopping.store(true, Ordering::SeqCst);
@@ -316,7 +313,7 @@ impl ProcessBackend {
                 self.stop_group(pid, Some(exited)).await
             }
             // Another session's process: never ours to stop.
-            Some(_) => Ok("gone".to_owned()),
+            Some(_) => Ok(ReleaseNote::Gone),
             None => self.stop_orphan(session, pid).await,
         };
         if result.is_ok() {
@@ -332,10 +329,10 @@ impl ProcessBackend {
         &self,
         pgid: u32,
         exited: Option<watch::Receiver<bool>>,
-    ) -> Result<String, ReleaseError> {
+    ) -> Result<ReleaseNote, ReleaseError> {
         let leader_reaped = exited.as_ref().is_some_and(|e| *e.borrow());
         if leader_reaped && group_members(pgid).is_empty() {
-            return Ok("exited".to_owned());
+            return Ok(ReleaseNote::Exited);
         }
         signal_group(pgid, Signal::TERM)?;
         let give_up = tokio::time::Instant::now() + self.config.grace;
@@ -347,25 +344,25 @@ impl ProcessBackend {
         }
         let left = give_up.saturating_duration_since(tokio::time::Instant::now());
         let note = if wait_group_gone(pgid, left).await {
-            "sigterm"
+            ReleaseNote::Sigterm
         } else {
             signal_group(pgid, Signal::KILL)?;
             if !wait_group_gone(pgid, KILL_WAIT).await {
-                return Err(ReleaseError(format!(
+                return Err(ReleaseError::transient(format!(
                     "process group {pgid} survived SIGKILL"
                 )));
             }
-            "sigkill"
+            ReleaseNote::Sigkill
         };
         if let Some(exited) = exited {
             wait_reaped(exited).await;
         }
-        Ok(note.to_owned())
+        Ok(note)
     }
 
     /// Stops a session a previous run of the service started (not our child): by its
     /// cgroup when it has one, else by `pid` if that still runs the session.
-    async fn stop_orphan(&self, session: SessionId, pid: u32) -> Result<String, ReleaseError> {
+    async fn stop_orphan(&self, session: SessionId, pid: u32) -> Result<ReleaseNote, ReleaseError> {
         let resumed = self
             .resumed
             .lock()
@@ -389,7 +386,7 @@ impl ProcessBackend {
         &self,
         session: SessionId,
         pid: u32,
-    ) -> Result<String, ReleaseError> {
+    ) -> Result<ReleaseNote, ReleaseError> {
         if let Some(cgroups) = &self.cgroups {
             let dir = cgroups.dir(session);
             if dir.exists() {
@@ -397,7 +394,7 @@ impl ProcessBackend {
             }
         }
         if !runs_session(pid, session) {
-            return Ok("gone".to_owned());
+            return Ok(ReleaseNote::Gone);
         }
         self.stop_group(pid, None).await
     }
@@ -427,15 +424,6 @@ fn join_cgroup_before_exec(cmd: &mut tokio::process::Command, procs: CString) {
     }
 }
 
-/// A duration for a note: `10 s`, `500 ms`.
-pub(crate) fn describe(d: Duration) -> String {
-    if d.subsec_millis() == 0 && d.as_secs() > 0 {
-        format!("{} s", d.as_secs())
-    } else {
-        format!("{} ms", d.as_millis())
-    }
-}
-
 /// Waits (up to [`KILL_WAIT`]) for the supervisor to reap a child that has exited.
 async fn wait_reaped(mut exited: watch::Receiver<bool>) {
     let _ = tokio::time::timeout(KILL_WAIT, exited.wait_for(|e| *e)).await;
@@ -443,12 +431,12 @@ async fn wait_reaped(mut exited: watch::Receiver<bool>) {
 
 fn signal_group(pgid: u32, signal: Signal) -> Result<(), ReleaseError> {
     let Some(pid) = i32::try_from(pgid).ok().and_then(Pid::from_raw) else {
-        return Err(ReleaseError(format!("invalid pid {pgid}")));
+        return Err(ReleaseError::permanent(format!("invalid pid {pgid}")));
     };
     match kill_process_group(pid, signal) {
         // Already gone: nothing left to stop.
         Ok(()) | Err(rustix::io::Errno::SRCH) => Ok(()),
-        Err(e) => Err(ReleaseError(format!(
+        Err(e) => Err(ReleaseError::transient(format!(
             "signal {signal:?} to process group {pgid}: {e}"
         ))),
     }
@@ -518,6 +506,10 @@ impl ResourceBackend for ProcessBackend {
         "process"
     }
 
+    fn kind_name(&self) -> &'static str {
+        "avatar_process"
+    }
+
     /// The grace, then SIGKILL and its wait, the reap and the cgroup's removal, and a
     /// margin.
     fn release_deadline(&self) -> Duration {
@@ -548,7 +540,7 @@ impl ResourceBackend for ProcessBackend {
                 // leads a process group (else any member; the release goes by cgroup).
                 let members = match &self.cgroups {
                     Some(cgroups) => cgroup::members(&cgroups.dir(session)).map_err(|e| {
-                        ReleaseError(format!("reading the cgroup of {session}: {e}"))
+                        ReleaseError::transient(format!("reading the cgroup of {session}: {e}"))
                     })?,
                     None => Vec::new(),
                 };
@@ -566,7 +558,7 @@ impl ResourceBackend for ProcessBackend {
             }
             // Process group leaders whose environment names one of the other sessions.
             let entries = std::fs::read_dir("/proc")
-                .map_err(|e| ReleaseError(format!("reading /proc: {e}")))?;
+                .map_err(|e| ReleaseError::transient(format!("reading /proc: {e}")))?;
             for entry in entries.flatten() {
                 let Some(pid) = entry
                     .file_name()
@@ -596,7 +588,7 @@ impl ResourceBackend for ProcessBackend {
     ) -> BoxFuture<'a, Result<(), ReleaseError>> {
         Box::pin(async move {
             let pid = u32::try_from(resource.handle)
-                .map_err(|_| ReleaseError(format!("invalid pid {}", resource.handle)))?;
+                .map_err(|_| ReleaseError::permanent(format!("invalid pid {}", resource.handle)))?;
             if self.children().contains_key(&pid) {
                 return Ok(());
             }
@@ -632,10 +624,10 @@ impl ResourceBackend for ProcessBackend {
         &self,
         session: SessionId,
         resource: Resource,
-    ) -> BoxFuture<'_, Result<String, ReleaseError>> {
+    ) -> BoxFuture<'_, Result<ReleaseNote, ReleaseError>> {
         Box::pin(async move {
             let pid = u32::try_from(resource.handle)
-                .map_err(|_| ReleaseError(format!("invalid pid {}", resource.handle)))?;
+                .map_err(|_| ReleaseError::permanent(format!("invalid pid {}", resource.handle)))?;
             self.stop(session, pid).await
         })
     }

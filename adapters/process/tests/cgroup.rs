@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use rustix::process::{Pid, PidfdFlags, Signal, pidfd_open, pidfd_send_signal};
 use session_lifecycle::{EndReason, Resource, SessionId, Timestamp};
 use session_lifecycle_process::{
-    CgroupMode, PROCESS_KIND, ProcessBackend, ProcessConfig, SESSION_ENV, session_of_pid,
+    CgroupMode, PROCESS_KIND, ProcessBackend, ProcessConfig, session_of_pid,
 };
 use session_lifecycle_runtime::{AcquireRequest, EventSink, ResourceBackend, ResourceEvent};
 use tokio::sync::mpsc::UnboundedReceiver;
@@ -67,7 +67,7 @@ impl Leftovers {
     fn sleeper(&mut self) -> u32 {
         let child = std::process::Command::new("sleep")
             .arg("30")
-            .env_remove(SESSION_ENV)
+            .env_remove(session_lifecycle_runtime::SESSION_ID_ENV)
             .spawn()
             .unwrap();
         let pid = child.id();
@@ -164,7 +164,10 @@ async fn start(
     id: SessionId,
     left: &mut Leftovers,
 ) -> (Resource, u32, UnboundedReceiver<ResourceEvent>) {
-    let env = vec![(SESSION_ENV.to_owned(), id.to_string())];
+    let env = vec![(
+        session_lifecycle_runtime::SESSION_ID_ENV.to_owned(),
+        id.to_string(),
+    )];
     let (sink, rx) = EventSink::channel();
     let acquired = b
         .acquire(
@@ -464,7 +467,7 @@ async fn session_of_pid_finds_a_grandchild_by_its_cgroup() {
 
     // The release stops whatever is in the cgroup, the stranger included.
     let note = b.release(id, resource).await.unwrap();
-    assert!(note.contains("cgroup.kill"), "{note}");
+    assert!(note.to_string().contains("cgroup.kill"), "{note}");
     assert!(!alive(stranger) && !alive(grandchild));
     assert!(!cgroup.exists());
 }

@@ -26,7 +26,10 @@ fn session(n: u128) -> SessionId {
 
 fn env_for(id: SessionId) -> Vec<(String, String)> {
     vec![
-        ("SESSION_LIFECYCLE_SESSION_ID".into(), id.to_string()),
+        (
+            session_lifecycle_runtime::SESSION_ID_ENV.into(),
+            id.to_string(),
+        ),
         ("CUDA_VISIBLE_DEVICES".into(), "3".into()),
     ]
 }
@@ -110,7 +113,7 @@ async fn a_server_ignoring_sigterm_is_killed_after_the_grace_period() {
     let started = Instant::now();
     let note = b.release(id, acquired.resource).await.unwrap();
     // `sigkill`, or `sigkill: cgroup.kill after ...` in cgroup mode.
-    assert!(note.starts_with("sigkill"), "{note}");
+    assert!(note.to_string().starts_with("sigkill"), "{note}");
     assert!(
         started.elapsed() >= grace,
         "killed only after the grace period"

@@ -3,7 +3,9 @@
 use session_lifecycle::{EndReason, Resource, ResourceKind, SessionId};
 use tokio::sync::mpsc;
 
-use crate::store::BoxFuture;
+use std::time::Duration;
+
+use crate::store::{BoxError, BoxFuture};
 
 /// What a session asks of its resources, beyond what every session gets.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -51,10 +53,153 @@ pub enum AcquireError {
     Failed(String),
 }
 
-/// Why a release attempt failed; the engine retries it with backoff.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct ReleaseError(pub String);
+/// Why a release attempt failed. The engine retries it after the policy's backoff, and the
+/// resource stays held meanwhile (a GPU share whose processes could not be stopped is never
+/// handed to another session).
+#[derive(Debug, thiserror::Error)]
+pub enum ReleaseError {
+    /// It may work on a later attempt (a process still exiting, a driver busy).
+    #[error("{message}")]
+    Transient {
+        /// What failed.
+        message: String,
+        /// The error underneath, if any.
+        #[source]
+        source: Option<BoxError>,
+    },
+    /// It cannot work as things are (no backend for the resource's kind, a handle that
+    /// names nothing valid): retried all the same, and logged as an error for an operator.
+    #[error("{message}")]
+    Permanent {
+        /// What failed.
+        message: String,
+        /// The error underneath, if any.
+        #[source]
+        source: Option<BoxError>,
+    },
+}
+
+impl ReleaseError {
+    /// A failure worth retrying.
+    pub fn transient(message: impl Into<String>) -> ReleaseError {
+        ReleaseError::Transient {
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    /// A failure retrying cannot fix.
+    pub fn permanent(message: impl Into<String>) -> ReleaseError {
+        ReleaseError::Permanent {
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    /// The same error, caused by `source`.
+    pub fn caused_by(self, source: impl Into<BoxError>) -> ReleaseError {
+        match self {
+            ReleaseError::Transient { message, .. } => ReleaseError::Transient {
+                message,
+                source: Some(source.into()),
+            },
+            ReleaseError::Permanent { message, .. } => ReleaseError::Permanent {
+                message,
+                source: Some(source.into()),
+            },
+        }
+    }
+
+    /// Whether retrying cannot fix it.
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, ReleaseError::Permanent { .. })
+    }
+}
+
+/// How a release went: the note kept with the released resource. Its display is the text
+/// the store keeps and the API shows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReleaseNote {
+    /// Every process of the avatar server exited within the grace after SIGTERM.
+    Sigterm,
+    /// The process group was killed with SIGKILL after the grace (no cgroup).
+    Sigkill,
+    /// Something in the server's cgroup ignored SIGTERM: `cgroup.kill` after the grace.
+    CgroupKilled {
+        /// The grace it had.
+        grace: Duration,
+        /// Processes left in the cgroup when it was killed.
+        left: usize,
+    },
+    /// The server had exited on its own and left nothing behind.
+    Exited,
+    /// The recorded process is no longer the session's: nothing was signalled.
+    Gone,
+    /// A GPU share: no process of the session held memory once its server was gone.
+    Freed,
+    /// A GPU share: processes of the session still held memory after the timeout and were
+    /// killed.
+    Escalated {
+        /// The processes killed.
+        pids: Vec<u32>,
+        /// How long after the release began.
+        after: Duration,
+    },
+    /// Any other backend's note.
+    Other(String),
+}
+
+impl std::fmt::Display for ReleaseNote {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReleaseNote::Sigterm => f.write_str("sigterm"),
+            ReleaseNote::Sigkill => f.write_str("sigkill"),
+            ReleaseNote::CgroupKilled { grace, left } => {
+                let processes = if *left == 1 { "process" } else { "processes" };
+                write!(
+                    f,
+                    "sigkill: cgroup.kill after {} grace ({left} {processes} left)",
+                    Brief(*grace)
+                )
+            }
+            ReleaseNote::Exited => f.write_str("exited"),
+            ReleaseNote::Gone => f.write_str("gone"),
+            ReleaseNote::Freed => f.write_str("freed"),
+            ReleaseNote::Escalated { pids, after } => write!(
+                f,
+                "escalated: killed pids {pids:?} after {} ms",
+                after.as_millis()
+            ),
+            ReleaseNote::Other(text) => f.write_str(text),
+        }
+    }
+}
+
+impl PartialEq<&str> for ReleaseNote {
+    /// Compares the note's text.
+    fn eq(&self, other: &&str) -> bool {
+        self.to_string() == *other
+    }
+}
+
+impl From<&str> for ReleaseNote {
+    fn from(text: &str) -> Self {
+        ReleaseNote::Other(text.to_owned())
+    }
+}
+
+/// A duration as a note shows it: `10 s`, `500 ms`.
+struct Brief(Duration);
+
+impl std::fmt::Display for Brief {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.0.subsec_millis() == 0 && self.0.as_secs() > 0 {
+            write!(f, "{} s", self.0.as_secs())
+        } else {
+            write!(f, "{} ms", self.0.as_millis())
+        }
+    }
+}
 
 /// Something that happened to a held resource on its own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,8 +238,14 @@ pub trait ResourceBackend: Send + Sync + 'static {
     /// backends.
     fn kind(&self) -> ResourceKind;
 
-    /// A short name for logs.
+    /// A short name for logs and settings (`process`, `gpu-assignment`).
     fn name(&self) -> &'static str;
+
+    /// What the API calls this backend's resources (`avatar_process`, `gpu_assignment`).
+    /// The default is [`name`](Self::name).
+    fn kind_name(&self) -> &'static str {
+        self.name()
+    }
 
     /// Acquires a resource for a starting session. Anything that happens to it later on
     /// its own is reported to `events`.
@@ -106,12 +257,12 @@ pub trait ResourceBackend: Send + Sync + 'static {
 
     /// Releases `resource`. Must be safe to repeat: releasing a resource that is already
     /// gone (a retry, or a release re-run after a crash) succeeds and does nothing. The
-    /// returned note says how it went (for example `sigterm` or `sigkill`).
+    /// returned note says how it went.
     fn release(
         &self,
         session: SessionId,
         resource: Resource,
-    ) -> BoxFuture<'_, Result<String, ReleaseError>>;
+    ) -> BoxFuture<'_, Result<ReleaseNote, ReleaseError>>;
 
     /// The longest one release may take, including the backend's own escalation (a
     /// SIGTERM grace and SIGKILL, an NVML wait and a kill). Past it the engine counts the

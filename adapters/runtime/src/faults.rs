@@ -7,9 +7,15 @@ use std::time::Duration;
 use session_lifecycle::{EndReason, Resource, SessionId, Timestamp, Transition};
 
 use crate::store::{
-    AttachOutcome, BoxFuture, CreateOutcome, ListQuery, NewSession, ReleaseClaim, ReleaseProgress,
-    RoomEvent, RoomUpdate, SessionRecord, Store, StoreError, TouchOutcome,
+    AttachOutcome, BoxFuture, CreateOutcome, ListQuery, NewSession, NodeMembership, ReleaseClaim,
+    ReleaseProgress, ReleaseQueue, RoomEvent, RoomStore, RoomUpdate, SessionRecord, SessionStore,
+    Store, StoreError, StoreHealth, TenantScope, TouchOutcome,
 };
+
+/// The error of a call a [`FaultyStore`] failed on purpose: the k-th call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("injected fault at call {0}")]
+pub struct InjectedFault(pub u64);
 
 /// When a [`FaultyStore`] fails.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,9 +87,7 @@ impl FaultyStore {
             };
         if fail {
             self.failures.fetch_add(1, Ordering::SeqCst);
-            Err(StoreError::Unavailable(format!(
-                "injected fault at call {k}"
-            )))
+            Err(StoreError::unavailable(InjectedFault(k)))
         } else {
             Ok(())
         }
@@ -99,7 +103,7 @@ macro_rules! guarded {
     };
 }
 
-impl Store for FaultyStore {
+impl SessionStore for FaultyStore {
     fn create(&self, new: NewSession) -> BoxFuture<'_, Result<CreateOutcome, StoreError>> {
         guarded!(self, self.inner.create(new))
     }
@@ -110,14 +114,15 @@ impl Store for FaultyStore {
     ) -> BoxFuture<'_, Result<AttachOutcome, StoreError>> {
         guarded!(self, self.inner.attach(id, resource))
     }
-    fn end(
-        &self,
+    fn end<'a>(
+        &'a self,
         id: SessionId,
+        tenant: TenantScope<'a>,
         now: Timestamp,
         reason: EndReason,
         claim: Option<ReleaseClaim>,
-    ) -> BoxFuture<'_, Result<Option<(SessionRecord, Transition)>, StoreError>> {
-        guarded!(self, self.inner.end(id, now, reason, claim))
+    ) -> BoxFuture<'a, Result<Option<(SessionRecord, Transition)>, StoreError>> {
+        guarded!(self, self.inner.end(id, tenant, now, reason, claim))
     }
     fn get(&self, id: SessionId) -> BoxFuture<'_, Result<Option<SessionRecord>, StoreError>> {
         guarded!(self, self.inner.get(id))
@@ -125,12 +130,13 @@ impl Store for FaultyStore {
     fn list(&self, query: ListQuery) -> BoxFuture<'_, Result<Vec<SessionRecord>, StoreError>> {
         guarded!(self, self.inner.list(query))
     }
-    fn touch(
-        &self,
+    fn touch<'a>(
+        &'a self,
         id: SessionId,
+        tenant: TenantScope<'a>,
         now: Timestamp,
-    ) -> BoxFuture<'_, Result<TouchOutcome, StoreError>> {
-        guarded!(self, self.inner.touch(id, now))
+    ) -> BoxFuture<'a, Result<TouchOutcome, StoreError>> {
+        guarded!(self, self.inner.touch(id, tenant, now))
     }
     fn due(
         &self,
@@ -140,6 +146,9 @@ impl Store for FaultyStore {
     ) -> BoxFuture<'_, Result<Vec<(SessionId, EndReason)>, StoreError>> {
         guarded!(self, self.inner.due(now, orphan_timeout, limit))
     }
+}
+
+impl ReleaseQueue for FaultyStore {
     fn claim_releases(
         &self,
         node: &str,
@@ -148,10 +157,7 @@ impl Store for FaultyStore {
         limit: u32,
     ) -> BoxFuture<'_, Result<Vec<SessionRecord>, StoreError>> {
         let node = node.to_owned();
-        Box::pin(async move {
-            self.check()?;
-            self.inner.claim_releases(&node, now, lease, limit).await
-        })
+        guarded!(self, self.inner.claim_releases(&node, now, lease, limit))
     }
     fn record_release(
         &self,
@@ -159,24 +165,25 @@ impl Store for FaultyStore {
         progress: ReleaseProgress,
     ) -> BoxFuture<'_, Result<(), StoreError>> {
         let node = node.to_owned();
-        Box::pin(async move {
-            self.check()?;
-            self.inner.record_release(&node, progress).await
-        })
+        guarded!(self, self.inner.record_release(&node, progress))
     }
     fn drop_claims(&self, node: &str) -> BoxFuture<'_, Result<(), StoreError>> {
         let node = node.to_owned();
-        Box::pin(async move {
-            self.check()?;
-            self.inner.drop_claims(&node).await
-        })
+        guarded!(self, self.inner.drop_claims(&node))
     }
+    fn watch_releases<'a>(
+        &'a self,
+        node: &'a str,
+        wake: &'a (dyn Fn() + Send + Sync),
+    ) -> BoxFuture<'a, ()> {
+        self.inner.watch_releases(node, wake)
+    }
+}
+
+impl NodeMembership for FaultyStore {
     fn node_alive(&self, node: &str, now: Timestamp) -> BoxFuture<'_, Result<(), StoreError>> {
         let node = node.to_owned();
-        Box::pin(async move {
-            self.check()?;
-            self.inner.node_alive(&node, now).await
-        })
+        guarded!(self, self.inner.node_alive(&node, now))
     }
     fn end_dead_nodes(
         &self,
@@ -186,20 +193,14 @@ impl Store for FaultyStore {
         limit: u32,
     ) -> BoxFuture<'_, Result<Vec<SessionId>, StoreError>> {
         let except = except.to_owned();
-        Box::pin(async move {
-            self.check()?;
-            self.inner
-                .end_dead_nodes(&except, now, node_timeout, limit)
-                .await
-        })
+        guarded!(
+            self,
+            self.inner.end_dead_nodes(&except, now, node_timeout, limit)
+        )
     }
-    fn watch_releases<'a>(
-        &'a self,
-        node: &'a str,
-        wake: &'a (dyn Fn() + Send + Sync),
-    ) -> BoxFuture<'a, ()> {
-        self.inner.watch_releases(node, wake)
-    }
+}
+
+impl RoomStore for FaultyStore {
     fn room_event(
         &self,
         event: RoomEvent,
@@ -213,6 +214,16 @@ impl Store for FaultyStore {
     fn touch_present(&self, now: Timestamp) -> BoxFuture<'_, Result<Vec<SessionId>, StoreError>> {
         guarded!(self, self.inner.touch_present(now))
     }
+    fn prune_rooms(
+        &self,
+        ended_before: Timestamp,
+        limit: u32,
+    ) -> BoxFuture<'_, Result<u32, StoreError>> {
+        guarded!(self, self.inner.prune_rooms(ended_before, limit))
+    }
+}
+
+impl StoreHealth for FaultyStore {
     fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>> {
         guarded!(self, self.inner.ping())
     }

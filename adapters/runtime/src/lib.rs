@@ -17,15 +17,17 @@
 
 mod backend;
 mod clock;
+#[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
 mod engine;
 pub mod faults;
+mod memory;
 mod metrics;
 pub mod rows;
 mod store;
 
 pub use backend::{
-    AcquireError, AcquireRequest, Acquired, EventSink, ReleaseError, ResourceBackend,
+    AcquireError, AcquireRequest, Acquired, EventSink, ReleaseError, ReleaseNote, ResourceBackend,
     ResourceEvent, ResourceRequest,
 };
 pub use clock::{ManualClock, RuntimeClock, SystemClock, TokioClock};
@@ -33,9 +35,11 @@ pub use engine::{
     Background, DueReport, Engine, EngineConfig, EngineError, Plan, Readiness, RoomEventReport,
     SESSION_ID_ENV, StartRequest, TIMER_SLOTS,
 };
+pub use memory::MemoryStore;
 pub use metrics::{Metrics, MetricsSnapshot, RELEASE_LATENCY_BUCKETS};
 pub use store::{
-    AttachOutcome, BoxFuture, CreateOutcome, ListQuery, NewSession, ReleaseAttempt, ReleaseClaim,
-    ReleaseProgress, RoomBinding, RoomEvent, RoomEventKind, RoomProvider, RoomUpdate,
-    SessionRecord, Store, StoreError, TouchOutcome,
+    AttachOutcome, BoxError, BoxFuture, CreateOutcome, ListQuery, NewSession, NodeMembership,
+    ReleaseAttempt, ReleaseClaim, ReleaseProgress, ReleaseQueue, RoomBinding, RoomEvent,
+    RoomEventKind, RoomProvider, RoomStore, RoomUpdate, SessionRecord, SessionStore, Store,
+    StoreError, StoreHealth, TenantScope, TouchOutcome,
 };

@@ -38,6 +38,9 @@ fn kind(id: &str, kind: i64) -> Result<ResourceKind, StoreError> {
         .map_err(|_| corrupt(id, format!("resource kind {kind}")))
 }
 
+/// The note of a resource its dead node still owes: this, then the node's id.
+pub const LOST_WITH_NODE: &str = "lost with node ";
+
 /// What a lost resource's note gets before the note of its release, once its node returned
 /// and released it: `lost with node <id>; released when the node returned: sigterm`.
 pub const RELEASED_ON_RETURN: &str = "; released when the node returned: ";

@@ -113,13 +113,13 @@ pub enum AttachOutcome {
 }
 
 /// What [`Store::touch`] did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TouchOutcome {
-    /// `last_seen_at` moved forward (it never moves back).
-    Touched,
-    /// The session has ended; nothing was written.
-    Ended,
-    /// No such session.
+    /// `last_seen_at` moved forward (it never moves back); the session as it now stands.
+    Touched(SessionRecord),
+    /// The session has ended; nothing was written. The session as it stands.
+    Ended(SessionRecord),
+    /// No such session in scope.
     NotFound,
 }
 
@@ -228,13 +228,29 @@ pub struct ReleaseAttempt {
     pub note: String,
 }
 
+/// Any error, boxed: the source of a [`StoreError::Unavailable`] or a [`ReleaseError`]
+/// (crate::ReleaseError).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
 /// Why a store call failed. Every failure leaves the store as it was before the call.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// The store cannot be reached or refused to work (I/O error, lock timeout, lost
-    /// connection). Worth retrying later.
+    /// connection). Worth retrying later. The source is the driver's own error.
     #[error("store unavailable: {0}")]
-    Unavailable(String),
+    Unavailable(#[source] BoxError),
+    /// The store's settings cannot be used (a malformed URL, ...). Not worth retrying.
+    #[error("invalid store settings: {0}")]
+    InvalidConfig(#[source] BoxError),
+    /// The store was written by a newer version of this software: its schema version is
+    /// beyond what this build knows. Not worth retrying.
+    #[error("the store's schema version {found} is newer than this build's {supported}")]
+    NewerSchema {
+        /// The version found in the store.
+        found: i64,
+        /// The newest version this build writes.
+        supported: i64,
+    },
     /// A record in the store is not a possible session (corruption or a foreign writer).
     #[error("corrupt record for {id}: {detail}")]
     Corrupt {
@@ -248,12 +264,31 @@ pub enum StoreError {
     DuplicateId(SessionId),
 }
 
-/// The durable record of sessions and of each resource's release state.
+impl StoreError {
+    /// The store could not be reached, because of `source`.
+    pub fn unavailable(source: impl Into<BoxError>) -> StoreError {
+        StoreError::Unavailable(source.into())
+    }
+
+    /// Whether the store could not be reached (as opposed to answering with a bad record
+    /// or a refusal): an outage.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, StoreError::Unavailable(_))
+    }
+}
+
+/// Which tenant's sessions a call may see: `Some(tenant)` from the API, where another
+/// tenant's session is the same as an unknown one; `None` for the service itself (timers,
+/// the sweeper, webhooks that name no tenant).
+pub type TenantScope<'a> = Option<&'a str>;
+
+/// Sessions: their records, created, attached to, ended, read, touched and swept.
 ///
-/// Every method is one atomic step: it commits entirely or not at all, and returns only
-/// after what it reports is durable. The conformance suite in
-/// [`crate::conformance`] pins down the semantics; every implementation runs it unchanged.
-pub trait Store: Send + Sync + 'static {
+/// Every method of every store trait is one atomic step: it commits entirely or not at
+/// all, and returns only after what it reports is durable. The conformance suite
+/// (`conformance`, behind the feature of that name) pins down the semantics; every
+/// implementation runs it unchanged.
+pub trait SessionStore: Send + Sync + 'static {
     /// Records a started session, unless the tenant is at its concurrency limit.
     fn create(&self, new: NewSession) -> BoxFuture<'_, Result<CreateOutcome, StoreError>>;
 
@@ -265,25 +300,27 @@ pub trait Store: Send + Sync + 'static {
         resource: Resource,
     ) -> BoxFuture<'_, Result<AttachOutcome, StoreError>>;
 
-    /// Ends `id` at `now` for `reason` if it is started, in one conditional write that
-    /// also does what the core's end does to its resources: every held one becomes a
-    /// pending release (no attempt yet, due at the end), and the session's next release is
-    /// due at the end if it holds any. `ended_at` is
+    /// Ends `id` at `now` for `reason` if it is started and in `tenant`'s scope, in one
+    /// conditional write that also does what the core's end does to its resources: every
+    /// held one becomes a pending release (no attempt yet, due at the end), and the
+    /// session's next release is due at the end if it holds any. `ended_at` is
     /// `max(now, started_at)`. Returns the session as it now stands and whether this call
     /// ended it; an already ended session is returned unchanged with
-    /// [`Transition::AlreadyEnded`]. `None` if there is no such session.
+    /// [`Transition::AlreadyEnded`]. `None` if there is no such session in scope (nothing
+    /// written).
     ///
     /// With `claim`, when the session runs on `claim.node` and has resources to release,
     /// this end also claims its releases for that node until `claim.until`, in the same
     /// write: the node ending its own session runs the releases at once, without another
-    /// round trip (see [`claim_releases`](Self::claim_releases)).
-    fn end(
-        &self,
+    /// round trip (see [`ReleaseQueue::claim_releases`]).
+    fn end<'a>(
+        &'a self,
         id: SessionId,
+        tenant: TenantScope<'a>,
         now: Timestamp,
         reason: EndReason,
         claim: Option<ReleaseClaim>,
-    ) -> BoxFuture<'_, Result<Option<(SessionRecord, Transition)>, StoreError>>;
+    ) -> BoxFuture<'a, Result<Option<(SessionRecord, Transition)>, StoreError>>;
 
     /// The session `id`, if any.
     fn get(&self, id: SessionId) -> BoxFuture<'_, Result<Option<SessionRecord>, StoreError>>;
@@ -291,23 +328,30 @@ pub trait Store: Send + Sync + 'static {
     /// Sessions matching `query`, newest first (ids are ULIDs, so by id descending).
     fn list(&self, query: ListQuery) -> BoxFuture<'_, Result<Vec<SessionRecord>, StoreError>>;
 
-    /// Records a liveness signal for a started session.
-    fn touch(
-        &self,
+    /// Records a liveness signal at `now` for the session `id` in `tenant`'s scope
+    /// (`last_seen_at` never moves back) if it is started, and returns it as it now stands
+    /// (a heartbeat's answer, in the same step).
+    fn touch<'a>(
+        &'a self,
         id: SessionId,
+        tenant: TenantScope<'a>,
         now: Timestamp,
-    ) -> BoxFuture<'_, Result<TouchOutcome, StoreError>>;
+    ) -> BoxFuture<'a, Result<TouchOutcome, StoreError>>;
 
     /// Started sessions that are due to end at `now`: past `expires_at` (`expired`) or
     /// without liveness for `orphan_timeout` (`orphaned`; an expiry wins a tie), at most
-    /// `limit`, most overdue first.
+    /// `limit`, most overdue first (by the earlier of their two deadlines).
     fn due(
         &self,
         now: Timestamp,
         orphan_timeout: Duration,
         limit: u32,
     ) -> BoxFuture<'_, Result<Vec<(SessionId, EndReason)>, StoreError>>;
+}
 
+/// The release queue: ended sessions whose next release is due, claimed by the node that
+/// holds their resources, and the progress its release runs make.
+pub trait ReleaseQueue: Send + Sync + 'static {
     /// Claims up to `limit` ended sessions run by `node` whose next release is due at
     /// `now` (the time the core last gave, see [`ReleaseProgress::next_release_at`]) and
     /// that no live claim holds, for `node` until `now + lease`, most overdue first. A
@@ -335,6 +379,22 @@ pub trait Store: Send + Sync + 'static {
     /// releases died with it), so their sessions can be claimed again at once.
     fn drop_claims(&self, node: &str) -> BoxFuture<'_, Result<(), StoreError>>;
 
+    /// Runs until dropped, calling `wake` whenever a release for `node` may have become
+    /// due because another instance ended one of its sessions. A store shared by several
+    /// instances pushes these (PostgreSQL: `LISTEN`); the engine also polls, so the
+    /// default, which never wakes, is correct for a store used by one instance.
+    fn watch_releases<'a>(
+        &'a self,
+        node: &'a str,
+        wake: &'a (dyn Fn() + Send + Sync),
+    ) -> BoxFuture<'a, ()> {
+        let _ = (node, wake);
+        Box::pin(std::future::pending())
+    }
+}
+
+/// Node membership: heartbeats, and taking over from nodes that stopped.
+pub trait NodeMembership: Send + Sync + 'static {
     /// Records that `node` is alive at `now` (its heartbeat), registering it if it is new.
     /// A node that was declared dead is alive again from this call on. A store shared by
     /// several machines records its own clock's time instead of `now`, and judges node
@@ -355,20 +415,10 @@ pub trait Store: Send + Sync + 'static {
         node_timeout: Duration,
         limit: u32,
     ) -> BoxFuture<'_, Result<Vec<SessionId>, StoreError>>;
+}
 
-    /// Runs until dropped, calling `wake` whenever a release for `node` may have become
-    /// due because another instance ended one of its sessions. A store shared by several
-    /// instances pushes these (PostgreSQL: `LISTEN`); the engine also polls, so the
-    /// default, which never wakes, is correct for a store used by one instance.
-    fn watch_releases<'a>(
-        &'a self,
-        node: &'a str,
-        wake: &'a (dyn Fn() + Send + Sync),
-    ) -> BoxFuture<'a, ()> {
-        let _ = (node, wake);
-        Box::pin(std::future::pending())
-    }
-
+/// Video rooms: who is present, from the providers' webhooks.
+pub trait RoomStore: Send + Sync + 'static {
     /// Applies a room event to the started sessions bound to its room, once: `None` if an
     /// event with this id was applied before. A participant's presence follows its latest
     /// event by `at`, so a leave delivered before its join leaves it absent. A join is a
@@ -386,6 +436,23 @@ pub trait Store: Send + Sync + 'static {
     /// present (room presence keeps a session alive), returning those sessions.
     fn touch_present(&self, now: Timestamp) -> BoxFuture<'_, Result<Vec<SessionId>, StoreError>>;
 
+    /// Forgets the room events and participants of sessions that ended at or before
+    /// `ended_before`, at most `limit` sessions' worth; returns how many sessions' rows went.
+    fn prune_rooms(
+        &self,
+        ended_before: Timestamp,
+        limit: u32,
+    ) -> BoxFuture<'_, Result<u32, StoreError>>;
+}
+
+/// Whether the store can be reached.
+pub trait StoreHealth: Send + Sync + 'static {
     /// Checks the store can be reached.
     fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>>;
 }
+
+/// The durable record of sessions and of each resource's release state: every capability
+/// a store has. Implement the capability traits; this one follows.
+pub trait Store: SessionStore + ReleaseQueue + NodeMembership + RoomStore + StoreHealth {}
+
+impl<T> Store for T where T: SessionStore + ReleaseQueue + NodeMembership + RoomStore + StoreHealth {}

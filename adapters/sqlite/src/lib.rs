@@ -24,14 +24,15 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+use rusqlite::{Connection, OpenFlags, params};
 use session_lifecycle::{EndReason, Resource, SessionId, Status, Timestamp, Transition};
 use session_lifecycle_runtime::rows::{
     RELEASED_ON_RETURN, ResourceRow, SessionRow, millis as ms, parse_id, release_columns,
 };
 use session_lifecycle_runtime::{
-    AttachOutcome, BoxFuture, CreateOutcome, ListQuery, NewSession, ReleaseClaim, ReleaseProgress,
-    RoomEvent, RoomEventKind, RoomUpdate, SessionRecord, Store, StoreError, TouchOutcome,
+    AttachOutcome, BoxFuture, CreateOutcome, ListQuery, NewSession, NodeMembership, ReleaseClaim,
+    ReleaseProgress, ReleaseQueue, RoomEvent, RoomEventKind, RoomStore, RoomUpdate, SessionRecord,
+    SessionStore, StoreError, StoreHealth, TenantScope, TouchOutcome,
 };
 use tokio::sync::oneshot;
 
@@ -58,10 +59,13 @@ struct Inner {
     writer: tokio::sync::Mutex<Connection>,
     queue: Mutex<Vec<Job>>,
     readers: Mutex<Vec<Connection>>,
+    /// Nodes whose releases may have become due (an end of their session here): one
+    /// process, so an in-process broadcast (bounded: a waiter that lags is woken).
+    releases_due: tokio::sync::broadcast::Sender<String>,
 }
 
-fn unavailable(e: impl std::fmt::Display) -> StoreError {
-    StoreError::Unavailable(e.to_string())
+fn unavailable(e: impl Into<session_lifecycle_runtime::BoxError>) -> StoreError {
+    StoreError::unavailable(e)
 }
 
 fn open_connection(path: &Path, flags: OpenFlags) -> Result<Connection, StoreError> {
@@ -91,7 +95,7 @@ impl SqliteStore {
             .pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))
             .map_err(unavailable)?;
         if !mode.eq_ignore_ascii_case("wal") {
-            return Err(StoreError::Unavailable(format!(
+            return Err(StoreError::unavailable(format!(
                 "{} cannot use WAL mode (got {mode})",
                 path.display()
             )));
@@ -103,6 +107,7 @@ impl SqliteStore {
                 writer: tokio::sync::Mutex::new(conn),
                 queue: Mutex::new(Vec::new()),
                 readers: Mutex::new(Vec::new()),
+                releases_due: tokio::sync::broadcast::channel(1024).0,
             }),
         })
     }
@@ -129,7 +134,7 @@ impl SqliteStore {
             let finish: Finish = Box::new(move |commit_error| {
                 let answer = match (result, commit_error) {
                     (Ok(v), None) => Ok(v),
-                    (Ok(_), Some(e)) => Err(StoreError::Unavailable(format!("commit failed: {e}"))),
+                    (Ok(_), Some(e)) => Err(StoreError::unavailable(format!("commit failed: {e}"))),
                     (Err(e), _) => Err(e),
                 };
                 let _ = tx.send(answer);
@@ -367,7 +372,7 @@ fn resource_key(r: &Resource) -> (i64, i64) {
     (i64::from(r.kind.0), r.handle as i64)
 }
 
-impl Store for SqliteStore {
+impl SessionStore for SqliteStore {
     fn create(&self, new: NewSession) -> BoxFuture<'_, Result<CreateOutcome, StoreError>> {
         Box::pin(self.write(move |c| {
             if let Some(max) = new.max_concurrent {
@@ -452,47 +457,66 @@ impl Store for SqliteStore {
         }))
     }
 
-    fn end(
-        &self,
+    fn end<'a>(
+        &'a self,
         id: SessionId,
+        tenant: TenantScope<'a>,
         now: Timestamp,
         reason: EndReason,
         claim: Option<ReleaseClaim>,
-    ) -> BoxFuture<'_, Result<Option<(SessionRecord, Transition)>, StoreError>> {
-        Box::pin(self.write(move |c| {
-            let id_text = id.to_string();
-            let (claim_node, claim_until) = match &claim {
-                Some(claim) => (Some(claim.node.as_str()), Some(ms(claim.until))),
-                None => (None, None),
-            };
-            // One statement for the session row: the end, its next release due at the end
-            // if it holds anything, and the claim of the node ending its own session.
-            let n = c
-                .prepare_cached(
-                    "UPDATE sessions SET status = 'ended', ended_at = MAX(?2, started_at), end_reason = ?3,
-                            release_due_at = CASE WHEN resource_count > 0 THEN MAX(?2, started_at) END,
-                            release_claimed_by = CASE WHEN resource_count > 0 AND node = ?4 THEN ?4 END,
-                            release_claimed_until = CASE WHEN resource_count > 0 AND node = ?4 THEN ?5 END
-                     WHERE id = ?1 AND status = 'started'",
-                )
-                .and_then(|mut s| {
-                    s.execute(params![
-                        id_text,
-                        ms(now),
-                        reason.as_str(),
-                        claim_node,
-                        claim_until
-                    ])
+    ) -> BoxFuture<'a, Result<Option<(SessionRecord, Transition)>, StoreError>> {
+        let tenant = tenant.map(str::to_owned);
+        let claimed = claim.clone();
+        Box::pin(async move {
+            let ended = self
+                .write(move |c| {
+                    let id_text = id.to_string();
+                    let (claim_node, claim_until) = match &claimed {
+                        Some(claim) => (Some(claim.node.as_str()), Some(ms(claim.until))),
+                        None => (None, None),
+                    };
+                    // One statement for the session row: the end, its next release due at
+                    // the end if it holds anything, and the claim of the node ending its
+                    // own session.
+                    let n = c
+                        .prepare_cached(
+                            "UPDATE sessions SET status = 'ended', ended_at = MAX(?2, started_at), end_reason = ?3,
+                                    release_due_at = CASE WHEN resource_count > 0 THEN MAX(?2, started_at) END,
+                                    release_claimed_by = CASE WHEN resource_count > 0 AND node = ?4 THEN ?4 END,
+                                    release_claimed_until = CASE WHEN resource_count > 0 AND node = ?4 THEN ?5 END
+                             WHERE id = ?1 AND status = 'started' AND (?6 IS NULL OR tenant = ?6)",
+                        )
+                        .and_then(|mut s| {
+                            s.execute(params![
+                                id_text,
+                                ms(now),
+                                reason.as_str(),
+                                claim_node,
+                                claim_until,
+                                tenant
+                            ])
+                        })
+                        .map_err(db)?;
+                    let transition = if n == 1 {
+                        mark_resources_due(c, &id_text)?;
+                        Transition::Committed
+                    } else {
+                        Transition::AlreadyEnded
+                    };
+                    let record = get_record(c, &id_text)?
+                        .filter(|r| tenant.as_ref().is_none_or(|t| *t == r.tenant));
+                    Ok(record.map(|r| (r, transition)))
                 })
-                .map_err(db)?;
-            let transition = if n == 1 {
-                mark_resources_due(c, &id_text)?;
-                Transition::Committed
-            } else {
-                Transition::AlreadyEnded
-            };
-            Ok(get_record(c, &id_text)?.map(|r| (r, transition)))
-        }))
+                .await?;
+            // The owning node hears of releases it did not claim with the end itself.
+            if let Some((record, Transition::Committed)) = &ended
+                && record.session.next_release_at().is_some()
+                && claim.as_ref().is_none_or(|c| c.node != record.node)
+            {
+                let _ = self.inner.releases_due.send(record.node.clone());
+            }
+            Ok(ended)
+        })
     }
 
     fn get(&self, id: SessionId) -> BoxFuture<'_, Result<Option<SessionRecord>, StoreError>> {
@@ -532,31 +556,28 @@ impl Store for SqliteStore {
         }))
     }
 
-    fn touch(
-        &self,
+    fn touch<'a>(
+        &'a self,
         id: SessionId,
+        tenant: TenantScope<'a>,
         now: Timestamp,
-    ) -> BoxFuture<'_, Result<TouchOutcome, StoreError>> {
+    ) -> BoxFuture<'a, Result<TouchOutcome, StoreError>> {
+        let tenant = tenant.map(str::to_owned);
         Box::pin(self.write(move |c| {
             let id_text = id.to_string();
             let n = c
                 .prepare_cached(
                     "UPDATE sessions SET last_seen_at = MAX(last_seen_at, ?2)
-                     WHERE id = ?1 AND status = 'started'",
+                     WHERE id = ?1 AND status = 'started' AND (?3 IS NULL OR tenant = ?3)",
                 )
-                .and_then(|mut s| s.execute(params![id_text, ms(now)]))
+                .and_then(|mut s| s.execute(params![id_text, ms(now), tenant]))
                 .map_err(db)?;
-            if n == 1 {
-                return Ok(TouchOutcome::Touched);
-            }
-            let exists = c
-                .prepare_cached("SELECT 1 FROM sessions WHERE id = ?1")
-                .and_then(|mut s| s.query_row([&id_text], |_| Ok(())).optional())
-                .map_err(db)?;
-            Ok(if exists.is_some() {
-                TouchOutcome::Ended
-            } else {
-                TouchOutcome::NotFound
+            let record =
+                get_record(c, &id_text)?.filter(|r| tenant.as_ref().is_none_or(|t| *t == r.tenant));
+            Ok(match record {
+                None => TouchOutcome::NotFound,
+                Some(record) if n == 1 => TouchOutcome::Touched(record),
+                Some(record) => TouchOutcome::Ended(record),
             })
         }))
     }
@@ -571,12 +592,13 @@ impl Store for SqliteStore {
             let orphan_ms = i64::try_from(orphan_timeout.as_millis()).unwrap_or(i64::MAX / 2);
             let mut stmt = c
                 .prepare_cached(
-                    "SELECT id, expires_at <= last_seen_at + ?2 FROM sessions
+                    "SELECT id, expires_at <= last_seen_at + ?2 AS expired,
+                            MIN(expires_at, last_seen_at + ?2) AS deadline FROM sessions
                      WHERE status = 'started' AND expires_at <= ?1
                      UNION
-                     SELECT id, expires_at <= last_seen_at + ?2 FROM sessions
-                     WHERE status = 'started' AND last_seen_at <= ?1 - ?2
-                     LIMIT ?3",
+                     SELECT id, expires_at <= last_seen_at + ?2, MIN(expires_at, last_seen_at + ?2)
+                     FROM sessions WHERE status = 'started' AND last_seen_at <= ?1 - ?2
+                     ORDER BY deadline, id LIMIT ?3",
                 )
                 .map_err(db)?;
             let mut rows = stmt
@@ -596,7 +618,9 @@ impl Store for SqliteStore {
             Ok(out)
         }))
     }
+}
 
+impl ReleaseQueue for SqliteStore {
     fn claim_releases(
         &self,
         node: &str,
@@ -690,6 +714,27 @@ impl Store for SqliteStore {
         }))
     }
 
+    fn watch_releases<'a>(
+        &'a self,
+        node: &'a str,
+        wake: &'a (dyn Fn() + Send + Sync),
+    ) -> BoxFuture<'a, ()> {
+        let mut due = self.inner.releases_due.subscribe();
+        Box::pin(async move {
+            loop {
+                match due.recv().await {
+                    Ok(due_node) if due_node == node => wake(),
+                    Ok(_) => {}
+                    // Missed some: one of them may have been ours.
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => wake(),
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                        std::future::pending::<()>().await
+                    }
+                }
+            }
+        })
+    }
+
     fn drop_claims(&self, node: &str) -> BoxFuture<'_, Result<(), StoreError>> {
         let node = node.to_owned();
         Box::pin(self.write(move |c| {
@@ -702,7 +747,9 @@ impl Store for SqliteStore {
             Ok(())
         }))
     }
+}
 
+impl NodeMembership for SqliteStore {
     fn node_alive(&self, node: &str, now: Timestamp) -> BoxFuture<'_, Result<(), StoreError>> {
         let node = node.to_owned();
         Box::pin(self.write(move |c| {
@@ -768,7 +815,9 @@ impl Store for SqliteStore {
             Ok(ended)
         }))
     }
+}
 
+impl RoomStore for SqliteStore {
     fn room_event(
         &self,
         event: RoomEvent,
@@ -858,6 +907,28 @@ impl Store for SqliteStore {
         }))
     }
 
+    fn prune_rooms(
+        &self,
+        ended_before: Timestamp,
+        limit: u32,
+    ) -> BoxFuture<'_, Result<u32, StoreError>> {
+        Box::pin(self.write(move |c| {
+            let pruned = c
+                .prepare_cached(
+                    "DELETE FROM room_participants WHERE session_id IN (
+                        SELECT DISTINCT p.session_id FROM room_participants p
+                        JOIN sessions s ON s.id = p.session_id
+                        WHERE s.status = 'ended' AND s.ended_at <= ?1 LIMIT ?2)",
+                )
+                .and_then(|mut s| s.execute(params![ms(ended_before), i64::from(limit)]))
+                .map_err(db)?;
+            c.prepare_cached("DELETE FROM room_events WHERE received_at <= ?1")
+                .and_then(|mut s| s.execute([ms(ended_before)]))
+                .map_err(db)?;
+            Ok(u32::try_from(pruned).unwrap_or(u32::MAX))
+        }))
+    }
+
     fn touch_present(&self, now: Timestamp) -> BoxFuture<'_, Result<Vec<SessionId>, StoreError>> {
         Box::pin(self.write(move |c| {
             let ids: Vec<String> = c
@@ -872,7 +943,9 @@ impl Store for SqliteStore {
             ids.iter().map(|id| parse_id(id)).collect()
         }))
     }
+}
 
+impl StoreHealth for SqliteStore {
     fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>> {
         Box::pin(self.read(|c| c.query_row("SELECT 1", [], |_| Ok(())).map_err(db)))
     }

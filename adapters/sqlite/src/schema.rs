@@ -106,7 +106,7 @@ pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 /// Brings the database to [`SCHEMA_VERSION`], one transaction per migration. Refuses a
 /// database written by a newer version.
 pub fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
-    let err = |e: rusqlite::Error| StoreError::Unavailable(format!("migration: {e}"));
+    let err = |e: rusqlite::Error| StoreError::unavailable(e);
     conn.execute_batch("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
         .map_err(err)?;
     loop {
@@ -121,9 +121,10 @@ pub fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
             )
             .map_err(err)?;
         if version > SCHEMA_VERSION {
-            return Err(StoreError::Unavailable(format!(
-                "database schema version {version} is newer than this build's {SCHEMA_VERSION}"
-            )));
+            return Err(StoreError::NewerSchema {
+                found: version,
+                supported: SCHEMA_VERSION,
+            });
         }
         if version == SCHEMA_VERSION {
             return Ok(());

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use session_lifecycle::{EndReason, SessionId, Status, Timestamp};
-use session_lifecycle_runtime::{NewSession, Store, conformance};
+use session_lifecycle_runtime::{NewSession, SessionStore, conformance};
 use session_lifecycle_sqlite::SqliteStore;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -37,7 +37,10 @@ async fn acknowledged_writes_survive_reopen_and_schema_is_versioned() {
             })
             .await
             .unwrap();
-        store.end(id, t0, EndReason::Requested, None).await.unwrap();
+        store
+            .end(id, None, t0, EndReason::Requested, None)
+            .await
+            .unwrap();
     }
     let store = SqliteStore::open(&path).unwrap();
     let r = store.get(id).await.unwrap().unwrap();

@@ -12,7 +12,7 @@ use common::{FileBackend, assert_released_exactly_once};
 use session_lifecycle::{Clock, EndReason, Policy, ReleaseState, SessionId, Status, Timestamp};
 use session_lifecycle_runtime::{
     Engine, EngineConfig, EngineError, ListQuery, ManualClock, NewSession, Plan, ResourceBackend,
-    RuntimeClock, StartRequest, Store, SystemClock,
+    RuntimeClock, SessionStore, StartRequest, SystemClock,
 };
 use session_lifecycle_sqlite::SqliteStore;
 

@@ -12,7 +12,7 @@ use common::{FileBackend, assert_released_exactly_once};
 use session_lifecycle::{EndReason, Policy, SessionId, Status, Timestamp};
 use session_lifecycle_runtime::faults::{FaultPlan, FaultyStore};
 use session_lifecycle_runtime::{
-    Engine, EngineConfig, EngineError, ListQuery, ManualClock, Plan, StartRequest, Store,
+    Engine, EngineConfig, EngineError, ListQuery, ManualClock, Plan, SessionStore, StartRequest,
 };
 use session_lifecycle_sqlite::SqliteStore;
 

@@ -13,8 +13,8 @@ use session_lifecycle::{Clock, EndReason, Policy, Resource, ResourceKind, Sessio
 use session_lifecycle_runtime::faults::{FaultPlan, FaultyStore};
 use session_lifecycle_runtime::{
     AcquireError, AcquireRequest, Acquired, BoxFuture, Engine, EngineConfig, EventSink,
-    ManualClock, Plan, ReleaseError, ResourceBackend, RoomBinding, RoomEvent, RoomEventKind,
-    RoomProvider, StartRequest, SystemClock,
+    ManualClock, Plan, ReleaseError, ReleaseNote, ResourceBackend, RoomBinding, RoomEvent,
+    RoomEventKind, RoomProvider, StartRequest, SystemClock,
 };
 use session_lifecycle_sqlite::SqliteStore;
 
@@ -78,7 +78,7 @@ impl ResourceBackend for Timed {
         &self,
         session: SessionId,
         _resource: Resource,
-    ) -> BoxFuture<'_, Result<String, ReleaseError>> {
+    ) -> BoxFuture<'_, Result<ReleaseNote, ReleaseError>> {
         Box::pin(async move {
             let start = Instant::now();
             tokio::time::sleep(self.took).await;

@@ -77,8 +77,10 @@ pub use releases::{
 pub use rooms::room_events_track_presence;
 pub use sessions::{
     attach_is_refused_after_end, concurrent_ends_commit_once, create_and_get,
-    due_finds_expired_and_orphaned, duplicate_ids_are_refused, end_is_conditional_and_idempotent,
+    due_finds_expired_and_orphaned, due_is_most_overdue_first_within_its_limit,
+    duplicate_ids_are_refused, end_is_conditional_and_idempotent, end_is_scoped_to_its_tenant,
     list_is_newest_first_tenant_scoped_and_paged, plan_limit_is_enforced, touch_moves_forward_only,
+    watch_releases_wakes_a_waiting_node,
 };
 
 /// Runs every check of the suite against `store`.
@@ -92,7 +94,10 @@ pub async fn run_all(store: Arc<dyn Store>) {
     an_end_claims_releases_for_its_own_node(&*store).await;
     attach_is_refused_after_end(&*store).await;
     touch_moves_forward_only(&*store).await;
+    end_is_scoped_to_its_tenant(&*store).await;
     due_finds_expired_and_orphaned(&*store).await;
+    due_is_most_overdue_first_within_its_limit(&*store).await;
+    watch_releases_wakes_a_waiting_node(&*store).await;
     plan_limit_is_enforced(&*store).await;
     concurrent_ends_commit_once(Arc::clone(&store)).await;
     nodes_own_releases_and_dead_nodes_are_taken_over(&*store).await;

@@ -65,7 +65,7 @@ pub async fn nodes_own_releases_and_dead_nodes_are_taken_over(store: &dyn Store)
 
     // Any instance ends s1; only its node claims the release.
     store
-        .end(s1.id, at(1), EndReason::Requested, None)
+        .end(s1.id, None, at(1), EndReason::Requested, None)
         .await
         .expect("end");
     assert!(

@@ -31,7 +31,7 @@ pub async fn end_records_release_intents(store: &dyn Store) {
     );
 
     let (r, _) = store
-        .end(new.id, at(30), EndReason::Requested, None)
+        .end(new.id, None, at(30), EndReason::Requested, None)
         .await
         .expect("end")
         .expect("found");
@@ -131,7 +131,7 @@ pub async fn release_claims_follow_the_core(store: &dyn Store) {
     store.attach(new.id, res(10)).await.expect("attach");
     store.attach(new.id, res(11)).await.expect("attach");
     store
-        .end(new.id, at(1), EndReason::Requested, None)
+        .end(new.id, None, at(1), EndReason::Requested, None)
         .await
         .expect("end");
     let lease = Duration::from_secs(60);
@@ -243,7 +243,7 @@ pub async fn release_claims_follow_the_core(store: &dyn Store) {
     store.attach(other.id, res(20)).await.expect("attach");
     store.attach(other.id, res(21)).await.expect("attach");
     store
-        .end(other.id, at(5), EndReason::Orphaned, None)
+        .end(other.id, None, at(5), EndReason::Orphaned, None)
         .await
         .expect("end");
     let ids = [other.id];
@@ -281,7 +281,7 @@ pub async fn an_end_claims_releases_for_its_own_node(store: &dyn Store) {
     create(store, &own).await;
     store.attach(own.id, res(1)).await.expect("attach");
     let (record, _) = store
-        .end(own.id, at(10), EndReason::Requested, claim_for(&node))
+        .end(own.id, None, at(10), EndReason::Requested, claim_for(&node))
         .await
         .expect("end")
         .expect("found");
@@ -306,6 +306,7 @@ pub async fn an_end_claims_releases_for_its_own_node(store: &dyn Store) {
     store
         .end(
             other.id,
+            None,
             at(10),
             EndReason::Requested,
             claim_for("elsewhere"),
@@ -321,7 +322,13 @@ pub async fn an_end_claims_releases_for_its_own_node(store: &dyn Store) {
     let bare = session_on(&node);
     create(store, &bare).await;
     let (record, _) = store
-        .end(bare.id, at(10), EndReason::Requested, claim_for(&node))
+        .end(
+            bare.id,
+            None,
+            at(10),
+            EndReason::Requested,
+            claim_for(&node),
+        )
         .await
         .expect("end")
         .expect("found");

@@ -102,7 +102,7 @@ pub async fn room_events_track_presence(store: &dyn Store) {
 
     // Ended sessions are not concerned; neither are unknown rooms.
     store
-        .end(new.id, at(70), EndReason::RoomEmpty, None)
+        .end(new.id, None, at(70), EndReason::RoomEmpty, None)
         .await
         .expect("end");
     let u = store

@@ -70,7 +70,7 @@ pub async fn list_is_newest_first_tenant_scoped_and_paged(store: &dyn Store) {
     }
     create(store, &new_session(&other, at(3), Duration::from_secs(600))).await;
     store
-        .end(ids[2], at(10), EndReason::Requested, None)
+        .end(ids[2], None, at(10), EndReason::Requested, None)
         .await
         .expect("end");
     ids.reverse(); // newest first
@@ -122,7 +122,7 @@ pub async fn end_is_conditional_and_idempotent(store: &dyn Store) {
     let new = new_session(&tenant, at(100), Duration::from_secs(600));
     create(store, &new).await;
     let (first, t) = store
-        .end(new.id, at(160), EndReason::Requested, None)
+        .end(new.id, None, at(160), EndReason::Requested, None)
         .await
         .expect("end")
         .expect("found");
@@ -136,7 +136,7 @@ pub async fn end_is_conditional_and_idempotent(store: &dyn Store) {
         (at(150), EndReason::Shutdown),
     ] {
         let (again, t) = store
-            .end(new.id, when, reason, None)
+            .end(new.id, None, when, reason, None)
             .await
             .expect("end")
             .expect("found");
@@ -151,7 +151,7 @@ pub async fn end_is_conditional_and_idempotent(store: &dyn Store) {
     let late = new_session(&tenant, at(500), Duration::from_secs(600));
     create(store, &late).await;
     let (r, _) = store
-        .end(late.id, at(400), EndReason::Expired, None)
+        .end(late.id, None, at(400), EndReason::Expired, None)
         .await
         .expect("end")
         .expect("found");
@@ -160,7 +160,7 @@ pub async fn end_is_conditional_and_idempotent(store: &dyn Store) {
     let unknown = SessionId::from_ulid_parts(at(0), random());
     assert!(
         store
-            .end(unknown, at(1), EndReason::Requested, None)
+            .end(unknown, None, at(1), EndReason::Requested, None)
             .await
             .expect("end")
             .is_none()
@@ -172,7 +172,7 @@ pub async fn attach_is_refused_after_end(store: &dyn Store) {
     let new = new_session(&fresh_tenant(), at(0), Duration::from_secs(600));
     create(store, &new).await;
     store
-        .end(new.id, at(1), EndReason::Requested, None)
+        .end(new.id, None, at(1), EndReason::Requested, None)
         .await
         .expect("end");
     assert_eq!(
@@ -189,29 +189,94 @@ pub async fn attach_is_refused_after_end(store: &dyn Store) {
 
 /// Liveness moves `last_seen_at` forward only, and only on started sessions.
 pub async fn touch_moves_forward_only(store: &dyn Store) {
-    let new = new_session(&fresh_tenant(), at(0), Duration::from_secs(600));
+    let tenant = fresh_tenant();
+    let new = new_session(&tenant, at(0), Duration::from_secs(600));
     create(store, &new).await;
+    let touched = |outcome: TouchOutcome| match outcome {
+        TouchOutcome::Touched(record) => record,
+        other => panic!("expected touched, got {other:?}"),
+    };
+    let r = touched(store.touch(new.id, None, at(50)).await.expect("touch"));
     assert_eq!(
-        store.touch(new.id, at(50)).await.expect("touch"),
-        TouchOutcome::Touched
+        r.session.last_seen_at(),
+        at(50),
+        "the answer is the touched record"
     );
+    let r = touched(
+        store
+            .touch(new.id, Some(&tenant), at(20))
+            .await
+            .expect("touch"),
+    );
+    assert_eq!(r.session.last_seen_at(), at(50), "never backwards");
+    assert_eq!(get(store, new.id).await.session.last_seen_at(), at(50));
+    // Another tenant's session is an unknown one, and stays untouched.
     assert_eq!(
-        store.touch(new.id, at(20)).await.expect("touch"),
-        TouchOutcome::Touched
+        store
+            .touch(new.id, Some("someone-else"), at(55))
+            .await
+            .expect("touch"),
+        TouchOutcome::NotFound
     );
     assert_eq!(get(store, new.id).await.session.last_seen_at(), at(50));
     store
-        .end(new.id, at(60), EndReason::Requested, None)
+        .end(new.id, None, at(60), EndReason::Requested, None)
         .await
         .expect("end");
-    assert_eq!(
-        store.touch(new.id, at(70)).await.expect("touch"),
-        TouchOutcome::Ended
-    );
+    match store.touch(new.id, None, at(70)).await.expect("touch") {
+        TouchOutcome::Ended(r) => assert_eq!(r.session.ended_at(), Some(at(60))),
+        other => panic!("expected ended, got {other:?}"),
+    }
+    assert_eq!(get(store, new.id).await.session.last_seen_at(), at(50));
     let unknown = SessionId::from_ulid_parts(at(0), random());
     assert_eq!(
-        store.touch(unknown, at(70)).await.expect("touch"),
+        store.touch(unknown, None, at(70)).await.expect("touch"),
         TouchOutcome::NotFound
+    );
+}
+
+/// An end scoped to a tenant never touches another tenant's session: it answers like an
+/// unknown one.
+pub async fn end_is_scoped_to_its_tenant(store: &dyn Store) {
+    let tenant = fresh_tenant();
+    let new = new_session(&tenant, at(0), Duration::from_secs(600));
+    create(store, &new).await;
+    assert!(
+        store
+            .end(
+                new.id,
+                Some("someone-else"),
+                at(5),
+                EndReason::Requested,
+                None
+            )
+            .await
+            .expect("end")
+            .is_none()
+    );
+    assert_eq!(get(store, new.id).await.session.status(), Status::Started);
+    let (r, t) = store
+        .end(new.id, Some(&tenant), at(6), EndReason::Requested, None)
+        .await
+        .expect("end")
+        .expect("found");
+    assert_eq!(
+        (t, r.session.ended_at()),
+        (Transition::Committed, Some(at(6)))
+    );
+    assert!(
+        store
+            .end(
+                new.id,
+                Some("someone-else"),
+                at(7),
+                EndReason::Requested,
+                None
+            )
+            .await
+            .expect("end")
+            .is_none(),
+        "an ended session of another tenant is unknown too"
     );
 }
 
@@ -231,10 +296,10 @@ pub async fn due_finds_expired_and_orphaned(store: &dyn Store) {
         create(store, n).await;
     }
     store
-        .end(ended.id, later(1), EndReason::Requested, None)
+        .end(ended.id, None, later(1), EndReason::Requested, None)
         .await
         .expect("end");
-    store.touch(alive.id, later(50)).await.expect("touch");
+    store.touch(alive.id, None, later(50)).await.expect("touch");
 
     let ours = |v: Vec<(SessionId, EndReason)>| -> Vec<(SessionId, EndReason)> {
         let mut v: Vec<_> = v
@@ -278,6 +343,85 @@ pub async fn due_finds_expired_and_orphaned(store: &dyn Store) {
     assert_eq!(d.len(), 1, "the limit holds");
 }
 
+/// The sweep gets the most overdue sessions first (by the earlier of their two deadlines),
+/// and no more than its limit: with a full batch, the oldest orphans are never starved.
+pub async fn due_is_most_overdue_first_within_its_limit(store: &dyn Store) {
+    let tenant = fresh_tenant();
+    // Before every other check's sessions: only these can be due at these times.
+    let base = Timestamp::from_millis(T0 - 20_000_000_000);
+    let later = |s: u64| base.saturating_add(Duration::from_secs(s));
+    let orphan_timeout = Duration::from_secs(60);
+    let mut by_deadline = Vec::new();
+    // Created in an order unrelated to their deadlines.
+    for (lifetime, seen) in [(50, 0), (3600, 5), (10, 0), (3600, 0), (30, 0)] {
+        let new = new_session(&tenant, base, Duration::from_secs(lifetime));
+        create(store, &new).await;
+        if seen > 0 {
+            store.touch(new.id, None, later(seen)).await.expect("touch");
+        }
+        let deadline = lifetime.min(seen + 60);
+        by_deadline.push((deadline, new.id));
+    }
+    by_deadline.sort();
+    let want: Vec<SessionId> = by_deadline.iter().map(|(_, id)| *id).collect();
+    let got: Vec<SessionId> = store
+        .due(later(100), orphan_timeout, 3)
+        .await
+        .expect("due")
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    assert_eq!(got, want[..3], "the three most overdue, most overdue first");
+    let got: Vec<SessionId> = store
+        .due(later(100), orphan_timeout, 10)
+        .await
+        .expect("due")
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    assert_eq!(got, want, "all five, most overdue first");
+}
+
+/// A node waiting on `watch_releases` is woken when another instance ends one of its
+/// sessions that has something to release.
+pub async fn watch_releases_wakes_a_waiting_node(store: &dyn Store) {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    let node = format!("node-{:x}", random() as u64);
+    let woken = AtomicU32::new(0);
+    let wake = || {
+        woken.fetch_add(1, Ordering::SeqCst);
+    };
+    let mut new = new_session(&fresh_tenant(), at(0), Duration::from_secs(600));
+    new.node = node.clone();
+    create(store, &new).await;
+    store.attach(new.id, res(1)).await.expect("attach");
+    let check = async {
+        // Let the watcher start listening (a store that pushes wakes once when it does).
+        for _ in 0..100 {
+            if woken.load(Ordering::SeqCst) > 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        woken.store(0, Ordering::SeqCst);
+        store
+            .end(new.id, None, at(5), EndReason::Requested, None)
+            .await
+            .expect("end");
+        for _ in 0..500 {
+            if woken.load(Ordering::SeqCst) > 0 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("the node was not woken");
+    };
+    tokio::select! {
+        _ = store.watch_releases(&node, &wake) => panic!("watch_releases returned"),
+        _ = check => {}
+    }
+}
+
 /// A tenant never exceeds its concurrency limit; ended sessions free their place.
 pub async fn plan_limit_is_enforced(store: &dyn Store) {
     let tenant = fresh_tenant();
@@ -309,7 +453,13 @@ pub async fn plan_limit_is_enforced(store: &dyn Store) {
         CreateOutcome::Created
     );
     store
-        .end(first.expect("created"), at(1), EndReason::Requested, None)
+        .end(
+            first.expect("created"),
+            None,
+            at(1),
+            EndReason::Requested,
+            None,
+        )
         .await
         .expect("end");
     assert_eq!(
@@ -329,7 +479,7 @@ pub async fn concurrent_ends_commit_once(store: Arc<dyn Store>) {
         let reason = EndReason::ALL[i as usize % EndReason::ALL.len()];
         tasks.push(tokio::spawn(async move {
             store
-                .end(new.id, at(10 + i), reason, None)
+                .end(new.id, None, at(10 + i), reason, None)
                 .await
                 .expect("end")
                 .expect("found")

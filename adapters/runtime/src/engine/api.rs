@@ -31,8 +31,8 @@ impl Engine {
         if down && inner.store.ping().await.is_err() {
             // A node that cannot write its heartbeat may be taken over any moment: it
             // starts nothing new.
-            return Err(EngineError::Store(crate::StoreError::Unavailable(
-                "the store is unreachable from this node; it takes no new sessions".to_owned(),
+            return Err(EngineError::Store(crate::StoreError::unavailable(
+                "the store is unreachable from this node; it takes no new sessions",
             )));
         }
         let now = inner.clock.now();
@@ -169,29 +169,37 @@ impl Engine {
         Ok(self.inner.store.list(query).await?)
     }
 
-    /// Ends `id` for `reason` if it belongs to `tenant` (any tenant's when `None`).
-    /// Idempotent: an ended session is returned exactly as it was first ended. Its
-    /// releases are recorded in the same write and run in the background.
+    /// Ends `id` for `reason` if it belongs to `tenant` (any tenant's when `None`; another
+    /// tenant's session answers like an unknown one and is never touched). Idempotent: an
+    /// ended session is returned exactly as it was first ended. Its releases are recorded
+    /// in the same write and run in the background. One store call.
     pub async fn end(
         &self,
         tenant: Option<&str>,
         id: SessionId,
         reason: EndReason,
     ) -> Result<SessionRecord, EngineError> {
-        if let Some(t) = tenant {
-            // Another tenant's session answers like an unknown one, and is never touched.
-            self.get(Some(t), id).await?;
-        }
-        let (record, _) = self.end_internal(id, reason).await?;
+        let (record, _) = self.end_in_scope(id, tenant, reason).await?;
         Ok(record)
     }
 
-    /// Ends `id` in the store, then, once that committed, in the timer table (with the
-    /// ending the store recorded, which an earlier trigger may have set), and wakes the
-    /// release worker.
+    /// Ends `id` for the service itself (timers, the sweeper, events); see
+    /// [`end_in_scope`](Self::end_in_scope).
     pub(super) async fn end_internal(
         &self,
         id: SessionId,
+        reason: EndReason,
+    ) -> Result<(SessionRecord, Transition), EngineError> {
+        self.end_in_scope(id, None, reason).await
+    }
+
+    /// Ends `id` in the store, then, once that committed, in the timer table (with the
+    /// ending the store recorded, which an earlier trigger may have set), and starts its
+    /// releases: at once here if it runs here, else through the owning node.
+    async fn end_in_scope(
+        &self,
+        id: SessionId,
+        tenant: Option<&str>,
         reason: EndReason,
     ) -> Result<(SessionRecord, Transition), EngineError> {
         let inner = &self.inner;
@@ -203,7 +211,7 @@ impl Engine {
         };
         let (record, transition) = inner
             .store
-            .end(id, now, reason, Some(claim))
+            .end(id, tenant, now, reason, Some(claim))
             .await?
             .ok_or(EngineError::NotFound)?;
         let ended_reason = record.session.end_reason().unwrap_or(reason);
@@ -222,18 +230,21 @@ impl Engine {
         Ok((record, transition))
     }
 
-    /// Records a liveness signal (heartbeat, WebSocket message, room presence).
-    pub async fn touch(&self, tenant: Option<&str>, id: SessionId) -> Result<(), EngineError> {
-        if let Some(t) = tenant {
-            self.get(Some(t), id).await?;
-        }
+    /// Records a liveness signal (heartbeat, WebSocket message, room presence) for `id` if
+    /// it belongs to `tenant` (any tenant's when `None`), and returns the session as it now
+    /// stands. One store call.
+    pub async fn touch(
+        &self,
+        tenant: Option<&str>,
+        id: SessionId,
+    ) -> Result<SessionRecord, EngineError> {
         let now = self.inner.clock.now();
-        let touched = match self.inner.store.touch(id, now).await {
+        let touched = match self.inner.store.touch(id, tenant, now).await {
             Ok(touched) => touched,
             Err(e) => {
                 // Liveness is not lost with the store: kept here, written once it is back,
                 // before anything is judged silent.
-                if matches!(e, crate::StoreError::Unavailable(_)) {
+                if e.is_unavailable() {
                     lock(&self.inner.pending_touches).insert(id, now);
                     let _ = self.timers().touch(now, &id);
                 }
@@ -241,14 +252,14 @@ impl Engine {
             }
         };
         match touched {
-            TouchOutcome::Touched => {
+            TouchOutcome::Touched(record) => {
                 match self.timers().touch(now, &id) {
                     Ok(()) | Err(TouchError::NotFound) | Err(TouchError::SessionEnded) => {}
                 }
                 self.inner.timers_changed.notify_one();
-                Ok(())
+                Ok(record)
             }
-            TouchOutcome::Ended => Err(EngineError::SessionEnded),
+            TouchOutcome::Ended(_) => Err(EngineError::SessionEnded),
             TouchOutcome::NotFound => Err(EngineError::NotFound),
         }
     }

@@ -19,7 +19,7 @@ const REMEMBERED: usize = 256;
 
 /// What the engine knows of its store's reachability.
 #[derive(Debug)]
-pub(crate) struct StoreHealth {
+pub(crate) struct Reachability {
     /// The last call that succeeded.
     last_ok: Timestamp,
     /// While unreachable: when the outage began (the last success before it).
@@ -33,9 +33,9 @@ pub(crate) struct StoreHealth {
     recovery_due: bool,
 }
 
-impl StoreHealth {
-    pub(crate) fn new(now: Timestamp) -> StoreHealth {
-        StoreHealth {
+impl Reachability {
+    pub(crate) fn new(now: Timestamp) -> Reachability {
+        Reachability {
             last_ok: now,
             down_since: None,
             outages: VecDeque::new(),
@@ -135,7 +135,7 @@ mod tests {
 
     #[test]
     fn an_outage_runs_from_the_last_success_to_the_first_after_it() {
-        let mut h = StoreHealth::new(t(0));
+        let mut h = Reachability::new(t(0));
         h.observe(true, t(10));
         h.observe(false, t(14));
         h.observe(false, t(20));
@@ -154,7 +154,7 @@ mod tests {
 
     #[test]
     fn cover_skips_outage_time() {
-        let mut h = StoreHealth::new(t(0));
+        let mut h = Reachability::new(t(0));
         assert_eq!(
             h.cover(t(100), s(60)),
             s(60),

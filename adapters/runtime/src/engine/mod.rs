@@ -59,7 +59,7 @@ pub(crate) struct Inner {
     /// The store, watched: every call records whether it could be reached.
     store: Arc<dyn Store>,
     /// What the store's reachability has been: outages, the last recovery.
-    health: Arc<Mutex<health::StoreHealth>>,
+    health: Arc<Mutex<health::Reachability>>,
     /// Liveness signals received while the store could not be reached, by session: written
     /// as soon as it is back, before anything is judged.
     pending_touches: Mutex<HashMap<SessionId, Timestamp>>,
@@ -139,7 +139,7 @@ impl Engine {
             .collect();
         release_deadlines.extend(config.release_deadlines.iter().copied());
         let (events, events_rx) = EventSink::channel();
-        let health = Arc::new(Mutex::new(health::StoreHealth::new(clock.now())));
+        let health = Arc::new(Mutex::new(health::Reachability::new(clock.now())));
         let store: Arc<dyn Store> = Arc::new(watched::WatchedStore::new(
             store,
             Arc::clone(&health),
@@ -200,6 +200,13 @@ impl Engine {
     /// end the store could not take); `None` when no timer is armed.
     pub fn next_timer(&self) -> Option<Timestamp> {
         self.timers().next_deadline()
+    }
+
+    /// What the API calls resources of `kind` (see
+    /// [`ResourceBackend::kind_name`](crate::ResourceBackend::kind_name)); `None` for a kind
+    /// no backend of this engine hands out.
+    pub fn kind_name(&self, kind: ResourceKind) -> Option<&'static str> {
+        self.inner.by_kind.get(&kind).map(|b| b.kind_name())
     }
 
     /// The engine's store.

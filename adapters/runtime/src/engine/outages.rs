@@ -28,7 +28,7 @@ impl Engine {
             .map(|(id, at)| (*id, *at))
             .collect();
         for (id, at) in pending {
-            match inner.store.touch(id, at).await {
+            match inner.store.touch(id, None, at).await {
                 Ok(_) => {
                     let mut touches = lock(&inner.pending_touches);
                     if touches.get(&id) == Some(&at) {

@@ -15,7 +15,7 @@ use session_lifecycle::{ReleaseOutcome, ReleaseStep, Resource, Session, SessionI
 use tokio::task::JoinHandle;
 
 use super::{DueReport, Engine, EngineError, lock};
-use crate::backend::ReleaseError;
+use crate::backend::{ReleaseError, ReleaseNote};
 use crate::store::{ReleaseAttempt, ReleaseProgress, SessionRecord};
 
 /// What one session's release run did.
@@ -142,13 +142,17 @@ impl Engine {
                         .release_done(now.saturating_duration_since(started));
                     lock(&inner.failing).remove(&(id, resource));
                     tracing::info!(session = %id, ?resource, %note, "resource released");
-                    (ReleaseOutcome::Released, note)
+                    (ReleaseOutcome::Released, note.to_string())
                 }
                 Err(e) => {
                     run.failed += 1;
                     inner.metrics.release_failed();
                     lock(&inner.failing).insert((id, resource));
-                    tracing::warn!(session = %id, ?resource, error = %e, "release failed; retrying after the backoff");
+                    if e.is_permanent() {
+                        tracing::error!(session = %id, ?resource, error = %e, "release failed and cannot work as things are; retrying after the backoff, the resource stays held");
+                    } else {
+                        tracing::warn!(session = %id, ?resource, error = %e, "release failed; retrying after the backoff");
+                    }
                     (ReleaseOutcome::Failed, e.to_string())
                 }
             };
@@ -211,10 +215,10 @@ impl Engine {
         &self,
         session: SessionId,
         resource: Resource,
-    ) -> Result<String, ReleaseError> {
+    ) -> Result<ReleaseNote, ReleaseError> {
         let inner = &self.inner;
         let Some(backend) = inner.by_kind.get(&resource.kind) else {
-            return Err(ReleaseError(format!(
+            return Err(ReleaseError::permanent(format!(
                 "no backend for resource kind {}",
                 resource.kind.0
             )));
@@ -227,7 +231,7 @@ impl Engine {
         let give_up = inner.clock.now().saturating_add(deadline);
         tokio::select! {
             result = backend.release(session, resource) => result,
-            _ = inner.clock.sleep_until(give_up) => Err(ReleaseError(format!(
+            _ = inner.clock.sleep_until(give_up) => Err(ReleaseError::transient(format!(
                 "{} release gave no answer within {} ms",
                 backend.name(),
                 deadline.as_millis()

@@ -1,31 +1,32 @@
 //! The engine's view of its store: every call goes through here, which keeps the memory of
-//! outages ([`StoreHealth`]) that liveness judgements rely on.
+//! outages ([`Reachability`]) that liveness judgements rely on.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use session_lifecycle::{EndReason, Resource, SessionId, Timestamp, Transition};
 
-use super::health::StoreHealth;
+use super::health::Reachability;
 use super::lock;
 use crate::clock::RuntimeClock;
 use crate::store::{
-    AttachOutcome, BoxFuture, CreateOutcome, ListQuery, NewSession, ReleaseClaim, ReleaseProgress,
-    RoomEvent, RoomUpdate, SessionRecord, Store, StoreError, TouchOutcome,
+    AttachOutcome, BoxFuture, CreateOutcome, ListQuery, NewSession, NodeMembership, ReleaseClaim,
+    ReleaseProgress, ReleaseQueue, RoomEvent, RoomStore, RoomUpdate, SessionRecord, SessionStore,
+    Store, StoreError, StoreHealth, TenantScope, TouchOutcome,
 };
 
 /// Wraps the engine's store and records, after each call, whether the store could be
 /// reached.
 pub(crate) struct WatchedStore {
     inner: Arc<dyn Store>,
-    health: Arc<Mutex<StoreHealth>>,
+    health: Arc<Mutex<Reachability>>,
     clock: Arc<dyn RuntimeClock>,
 }
 
 impl WatchedStore {
     pub(crate) fn new(
         inner: Arc<dyn Store>,
-        health: Arc<Mutex<StoreHealth>>,
+        health: Arc<Mutex<Reachability>>,
         clock: Arc<dyn RuntimeClock>,
     ) -> WatchedStore {
         WatchedStore {
@@ -36,7 +37,7 @@ impl WatchedStore {
     }
 
     fn observe<T>(&self, result: &Result<T, StoreError>) {
-        let reachable = !matches!(result, Err(StoreError::Unavailable(_)));
+        let reachable = !result.as_ref().is_err_and(StoreError::is_unavailable);
         lock(&self.health).observe(reachable, self.clock.now());
     }
 }
@@ -51,7 +52,7 @@ macro_rules! watched {
     };
 }
 
-impl Store for WatchedStore {
+impl SessionStore for WatchedStore {
     fn create(&self, new: NewSession) -> BoxFuture<'_, Result<CreateOutcome, StoreError>> {
         watched!(self, self.inner.create(new))
     }
@@ -62,14 +63,15 @@ impl Store for WatchedStore {
     ) -> BoxFuture<'_, Result<AttachOutcome, StoreError>> {
         watched!(self, self.inner.attach(id, resource))
     }
-    fn end(
-        &self,
+    fn end<'a>(
+        &'a self,
         id: SessionId,
+        tenant: TenantScope<'a>,
         now: Timestamp,
         reason: EndReason,
         claim: Option<ReleaseClaim>,
-    ) -> BoxFuture<'_, Result<Option<(SessionRecord, Transition)>, StoreError>> {
-        watched!(self, self.inner.end(id, now, reason, claim))
+    ) -> BoxFuture<'a, Result<Option<(SessionRecord, Transition)>, StoreError>> {
+        watched!(self, self.inner.end(id, tenant, now, reason, claim))
     }
     fn get(&self, id: SessionId) -> BoxFuture<'_, Result<Option<SessionRecord>, StoreError>> {
         watched!(self, self.inner.get(id))
@@ -77,12 +79,13 @@ impl Store for WatchedStore {
     fn list(&self, query: ListQuery) -> BoxFuture<'_, Result<Vec<SessionRecord>, StoreError>> {
         watched!(self, self.inner.list(query))
     }
-    fn touch(
-        &self,
+    fn touch<'a>(
+        &'a self,
         id: SessionId,
+        tenant: TenantScope<'a>,
         now: Timestamp,
-    ) -> BoxFuture<'_, Result<TouchOutcome, StoreError>> {
-        watched!(self, self.inner.touch(id, now))
+    ) -> BoxFuture<'a, Result<TouchOutcome, StoreError>> {
+        watched!(self, self.inner.touch(id, tenant, now))
     }
     fn due(
         &self,
@@ -92,6 +95,9 @@ impl Store for WatchedStore {
     ) -> BoxFuture<'_, Result<Vec<(SessionId, EndReason)>, StoreError>> {
         watched!(self, self.inner.due(now, orphan_timeout, limit))
     }
+}
+
+impl ReleaseQueue for WatchedStore {
     fn claim_releases(
         &self,
         node: &str,
@@ -100,11 +106,7 @@ impl Store for WatchedStore {
         limit: u32,
     ) -> BoxFuture<'_, Result<Vec<SessionRecord>, StoreError>> {
         let node = node.to_owned();
-        Box::pin(async move {
-            let result = self.inner.claim_releases(&node, now, lease, limit).await;
-            self.observe(&result);
-            result
-        })
+        watched!(self, self.inner.claim_releases(&node, now, lease, limit))
     }
     fn record_release(
         &self,
@@ -112,27 +114,25 @@ impl Store for WatchedStore {
         progress: ReleaseProgress,
     ) -> BoxFuture<'_, Result<(), StoreError>> {
         let node = node.to_owned();
-        Box::pin(async move {
-            let result = self.inner.record_release(&node, progress).await;
-            self.observe(&result);
-            result
-        })
+        watched!(self, self.inner.record_release(&node, progress))
     }
     fn drop_claims(&self, node: &str) -> BoxFuture<'_, Result<(), StoreError>> {
         let node = node.to_owned();
-        Box::pin(async move {
-            let result = self.inner.drop_claims(&node).await;
-            self.observe(&result);
-            result
-        })
+        watched!(self, self.inner.drop_claims(&node))
     }
+    fn watch_releases<'a>(
+        &'a self,
+        node: &'a str,
+        wake: &'a (dyn Fn() + Send + Sync),
+    ) -> BoxFuture<'a, ()> {
+        self.inner.watch_releases(node, wake)
+    }
+}
+
+impl NodeMembership for WatchedStore {
     fn node_alive(&self, node: &str, now: Timestamp) -> BoxFuture<'_, Result<(), StoreError>> {
         let node = node.to_owned();
-        Box::pin(async move {
-            let result = self.inner.node_alive(&node, now).await;
-            self.observe(&result);
-            result
-        })
+        watched!(self, self.inner.node_alive(&node, now))
     }
     fn end_dead_nodes(
         &self,
@@ -142,22 +142,14 @@ impl Store for WatchedStore {
         limit: u32,
     ) -> BoxFuture<'_, Result<Vec<SessionId>, StoreError>> {
         let except = except.to_owned();
-        Box::pin(async move {
-            let result = self
-                .inner
-                .end_dead_nodes(&except, now, node_timeout, limit)
-                .await;
-            self.observe(&result);
-            result
-        })
+        watched!(
+            self,
+            self.inner.end_dead_nodes(&except, now, node_timeout, limit)
+        )
     }
-    fn watch_releases<'a>(
-        &'a self,
-        node: &'a str,
-        wake: &'a (dyn Fn() + Send + Sync),
-    ) -> BoxFuture<'a, ()> {
-        self.inner.watch_releases(node, wake)
-    }
+}
+
+impl RoomStore for WatchedStore {
     fn room_event(
         &self,
         event: RoomEvent,
@@ -171,6 +163,16 @@ impl Store for WatchedStore {
     fn touch_present(&self, now: Timestamp) -> BoxFuture<'_, Result<Vec<SessionId>, StoreError>> {
         watched!(self, self.inner.touch_present(now))
     }
+    fn prune_rooms(
+        &self,
+        ended_before: Timestamp,
+        limit: u32,
+    ) -> BoxFuture<'_, Result<u32, StoreError>> {
+        watched!(self, self.inner.prune_rooms(ended_before, limit))
+    }
+}
+
+impl StoreHealth for WatchedStore {
     fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>> {
         watched!(self, self.inner.ping())
     }

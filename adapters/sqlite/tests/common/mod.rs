@@ -14,7 +14,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use session_lifecycle::{Resource, ResourceKind, SessionId};
 use session_lifecycle_runtime::{
-    AcquireError, AcquireRequest, Acquired, BoxFuture, EventSink, ReleaseError, ResourceBackend,
+    AcquireError, AcquireRequest, Acquired, BoxFuture, EventSink, ReleaseError, ReleaseNote,
+    ResourceBackend,
 };
 
 pub const FILE_KIND: ResourceKind = ResourceKind(9);
@@ -128,10 +129,10 @@ impl ResourceBackend for FileBackend {
         &self,
         _session: SessionId,
         resource: Resource,
-    ) -> BoxFuture<'_, Result<String, ReleaseError>> {
+    ) -> BoxFuture<'_, Result<ReleaseNote, ReleaseError>> {
         Box::pin(async move {
             if self.fail_releases.load(Ordering::SeqCst) {
-                return Err(ReleaseError("release refused for the test".into()));
+                return Err(ReleaseError::transient("release refused for the test"));
             }
             let to = self.dir.join("released").join(resource.handle.to_string());
             match std::fs::rename(self.held(resource.handle), to) {
@@ -140,8 +141,8 @@ impl ResourceBackend for FileBackend {
                     Ok("deleted".into())
                 }
                 // Already released (a retry, or a re-run after a crash): nothing to do.
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok("gone".into()),
-                Err(e) => Err(ReleaseError(e.to_string())),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(ReleaseNote::Gone),
+                Err(e) => Err(ReleaseError::transient("moving the file").caused_by(e)),
             }
         })
     }

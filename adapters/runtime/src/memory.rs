@@ -1,0 +1,619 @@
+//! The reference store: every capability, in memory, behind one lock.
+//!
+//! It keeps nothing across a restart of the process, so it is not for production; it is
+//! the executable statement of what the store traits mean (the conformance suite passes on
+//! it, as on SQLite and PostgreSQL), and it runs the engine's own tests and simulations in
+//! milliseconds, without a database.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use session_lifecycle::{
+    EndReason, HeldResource, HeldResources, MAX_RESOURCES, ReleaseState, Resource, Session,
+    SessionId, SessionParts, Status, Timestamp, Transition,
+};
+use tokio::sync::broadcast;
+
+use crate::rows::{LOST_WITH_NODE, RELEASED_ON_RETURN};
+use crate::store::{
+    AttachOutcome, BoxFuture, CreateOutcome, ListQuery, NewSession, NodeMembership, ReleaseClaim,
+    ReleaseProgress, ReleaseQueue, RoomBinding, RoomEvent, RoomEventKind, RoomStore, RoomUpdate,
+    SessionRecord, SessionStore, StoreError, StoreHealth, TenantScope, TouchOutcome,
+};
+
+/// A resource as the store keeps it.
+#[derive(Debug, Clone)]
+struct ResourceRow {
+    resource: Resource,
+    release: ReleaseState,
+    note: Option<String>,
+    last_error: Option<String>,
+    lost: bool,
+}
+
+/// A session as the store keeps it.
+#[derive(Debug, Clone)]
+struct SessionRow {
+    tenant: String,
+    started_at: Timestamp,
+    expires_at: Timestamp,
+    last_seen_at: Timestamp,
+    ending: Option<(Timestamp, EndReason)>,
+    metadata: Option<String>,
+    room: Option<RoomBinding>,
+    room_finished: bool,
+    node: String,
+    resources: Vec<ResourceRow>,
+    release_due_at: Option<Timestamp>,
+    claimed_by: Option<String>,
+    claimed_until: Option<Timestamp>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    sessions: BTreeMap<SessionId, SessionRow>,
+    nodes: HashMap<String, Timestamp>,
+    /// Room events applied: (provider, event id) -> when received.
+    room_events: HashMap<(String, String), Timestamp>,
+    /// Per session: participant identity -> (present, time of its latest event).
+    participants: HashMap<SessionId, HashMap<String, (bool, Timestamp)>>,
+}
+
+/// The in-memory reference store.
+#[derive(Debug)]
+pub struct MemoryStore {
+    state: Mutex<State>,
+    /// Nodes whose releases may have become due (for [`ReleaseQueue::watch_releases`]).
+    due: broadcast::Sender<String>,
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        MemoryStore::new()
+    }
+}
+
+impl MemoryStore {
+    /// An empty store.
+    pub fn new() -> MemoryStore {
+        MemoryStore {
+            state: Mutex::new(State::default()),
+            due: broadcast::channel(1024).0,
+        }
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        crate::engine::lock(&self.state)
+    }
+}
+
+fn corrupt(id: &SessionId, detail: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt {
+        id: id.to_string(),
+        detail: detail.to_string(),
+    }
+}
+
+impl SessionRow {
+    fn record(&self, id: &SessionId) -> Result<SessionRecord, StoreError> {
+        let mut resources = HeldResources::new();
+        let mut release_notes = Vec::new();
+        let mut release_errors = Vec::new();
+        for r in &self.resources {
+            resources
+                .push(HeldResource {
+                    resource: r.resource,
+                    release: r.release,
+                })
+                .map_err(|_| corrupt(id, "more resources than a session can hold"))?;
+            if let Some(note) = &r.note {
+                release_notes.push((r.resource, note.clone()));
+            }
+            if let (Some(error), ReleaseState::Pending { .. }) = (&r.last_error, r.release) {
+                release_errors.push((r.resource, error.clone()));
+            }
+        }
+        let session = Session::try_from(SessionParts {
+            session_id: *id,
+            status: if self.ending.is_some() {
+                Status::Ended
+            } else {
+                Status::Started
+            },
+            started_at: self.started_at,
+            ended_at: self.ending.map(|(at, _)| at),
+            end_reason: self.ending.map(|(_, why)| why),
+            expires_at: self.expires_at,
+            last_seen_at: self.last_seen_at,
+            resources,
+        })
+        .map_err(|e| corrupt(id, e))?;
+        Ok(SessionRecord {
+            session,
+            tenant: self.tenant.clone(),
+            metadata: self.metadata.clone(),
+            room: self.room.clone(),
+            node: self.node.clone(),
+            release_notes,
+            release_errors,
+        })
+    }
+
+    fn in_scope(&self, tenant: TenantScope<'_>) -> bool {
+        tenant.is_none_or(|t| t == self.tenant)
+    }
+
+    /// What the core's end does, recorded: ended at `max(now, started_at)`, every held
+    /// resource a pending release due then, the next release due then if it holds any.
+    fn end(&mut self, now: Timestamp, reason: EndReason) -> Timestamp {
+        let at = now.max(self.started_at);
+        self.ending = Some((at, reason));
+        for r in &mut self.resources {
+            if r.release == ReleaseState::Held {
+                r.release = ReleaseState::Pending {
+                    attempts: 0,
+                    retry_at: at,
+                };
+            }
+        }
+        if !self.resources.is_empty() {
+            self.release_due_at = Some(at);
+        }
+        at
+    }
+
+    /// The earlier of its two deadlines while started, and why it would end then.
+    fn deadline(&self, orphan_timeout: Duration) -> (Timestamp, EndReason) {
+        let orphan_at = self.last_seen_at.saturating_add(orphan_timeout);
+        if self.expires_at <= orphan_at {
+            (self.expires_at, EndReason::Expired)
+        } else {
+            (orphan_at, EndReason::Orphaned)
+        }
+    }
+}
+
+fn ready<T: Send + 'static>(value: T) -> BoxFuture<'static, T> {
+    Box::pin(std::future::ready(value))
+}
+
+impl SessionStore for MemoryStore {
+    fn create(&self, new: NewSession) -> BoxFuture<'_, Result<CreateOutcome, StoreError>> {
+        let mut state = self.state();
+        if state.sessions.contains_key(&new.id) {
+            return ready(Err(StoreError::DuplicateId(new.id)));
+        }
+        if let Some(max) = new.max_concurrent {
+            let running = state
+                .sessions
+                .values()
+                .filter(|s| s.tenant == new.tenant && s.ending.is_none())
+                .count();
+            if running >= max as usize {
+                return ready(Ok(CreateOutcome::LimitReached));
+            }
+        }
+        state.sessions.insert(
+            new.id,
+            SessionRow {
+                tenant: new.tenant,
+                started_at: new.started_at,
+                expires_at: new.expires_at.max(new.started_at),
+                last_seen_at: new.started_at,
+                ending: None,
+                metadata: new.metadata,
+                room: new.room,
+                room_finished: false,
+                node: new.node,
+                resources: Vec::new(),
+                release_due_at: None,
+                claimed_by: None,
+                claimed_until: None,
+            },
+        );
+        ready(Ok(CreateOutcome::Created))
+    }
+
+    fn attach(
+        &self,
+        id: SessionId,
+        resource: Resource,
+    ) -> BoxFuture<'_, Result<AttachOutcome, StoreError>> {
+        let mut state = self.state();
+        let outcome = match state.sessions.get_mut(&id) {
+            Some(s)
+                if s.ending.is_none()
+                    && s.resources.len() < MAX_RESOURCES
+                    && !s.resources.iter().any(|r| r.resource == resource) =>
+            {
+                s.resources.push(ResourceRow {
+                    resource,
+                    release: ReleaseState::Held,
+                    note: None,
+                    last_error: None,
+                    lost: false,
+                });
+                AttachOutcome::Attached
+            }
+            _ => AttachOutcome::Refused,
+        };
+        ready(Ok(outcome))
+    }
+
+    fn end<'a>(
+        &'a self,
+        id: SessionId,
+        tenant: TenantScope<'a>,
+        now: Timestamp,
+        reason: EndReason,
+        claim: Option<ReleaseClaim>,
+    ) -> BoxFuture<'a, Result<Option<(SessionRecord, Transition)>, StoreError>> {
+        let mut state = self.state();
+        let Some(s) = state.sessions.get_mut(&id).filter(|s| s.in_scope(tenant)) else {
+            return ready(Ok(None));
+        };
+        if s.ending.is_some() {
+            return ready(s.record(&id).map(|r| Some((r, Transition::AlreadyEnded))));
+        }
+        s.end(now, reason);
+        let due = s.release_due_at.is_some();
+        match claim {
+            Some(claim) if due && claim.node == s.node => {
+                s.claimed_by = Some(claim.node);
+                s.claimed_until = Some(claim.until);
+            }
+            _ if due => {
+                let _ = self.due.send(s.node.clone());
+            }
+            _ => {}
+        }
+        ready(s.record(&id).map(|r| Some((r, Transition::Committed))))
+    }
+
+    fn get(&self, id: SessionId) -> BoxFuture<'_, Result<Option<SessionRecord>, StoreError>> {
+        let state = self.state();
+        ready(state.sessions.get(&id).map(|s| s.record(&id)).transpose())
+    }
+
+    fn list(&self, query: ListQuery) -> BoxFuture<'_, Result<Vec<SessionRecord>, StoreError>> {
+        let state = self.state();
+        let matching = state
+            .sessions
+            .iter()
+            .rev()
+            .filter(|(id, _)| query.before.is_none_or(|b| **id < b))
+            .filter(|(_, s)| query.tenant.as_ref().is_none_or(|t| *t == s.tenant))
+            .filter(|(_, s)| query.node.as_ref().is_none_or(|n| *n == s.node))
+            .filter(|(_, s)| {
+                query
+                    .status
+                    .is_none_or(|status| (status == Status::Ended) == s.ending.is_some())
+            })
+            .take(query.limit as usize)
+            .map(|(id, s)| s.record(id))
+            .collect();
+        ready(matching)
+    }
+
+    fn touch<'a>(
+        &'a self,
+        id: SessionId,
+        tenant: TenantScope<'a>,
+        now: Timestamp,
+    ) -> BoxFuture<'a, Result<TouchOutcome, StoreError>> {
+        let mut state = self.state();
+        let Some(s) = state.sessions.get_mut(&id).filter(|s| s.in_scope(tenant)) else {
+            return ready(Ok(TouchOutcome::NotFound));
+        };
+        if s.ending.is_some() {
+            return ready(s.record(&id).map(TouchOutcome::Ended));
+        }
+        s.last_seen_at = s.last_seen_at.max(now);
+        ready(s.record(&id).map(TouchOutcome::Touched))
+    }
+
+    fn due(
+        &self,
+        now: Timestamp,
+        orphan_timeout: Duration,
+        limit: u32,
+    ) -> BoxFuture<'_, Result<Vec<(SessionId, EndReason)>, StoreError>> {
+        let state = self.state();
+        let mut due: Vec<(Timestamp, SessionId, EndReason)> = state
+            .sessions
+            .iter()
+            .filter(|(_, s)| s.ending.is_none())
+            .map(|(id, s)| {
+                let (at, why) = s.deadline(orphan_timeout);
+                (at, *id, why)
+            })
+            .filter(|(at, _, _)| *at <= now)
+            .collect();
+        due.sort_by_key(|(at, id, _)| (*at, *id));
+        ready(Ok(due
+            .into_iter()
+            .take(limit as usize)
+            .map(|(_, id, why)| (id, why))
+            .collect()))
+    }
+}
+
+impl ReleaseQueue for MemoryStore {
+    fn claim_releases(
+        &self,
+        node: &str,
+        now: Timestamp,
+        lease: Duration,
+        limit: u32,
+    ) -> BoxFuture<'_, Result<Vec<SessionRecord>, StoreError>> {
+        let mut state = self.state();
+        let mut due: Vec<(Timestamp, SessionId)> = state
+            .sessions
+            .iter()
+            .filter(|(_, s)| s.node == node)
+            .filter(|(_, s)| s.claimed_until.is_none_or(|until| until <= now))
+            .filter_map(|(id, s)| s.release_due_at.filter(|at| *at <= now).map(|at| (at, *id)))
+            .collect();
+        due.sort();
+        let mut out = Vec::new();
+        for (_, id) in due.into_iter().take(limit as usize) {
+            if let Some(s) = state.sessions.get_mut(&id) {
+                s.claimed_by = Some(node.to_owned());
+                s.claimed_until = Some(now.saturating_add(lease));
+                match s.record(&id) {
+                    Ok(record) => out.push(record),
+                    Err(e) => return ready(Err(e)),
+                }
+            }
+        }
+        ready(Ok(out))
+    }
+
+    fn record_release(
+        &self,
+        node: &str,
+        progress: ReleaseProgress,
+    ) -> BoxFuture<'_, Result<(), StoreError>> {
+        let mut state = self.state();
+        let Some(s) = state
+            .sessions
+            .get_mut(&progress.session)
+            .filter(|s| s.node == node)
+        else {
+            return ready(Ok(()));
+        };
+        if let Some(attempt) = progress.attempt
+            && let Some(r) = s.resources.iter_mut().find(|r| {
+                r.resource == attempt.resource
+                    && !matches!(r.release, ReleaseState::Released { .. })
+            })
+        {
+            r.release = attempt.release;
+            if matches!(attempt.release, ReleaseState::Released { .. }) {
+                r.note = Some(match (&r.note, r.lost) {
+                    (Some(lost), true) => format!("{lost}{RELEASED_ON_RETURN}{}", attempt.note),
+                    _ => attempt.note,
+                });
+                r.last_error = None;
+            } else {
+                r.last_error = Some(attempt.note);
+            }
+        }
+        s.release_due_at = progress.next_release_at;
+        s.claimed_until = progress.keep_claim_until;
+        s.claimed_by = progress.keep_claim_until.map(|_| node.to_owned());
+        ready(Ok(()))
+    }
+
+    fn drop_claims(&self, node: &str) -> BoxFuture<'_, Result<(), StoreError>> {
+        let mut state = self.state();
+        for s in state.sessions.values_mut() {
+            if s.claimed_by.as_deref() == Some(node) {
+                s.claimed_by = None;
+                s.claimed_until = None;
+            }
+        }
+        ready(Ok(()))
+    }
+
+    fn watch_releases<'a>(
+        &'a self,
+        node: &'a str,
+        wake: &'a (dyn Fn() + Send + Sync),
+    ) -> BoxFuture<'a, ()> {
+        let mut due = self.due.subscribe();
+        Box::pin(async move {
+            loop {
+                match due.recv().await {
+                    Ok(due_node) if due_node == node => wake(),
+                    Ok(_) => {}
+                    // Missed some: one of them may have been ours.
+                    Err(broadcast::error::RecvError::Lagged(_)) => wake(),
+                    Err(broadcast::error::RecvError::Closed) => std::future::pending::<()>().await,
+                }
+            }
+        })
+    }
+}
+
+impl NodeMembership for MemoryStore {
+    fn node_alive(&self, node: &str, now: Timestamp) -> BoxFuture<'_, Result<(), StoreError>> {
+        let mut state = self.state();
+        let seen = state.nodes.entry(node.to_owned()).or_insert(now);
+        *seen = (*seen).max(now);
+        ready(Ok(()))
+    }
+
+    fn end_dead_nodes(
+        &self,
+        except: &str,
+        now: Timestamp,
+        node_timeout: Duration,
+        limit: u32,
+    ) -> BoxFuture<'_, Result<Vec<SessionId>, StoreError>> {
+        let mut state = self.state();
+        let cutoff = now.saturating_sub(node_timeout);
+        let mut dead: Vec<String> = state
+            .nodes
+            .iter()
+            .filter(|(id, seen)| id.as_str() != except && **seen <= cutoff)
+            .map(|(id, _)| id.clone())
+            .collect();
+        dead.sort();
+        let mut ended = Vec::new();
+        for node in dead {
+            for (id, s) in state.sessions.iter_mut() {
+                if s.node != node {
+                    continue;
+                }
+                if s.ending.is_none() && ended.len() < limit as usize {
+                    s.end(now, EndReason::NodeLost);
+                    ended.push(*id);
+                }
+                for r in &mut s.resources {
+                    if matches!(r.release, ReleaseState::Pending { .. }) && !r.lost {
+                        r.lost = true;
+                        r.note = Some(format!("{LOST_WITH_NODE}{node}"));
+                    }
+                }
+            }
+        }
+        ready(Ok(ended))
+    }
+}
+
+impl RoomStore for MemoryStore {
+    fn room_event(
+        &self,
+        event: RoomEvent,
+        now: Timestamp,
+    ) -> BoxFuture<'_, Result<Option<Vec<RoomUpdate>>, StoreError>> {
+        let mut state = self.state();
+        let key = (event.provider.as_str().to_owned(), event.event_id.clone());
+        if state.room_events.contains_key(&key) {
+            return ready(Ok(None));
+        }
+        state.room_events.insert(key, now);
+        let bound: Vec<SessionId> = state
+            .sessions
+            .iter()
+            .filter(|(_, s)| {
+                s.ending.is_none()
+                    && s.room
+                        .as_ref()
+                        .is_some_and(|r| r.provider == event.provider && r.name == event.room)
+                    && event.tenant.as_ref().is_none_or(|t| *t == s.tenant)
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        let mut updates = Vec::with_capacity(bound.len());
+        for id in bound {
+            match &event.kind {
+                RoomEventKind::Joined { participant } | RoomEventKind::Left { participant } => {
+                    let present = matches!(event.kind, RoomEventKind::Joined { .. });
+                    let people = state.participants.entry(id).or_default();
+                    let entry = people
+                        .entry(participant.clone())
+                        .or_insert((present, event.at));
+                    // The latest event by provider time wins, whatever the arrival order.
+                    if event.at >= entry.1 {
+                        *entry = (present, event.at);
+                    }
+                    if present && let Some(s) = state.sessions.get_mut(&id) {
+                        s.last_seen_at = s.last_seen_at.max(now);
+                    }
+                }
+                RoomEventKind::Finished => {
+                    if let Some(s) = state.sessions.get_mut(&id) {
+                        s.room_finished = true;
+                    }
+                }
+            }
+            let people = state.participants.get(&id);
+            updates.push(RoomUpdate {
+                session: id,
+                present: people.map_or(0, |p| p.values().filter(|(here, _)| *here).count()) as u32,
+                // A leave implies a join, even one delivered later.
+                ever_joined: people.is_some_and(|p| !p.is_empty()),
+                finished: state.sessions.get(&id).is_some_and(|s| s.room_finished),
+            });
+        }
+        ready(Ok(Some(updates)))
+    }
+
+    fn room_presence(&self, id: SessionId) -> BoxFuture<'_, Result<u32, StoreError>> {
+        let state = self.state();
+        let present = state
+            .participants
+            .get(&id)
+            .map_or(0, |p| p.values().filter(|(here, _)| *here).count());
+        ready(Ok(present as u32))
+    }
+
+    fn touch_present(&self, now: Timestamp) -> BoxFuture<'_, Result<Vec<SessionId>, StoreError>> {
+        let mut state = self.state();
+        let present: HashSet<SessionId> = state
+            .participants
+            .iter()
+            .filter(|(_, p)| p.values().any(|(here, _)| *here))
+            .map(|(id, _)| *id)
+            .collect();
+        let mut touched = Vec::new();
+        for id in present {
+            if let Some(s) = state.sessions.get_mut(&id).filter(|s| s.ending.is_none()) {
+                s.last_seen_at = s.last_seen_at.max(now);
+                touched.push(id);
+            }
+        }
+        touched.sort();
+        ready(Ok(touched))
+    }
+
+    fn prune_rooms(
+        &self,
+        ended_before: Timestamp,
+        limit: u32,
+    ) -> BoxFuture<'_, Result<u32, StoreError>> {
+        let mut state = self.state();
+        let gone: Vec<SessionId> = state
+            .participants
+            .keys()
+            .filter(|id| {
+                state
+                    .sessions
+                    .get(id)
+                    .is_none_or(|s| s.ending.is_some_and(|(at, _)| at <= ended_before))
+            })
+            .take(limit as usize)
+            .copied()
+            .collect();
+        for id in &gone {
+            state.participants.remove(id);
+        }
+        // Event ids are kept for deduplication as long as the retention: a provider's
+        // retries come well within it.
+        state
+            .room_events
+            .retain(|_, received| *received > ended_before);
+        ready(Ok(gone.len() as u32))
+    }
+}
+
+impl StoreHealth for MemoryStore {
+    fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+        ready(Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::MemoryStore;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn memory_store_passes_the_conformance_suite() {
+        crate::conformance::run_all(Arc::new(MemoryStore::new())).await;
+    }
+}
