@@ -133,8 +133,4 @@ pub fn cuda_driver_present() -> bool {
     })
 }
 
-/// Locks `m`; the maps it guards stay consistent when a holder panicked (each change is
-/// one insert or remove), so a poisoned lock is still used.
-pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
+pub(crate) use session_lifecycle_runtime::lock;

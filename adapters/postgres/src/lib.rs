@@ -19,13 +19,16 @@ use deadpool_postgres::GenericClient;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use session_lifecycle::{EndReason, Resource, SessionId, Status, Timestamp, Transition};
 use session_lifecycle_runtime::rows::{
-    RELEASED_ON_RETURN, ResourceRow, SessionRow, millis as ms, parse_id, release_columns,
+    LOST_WITH_NODE, RELEASED_ON_RETURN, ResourceRow, SessionRow, millis as ms, parse_id,
+    release_columns,
 };
+use session_lifecycle_runtime::sql::{postgres as pg, statements};
 use session_lifecycle_runtime::{
     AttachOutcome, BoxFuture, CreateOutcome, ListQuery, NewSession, NodeMembership, ReleaseClaim,
     ReleaseProgress, ReleaseQueue, RoomEvent, RoomEventKind, RoomStore, RoomUpdate, SessionRecord,
     SessionStore, StoreError, StoreHealth, TenantScope, TouchOutcome,
 };
+use session_lifecycle_runtime::{sql_ended_at, sql_later, sql_release_due_at};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{NoTls, Row};
 
@@ -122,7 +125,11 @@ impl PostgresStore {
         wake: &(dyn Fn() + Send + Sync),
     ) -> Result<(), tokio_postgres::Error> {
         let (client, mut connection) = self.config.connect(NoTls).await?;
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        // Only this node's notifications matter, and only as wake-ups: a bounded channel
+        // of them, where one already waiting makes another redundant (a full channel drops
+        // the newcomer).
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
+        let mine = node.to_owned();
         // The connection is driven on its own; its notifications come back over a channel
         // that closes when the connection ends. The driver is aborted with this future, so
         // nothing of it outlives the engine that listens.
@@ -130,7 +137,10 @@ impl PostgresStore {
             loop {
                 match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
                     Some(Ok(tokio_postgres::AsyncMessage::Notification(n))) => {
-                        if tx.send(n.payload().to_owned()).is_err() {
+                        if n.payload() == mine
+                            && let Err(tokio::sync::mpsc::error::TrySendError::Closed(())) =
+                                tx.try_send(())
+                        {
                             return Ok(());
                         }
                     }
@@ -145,10 +155,8 @@ impl PostgresStore {
             .await?;
         // Releases notified before LISTEN took effect are found now.
         wake();
-        while let Some(payload) = rx.recv().await {
-            if payload == node {
-                wake();
-            }
+        while rx.recv().await.is_some() {
+            wake();
         }
         drop(client);
         match (&mut driver.0).await {
@@ -288,12 +296,9 @@ impl SessionStore for PostgresStore {
                     .await
                     .map_err(unavailable)?;
                 let running: i64 = col(
-                    &tx.query_one(
-                        "SELECT COUNT(*) FROM sessions WHERE tenant = $1 AND status = 'started'",
-                        &[&new.tenant],
-                    )
-                    .await
-                    .map_err(unavailable)?,
+                    &tx.query_one(pg(statements::COUNT_STARTED), &[&new.tenant])
+                        .await
+                        .map_err(unavailable)?,
                     0,
                 )?;
                 if running >= i64::from(max) {
@@ -302,9 +307,7 @@ impl SessionStore for PostgresStore {
             }
             let inserted = tx
                 .execute(
-                    "INSERT INTO sessions (id, tenant, status, started_at, expires_at, last_seen_at,
-                                           metadata, room_provider, room_name, node)
-                     VALUES ($1, $2, 'started', $3, $4, $3, $5, $6, $7, $8)",
+                    pg(statements::INSERT_SESSION),
                     &[
                         &new.id.to_string(),
                         &new.tenant,
@@ -362,12 +365,9 @@ impl SessionStore for PostgresStore {
                 .await
                 .map_err(unavailable)?;
             if n == 1 {
-                tx.execute(
-                    "UPDATE sessions SET resource_count = resource_count + 1 WHERE id = $1",
-                    &[&id_text],
-                )
-                .await
-                .map_err(unavailable)?;
+                tx.execute(pg(statements::COUNT_ATTACHED), &[&id_text])
+                    .await
+                    .map_err(unavailable)?;
             }
             tx.commit().await.map_err(unavailable)?;
             Ok(if n == 1 {
@@ -395,11 +395,11 @@ impl SessionStore for PostgresStore {
             let statement = client
                 .prepare_cached(concat!(
                     "WITH ended AS (
-                        UPDATE sessions SET status = 'ended', ended_at = GREATEST($2, started_at),
-                                            end_reason = $3,
-                                            release_due_at = CASE WHEN resource_count > 0
-                                                             THEN GREATEST($2, started_at) END,
-                                            release_claimed_by = CASE WHEN resource_count > 0
+                        UPDATE sessions SET status = 'ended', end_reason = $3, ended_at = ",
+                    sql_ended_at!("$2"),
+                    ", release_due_at = ",
+                    sql_release_due_at!(sql_ended_at!("$2")),
+                    ", release_claimed_by = CASE WHEN resource_count > 0
                                                                  AND node = $5 THEN $5 END,
                                             release_claimed_until = CASE WHEN resource_count > 0
                                                                     AND node = $5 THEN $6::BIGINT END
@@ -514,8 +514,9 @@ impl SessionStore for PostgresStore {
             let statement = client
                 .prepare_cached(concat!(
                     "WITH touched AS (
-                        UPDATE sessions SET last_seen_at = GREATEST(last_seen_at, $2)
-                        WHERE id = $1 AND status = 'started' AND ($3::TEXT IS NULL OR tenant = $3)
+                        UPDATE sessions SET last_seen_at = ",
+                    sql_later!("last_seen_at", "$2"),
+                    " WHERE id = $1 AND status = 'started' AND ($3::TEXT IS NULL OR tenant = $3)
                         RETURNING *),
                      current AS (
                         SELECT * FROM touched
@@ -561,9 +562,7 @@ impl SessionStore for PostgresStore {
             let client = self.client().await?;
             let rows = client
                 .query(
-                    "SELECT id, expires_at <= last_seen_at + $2 FROM sessions
-                     WHERE status = 'started' AND (expires_at <= $1 OR last_seen_at <= $1 - $2)
-                     ORDER BY LEAST(expires_at, last_seen_at + $2), id LIMIT $3",
+                    pg(statements::DUE),
                     &[&ms(now), &duration_ms(orphan_timeout), &i64::from(limit)],
                 )
                 .await
@@ -632,69 +631,42 @@ impl ReleaseQueue for PostgresStore {
     ) -> BoxFuture<'_, Result<(), StoreError>> {
         let node = node.to_owned();
         Box::pin(async move {
-            let client = self.client().await?;
+            let mut client = self.client().await?;
+            let tx = client.transaction().await.map_err(unavailable)?;
             let id = progress.session.to_string();
-            let (kind, handle, state, attempts, retry_at, released_at, released, note) =
-                match &progress.attempt {
-                    Some(a) => {
-                        let (kind, handle) = resource_key(&a.resource);
-                        let (state, attempts, retry_at, released_at) = release_columns(a.release);
-                        (
-                            Some(kind),
-                            Some(handle),
-                            Some(state),
-                            Some(attempts as i32),
-                            retry_at,
-                            released_at,
-                            state == "released",
-                            Some(a.note.as_str()),
-                        )
-                    }
-                    None => (None, None, None, None, None, None, false, None),
-                };
-            // One statement: the attempt's resource (if any) and the session's next due time
-            // and claim.
-            let statement = client
-                .prepare_cached(
-                    "WITH attempt AS (
-                        UPDATE resources SET state = $5, attempts = $6, retry_at = $7,
-                            released_at = $8,
-                            note = CASE WHEN NOT $9 THEN note
-                                        WHEN lost_at IS NULL THEN $10
-                                        ELSE note || $13 || $10 END,
-                            last_error = CASE WHEN $9 THEN NULL ELSE $10 END
-                        WHERE $3::INTEGER IS NOT NULL AND session_id = $1 AND kind = $3
-                          AND handle = $4 AND state <> 'released'
-                        RETURNING 1)
-                     UPDATE sessions SET release_due_at = $11,
-                        release_claimed_by = CASE WHEN $12::BIGINT IS NULL THEN NULL ELSE $2 END,
-                        release_claimed_until = $12
-                     WHERE id = $1 AND node = $2",
-                )
-                .await
-                .map_err(unavailable)?;
-            client
-                .execute(
-                    &statement,
+            if let Some(a) = &progress.attempt {
+                let (kind, handle) = resource_key(&a.resource);
+                let (state, attempts, retry_at, released_at) = release_columns(a.release);
+                tx.execute(
+                    pg(statements::RECORD_ATTEMPT),
                     &[
                         &id,
-                        &node,
                         &kind,
                         &handle,
                         &state,
-                        &attempts,
+                        &(attempts as i32),
                         &retry_at,
                         &released_at,
-                        &released,
-                        &note,
-                        &progress.next_release_at.map(ms),
-                        &progress.keep_claim_until.map(ms),
+                        &(state == "released"),
+                        &a.note,
                         &RELEASED_ON_RETURN,
                     ],
                 )
                 .await
                 .map_err(unavailable)?;
-            Ok(())
+            }
+            tx.execute(
+                pg(statements::RECORD_SESSION),
+                &[
+                    &id,
+                    &node,
+                    &progress.next_release_at.map(ms),
+                    &progress.keep_claim_until.map(ms),
+                ],
+            )
+            .await
+            .map_err(unavailable)?;
+            tx.commit().await.map_err(unavailable)
         })
     }
 
@@ -720,11 +692,7 @@ impl ReleaseQueue for PostgresStore {
         Box::pin(async move {
             let client = self.client().await?;
             client
-                .execute(
-                    "UPDATE sessions SET release_claimed_by = NULL, release_claimed_until = NULL
-                     WHERE release_claimed_by = $1",
-                    &[&node],
-                )
+                .execute(pg(statements::DROP_CLAIMS), &[&node])
                 .await
                 .map_err(unavailable)?;
             Ok(())
@@ -790,13 +758,15 @@ impl NodeMembership for PostgresStore {
                 let room = i64::from(limit).saturating_sub(ended.len() as i64);
                 let ids = tx
                     .query(
-                        "UPDATE sessions SET status = 'ended', ended_at = GREATEST($2, started_at),
-                                end_reason = 'node_lost'
-                         WHERE id IN (SELECT id FROM sessions
+                        concat!(
+                            "UPDATE sessions SET status = 'ended', end_reason = 'node_lost', ended_at = ",
+                            sql_ended_at!("$2"),
+                            " WHERE id IN (SELECT id FROM sessions
                                       WHERE node = $1 AND status = 'started'
                                       ORDER BY id LIMIT $3 FOR UPDATE)
                            AND status = 'started'
-                         RETURNING id",
+                         RETURNING id"
+                        ),
                         &[&node, &ms(now), &room],
                     )
                     .await
@@ -812,16 +782,18 @@ impl NodeMembership for PostgresStore {
                 .await
                 .map_err(unavailable)?;
                 tx.execute(
-                    "UPDATE sessions SET release_due_at = ended_at
-                     WHERE id = ANY($1) AND resource_count > 0",
+                    concat!(
+                        "UPDATE sessions SET release_due_at = ",
+                        sql_release_due_at!("ended_at"),
+                        " WHERE id = ANY($1)"
+                    ),
                     &[&ids],
                 )
                 .await
                 .map_err(unavailable)?;
                 tx.execute(
-                    "UPDATE resources SET lost_at = $2, note = 'lost with node ' || node
-                     WHERE node = $1 AND state = 'pending' AND lost_at IS NULL",
-                    &[&node, &ms(now)],
+                    pg(statements::MARK_LOST),
+                    &[&node, &ms(now), &LOST_WITH_NODE],
                 )
                 .await
                 .map_err(unavailable)?;
@@ -846,8 +818,7 @@ impl RoomStore for PostgresStore {
             let tx = client.transaction().await.map_err(unavailable)?;
             let fresh = tx
                 .execute(
-                    "INSERT INTO room_events (provider, event_id, received_at) VALUES ($1, $2, $3)
-                     ON CONFLICT DO NOTHING",
+                    pg(statements::INSERT_ROOM_EVENT),
                     &[&event.provider.as_str(), &event.event_id, &ms(now)],
                 )
                 .await
@@ -873,41 +844,25 @@ impl RoomStore for PostgresStore {
                         let present = matches!(event.kind, RoomEventKind::Joined { .. });
                         // The latest event by provider time wins, whatever the arrival order.
                         tx.execute(
-                            "INSERT INTO room_participants (session_id, identity, present, last_event_at)
-                             VALUES ($1, $2, $3, $4)
-                             ON CONFLICT (session_id, identity) DO UPDATE
-                             SET present = excluded.present, last_event_at = excluded.last_event_at
-                             WHERE excluded.last_event_at >= room_participants.last_event_at",
+                            pg(statements::UPSERT_PARTICIPANT),
                             &[&id, participant, &present, &ms(event.at)],
                         )
                         .await
                         .map_err(unavailable)?;
                         if present {
-                            tx.execute(
-                                "UPDATE sessions SET last_seen_at = GREATEST(last_seen_at, $2) WHERE id = $1",
-                                &[&id, &ms(now)],
-                            )
-                            .await
-                            .map_err(unavailable)?;
+                            tx.execute(pg(statements::SEEN), &[&id, &ms(now)])
+                                .await
+                                .map_err(unavailable)?;
                         }
                     }
                     RoomEventKind::Finished => {
-                        tx.execute(
-                            "UPDATE sessions SET room_finished = TRUE WHERE id = $1",
-                            &[&id],
-                        )
-                        .await
-                        .map_err(unavailable)?;
+                        tx.execute(pg(statements::ROOM_FINISHED), &[&id, &true])
+                            .await
+                            .map_err(unavailable)?;
                     }
                 }
                 let state = tx
-                    .query_one(
-                        "SELECT (SELECT COUNT(*) FROM room_participants WHERE session_id = $1 AND present),
-                                (SELECT COUNT(*) FROM room_participants WHERE session_id = $1),
-                                room_finished
-                         FROM sessions WHERE id = $1",
-                        &[&id],
-                    )
+                    .query_one(pg(statements::ROOM_STATE), &[&id, &true])
                     .await
                     .map_err(unavailable)?;
                 updates.push(RoomUpdate {
@@ -928,10 +883,7 @@ impl RoomStore for PostgresStore {
             let client = self.client().await?;
             let n: i64 = col(
                 &client
-                    .query_one(
-                        "SELECT COUNT(*) FROM room_participants WHERE session_id = $1 AND present",
-                        &[&id.to_string()],
-                    )
+                    .query_one(pg(statements::PRESENCE), &[&id.to_string(), &true])
                     .await
                     .map_err(unavailable)?,
                 0,
@@ -949,19 +901,13 @@ impl RoomStore for PostgresStore {
             let client = self.client().await?;
             let pruned = client
                 .execute(
-                    "DELETE FROM room_participants WHERE session_id IN (
-                        SELECT DISTINCT p.session_id FROM room_participants p
-                        JOIN sessions s ON s.id = p.session_id
-                        WHERE s.status = 'ended' AND s.ended_at <= $1 LIMIT $2)",
+                    pg(statements::PRUNE_PARTICIPANTS),
                     &[&ms(ended_before), &i64::from(limit)],
                 )
                 .await
                 .map_err(unavailable)?;
             client
-                .execute(
-                    "DELETE FROM room_events WHERE received_at <= $1",
-                    &[&ms(ended_before)],
-                )
+                .execute(pg(statements::PRUNE_ROOM_EVENTS), &[&ms(ended_before)])
                 .await
                 .map_err(unavailable)?;
             Ok(u32::try_from(pruned).unwrap_or(u32::MAX))
@@ -972,13 +918,7 @@ impl RoomStore for PostgresStore {
         Box::pin(async move {
             let client = self.client().await?;
             let rows = client
-                .query(
-                    "UPDATE sessions SET last_seen_at = GREATEST(last_seen_at, $1)
-                     WHERE status = 'started'
-                       AND id IN (SELECT session_id FROM room_participants WHERE present)
-                     RETURNING id",
-                    &[&ms(now)],
-                )
+                .query(pg(statements::TOUCH_PRESENT), &[&ms(now), &true])
                 .await
                 .map_err(unavailable)?;
             rows.iter()

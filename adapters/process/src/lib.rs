@@ -49,7 +49,7 @@ use rustix::process::{Pid, Signal, kill_process_group};
 use session_lifecycle::{EndReason, Resource, ResourceKind, SessionId};
 use session_lifecycle_runtime::{
     AcquireError, AcquireRequest, Acquired, BoxFuture, EventSink, ReleaseError, ReleaseNote,
-    ResourceBackend, ResourceEvent, SESSION_ID_ENV,
+    ResourceBackend, ResourceEvent, SESSION_ID_ENV, lock,
 };
 use tokio::sync::watch;
 
@@ -199,7 +199,7 @@ impl ProcessBackend {
     }
 
     fn children(&self) -> std::sync::MutexGuard<'_, HashMap<u32, Child>> {
-        self.children.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.children)
     }
 
     async fn spawn(
@@ -276,11 +276,13 @@ impl ProcessBackend {
             let _ = exited_tx.send(true);
             if !stopping.load(Ordering::SeqCst) {
                 tracing::warn!(session = %session, pid, ?status, "avatar server exited on its own");
-                events.report(ResourceEvent {
-                    session,
-                    resource,
-                    reason: EndReason::AvatarExited,
-                });
+                events
+                    .report(ResourceEvent {
+                        session,
+                        resource,
+                        reason: EndReason::AvatarExited,
+                    })
+                    .await;
             }
         });
         tracing::info!(
@@ -363,21 +365,13 @@ impl ProcessBackend {
     /// Stops a session a previous run of the service started (not our child): by its
     /// cgroup when it has one, else by `pid` if that still runs the session.
     async fn stop_orphan(&self, session: SessionId, pid: u32) -> Result<ReleaseNote, ReleaseError> {
-        let resumed = self
-            .resumed
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&pid)
-            .cloned();
+        let resumed = lock(&self.resumed).get(&pid).cloned();
         if let Some(stopping) = resumed {
             stopping.store(true, Ordering::SeqCst);
         }
         let result = self.stop_unsupervised(session, pid).await;
         if result.is_ok() {
-            self.resumed
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(&pid);
+            lock(&self.resumed).remove(&pid);
         }
         result
     }
@@ -593,10 +587,7 @@ impl ResourceBackend for ProcessBackend {
                 return Ok(());
             }
             let stopping = Arc::new(AtomicBool::new(false));
-            self.resumed
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(pid, Arc::clone(&stopping));
+            lock(&self.resumed).insert(pid, Arc::clone(&stopping));
             tokio::spawn(async move {
                 // Alive and still the session's: its cgroup, or its environment.
                 let alive = |pid| {
@@ -608,11 +599,13 @@ impl ResourceBackend for ProcessBackend {
                 }
                 if !stopping.load(Ordering::SeqCst) {
                     tracing::warn!(session = %session, pid, "avatar server exited on its own");
-                    events.report(ResourceEvent {
-                        session,
-                        resource,
-                        reason: EndReason::AvatarExited,
-                    });
+                    events
+                        .report(ResourceEvent {
+                            session,
+                            resource,
+                            reason: EndReason::AvatarExited,
+                        })
+                        .await;
                 }
             });
             tracing::info!(session = %session, pid, "took back a running avatar server");

@@ -15,7 +15,7 @@ use session_lifecycle_process::{
     CgroupMode, PROCESS_KIND, ProcessBackend, ProcessConfig, session_of_pid,
 };
 use session_lifecycle_runtime::{AcquireRequest, EventSink, ResourceBackend, ResourceEvent};
-use tokio::sync::mpsc::UnboundedReceiver;
+use tokio::sync::mpsc::Receiver;
 
 const FIXTURE: &str = env!("CARGO_BIN_EXE_avatar-fixture");
 
@@ -163,7 +163,7 @@ async fn start(
     b: &ProcessBackend,
     id: SessionId,
     left: &mut Leftovers,
-) -> (Resource, u32, UnboundedReceiver<ResourceEvent>) {
+) -> (Resource, u32, Receiver<ResourceEvent>) {
     let env = vec![(
         session_lifecycle_runtime::SESSION_ID_ENV.to_owned(),
         id.to_string(),

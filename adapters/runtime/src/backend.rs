@@ -178,7 +178,8 @@ impl std::fmt::Display for ReleaseNote {
 impl PartialEq<&str> for ReleaseNote {
     /// Compares the note's text.
     fn eq(&self, other: &&str) -> bool {
-        self.to_string() == *other
+        let text = self.to_string();
+        text.as_str() == *other
     }
 }
 
@@ -213,19 +214,24 @@ pub struct ResourceEvent {
     pub reason: EndReason,
 }
 
+/// How many reported events wait for the engine at most; a backend reporting more waits
+/// for room (each event ends a session, so none is dropped).
+pub const EVENT_QUEUE: usize = 256;
+
 /// Where backends report [`ResourceEvent`]s; the engine ends the session concerned.
 #[derive(Debug, Clone)]
-pub struct EventSink(pub(crate) mpsc::UnboundedSender<ResourceEvent>);
+pub struct EventSink(pub(crate) mpsc::Sender<ResourceEvent>);
 
 impl EventSink {
-    /// Reports `event`. Dropped silently if the engine is gone.
-    pub fn report(&self, event: ResourceEvent) {
-        let _ = self.0.send(event);
+    /// Reports `event`, waiting while [`EVENT_QUEUE`] events are queued already. Dropped
+    /// if the engine is gone (nothing would end the session anyway).
+    pub async fn report(&self, event: ResourceEvent) {
+        let _ = self.0.send(event).await;
     }
 
     /// A sink and its receiving end, for testing a backend on its own.
-    pub fn channel() -> (EventSink, mpsc::UnboundedReceiver<ResourceEvent>) {
-        let (tx, rx) = mpsc::unbounded_channel();
+    pub fn channel() -> (EventSink, mpsc::Receiver<ResourceEvent>) {
+        let (tx, rx) = mpsc::channel(EVENT_QUEUE);
         (EventSink(tx), rx)
     }
 }

@@ -24,11 +24,12 @@ pub mod faults;
 mod memory;
 mod metrics;
 pub mod rows;
+pub mod sql;
 mod store;
 
 pub use backend::{
-    AcquireError, AcquireRequest, Acquired, EventSink, ReleaseError, ReleaseNote, ResourceBackend,
-    ResourceEvent, ResourceRequest,
+    AcquireError, AcquireRequest, Acquired, EVENT_QUEUE, EventSink, ReleaseError, ReleaseNote,
+    ResourceBackend, ResourceEvent, ResourceRequest,
 };
 pub use clock::{ManualClock, RuntimeClock, SystemClock, TokioClock};
 pub use engine::{
@@ -36,6 +37,13 @@ pub use engine::{
     SESSION_ID_ENV, StartRequest, TIMER_SLOTS,
 };
 pub use memory::MemoryStore;
+
+/// Locks `m`, also when a panic elsewhere poisoned it. The one lock helper of the
+/// workspace: every mutex it is used on guards a value changed in single steps that do not
+/// panic halfway, so a poisoned lock still guards a consistent value.
+pub fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
 pub use metrics::{Metrics, MetricsSnapshot, RELEASE_LATENCY_BUCKETS};
 pub use store::{
     AttachOutcome, BoxError, BoxFuture, CreateOutcome, ListQuery, NewSession, NodeMembership,

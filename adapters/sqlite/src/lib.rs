@@ -27,13 +27,16 @@ use std::time::Duration;
 use rusqlite::{Connection, OpenFlags, params};
 use session_lifecycle::{EndReason, Resource, SessionId, Status, Timestamp, Transition};
 use session_lifecycle_runtime::rows::{
-    RELEASED_ON_RETURN, ResourceRow, SessionRow, millis as ms, parse_id, release_columns,
+    LOST_WITH_NODE, RELEASED_ON_RETURN, ResourceRow, SessionRow, millis as ms, parse_id,
+    release_columns,
 };
+use session_lifecycle_runtime::sql::statements;
 use session_lifecycle_runtime::{
     AttachOutcome, BoxFuture, CreateOutcome, ListQuery, NewSession, NodeMembership, ReleaseClaim,
     ReleaseProgress, ReleaseQueue, RoomEvent, RoomEventKind, RoomStore, RoomUpdate, SessionRecord,
     SessionStore, StoreError, StoreHealth, TenantScope, TouchOutcome,
 };
+use session_lifecycle_runtime::{sql_ended_at, sql_later, sql_release_due_at};
 use tokio::sync::oneshot;
 
 /// The most calls committed in one transaction.
@@ -171,9 +174,9 @@ impl SqliteStore {
         F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     {
         let inner = &self.inner;
-        // Reads are short indexed lookups served from the page cache: they run in place,
-        // without handing the worker thread over as a write's fsync does.
-        (move || {
+        // Off the async workers (a read may wait on the busy timeout or the disk): on a
+        // multi-threaded runtime the worker hands its other tasks over meanwhile.
+        blocking(move || {
             let pooled = inner.readers.lock().ok().and_then(|mut v| v.pop());
             let conn = match pooled {
                 Some(c) => c,
@@ -199,7 +202,7 @@ impl SqliteStore {
                 pool.push(conn);
             }
             result
-        })()
+        })
     }
 
     /// Runs `PRAGMA integrity_check` and returns its verdict (`ok` when sound).
@@ -377,9 +380,7 @@ impl SessionStore for SqliteStore {
         Box::pin(self.write(move |c| {
             if let Some(max) = new.max_concurrent {
                 let running: i64 = c
-                    .prepare_cached(
-                        "SELECT COUNT(*) FROM sessions WHERE tenant = ?1 AND status = 'started'",
-                    )
+                    .prepare_cached(statements::COUNT_STARTED)
                     .and_then(|mut s| s.query_row([&new.tenant], |r| r.get(0)))
                     .map_err(db)?;
                 if running >= i64::from(max) {
@@ -387,11 +388,7 @@ impl SessionStore for SqliteStore {
                 }
             }
             let inserted = c
-                .prepare_cached(
-                    "INSERT INTO sessions (id, tenant, status, started_at, expires_at, last_seen_at,
-                                           metadata, room_provider, room_name, node)
-                     VALUES (?1, ?2, 'started', ?3, ?4, ?3, ?5, ?6, ?7, ?8)",
-                )
+                .prepare_cached(statements::INSERT_SESSION)
                 .and_then(|mut s| {
                     s.execute(params![
                         new.id.to_string(),
@@ -443,9 +440,7 @@ impl SessionStore for SqliteStore {
                 })
                 .map_err(db)?;
             if n == 1 {
-                c.prepare_cached(
-                    "UPDATE sessions SET resource_count = resource_count + 1 WHERE id = ?1",
-                )
+                c.prepare_cached(statements::COUNT_ATTACHED)
                 .and_then(|mut s| s.execute([id.to_string()]))
                 .map_err(db)?;
             }
@@ -479,13 +474,15 @@ impl SessionStore for SqliteStore {
                     // the end if it holds anything, and the claim of the node ending its
                     // own session.
                     let n = c
-                        .prepare_cached(
-                            "UPDATE sessions SET status = 'ended', ended_at = MAX(?2, started_at), end_reason = ?3,
-                                    release_due_at = CASE WHEN resource_count > 0 THEN MAX(?2, started_at) END,
-                                    release_claimed_by = CASE WHEN resource_count > 0 AND node = ?4 THEN ?4 END,
-                                    release_claimed_until = CASE WHEN resource_count > 0 AND node = ?4 THEN ?5 END
-                             WHERE id = ?1 AND status = 'started' AND (?6 IS NULL OR tenant = ?6)",
-                        )
+                        .prepare_cached(concat!(
+                            "UPDATE sessions SET status = 'ended', end_reason = ?3, ended_at = ",
+                            sql_ended_at!("?2"),
+                            ", release_due_at = ",
+                            sql_release_due_at!(sql_ended_at!("?2")),
+                            ", release_claimed_by = CASE WHEN resource_count > 0 AND node = ?4 THEN ?4 END,
+                               release_claimed_until = CASE WHEN resource_count > 0 AND node = ?4 THEN ?5 END
+                             WHERE id = ?1 AND status = 'started' AND (?6 IS NULL OR tenant = ?6)"
+                        ))
                         .and_then(|mut s| {
                             s.execute(params![
                                 id_text,
@@ -566,10 +563,11 @@ impl SessionStore for SqliteStore {
         Box::pin(self.write(move |c| {
             let id_text = id.to_string();
             let n = c
-                .prepare_cached(
-                    "UPDATE sessions SET last_seen_at = MAX(last_seen_at, ?2)
-                     WHERE id = ?1 AND status = 'started' AND (?3 IS NULL OR tenant = ?3)",
-                )
+                .prepare_cached(concat!(
+                    "UPDATE sessions SET last_seen_at = ",
+                    sql_later!("last_seen_at", "?2"),
+                    " WHERE id = ?1 AND status = 'started' AND (?3 IS NULL OR tenant = ?3)"
+                ))
                 .and_then(|mut s| s.execute(params![id_text, ms(now), tenant]))
                 .map_err(db)?;
             let record =
@@ -590,17 +588,7 @@ impl SessionStore for SqliteStore {
     ) -> BoxFuture<'_, Result<Vec<(SessionId, EndReason)>, StoreError>> {
         Box::pin(self.read(move |c| {
             let orphan_ms = i64::try_from(orphan_timeout.as_millis()).unwrap_or(i64::MAX / 2);
-            let mut stmt = c
-                .prepare_cached(
-                    "SELECT id, expires_at <= last_seen_at + ?2 AS expired,
-                            MIN(expires_at, last_seen_at + ?2) AS deadline FROM sessions
-                     WHERE status = 'started' AND expires_at <= ?1
-                     UNION
-                     SELECT id, expires_at <= last_seen_at + ?2, MIN(expires_at, last_seen_at + ?2)
-                     FROM sessions WHERE status = 'started' AND last_seen_at <= ?1 - ?2
-                     ORDER BY deadline, id LIMIT ?3",
-                )
-                .map_err(db)?;
+            let mut stmt = c.prepare_cached(statements::DUE).map_err(db)?;
             let mut rows = stmt
                 .query(params![ms(now), orphan_ms, i64::from(limit)])
                 .map_err(db)?;
@@ -670,46 +658,34 @@ impl ReleaseQueue for SqliteStore {
                 let (kind, handle) = resource_key(&attempt.resource);
                 let (state, attempts, retry_at, released_at) = release_columns(attempt.release);
                 let released = state == "released";
-                c.prepare_cached(
-                    "UPDATE resources SET state = ?4, attempts = ?5, retry_at = ?6, released_at = ?7,
-                        note = CASE WHEN NOT ?8 THEN note
-                                    WHEN lost_at IS NULL THEN ?9
-                                    ELSE note || ?10 || ?9 END,
-                        last_error = CASE WHEN ?8 THEN NULL ELSE ?9 END
-                     WHERE session_id = ?1 AND kind = ?2 AND handle = ?3 AND state <> 'released'",
-                )
+                c.prepare_cached(statements::RECORD_ATTEMPT)
+                    .and_then(|mut s| {
+                        s.execute(params![
+                            id,
+                            kind,
+                            handle,
+                            state,
+                            attempts,
+                            retry_at,
+                            released_at,
+                            released,
+                            attempt.note,
+                            RELEASED_ON_RETURN,
+                        ])
+                    })
+                    .map_err(db)?;
+            }
+            let claimed_until = progress.keep_claim_until.map(ms);
+            c.prepare_cached(statements::RECORD_SESSION)
                 .and_then(|mut s| {
                     s.execute(params![
                         id,
-                        kind,
-                        handle,
-                        state,
-                        attempts,
-                        retry_at,
-                        released_at,
-                        released,
-                        attempt.note,
-                        RELEASED_ON_RETURN,
+                        node,
+                        progress.next_release_at.map(ms),
+                        claimed_until
                     ])
                 })
                 .map_err(db)?;
-            }
-            let claimed_until = progress.keep_claim_until.map(ms);
-            c.prepare_cached(
-                "UPDATE sessions SET release_due_at = ?3,
-                        release_claimed_by = CASE WHEN ?4 IS NULL THEN NULL ELSE ?2 END,
-                        release_claimed_until = ?4
-                 WHERE id = ?1 AND node = ?2",
-            )
-            .and_then(|mut s| {
-                s.execute(params![
-                    id,
-                    node,
-                    progress.next_release_at.map(ms),
-                    claimed_until
-                ])
-            })
-            .map_err(db)?;
             Ok(())
         }))
     }
@@ -738,12 +714,9 @@ impl ReleaseQueue for SqliteStore {
     fn drop_claims(&self, node: &str) -> BoxFuture<'_, Result<(), StoreError>> {
         let node = node.to_owned();
         Box::pin(self.write(move |c| {
-            c.prepare_cached(
-                "UPDATE sessions SET release_claimed_by = NULL, release_claimed_until = NULL
-                 WHERE release_claimed_by = ?1",
-            )
-            .and_then(|mut s| s.execute([node]))
-            .map_err(db)?;
+            c.prepare_cached(statements::DROP_CLAIMS)
+                .and_then(|mut s| s.execute([node]))
+                .map_err(db)?;
             Ok(())
         }))
     }
@@ -753,11 +726,11 @@ impl NodeMembership for SqliteStore {
     fn node_alive(&self, node: &str, now: Timestamp) -> BoxFuture<'_, Result<(), StoreError>> {
         let node = node.to_owned();
         Box::pin(self.write(move |c| {
-            c.prepare_cached(
+            c.prepare_cached(concat!(
                 "INSERT INTO nodes (id, last_heartbeat_at) VALUES (?1, ?2)
-                 ON CONFLICT (id) DO UPDATE
-                 SET last_heartbeat_at = MAX(last_heartbeat_at, excluded.last_heartbeat_at)",
-            )
+                 ON CONFLICT (id) DO UPDATE SET last_heartbeat_at = ",
+                sql_later!("nodes.last_heartbeat_at", "excluded.last_heartbeat_at")
+            ))
             .and_then(|mut s| s.execute(params![node, ms(now)]))
             .map_err(db)?;
             Ok(())
@@ -788,13 +761,15 @@ impl NodeMembership for SqliteStore {
                 let room = i64::from(limit).saturating_sub(ended.len() as i64);
                 let ids: Vec<String> = c
                     .prepare_cached(
-                        "UPDATE sessions SET status = 'ended', ended_at = MAX(?2, started_at),
-                                end_reason = 'node_lost',
-                                release_due_at = CASE WHEN resource_count > 0
-                                                 THEN MAX(?2, started_at) END
-                         WHERE id IN (SELECT id FROM sessions
+                        concat!(
+                            "UPDATE sessions SET status = 'ended', end_reason = 'node_lost', ended_at = ",
+                            sql_ended_at!("?2"),
+                            ", release_due_at = ",
+                            sql_release_due_at!(sql_ended_at!("?2")),
+                            " WHERE id IN (SELECT id FROM sessions
                                       WHERE node = ?1 AND status = 'started' LIMIT ?3)
-                         RETURNING id",
+                         RETURNING id"
+                        ),
                     )
                     .and_then(|mut s| {
                         s.query_map(params![node, ms(now), room], |r| r.get(0))?
@@ -805,11 +780,8 @@ impl NodeMembership for SqliteStore {
                     mark_resources_due(c, id)?;
                     ended.push(parse_id(id)?);
                 }
-                c.prepare_cached(
-                    "UPDATE resources SET lost_at = ?2, note = 'lost with node ' || node
-                     WHERE node = ?1 AND state = 'pending' AND lost_at IS NULL",
-                )
-                .and_then(|mut s| s.execute(params![node, ms(now)]))
+                c.prepare_cached(statements::MARK_LOST)
+                    .and_then(|mut s| s.execute(params![node, ms(now), LOST_WITH_NODE]))
                 .map_err(db)?;
             }
             Ok(ended)
@@ -825,11 +797,10 @@ impl RoomStore for SqliteStore {
     ) -> BoxFuture<'_, Result<Option<Vec<RoomUpdate>>, StoreError>> {
         Box::pin(self.write(move |c| {
             let fresh = c
-                .prepare_cached(
-                    "INSERT INTO room_events (provider, event_id, received_at) VALUES (?1, ?2, ?3)
-                     ON CONFLICT DO NOTHING",
-                )
-                .and_then(|mut s| s.execute(params![event.provider.as_str(), event.event_id, ms(now)]))
+                .prepare_cached(statements::INSERT_ROOM_EVENT)
+                .and_then(|mut s| {
+                    s.execute(params![event.provider.as_str(), event.event_id, ms(now)])
+                })
                 .map_err(db)?;
             if fresh == 0 {
                 return Ok(None);
@@ -841,8 +812,11 @@ impl RoomStore for SqliteStore {
                        AND (?3 IS NULL OR tenant = ?3)",
                 )
                 .and_then(|mut s| {
-                    s.query_map(params![event.provider.as_str(), event.room, event.tenant], |r| r.get(0))?
-                        .collect()
+                    s.query_map(
+                        params![event.provider.as_str(), event.room, event.tenant],
+                        |r| r.get(0),
+                    )?
+                    .collect()
                 })
                 .map_err(db)?;
             let mut updates = Vec::with_capacity(sessions.len());
@@ -850,38 +824,28 @@ impl RoomStore for SqliteStore {
                 match &event.kind {
                     RoomEventKind::Joined { participant } | RoomEventKind::Left { participant } => {
                         let present = matches!(event.kind, RoomEventKind::Joined { .. });
-                        // The latest event by provider time wins, whatever the arrival order.
-                        c.prepare_cached(
-                            "INSERT INTO room_participants (session_id, identity, present, last_event_at)
-                             VALUES (?1, ?2, ?3, ?4)
-                             ON CONFLICT (session_id, identity) DO UPDATE
-                             SET present = excluded.present, last_event_at = excluded.last_event_at
-                             WHERE excluded.last_event_at >= room_participants.last_event_at",
-                        )
-                        .and_then(|mut s| s.execute(params![id, participant, present, ms(event.at)]))
-                        .map_err(db)?;
-                        if present {
-                            c.prepare_cached(
-                                "UPDATE sessions SET last_seen_at = MAX(last_seen_at, ?2) WHERE id = ?1",
-                            )
-                            .and_then(|mut s| s.execute(params![id, ms(now)]))
+                        c.prepare_cached(statements::UPSERT_PARTICIPANT)
+                            .and_then(|mut s| {
+                                s.execute(params![id, participant, present, ms(event.at)])
+                            })
                             .map_err(db)?;
+                        if present {
+                            c.prepare_cached(statements::SEEN)
+                                .and_then(|mut s| s.execute(params![id, ms(now)]))
+                                .map_err(db)?;
                         }
                     }
                     RoomEventKind::Finished => {
-                        c.prepare_cached("UPDATE sessions SET room_finished = 1 WHERE id = ?1")
-                            .and_then(|mut s| s.execute([&id]))
+                        c.prepare_cached(statements::ROOM_FINISHED)
+                            .and_then(|mut s| s.execute(params![id, true]))
                             .map_err(db)?;
                     }
                 }
                 let (present, ever, finished): (i64, i64, bool) = c
-                    .prepare_cached(
-                        "SELECT (SELECT COUNT(*) FROM room_participants WHERE session_id = ?1 AND present = 1),
-                                (SELECT COUNT(*) FROM room_participants WHERE session_id = ?1),
-                                room_finished
-                         FROM sessions WHERE id = ?1",
-                    )
-                    .and_then(|mut s| s.query_row([&id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))))
+                    .prepare_cached(statements::ROOM_STATE)
+                    .and_then(|mut s| {
+                        s.query_row(params![id, true], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                    })
                     .map_err(db)?;
                 updates.push(RoomUpdate {
                     session: parse_id(&id)?,
@@ -898,10 +862,8 @@ impl RoomStore for SqliteStore {
     fn room_presence(&self, id: SessionId) -> BoxFuture<'_, Result<u32, StoreError>> {
         Box::pin(self.read(move |c| {
             let n: i64 = c
-                .prepare_cached(
-                    "SELECT COUNT(*) FROM room_participants WHERE session_id = ?1 AND present = 1",
-                )
-                .and_then(|mut s| s.query_row([id.to_string()], |r| r.get(0)))
+                .prepare_cached(statements::PRESENCE)
+                .and_then(|mut s| s.query_row(params![id.to_string(), true], |r| r.get(0)))
                 .map_err(db)?;
             Ok(u32::try_from(n).unwrap_or(u32::MAX))
         }))
@@ -914,15 +876,10 @@ impl RoomStore for SqliteStore {
     ) -> BoxFuture<'_, Result<u32, StoreError>> {
         Box::pin(self.write(move |c| {
             let pruned = c
-                .prepare_cached(
-                    "DELETE FROM room_participants WHERE session_id IN (
-                        SELECT DISTINCT p.session_id FROM room_participants p
-                        JOIN sessions s ON s.id = p.session_id
-                        WHERE s.status = 'ended' AND s.ended_at <= ?1 LIMIT ?2)",
-                )
+                .prepare_cached(statements::PRUNE_PARTICIPANTS)
                 .and_then(|mut s| s.execute(params![ms(ended_before), i64::from(limit)]))
                 .map_err(db)?;
-            c.prepare_cached("DELETE FROM room_events WHERE received_at <= ?1")
+            c.prepare_cached(statements::PRUNE_ROOM_EVENTS)
                 .and_then(|mut s| s.execute([ms(ended_before)]))
                 .map_err(db)?;
             Ok(u32::try_from(pruned).unwrap_or(u32::MAX))
@@ -932,13 +889,8 @@ impl RoomStore for SqliteStore {
     fn touch_present(&self, now: Timestamp) -> BoxFuture<'_, Result<Vec<SessionId>, StoreError>> {
         Box::pin(self.write(move |c| {
             let ids: Vec<String> = c
-                .prepare_cached(
-                    "UPDATE sessions SET last_seen_at = MAX(last_seen_at, ?1)
-                     WHERE status = 'started'
-                       AND id IN (SELECT session_id FROM room_participants WHERE present = 1)
-                     RETURNING id",
-                )
-                .and_then(|mut s| s.query_map([ms(now)], |r| r.get(0))?.collect())
+                .prepare_cached(statements::TOUCH_PRESENT)
+                .and_then(|mut s| s.query_map(params![ms(now), true], |r| r.get(0))?.collect())
                 .map_err(db)?;
             ids.iter().map(|id| parse_id(id)).collect()
         }))

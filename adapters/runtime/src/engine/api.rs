@@ -77,6 +77,15 @@ impl Engine {
         }
         inner.metrics.session_started();
         let session = Session::new(id, now, now.saturating_add(lifetime));
+        let mut answer = SessionRecord {
+            session: session.clone(),
+            tenant: request.tenant.clone(),
+            metadata: request.metadata.clone(),
+            room: request.room.clone(),
+            node: inner.config.node.clone(),
+            release_notes: Vec::new(),
+            release_errors: Vec::new(),
+        };
         let mut tracked = self.timers().restore(session.clone()).is_ok();
         if !tracked {
             // Ended sessions leave the table on its next pass: make room, then retry.
@@ -116,8 +125,13 @@ impl Engine {
                     });
                 }
             };
-            match inner.store.attach(id, acquired.resource).await {
-                Ok(AttachOutcome::Attached) => env.extend(acquired.env),
+            match self.attach_retrying(id, acquired.resource).await {
+                Ok(AttachOutcome::Attached) => {
+                    env.extend(acquired.env);
+                    // Mirrors what the store recorded: the answer is built from the
+                    // writes themselves, never from a read after them.
+                    let _ = answer.session.attach(acquired.resource);
+                }
                 Ok(AttachOutcome::Refused) => {
                     // The session ended while we were acquiring: never keep a late resource.
                     // It is the last acquired, so it goes first; the session's other
@@ -132,7 +146,27 @@ impl Engine {
                 }
             }
         }
-        inner.store.get(id).await?.ok_or(EngineError::NotFound)
+        Ok(answer)
+    }
+
+    /// Attaches `resource`, trying again twice (50 ms apart) when the store could not be
+    /// reached: the session is committed already, and its start should not fail for a
+    /// blip.
+    async fn attach_retrying(
+        &self,
+        id: SessionId,
+        resource: Resource,
+    ) -> Result<AttachOutcome, crate::StoreError> {
+        let mut tries = 0;
+        loop {
+            match self.inner.store.attach(id, resource).await {
+                Err(e) if e.is_unavailable() && tries < 2 => {
+                    tries += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+                result => return result,
+            }
+        }
     }
 
     /// Releases a resource that never made it into the store, at once and in place.

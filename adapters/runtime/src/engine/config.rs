@@ -47,6 +47,9 @@ pub struct EngineConfig {
     /// Wait after a room empties before ending its session (none by default); someone
     /// joining meanwhile keeps it.
     pub room_grace: Duration,
+    /// How long the room events and participants of an ended session are kept (for
+    /// deduplicating late deliveries) before the sweep prunes them.
+    pub room_retention: Duration,
     /// After the store comes back from an outage, how long nothing is judged silent (no
     /// orphan, no dead node), so that live nodes and clients have time to report again.
     /// Two heartbeats by default.
@@ -66,6 +69,7 @@ impl Default for EngineConfig {
             release_deadlines: Vec::new(),
             sweep_batch: 1024,
             room_grace: Duration::ZERO,
+            room_retention: Duration::from_secs(24 * 3600),
             outage_settle: Duration::from_secs(10),
         }
     }

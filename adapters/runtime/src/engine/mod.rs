@@ -25,12 +25,16 @@ mod releases;
 mod rooms;
 mod sweeper;
 mod tasks;
+#[cfg(test)]
+mod tests;
 mod timers;
 mod watched;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, MutexGuard};
+
+pub(crate) use crate::lock;
 use std::time::Duration;
 
 use session_lifecycle::{
@@ -82,7 +86,7 @@ pub(crate) struct Inner {
     /// The earliest retry time a session's releases wait for on this node.
     next_retry: Mutex<Option<Timestamp>>,
     events: EventSink,
-    events_rx: Mutex<Option<mpsc::UnboundedReceiver<ResourceEvent>>>,
+    events_rx: Mutex<Option<mpsc::Receiver<ResourceEvent>>>,
     /// Set when shutting down or draining: no new sessions.
     closing: AtomicBool,
     /// Set when draining: running sessions continue, no new ones start here.
@@ -227,10 +231,4 @@ impl Engine {
     fn timers(&self) -> MutexGuard<'_, Box<SessionTable<TIMER_SLOTS>>> {
         lock(&self.inner.timers)
     }
-}
-
-/// Locks `m`. Every value these locks guard is changed in single steps that do not panic
-/// halfway, so a lock poisoned by a panic elsewhere still guards a consistent value.
-pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }

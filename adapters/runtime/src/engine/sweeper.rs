@@ -12,8 +12,9 @@ use super::{DueReport, Engine, EngineError, lock};
 const NEVER_ORPHANED: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
 impl Engine {
-    /// One sweep: refreshes room presence as liveness, takes over dead nodes, and ends the
-    /// sessions the store finds due (expired, orphaned), most overdue first.
+    /// One sweep: refreshes room presence as liveness, takes over dead nodes, prunes the
+    /// room rows of long-ended sessions, and ends the sessions the store finds due
+    /// (expired, orphaned), most overdue first.
     pub(super) async fn sweep_once(&self) -> Result<DueReport, EngineError> {
         let inner = &self.inner;
         let mut report = DueReport::default();
@@ -53,6 +54,12 @@ impl Engine {
                 report.node_lost += taken_over.len() as u32;
             }
         }
+        // Room rows of sessions ended longer than the retention ago: bounded tables.
+        let cutoff = now.saturating_sub(inner.config.room_retention);
+        inner
+            .store
+            .prune_rooms(cutoff, inner.config.sweep_batch)
+            .await?;
         loop {
             let now = inner.clock.now();
             let orphan_timeout = if judging {

@@ -4,6 +4,8 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tracing::Instrument;
+
 use session_lifecycle::{EndReason, Resource, SessionId, Timestamp, Transition};
 
 use super::health::Reachability;
@@ -42,26 +44,31 @@ impl WatchedStore {
     }
 }
 
+/// Runs one store call in a `store` span of its own (named by the call), and records
+/// whether the store could be reached.
 macro_rules! watched {
-    ($self:ident, $call:expr) => {
-        Box::pin(async move {
-            let result = $call.await;
-            $self.observe(&result);
-            result
-        })
+    ($self:ident, $name:literal, $call:expr) => {
+        Box::pin(
+            async move {
+                let result = $call.await;
+                $self.observe(&result);
+                result
+            }
+            .instrument(tracing::debug_span!("store", call = $name)),
+        )
     };
 }
 
 impl SessionStore for WatchedStore {
     fn create(&self, new: NewSession) -> BoxFuture<'_, Result<CreateOutcome, StoreError>> {
-        watched!(self, self.inner.create(new))
+        watched!(self, "create", self.inner.create(new))
     }
     fn attach(
         &self,
         id: SessionId,
         resource: Resource,
     ) -> BoxFuture<'_, Result<AttachOutcome, StoreError>> {
-        watched!(self, self.inner.attach(id, resource))
+        watched!(self, "attach", self.inner.attach(id, resource))
     }
     fn end<'a>(
         &'a self,
@@ -71,13 +78,13 @@ impl SessionStore for WatchedStore {
         reason: EndReason,
         claim: Option<ReleaseClaim>,
     ) -> BoxFuture<'a, Result<Option<(SessionRecord, Transition)>, StoreError>> {
-        watched!(self, self.inner.end(id, tenant, now, reason, claim))
+        watched!(self, "end", self.inner.end(id, tenant, now, reason, claim))
     }
     fn get(&self, id: SessionId) -> BoxFuture<'_, Result<Option<SessionRecord>, StoreError>> {
-        watched!(self, self.inner.get(id))
+        watched!(self, "get", self.inner.get(id))
     }
     fn list(&self, query: ListQuery) -> BoxFuture<'_, Result<Vec<SessionRecord>, StoreError>> {
-        watched!(self, self.inner.list(query))
+        watched!(self, "list", self.inner.list(query))
     }
     fn touch<'a>(
         &'a self,
@@ -85,7 +92,7 @@ impl SessionStore for WatchedStore {
         tenant: TenantScope<'a>,
         now: Timestamp,
     ) -> BoxFuture<'a, Result<TouchOutcome, StoreError>> {
-        watched!(self, self.inner.touch(id, tenant, now))
+        watched!(self, "touch", self.inner.touch(id, tenant, now))
     }
     fn due(
         &self,
@@ -93,7 +100,7 @@ impl SessionStore for WatchedStore {
         orphan_timeout: Duration,
         limit: u32,
     ) -> BoxFuture<'_, Result<Vec<(SessionId, EndReason)>, StoreError>> {
-        watched!(self, self.inner.due(now, orphan_timeout, limit))
+        watched!(self, "due", self.inner.due(now, orphan_timeout, limit))
     }
 }
 
@@ -106,7 +113,11 @@ impl ReleaseQueue for WatchedStore {
         limit: u32,
     ) -> BoxFuture<'_, Result<Vec<SessionRecord>, StoreError>> {
         let node = node.to_owned();
-        watched!(self, self.inner.claim_releases(&node, now, lease, limit))
+        watched!(
+            self,
+            "claim_releases",
+            self.inner.claim_releases(&node, now, lease, limit)
+        )
     }
     fn record_release(
         &self,
@@ -114,11 +125,15 @@ impl ReleaseQueue for WatchedStore {
         progress: ReleaseProgress,
     ) -> BoxFuture<'_, Result<(), StoreError>> {
         let node = node.to_owned();
-        watched!(self, self.inner.record_release(&node, progress))
+        watched!(
+            self,
+            "record_release",
+            self.inner.record_release(&node, progress)
+        )
     }
     fn drop_claims(&self, node: &str) -> BoxFuture<'_, Result<(), StoreError>> {
         let node = node.to_owned();
-        watched!(self, self.inner.drop_claims(&node))
+        watched!(self, "drop_claims", self.inner.drop_claims(&node))
     }
     fn watch_releases<'a>(
         &'a self,
@@ -132,7 +147,7 @@ impl ReleaseQueue for WatchedStore {
 impl NodeMembership for WatchedStore {
     fn node_alive(&self, node: &str, now: Timestamp) -> BoxFuture<'_, Result<(), StoreError>> {
         let node = node.to_owned();
-        watched!(self, self.inner.node_alive(&node, now))
+        watched!(self, "node_alive", self.inner.node_alive(&node, now))
     }
     fn end_dead_nodes(
         &self,
@@ -144,6 +159,7 @@ impl NodeMembership for WatchedStore {
         let except = except.to_owned();
         watched!(
             self,
+            "end_dead_nodes",
             self.inner.end_dead_nodes(&except, now, node_timeout, limit)
         )
     }
@@ -155,25 +171,29 @@ impl RoomStore for WatchedStore {
         event: RoomEvent,
         now: Timestamp,
     ) -> BoxFuture<'_, Result<Option<Vec<RoomUpdate>>, StoreError>> {
-        watched!(self, self.inner.room_event(event, now))
+        watched!(self, "room_event", self.inner.room_event(event, now))
     }
     fn room_presence(&self, id: SessionId) -> BoxFuture<'_, Result<u32, StoreError>> {
-        watched!(self, self.inner.room_presence(id))
+        watched!(self, "room_presence", self.inner.room_presence(id))
     }
     fn touch_present(&self, now: Timestamp) -> BoxFuture<'_, Result<Vec<SessionId>, StoreError>> {
-        watched!(self, self.inner.touch_present(now))
+        watched!(self, "touch_present", self.inner.touch_present(now))
     }
     fn prune_rooms(
         &self,
         ended_before: Timestamp,
         limit: u32,
     ) -> BoxFuture<'_, Result<u32, StoreError>> {
-        watched!(self, self.inner.prune_rooms(ended_before, limit))
+        watched!(
+            self,
+            "prune_rooms",
+            self.inner.prune_rooms(ended_before, limit)
+        )
     }
 }
 
 impl StoreHealth for WatchedStore {
     fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>> {
-        watched!(self, self.inner.ping())
+        watched!(self, "ping", self.inner.ping())
     }
 }

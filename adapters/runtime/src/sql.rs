@@ -1,0 +1,265 @@
+//! The SQL rulebook the SQL stores share (SQLite in `session-lifecycle-sqlite`, PostgreSQL
+//! in `session-lifecycle-postgres`): each rule written once, as an expression macro, and
+//! each statement the two dialects agree on written once, here.
+//!
+//! Statements use SQLite's `?N` parameters; [`postgres`] gives PostgreSQL's `$N` form of
+//! one. Where the dialects differ (PostgreSQL's one-statement end and its row locks, its
+//! clock for heartbeats), each store writes its own statement beside this one, using the
+//! rule macros for the rules. Portable expressions only: `CASE` instead of `MAX`/`GREATEST`
+//! of two values, booleans bound as parameters.
+
+use std::collections::HashMap;
+use std::sync::{LazyLock, Mutex};
+
+/// The later of two values (`MAX(a, b)` in SQLite, `GREATEST(a, b)` in PostgreSQL).
+#[macro_export]
+macro_rules! sql_later {
+    ($a:literal, $b:literal) => {
+        concat!(
+            "CASE WHEN ",
+            $a,
+            " > ",
+            $b,
+            " THEN ",
+            $a,
+            " ELSE ",
+            $b,
+            " END"
+        )
+    };
+}
+
+/// `ended_at` of an end at `$now`: never before `started_at`, whatever the clock did.
+#[macro_export]
+macro_rules! sql_ended_at {
+    ($now:literal) => {
+        $crate::sql_later!($now, "started_at")
+    };
+}
+
+/// Whether a started session that is due ends `expired` rather than `orphaned` for the
+/// orphan timeout `$timeout`: its expiry comes first, or ties (an expiry wins a tie).
+#[macro_export]
+macro_rules! sql_expired {
+    ($timeout:literal) => {
+        concat!("expires_at <= last_seen_at + ", $timeout)
+    };
+}
+
+/// When a started session is due to end for the orphan timeout `$timeout`: the earlier of
+/// its expiry and its orphan deadline. The sweep takes the most overdue first by it.
+#[macro_export]
+macro_rules! sql_deadline {
+    ($timeout:literal) => {
+        concat!(
+            "CASE WHEN expires_at <= last_seen_at + ",
+            $timeout,
+            " THEN expires_at ELSE last_seen_at + ",
+            $timeout,
+            " END"
+        )
+    };
+}
+
+/// The next release of a session ended at `$ended_at`: due then if it holds anything
+/// (what the core's `Session::next_release_at` says of a session just ended).
+#[macro_export]
+macro_rules! sql_release_due_at {
+    ($ended_at:expr) => {
+        concat!("CASE WHEN resource_count > 0 THEN ", $ended_at, " END")
+    };
+}
+
+/// Statements the two dialects agree on (SQLite parameters; see [`postgres`]).
+pub mod statements {
+    /// A started session of a tenant at its plan limit: how many it runs (`?1` tenant).
+    pub const COUNT_STARTED: &str =
+        "SELECT COUNT(*) FROM sessions WHERE tenant = ?1 AND status = 'started'";
+
+    /// A new started session, alive as of its start: `?1` id, `?2` tenant, `?3` started_at,
+    /// `?4` expires_at, `?5` metadata, `?6` room provider, `?7` room name, `?8` node.
+    pub const INSERT_SESSION: &str =
+        "INSERT INTO sessions (id, tenant, status, started_at, expires_at, last_seen_at,
+                               metadata, room_provider, room_name, node)
+         VALUES (?1, ?2, 'started', ?3, ?4, ?3, ?5, ?6, ?7, ?8)";
+
+    /// One more resource attached to session `?1` (an end reads the count, see
+    /// `sql_release_due_at!`).
+    pub const COUNT_ATTACHED: &str =
+        "UPDATE sessions SET resource_count = resource_count + 1 WHERE id = ?1";
+
+    /// The started sessions due to end at `?1` for the orphan timeout `?2` (ms), at most
+    /// `?3`, most overdue first: id, whether it expired, and its deadline.
+    pub const DUE: &str = concat!(
+        "SELECT id, ",
+        sql_expired!("?2"),
+        ", ",
+        sql_deadline!("?2"),
+        " AS deadline FROM sessions
+         WHERE status = 'started' AND (expires_at <= ?1 OR last_seen_at <= ?1 - ?2)
+         ORDER BY deadline, id LIMIT ?3"
+    );
+
+    /// What a release attempt did to resource (`?2` kind, `?3` handle) of session `?1`:
+    /// its state (`?4` state, `?5` attempts, `?6` retry_at, `?7` released_at); on a
+    /// success (`?8`), the note `?9` (after the note of a resource lost with its node and
+    /// `?10`), on a failure the error `?9`. A resource released stays as it was.
+    pub const RECORD_ATTEMPT: &str =
+        "UPDATE resources SET state = ?4, attempts = ?5, retry_at = ?6, released_at = ?7,
+            note = CASE WHEN NOT ?8 THEN note
+                        WHEN lost_at IS NULL THEN ?9
+                        ELSE note || ?10 || ?9 END,
+            last_error = CASE WHEN ?8 THEN NULL ELSE ?9 END
+         WHERE session_id = ?1 AND kind = ?2 AND handle = ?3 AND state <> 'released'";
+
+    /// A release run's word on session `?1` of node `?2`: its next release due at `?3`,
+    /// its claim kept until `?4` or given up (`NULL`).
+    pub const RECORD_SESSION: &str = "UPDATE sessions SET release_due_at = ?3,
+            release_claimed_by = CASE WHEN CAST(?4 AS BIGINT) IS NULL THEN NULL ELSE ?2 END,
+            release_claimed_until = ?4
+         WHERE id = ?1 AND node = ?2";
+
+    /// Node `?1` restarted: its claims died with it.
+    pub const DROP_CLAIMS: &str =
+        "UPDATE sessions SET release_claimed_by = NULL, release_claimed_until = NULL
+         WHERE release_claimed_by = ?1";
+
+    /// Every pending release of dead node `?1` is lost with it (at `?2`, noted `?3` and
+    /// the node's id): still owed by that node.
+    pub const MARK_LOST: &str = "UPDATE resources SET lost_at = ?2, note = ?3 || node
+         WHERE node = ?1 AND state = 'pending' AND lost_at IS NULL";
+
+    /// A room event applied once: provider `?1`, event id `?2`, received at `?3`. Nothing
+    /// written for an id seen before.
+    pub const INSERT_ROOM_EVENT: &str =
+        "INSERT INTO room_events (provider, event_id, received_at) VALUES (?1, ?2, ?3)
+         ON CONFLICT DO NOTHING";
+
+    /// Participant `?2` of session `?1` present or not (`?3`) as of provider time `?4`:
+    /// the latest event by provider time wins, whatever the arrival order.
+    pub const UPSERT_PARTICIPANT: &str =
+        "INSERT INTO room_participants (session_id, identity, present, last_event_at)
+         VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT (session_id, identity) DO UPDATE
+         SET present = excluded.present, last_event_at = excluded.last_event_at
+         WHERE excluded.last_event_at >= room_participants.last_event_at";
+
+    /// A join is liveness: session `?1` seen at `?2` (never backwards).
+    pub const SEEN: &str = concat!(
+        "UPDATE sessions SET last_seen_at = ",
+        sql_later!("last_seen_at", "?2"),
+        " WHERE id = ?1"
+    );
+
+    /// The room of session `?1` finished (`?2`: true).
+    pub const ROOM_FINISHED: &str = "UPDATE sessions SET room_finished = ?2 WHERE id = ?1";
+
+    /// Session `?1`'s room: participants present (`?2`: true), participants ever seen, and
+    /// whether it finished.
+    pub const ROOM_STATE: &str =
+        "SELECT (SELECT COUNT(*) FROM room_participants WHERE session_id = ?1 AND present = ?2),
+                (SELECT COUNT(*) FROM room_participants WHERE session_id = ?1),
+                room_finished
+         FROM sessions WHERE id = ?1";
+
+    /// Participants present (`?2`: true) in session `?1`'s room.
+    pub const PRESENCE: &str =
+        "SELECT COUNT(*) FROM room_participants WHERE session_id = ?1 AND present = ?2";
+
+    /// Room presence is liveness: every started session with someone present (`?2`: true)
+    /// seen at `?1`; their ids.
+    pub const TOUCH_PRESENT: &str = concat!(
+        "UPDATE sessions SET last_seen_at = ",
+        sql_later!("last_seen_at", "?1"),
+        " WHERE status = 'started'
+           AND id IN (SELECT session_id FROM room_participants WHERE present = ?2)
+         RETURNING id"
+    );
+
+    /// The participants of at most `?2` sessions that ended at or before `?1`.
+    pub const PRUNE_PARTICIPANTS: &str = "DELETE FROM room_participants WHERE session_id IN (
+            SELECT DISTINCT p.session_id FROM room_participants p
+            JOIN sessions s ON s.id = p.session_id
+            WHERE s.status = 'ended' AND s.ended_at <= ?1 LIMIT ?2)";
+
+    /// Room event ids received at or before `?1` (kept as long as the retention, for
+    /// deduplicating a provider's retries).
+    pub const PRUNE_ROOM_EVENTS: &str = "DELETE FROM room_events WHERE received_at <= ?1";
+}
+
+/// PostgreSQL's form of a shared statement: `?N` parameters as `$N`. Made once per
+/// statement and kept.
+pub fn postgres(sql: &'static str) -> &'static str {
+    static MADE: LazyLock<Mutex<HashMap<usize, &'static str>>> =
+        LazyLock::new(|| Mutex::new(HashMap::new()));
+    let mut made = crate::lock(&MADE);
+    made.entry(sql.as_ptr() as usize)
+        .or_insert_with(|| Box::leak(dollar_parameters(sql).into_boxed_str()))
+}
+
+/// `?N` parameters as `$N` (a `?` not followed by a digit is left alone).
+fn dollar_parameters(sql: &str) -> String {
+    let mut out = String::with_capacity(sql.len());
+    let mut chars = sql.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '?' && chars.peek().is_some_and(char::is_ascii_digit) {
+            out.push('$');
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::statements::*;
+    use super::*;
+
+    const ALL: &[&str] = &[
+        COUNT_STARTED,
+        INSERT_SESSION,
+        COUNT_ATTACHED,
+        DUE,
+        RECORD_ATTEMPT,
+        RECORD_SESSION,
+        DROP_CLAIMS,
+        MARK_LOST,
+        INSERT_ROOM_EVENT,
+        UPSERT_PARTICIPANT,
+        SEEN,
+        ROOM_FINISHED,
+        ROOM_STATE,
+        PRESENCE,
+        TOUCH_PRESENT,
+        PRUNE_PARTICIPANTS,
+        PRUNE_ROOM_EVENTS,
+    ];
+
+    #[test]
+    fn postgres_form_numbers_the_same_parameters() {
+        for sql in ALL {
+            let pg = postgres(sql);
+            assert!(!pg.contains('?'), "{pg}");
+            let count = |text: &str, mark: char| {
+                (1..=12)
+                    .filter(|n| text.contains(&format!("{mark}{n}")))
+                    .count()
+            };
+            assert_eq!(count(sql, '?'), count(pg, '$'), "{sql}");
+            assert!(std::ptr::eq(pg, postgres(sql)), "made once");
+        }
+    }
+
+    #[test]
+    fn rules_read_as_written() {
+        assert_eq!(
+            sql_ended_at!("?2"),
+            "CASE WHEN ?2 > started_at THEN ?2 ELSE started_at END"
+        );
+        assert_eq!(
+            sql_release_due_at!(sql_ended_at!("$2")),
+            "CASE WHEN resource_count > 0 THEN CASE WHEN $2 > started_at THEN $2 ELSE started_at END END"
+        );
+    }
+}
