@@ -11,13 +11,11 @@ use session_lifecycle_runtime::{Engine, NewSession, Plan, StartRequest, Store, S
 pub fn request() -> StartRequest {
     StartRequest {
         tenant: "bench".into(),
-        plan: Plan {
-            max_concurrent_sessions: None,
-            max_session: Duration::from_secs(3600),
-        },
+        plan: Plan::new(None, Duration::from_secs(3600)),
         duration: None,
         metadata: None,
         room: None,
+        timeouts: Default::default(),
         resources: Default::default(),
     }
 }
@@ -78,6 +76,7 @@ pub async fn created<S: Store + Clone>(store: &S, node: &str, n: u64) -> Vec<Ses
                             metadata: None,
                             room: None,
                             max_concurrent: None,
+                            timeouts: Default::default(),
                             node,
                         })
                         .await

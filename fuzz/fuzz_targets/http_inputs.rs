@@ -4,7 +4,7 @@
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
-use session_lifecycle_http::api::{
+use session_lifecycle_http::input::{
     MAX_GPU_DEVICE, MAX_GPU_MEMORY_MIB, MAX_METADATA_BYTES, MAX_ROOM_NAME, parse_create, session_id,
 };
 

@@ -55,13 +55,11 @@ fn used(gpu: &NvmlGpu) -> u64 {
 fn request(gpu_memory: u64) -> StartRequest {
     StartRequest {
         tenant: "gpu".into(),
-        plan: Plan {
-            max_concurrent_sessions: None,
-            max_session: Duration::from_secs(3600),
-        },
+        plan: Plan::new(None, Duration::from_secs(3600)),
         duration: None,
         metadata: None,
         room: None,
+        timeouts: Default::default(),
         resources: ResourceRequest {
             gpu_memory: Some(gpu_memory),
             gpu_device: None,

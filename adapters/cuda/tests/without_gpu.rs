@@ -305,13 +305,11 @@ mod engine {
         engine
             .start(StartRequest {
                 tenant: "t".into(),
-                plan: Plan {
-                    max_concurrent_sessions: None,
-                    max_session: Duration::from_secs(3600),
-                },
+                plan: Plan::new(None, Duration::from_secs(3600)),
                 duration: None,
                 metadata: None,
                 room: None,
+                timeouts: Default::default(),
                 resources: ResourceRequest {
                     gpu_memory: Some(GIB),
                     gpu_device: None,
@@ -470,5 +468,56 @@ mod engine {
         }
         assert!(!running(grandchild), "the left-behind child is gone");
         engine.shutdown(Duration::from_secs(5)).await.unwrap();
+    }
+
+    /// Shares survive a restart: two sessions of 30 GiB on an 80 GiB device whose avatar
+    /// servers have not allocated anything yet; the node restarts (a crash: the engine is
+    /// dropped), and placement still counts both, so a third is refused.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn shares_still_running_are_counted_after_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let gpu = Arc::new(FakeGpu {
+            free: vec![80 * GIB],
+            holders: Mutex::new(HashMap::new()),
+        });
+        let open = || async {
+            let share = AssignmentBackend::new(
+                Arc::clone(&gpu) as Arc<dyn GpuInfo>,
+                AssignmentConfig::default(),
+            );
+            Engine::open(
+                Arc::new(SqliteStore::open(dir.path().join("gpu.db")).unwrap()),
+                vec![Arc::new(share) as Arc<dyn ResourceBackend>],
+                Arc::new(SystemClock),
+                EngineConfig::default(),
+            )
+            .await
+            .unwrap()
+        };
+        let request = |gib: u64| StartRequest {
+            tenant: "t".into(),
+            plan: Plan::new(None, Duration::from_secs(3600)),
+            duration: None,
+            metadata: None,
+            room: None,
+            timeouts: Default::default(),
+            resources: ResourceRequest {
+                gpu_memory: Some(gib * GIB),
+                gpu_device: None,
+            },
+        };
+        let first = open().await;
+        first.start(request(30)).await.unwrap();
+        first.start(request(30)).await.unwrap();
+        drop(first);
+
+        let second = open().await;
+        match second.start(request(30)).await {
+            Err(session_lifecycle_runtime::EngineError::CapacityExhausted(_)) => {}
+            other => panic!("a third 30 GiB share was not refused: {other:?}"),
+        }
+        // What is left (20 GiB) is still placed.
+        second.start(request(20)).await.unwrap();
+        second.shutdown(Duration::from_secs(5)).await.unwrap();
     }
 }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use reqwest::StatusCode;
 use serde_json::Value;
-use session_lifecycle_http::auth::hash_key;
+use session_lifecycle_http::tenants::hash_key;
 
 const SESSIOND: &str = env!("CARGO_BIN_EXE_sessiond");
 const REFERENCE_ID: &str = "sess_01H3Z8G9YR3K2N5M6P7Q8W4T";
@@ -122,7 +122,23 @@ async fn call(
     let status = resp.status();
     let headers = resp.headers().clone();
     let text = resp.text().await.unwrap();
-    let value = serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text:?}"));
+    let mut value: Value =
+        serde_json::from_str(&text).unwrap_or_else(|_| panic!("not JSON: {text:?}"));
+    // Every answer names its request; an error body names it too (taken out here, so that
+    // the tests compare what is left).
+    let request_id = headers
+        .get("x-request-id")
+        .unwrap_or_else(|| panic!("no x-request-id: {text}"))
+        .to_str()
+        .unwrap()
+        .to_owned();
+    if let Some(error) = value.get_mut("error").and_then(Value::as_object_mut) {
+        assert_eq!(
+            error.remove("request_id"),
+            Some(Value::from(request_id)),
+            "{text}"
+        );
+    }
     (status, value, headers)
 }
 
@@ -667,6 +683,56 @@ fn kill_term(pid: u32) {
     assert!(status.success());
 }
 
+/// Every answer carries `x-request-id`: the caller's when reasonable (printable ASCII, at
+/// most 128 bytes), else a new one; error bodies carry it too, and a route with another
+/// method answers 405 with `Allow` and an error body.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_ids_are_echoed_or_made() {
+    let s = Server::start(&[]);
+    let send = |id: Option<&[u8]>, key: Option<&str>| {
+        let mut req = client().get(s.url("/v1/sessions"));
+        if let Some(id) = id {
+            req = req.header(
+                "x-request-id",
+                reqwest::header::HeaderValue::from_bytes(id).unwrap(),
+            );
+        }
+        if let Some(key) = key {
+            req = req.header("x-api-key", key);
+        }
+        req.send()
+    };
+    let id_of =
+        |resp: &reqwest::Response| resp.headers()["x-request-id"].to_str().unwrap().to_owned();
+    let resp = send(Some(b"caller-id 42"), Some("key-acme")).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(id_of(&resp), "caller-id 42");
+    let resp = send(Some(b"caller-id 43"), None).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(id_of(&resp), "caller-id 43");
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["request_id"], "caller-id 43");
+    let long = [b'x'; 129];
+    for unreasonable in [&long[..], b"tab\there", b"\xff\xfe"] {
+        let resp = send(Some(unreasonable), Some("key-acme")).await.unwrap();
+        let made = id_of(&resp);
+        assert_eq!(made.len(), 32, "{made}");
+        assert!(made.bytes().all(|b| b.is_ascii_hexdigit()), "{made}");
+    }
+    let a = id_of(&send(None, Some("key-acme")).await.unwrap());
+    let b = id_of(&send(None, Some("key-acme")).await.unwrap());
+    assert_ne!(a, b);
+
+    let resp = client().delete(s.url("/v1/sessions")).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::METHOD_NOT_ALLOWED);
+    let allow = resp.headers()["allow"].to_str().unwrap().to_owned();
+    assert!(allow.contains("GET") && allow.contains("POST"), "{allow}");
+    let id = id_of(&resp);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "method_not_allowed");
+    assert_eq!(body["error"]["request_id"], Value::from(id));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operations_endpoints() {
     let s = Server::start(&[]);
@@ -724,7 +790,8 @@ async fn operations_endpoints() {
 /// not committed, and service resumes when the store is back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn store_unreachable_answers_503_and_recovers() {
-    use session_lifecycle_http::auth::{Tenants, TokenSigner};
+    use session_lifecycle_http::tenants::Tenants;
+    use session_lifecycle_http::tokens::TokenSigner;
     use session_lifecycle_http::{AppState, HttpConfig, router};
     use session_lifecycle_runtime::faults::{FaultPlan, FaultyStore};
     use session_lifecycle_runtime::{Engine, EngineConfig, Plan, SystemClock};
@@ -741,10 +808,7 @@ async fn store_unreachable_answers_503_and_recovers() {
     )
     .await
     .unwrap();
-    let plan = Plan {
-        max_concurrent_sessions: Some(10),
-        max_session: Duration::from_secs(600),
-    };
+    let plan = Plan::new(Some(10), Duration::from_secs(600));
     let state = AppState::new(
         engine,
         Tenants::single("default", "k", plan),

@@ -8,7 +8,8 @@ use reqwest::StatusCode;
 use session_lifecycle_cuda::{
     AssignmentBackend, AssignmentConfig, DeviceMemory, GpuError, GpuInfo, GpuProcess,
 };
-use session_lifecycle_http::auth::{Tenants, TokenSigner};
+use session_lifecycle_http::tenants::Tenants;
+use session_lifecycle_http::tokens::TokenSigner;
 use session_lifecycle_http::{AppState, HttpConfig, router};
 use session_lifecycle_runtime::{Engine, EngineConfig, Plan, ResourceBackend, SystemClock};
 
@@ -62,10 +63,7 @@ async fn readyz_says_no_capacity_when_no_gpu_has_room_and_ready_again_when_it_do
     .await
     .unwrap();
     let background = engine.spawn_background();
-    let plan = Plan {
-        max_concurrent_sessions: None,
-        max_session: Duration::from_secs(600),
-    };
+    let plan = Plan::new(None, Duration::from_secs(600));
     let state = AppState::new(
         engine.clone(),
         Tenants::single("default", "k", plan),

@@ -12,7 +12,7 @@ use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
 use hmac::{Hmac, Mac};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use session_lifecycle_http::auth::hash_key;
+use session_lifecycle_http::tenants::hash_key;
 use sha2::{Digest, Sha256};
 
 const SESSIOND: &str = env!("CARGO_BIN_EXE_sessiond");

@@ -19,14 +19,14 @@ use deadpool_postgres::GenericClient;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use session_lifecycle::{EndReason, Resource, SessionId, Status, Timestamp, Transition};
 use session_lifecycle_runtime::rows::{
-    LOST_WITH_NODE, RELEASED_ON_RETURN, ResourceRow, SessionRow, millis as ms, parse_id,
-    release_columns,
+    LOST_WITH_NODE, RELEASED_ON_RETURN, ResourceRow, SessionRow, duration_ms, millis as ms,
+    parse_id, release_columns, stored_duration, timeout_columns, timestamp,
 };
 use session_lifecycle_runtime::sql::{postgres as pg, statements};
 use session_lifecycle_runtime::{
-    AttachOutcome, BoxFuture, CreateOutcome, ListQuery, NewSession, NodeMembership, ReleaseClaim,
-    ReleaseProgress, ReleaseQueue, RoomEvent, RoomEventKind, RoomStore, RoomUpdate, SessionRecord,
-    SessionStore, StoreError, StoreHealth, TenantScope, TouchOutcome,
+    AttachOutcome, BoxFuture, CreateOutcome, ListQuery, NewSession, NodeMembership, PresenceStore,
+    ReleaseClaim, ReleaseProgress, ReleaseQueue, RoomEvent, RoomEventKind, RoomState, RoomStore,
+    SessionRecord, SessionStore, StoreError, StoreHealth, TenantScope, TouchOutcome,
 };
 use session_lifecycle_runtime::{sql_ended_at, sql_later, sql_release_due_at};
 use tokio_postgres::error::SqlState;
@@ -45,6 +45,10 @@ pub struct PostgresStore {
 /// The channel on which an end notifies the nodes that hold its resources (payload: the
 /// node id).
 const RELEASES_CHANNEL: &str = "session_lifecycle_releases";
+
+/// The channel on which every end is announced, for every instance to close the sockets
+/// of the session (payload: the session id).
+const ENDS_CHANNEL: &str = "session_lifecycle_ends";
 
 /// A failure to reach or use the database: its error as the source, displayed with the
 /// server's own message and the rest of its chain (tokio-postgres alone shows only "db
@@ -77,10 +81,6 @@ pub(crate) fn unavailable(e: tokio_postgres::Error) -> StoreError {
 /// A failure of the connection pool (no connection could be had).
 fn pool_unavailable(e: impl std::error::Error + Send + Sync + 'static) -> StoreError {
     StoreError::unavailable(e)
-}
-
-fn duration_ms(d: Duration) -> i64 {
-    i64::try_from(d.as_millis()).unwrap_or(i64::MAX / 2)
 }
 
 impl PostgresStore {
@@ -117,19 +117,18 @@ impl PostgresStore {
         self.pool.get().await.map_err(pool_unavailable)
     }
 
-    /// Listens on one connection for ends that concern `node`, calling `wake` for each,
-    /// until the connection fails.
+    /// Listens on one connection to `channel`, calling `heard` with each payload, until
+    /// the connection fails; `listening` is called once `LISTEN` took effect.
     async fn listen(
         &self,
-        node: &str,
-        wake: &(dyn Fn() + Send + Sync),
+        channel: &str,
+        heard: &(dyn Fn(&str) + Send + Sync),
+        listening: &(dyn Fn() + Send + Sync),
     ) -> Result<(), tokio_postgres::Error> {
         let (client, mut connection) = self.config.connect(NoTls).await?;
-        // Only this node's notifications matter, and only as wake-ups: a bounded channel
-        // of them, where one already waiting makes another redundant (a full channel drops
-        // the newcomer).
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
-        let mine = node.to_owned();
+        // A bounded channel of payloads: a listener that falls behind misses some (every
+        // watcher is best effort, see the traits), the connection never waits on it.
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<String>(256);
         // The connection is driven on its own; its notifications come back over a channel
         // that closes when the connection ends. The driver is aborted with this future, so
         // nothing of it outlives the engine that listens.
@@ -137,9 +136,8 @@ impl PostgresStore {
             loop {
                 match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
                     Some(Ok(tokio_postgres::AsyncMessage::Notification(n))) => {
-                        if n.payload() == mine
-                            && let Err(tokio::sync::mpsc::error::TrySendError::Closed(())) =
-                                tx.try_send(())
+                        if let Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) =
+                            tx.try_send(n.payload().to_owned())
                         {
                             return Ok(());
                         }
@@ -150,13 +148,10 @@ impl PostgresStore {
                 }
             }
         }));
-        client
-            .batch_execute(&format!("LISTEN {RELEASES_CHANNEL}"))
-            .await?;
-        // Releases notified before LISTEN took effect are found now.
-        wake();
-        while rx.recv().await.is_some() {
-            wake();
+        client.batch_execute(&format!("LISTEN {channel}")).await?;
+        listening();
+        while let Some(payload) = rx.recv().await {
+            heard(&payload);
         }
         drop(client);
         match (&mut driver.0).await {
@@ -183,9 +178,13 @@ macro_rules! record_columns {
         "s.id, s.tenant, s.status, s.started_at, s.ended_at, s.end_reason, \
      s.expires_at, s.last_seen_at, s.metadata, s.room_provider, s.room_name, s.node, \
      r.seq, r.kind, r.handle, r.state, r.attempts, r.retry_at, r.released_at, r.note, \
-     r.last_error"
+     r.last_error, s.participant_left_ms, s.participant_absent_ms, s.websocket_grace_ms"
     };
 }
+
+/// How many columns `record_columns!()` has: what a statement selects after them starts
+/// here.
+const RECORD_COLUMNS: usize = 24;
 
 /// The database's clock, in milliseconds since the epoch.
 macro_rules! db_now_ms {
@@ -200,6 +199,25 @@ macro_rules! db_start_ms {
         "(extract(epoch FROM pg_postmaster_start_time()) * 1000)::BIGINT"
     };
 }
+
+/// Node row `n` alive for the node timeout `$timeout` (ms), judged as [`NodeMembership`] judges
+/// here: on the database's clock, counting only time the database was up.
+macro_rules! node_alive {
+    ($timeout:literal) => {
+        concat!(
+            "GREATEST(n.last_heartbeat_at, ",
+            db_start_ms!(),
+            ") > ",
+            db_now_ms!(),
+            " - ",
+            $timeout,
+            "::BIGINT"
+        )
+    };
+}
+
+/// The live holders of session `?1` for the node timeout `?2` (ms).
+const HOLDERS: &str = session_lifecycle_runtime::sql_holders!(node_alive!("?2"));
 
 /// Column `idx` of `row`: a type or NULL mismatch is a corrupt record, never a panic.
 fn col<'a, T: tokio_postgres::types::FromSql<'a>>(
@@ -238,6 +256,9 @@ fn records(rows: &[Row]) -> Result<Vec<SessionRecord>, StoreError> {
                     room_provider: col(row, 9)?,
                     room_name: col(row, 10)?,
                     node: col(row, 11)?,
+                    participant_left_ms: col(row, 21)?,
+                    participant_absent_ms: col(row, 22)?,
+                    websocket_grace_ms: col(row, 23)?,
                 },
                 Vec::new(),
             ));
@@ -261,6 +282,37 @@ fn records(rows: &[Row]) -> Result<Vec<SessionRecord>, StoreError> {
         out.push(session.into_record(resources)?);
     }
     Ok(out)
+}
+
+/// `node` holds no client sockets from `now` on; they were liveness until then.
+async fn let_go_of<C: GenericClient>(c: &C, node: &str, now: Timestamp) -> Result<(), StoreError> {
+    c.execute(pg(statements::SEEN_HELD_BY), &[&node, &ms(now)])
+        .await
+        .map_err(unavailable)?;
+    c.execute(pg(statements::CLEAR_PRESENCE), &[&node])
+        .await
+        .map_err(unavailable)?;
+    Ok(())
+}
+
+/// Where the room of session `id` stands.
+async fn room_state<C: GenericClient>(c: &C, id: &str) -> Result<Option<RoomState>, StoreError> {
+    let Some(row) = c
+        .query_opt(pg(statements::ROOM_STATE), &[&id, &true])
+        .await
+        .map_err(unavailable)?
+    else {
+        return Ok(None);
+    };
+    Ok(Some(RoomState {
+        session: parse_id(id)?,
+        present: u32::try_from(col::<i64>(&row, 0)?).unwrap_or(u32::MAX),
+        // A leave implies a join, even one delivered later.
+        ever_joined: col::<i64>(&row, 1)? > 0,
+        finished: col(&row, 2)?,
+        emptied_at: col::<Option<i64>>(&row, 3)?.map(timestamp),
+        participant_left: col::<Option<i64>>(&row, 4)?.map(stored_duration),
+    }))
 }
 
 async fn get_record<C: GenericClient>(
@@ -305,6 +357,7 @@ impl SessionStore for PostgresStore {
                     return Ok(CreateOutcome::LimitReached);
                 }
             }
+            let (left, absent, grace) = timeout_columns(&new.timeouts);
             let inserted = tx
                 .execute(
                     pg(statements::INSERT_SESSION),
@@ -317,6 +370,9 @@ impl SessionStore for PostgresStore {
                         &new.room.as_ref().map(|r| r.provider.as_str()),
                         &new.room.as_ref().map(|r| r.name.as_str()),
                         &new.node,
+                        &left,
+                        &absent,
+                        &grace,
                     ],
                 )
                 .await;
@@ -412,7 +468,9 @@ impl SessionStore for PostgresStore {
                         RETURNING *),
                      notified AS (
                         SELECT pg_notify($4, node)
-                        FROM (SELECT DISTINCT node FROM due WHERE node IS DISTINCT FROM $5) AS nodes)
+                        FROM (SELECT DISTINCT node FROM due WHERE node IS DISTINCT FROM $5) AS nodes
+                        UNION ALL
+                        SELECT pg_notify($8, id) FROM ended)
                      SELECT ",
                     record_columns!(),
                     ", (SELECT COUNT(*) FROM notified)
@@ -435,6 +493,7 @@ impl SessionStore for PostgresStore {
                         &claim.as_ref().map(|c| c.node.as_str()),
                         &claim.as_ref().map(|c| ms(c.until)),
                         &tenant,
+                        &ENDS_CHANNEL,
                     ],
                 )
                 .await
@@ -537,7 +596,7 @@ impl SessionStore for PostgresStore {
                 .await
                 .map_err(unavailable)?;
             let touched = match rows.first() {
-                Some(row) => col::<bool>(row, 21)?,
+                Some(row) => col::<bool>(row, RECORD_COLUMNS)?,
                 None => return Ok(TouchOutcome::NotFound),
             };
             let record = records(&rows)?.pop().ok_or_else(|| StoreError::Corrupt {
@@ -676,8 +735,14 @@ impl ReleaseQueue for PostgresStore {
         wake: &'a (dyn Fn() + Send + Sync),
     ) -> BoxFuture<'a, ()> {
         Box::pin(async move {
+            let heard = |due_node: &str| {
+                if due_node == node {
+                    wake();
+                }
+            };
             loop {
-                if let Err(e) = self.listen(node, wake).await {
+                // Releases notified before LISTEN took effect are found by `wake`.
+                if let Err(e) = self.listen(RELEASES_CHANNEL, &heard, wake).await {
                     tracing::warn!(error = %e, "listening for releases failed; reconnecting");
                 }
                 // Whatever was notified while not listening is found by this wake-up.
@@ -797,6 +862,14 @@ impl NodeMembership for PostgresStore {
                 )
                 .await
                 .map_err(unavailable)?;
+                let_go_of(&tx, &node, now).await?;
+                // Announced when this commits.
+                tx.execute(
+                    "SELECT pg_notify($1, id) FROM unnest($2::TEXT[]) AS id",
+                    &[&ENDS_CHANNEL, &ids],
+                )
+                .await
+                .map_err(unavailable)?;
                 for id in &ids {
                     ended.push(parse_id(id)?);
                 }
@@ -812,7 +885,7 @@ impl RoomStore for PostgresStore {
         &self,
         event: RoomEvent,
         now: Timestamp,
-    ) -> BoxFuture<'_, Result<Option<Vec<RoomUpdate>>, StoreError>> {
+    ) -> BoxFuture<'_, Result<Option<Vec<RoomState>>, StoreError>> {
         Box::pin(async move {
             let mut client = self.client().await?;
             let tx = client.transaction().await.map_err(unavailable)?;
@@ -861,34 +934,22 @@ impl RoomStore for PostgresStore {
                             .map_err(unavailable)?;
                     }
                 }
-                let state = tx
-                    .query_one(pg(statements::ROOM_STATE), &[&id, &true])
+                tx.execute(pg(statements::ROOM_EMPTIED), &[&id, &ms(now), &true])
                     .await
                     .map_err(unavailable)?;
-                updates.push(RoomUpdate {
-                    session: parse_id(&id)?,
-                    present: u32::try_from(col::<i64>(&state, 0)?).unwrap_or(u32::MAX),
-                    // A leave implies a join, even one delivered later.
-                    ever_joined: col::<i64>(&state, 1)? > 0,
-                    finished: col(&state, 2)?,
-                });
+                if let Some(room) = room_state(&tx, &id).await? {
+                    updates.push(room);
+                }
             }
             tx.commit().await.map_err(unavailable)?;
             Ok(Some(updates))
         })
     }
 
-    fn room_presence(&self, id: SessionId) -> BoxFuture<'_, Result<u32, StoreError>> {
+    fn room_state(&self, id: SessionId) -> BoxFuture<'_, Result<Option<RoomState>, StoreError>> {
         Box::pin(async move {
             let client = self.client().await?;
-            let n: i64 = col(
-                &client
-                    .query_one(pg(statements::PRESENCE), &[&id.to_string(), &true])
-                    .await
-                    .map_err(unavailable)?,
-                0,
-            )?;
-            Ok(u32::try_from(n).unwrap_or(u32::MAX))
+            room_state(&client, &id.to_string()).await
         })
     }
 
@@ -910,6 +971,10 @@ impl RoomStore for PostgresStore {
                 .execute(pg(statements::PRUNE_ROOM_EVENTS), &[&ms(ended_before)])
                 .await
                 .map_err(unavailable)?;
+            client
+                .execute(pg(statements::PRUNE_PRESENCE), &[&ms(ended_before)])
+                .await
+                .map_err(unavailable)?;
             Ok(u32::try_from(pruned).unwrap_or(u32::MAX))
         })
     }
@@ -924,6 +989,84 @@ impl RoomStore for PostgresStore {
             rows.iter()
                 .map(|r| parse_id(&col::<String>(r, 0)?))
                 .collect()
+        })
+    }
+}
+
+impl PresenceStore for PostgresStore {
+    fn set_presence(
+        &self,
+        session: SessionId,
+        node: &str,
+        holds: bool,
+        now: Timestamp,
+    ) -> BoxFuture<'_, Result<(), StoreError>> {
+        let node = node.to_owned();
+        Box::pin(async move {
+            let client = self.client().await?;
+            let id = session.to_string();
+            if holds {
+                client
+                    .execute(pg(statements::HOLD), &[&id, &node])
+                    .await
+                    .map_err(unavailable)?;
+            } else {
+                // Seen first: never a moment where neither the hold nor its liveness counts.
+                client
+                    .execute(pg(statements::SEEN), &[&id, &ms(now)])
+                    .await
+                    .map_err(unavailable)?;
+                client
+                    .execute(pg(statements::LET_GO), &[&id, &node])
+                    .await
+                    .map_err(unavailable)?;
+            }
+            Ok(())
+        })
+    }
+
+    fn clear_presence(&self, node: &str, now: Timestamp) -> BoxFuture<'_, Result<(), StoreError>> {
+        let node = node.to_owned();
+        Box::pin(async move {
+            let mut client = self.client().await?;
+            let tx = client.transaction().await.map_err(unavailable)?;
+            let_go_of(&tx, &node, now).await?;
+            tx.commit().await.map_err(unavailable)
+        })
+    }
+
+    fn presence(
+        &self,
+        session: SessionId,
+        _now: Timestamp,
+        node_timeout: Duration,
+    ) -> BoxFuture<'_, Result<Vec<String>, StoreError>> {
+        Box::pin(async move {
+            let client = self.client().await?;
+            let rows = client
+                .query(
+                    pg(HOLDERS),
+                    &[&session.to_string(), &duration_ms(node_timeout)],
+                )
+                .await
+                .map_err(unavailable)?;
+            rows.iter().map(|r| col::<String>(r, 0)).collect()
+        })
+    }
+
+    fn watch_ends<'a>(&'a self, ended: &'a (dyn Fn(SessionId) + Send + Sync)) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            let heard = |payload: &str| {
+                if let Ok(id) = payload.parse::<SessionId>() {
+                    ended(id);
+                }
+            };
+            loop {
+                if let Err(e) = self.listen(ENDS_CHANNEL, &heard, &|| {}).await {
+                    tracing::warn!(error = %e, "listening for ends failed; reconnecting");
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
         })
     }
 }

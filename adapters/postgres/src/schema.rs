@@ -92,6 +92,21 @@ const MIGRATIONS: &[&str] = &["
         WHERE release_claimed_by IS NOT NULL;
     ALTER TABLE resources DROP COLUMN claimed_by;
     ALTER TABLE resources DROP COLUMN claimed_until;
+",
+// 4: the nodes holding client sockets of each session (presence as liveness); each
+// session's own timeouts (NULL: the service's defaults, for sessions recorded before); since
+// when its room is empty.
+"
+    ALTER TABLE sessions ADD COLUMN participant_left_ms BIGINT;
+    ALTER TABLE sessions ADD COLUMN participant_absent_ms BIGINT;
+    ALTER TABLE sessions ADD COLUMN websocket_grace_ms BIGINT;
+    ALTER TABLE sessions ADD COLUMN room_emptied_at BIGINT;
+    CREATE TABLE session_presence (
+        session_id TEXT NOT NULL REFERENCES sessions (id),
+        node       TEXT NOT NULL,
+        PRIMARY KEY (session_id, node)
+    );
+    CREATE INDEX session_presence_by_node ON session_presence (node);
 "];
 
 /// The schema version this code writes.

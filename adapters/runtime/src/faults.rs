@@ -7,9 +7,9 @@ use std::time::Duration;
 use session_lifecycle::{EndReason, Resource, SessionId, Timestamp, Transition};
 
 use crate::store::{
-    AttachOutcome, BoxFuture, CreateOutcome, ListQuery, NewSession, NodeMembership, ReleaseClaim,
-    ReleaseProgress, ReleaseQueue, RoomEvent, RoomStore, RoomUpdate, SessionRecord, SessionStore,
-    Store, StoreError, StoreHealth, TenantScope, TouchOutcome,
+    AttachOutcome, BoxFuture, CreateOutcome, ListQuery, NewSession, NodeMembership, PresenceStore,
+    ReleaseClaim, ReleaseProgress, ReleaseQueue, RoomEvent, RoomState, RoomStore, SessionRecord,
+    SessionStore, Store, StoreError, StoreHealth, TenantScope, TouchOutcome,
 };
 
 /// The error of a call a [`FaultyStore`] failed on purpose: the k-th call.
@@ -205,11 +205,11 @@ impl RoomStore for FaultyStore {
         &self,
         event: RoomEvent,
         now: Timestamp,
-    ) -> BoxFuture<'_, Result<Option<Vec<RoomUpdate>>, StoreError>> {
+    ) -> BoxFuture<'_, Result<Option<Vec<RoomState>>, StoreError>> {
         guarded!(self, self.inner.room_event(event, now))
     }
-    fn room_presence(&self, id: SessionId) -> BoxFuture<'_, Result<u32, StoreError>> {
-        guarded!(self, self.inner.room_presence(id))
+    fn room_state(&self, id: SessionId) -> BoxFuture<'_, Result<Option<RoomState>, StoreError>> {
+        guarded!(self, self.inner.room_state(id))
     }
     fn touch_present(&self, now: Timestamp) -> BoxFuture<'_, Result<Vec<SessionId>, StoreError>> {
         guarded!(self, self.inner.touch_present(now))
@@ -220,6 +220,34 @@ impl RoomStore for FaultyStore {
         limit: u32,
     ) -> BoxFuture<'_, Result<u32, StoreError>> {
         guarded!(self, self.inner.prune_rooms(ended_before, limit))
+    }
+}
+
+impl PresenceStore for FaultyStore {
+    fn set_presence(
+        &self,
+        session: SessionId,
+        node: &str,
+        holds: bool,
+        now: Timestamp,
+    ) -> BoxFuture<'_, Result<(), StoreError>> {
+        let node = node.to_owned();
+        guarded!(self, self.inner.set_presence(session, &node, holds, now))
+    }
+    fn clear_presence(&self, node: &str, now: Timestamp) -> BoxFuture<'_, Result<(), StoreError>> {
+        let node = node.to_owned();
+        guarded!(self, self.inner.clear_presence(&node, now))
+    }
+    fn presence(
+        &self,
+        session: SessionId,
+        now: Timestamp,
+        node_timeout: Duration,
+    ) -> BoxFuture<'_, Result<Vec<String>, StoreError>> {
+        guarded!(self, self.inner.presence(session, now, node_timeout))
+    }
+    fn watch_ends<'a>(&'a self, ended: &'a (dyn Fn(SessionId) + Send + Sync)) -> BoxFuture<'a, ()> {
+        self.inner.watch_ends(ended)
     }
 }
 

@@ -34,7 +34,7 @@ pub use backend::{
 pub use clock::{ManualClock, RuntimeClock, SystemClock, TokioClock};
 pub use engine::{
     Background, DueReport, Engine, EngineConfig, EngineError, Plan, Readiness, RoomEventReport,
-    SESSION_ID_ENV, StartRequest, TIMER_SLOTS,
+    SESSION_ID_ENV, SocketHold, StartRequest, TIMER_SLOTS,
 };
 pub use memory::MemoryStore;
 
@@ -47,7 +47,7 @@ pub fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 pub use metrics::{Metrics, MetricsSnapshot, RELEASE_LATENCY_BUCKETS};
 pub use store::{
     AttachOutcome, BoxError, BoxFuture, CreateOutcome, ListQuery, NewSession, NodeMembership,
-    ReleaseAttempt, ReleaseClaim, ReleaseProgress, ReleaseQueue, RoomBinding, RoomEvent,
-    RoomEventKind, RoomProvider, RoomStore, RoomUpdate, SessionRecord, SessionStore, Store,
-    StoreError, StoreHealth, TenantScope, TouchOutcome,
+    PresenceStore, ReleaseAttempt, ReleaseClaim, ReleaseProgress, ReleaseQueue, RoomBinding,
+    RoomEvent, RoomEventKind, RoomProvider, RoomState, RoomStore, SessionRecord, SessionStore,
+    SessionTimeouts, Store, StoreError, StoreHealth, TenantScope, TouchOutcome,
 };

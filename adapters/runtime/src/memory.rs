@@ -17,9 +17,10 @@ use tokio::sync::broadcast;
 
 use crate::rows::{LOST_WITH_NODE, RELEASED_ON_RETURN};
 use crate::store::{
-    AttachOutcome, BoxFuture, CreateOutcome, ListQuery, NewSession, NodeMembership, ReleaseClaim,
-    ReleaseProgress, ReleaseQueue, RoomBinding, RoomEvent, RoomEventKind, RoomStore, RoomUpdate,
-    SessionRecord, SessionStore, StoreError, StoreHealth, TenantScope, TouchOutcome,
+    AttachOutcome, BoxFuture, CreateOutcome, ListQuery, NewSession, NodeMembership, PresenceStore,
+    ReleaseClaim, ReleaseProgress, ReleaseQueue, RoomBinding, RoomEvent, RoomEventKind, RoomState,
+    RoomStore, SessionRecord, SessionStore, SessionTimeouts, StoreError, StoreHealth, TenantScope,
+    TouchOutcome,
 };
 
 /// A resource as the store keeps it.
@@ -43,7 +44,9 @@ struct SessionRow {
     metadata: Option<String>,
     room: Option<RoomBinding>,
     room_finished: bool,
+    room_emptied_at: Option<Timestamp>,
     node: String,
+    timeouts: SessionTimeouts,
     resources: Vec<ResourceRow>,
     release_due_at: Option<Timestamp>,
     claimed_by: Option<String>,
@@ -53,6 +56,8 @@ struct SessionRow {
 #[derive(Debug, Default)]
 struct State {
     sessions: BTreeMap<SessionId, SessionRow>,
+    /// Per session, the nodes holding client sockets of it.
+    presence: HashMap<SessionId, HashSet<String>>,
     nodes: HashMap<String, Timestamp>,
     /// Room events applied: (provider, event id) -> when received.
     room_events: HashMap<(String, String), Timestamp>,
@@ -60,10 +65,71 @@ struct State {
     participants: HashMap<SessionId, HashMap<String, (bool, Timestamp)>>,
 }
 
+impl State {
+    /// Participants present in the room of `id`, and whether anyone ever joined it (a
+    /// leave implies a join, even one delivered later).
+    fn room_people(&self, id: &SessionId) -> (u32, bool) {
+        let people = self.participants.get(id);
+        (
+            people.map_or(0, |p| p.values().filter(|(here, _)| *here).count()) as u32,
+            people.is_some_and(|p| !p.is_empty()),
+        )
+    }
+
+    fn room_state(&self, id: &SessionId) -> Option<RoomState> {
+        let s = self.sessions.get(id)?;
+        let (present, ever_joined) = self.room_people(id);
+        Some(RoomState {
+            session: *id,
+            present,
+            ever_joined,
+            finished: s.room_finished,
+            emptied_at: s.room_emptied_at,
+            participant_left: s.timeouts.participant_left,
+        })
+    }
+
+    /// `node` holds no client sockets from `now` on; they were liveness until then.
+    fn let_go_of(&mut self, node: &str, now: Timestamp) {
+        let held: Vec<SessionId> = self
+            .presence
+            .iter()
+            .filter(|(_, holders)| holders.contains(node))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in held {
+            if let Some(s) = self.sessions.get_mut(&id).filter(|s| s.ending.is_none()) {
+                s.seen(now);
+            }
+        }
+        self.presence.retain(|_, holders| {
+            holders.remove(node);
+            !holders.is_empty()
+        });
+    }
+
+    /// The nodes alive at `now` (a heartbeat within `node_timeout`) holding sockets of `id`.
+    fn live_holders(&self, id: &SessionId, now: Timestamp, node_timeout: Duration) -> Vec<String> {
+        let cutoff = now.saturating_sub(node_timeout);
+        let mut holders: Vec<String> = self
+            .presence
+            .get(id)
+            .into_iter()
+            .flatten()
+            .filter(|node| self.nodes.get(*node).is_some_and(|seen| *seen > cutoff))
+            .cloned()
+            .collect();
+        holders.sort();
+        holders
+    }
+}
+
 /// The in-memory reference store.
 #[derive(Debug)]
 pub struct MemoryStore {
     state: Mutex<State>,
+    /// Sessions ended (for [`PresenceStore::watch_ends`]).
+    ended: broadcast::Sender<SessionId>,
     /// Nodes whose releases may have become due (for [`ReleaseQueue::watch_releases`]).
     due: broadcast::Sender<String>,
 }
@@ -79,6 +145,7 @@ impl MemoryStore {
     pub fn new() -> MemoryStore {
         MemoryStore {
             state: Mutex::new(State::default()),
+            ended: broadcast::channel(1024).0,
             due: broadcast::channel(1024).0,
         }
     }
@@ -96,6 +163,11 @@ fn corrupt(id: &SessionId, detail: impl std::fmt::Display) -> StoreError {
 }
 
 impl SessionRow {
+    /// Liveness at `now` (never backwards).
+    fn seen(&mut self, now: Timestamp) {
+        self.last_seen_at = self.last_seen_at.max(now);
+    }
+
     fn record(&self, id: &SessionId) -> Result<SessionRecord, StoreError> {
         let mut resources = HeldResources::new();
         let mut release_notes = Vec::new();
@@ -135,6 +207,7 @@ impl SessionRow {
             metadata: self.metadata.clone(),
             room: self.room.clone(),
             node: self.node.clone(),
+            timeouts: self.timeouts,
             release_notes,
             release_errors,
         })
@@ -163,9 +236,10 @@ impl SessionRow {
         at
     }
 
-    /// The earlier of its two deadlines while started, and why it would end then.
-    fn deadline(&self, orphan_timeout: Duration) -> (Timestamp, EndReason) {
-        let orphan_at = self.last_seen_at.saturating_add(orphan_timeout);
+    /// The earlier of its two deadlines while started, last seen at `seen`, and why it
+    /// would end then.
+    fn deadline(&self, seen: Timestamp, orphan_timeout: Duration) -> (Timestamp, EndReason) {
+        let orphan_at = seen.saturating_add(orphan_timeout);
         if self.expires_at <= orphan_at {
             (self.expires_at, EndReason::Expired)
         } else {
@@ -205,7 +279,9 @@ impl SessionStore for MemoryStore {
                 metadata: new.metadata,
                 room: new.room,
                 room_finished: false,
+                room_emptied_at: None,
                 node: new.node,
+                timeouts: new.timeouts,
                 resources: Vec::new(),
                 release_due_at: None,
                 claimed_by: None,
@@ -257,6 +333,7 @@ impl SessionStore for MemoryStore {
             return ready(s.record(&id).map(|r| Some((r, Transition::AlreadyEnded))));
         }
         s.end(now, reason);
+        let _ = self.ended.send(id);
         let due = s.release_due_at.is_some();
         match claim {
             Some(claim) if due && claim.node == s.node => {
@@ -309,7 +386,7 @@ impl SessionStore for MemoryStore {
         if s.ending.is_some() {
             return ready(s.record(&id).map(TouchOutcome::Ended));
         }
-        s.last_seen_at = s.last_seen_at.max(now);
+        s.seen(now);
         ready(s.record(&id).map(TouchOutcome::Touched))
     }
 
@@ -325,7 +402,10 @@ impl SessionStore for MemoryStore {
             .iter()
             .filter(|(_, s)| s.ending.is_none())
             .map(|(id, s)| {
-                let (at, why) = s.deadline(orphan_timeout);
+                // A held client socket is liveness as of now.
+                let held = state.presence.contains_key(id);
+                let seen = if held { now } else { s.last_seen_at };
+                let (at, why) = s.deadline(seen, orphan_timeout);
                 (at, *id, why)
             })
             .filter(|(at, _, _)| *at <= now)
@@ -463,12 +543,14 @@ impl NodeMembership for MemoryStore {
         dead.sort();
         let mut ended = Vec::new();
         for node in dead {
+            state.let_go_of(&node, now);
             for (id, s) in state.sessions.iter_mut() {
                 if s.node != node {
                     continue;
                 }
                 if s.ending.is_none() && ended.len() < limit as usize {
                     s.end(now, EndReason::NodeLost);
+                    let _ = self.ended.send(*id);
                     ended.push(*id);
                 }
                 for r in &mut s.resources {
@@ -488,7 +570,7 @@ impl RoomStore for MemoryStore {
         &self,
         event: RoomEvent,
         now: Timestamp,
-    ) -> BoxFuture<'_, Result<Option<Vec<RoomUpdate>>, StoreError>> {
+    ) -> BoxFuture<'_, Result<Option<Vec<RoomState>>, StoreError>> {
         let mut state = self.state();
         let key = (event.provider.as_str().to_owned(), event.event_id.clone());
         if state.room_events.contains_key(&key) {
@@ -521,7 +603,7 @@ impl RoomStore for MemoryStore {
                         *entry = (present, event.at);
                     }
                     if present && let Some(s) = state.sessions.get_mut(&id) {
-                        s.last_seen_at = s.last_seen_at.max(now);
+                        s.seen(now);
                     }
                 }
                 RoomEventKind::Finished => {
@@ -530,25 +612,23 @@ impl RoomStore for MemoryStore {
                     }
                 }
             }
-            let people = state.participants.get(&id);
-            updates.push(RoomUpdate {
-                session: id,
-                present: people.map_or(0, |p| p.values().filter(|(here, _)| *here).count()) as u32,
-                // A leave implies a join, even one delivered later.
-                ever_joined: people.is_some_and(|p| !p.is_empty()),
-                finished: state.sessions.get(&id).is_some_and(|s| s.room_finished),
-            });
+            let (present, ever_joined) = state.room_people(&id);
+            if let Some(s) = state.sessions.get_mut(&id) {
+                if present > 0 || !ever_joined {
+                    s.room_emptied_at = None;
+                } else if s.room_emptied_at.is_none() {
+                    s.room_emptied_at = Some(now);
+                }
+            }
+            if let Some(room) = state.room_state(&id) {
+                updates.push(room);
+            }
         }
         ready(Ok(Some(updates)))
     }
 
-    fn room_presence(&self, id: SessionId) -> BoxFuture<'_, Result<u32, StoreError>> {
-        let state = self.state();
-        let present = state
-            .participants
-            .get(&id)
-            .map_or(0, |p| p.values().filter(|(here, _)| *here).count());
-        ready(Ok(present as u32))
+    fn room_state(&self, id: SessionId) -> BoxFuture<'_, Result<Option<RoomState>, StoreError>> {
+        ready(Ok(self.state().room_state(&id)))
     }
 
     fn touch_present(&self, now: Timestamp) -> BoxFuture<'_, Result<Vec<SessionId>, StoreError>> {
@@ -562,7 +642,7 @@ impl RoomStore for MemoryStore {
         let mut touched = Vec::new();
         for id in present {
             if let Some(s) = state.sessions.get_mut(&id).filter(|s| s.ending.is_none()) {
-                s.last_seen_at = s.last_seen_at.max(now);
+                s.seen(now);
                 touched.push(id);
             }
         }
@@ -591,12 +671,80 @@ impl RoomStore for MemoryStore {
         for id in &gone {
             state.participants.remove(id);
         }
+        let ended_by = |state: &State, id: &SessionId| {
+            state
+                .sessions
+                .get(id)
+                .is_none_or(|s| s.ending.is_some_and(|(at, _)| at <= ended_before))
+        };
+        let left: Vec<SessionId> = state
+            .presence
+            .keys()
+            .filter(|id| ended_by(&state, id))
+            .copied()
+            .collect();
+        for id in &left {
+            state.presence.remove(id);
+        }
         // Event ids are kept for deduplication as long as the retention: a provider's
         // retries come well within it.
         state
             .room_events
             .retain(|_, received| *received > ended_before);
         ready(Ok(gone.len() as u32))
+    }
+}
+
+impl PresenceStore for MemoryStore {
+    fn set_presence(
+        &self,
+        session: SessionId,
+        node: &str,
+        holds: bool,
+        now: Timestamp,
+    ) -> BoxFuture<'_, Result<(), StoreError>> {
+        let mut state = self.state();
+        if !holds && let Some(s) = state.sessions.get_mut(&session) {
+            s.seen(now);
+        }
+        let holders = state.presence.entry(session).or_default();
+        if holds {
+            holders.insert(node.to_owned());
+        } else {
+            holders.remove(node);
+            if holders.is_empty() {
+                state.presence.remove(&session);
+            }
+        }
+        ready(Ok(()))
+    }
+
+    fn clear_presence(&self, node: &str, now: Timestamp) -> BoxFuture<'_, Result<(), StoreError>> {
+        self.state().let_go_of(node, now);
+        ready(Ok(()))
+    }
+
+    fn presence(
+        &self,
+        session: SessionId,
+        now: Timestamp,
+        node_timeout: Duration,
+    ) -> BoxFuture<'_, Result<Vec<String>, StoreError>> {
+        let state = self.state();
+        ready(Ok(state.live_holders(&session, now, node_timeout)))
+    }
+
+    fn watch_ends<'a>(&'a self, ended: &'a (dyn Fn(SessionId) + Send + Sync)) -> BoxFuture<'a, ()> {
+        let mut ends = self.ended.subscribe();
+        Box::pin(async move {
+            loop {
+                match ends.recv().await {
+                    Ok(id) => ended(id),
+                    Err(broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(broadcast::error::RecvError::Closed) => std::future::pending::<()>().await,
+                }
+            }
+        })
     }
 }
 

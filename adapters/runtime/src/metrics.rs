@@ -20,6 +20,7 @@ pub struct Metrics {
     release_failures: AtomicU64,
     release_latency_buckets: [AtomicU64; RELEASE_LATENCY_BUCKETS.len()],
     release_latency_micros: AtomicU64,
+    presence_writes: AtomicU64,
 }
 
 /// A copy of the counters at one moment.
@@ -40,6 +41,9 @@ pub struct MetricsSnapshot {
     pub release_latency_buckets: [u64; RELEASE_LATENCY_BUCKETS.len()],
     /// Sum of release latencies, in seconds.
     pub release_latency_sum: f64,
+    /// Store writes of client socket presence this node made (one when it first holds a
+    /// session's sockets, one when it lets go; none per ping).
+    pub presence_writes: u64,
 }
 
 impl Metrics {
@@ -70,6 +74,10 @@ impl Metrics {
             .fetch_add(micros, Ordering::Relaxed);
     }
 
+    pub(crate) fn presence_written(&self) {
+        self.presence_writes.fetch_add(1, Ordering::Relaxed);
+    }
+
     pub(crate) fn release_failed(&self) {
         self.release_failures.fetch_add(1, Ordering::Relaxed);
     }
@@ -87,6 +95,7 @@ impl Metrics {
                 load(&self.release_latency_buckets[i])
             }),
             release_latency_sum: load(&self.release_latency_micros) as f64 / 1e6,
+            presence_writes: load(&self.presence_writes),
         }
     }
 }

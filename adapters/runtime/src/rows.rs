@@ -7,11 +7,31 @@ use session_lifecycle::{
     ResourceKind, Session, SessionId, SessionParts, Status, Timestamp,
 };
 
-use crate::store::{RoomBinding, RoomProvider, SessionRecord, StoreError};
+use crate::store::{RoomBinding, RoomProvider, SessionRecord, SessionTimeouts, StoreError};
 
 /// A timestamp as stored: milliseconds since the epoch.
 pub fn millis(t: Timestamp) -> i64 {
     t.as_millis() as i64
+}
+
+/// A duration in milliseconds, as the stores keep them (saturating far beyond any use).
+pub fn duration_ms(d: std::time::Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX / 2)
+}
+
+/// A stored duration in milliseconds (negative values read as zero).
+pub fn stored_duration(v: i64) -> std::time::Duration {
+    std::time::Duration::from_millis(u64::try_from(v).unwrap_or(0))
+}
+
+/// The columns a session's own timeouts are stored in, in milliseconds:
+/// `participant_left_ms`, `participant_absent_ms`, `websocket_grace_ms`.
+pub fn timeout_columns(t: &SessionTimeouts) -> (Option<i64>, Option<i64>, Option<i64>) {
+    (
+        t.participant_left.map(duration_ms),
+        t.participant_absent.map(duration_ms),
+        t.websocket_grace.map(duration_ms),
+    )
 }
 
 /// A stored timestamp (negative values read as the epoch).
@@ -84,6 +104,12 @@ pub struct SessionRow {
     pub room_name: Option<String>,
     /// `node`.
     pub node: String,
+    /// `participant_left_ms`.
+    pub participant_left_ms: Option<i64>,
+    /// `participant_absent_ms`.
+    pub participant_absent_ms: Option<i64>,
+    /// `websocket_grace_ms`.
+    pub websocket_grace_ms: Option<i64>,
 }
 
 /// A `resources` row.
@@ -186,6 +212,11 @@ impl SessionRow {
             metadata: self.metadata,
             room,
             node: self.node,
+            timeouts: SessionTimeouts {
+                participant_left: self.participant_left_ms.map(stored_duration),
+                participant_absent: self.participant_absent_ms.map(stored_duration),
+                websocket_grace: self.websocket_grace_ms.map(stored_duration),
+            },
             release_notes,
             release_errors,
         })

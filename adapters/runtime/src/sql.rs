@@ -70,6 +70,20 @@ macro_rules! sql_release_due_at {
     };
 }
 
+/// The live nodes holding client sockets of session `?1`, by id; `$node_alive` is the
+/// dialect's condition that node row `n` is alive.
+#[macro_export]
+macro_rules! sql_holders {
+    ($node_alive:expr) => {
+        concat!(
+            "SELECT p.node FROM session_presence p JOIN nodes n ON n.id = p.node
+             WHERE p.session_id = ?1 AND ",
+            $node_alive,
+            " ORDER BY p.node"
+        )
+    };
+}
+
 /// Statements the two dialects agree on (SQLite parameters; see [`postgres`]).
 pub mod statements {
     /// A started session of a tenant at its plan limit: how many it runs (`?1` tenant).
@@ -77,11 +91,14 @@ pub mod statements {
         "SELECT COUNT(*) FROM sessions WHERE tenant = ?1 AND status = 'started'";
 
     /// A new started session, alive as of its start: `?1` id, `?2` tenant, `?3` started_at,
-    /// `?4` expires_at, `?5` metadata, `?6` room provider, `?7` room name, `?8` node.
+    /// `?4` expires_at, `?5` metadata, `?6` room provider, `?7` room name, `?8` node, its
+    /// own timeouts in ms: `?9` participant left, `?10` participant absent, `?11` WebSocket
+    /// grace.
     pub const INSERT_SESSION: &str =
         "INSERT INTO sessions (id, tenant, status, started_at, expires_at, last_seen_at,
-                               metadata, room_provider, room_name, node)
-         VALUES (?1, ?2, 'started', ?3, ?4, ?3, ?5, ?6, ?7, ?8)";
+                               metadata, room_provider, room_name, node, participant_left_ms,
+                               participant_absent_ms, websocket_grace_ms)
+         VALUES (?1, ?2, 'started', ?3, ?4, ?3, ?5, ?6, ?7, ?8, ?9, ?10, ?11)";
 
     /// One more resource attached to session `?1` (an end reads the count, see
     /// `sql_release_due_at!`).
@@ -89,14 +106,22 @@ pub mod statements {
         "UPDATE sessions SET resource_count = resource_count + 1 WHERE id = ?1";
 
     /// The started sessions due to end at `?1` for the orphan timeout `?2` (ms), at most
-    /// `?3`, most overdue first: id, whether it expired, and its deadline.
+    /// `?3`, most overdue first: id, whether it expired, and its deadline. A session whose
+    /// client sockets some node holds is live as of `?1` (a dead node's hold is let go when
+    /// its sessions are taken over, see `LET_GO_DEAD`).
     pub const DUE: &str = concat!(
         "SELECT id, ",
         sql_expired!("?2"),
         ", ",
         sql_deadline!("?2"),
-        " AS deadline FROM sessions
-         WHERE status = 'started' AND (expires_at <= ?1 OR last_seen_at <= ?1 - ?2)
+        " AS deadline FROM (
+            SELECT id, expires_at,
+                   CASE WHEN EXISTS (SELECT 1 FROM session_presence p WHERE p.session_id = sessions.id)
+                        THEN ?1 ELSE last_seen_at END AS last_seen_at
+            FROM sessions
+            WHERE status = 'started' AND (expires_at <= ?1 OR last_seen_at <= ?1 - ?2)
+         ) candidates
+         WHERE expires_at <= ?1 OR last_seen_at <= ?1 - ?2
          ORDER BY deadline, id LIMIT ?3"
     );
 
@@ -154,17 +179,24 @@ pub mod statements {
     /// The room of session `?1` finished (`?2`: true).
     pub const ROOM_FINISHED: &str = "UPDATE sessions SET room_finished = ?2 WHERE id = ?1";
 
-    /// Session `?1`'s room: participants present (`?2`: true), participants ever seen, and
-    /// whether it finished.
+    /// After a room event of session `?1` at `?2`: the room emptied then if nobody is
+    /// present (`?3`: true) but someone had joined, unless it was empty already; else not
+    /// empty.
+    pub const ROOM_EMPTIED: &str = "UPDATE sessions SET room_emptied_at = CASE
+            WHEN EXISTS (SELECT 1 FROM room_participants WHERE session_id = ?1 AND present = ?3)
+              OR NOT EXISTS (SELECT 1 FROM room_participants WHERE session_id = ?1)
+            THEN NULL
+            ELSE COALESCE(room_emptied_at, ?2) END
+         WHERE id = ?1";
+
+    /// Session `?1`'s room: participants present (`?2`: true), participants ever seen,
+    /// whether it finished, since when it is empty, and the session's wait after the last
+    /// participant leaves.
     pub const ROOM_STATE: &str =
         "SELECT (SELECT COUNT(*) FROM room_participants WHERE session_id = ?1 AND present = ?2),
                 (SELECT COUNT(*) FROM room_participants WHERE session_id = ?1),
-                room_finished
+                room_finished, room_emptied_at, participant_left_ms
          FROM sessions WHERE id = ?1";
-
-    /// Participants present (`?2`: true) in session `?1`'s room.
-    pub const PRESENCE: &str =
-        "SELECT COUNT(*) FROM room_participants WHERE session_id = ?1 AND present = ?2";
 
     /// Room presence is liveness: every started session with someone present (`?2`: true)
     /// seen at `?1`; their ids.
@@ -175,6 +207,31 @@ pub mod statements {
            AND id IN (SELECT session_id FROM room_participants WHERE present = ?2)
          RETURNING id"
     );
+
+    /// Node `?2` holds client sockets of session `?1` (nothing written if it already did).
+    pub const HOLD: &str = "INSERT INTO session_presence (session_id, node) VALUES (?1, ?2)
+         ON CONFLICT DO NOTHING";
+
+    /// Node `?2` no longer holds client sockets of session `?1` (after `SEEN`: the sockets
+    /// were liveness until then).
+    pub const LET_GO: &str = "DELETE FROM session_presence WHERE session_id = ?1 AND node = ?2";
+
+    /// Dead node `?1` is taken over at `?2`: the started sessions it held sockets of were
+    /// live until then (their clients get the orphan timeout to come back elsewhere).
+    pub const SEEN_HELD_BY: &str = concat!(
+        "UPDATE sessions SET last_seen_at = ",
+        sql_later!("last_seen_at", "?2"),
+        " WHERE status = 'started'
+           AND id IN (SELECT session_id FROM session_presence WHERE node = ?1)"
+    );
+
+    /// Node `?1` started, or was taken over after `SEEN_HELD_BY`: it holds no sockets.
+    pub const CLEAR_PRESENCE: &str = "DELETE FROM session_presence WHERE node = ?1";
+
+    /// The socket presence of sessions that ended at or before `?1`.
+    pub const PRUNE_PRESENCE: &str = "DELETE FROM session_presence WHERE session_id IN (
+            SELECT p.session_id FROM session_presence p JOIN sessions s ON s.id = p.session_id
+            WHERE s.status = 'ended' AND s.ended_at <= ?1)";
 
     /// The participants of at most `?2` sessions that ended at or before `?1`.
     pub const PRUNE_PARTICIPANTS: &str = "DELETE FROM room_participants WHERE session_id IN (
@@ -220,7 +277,6 @@ mod tests {
         COUNT_STARTED,
         INSERT_SESSION,
         COUNT_ATTACHED,
-        DUE,
         RECORD_ATTEMPT,
         RECORD_SESSION,
         DROP_CLAIMS,
@@ -230,10 +286,17 @@ mod tests {
         SEEN,
         ROOM_FINISHED,
         ROOM_STATE,
-        PRESENCE,
+        ROOM_EMPTIED,
         TOUCH_PRESENT,
         PRUNE_PARTICIPANTS,
         PRUNE_ROOM_EVENTS,
+        HOLD,
+        LET_GO,
+        CLEAR_PRESENCE,
+        PRUNE_PRESENCE,
+        DUE,
+        SEEN_HELD_BY,
+        sql_holders!("n.last_heartbeat_at > ?2 - ?3"),
     ];
 
     #[test]

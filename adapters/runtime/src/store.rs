@@ -49,6 +49,21 @@ impl RoomProvider {
     }
 }
 
+/// A session's own timeouts, chosen at its creation within its tenant's plan. `None` where
+/// the session was recorded before it had its own (the service's defaults apply).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SessionTimeouts {
+    /// How long after the last participant leaves its room it ends (`room_empty`); someone
+    /// joining meanwhile keeps it.
+    pub participant_left: Option<Duration>,
+    /// How long after its creation a first participant may take to join its room before
+    /// it ends (`nobody_joined`); `None`: no limit (the orphan timeout still applies).
+    pub participant_absent: Option<Duration>,
+    /// How long after its last client WebSocket closes (on every instance) it ends
+    /// (`websocket_disconnected`); a reconnect meanwhile, to any instance, keeps it.
+    pub websocket_grace: Option<Duration>,
+}
+
 /// A session as stored: the core's session value plus what the service knows about it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SessionRecord {
@@ -62,6 +77,8 @@ pub struct SessionRecord {
     pub room: Option<RoomBinding>,
     /// The node that runs it and holds its resources.
     pub node: String,
+    /// Its own timeouts.
+    pub timeouts: SessionTimeouts,
     /// Notes on releases, in acquisition order, for resources that have one: what a
     /// finished release reported (for example `sigterm` or `sigkill`), or that the
     /// resource was lost with a dead node.
@@ -91,6 +108,8 @@ pub struct NewSession {
     /// The node that runs the session and holds its resources: each resource attached
     /// later records it, and only that node claims their releases.
     pub node: String,
+    /// Its own timeouts.
+    pub timeouts: SessionTimeouts,
 }
 
 /// What [`Store::create`] did.
@@ -173,9 +192,9 @@ pub enum RoomEventKind {
     Finished,
 }
 
-/// Where a started session bound to a room stands after a room event.
+/// Where the room of a session stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RoomUpdate {
+pub struct RoomState {
     /// The session.
     pub session: SessionId,
     /// Participants present now.
@@ -184,6 +203,11 @@ pub struct RoomUpdate {
     pub ever_joined: bool,
     /// Whether the room finished.
     pub finished: bool,
+    /// Since when (the receiving instance's clock) the room has been empty after someone
+    /// had joined; `None` while someone is present, or before anyone joined.
+    pub emptied_at: Option<Timestamp>,
+    /// The session's wait after the last participant leaves (see [`SessionTimeouts`]).
+    pub participant_left: Option<Duration>,
 }
 
 /// A claim on a session's releases taken with its end (see [`Store::end`]).
@@ -340,7 +364,9 @@ pub trait SessionStore: Send + Sync + 'static {
 
     /// Started sessions that are due to end at `now`: past `expires_at` (`expired`) or
     /// without liveness for `orphan_timeout` (`orphaned`; an expiry wins a tie), at most
-    /// `limit`, most overdue first (by the earlier of their two deadlines).
+    /// `limit`, most overdue first (by the earlier of their two deadlines). A client socket
+    /// that a node holds (see [`PresenceStore`]) is liveness as of `now`: such a session is
+    /// never orphaned.
     fn due(
         &self,
         now: Timestamp,
@@ -407,7 +433,8 @@ pub trait NodeMembership: Send + Sync + 'static {
     /// counting only time the store was up). Ends up to `limit` of their started sessions
     /// with `node_lost` (their releases become due, as an end makes them), and records every
     /// resource they hold and have not released as lost with that node: it cannot be freed
-    /// from elsewhere, so it stays owed by that node. Returns the sessions it ended.
+    /// from elsewhere, so it stays owed by that node. Lets go of the client sockets they
+    /// held (see [`PresenceStore`]). Returns the sessions it ended.
     fn end_dead_nodes(
         &self,
         except: &str,
@@ -422,27 +449,70 @@ pub trait RoomStore: Send + Sync + 'static {
     /// Applies a room event to the started sessions bound to its room, once: `None` if an
     /// event with this id was applied before. A participant's presence follows its latest
     /// event by `at`, so a leave delivered before its join leaves it absent. A join is a
-    /// liveness signal (`last_seen_at` moves to `now`).
+    /// liveness signal (`last_seen_at` moves to `now`). The room's `emptied_at` becomes
+    /// `now` when this event leaves it empty after someone had joined, and is cleared when
+    /// someone is present; an event that finds it empty already keeps the earlier time.
     fn room_event(
         &self,
         event: RoomEvent,
         now: Timestamp,
-    ) -> BoxFuture<'_, Result<Option<Vec<RoomUpdate>>, StoreError>>;
+    ) -> BoxFuture<'_, Result<Option<Vec<RoomState>>, StoreError>>;
 
-    /// Participants present in the room of session `id` (0 if it has none).
-    fn room_presence(&self, id: SessionId) -> BoxFuture<'_, Result<u32, StoreError>>;
+    /// Where the room of session `id` stands (all zero if it has none); `None` if there
+    /// is no such session.
+    fn room_state(&self, id: SessionId) -> BoxFuture<'_, Result<Option<RoomState>, StoreError>>;
 
     /// Records a liveness signal at `now` for every started session whose room has someone
     /// present (room presence keeps a session alive), returning those sessions.
     fn touch_present(&self, now: Timestamp) -> BoxFuture<'_, Result<Vec<SessionId>, StoreError>>;
 
     /// Forgets the room events and participants of sessions that ended at or before
-    /// `ended_before`, at most `limit` sessions' worth; returns how many sessions' rows went.
+    /// `ended_before`, at most `limit` sessions' worth (and their client socket presence,
+    /// see [`PresenceStore`]); returns how many sessions' room rows went.
     fn prune_rooms(
         &self,
         ended_before: Timestamp,
         limit: u32,
     ) -> BoxFuture<'_, Result<u32, StoreError>>;
+}
+
+/// Client presence across instances: which nodes hold a WebSocket of a session, and the
+/// word that a session ended, for every instance to close its sockets.
+///
+/// A node records only its own transitions (its first socket of a session opened, its last
+/// one closed), never a ping: a held socket is liveness of its session by itself, with no
+/// write while nothing changes. A dead node's holds are let go when its sessions are taken
+/// over ([`NodeMembership::end_dead_nodes`]): its clients' sessions were live until then,
+/// and have the orphan timeout to come back on another node.
+pub trait PresenceStore: Send + Sync + 'static {
+    /// Records that `node` holds client sockets of `session` (`holds`), or, at `now`, no
+    /// longer does (the sockets were liveness until then).
+    fn set_presence(
+        &self,
+        session: SessionId,
+        node: &str,
+        holds: bool,
+        now: Timestamp,
+    ) -> BoxFuture<'_, Result<(), StoreError>>;
+
+    /// `node` (re)started at `now`: it holds no sockets, and the started sessions it held
+    /// sockets of were live until now (as [`NodeMembership::end_dead_nodes`] lets go).
+    fn clear_presence(&self, node: &str, now: Timestamp) -> BoxFuture<'_, Result<(), StoreError>>;
+
+    /// The live nodes (heartbeat within `node_timeout` of `now`; a shared store judges on
+    /// its own clock) that hold client sockets of `session`.
+    fn presence(
+        &self,
+        session: SessionId,
+        now: Timestamp,
+        node_timeout: Duration,
+    ) -> BoxFuture<'_, Result<Vec<String>, StoreError>>;
+
+    /// Runs until dropped, calling `ended` with the id of every session any instance ends
+    /// from now on (a shared store pushes them: PostgreSQL `LISTEN`; an in-process store
+    /// broadcasts them). Best effort: a listener that falls behind may miss some, and the
+    /// sockets of a session ended meanwhile find out at their next look.
+    fn watch_ends<'a>(&'a self, ended: &'a (dyn Fn(SessionId) + Send + Sync)) -> BoxFuture<'a, ()>;
 }
 
 /// Whether the store can be reached.
@@ -453,6 +523,12 @@ pub trait StoreHealth: Send + Sync + 'static {
 
 /// The durable record of sessions and of each resource's release state: every capability
 /// a store has. Implement the capability traits; this one follows.
-pub trait Store: SessionStore + ReleaseQueue + NodeMembership + RoomStore + StoreHealth {}
+pub trait Store:
+    SessionStore + ReleaseQueue + NodeMembership + RoomStore + PresenceStore + StoreHealth
+{
+}
 
-impl<T> Store for T where T: SessionStore + ReleaseQueue + NodeMembership + RoomStore + StoreHealth {}
+impl<T> Store for T where
+    T: SessionStore + ReleaseQueue + NodeMembership + RoomStore + PresenceStore + StoreHealth
+{
+}

@@ -24,17 +24,17 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rusqlite::{Connection, OpenFlags, params};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use session_lifecycle::{EndReason, Resource, SessionId, Status, Timestamp, Transition};
 use session_lifecycle_runtime::rows::{
-    LOST_WITH_NODE, RELEASED_ON_RETURN, ResourceRow, SessionRow, millis as ms, parse_id,
-    release_columns,
+    LOST_WITH_NODE, RELEASED_ON_RETURN, ResourceRow, SessionRow, duration_ms, millis as ms,
+    parse_id, release_columns, stored_duration, timeout_columns, timestamp,
 };
 use session_lifecycle_runtime::sql::statements;
 use session_lifecycle_runtime::{
-    AttachOutcome, BoxFuture, CreateOutcome, ListQuery, NewSession, NodeMembership, ReleaseClaim,
-    ReleaseProgress, ReleaseQueue, RoomEvent, RoomEventKind, RoomStore, RoomUpdate, SessionRecord,
-    SessionStore, StoreError, StoreHealth, TenantScope, TouchOutcome,
+    AttachOutcome, BoxFuture, CreateOutcome, ListQuery, NewSession, NodeMembership, PresenceStore,
+    ReleaseClaim, ReleaseProgress, ReleaseQueue, RoomEvent, RoomEventKind, RoomState, RoomStore,
+    SessionRecord, SessionStore, StoreError, StoreHealth, TenantScope, TouchOutcome,
 };
 use session_lifecycle_runtime::{sql_ended_at, sql_later, sql_release_due_at};
 use tokio::sync::oneshot;
@@ -65,7 +65,14 @@ struct Inner {
     /// Nodes whose releases may have become due (an end of their session here): one
     /// process, so an in-process broadcast (bounded: a waiter that lags is woken).
     releases_due: tokio::sync::broadcast::Sender<String>,
+    /// Sessions ended here, for [`PresenceStore::watch_ends`] (one process: an in-process
+    /// broadcast).
+    ended: tokio::sync::broadcast::Sender<SessionId>,
 }
+
+/// The live holders of session `?1` at `?2` for the node timeout `?3` (ms), on the
+/// caller's clock (which wrote the heartbeats).
+const HOLDERS: &str = session_lifecycle_runtime::sql_holders!("n.last_heartbeat_at > ?2 - ?3");
 
 fn unavailable(e: impl Into<session_lifecycle_runtime::BoxError>) -> StoreError {
     StoreError::unavailable(e)
@@ -111,6 +118,7 @@ impl SqliteStore {
                 queue: Mutex::new(Vec::new()),
                 readers: Mutex::new(Vec::new()),
                 releases_due: tokio::sync::broadcast::channel(1024).0,
+                ended: tokio::sync::broadcast::channel(1024).0,
             }),
         })
     }
@@ -301,7 +309,8 @@ fn db(e: rusqlite::Error) -> StoreError {
 }
 
 const SESSION_COLUMNS: &str = "id, tenant, status, started_at, ended_at, end_reason, expires_at, \
-     last_seen_at, metadata, room_provider, room_name, node";
+     last_seen_at, metadata, room_provider, room_name, node, participant_left_ms, \
+     participant_absent_ms, websocket_grace_ms";
 
 /// Reads the session row at `row` (columns as in [`SESSION_COLUMNS`]) and its resources.
 fn load_record(conn: &Connection, row: &rusqlite::Row<'_>) -> Result<SessionRecord, StoreError> {
@@ -318,6 +327,9 @@ fn load_record(conn: &Connection, row: &rusqlite::Row<'_>) -> Result<SessionReco
         room_provider: row.get(9).map_err(db)?,
         room_name: row.get(10).map_err(db)?,
         node: row.get(11).map_err(db)?,
+        participant_left_ms: row.get(12).map_err(db)?,
+        participant_absent_ms: row.get(13).map_err(db)?,
+        websocket_grace_ms: row.get(14).map_err(db)?,
     };
     let mut stmt = conn
         .prepare_cached(
@@ -343,6 +355,40 @@ fn load_record(conn: &Connection, row: &rusqlite::Row<'_>) -> Result<SessionReco
         .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
         .map_err(db)?;
     session.into_record(resources)
+}
+
+/// `node` holds no client sockets from `now` on; they were liveness until then.
+fn let_go_of(c: &Connection, node: &str, now: Timestamp) -> Result<(), StoreError> {
+    c.prepare_cached(statements::SEEN_HELD_BY)
+        .and_then(|mut s| s.execute(params![node, ms(now)]))
+        .map_err(db)?;
+    c.prepare_cached(statements::CLEAR_PRESENCE)
+        .and_then(|mut s| s.execute([node]))
+        .map_err(db)?;
+    Ok(())
+}
+
+/// Where the room of session `id` stands.
+fn room_state(c: &Connection, id: &str) -> Result<Option<RoomState>, StoreError> {
+    let session = parse_id(id)?;
+    c.prepare_cached(statements::ROOM_STATE)
+        .and_then(|mut s| {
+            s.query_row(params![id, true], |r| {
+                let present: i64 = r.get(0)?;
+                let ever: i64 = r.get(1)?;
+                Ok(RoomState {
+                    session,
+                    present: u32::try_from(present).unwrap_or(u32::MAX),
+                    // A leave implies a join, even one delivered later.
+                    ever_joined: ever > 0,
+                    finished: r.get(2)?,
+                    emptied_at: r.get::<_, Option<i64>>(3)?.map(timestamp),
+                    participant_left: r.get::<_, Option<i64>>(4)?.map(stored_duration),
+                })
+            })
+            .optional()
+        })
+        .map_err(db)
 }
 
 fn get_record(conn: &Connection, id: &str) -> Result<Option<SessionRecord>, StoreError> {
@@ -387,6 +433,7 @@ impl SessionStore for SqliteStore {
                     return Ok(CreateOutcome::LimitReached);
                 }
             }
+            let (left, absent, grace) = timeout_columns(&new.timeouts);
             let inserted = c
                 .prepare_cached(statements::INSERT_SESSION)
                 .and_then(|mut s| {
@@ -398,7 +445,10 @@ impl SessionStore for SqliteStore {
                         new.metadata,
                         new.room.as_ref().map(|r| r.provider.as_str()),
                         new.room.as_ref().map(|r| r.name.as_str()),
-                        new.node
+                        new.node,
+                        left,
+                        absent,
+                        grace
                     ])
                 });
             match inserted {
@@ -512,6 +562,9 @@ impl SessionStore for SqliteStore {
             {
                 let _ = self.inner.releases_due.send(record.node.clone());
             }
+            if let Some((_, Transition::Committed)) = &ended {
+                let _ = self.inner.ended.send(id);
+            }
             Ok(ended)
         })
     }
@@ -587,10 +640,13 @@ impl SessionStore for SqliteStore {
         limit: u32,
     ) -> BoxFuture<'_, Result<Vec<(SessionId, EndReason)>, StoreError>> {
         Box::pin(self.read(move |c| {
-            let orphan_ms = i64::try_from(orphan_timeout.as_millis()).unwrap_or(i64::MAX / 2);
             let mut stmt = c.prepare_cached(statements::DUE).map_err(db)?;
             let mut rows = stmt
-                .query(params![ms(now), orphan_ms, i64::from(limit)])
+                .query(params![
+                    ms(now),
+                    duration_ms(orphan_timeout),
+                    i64::from(limit)
+                ])
                 .map_err(db)?;
             let mut out = Vec::new();
             while let Some(r) = rows.next().map_err(db)? {
@@ -618,7 +674,7 @@ impl ReleaseQueue for SqliteStore {
     ) -> BoxFuture<'_, Result<Vec<SessionRecord>, StoreError>> {
         let node = node.to_owned();
         Box::pin(self.write(move |c| {
-            let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX / 2);
+            let lease_ms = duration_ms(lease);
             let ids: Vec<String> = c
                 .prepare_cached(
                     "UPDATE sessions SET release_claimed_by = ?2, release_claimed_until = ?1 + ?3
@@ -745,8 +801,9 @@ impl NodeMembership for SqliteStore {
         limit: u32,
     ) -> BoxFuture<'_, Result<Vec<SessionId>, StoreError>> {
         let except = except.to_owned();
-        let timeout_ms = i64::try_from(node_timeout.as_millis()).unwrap_or(i64::MAX / 2);
-        Box::pin(self.write(move |c| {
+        let timeout_ms = duration_ms(node_timeout);
+        Box::pin(async move {
+            let ended = self.write(move |c| {
             let dead: Vec<String> = c
                 .prepare_cached(
                     "SELECT id FROM nodes WHERE id <> ?1 AND last_heartbeat_at <= ?2 - ?3",
@@ -782,10 +839,17 @@ impl NodeMembership for SqliteStore {
                 }
                 c.prepare_cached(statements::MARK_LOST)
                     .and_then(|mut s| s.execute(params![node, ms(now), LOST_WITH_NODE]))
-                .map_err(db)?;
+                    .map_err(db)?;
+                let_go_of(c, &node, now)?;
             }
             Ok(ended)
-        }))
+            })
+            .await?;
+            for id in &ended {
+                let _ = self.inner.ended.send(*id);
+            }
+            Ok(ended)
+        })
     }
 }
 
@@ -794,7 +858,7 @@ impl RoomStore for SqliteStore {
         &self,
         event: RoomEvent,
         now: Timestamp,
-    ) -> BoxFuture<'_, Result<Option<Vec<RoomUpdate>>, StoreError>> {
+    ) -> BoxFuture<'_, Result<Option<Vec<RoomState>>, StoreError>> {
         Box::pin(self.write(move |c| {
             let fresh = c
                 .prepare_cached(statements::INSERT_ROOM_EVENT)
@@ -841,32 +905,19 @@ impl RoomStore for SqliteStore {
                             .map_err(db)?;
                     }
                 }
-                let (present, ever, finished): (i64, i64, bool) = c
-                    .prepare_cached(statements::ROOM_STATE)
-                    .and_then(|mut s| {
-                        s.query_row(params![id, true], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-                    })
+                c.prepare_cached(statements::ROOM_EMPTIED)
+                    .and_then(|mut s| s.execute(params![id, ms(now), true]))
                     .map_err(db)?;
-                updates.push(RoomUpdate {
-                    session: parse_id(&id)?,
-                    present: u32::try_from(present).unwrap_or(u32::MAX),
-                    // A leave implies a join, even one delivered later.
-                    ever_joined: ever > 0,
-                    finished,
-                });
+                if let Some(room) = room_state(c, &id)? {
+                    updates.push(room);
+                }
             }
             Ok(Some(updates))
         }))
     }
 
-    fn room_presence(&self, id: SessionId) -> BoxFuture<'_, Result<u32, StoreError>> {
-        Box::pin(self.read(move |c| {
-            let n: i64 = c
-                .prepare_cached(statements::PRESENCE)
-                .and_then(|mut s| s.query_row(params![id.to_string(), true], |r| r.get(0)))
-                .map_err(db)?;
-            Ok(u32::try_from(n).unwrap_or(u32::MAX))
-        }))
+    fn room_state(&self, id: SessionId) -> BoxFuture<'_, Result<Option<RoomState>, StoreError>> {
+        Box::pin(self.read(move |c| room_state(c, &id.to_string())))
     }
 
     fn prune_rooms(
@@ -882,6 +933,9 @@ impl RoomStore for SqliteStore {
             c.prepare_cached(statements::PRUNE_ROOM_EVENTS)
                 .and_then(|mut s| s.execute([ms(ended_before)]))
                 .map_err(db)?;
+            c.prepare_cached(statements::PRUNE_PRESENCE)
+                .and_then(|mut s| s.execute([ms(ended_before)]))
+                .map_err(db)?;
             Ok(u32::try_from(pruned).unwrap_or(u32::MAX))
         }))
     }
@@ -894,6 +948,73 @@ impl RoomStore for SqliteStore {
                 .map_err(db)?;
             ids.iter().map(|id| parse_id(id)).collect()
         }))
+    }
+}
+
+impl PresenceStore for SqliteStore {
+    fn set_presence(
+        &self,
+        session: SessionId,
+        node: &str,
+        holds: bool,
+        now: Timestamp,
+    ) -> BoxFuture<'_, Result<(), StoreError>> {
+        let node = node.to_owned();
+        Box::pin(self.write(move |c| {
+            let id = session.to_string();
+            if holds {
+                c.prepare_cached(statements::HOLD)
+                    .and_then(|mut s| s.execute(params![id, node]))
+                    .map_err(db)?;
+            } else {
+                c.prepare_cached(statements::SEEN)
+                    .and_then(|mut s| s.execute(params![id, ms(now)]))
+                    .map_err(db)?;
+                c.prepare_cached(statements::LET_GO)
+                    .and_then(|mut s| s.execute(params![id, node]))
+                    .map_err(db)?;
+            }
+            Ok(())
+        }))
+    }
+
+    fn clear_presence(&self, node: &str, now: Timestamp) -> BoxFuture<'_, Result<(), StoreError>> {
+        let node = node.to_owned();
+        Box::pin(self.write(move |c| let_go_of(c, &node, now)))
+    }
+
+    fn presence(
+        &self,
+        session: SessionId,
+        now: Timestamp,
+        node_timeout: Duration,
+    ) -> BoxFuture<'_, Result<Vec<String>, StoreError>> {
+        Box::pin(self.read(move |c| {
+            c.prepare_cached(HOLDERS)
+                .and_then(|mut s| {
+                    s.query_map(
+                        params![session.to_string(), ms(now), duration_ms(node_timeout)],
+                        |r| r.get(0),
+                    )?
+                    .collect()
+                })
+                .map_err(db)
+        }))
+    }
+
+    fn watch_ends<'a>(&'a self, ended: &'a (dyn Fn(SessionId) + Send + Sync)) -> BoxFuture<'a, ()> {
+        let mut ends = self.inner.ended.subscribe();
+        Box::pin(async move {
+            loop {
+                match ends.recv().await {
+                    Ok(id) => ended(id),
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => {
+                        std::future::pending::<()>().await
+                    }
+                }
+            }
+        })
     }
 }
 

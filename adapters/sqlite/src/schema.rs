@@ -98,6 +98,19 @@ const MIGRATIONS: &[&str] = &[
      DROP INDEX resources_claimed;
      ALTER TABLE resources DROP COLUMN claimed_by;
      ALTER TABLE resources DROP COLUMN claimed_until;",
+    // 6: the nodes holding client sockets of each session (presence as liveness); each
+    // session's own timeouts (NULL: the service's defaults, for sessions recorded before);
+    // since when its room is empty.
+    "ALTER TABLE sessions ADD COLUMN participant_left_ms INTEGER;
+     ALTER TABLE sessions ADD COLUMN participant_absent_ms INTEGER;
+     ALTER TABLE sessions ADD COLUMN websocket_grace_ms INTEGER;
+     ALTER TABLE sessions ADD COLUMN room_emptied_at INTEGER;
+     CREATE TABLE session_presence (
+        session_id TEXT NOT NULL REFERENCES sessions (id),
+        node       TEXT NOT NULL,
+        PRIMARY KEY (session_id, node)
+     );
+     CREATE INDEX session_presence_by_node ON session_presence (node);",
 ];
 
 /// The schema version this code writes.

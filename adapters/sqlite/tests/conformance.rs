@@ -33,6 +33,7 @@ async fn acknowledged_writes_survive_reopen_and_schema_is_versioned() {
                 metadata: None,
                 room: None,
                 max_concurrent: None,
+                timeouts: Default::default(),
                 node: "local".to_owned(),
             })
             .await

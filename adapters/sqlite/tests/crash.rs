@@ -26,13 +26,11 @@ const CHILD_ENV: &str = "CRASH_CHILD_DIR";
 fn request() -> StartRequest {
     StartRequest {
         tenant: "crash".into(),
-        plan: Plan {
-            max_concurrent_sessions: None,
-            max_session: Duration::from_secs(3600),
-        },
+        plan: Plan::new(None, Duration::from_secs(3600)),
         duration: None,
         metadata: None,
         room: None,
+        timeouts: Default::default(),
         resources: Default::default(),
     }
 }

@@ -19,10 +19,7 @@ use session_lifecycle_sqlite::SqliteStore;
 const T0: &str = "2024-01-15T10:30:00Z";
 
 fn plan() -> Plan {
-    Plan {
-        max_concurrent_sessions: None,
-        max_session: Duration::from_secs(3600),
-    }
+    Plan::new(None, Duration::from_secs(3600))
 }
 
 fn request(tenant: &str) -> StartRequest {
@@ -32,6 +29,7 @@ fn request(tenant: &str) -> StartRequest {
         duration: None,
         metadata: None,
         room: None,
+        timeouts: Default::default(),
         resources: Default::default(),
     }
 }
@@ -140,10 +138,7 @@ async fn plan_limits_and_durations() {
     let dir = tempfile::tempdir().unwrap();
     let clock = clock();
     let engine = engine_with(dir.path(), vec![], Arc::new(clock.clone()), Policy::DEFAULT).await;
-    let limited = Plan {
-        max_concurrent_sessions: Some(1),
-        max_session: Duration::from_secs(600),
-    };
+    let limited = Plan::new(Some(1), Duration::from_secs(600));
     let first = engine
         .start(StartRequest {
             tenant: "t".into(),
@@ -151,6 +146,7 @@ async fn plan_limits_and_durations() {
             duration: Some(Duration::from_secs(7200)),
             metadata: None,
             room: None,
+            timeouts: Default::default(),
             resources: Default::default(),
         })
         .await
@@ -167,6 +163,7 @@ async fn plan_limits_and_durations() {
             duration: Some(Duration::from_secs(60)),
             metadata: None,
             room: None,
+            timeouts: Default::default(),
             resources: Default::default(),
         })
         .await;
@@ -182,6 +179,7 @@ async fn plan_limits_and_durations() {
             duration: Some(Duration::from_secs(60)),
             metadata: None,
             room: None,
+            timeouts: Default::default(),
             resources: Default::default(),
         })
         .await
@@ -431,6 +429,7 @@ async fn sweeper_ends_and_releases_ten_thousand_orphans_within_the_bound() {
                         duration: Some(lifetime),
                         metadata: None,
                         room: None,
+                        timeouts: Default::default(),
                         resources: Default::default(),
                     })
                     .await
@@ -446,6 +445,7 @@ async fn sweeper_ends_and_releases_ten_thousand_orphans_within_the_bound() {
                         metadata: None,
                         room: None,
                         max_concurrent: None,
+                        timeouts: Default::default(),
                         node: "local".to_owned(),
                     })
                     .await
@@ -557,6 +557,7 @@ async fn real_clock_timers_end_expired_and_orphaned_sessions() {
             duration: Some(Duration::from_millis(300)),
             metadata: None,
             room: None,
+            timeouts: Default::default(),
             resources: Default::default(),
         })
         .await

@@ -19,13 +19,11 @@ use session_lifecycle_sqlite::SqliteStore;
 fn request(secs: u64) -> StartRequest {
     StartRequest {
         tenant: "t".into(),
-        plan: Plan {
-            max_concurrent_sessions: Some(10),
-            max_session: Duration::from_secs(3600),
-        },
+        plan: Plan::new(Some(10), Duration::from_secs(3600)),
         duration: Some(Duration::from_secs(secs)),
         metadata: None,
         room: None,
+        timeouts: Default::default(),
         resources: Default::default(),
     }
 }

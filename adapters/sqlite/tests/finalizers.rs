@@ -21,13 +21,11 @@ use session_lifecycle_sqlite::SqliteStore;
 fn request(room: Option<RoomBinding>) -> StartRequest {
     StartRequest {
         tenant: "t".into(),
-        plan: Plan {
-            max_concurrent_sessions: None,
-            max_session: Duration::from_secs(3600),
-        },
+        plan: Plan::new(None, Duration::from_secs(3600)),
         duration: None,
         metadata: None,
         room,
+        timeouts: Default::default(),
         resources: Default::default(),
     }
 }

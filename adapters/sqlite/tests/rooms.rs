@@ -16,16 +16,14 @@ use session_lifecycle_sqlite::SqliteStore;
 fn request(room: String) -> StartRequest {
     StartRequest {
         tenant: "t".into(),
-        plan: Plan {
-            max_concurrent_sessions: None,
-            max_session: Duration::from_secs(3 * 24 * 3600),
-        },
+        plan: Plan::new(None, Duration::from_secs(3 * 24 * 3600)),
         duration: None,
         metadata: None,
         room: Some(RoomBinding {
             provider: RoomProvider::Livekit,
             name: room,
         }),
+        timeouts: Default::default(),
         resources: Default::default(),
     }
 }

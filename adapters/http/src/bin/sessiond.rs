@@ -14,7 +14,8 @@ use std::time::Duration;
 use clap::{Parser, Subcommand, ValueEnum};
 use session_lifecycle::Policy;
 use session_lifecycle_cuda::{AssignmentBackend, AssignmentConfig, GpuInfo, NvmlGpu};
-use session_lifecycle_http::auth::{Tenants, TokenSigner, hash_key};
+use session_lifecycle_http::tenants::{Tenants, hash_key};
+use session_lifecycle_http::tokens::TokenSigner;
 use session_lifecycle_http::webhooks::{DailySecret, LivekitKey, WebhookConfig};
 use session_lifecycle_http::{AppState, HttpConfig, router};
 use session_lifecycle_postgres::PostgresStore;
@@ -364,10 +365,10 @@ async fn run(cli: Cli) -> Result<(), String> {
             "these timeouts can leave an orphan for longer than the contract's 3 minutes"
         );
     }
-    let default_plan = Plan {
-        max_concurrent_sessions: Some(cli.max_concurrent_sessions),
-        max_session: Duration::from_secs(cli.max_session_secs.max(1)),
-    };
+    let default_plan = Plan::new(
+        Some(cli.max_concurrent_sessions),
+        Duration::from_secs(cli.max_session_secs.max(1)),
+    );
     let (tenants, generated_key) = match (&cli.tenants, &cli.api_key) {
         (Some(path), _) => (Tenants::from_file(path).map_err(|e| e.to_string())?, None),
         (None, Some(key)) if !key.is_empty() => {

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use session_lifecycle::{Resource, ResourceKind, SessionId, Timestamp};
 
-use crate::store::{CreateOutcome, NewSession, SessionRecord, Store};
+use crate::store::{CreateOutcome, NewSession, SessionRecord, SessionTimeouts, Store};
 
 /// 2024-01-15T10:30:00Z, the reference's start time.
 pub(super) const T0: u64 = 1_705_314_600_000;
@@ -41,6 +41,7 @@ pub(super) fn new_session(tenant: &str, started: Timestamp, lifetime: Duration) 
         room: None,
         max_concurrent: None,
         node: NODE.to_owned(),
+        timeouts: SessionTimeouts::default(),
     }
 }
 
@@ -65,11 +66,13 @@ pub(super) fn res(handle: u64) -> Resource {
 }
 
 mod nodes;
+mod presence;
 mod releases;
 mod rooms;
 mod sessions;
 
 pub use nodes::nodes_own_releases_and_dead_nodes_are_taken_over;
+pub use presence::{presence_counts_live_nodes_only, watch_ends_hears_every_end};
 pub use releases::{
     an_end_claims_releases_for_its_own_node, end_records_release_intents,
     release_claims_follow_the_core,
@@ -102,5 +105,7 @@ pub async fn run_all(store: Arc<dyn Store>) {
     concurrent_ends_commit_once(Arc::clone(&store)).await;
     nodes_own_releases_and_dead_nodes_are_taken_over(&*store).await;
     room_events_track_presence(&*store).await;
+    presence_counts_live_nodes_only(&*store).await;
+    watch_ends_hears_every_end(&*store).await;
     store.ping().await.expect("ping");
 }

@@ -8,9 +8,10 @@ use super::{at, create, fresh_tenant, get, new_session, random};
 use crate::store::Store;
 
 /// Room events: applied once, unordered delivery tolerated, presence counts as liveness,
-/// scoped to the tenant and to started sessions.
+/// since when a room is empty, scoped to the tenant and to started sessions; the session's
+/// own timeouts are kept.
 pub async fn room_events_track_presence(store: &dyn Store) {
-    use crate::store::{RoomBinding, RoomEvent, RoomEventKind, RoomProvider};
+    use crate::store::{RoomBinding, RoomEvent, RoomEventKind, RoomProvider, SessionTimeouts};
     let tenant = fresh_tenant();
     let room = format!("room-{:x}", random() as u64);
     let mut new = new_session(&tenant, at(0), Duration::from_secs(3600));
@@ -18,7 +19,28 @@ pub async fn room_events_track_presence(store: &dyn Store) {
         provider: RoomProvider::Livekit,
         name: room.clone(),
     });
+    new.timeouts = SessionTimeouts {
+        participant_left: Some(Duration::from_millis(3000)),
+        participant_absent: Some(Duration::from_millis(2000)),
+        websocket_grace: Some(Duration::ZERO),
+    };
     create(store, &new).await;
+    assert_eq!(
+        get(store, new.id).await.timeouts,
+        new.timeouts,
+        "timeouts kept"
+    );
+    let fresh = store
+        .room_state(new.id)
+        .await
+        .expect("room")
+        .expect("known");
+    assert_eq!(
+        (fresh.present, fresh.ever_joined, fresh.emptied_at),
+        (0, false, None),
+        "nobody joined yet: not emptied"
+    );
+    assert_eq!(fresh.participant_left, Some(Duration::from_millis(3000)));
     let event = |id: &str, secs: u64, kind: RoomEventKind| RoomEvent {
         tenant: Some(tenant.clone()),
         provider: RoomProvider::Livekit,
@@ -70,7 +92,15 @@ pub async fn room_events_track_presence(store: &dyn Store) {
         .expect("event")
         .expect("fresh");
     assert_eq!(u[0].present, 1, "an older join does not undo a newer leave");
-    assert_eq!(store.room_presence(new.id).await.expect("presence"), 1);
+    assert_eq!(
+        store
+            .room_state(new.id)
+            .await
+            .expect("room")
+            .expect("known")
+            .present,
+        1
+    );
 
     // Presence keeps the session alive.
     let touched = store.touch_present(at(500)).await.expect("touch");
@@ -93,8 +123,35 @@ pub async fn room_events_track_presence(store: &dyn Store) {
         .expect("event")
         .expect("fresh");
     assert_eq!((u[0].present, u[0].ever_joined), (0, true));
+    assert_eq!(
+        u[0].emptied_at,
+        Some(at(15)),
+        "emptied when the last one left"
+    );
     let u = store
-        .room_event(event("6", 60, RoomEventKind::Finished), at(16))
+        .room_event(event("5b", 51, left("bob")), at(16))
+        .await
+        .expect("event")
+        .expect("fresh");
+    assert_eq!(
+        u[0].emptied_at,
+        Some(at(15)),
+        "empty already: the earlier time stays"
+    );
+    let u = store
+        .room_event(event("5c", 52, joined("dan")), at(17))
+        .await
+        .expect("event")
+        .expect("fresh");
+    assert_eq!((u[0].present, u[0].emptied_at), (1, None), "someone joined");
+    let u = store
+        .room_event(event("5d", 53, left("dan")), at(18))
+        .await
+        .expect("event")
+        .expect("fresh");
+    assert_eq!(u[0].emptied_at, Some(at(18)), "emptied again: from then");
+    let u = store
+        .room_event(event("6", 60, RoomEventKind::Finished), at(19))
         .await
         .expect("event")
         .expect("fresh");
@@ -106,7 +163,7 @@ pub async fn room_events_track_presence(store: &dyn Store) {
         .await
         .expect("end");
     let u = store
-        .room_event(event("7", 70, joined("cy")), at(17))
+        .room_event(event("7", 70, joined("cy")), at(20))
         .await
         .expect("event")
         .expect("fresh");
@@ -122,7 +179,7 @@ pub async fn room_events_track_presence(store: &dyn Store) {
     unknown.room = "no-such-room".to_owned();
     assert!(
         store
-            .room_event(unknown, at(18))
+            .room_event(unknown, at(21))
             .await
             .expect("event")
             .expect("fresh")

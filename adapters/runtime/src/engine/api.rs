@@ -9,13 +9,24 @@ use session_lifecycle::{EndReason, Resource, Session, SessionId, TouchError, Tra
 use super::{Engine, EngineError, StartRequest, lock};
 use crate::backend::{AcquireError, AcquireRequest};
 use crate::store::{
-    AttachOutcome, CreateOutcome, ListQuery, NewSession, ReleaseClaim, SessionRecord, TouchOutcome,
+    AttachOutcome, CreateOutcome, ListQuery, NewSession, ReleaseClaim, SessionRecord,
+    SessionTimeouts, TouchOutcome,
 };
 
 /// The variable that carries the session id into every avatar server's environment.
 pub const SESSION_ID_ENV: &str = "SESSION_LIFECYCLE_SESSION_ID";
 
 impl Engine {
+    /// A session's timeouts, each the session's own or else the engine's default.
+    pub fn timeouts_of(&self, own: &SessionTimeouts) -> SessionTimeouts {
+        let config = &self.inner.config;
+        SessionTimeouts {
+            participant_left: own.participant_left.or(Some(config.room_grace)),
+            participant_absent: own.participant_absent.or(config.participant_absent),
+            websocket_grace: own.websocket_grace.or(Some(config.websocket_grace)),
+        }
+    }
+
     /// Starts a session for `request.tenant`: records it, then acquires its resources
     /// from every backend in order. If any acquire fails, the session ends `start_failed`
     /// and what was acquired is released.
@@ -35,6 +46,7 @@ impl Engine {
                 "the store is unreachable from this node; it takes no new sessions",
             )));
         }
+        request.plan.check(&request.timeouts)?;
         let now = inner.clock.now();
         let lifetime = request.duration.map_or(request.plan.max_session, |d| {
             d.min(request.plan.max_session)
@@ -57,6 +69,9 @@ impl Engine {
         request: StartRequest,
     ) -> Result<SessionRecord, EngineError> {
         let inner = &self.inner;
+        // Defaults resolved now and recorded: a later change of the service's defaults does
+        // not change what a running session was told.
+        let timeouts = self.timeouts_of(&request.timeouts);
         let created = inner
             .store
             .create(NewSession {
@@ -68,6 +83,7 @@ impl Engine {
                 room: request.room.clone(),
                 max_concurrent: request.plan.max_concurrent_sessions,
                 node: inner.config.node.clone(),
+                timeouts,
             })
             .await?;
         if created == CreateOutcome::LimitReached {
@@ -83,6 +99,7 @@ impl Engine {
             metadata: request.metadata.clone(),
             room: request.room.clone(),
             node: inner.config.node.clone(),
+            timeouts,
             release_notes: Vec::new(),
             release_errors: Vec::new(),
         };
@@ -100,6 +117,11 @@ impl Engine {
             ));
         }
         tracing::info!(session = %id, tenant = %request.tenant, "session started");
+        if request.room.is_some()
+            && let Some(allowance) = timeouts.participant_absent
+        {
+            self.spawn_join_wait(id, now.saturating_add(allowance));
+        }
 
         let mut env = vec![(SESSION_ID_ENV.to_owned(), id.to_string())];
         for backend in &inner.backends {

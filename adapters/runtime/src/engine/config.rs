@@ -5,7 +5,7 @@ use std::time::Duration;
 use session_lifecycle::{Policy, ResourceKind, SessionId};
 
 use crate::backend::ResourceRequest;
-use crate::store::{RoomBinding, StoreError};
+use crate::store::{RoomBinding, SessionTimeouts, StoreError};
 
 /// How many started sessions one engine tracks timers for. Starting more fails with
 /// [`EngineError::CapacityExhausted`]; a node runs far fewer avatar servers than this.
@@ -45,8 +45,18 @@ pub struct EngineConfig {
     /// The most due sessions ended in one sweep pass.
     pub sweep_batch: u32,
     /// Wait after a room empties before ending its session (none by default); someone
-    /// joining meanwhile keeps it.
+    /// joining meanwhile keeps it. A session may set its own within its plan
+    /// ([`SessionTimeouts::participant_left`]).
     pub room_grace: Duration,
+    /// How long a session bound to a room waits for a first participant before it ends
+    /// `nobody_joined` (no limit by default: the orphan timeout still applies). A session may
+    /// set its own within its plan ([`SessionTimeouts::participant_absent`]).
+    pub participant_absent: Option<Duration>,
+    /// Wait after a session's last client WebSocket closes, on every instance, before it
+    /// ends `websocket_disconnected` (none by default); a reconnect meanwhile, to any
+    /// instance, keeps it. A session may set its own within its plan
+    /// ([`SessionTimeouts::websocket_grace`]).
+    pub websocket_grace: Duration,
     /// How long the room events and participants of an ended session are kept (for
     /// deduplicating late deliveries) before the sweep prunes them.
     pub room_retention: Duration,
@@ -69,19 +79,69 @@ impl Default for EngineConfig {
             release_deadlines: Vec::new(),
             sweep_batch: 1024,
             room_grace: Duration::ZERO,
+            participant_absent: None,
+            websocket_grace: Duration::ZERO,
             room_retention: Duration::from_secs(24 * 3600),
             outage_settle: Duration::from_secs(10),
         }
     }
 }
 
-/// A tenant's plan: how many sessions it may run at once and for how long.
+/// A tenant's plan: how many sessions it may run at once, for how long, and the longest
+/// timeouts a session may set for itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Plan {
     /// The most started sessions at once; `None` for no limit.
     pub max_concurrent_sessions: Option<u32>,
     /// The longest a session may run.
     pub max_session: Duration,
+    /// The longest [`SessionTimeouts::participant_left`] a session may set.
+    pub max_participant_left: Duration,
+    /// The longest [`SessionTimeouts::participant_absent`] a session may set.
+    pub max_participant_absent: Duration,
+    /// The longest [`SessionTimeouts::websocket_grace`] a session may set.
+    pub max_websocket_grace: Duration,
+}
+
+impl Plan {
+    /// A plan of `max_concurrent_sessions` sessions of at most `max_session` each, whose
+    /// sessions may set any timeout up to `max_session`.
+    pub fn new(max_concurrent_sessions: Option<u32>, max_session: Duration) -> Plan {
+        Plan {
+            max_concurrent_sessions,
+            max_session,
+            max_participant_left: max_session,
+            max_participant_absent: max_session,
+            max_websocket_grace: max_session,
+        }
+    }
+
+    /// Checks the timeouts a session asks for against this plan.
+    pub fn check(&self, asked: &SessionTimeouts) -> Result<(), EngineError> {
+        let limits = [
+            (
+                "participant_left_timeout_ms",
+                asked.participant_left,
+                self.max_participant_left,
+            ),
+            (
+                "participant_absent_timeout_ms",
+                asked.participant_absent,
+                self.max_participant_absent,
+            ),
+            (
+                "websocket_grace_ms",
+                asked.websocket_grace,
+                self.max_websocket_grace,
+            ),
+        ];
+        for (timeout, value, max) in limits {
+            if value.is_some_and(|v| v > max) {
+                return Err(EngineError::TimeoutOverPlan { timeout, max });
+            }
+        }
+        Ok(())
+    }
 }
 
 /// What starting a session asks for.
@@ -97,6 +157,9 @@ pub struct StartRequest {
     pub metadata: Option<String>,
     /// The video room the session is bound to.
     pub room: Option<RoomBinding>,
+    /// The timeouts it sets for itself (within its plan); `None` takes the engine's
+    /// default.
+    pub timeouts: SessionTimeouts,
     /// What it asks of its resources (GPU memory, device).
     pub resources: ResourceRequest,
 }
@@ -111,6 +174,14 @@ pub enum EngineError {
     /// The session has ended; the call does not apply to it.
     #[error("session has ended")]
     SessionEnded,
+    /// A timeout the session asked for is longer than its plan allows; nothing was done.
+    #[error("{timeout} exceeds the plan's limit of {} ms", max.as_millis())]
+    TimeoutOverPlan {
+        /// The timeout's API name.
+        timeout: &'static str,
+        /// The plan's limit.
+        max: Duration,
+    },
     /// The tenant runs as many sessions as its plan allows.
     #[error("plan limit reached: at most {0} concurrent sessions")]
     PlanLimit(u32),

@@ -11,7 +11,10 @@
 //! - `releases`: the release worker: it claims *sessions* with a release due on this
 //!   node, and for each asks the core which resource is next, runs it, records the
 //!   outcome, and goes on until the core says wait or done;
-//! - `rooms`: room webhook events and their grace waits;
+//! - `rooms`: room webhook events and their waits (after the last participant left, for
+//!   a first one to join);
+//! - `sockets`: client WebSockets held here, presence shared through the store, and the
+//!   word that a session ended;
 //! - `recovery`: what a restarted node settles before it serves;
 //! - `tasks`: the background loops, each a `run` over a `*_once` step that
 //!   [`Engine::run_due`] calls too, every task tracked, and shutdown.
@@ -23,6 +26,7 @@ mod outages;
 mod recovery;
 mod releases;
 mod rooms;
+mod sockets;
 mod sweeper;
 mod tasks;
 #[cfg(test)]
@@ -48,6 +52,7 @@ pub use api::SESSION_ID_ENV;
 pub use config::{
     DueReport, EngineConfig, EngineError, Plan, RoomEventReport, StartRequest, TIMER_SLOTS,
 };
+pub use sockets::SocketHold;
 pub use tasks::{Background, Readiness};
 
 use crate::backend::{EventSink, ResourceBackend, ResourceEvent};
@@ -103,6 +108,8 @@ pub(crate) struct Inner {
     /// Runs of sessions this node ended itself (claimed with the end), not yet waited for
     /// by a [`Engine::run_due`].
     local_runs: Mutex<Vec<tokio::task::JoinHandle<DueReport>>>,
+    /// Client WebSockets held on this node.
+    sockets: sockets::Sockets,
     /// Cancelled at shutdown: every task stops.
     cancel: CancellationToken,
     metrics: Metrics,
@@ -173,6 +180,7 @@ impl Engine {
                 tasks: TaskTracker::new(),
                 release_tasks: TaskTracker::new(),
                 local_runs: Mutex::new(Vec::new()),
+                sockets: sockets::Sockets::default(),
                 cancel: CancellationToken::new(),
                 metrics: Metrics::default(),
             }),

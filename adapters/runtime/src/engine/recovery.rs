@@ -12,7 +12,14 @@ impl Engine {
         let inner = &self.inner;
         self.heartbeat_once().await?;
         inner.store.drop_claims(&inner.config.node).await?;
+        // The client sockets it held went with its previous run; their sessions were live
+        // until now and have the orphan timeout for their clients to come back.
+        inner
+            .store
+            .clear_presence(&inner.config.node, inner.clock.now())
+            .await?;
         let mut started = Vec::new();
+        let mut records = Vec::new();
         let mut before = None;
         loop {
             let page = inner
@@ -31,9 +38,11 @@ impl Engine {
             for record in page {
                 // A full timer table leaves the rest to the store sweeper.
                 let _ = timers.restore(record.session.clone());
-                started.push(record.session);
+                started.push(record.session.clone());
+                records.push(record);
             }
         }
+        self.resume_room_waits(&records).await;
         self.adopt_untracked(&started).await?;
         self.resume_held(&started).await;
         let owed = self.releases_once().await?;

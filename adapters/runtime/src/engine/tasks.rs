@@ -61,7 +61,8 @@ impl Engine {
 
     /// Starts the background tasks: timers (sleeping until the next deadline), the
     /// periodic store sweep, the heartbeat, the release worker, the store's notifications
-    /// of releases due here, and the resource event listener.
+    /// of releases due here and of ends (for the sockets held here), and the resource
+    /// event listener.
     pub fn spawn_background(&self) -> Background {
         let engine = self.clone();
         self.spawn_tracked(async move { engine.run_timers().await });
@@ -80,6 +81,8 @@ impl Engine {
         });
         let engine = self.clone();
         self.spawn_tracked(async move { engine.run_events().await });
+        let engine = self.clone();
+        self.spawn_tracked(async move { engine.run_end_watch().await });
         // Releases left by an earlier run go first.
         self.inner.releases_due.notify_one();
         Background {

@@ -26,13 +26,11 @@ fn t0() -> Timestamp {
 fn request() -> StartRequest {
     StartRequest {
         tenant: "t".into(),
-        plan: Plan {
-            max_concurrent_sessions: None,
-            max_session: Duration::from_secs(3600),
-        },
+        plan: Plan::new(None, Duration::from_secs(3600)),
         duration: None,
         metadata: None,
         room: None,
+        timeouts: Default::default(),
         resources: Default::default(),
     }
 }
@@ -316,4 +314,268 @@ async fn a_committed_create_is_answered_or_nothing_is_left() {
             }
         }
     }
+}
+
+/// An engine for `node` on `store`, with the WebSocket grace `grace`.
+async fn node_engine(
+    store: Arc<dyn Store>,
+    clock: &ManualClock,
+    node: &str,
+    grace: Duration,
+) -> Engine {
+    let config = EngineConfig {
+        node: node.to_owned(),
+        websocket_grace: grace,
+        ..EngineConfig::default()
+    };
+    Engine::open(store, Vec::new(), Arc::new(clock.clone()), config)
+        .await
+        .unwrap()
+}
+
+/// Lets the engines' tasks run until they wait again (the store is in memory: nothing
+/// they do waits on anything else).
+async fn settle() {
+    for _ in 0..20 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+async fn status(engine: &Engine, id: SessionId) -> (Status, Option<EndReason>) {
+    let s = engine.get(None, id).await.unwrap().session;
+    (s.status(), s.end_reason())
+}
+
+#[tokio::test]
+async fn a_session_lives_while_any_instance_holds_a_socket_of_it() {
+    let clock = ManualClock::new(t0());
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let grace = Duration::from_secs(3);
+    let a = node_engine(Arc::clone(&store), &clock, "a", grace).await;
+    let b = node_engine(Arc::clone(&store), &clock, "b", grace).await;
+    let id = *a.start(request()).await.unwrap().session.id();
+    let (on_a, _) = a.hold_socket(Some("t"), id).await.unwrap();
+    let (on_b, _) = b.hold_socket(Some("t"), id).await.unwrap();
+    drop(on_a);
+    clock.advance(grace * 2);
+    settle().await;
+    assert_eq!(
+        status(&a, id).await.0,
+        Status::Started,
+        "b still holds a socket"
+    );
+    drop(on_b);
+    clock.advance(grace - Duration::from_millis(1));
+    settle().await;
+    assert_eq!(status(&a, id).await.0, Status::Started, "within the grace");
+    clock.advance(Duration::from_millis(1));
+    settle().await;
+    assert_eq!(
+        status(&a, id).await,
+        (Status::Ended, Some(EndReason::WebsocketDisconnected))
+    );
+    // Held sockets never let the orphan timer fire meanwhile; nothing is written per
+    // socket beyond a node's first hold and its letting go.
+    assert_eq!(a.metrics().snapshot().presence_writes, 2);
+    assert_eq!(b.metrics().snapshot().presence_writes, 2);
+}
+
+#[tokio::test]
+async fn a_client_that_reconnects_elsewhere_within_the_grace_keeps_its_session() {
+    let clock = ManualClock::new(t0());
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let grace = Duration::from_secs(3);
+    let a = node_engine(Arc::clone(&store), &clock, "a", grace).await;
+    let b = node_engine(Arc::clone(&store), &clock, "b", grace).await;
+    // Both nodes alive (heartbeats) and sweeping, on the manual clock.
+    let _background = (a.spawn_background(), b.spawn_background());
+    let id = *a.start(request()).await.unwrap().session.id();
+    let (on_a, _) = a.hold_socket(Some("t"), id).await.unwrap();
+    drop(on_a);
+    clock.advance(Duration::from_millis(500));
+    let (on_b, _) = b.hold_socket(Some("t"), id).await.unwrap();
+    clock.advance(grace * 2);
+    settle().await;
+    assert_eq!(status(&a, id).await.0, Status::Started);
+    // Held for longer than the orphan timeout: a held socket is liveness.
+    for _ in 0..Policy::DEFAULT.orphan_timeout.as_secs() * 2 {
+        clock.advance(Duration::from_secs(1));
+        settle().await;
+    }
+    assert_eq!(
+        status(&a, id).await.0,
+        Status::Started,
+        "no orphan while held"
+    );
+    drop(on_b);
+    clock.advance(grace);
+    settle().await;
+    assert_eq!(
+        status(&a, id).await,
+        (Status::Ended, Some(EndReason::WebsocketDisconnected))
+    );
+    a.shutdown(Duration::from_secs(1)).await.unwrap();
+    b.shutdown(Duration::from_secs(1)).await.unwrap();
+}
+
+#[tokio::test]
+async fn an_end_reaches_every_socket_on_every_instance() {
+    let clock = ManualClock::new(t0());
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let a = node_engine(Arc::clone(&store), &clock, "a", Duration::ZERO).await;
+    let b = node_engine(Arc::clone(&store), &clock, "b", Duration::ZERO).await;
+    let _background = (a.spawn_background(), b.spawn_background());
+    settle().await;
+    let id = *a.start(request()).await.unwrap().session.id();
+    let (mut on_a, _) = a.hold_socket(Some("t"), id).await.unwrap();
+    let (mut on_b, _) = b.hold_socket(Some("t"), id).await.unwrap();
+    a.end(Some("t"), id, EndReason::Requested).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(1), async {
+        on_a.ended().await;
+        on_b.ended().await;
+    })
+    .await
+    .expect("both sockets heard of the end");
+    // A refused socket (ended, unknown, another tenant's) holds nothing and ends nothing.
+    assert!(matches!(
+        b.hold_socket(Some("t"), id).await,
+        Err(EngineError::SessionEnded)
+    ));
+    let other = *b.start(request()).await.unwrap().session.id();
+    assert!(matches!(
+        a.hold_socket(Some("intruder"), other).await,
+        Err(EngineError::NotFound)
+    ));
+    settle().await;
+    assert_eq!(status(&a, other).await.0, Status::Started);
+    a.shutdown(Duration::from_secs(1)).await.unwrap();
+    b.shutdown(Duration::from_secs(1)).await.unwrap();
+}
+
+fn in_room(timeouts: crate::SessionTimeouts) -> StartRequest {
+    StartRequest {
+        room: Some(crate::RoomBinding {
+            provider: crate::RoomProvider::Daily,
+            name: "standup".into(),
+        }),
+        timeouts,
+        ..request()
+    }
+}
+
+fn room_event(id: &str, kind: crate::RoomEventKind) -> crate::RoomEvent {
+    crate::RoomEvent {
+        tenant: Some("t".into()),
+        provider: crate::RoomProvider::Daily,
+        room: "standup".into(),
+        event_id: id.into(),
+        at: t0(),
+        kind,
+    }
+}
+
+#[tokio::test]
+async fn a_room_nobody_joins_ends_after_its_allowance() {
+    let clock = ManualClock::new(t0());
+    let engine = node_engine(Arc::new(MemoryStore::new()), &clock, "a", Duration::ZERO).await;
+    let allowance = crate::SessionTimeouts {
+        participant_absent: Some(Duration::from_secs(2)),
+        ..Default::default()
+    };
+    let lonely = *engine.start(in_room(allowance)).await.unwrap().session.id();
+    clock.advance(Duration::from_millis(1999));
+    settle().await;
+    assert_eq!(status(&engine, lonely).await.0, Status::Started);
+    clock.advance(Duration::from_millis(1));
+    settle().await;
+    assert_eq!(
+        status(&engine, lonely).await,
+        (Status::Ended, Some(EndReason::NobodyJoined))
+    );
+
+    let joined = *engine.start(in_room(allowance)).await.unwrap().session.id();
+    let ada = crate::RoomEventKind::Joined {
+        participant: "ada".into(),
+    };
+    engine.room_event(room_event("j1", ada)).await.unwrap();
+    clock.advance(Duration::from_secs(5));
+    settle().await;
+    assert_eq!(status(&engine, joined).await.0, Status::Started);
+}
+
+#[tokio::test]
+async fn the_wait_after_the_last_leave_counts_from_the_final_leave() {
+    let clock = ManualClock::new(t0());
+    let engine = node_engine(Arc::new(MemoryStore::new()), &clock, "a", Duration::ZERO).await;
+    let grace = crate::SessionTimeouts {
+        participant_left: Some(Duration::from_secs(3)),
+        ..Default::default()
+    };
+    let id = *engine.start(in_room(grace)).await.unwrap().session.id();
+    let joined = |n: u8| crate::RoomEventKind::Joined {
+        participant: format!("p{n}"),
+    };
+    let left = |n: u8| crate::RoomEventKind::Left {
+        participant: format!("p{n}"),
+    };
+    engine.room_event(room_event("1", joined(1))).await.unwrap();
+    engine.room_event(room_event("2", left(1))).await.unwrap();
+    clock.advance(Duration::from_secs(1));
+    engine.room_event(room_event("3", joined(2))).await.unwrap();
+    clock.advance(Duration::from_secs(1));
+    engine.room_event(room_event("4", left(2))).await.unwrap();
+    // The first leave's wait is over: the room has not been empty that long.
+    clock.advance(Duration::from_secs(1));
+    settle().await;
+    assert_eq!(status(&engine, id).await.0, Status::Started);
+    clock.advance(Duration::from_millis(1999));
+    settle().await;
+    assert_eq!(status(&engine, id).await.0, Status::Started);
+    clock.advance(Duration::from_millis(1));
+    settle().await;
+    assert_eq!(
+        status(&engine, id).await,
+        (Status::Ended, Some(EndReason::RoomEmpty))
+    );
+}
+
+#[tokio::test]
+async fn timeouts_over_the_plan_are_refused_and_defaults_are_recorded() {
+    let clock = ManualClock::new(t0());
+    let store = Arc::new(MemoryStore::new());
+    let engine = node_engine(store.clone(), &clock, "a", Duration::from_millis(1500)).await;
+    let mut over = in_room(crate::SessionTimeouts {
+        websocket_grace: Some(Duration::from_secs(3601)),
+        ..Default::default()
+    });
+    over.plan = Plan::new(None, Duration::from_secs(3600));
+    assert!(matches!(
+        engine.start(over).await,
+        Err(EngineError::TimeoutOverPlan {
+            timeout: "websocket_grace_ms",
+            ..
+        })
+    ));
+    let none = store
+        .list(crate::store::ListQuery {
+            tenant: None,
+            status: None,
+            limit: 10,
+            before: None,
+            node: None,
+        })
+        .await
+        .unwrap();
+    assert!(none.is_empty(), "nothing created");
+    let record = engine.start(request()).await.unwrap();
+    let stored = engine.get(None, *record.session.id()).await.unwrap();
+    assert_eq!(stored.timeouts, record.timeouts);
+    assert_eq!(
+        stored.timeouts,
+        crate::SessionTimeouts {
+            participant_left: Some(Duration::ZERO),
+            participant_absent: None,
+            websocket_grace: Some(Duration::from_millis(1500)),
+        }
+    );
 }

@@ -121,6 +121,22 @@ impl Engine {
             .saturating_duration_since(last_seen)
             .saturating_sub(unreachable);
         let timeout = self.inner.config.policy.orphan_timeout;
+        if session.status() == Status::Started && silence >= timeout {
+            // A client socket held by a live node, here or elsewhere, is liveness now.
+            if self.holds_socket(&id) {
+                return Liveness::SeenElsewhere(now);
+            }
+            return match self
+                .inner
+                .store
+                .presence(id, now, self.inner.config.node_timeout)
+                .await
+            {
+                Ok(holders) if holders.is_empty() => Liveness::Silent,
+                Ok(_) => Liveness::SeenElsewhere(now),
+                Err(_) => Liveness::Unknown,
+            };
+        }
         if session.status() == Status::Started && silence < timeout {
             // Alive until its silence reaches the timeout: as if last seen that much later.
             Liveness::SeenElsewhere(now.saturating_sub(silence))

@@ -12,9 +12,9 @@ use super::health::Reachability;
 use super::lock;
 use crate::clock::RuntimeClock;
 use crate::store::{
-    AttachOutcome, BoxFuture, CreateOutcome, ListQuery, NewSession, NodeMembership, ReleaseClaim,
-    ReleaseProgress, ReleaseQueue, RoomEvent, RoomStore, RoomUpdate, SessionRecord, SessionStore,
-    Store, StoreError, StoreHealth, TenantScope, TouchOutcome,
+    AttachOutcome, BoxFuture, CreateOutcome, ListQuery, NewSession, NodeMembership, PresenceStore,
+    ReleaseClaim, ReleaseProgress, ReleaseQueue, RoomEvent, RoomState, RoomStore, SessionRecord,
+    SessionStore, Store, StoreError, StoreHealth, TenantScope, TouchOutcome,
 };
 
 /// Wraps the engine's store and records, after each call, whether the store could be
@@ -170,11 +170,11 @@ impl RoomStore for WatchedStore {
         &self,
         event: RoomEvent,
         now: Timestamp,
-    ) -> BoxFuture<'_, Result<Option<Vec<RoomUpdate>>, StoreError>> {
+    ) -> BoxFuture<'_, Result<Option<Vec<RoomState>>, StoreError>> {
         watched!(self, "room_event", self.inner.room_event(event, now))
     }
-    fn room_presence(&self, id: SessionId) -> BoxFuture<'_, Result<u32, StoreError>> {
-        watched!(self, "room_presence", self.inner.room_presence(id))
+    fn room_state(&self, id: SessionId) -> BoxFuture<'_, Result<Option<RoomState>, StoreError>> {
+        watched!(self, "room_state", self.inner.room_state(id))
     }
     fn touch_present(&self, now: Timestamp) -> BoxFuture<'_, Result<Vec<SessionId>, StoreError>> {
         watched!(self, "touch_present", self.inner.touch_present(now))
@@ -189,6 +189,46 @@ impl RoomStore for WatchedStore {
             "prune_rooms",
             self.inner.prune_rooms(ended_before, limit)
         )
+    }
+}
+
+impl PresenceStore for WatchedStore {
+    fn set_presence(
+        &self,
+        session: SessionId,
+        node: &str,
+        holds: bool,
+        now: Timestamp,
+    ) -> BoxFuture<'_, Result<(), StoreError>> {
+        let node = node.to_owned();
+        watched!(
+            self,
+            "set_presence",
+            self.inner.set_presence(session, &node, holds, now)
+        )
+    }
+    fn clear_presence(&self, node: &str, now: Timestamp) -> BoxFuture<'_, Result<(), StoreError>> {
+        let node = node.to_owned();
+        watched!(
+            self,
+            "clear_presence",
+            self.inner.clear_presence(&node, now)
+        )
+    }
+    fn presence(
+        &self,
+        session: SessionId,
+        now: Timestamp,
+        node_timeout: Duration,
+    ) -> BoxFuture<'_, Result<Vec<String>, StoreError>> {
+        watched!(
+            self,
+            "presence",
+            self.inner.presence(session, now, node_timeout)
+        )
+    }
+    fn watch_ends<'a>(&'a self, ended: &'a (dyn Fn(SessionId) + Send + Sync)) -> BoxFuture<'a, ()> {
+        self.inner.watch_ends(ended)
     }
 }
 

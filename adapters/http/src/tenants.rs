@@ -1,16 +1,16 @@
-//! Tenants, API keys and client tokens.
+//! Tenants: who may call (API keys, stored hashed and compared in constant time), their
+//! plans, and the room webhook secrets the tenants file gives each.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
-use base64::Engine as _;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use hmac::{Hmac, Mac};
 use serde::Deserialize;
-use session_lifecycle::{SessionId, Timestamp};
 use session_lifecycle_runtime::Plan;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
+
+use crate::webhooks::secrets::{DailySecret, LivekitKey};
 
 /// A tenant: who owns sessions, with its key (hashed) and plan.
 #[derive(Debug, Clone)]
@@ -77,7 +77,7 @@ struct TenantEntry {
 /// Every tenant the service knows.
 #[derive(Debug, Clone)]
 pub struct Tenants {
-    tenants: Vec<Tenant>,
+    tenants: Vec<Arc<Tenant>>,
 }
 
 /// The hex SHA-256 of an API key, as the tenants file stores it.
@@ -123,7 +123,7 @@ impl Tenants {
             if entry.name.is_empty() || entry.name.len() > 64 {
                 return Err(invalid("name must have 1 to 64 characters"));
             }
-            if tenants.iter().any(|t: &Tenant| t.name == entry.name) {
+            if tenants.iter().any(|t: &Arc<Tenant>| t.name == entry.name) {
                 return Err(invalid("listed twice"));
             }
             let key = parse_hex32(&entry.api_key_sha256.to_ascii_lowercase())
@@ -143,17 +143,17 @@ impl Tenants {
             if entry.daily_webhook_secret.as_deref() == Some("") {
                 return Err(invalid("daily_webhook_secret is empty"));
             }
-            tenants.push(Tenant {
+            tenants.push(Arc::new(Tenant {
                 name: entry.name,
                 key_sha256: key,
-                plan: Plan {
-                    max_concurrent_sessions: Some(entry.max_concurrent_sessions),
-                    max_session: Duration::from_secs(entry.max_session_secs),
-                },
+                plan: Plan::new(
+                    Some(entry.max_concurrent_sessions),
+                    Duration::from_secs(entry.max_session_secs),
+                ),
                 revoked: entry.revoked,
                 livekit,
                 daily_secret: entry.daily_webhook_secret,
-            });
+            }));
         }
         if tenants.is_empty() {
             return Err(ConfigError::Parse("no tenants listed".to_owned()));
@@ -164,36 +164,31 @@ impl Tenants {
     /// One tenant with one key (the `--api-key` shortcut and the generated key).
     pub fn single(name: &str, key: &str, plan: Plan) -> Tenants {
         Tenants {
-            tenants: vec![Tenant {
+            tenants: vec![Arc::new(Tenant {
                 name: name.to_owned(),
                 key_sha256: Sha256::digest(key.as_bytes()).into(),
                 plan,
                 revoked: false,
                 livekit: None,
                 daily_secret: None,
-            }],
+            })],
         }
     }
 
     /// The webhook secrets the tenants file gives, each scoped to its tenant.
-    pub fn webhook_secrets(
-        &self,
-    ) -> (
-        Vec<crate::webhooks::LivekitKey>,
-        Vec<crate::webhooks::DailySecret>,
-    ) {
+    pub fn webhook_secrets(&self) -> (Vec<LivekitKey>, Vec<DailySecret>) {
         let mut livekit = Vec::new();
         let mut daily = Vec::new();
         for t in self.tenants.iter().filter(|t| !t.revoked) {
             if let Some((api_key, api_secret)) = &t.livekit {
-                livekit.push(crate::webhooks::LivekitKey {
+                livekit.push(LivekitKey {
                     tenant: Some(t.name.clone()),
                     api_key: api_key.clone(),
                     api_secret: api_secret.clone(),
                 });
             }
             if let Some(secret) = &t.daily_secret {
-                daily.push(crate::webhooks::DailySecret {
+                daily.push(DailySecret {
                     tenant: Some(t.name.clone()),
                     secret: secret.clone(),
                 });
@@ -204,7 +199,7 @@ impl Tenants {
 
     /// The tenant whose key is `key`. Compares the key's hash with every tenant's in
     /// constant time; a missing, unknown or revoked key gets `None` alike.
-    pub fn authenticate(&self, key: Option<&str>) -> Option<&Tenant> {
+    pub fn authenticate(&self, key: Option<&str>) -> Option<&Arc<Tenant>> {
         let digest: [u8; 32] = Sha256::digest(key.unwrap_or("").as_bytes()).into();
         let mut found = None;
         for tenant in &self.tenants {
@@ -219,95 +214,8 @@ impl Tenants {
     }
 
     /// The tenant named `name`.
-    pub fn by_name(&self, name: &str) -> Option<&Tenant> {
+    pub fn by_name(&self, name: &str) -> Option<&Arc<Tenant>> {
         self.tenants.iter().find(|t| t.name == name)
-    }
-}
-
-type HmacSha256 = Hmac<Sha256>;
-
-/// Signs and checks client tokens: session-scoped credentials a browser uses to open the
-/// session's WebSocket, so that API keys never reach browsers.
-///
-/// A token is `v1.<session id>.<expiry, unix seconds>.<base64url HMAC-SHA256>`.
-#[derive(Clone)]
-pub struct TokenSigner {
-    key: [u8; 32],
-}
-
-/// Why a client token was refused.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum TokenError {
-    /// Not a token of this shape.
-    #[error("malformed token")]
-    Malformed,
-    /// The signature does not match.
-    #[error("bad signature")]
-    BadSignature,
-    /// For another session.
-    #[error("token is for another session")]
-    WrongSession,
-    /// Past its expiry.
-    #[error("token expired")]
-    Expired,
-}
-
-impl TokenSigner {
-    /// A signer with `key`.
-    pub fn new(key: [u8; 32]) -> TokenSigner {
-        TokenSigner { key }
-    }
-
-    /// A signer with a key derived from `secret` (shared by instances behind one load
-    /// balancer).
-    pub fn from_secret(secret: &str) -> TokenSigner {
-        TokenSigner {
-            key: Sha256::digest(secret.as_bytes()).into(),
-        }
-    }
-
-    fn mac(&self, payload: &str) -> HmacSha256 {
-        let mut mac =
-            <HmacSha256 as Mac>::new_from_slice(&self.key).expect("HMAC takes any key length");
-        mac.update(payload.as_bytes());
-        mac
-    }
-
-    /// A token for `session`, valid until `expires_at`.
-    pub fn sign(&self, session: SessionId, expires_at: Timestamp) -> String {
-        let payload = format!("v1.{session}.{}", expires_at.as_secs());
-        let tag = self.mac(&payload).finalize().into_bytes();
-        format!("{payload}.{}", URL_SAFE_NO_PAD.encode(tag))
-    }
-
-    /// Checks `token` for `session` at `now`.
-    pub fn verify(
-        &self,
-        token: &str,
-        session: SessionId,
-        now: Timestamp,
-    ) -> Result<(), TokenError> {
-        let (payload, tag) = token.rsplit_once('.').ok_or(TokenError::Malformed)?;
-        let tag = URL_SAFE_NO_PAD
-            .decode(tag)
-            .map_err(|_| TokenError::Malformed)?;
-        self.mac(payload)
-            .verify_slice(&tag)
-            .map_err(|_| TokenError::BadSignature)?;
-        let mut parts = payload.split('.');
-        let (Some("v1"), Some(id), Some(exp), None) =
-            (parts.next(), parts.next(), parts.next(), parts.next())
-        else {
-            return Err(TokenError::Malformed);
-        };
-        if SessionId::parse(id).map_err(|_| TokenError::Malformed)? != session {
-            return Err(TokenError::WrongSession);
-        }
-        let exp: u64 = exp.parse().map_err(|_| TokenError::Malformed)?;
-        if now.as_secs() > exp {
-            return Err(TokenError::Expired);
-        }
-        Ok(())
     }
 }
 
@@ -317,10 +225,7 @@ mod tests {
 
     #[test]
     fn the_single_tenant_shortcut_authenticates_its_key() {
-        let plan = Plan {
-            max_concurrent_sessions: Some(2),
-            max_session: Duration::from_secs(60),
-        };
+        let plan = Plan::new(Some(2), Duration::from_secs(60));
         let tenants = Tenants::single("default", "sk_test", plan);
         assert_eq!(tenants.authenticate(Some("sk_test")).unwrap().plan, plan);
         assert!(tenants.authenticate(Some("sk_tes")).is_none());
@@ -351,34 +256,5 @@ mod tests {
         ] {
             assert!(Tenants::from_toml(bad).is_err(), "{bad:?}");
         }
-    }
-
-    #[test]
-    fn tokens_are_session_scoped_signed_and_expire() {
-        let signer = TokenSigner::new([7; 32]);
-        let t0 = Timestamp::parse_rfc3339("2024-01-15T10:30:00Z").unwrap();
-        let id = SessionId::from_ulid_parts(t0, 1);
-        let other = SessionId::from_ulid_parts(t0, 2);
-        let exp = t0.saturating_add(Duration::from_secs(60));
-        let token = signer.sign(id, exp);
-        assert_eq!(signer.verify(&token, id, t0), Ok(()));
-        assert_eq!(
-            signer.verify(&token, other, t0),
-            Err(TokenError::WrongSession)
-        );
-        assert_eq!(
-            signer.verify(&token, id, exp.saturating_add(Duration::from_secs(1))),
-            Err(TokenError::Expired)
-        );
-        assert_eq!(
-            TokenSigner::new([8; 32]).verify(&token, id, t0),
-            Err(TokenError::BadSignature)
-        );
-        let tampered = token.replacen(&id.to_string(), &other.to_string(), 1);
-        assert_eq!(
-            signer.verify(&tampered, other, t0),
-            Err(TokenError::BadSignature)
-        );
-        assert_eq!(signer.verify("garbage", id, t0), Err(TokenError::Malformed));
     }
 }

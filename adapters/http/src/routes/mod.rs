@@ -1,0 +1,8 @@
+//! The handlers, by area. Each takes the shared [`AppState`](crate::state::AppState) and
+//! the extractors of [`crate::extract`], and answers views of [`crate::views`] or an
+//! [`ApiError`](crate::error::ApiError).
+
+pub mod operations;
+pub mod sessions;
+pub mod webhooks;
+pub mod ws;

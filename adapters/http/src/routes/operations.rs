@@ -1,0 +1,92 @@
+//! Operations: liveness, readiness, metrics, and the answers to unknown routes and methods.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use session_lifecycle_runtime::Readiness;
+
+use crate::error::{ApiError, ErrorCode};
+use crate::state::AppState;
+use crate::views::{HealthResponse, HealthStatus};
+
+/// The process is up.
+#[utoipa::path(get, path = "/healthz", tag = "operations",
+    responses((status = 200, description = "Up", body = HealthResponse)))]
+pub async fn healthz() -> Json<HealthResponse> {
+    Json(HealthResponse {
+        status: HealthStatus::Ok,
+        detail: None,
+    })
+}
+
+/// The service can take a session: not draining, a GPU has room, the store is reachable.
+#[utoipa::path(get, path = "/readyz", tag = "operations",
+    responses(
+        (status = 200, description = "Ready", body = HealthResponse),
+        (status = 503, description = "Not ready: `draining`, `no_capacity` (no GPU has room for a session of the default size) or `storage_unavailable`; or overloaded (an error body)", body = HealthResponse),
+    ))]
+pub async fn readyz(State(state): State<Arc<AppState>>) -> Response {
+    let (status, detail) = match state.engine.readiness().await {
+        Readiness::Ready => {
+            return Json(HealthResponse {
+                status: HealthStatus::Ok,
+                detail: None,
+            })
+            .into_response();
+        }
+        Readiness::Draining => (HealthStatus::Draining, None),
+        Readiness::NoCapacity(why) => (HealthStatus::NoCapacity, Some(why)),
+        Readiness::StoreUnreachable(why) => (HealthStatus::StorageUnavailable, Some(why)),
+    };
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        Json(HealthResponse { status, detail }),
+    )
+        .into_response()
+}
+
+/// Prometheus metrics.
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    responses((status = 200, description = "Prometheus text exposition", body = String, content_type = "text/plain")))]
+pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    let text = state.http_metrics.render(
+        &state.engine.metrics().snapshot(),
+        state.engine.active_sessions(),
+        state.engine.releases_failing(),
+    );
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
+}
+
+/// Any other path: 404 `not_found`.
+pub async fn not_found() -> ApiError {
+    ApiError::new(ErrorCode::NotFound, "no such route")
+}
+
+/// A known path with a method it does not take: 405 `method_not_allowed` (the router sets
+/// `Allow`).
+pub async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        ErrorCode::MethodNotAllowed,
+        "this route does not take this method",
+    )
+}
+
+/// What the load limits answer: 503 `request_timeout` past the request timeout, else 503
+/// `overloaded` (too many requests in flight).
+pub async fn overloaded(error: tower::BoxError) -> ApiError {
+    if error.is::<tower::timeout::error::Elapsed>() {
+        ApiError::new(ErrorCode::RequestTimeout, "the request took too long")
+    } else {
+        ApiError::new(ErrorCode::Overloaded, "too many requests in flight; retry")
+    }
+}

@@ -1,0 +1,105 @@
+//! What the handlers share, and the HTTP settings.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use session_lifecycle_runtime::Engine;
+
+use crate::answers::EndedAnswers;
+use crate::extract::TenantDirectory;
+use crate::metrics::HttpMetrics;
+use crate::presence::Presence;
+use crate::tenants::Tenants;
+use crate::tokens::TokenSigner;
+use crate::webhooks::secrets::WebhookConfig;
+
+/// HTTP settings.
+#[derive(Debug, Clone)]
+pub struct HttpConfig {
+    /// Largest request body accepted (413 beyond).
+    pub max_body_bytes: usize,
+    /// Longest a request may take (503 `request_timeout` beyond).
+    pub request_timeout: Duration,
+    /// Most requests served at once; more are refused with 503 `overloaded`, never queued.
+    pub max_in_flight: usize,
+    /// Interval between WebSocket pings.
+    pub ws_ping_interval: Duration,
+    /// Silence after which a WebSocket counts as lost.
+    pub ws_pong_timeout: Duration,
+    /// Wait after a session's last WebSocket is gone before ending it (none by default).
+    pub ws_grace: Duration,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            max_body_bytes: 16 * 1024,
+            request_timeout: Duration::from_secs(30),
+            max_in_flight: 1024,
+            ws_ping_interval: Duration::from_secs(5),
+            ws_pong_timeout: Duration::from_secs(15),
+            ws_grace: Duration::ZERO,
+        }
+    }
+}
+
+/// What the handlers share.
+pub struct AppState {
+    /// The session engine.
+    pub engine: Engine,
+    /// Who may call, and their plans.
+    pub tenants: Tenants,
+    /// Signs client tokens.
+    pub tokens: TokenSigner,
+    /// HTTP settings.
+    pub config: HttpConfig,
+    /// Open WebSockets per session, on this instance.
+    pub presence: Presence,
+    /// Request metrics.
+    pub http_metrics: HttpMetrics,
+    /// Answers of repeated ends.
+    pub ended_answers: EndedAnswers,
+    /// Room webhook secrets and settings.
+    pub webhooks: WebhookConfig,
+    /// Flips to `true` when the service shuts down: WebSockets close.
+    pub shutdown: tokio::sync::watch::Sender<bool>,
+}
+
+impl AppState {
+    /// State over `engine`, with no room webhook secrets (those endpoints refuse all).
+    pub fn new(
+        engine: Engine,
+        tenants: Tenants,
+        tokens: TokenSigner,
+        config: HttpConfig,
+    ) -> Arc<AppState> {
+        AppState::with_webhooks(engine, tenants, tokens, config, WebhookConfig::default())
+    }
+
+    /// State over `engine`, with room webhooks configured.
+    pub fn with_webhooks(
+        engine: Engine,
+        tenants: Tenants,
+        tokens: TokenSigner,
+        config: HttpConfig,
+        webhooks: WebhookConfig,
+    ) -> Arc<AppState> {
+        Arc::new(AppState {
+            webhooks,
+            engine,
+            tenants,
+            tokens,
+            config,
+            presence: Presence::default(),
+            http_metrics: HttpMetrics::default(),
+            ended_answers: EndedAnswers::new(65_536),
+            shutdown: tokio::sync::watch::channel(false).0,
+        })
+    }
+}
+
+impl TenantDirectory for AppState {
+    fn tenants(&self) -> &Tenants {
+        &self.tenants
+    }
+}

@@ -1,0 +1,266 @@
+//! Client WebSockets held on this node: presence shared through the store, and the word
+//! that a session ended, for every socket of it at once.
+//!
+//! A node writes only its own transitions: its first socket of a session opened (it holds
+//! the session), and, once its last one has stayed closed for the session's WebSocket
+//! grace, that it lets go. A held socket is liveness by itself, with no write per ping. A
+//! node that lets go ends the session `websocket_disconnected` only if no live node holds
+//! a socket of it any more: a client that reconnected to another instance within the
+//! grace keeps its session.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use session_lifecycle::{EndReason, SessionId, Status};
+use tokio::sync::watch;
+
+use super::{Engine, EngineError, STORE_RETRY, lock};
+use crate::store::SessionRecord;
+
+/// This node's sockets of one session.
+struct Held {
+    /// Sockets open now.
+    open: usize,
+    /// Counts every open: a grace wait acts only if nothing opened since it began.
+    opened: u64,
+    /// The session's WebSocket grace.
+    grace: Duration,
+    /// Set once the session ended (anywhere).
+    ended: watch::Sender<bool>,
+    /// Whether the store records this node as holding the session. Its writes are made
+    /// one at a time, in order, under this lock.
+    recorded: Arc<tokio::sync::Mutex<bool>>,
+}
+
+/// Every session this node holds sockets of (or waits out the grace of).
+#[derive(Default)]
+pub(crate) struct Sockets {
+    held: Mutex<HashMap<SessionId, Held>>,
+}
+
+/// One client socket of a session, held on this node. Dropping it closes it: when the
+/// session's last socket here closes, its grace starts (see the module docs).
+pub struct SocketHold {
+    engine: Engine,
+    session: SessionId,
+    ended: watch::Receiver<bool>,
+}
+
+impl std::fmt::Debug for SocketHold {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SocketHold")
+            .field("session", &self.session)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SocketHold {
+    /// The session this socket belongs to.
+    pub fn session(&self) -> SessionId {
+        self.session
+    }
+
+    /// Resolves once the session has ended, on any instance sharing the store (within
+    /// about a second of the end; see [`PresenceStore::watch_ends`](crate::PresenceStore)).
+    pub async fn ended(&mut self) {
+        // An error means the engine went away: nothing will end it from here any more.
+        if self.ended.wait_for(|ended| *ended).await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+impl Drop for SocketHold {
+    fn drop(&mut self) {
+        self.engine.socket_closed(self.session);
+    }
+}
+
+impl Engine {
+    /// Opens a client socket of session `id` on this node if it is started and belongs
+    /// to `tenant` (any tenant's when `None`); returns the hold and the session as it
+    /// stands. The first socket of a session here records in the store that this node
+    /// holds it (one write); later ones write nothing.
+    pub async fn hold_socket(
+        &self,
+        tenant: Option<&str>,
+        id: SessionId,
+    ) -> Result<(SocketHold, SessionRecord), EngineError> {
+        // Registered before the session is read: an end from now on is heard.
+        let (ended, recorded) = self.socket_opened(id);
+        let hold = SocketHold {
+            engine: self.clone(),
+            session: id,
+            ended,
+        };
+        let record = self.get(tenant, id).await?;
+        if record.session.status() != Status::Started {
+            return Err(EngineError::SessionEnded);
+        }
+        let grace = self
+            .timeouts_of(&record.timeouts)
+            .websocket_grace
+            .unwrap_or_default();
+        if let Some(held) = lock(&self.inner.sockets.held).get_mut(&id) {
+            held.grace = grace;
+        }
+        let mut recorded = recorded.lock().await;
+        if !*recorded {
+            let now = self.inner.clock.now();
+            self.inner
+                .store
+                .set_presence(id, &self.inner.config.node, true, now)
+                .await?;
+            self.inner.metrics.presence_written();
+            *recorded = true;
+        }
+        drop(recorded);
+        Ok((hold, record))
+    }
+
+    /// Whether this node holds (or waits out the grace of) sockets of `id`.
+    pub(super) fn holds_socket(&self, id: &SessionId) -> bool {
+        lock(&self.inner.sockets.held).contains_key(id)
+    }
+
+    /// Counts a socket of `id` opened; its end watch and the lock on its store record.
+    fn socket_opened(
+        &self,
+        id: SessionId,
+    ) -> (watch::Receiver<bool>, Arc<tokio::sync::Mutex<bool>>) {
+        let mut held = lock(&self.inner.sockets.held);
+        let entry = held.entry(id).or_insert_with(|| Held {
+            open: 0,
+            opened: 0,
+            grace: Duration::ZERO,
+            ended: watch::channel(false).0,
+            recorded: Arc::new(tokio::sync::Mutex::new(false)),
+        });
+        entry.open += 1;
+        entry.opened += 1;
+        (entry.ended.subscribe(), Arc::clone(&entry.recorded))
+    }
+
+    /// Counts a socket of `id` closed; the last one starts the session's grace.
+    fn socket_closed(&self, id: SessionId) {
+        let (opened, until) = {
+            let mut held = lock(&self.inner.sockets.held);
+            let Some(entry) = held.get_mut(&id) else {
+                return;
+            };
+            entry.open = entry.open.saturating_sub(1);
+            if entry.open > 0 {
+                return;
+            }
+            (
+                entry.opened,
+                self.inner.clock.now().saturating_add(entry.grace),
+            )
+        };
+        let engine = self.clone();
+        self.spawn_tracked(async move {
+            engine.inner.clock.sleep_until(until).await;
+            engine.let_go(id, opened).await;
+        });
+    }
+
+    /// After the grace: unless a socket of `id` opened here since (`opened` counts), lets
+    /// go of the session in the store and ends it `websocket_disconnected` if no live node
+    /// holds a socket of it. Retried while the store cannot be reached: nothing is judged
+    /// without it.
+    async fn let_go(&self, id: SessionId, opened: u64) {
+        let inner = &self.inner;
+        loop {
+            let recorded = {
+                let held = lock(&inner.sockets.held);
+                match held.get(&id) {
+                    Some(entry) if entry.open == 0 && entry.opened == opened => {
+                        Arc::clone(&entry.recorded)
+                    }
+                    _ => return, // Reopened here, or let go already.
+                }
+            };
+            let mut recorded = recorded.lock().await;
+            if !*recorded {
+                // Never held in the store (the socket was refused, or could not record
+                // itself): nothing to let go of, nothing to judge.
+                let mut held = lock(&inner.sockets.held);
+                if held.get(&id).is_some_and(|e| e.open == 0) {
+                    held.remove(&id);
+                }
+                return;
+            }
+            let now = inner.clock.now();
+            {
+                if let Err(e) = inner
+                    .store
+                    .set_presence(id, &inner.config.node, false, now)
+                    .await
+                {
+                    drop(recorded);
+                    tracing::warn!(session = %id, error = %e, "letting go of a session's sockets failed; trying again");
+                    inner
+                        .clock
+                        .sleep_until(now.saturating_add(STORE_RETRY))
+                        .await;
+                    continue;
+                }
+                inner.metrics.presence_written();
+                *recorded = false;
+            }
+            let holders = match inner
+                .store
+                .presence(id, now, inner.config.node_timeout)
+                .await
+            {
+                Ok(holders) => holders,
+                Err(e) => {
+                    drop(recorded);
+                    tracing::warn!(session = %id, error = %e, "reading a session's presence failed; trying again");
+                    inner
+                        .clock
+                        .sleep_until(now.saturating_add(STORE_RETRY))
+                        .await;
+                    continue;
+                }
+            };
+            {
+                let mut held = lock(&inner.sockets.held);
+                if held.get(&id).is_some_and(|e| e.open > 0) {
+                    return; // Reopened meanwhile: it records itself again.
+                }
+                held.remove(&id);
+            }
+            drop(recorded);
+            if !holders.is_empty() {
+                return; // Another instance holds a socket: its close decides.
+            }
+            match self
+                .end_internal(id, EndReason::WebsocketDisconnected)
+                .await
+            {
+                Ok(_) | Err(EngineError::NotFound) => {}
+                Err(e) => {
+                    // The orphan timeout still applies.
+                    tracing::warn!(session = %id, error = %e, "ending a disconnected session failed");
+                }
+            }
+            return;
+        }
+    }
+
+    /// Session `id` ended (anywhere): every socket of it here hears so.
+    pub(super) fn session_ended(&self, id: SessionId) {
+        if let Some(entry) = lock(&self.inner.sockets.held).get(&id) {
+            entry.ended.send_replace(true);
+        }
+    }
+
+    /// Hears of every end the store reports, for the sockets held here. Runs until
+    /// shutdown.
+    pub(super) async fn run_end_watch(&self) {
+        let ended = |id| self.session_ended(id);
+        self.inner.store.watch_ends(&ended).await;
+    }
+}
