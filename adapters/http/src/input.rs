@@ -21,6 +21,9 @@ pub const MAX_DURATION_SECS: u64 = 604_800;
 pub const MAX_GPU_MEMORY_MIB: u64 = 1 << 20;
 /// Highest GPU index a session may ask for.
 pub const MAX_GPU_DEVICE: u32 = 1023;
+/// Longest timeout a session may set for itself, in milliseconds (a week; the plan's
+/// limits are tighter).
+pub const MAX_TIMEOUT_MS: u64 = 604_800_000;
 /// Default page of a listing.
 pub const DEFAULT_PAGE: u32 = 20;
 /// Largest page of a listing.
@@ -86,6 +89,22 @@ pub fn parse_create(body: &[u8]) -> Result<CreateRequest, ApiError> {
         return Err(ApiError::invalid(format!(
             "gpu_device must be between 0 and {MAX_GPU_DEVICE}"
         )));
+    }
+    if let Some(t) = &request.timeouts {
+        for (name, value) in [
+            ("participant_left_timeout_ms", t.participant_left_timeout_ms),
+            (
+                "participant_absent_timeout_ms",
+                t.participant_absent_timeout_ms,
+            ),
+            ("websocket_grace_ms", t.websocket_grace_ms),
+        ] {
+            if value.is_some_and(|v| v > MAX_TIMEOUT_MS) {
+                return Err(ApiError::invalid(format!(
+                    "timeouts.{name} must be between 0 and {MAX_TIMEOUT_MS}"
+                )));
+            }
+        }
     }
     if let Some(m) = &request.metadata {
         let size = serde_json::to_vec(m).map_or(usize::MAX, |v| v.len());

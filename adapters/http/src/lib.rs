@@ -10,7 +10,7 @@
 //! cycle):
 //!
 //! - leaves: [`request_id`], [`views`], [`tokens`], [`webhooks`] (the pure verifiers and
-//!   parsers, with their own errors), [`presence`], [`answers`], [`metrics`];
+//!   parsers, with their own errors), [`answers`], [`metrics`];
 //! - [`error`] (codes and error answers), [`input`] (what clients send, checked),
 //!   [`tenants`] (API keys; uses the webhook secret types);
 //! - [`extract`] (the authenticated tenant, the session id of the path), [`state`];
@@ -24,7 +24,6 @@ pub mod extract;
 pub mod input;
 pub mod metrics;
 pub mod observe;
-pub mod presence;
 pub mod request_id;
 pub mod routes;
 pub mod state;
@@ -53,6 +52,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .load_shed()
         .concurrency_limit(state.config.max_in_flight)
         .timeout(state.config.request_timeout);
+    let webhook_limit = state.config.webhook_max_body_bytes;
     Router::new()
         .route(
             "/v1/sessions",
@@ -65,8 +65,15 @@ pub fn router(state: Arc<AppState>) -> Router {
             post(sessions::heartbeat),
         )
         .route("/v1/sessions/{session_id}/ws", get(ws::session_ws))
-        .route("/v1/webhooks/livekit", post(hooks::livekit))
-        .route("/v1/webhooks/daily", post(hooks::daily))
+        // Provider events carry room and participant metadata: a limit of their own.
+        .route(
+            "/v1/webhooks/livekit",
+            post(hooks::livekit).layer(DefaultBodyLimit::max(webhook_limit)),
+        )
+        .route(
+            "/v1/webhooks/daily",
+            post(hooks::daily).layer(DefaultBodyLimit::max(webhook_limit)),
+        )
         .route("/healthz", get(operations::healthz))
         .route("/readyz", get(operations::readyz))
         .route("/metrics", get(operations::metrics))

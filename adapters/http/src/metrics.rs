@@ -79,6 +79,16 @@ impl HttpMetrics {
         let _ = writeln!(out, "sessiond_orphans_found_total {}", engine.orphans_found);
         let _ = writeln!(
             out,
+            "# HELP sessiond_presence_writes_total Store writes of client socket presence this instance made (one when it first holds a session's sockets, one when it lets go; none per ping)."
+        );
+        let _ = writeln!(out, "# TYPE sessiond_presence_writes_total counter");
+        let _ = writeln!(
+            out,
+            "sessiond_presence_writes_total {}",
+            engine.presence_writes
+        );
+        let _ = writeln!(
+            out,
             "# HELP sessiond_release_failures_total Release attempts that failed (and are retried)."
         );
         let _ = writeln!(out, "# TYPE sessiond_release_failures_total counter");

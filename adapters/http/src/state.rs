@@ -8,7 +8,6 @@ use session_lifecycle_runtime::Engine;
 use crate::answers::EndedAnswers;
 use crate::extract::TenantDirectory;
 use crate::metrics::HttpMetrics;
-use crate::presence::Presence;
 use crate::tenants::Tenants;
 use crate::tokens::TokenSigner;
 use crate::webhooks::secrets::WebhookConfig;
@@ -16,8 +15,11 @@ use crate::webhooks::secrets::WebhookConfig;
 /// HTTP settings.
 #[derive(Debug, Clone)]
 pub struct HttpConfig {
-    /// Largest request body accepted (413 beyond).
+    /// Largest API request body accepted (413 beyond).
     pub max_body_bytes: usize,
+    /// Largest room webhook body accepted (413 beyond): provider events carry room and
+    /// participant metadata, well beyond an API body.
+    pub webhook_max_body_bytes: usize,
     /// Longest a request may take (503 `request_timeout` beyond).
     pub request_timeout: Duration,
     /// Most requests served at once; more are refused with 503 `overloaded`, never queued.
@@ -26,19 +28,17 @@ pub struct HttpConfig {
     pub ws_ping_interval: Duration,
     /// Silence after which a WebSocket counts as lost.
     pub ws_pong_timeout: Duration,
-    /// Wait after a session's last WebSocket is gone before ending it (none by default).
-    pub ws_grace: Duration,
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
         HttpConfig {
             max_body_bytes: 16 * 1024,
+            webhook_max_body_bytes: 1 << 20,
             request_timeout: Duration::from_secs(30),
             max_in_flight: 1024,
             ws_ping_interval: Duration::from_secs(5),
             ws_pong_timeout: Duration::from_secs(15),
-            ws_grace: Duration::ZERO,
         }
     }
 }
@@ -53,8 +53,6 @@ pub struct AppState {
     pub tokens: TokenSigner,
     /// HTTP settings.
     pub config: HttpConfig,
-    /// Open WebSockets per session, on this instance.
-    pub presence: Presence,
     /// Request metrics.
     pub http_metrics: HttpMetrics,
     /// Answers of repeated ends.
@@ -90,7 +88,6 @@ impl AppState {
             tenants,
             tokens,
             config,
-            presence: Presence::default(),
             http_metrics: HttpMetrics::default(),
             ended_answers: EndedAnswers::new(65_536),
             shutdown: tokio::sync::watch::channel(false).0,

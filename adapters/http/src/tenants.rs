@@ -72,6 +72,14 @@ struct TenantEntry {
     livekit_api_secret: Option<String>,
     #[serde(default)]
     daily_webhook_secret: Option<String>,
+    /// The longest timeouts its sessions may set for themselves (default: the longest
+    /// session).
+    #[serde(default)]
+    max_participant_left_timeout_ms: Option<u64>,
+    #[serde(default)]
+    max_participant_absent_timeout_ms: Option<u64>,
+    #[serde(default)]
+    max_websocket_grace_ms: Option<u64>,
 }
 
 /// Every tenant the service knows.
@@ -143,13 +151,26 @@ impl Tenants {
             if entry.daily_webhook_secret.as_deref() == Some("") {
                 return Err(invalid("daily_webhook_secret is empty"));
             }
+            let mut plan = Plan::new(
+                Some(entry.max_concurrent_sessions),
+                Duration::from_secs(entry.max_session_secs),
+            );
+            let limit =
+                |ms: Option<u64>, default: Duration| ms.map_or(default, Duration::from_millis);
+            plan.max_participant_left = limit(
+                entry.max_participant_left_timeout_ms,
+                plan.max_participant_left,
+            );
+            plan.max_participant_absent = limit(
+                entry.max_participant_absent_timeout_ms,
+                plan.max_participant_absent,
+            );
+            plan.max_websocket_grace =
+                limit(entry.max_websocket_grace_ms, plan.max_websocket_grace);
             tenants.push(Arc::new(Tenant {
                 name: entry.name,
                 key_sha256: key,
-                plan: Plan::new(
-                    Some(entry.max_concurrent_sessions),
-                    Duration::from_secs(entry.max_session_secs),
-                ),
+                plan,
                 revoked: entry.revoked,
                 livekit,
                 daily_secret: entry.daily_webhook_secret,

@@ -1,12 +1,13 @@
 //! The JSON bodies of the API, requests and answers, and how a session record becomes
 //! the view an answer shows.
 //!
-//! Nothing here checks a request (that is [`crate::input`]) or reaches the engine: the one
-//! thing a view needs from it, what resources of a kind are called, comes in as a lookup.
+//! Nothing here checks a request (that is [`crate::input`]) or reaches the engine: what a
+//! view needs from it (what resources of a kind are called, a session's timeouts with the
+//! service's defaults filled in) comes in as arguments.
 
 use serde::{Deserialize, Serialize};
 use session_lifecycle::{EndReason, ReleaseState, ResourceKind, Status};
-use session_lifecycle_runtime::{RoomProvider, SessionRecord};
+use session_lifecycle_runtime::{RoomProvider, SessionRecord, SessionTimeouts};
 use utoipa::ToSchema;
 
 /// What a session id matches: `sess_` + 1 to 64 Crockford base32 characters.
@@ -50,11 +51,39 @@ pub struct SessionView {
     /// The client's metadata, as given.
     #[schema(value_type = Option<Object>)]
     pub metadata: Option<serde_json::Value>,
+    /// Its own timeouts (as asked at its creation, or the service's defaults).
+    pub timeouts: TimeoutsView,
     /// What it holds, and where each release stands. Present on create, get, list and
     /// heartbeat answers; left out of end answers, which are identical on every repeat
     /// while releases progress in the background.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<Vec<ResourceView>>,
+}
+
+/// A session's own timeouts, in milliseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct TimeoutsView {
+    /// Wait after the last participant leaves its room before it ends `room_empty`;
+    /// someone joining meanwhile keeps it.
+    pub participant_left_timeout_ms: u64,
+    /// Allowed after its creation for a first participant to join its room, after which it
+    /// ends `nobody_joined`; `null`: no limit (the orphan timeout still applies).
+    pub participant_absent_timeout_ms: Option<u64>,
+    /// Wait after its last client WebSocket (on any instance) closes before it ends
+    /// `websocket_disconnected`; a reconnect meanwhile, to any instance, keeps it.
+    pub websocket_grace_ms: u64,
+}
+
+impl TimeoutsView {
+    /// The view of `timeouts` (absent values show as 0).
+    pub fn of(timeouts: &SessionTimeouts) -> TimeoutsView {
+        let ms = |d: std::time::Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        TimeoutsView {
+            participant_left_timeout_ms: timeouts.participant_left.map_or(0, ms),
+            participant_absent_timeout_ms: timeouts.participant_absent.map(ms),
+            websocket_grace_ms: timeouts.websocket_grace.map_or(0, ms),
+        }
+    }
 }
 
 /// Session status.
@@ -215,8 +244,13 @@ pub enum ReleaseView {
 pub type KindNames<'a> = &'a dyn Fn(ResourceKind) -> Option<&'static str>;
 
 impl SessionView {
-    /// The view of `record` in full, resource kinds named by `kind_name`.
-    pub fn of(r: &SessionRecord, kind_name: KindNames<'_>) -> SessionView {
+    /// The view of `record` in full, resource kinds named by `kind_name`, with its
+    /// `timeouts` (the service's defaults filled in).
+    pub fn of(
+        r: &SessionRecord,
+        kind_name: KindNames<'_>,
+        timeouts: &SessionTimeouts,
+    ) -> SessionView {
         let s = &r.session;
         let find = |list: &[(session_lifecycle::Resource, String)], res| {
             list.iter()
@@ -268,6 +302,7 @@ impl SessionView {
                 .metadata
                 .as_deref()
                 .and_then(|m| serde_json::from_str(m).ok()),
+            timeouts: TimeoutsView::of(timeouts),
             resources: Some(resources),
         }
     }
@@ -337,6 +372,41 @@ pub struct CreateRequest {
     #[schema(minimum = 0, maximum = 1023)]
     #[serde(default, deserialize_with = "json_integer")]
     pub gpu_device: Option<u32>,
+    /// The session's own timeouts, each within the tenant's plan (400 beyond); absent
+    /// ones take the service's defaults.
+    pub timeouts: Option<TimeoutsRequest>,
+}
+
+/// Timeouts a new session sets for itself, in milliseconds.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TimeoutsRequest {
+    /// Wait after the last participant leaves its room before it ends `room_empty`.
+    #[schema(minimum = 0, maximum = 604800000)]
+    #[serde(default, deserialize_with = "json_integer")]
+    pub participant_left_timeout_ms: Option<u64>,
+    /// Allowed after its creation for a first participant to join its room, after which
+    /// it ends `nobody_joined` (only for a session bound to a room).
+    #[schema(minimum = 0, maximum = 604800000)]
+    #[serde(default, deserialize_with = "json_integer")]
+    pub participant_absent_timeout_ms: Option<u64>,
+    /// Wait after its last client WebSocket closes before it ends
+    /// `websocket_disconnected`.
+    #[schema(minimum = 0, maximum = 604800000)]
+    #[serde(default, deserialize_with = "json_integer")]
+    pub websocket_grace_ms: Option<u64>,
+}
+
+impl TimeoutsRequest {
+    /// The timeouts asked for.
+    pub fn timeouts(&self) -> SessionTimeouts {
+        let ms = |v: Option<u64>| v.map(std::time::Duration::from_millis);
+        SessionTimeouts {
+            participant_left: ms(self.participant_left_timeout_ms),
+            participant_absent: ms(self.participant_absent_timeout_ms),
+            websocket_grace: ms(self.websocket_grace_ms),
+        }
+    }
 }
 
 /// An optional JSON integer as JSON Schema counts them: `1041.0` and `1e3` are integers
@@ -411,4 +481,7 @@ pub enum WebhookOutcome {
     /// Not about presence, about the avatar itself, or no started session is bound to
     /// the room.
     Ignored,
+    /// Daily's check of the endpoint (body `{"test":"test"}`, sent before it creates or
+    /// re-activates a webhook): answered 200, nothing applied.
+    Verification,
 }

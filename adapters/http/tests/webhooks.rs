@@ -31,6 +31,8 @@ impl Drop for Server {
     }
 }
 
+/// `sessiond` on a fresh SQLite file with tenants `beta` (its sessions' WebSocket grace at
+/// most 10 s) and `other`; with the room webhook secrets of `beta` or none.
 fn start(with_secrets: bool, extra: &[&str]) -> Server {
     let dir = tempfile::tempdir().unwrap();
     let tenants = dir.path().join("tenants.toml");
@@ -44,7 +46,7 @@ fn start(with_secrets: bool, extra: &[&str]) -> Server {
     std::fs::write(
         &tenants,
         format!(
-            "[[tenants]]\nname = \"beta\"\napi_key_sha256 = \"{}\"\nmax_concurrent_sessions = 50\nmax_session_secs = 600\n{secrets}\n\
+            "[[tenants]]\nname = \"beta\"\napi_key_sha256 = \"{}\"\nmax_concurrent_sessions = 50\nmax_session_secs = 600\nmax_websocket_grace_ms = 10000\n{secrets}\n\
              [[tenants]]\nname = \"other\"\napi_key_sha256 = \"{}\"\nmax_concurrent_sessions = 50\nmax_session_secs = 600\n",
             hash_key("key-beta"),
             hash_key("key-other")
@@ -425,7 +427,8 @@ async fn livekit_refuses_unsigned_tampered_foreign_and_oversized_deliveries() {
         assert_eq!(status, StatusCode::UNAUTHORIZED, "{auth:?}");
         assert_eq!(v["error"]["code"], "unauthorized");
     }
-    let huge = vec![b' '; 8192];
+    // Webhook bodies have their own limit (1 MiB by default; the API's is 4 KiB here).
+    let huge = vec![b' '; (1 << 20) + 1];
     let (status, _) = post_livekit(
         &s,
         Some(&livekit_token("lk-key", "lk-secret", &huge)),
@@ -620,4 +623,275 @@ async fn room_grace_lets_someone_come_back() {
         session(&s, "key-beta", &id).await["end_reason"],
         "room_empty"
     );
+}
+
+/// Every session of tenant `beta`, as the API lists them (a snapshot of the table).
+async fn all_sessions(s: &Server) -> Value {
+    let resp = reqwest::Client::new()
+        .get(format!("{}/v1/sessions?limit=100", s.base))
+        .header("x-api-key", "key-beta")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    resp.json::<Value>().await.unwrap()["sessions"].clone()
+}
+
+/// Daily checks an endpoint before it creates a webhook (and when it re-activates one): it
+/// POSTs `{"test":"test"}` and creates the webhook only on a 200. Answered 200, signed or
+/// not, with a secret configured or none yet, and nothing changes; anything else unsigned
+/// is still refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daily_verification_request_is_answered_and_changes_nothing() {
+    for with_secrets in [false, true] {
+        let s = start(with_secrets, &[]);
+        let id = create_in_room(&s, "key-beta", "daily", "verify-room").await;
+        let before = all_sessions(&s).await;
+        let test = br#"{"test":"test"}"#;
+        let unsigned = reqwest::Client::new()
+            .post(format!("{}/v1/webhooks/daily", s.base))
+            .header("content-type", "application/json")
+            .body(test.to_vec())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(unsigned.status(), StatusCode::OK, "secrets: {with_secrets}");
+        let v: Value = unsigned.json().await.unwrap();
+        assert_eq!(v["outcome"], "verification");
+        let (status, v) = post_daily(&s, now_secs(), DAILY_SECRET, test, test).await;
+        assert_eq!(
+            (status, &v["outcome"]),
+            (StatusCode::OK, &json!("verification"))
+        );
+        assert_eq!(
+            all_sessions(&s).await,
+            before,
+            "the session table is unchanged"
+        );
+        assert_eq!(session(&s, "key-beta", &id).await["status"], "started");
+
+        for other in [
+            &br#"{"test":"test","type":"meeting.ended"}"#[..],
+            br#"{"test":"other"}"#,
+            br#"[{"test":"test"}]"#,
+        ] {
+            let resp = reqwest::Client::new()
+                .post(format!("{}/v1/webhooks/daily", s.base))
+                .body(other.to_vec())
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), StatusCode::UNAUTHORIZED, "{other:?}");
+        }
+    }
+}
+
+/// The `Authorization` token for `body`, made by LiveKit's own server SDK (Python
+/// `livekit-api`); `None` when it is not installed (`pip install livekit-api`), unless
+/// SESSION_LIFECYCLE_REQUIRE_PROVIDER_SDKS=1 makes that a failure.
+fn livekit_sdk_token(body: &[u8]) -> Option<String> {
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/providers/livekit_sign.py"
+    );
+    let required = std::env::var("SESSION_LIFECYCLE_REQUIRE_PROVIDER_SDKS").as_deref() == Ok("1");
+    let child = Command::new("python3")
+        .args([script, "lk-key", "lk-secret"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn();
+    let mut child = match child {
+        Ok(child) => child,
+        Err(e) if !required => {
+            eprintln!("skipped: no python3 for LiveKit's SDK ({e})");
+            return None;
+        }
+        Err(e) => panic!("python3: {e}"),
+    };
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), body).unwrap();
+    let out = child.wait_with_output().unwrap();
+    if !out.status.success() {
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!required, "LiveKit's SDK could not sign: {err}");
+        eprintln!("skipped: LiveKit's SDK is not installed (pip install livekit-api): {err}");
+        return None;
+    }
+    Some(String::from_utf8(out.stdout).unwrap())
+}
+
+/// A leave whose participant carries 60 KiB of metadata (LiveKit allows 64 KiB), signed by
+/// LiveKit's own SDK: over the API's body limit, within the webhooks' own, it ends its
+/// session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_livekit_leave_with_60_kib_of_metadata_ends_its_session() {
+    let s = start(true, &[]);
+    let id = create_in_room(&s, "key-beta", "livekit", "big-room").await;
+    let t = now_secs();
+    let metadata = "m".repeat(60 * 1024);
+    let event = |kind: &str, id: &str, at: u64| {
+        json!({
+            "event": kind,
+            "room": {"sid": "RM_big", "name": "big-room", "metadata": metadata},
+            "participant": {"sid": "PA_ada", "identity": "ada", "state": "ACTIVE",
+                            "metadata": metadata, "name": "Ada"},
+            "id": id,
+            "createdAt": at.to_string(),
+        })
+        .to_string()
+        .into_bytes()
+    };
+    let join = event("participant_joined", "EV_big1", t);
+    let Some(token) = livekit_sdk_token(&join) else {
+        return;
+    };
+    assert!(join.len() > 4096 * 2, "over the API's limit");
+    let (status, v) = post_livekit(&s, Some(&token), &join).await;
+    assert_eq!(
+        (status, &v["outcome"]),
+        (StatusCode::OK, &json!("applied")),
+        "{v}"
+    );
+    let leave = event("participant_left", "EV_big2", t + 1);
+    let token = livekit_sdk_token(&leave).unwrap();
+    let (status, v) = post_livekit(&s, Some(&token), &leave).await;
+    assert_eq!(
+        (status, &v["outcome"]),
+        (StatusCode::OK, &json!("applied")),
+        "{v}"
+    );
+    assert_eq!(
+        session(&s, "key-beta", &id).await["end_reason"],
+        "room_empty"
+    );
+}
+
+async fn create_with(s: &Server, body: Value) -> (StatusCode, Value) {
+    let resp = reqwest::Client::new()
+        .post(format!("{}/v1/sessions", s.base))
+        .header("x-api-key", "key-beta")
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    (resp.status(), resp.json().await.unwrap())
+}
+
+/// Waits for `id` to end; how long after `from`, and why.
+async fn ended_after(s: &Server, id: &str, from: std::time::Instant) -> (Duration, String) {
+    loop {
+        let v = session(s, "key-beta", id).await;
+        if v["status"] == "ended" {
+            return (from.elapsed(), v["end_reason"].as_str().unwrap().to_owned());
+        }
+        assert!(
+            from.elapsed() < Duration::from_secs(10),
+            "{id} did not end: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Per-session timeouts from the create body: a room nobody joins ends `nobody_joined`
+/// after its allowance; the wait after the last leave counts from the final leave;
+/// values over the plan are refused; the session shows them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_session_timeouts_from_the_create_body() {
+    let s = start(true, &[]);
+    let t0 = std::time::Instant::now();
+    let (status, v) = create_with(
+        &s,
+        json!({"room": {"provider": "livekit", "name": "empty-room"},
+               "timeouts": {"participant_absent_timeout_ms": 2000}}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{v}");
+    assert_eq!(
+        v["session"]["timeouts"],
+        json!({"participant_left_timeout_ms": 0, "participant_absent_timeout_ms": 2000,
+               "websocket_grace_ms": 0}),
+        "defaults filled in"
+    );
+    let lonely = v["session"]["session_id"].as_str().unwrap().to_owned();
+
+    let (status, v) = create_with(
+        &s,
+        json!({"room": {"provider": "livekit", "name": "busy-room"},
+               "timeouts": {"participant_left_timeout_ms": 3000}}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::CREATED, "{v}");
+    let busy = v["session"]["session_id"].as_str().unwrap().to_owned();
+    let t = now_secs();
+    livekit(
+        &s,
+        "participant_joined",
+        "busy-room",
+        Some("ada"),
+        "EV_b1",
+        t,
+    )
+    .await;
+    livekit(
+        &s,
+        "participant_left",
+        "busy-room",
+        Some("ada"),
+        "EV_b2",
+        t + 1,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    livekit(
+        &s,
+        "participant_joined",
+        "busy-room",
+        Some("ada"),
+        "EV_b3",
+        t + 2,
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    livekit(
+        &s,
+        "participant_left",
+        "busy-room",
+        Some("ada"),
+        "EV_b4",
+        t + 3,
+    )
+    .await;
+    let final_leave = std::time::Instant::now();
+
+    let (took, why) = ended_after(&s, &lonely, t0).await;
+    assert_eq!(why, "nobody_joined");
+    assert!(
+        took >= Duration::from_secs(2) && took < Duration::from_secs(3),
+        "nobody_joined {took:?} after creation"
+    );
+    let (took, why) = ended_after(&s, &busy, final_leave).await;
+    assert_eq!(why, "room_empty");
+    assert!(
+        took >= Duration::from_millis(2900) && took < Duration::from_secs(4),
+        "ended {took:?} after the final leave"
+    );
+
+    // Over the plan (beta: WebSocket grace at most 10 s; the others at most its 600 s
+    // sessions): 400, nothing created.
+    let before = all_sessions(&s).await;
+    for timeouts in [
+        json!({"websocket_grace_ms": 10_001}),
+        json!({"participant_left_timeout_ms": 600_001}),
+        json!({"participant_absent_timeout_ms": 600_001}),
+        json!({"websocket_grace_ms": -1}),
+        json!({"websocket_grace": 5}),
+    ] {
+        let (status, v) = create_with(&s, json!({ "timeouts": timeouts })).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{timeouts}: {v}");
+        assert_eq!(v["error"]["code"], "invalid_request");
+    }
+    assert_eq!(all_sessions(&s).await, before);
+    let (status, v) = create_with(&s, json!({"timeouts": {"websocket_grace_ms": 10_000}})).await;
+    assert_eq!(status, StatusCode::CREATED, "at the limit: {v}");
+    assert_eq!(v["session"]["timeouts"]["websocket_grace_ms"], 10_000);
 }

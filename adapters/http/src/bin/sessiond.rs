@@ -140,13 +140,18 @@ struct Cli {
     #[arg(long, env = "SESSIOND_WS_PONG_TIMEOUT_MS", default_value_t = 15000)]
     ws_pong_timeout_ms: u64,
 
-    /// Milliseconds to wait after a session's last WebSocket is gone before ending it.
+    /// Milliseconds to wait after a session's last WebSocket (on any instance) is gone
+    /// before ending it; a session may set its own (`timeouts.websocket_grace_ms`).
     #[arg(long, env = "SESSIOND_WS_GRACE_MS", default_value_t = 0)]
     ws_grace_ms: u64,
 
-    /// Largest request body, in bytes.
+    /// Largest API request body, in bytes.
     #[arg(long, env = "SESSIOND_MAX_BODY_BYTES", default_value_t = 16384)]
     max_body_bytes: usize,
+
+    /// Largest room webhook body, in bytes (events carry room and participant metadata).
+    #[arg(long, env = "SESSIOND_WEBHOOK_MAX_BODY_BYTES", default_value_t = 1 << 20)]
+    webhook_max_body_bytes: usize,
 
     /// Longest a request may take, in seconds.
     #[arg(long, env = "SESSIOND_REQUEST_TIMEOUT_SECS", default_value_t = 30)]
@@ -182,9 +187,21 @@ struct Cli {
     #[arg(long, env = "SESSIOND_ROOM_AVATAR_IDENTITY", default_value = "avatar")]
     room_avatar_identity: String,
 
-    /// Milliseconds to wait after a room empties before ending its session.
+    /// Milliseconds to wait after a room empties before ending its session; a session may
+    /// set its own (`timeouts.participant_left_timeout_ms`).
     #[arg(long, env = "SESSIOND_ROOM_GRACE_MS", default_value_t = 0)]
     room_grace_ms: u64,
+
+    /// Milliseconds a session bound to a room waits for a first participant before it ends
+    /// `nobody_joined` (none by default: the orphan timeout applies); a session may set its
+    /// own (`timeouts.participant_absent_timeout_ms`).
+    #[arg(long, env = "SESSIOND_PARTICIPANT_ABSENT_MS")]
+    participant_absent_ms: Option<u64>,
+
+    /// Hours the room events and participants of an ended session are kept (for
+    /// deduplicating late deliveries) before the sweep prunes them.
+    #[arg(long, env = "SESSIOND_ROOM_RETENTION_HOURS", default_value_t = 24)]
+    room_retention_hours: u64,
 
     /// Seconds a webhook signature's time may differ from ours.
     #[arg(long, env = "SESSIOND_WEBHOOK_TOLERANCE_SECS", default_value_t = 300)]
@@ -481,6 +498,9 @@ async fn run(cli: Cli) -> Result<(), String> {
             node_timeout: Duration::from_secs(cli.node_timeout_secs),
             release_poll: Duration::from_millis(cli.release_poll_ms.max(1)),
             room_grace: Duration::from_millis(cli.room_grace_ms),
+            participant_absent: cli.participant_absent_ms.map(Duration::from_millis),
+            websocket_grace: Duration::from_millis(cli.ws_grace_ms),
+            room_retention: Duration::from_secs(cli.room_retention_hours.saturating_mul(3600)),
             release_deadlines,
             outage_settle: Duration::from_millis(
                 cli.outage_settle_ms.unwrap_or(2 * cli.node_heartbeat_ms),
@@ -521,7 +541,7 @@ async fn run(cli: Cli) -> Result<(), String> {
             max_in_flight: cli.max_in_flight.max(1),
             ws_ping_interval: Duration::from_millis(cli.ws_ping_interval_ms.max(1)),
             ws_pong_timeout: Duration::from_millis(cli.ws_pong_timeout_ms.max(1)),
-            ws_grace: Duration::from_millis(cli.ws_grace_ms),
+            webhook_max_body_bytes: cli.webhook_max_body_bytes,
         },
         webhooks,
     );

@@ -22,7 +22,11 @@ use crate::views::{CreateRequest, CreatedResponse, ListResponse, SessionResponse
 
 /// The view of `record` in full, resource kinds named by the engine's backends.
 fn view(state: &AppState, record: &SessionRecord) -> SessionView {
-    SessionView::of(record, &|kind| state.engine.kind_name(kind))
+    SessionView::of(
+        record,
+        &|kind| state.engine.kind_name(kind),
+        &state.engine.timeouts_of(&record.timeouts),
+    )
 }
 
 /// Start a session.
@@ -59,7 +63,11 @@ pub async fn create_session(
                 provider: r.provider.into(),
                 name: r.name,
             }),
-            timeouts: Default::default(),
+            timeouts: request
+                .timeouts
+                .as_ref()
+                .map(|t| t.timeouts())
+                .unwrap_or_default(),
             resources: ResourceRequest {
                 gpu_memory: request
                     .gpu_memory_mib

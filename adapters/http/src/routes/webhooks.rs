@@ -13,7 +13,9 @@ use crate::error::{ApiError, ErrorBody, ErrorCode};
 use crate::input::body_error;
 use crate::state::AppState;
 use crate::views::{WebhookOutcome, WebhookResponse};
-use crate::webhooks::parse::{ParseError, ParsedEvent, parse_daily, parse_livekit};
+use crate::webhooks::parse::{
+    ParseError, ParsedEvent, is_daily_verification, parse_daily, parse_livekit,
+};
 use crate::webhooks::verify::{VerifyError, verify_daily, verify_livekit};
 
 fn refused(e: VerifyError) -> ApiError {
@@ -95,6 +97,10 @@ pub async fn livekit(
 }
 
 /// Daily webhook receiver.
+///
+/// Daily's check of the endpoint (body exactly `{"test":"test"}`, sent before it creates a
+/// webhook or re-activates a failed one) is answered 200 with outcome `verification`,
+/// signed or not, and changes nothing; every other delivery must be signed.
 #[utoipa::path(
     post, path = "/v1/webhooks/daily", tag = "webhooks",
     request_body(content = String, description = "Daily's webhook event (JSON)"),
@@ -103,7 +109,7 @@ pub async fn livekit(
         ("X-Webhook-Timestamp" = String, Header, description = "Unix time of the signature"),
     ),
     responses(
-        (status = 200, description = "Accepted (applied, duplicate or ignored)", body = WebhookResponse),
+        (status = 200, description = "Accepted (applied, duplicate or ignored), or Daily's endpoint check (`verification`)", body = WebhookResponse),
         (status = 400, description = "Signed, but not a webhook body (`invalid_request`)", body = ErrorBody),
         (status = 401, description = "Missing or bad signature, stale timestamp, or no secret configured (`unauthorized`)", body = ErrorBody),
         (status = 413, description = "Body over the limit (`payload_too_large`)", body = ErrorBody),
@@ -116,6 +122,14 @@ pub async fn daily(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<WebhookResponse>, ApiError> {
     let body = body.map_err(body_error)?;
+    if is_daily_verification(&body) {
+        // Before any secret exists (Daily returns it when the webhook is created) and
+        // whatever the signature: it asks only whether the endpoint answers.
+        return Ok(Json(WebhookResponse {
+            success: true,
+            outcome: WebhookOutcome::Verification,
+        }));
+    }
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
     let cfg = &state.webhooks;
     let tenant = verify_daily(

@@ -1,20 +1,25 @@
 //! The session WebSocket: client presence.
 //!
-//! The server pings every `ping_interval`; anything the client sends (pongs included)
-//! counts as liveness. A socket that closes, errors, or sends nothing for `pong_timeout`
-//! is gone; when a session's last socket on this instance is gone (and stays gone for the
-//! grace period, none by default) the session ends with `websocket_disconnected`.
+//! An open socket is liveness for as long as it stays open: it is recorded once in the
+//! store when this instance first holds a socket of the session, never per ping (see
+//! [`Engine::hold_socket`](session_lifecycle_runtime::Engine::hold_socket)). The server
+//! pings every `ping_interval` to find lost connections: a socket that closes, errors, or
+//! sends nothing for `pong_timeout` is gone. When no instance holds a socket of the session
+//! any more, after the session's WebSocket grace (none by default), it ends with
+//! `websocket_disconnected`. When the session ends, by any means on any instance, its
+//! sockets are closed within about a second with code 1000 and the end reason.
 
 use std::sync::Arc;
 
 use axum::extract::rejection::QueryRejection;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
-use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Query, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use session_lifecycle::{EndReason, SessionId, Status};
+use session_lifecycle_runtime::EngineError;
 use tokio::time::Instant;
 use utoipa::IntoParams;
 
@@ -75,12 +80,9 @@ pub async fn session_ws(
                 .map_err(|_| ApiError::unauthorized())?;
             None
         }
-        None => Some(api_key_tenant(&state.tenants, &headers)?),
+        None => Some(api_key_tenant(&state.tenants, &headers)?.name.clone()),
     };
-    let record = state
-        .engine
-        .get(tenant.as_ref().map(|t| t.name.as_str()), id)
-        .await?;
+    let record = state.engine.get(tenant.as_deref(), id).await?;
     if record.session.status() == Status::Ended {
         return Err(ApiError::new(
             ErrorCode::SessionEnded,
@@ -93,16 +95,9 @@ pub async fn session_ws(
             "this endpoint takes a WebSocket upgrade",
         )
     })?;
-    // Counted before the upgrade completes, so a quick close-and-reopen never looks
-    // like "no sockets left".
-    state.presence.join(id);
-    state.engine.touch(None, id).await.ok();
-    let st = Arc::clone(&state);
+    // The socket is held only once it exists: a handshake that fails holds nothing.
     Ok(upgrade
-        .on_failed_upgrade(move |_| {
-            st.presence.leave(id);
-        })
-        .on_upgrade(move |socket| serve(socket, state, id))
+        .on_upgrade(move |socket| serve(socket, state, tenant, id))
         .into_response())
 }
 
@@ -117,9 +112,9 @@ enum Gone {
     SendFailed,
     /// The connection failed.
     Error,
-    /// The session ended by other means; the socket was closed.
+    /// The session ended (anywhere); the socket was closed.
     SessionEnded,
-    /// The service is shutting down; the socket was closed.
+    /// The service is stopping; the socket was closed.
     ShuttingDown,
 }
 
@@ -132,29 +127,61 @@ impl Gone {
             Gone::SendFailed => "lost (send failed)",
             Gone::Error => "lost (error)",
             Gone::SessionEnded => "session ended",
-            Gone::ShuttingDown => "service shutting down",
-        }
-    }
-
-    /// Whether the session ends (`websocket_disconnected`) when this was its last socket.
-    fn ends_session(self) -> bool {
-        match self {
-            // The client went away: presence is what this socket measured.
-            Gone::Closed | Gone::Silent | Gone::SendFailed | Gone::Error => true,
-            // Already ended: nothing to end.
-            Gone::SessionEnded => false,
-            // The service's shutdown decides what becomes of its sessions, not the socket.
-            Gone::ShuttingDown => false,
+            Gone::ShuttingDown => "service stopping",
         }
     }
 }
 
-async fn serve(mut socket: WebSocket, state: Arc<AppState>, id: SessionId) {
+/// Close code for a session that ended: a normal closure (RFC 6455, 1000).
+const CLOSE_NORMAL: u16 = 1000;
+/// Close code for a service that is stopping (RFC 6455, 1001: going away).
+const CLOSE_GOING_AWAY: u16 = 1001;
+/// Close code for a socket that could not be held (RFC 6455, 1011: unexpected condition).
+const CLOSE_ERROR: u16 = 1011;
+
+fn close(code: u16, reason: &'static str) -> Message {
+    Message::Close(Some(CloseFrame {
+        code,
+        reason: reason.into(),
+    }))
+}
+
+/// What a socket of an ended session is told: `session ended: <end reason>`.
+fn ended_reason(reason: Option<EndReason>) -> &'static str {
+    match reason {
+        Some(EndReason::Requested) => "session ended: requested",
+        Some(EndReason::WebsocketDisconnected) => "session ended: websocket_disconnected",
+        Some(EndReason::RoomEmpty) => "session ended: room_empty",
+        Some(EndReason::NobodyJoined) => "session ended: nobody_joined",
+        Some(EndReason::Expired) => "session ended: expired",
+        Some(EndReason::Orphaned) => "session ended: orphaned",
+        Some(EndReason::NodeLost) => "session ended: node_lost",
+        Some(EndReason::AvatarExited) => "session ended: avatar_exited",
+        Some(EndReason::StartFailed) => "session ended: start_failed",
+        Some(EndReason::Shutdown) => "session ended: shutdown",
+        None => "session ended",
+    }
+}
+
+async fn serve(mut socket: WebSocket, state: Arc<AppState>, tenant: Option<String>, id: SessionId) {
+    let mut hold = match state.engine.hold_socket(tenant.as_deref(), id).await {
+        Ok((hold, _)) => hold,
+        Err(EngineError::SessionEnded) => {
+            let _ = socket.send(close(CLOSE_NORMAL, "session ended")).await;
+            return;
+        }
+        Err(e) => {
+            tracing::warn!(session = %id, error = %e, "holding a websocket failed");
+            let _ = socket
+                .send(close(CLOSE_ERROR, "cannot hold the session"))
+                .await;
+            return;
+        }
+    };
     let config = state.config.clone();
     let mut ping = tokio::time::interval(config.ws_ping_interval);
     ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_heard = Instant::now();
-    let mut last_touch = Instant::now();
     let mut shutdown = state.shutdown.subscribe();
     let gone = loop {
         tokio::select! {
@@ -165,46 +192,32 @@ async fn serve(mut socket: WebSocket, state: Arc<AppState>, id: SessionId) {
                 if socket.send(Message::Ping(Vec::new().into())).await.is_err() {
                     break Gone::SendFailed;
                 }
-                // A session ended by other means closes its sockets.
-                if let Ok(r) = state.engine.get(None, id).await
-                    && r.session.status() == Status::Ended
-                {
-                    let _ = socket.send(Message::Close(None)).await;
-                    break Gone::SessionEnded;
-                }
             }
             message = socket.recv() => match message {
                 Some(Ok(Message::Close(_))) | None => break Gone::Closed,
                 Some(Err(_)) => break Gone::Error,
-                Some(Ok(_)) => {
-                    last_heard = Instant::now();
-                    if last_touch.elapsed() >= config.ws_ping_interval {
-                        last_touch = Instant::now();
-                        let _ = state.engine.touch(None, id).await;
-                    }
-                }
+                Some(Ok(_)) => last_heard = Instant::now(),
             },
+            () = hold.ended() => {
+                let reason = state
+                    .engine
+                    .get(None, id)
+                    .await
+                    .ok()
+                    .and_then(|r| r.session.end_reason());
+                let _ = socket.send(close(CLOSE_NORMAL, ended_reason(reason))).await;
+                break Gone::SessionEnded;
+            }
             _ = shutdown.changed() => {
-                let _ = socket.send(Message::Close(None)).await;
+                let _ = socket.send(close(CLOSE_GOING_AWAY, "service stopping")).await;
                 break Gone::ShuttingDown;
             }
         }
     };
     tracing::info!(session = %id, why = gone.as_str(), "websocket gone");
-    if state.presence.leave(id) > 0 || !gone.ends_session() {
-        return;
+    if gone == Gone::ShuttingDown {
+        // What becomes of the session is the stop's business, not this socket's.
+        hold.abandon();
     }
-    if !config.ws_grace.is_zero() {
-        tokio::time::sleep(config.ws_grace).await;
-        if state.presence.count(id) > 0 {
-            return;
-        }
-    }
-    if let Err(e) = state
-        .engine
-        .end(None, id, EndReason::WebsocketDisconnected)
-        .await
-    {
-        tracing::warn!(session = %id, error = %e, "ending after the last websocket failed");
-    }
+    // Otherwise dropping the hold closes it: the last one here starts the grace.
 }

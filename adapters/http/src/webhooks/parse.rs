@@ -77,6 +77,18 @@ pub fn parse_livekit(body: &[u8]) -> Result<Option<ParsedEvent>, ParseError> {
     }))
 }
 
+/// Whether `body` is Daily's check of a webhook endpoint: exactly `{"test":"test"}` (any
+/// JSON spacing). Daily sends it, signed or not, before it creates a webhook or re-activates
+/// a failed one, and creates the webhook only if the answer is 200.
+pub fn is_daily_verification(body: &[u8]) -> bool {
+    match serde_json::from_slice::<serde_json::Value>(body) {
+        Ok(serde_json::Value::Object(fields)) => {
+            fields.len() == 1 && fields.get("test").and_then(|v| v.as_str()) == Some("test")
+        }
+        _ => false,
+    }
+}
+
 /// Parses a verified Daily body: `None` for events that do not concern presence.
 pub fn parse_daily(body: &[u8]) -> Result<Option<ParsedEvent>, ParseError> {
     let v: serde_json::Value =

@@ -166,12 +166,25 @@ impl Cluster {
     /// proxy).
     pub fn start_on(&self, id: &str, url: &str) -> Node {
         let avatar = format!("{} ledger {}", fixture().display(), self.ledger.display());
+        self.spawn(
+            id,
+            url,
+            &["--avatar-command", &avatar, "--avatar-grace-secs", "5"],
+        )
+    }
+
+    /// Starts node `id` with no avatar servers (sessions hold nothing): for many sessions.
+    pub fn start_bare(&self, id: &str) -> Node {
+        self.spawn(id, self.db_url(), &["--gpu", "off"])
+    }
+
+    fn spawn(&self, id: &str, url: &str, resources: &[&str]) -> Node {
         let log = std::fs::File::create(self.dir.path().join(format!("{id}.log"))).expect("log");
         let mut child = Command::new(SESSIOND)
             .args(["--listen", "127.0.0.1:0", "--database", url])
             .args(["--node-id", id, "--api-key", KEY, "--shutdown-mode", "end"])
             .args(["--max-concurrent-sessions", "100000"])
-            .args(["--avatar-command", &avatar, "--avatar-grace-secs", "5"])
+            .args(resources)
             .args(&self.flags)
             .stdout(Stdio::piped())
             .stderr(log)

@@ -45,6 +45,8 @@ pub struct SocketHold {
     engine: Engine,
     session: SessionId,
     ended: watch::Receiver<bool>,
+    /// Closed because this service is stopping: the close decides nothing.
+    abandoned: bool,
 }
 
 impl std::fmt::Debug for SocketHold {
@@ -61,6 +63,15 @@ impl SocketHold {
         self.session
     }
 
+    /// Closes this socket because the service is stopping (a handover or a shutdown): no
+    /// grace starts and nothing is written. What becomes of the session is the stop's
+    /// business; its client can reconnect to another instance, or to this node's next run
+    /// (which lets go of what it held, see [`PresenceStore::clear_presence`](
+    /// crate::PresenceStore::clear_presence)).
+    pub fn abandon(mut self) {
+        self.abandoned = true;
+    }
+
     /// Resolves once the session has ended, on any instance sharing the store (within
     /// about a second of the end; see [`PresenceStore::watch_ends`](crate::PresenceStore)).
     pub async fn ended(&mut self) {
@@ -73,7 +84,11 @@ impl SocketHold {
 
 impl Drop for SocketHold {
     fn drop(&mut self) {
-        self.engine.socket_closed(self.session);
+        if self.abandoned {
+            self.engine.socket_abandoned(self.session);
+        } else {
+            self.engine.socket_closed(self.session);
+        }
     }
 }
 
@@ -93,6 +108,7 @@ impl Engine {
             engine: self.clone(),
             session: id,
             ended,
+            abandoned: false,
         };
         let record = self.get(tenant, id).await?;
         if record.session.status() != Status::Started {
@@ -140,6 +156,17 @@ impl Engine {
         entry.open += 1;
         entry.opened += 1;
         (entry.ended.subscribe(), Arc::clone(&entry.recorded))
+    }
+
+    /// Counts a socket of `id` closed by a stopping service: the last one only forgets it.
+    fn socket_abandoned(&self, id: SessionId) {
+        let mut held = lock(&self.inner.sockets.held);
+        if let Some(entry) = held.get_mut(&id) {
+            entry.open = entry.open.saturating_sub(1);
+            if entry.open == 0 {
+                held.remove(&id);
+            }
+        }
     }
 
     /// Counts a socket of `id` closed; the last one starts the session's grace.
