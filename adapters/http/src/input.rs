@@ -9,7 +9,7 @@ use session_lifecycle::{SessionId, Status};
 use utoipa::IntoParams;
 
 use crate::error::{ApiError, ErrorCode};
-use crate::views::{CreateRequest, StatusView};
+use crate::views::{CreateRequest, StatusView, json_object};
 
 /// Longest metadata document accepted, serialized.
 pub const MAX_METADATA_BYTES: usize = 4096;
@@ -53,8 +53,10 @@ pub fn parse_create(body: &[u8]) -> Result<CreateRequest, ApiError> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(CreateRequest::default());
     }
-    let request: Option<CreateRequest> = serde_json::from_slice(body)
-        .map_err(|e| ApiError::invalid(format!("invalid JSON body: {e}")))?;
+    let invalid = |e: serde_json::Error| ApiError::invalid(format!("invalid JSON body: {e}"));
+    let mut json = serde_json::Deserializer::from_slice(body);
+    let request: Option<CreateRequest> = json_object(&mut json).map_err(invalid)?;
+    json.end().map_err(invalid)?;
     let request = request.unwrap_or_default();
     if request
         .duration_secs
@@ -195,11 +197,20 @@ mod tests {
             "{\"room\": {\"provider\": \"daily\", \"name\": \"é\"}, \"metadata\": {\"a\": [1]}}",
             "{\"room\": null, \"metadata\": null}",
             "{\"gpu_memory_mib\": 1041.0, \"duration_secs\": 1e3, \"gpu_device\": null}",
+            "{\"timeouts\": {\"websocket_grace_ms\": 1000}}",
+            "{\"timeouts\": null}",
         ] {
             assert!(parse_create(ok.as_bytes()).is_ok(), "{ok}");
         }
         for bad in [
             "[]",
+            // Arrays are not objects, though serde would fill a struct from one.
+            "[60]",
+            "{\"timeouts\": [null, null]}",
+            "{\"timeouts\": [1000]}",
+            "{\"room\": [\"daily\", \"a\"]}",
+            "{} {}",
+            "{\"timeouts\": {\"websocket_grace_ms\": 1, \"extra\": 1}}",
             "{\"duration_secs\": 604801}",
             "{\"room\": {\"provider\": \"daily\", \"name\": \"a\\u0000b\"}}",
             "{\"room\": {\"provider\": \"daily\", \"name\": \"\"}}",

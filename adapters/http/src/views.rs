@@ -358,6 +358,7 @@ pub struct CreateRequest {
     #[serde(default, deserialize_with = "json_integer")]
     pub duration_secs: Option<u64>,
     /// Bind the session to a video room: it ends when the last participant leaves.
+    #[serde(default, deserialize_with = "json_object")]
     pub room: Option<RoomView>,
     /// A small JSON object returned with the session: at most 4096 bytes once serialized
     /// (compact JSON, as the session shows it).
@@ -374,6 +375,7 @@ pub struct CreateRequest {
     pub gpu_device: Option<u32>,
     /// The session's own timeouts, each within the tenant's plan (400 beyond); absent
     /// ones take the service's defaults.
+    #[serde(default, deserialize_with = "json_object")]
     pub timeouts: Option<TimeoutsRequest>,
 }
 
@@ -407,6 +409,24 @@ impl TimeoutsRequest {
             websocket_grace: ms(self.websocket_grace_ms),
         }
     }
+}
+
+/// An optional JSON object, and only an object: serde fills a struct from an array of its
+/// fields in order too (`[60, null]`), which the schema does not allow.
+pub(crate) fn json_object<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: serde::de::DeserializeOwned,
+{
+    use serde::de::Error;
+    let Some(fields) =
+        Option::<serde_json::Map<String, serde_json::Value>>::deserialize(deserializer)?
+    else {
+        return Ok(None);
+    };
+    T::deserialize(serde_json::Value::Object(fields))
+        .map(Some)
+        .map_err(D::Error::custom)
 }
 
 /// An optional JSON integer as JSON Schema counts them: `1041.0` and `1e3` are integers

@@ -26,6 +26,7 @@ use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use session_lifecycle::{EndReason, Resource, SessionId, Status, Timestamp, Transition};
+use session_lifecycle_runtime::lock;
 use session_lifecycle_runtime::rows::{
     LOST_WITH_NODE, RELEASED_ON_RETURN, ResourceRow, SessionRow, duration_ms, millis as ms,
     parse_id, release_columns, stored_duration, timeout_columns, timestamp,
@@ -42,11 +43,16 @@ use tokio::sync::oneshot;
 /// The most calls committed in one transaction.
 const MAX_BATCH: usize = 512;
 
-/// A job for the writer thread: runs its statements inside a savepoint, says whether they
-/// succeeded, and hands back what to do once the whole transaction committed (or not).
-/// A job given `Err` must not run, only report the error.
+/// A write: runs its statements inside a savepoint, says whether they succeeded, and
+/// hands back what to do once the whole transaction committed (or not). A job given `Err`
+/// must not run, only report the error.
 type Job = Box<dyn FnOnce(Result<&Connection, &str>) -> (bool, Finish) + Send>;
 type Finish = Box<dyn FnOnce(Option<&str>) + Send>;
+
+/// How long a connection waits for another's lock before it reports SQLITE_BUSY.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+/// Read connections kept for reuse (one per worker thread reading at once suffices).
+const READ_POOL: usize = 8;
 
 /// A session store in one SQLite file.
 #[derive(Clone)]
@@ -61,6 +67,8 @@ struct Inner {
     /// under load, one fsync covers everything that queued up meanwhile.
     writer: tokio::sync::Mutex<Connection>,
     queue: Mutex<Vec<Job>>,
+    /// Read-only connections, idle. Beside the writer: reads never wait for a commit's
+    /// fsync (WAL readers and the writer do not block each other).
     readers: Mutex<Vec<Connection>>,
     /// Nodes whose releases may have become due (an end of their session here): one
     /// process, so an in-process broadcast (bounded: a waiter that lags is woken).
@@ -80,8 +88,7 @@ fn unavailable(e: impl Into<session_lifecycle_runtime::BoxError>) -> StoreError 
 
 fn open_connection(path: &Path, flags: OpenFlags) -> Result<Connection, StoreError> {
     let conn = Connection::open_with_flags(path, flags).map_err(unavailable)?;
-    conn.busy_timeout(Duration::from_secs(5))
-        .map_err(unavailable)?;
+    conn.busy_timeout(BUSY_TIMEOUT).map_err(unavailable)?;
     conn.pragma_update(None, "foreign_keys", "ON")
         .map_err(unavailable)?;
     // FULL: each commit is fsynced before it is acknowledged (NORMAL in WAL mode may lose
@@ -152,65 +159,48 @@ impl SqliteStore {
             });
             (ok, finish)
         });
-        self.inner
-            .queue
-            .lock()
-            .map_err(|_| unavailable("write queue lock poisoned"))?
-            .push(job);
         let mut rx = rx;
+        lock(&self.inner.queue).push(job);
         let conn = self.inner.writer.lock().await;
         // An earlier holder may have committed our job with its batch.
         if let Ok(answer) = rx.try_recv() {
             return answer;
         }
-        let jobs = std::mem::take(
-            &mut *self
-                .inner
-                .queue
-                .lock()
-                .map_err(|_| unavailable("write queue lock poisoned"))?,
-        );
+        let jobs = std::mem::take(&mut *lock(&self.inner.queue));
         blocking(|| commit_batch(&conn, jobs));
         drop(conn);
         rx.await.map_err(|_| unavailable("a write was dropped"))?
     }
 
-    /// Runs `f` on a read connection, off the async threads.
+    /// Runs `f` on a read connection, in one snapshot.
+    ///
+    /// At once, on this thread: a WAL read takes no lock that the writer holds and reads
+    /// pages from memory, so it costs microseconds, less than handing it to another
+    /// thread. Its connection does not wait for locks (busy timeout 0); when one is held
+    /// (a checkpoint resetting the log, a recovery), the read runs again off the async
+    /// workers, waiting up to the busy timeout.
     async fn read<T, F>(&self, f: F) -> Result<T, StoreError>
     where
-        T: Send + 'static,
-        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+        F: Fn(&Connection) -> Result<T, StoreError>,
     {
-        let inner = &self.inner;
-        // Off the async workers (a read may wait on the busy timeout or the disk): on a
-        // multi-threaded runtime the worker hands its other tasks over meanwhile.
-        blocking(move || {
-            let pooled = inner.readers.lock().ok().and_then(|mut v| v.pop());
-            let conn = match pooled {
-                Some(c) => c,
-                None => {
-                    let c = open_connection(
-                        &inner.path,
-                        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-                    )?;
-                    c.pragma_update(None, "query_only", "ON")
-                        .map_err(unavailable)?;
-                    c
-                }
-            };
-            // One snapshot for the whole read: a session row and its resources' rows are
-            // read by separate statements, and a write committed between them must not
-            // show half of itself.
-            conn.execute_batch("BEGIN").map_err(unavailable)?;
-            let result = f(&conn);
-            conn.execute_batch("COMMIT").map_err(unavailable)?;
-            if let Ok(mut pool) = inner.readers.lock()
-                && pool.len() < 8
-            {
-                pool.push(conn);
-            }
-            result
-        })
+        let conn = match lock(&self.inner.readers).pop() {
+            Some(conn) => conn,
+            None => open_reader(&self.inner.path)?,
+        };
+        let result = match snapshot(&conn, &f) {
+            Err(e) if is_busy(&e) => blocking(|| {
+                conn.busy_timeout(BUSY_TIMEOUT).map_err(db)?;
+                let result = snapshot(&conn, &f);
+                conn.busy_timeout(Duration::ZERO).map_err(db)?;
+                result
+            }),
+            other => other,
+        };
+        let mut idle = lock(&self.inner.readers);
+        if idle.len() < READ_POOL {
+            idle.push(conn);
+        }
+        result
     }
 
     /// Runs `PRAGMA integrity_check` and returns its verdict (`ok` when sound).
@@ -231,6 +221,51 @@ fn blocking<T>(f: impl FnOnce() -> T) -> T {
         Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
         _ => f(),
     }
+}
+
+/// A read-only connection to `path` that never waits for a lock (see [`SqliteStore::read`]).
+fn open_reader(path: &Path) -> Result<Connection, StoreError> {
+    let conn = open_connection(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )?;
+    conn.busy_timeout(Duration::ZERO).map_err(db)?;
+    conn.pragma_update(None, "query_only", "ON").map_err(db)?;
+    Ok(conn)
+}
+
+/// Runs `f` in one snapshot: a session row and its resources' rows are read by separate
+/// statements, and a write committed between them must not show half of itself.
+fn snapshot<T>(
+    conn: &Connection,
+    f: &impl Fn(&Connection) -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    let run = |sql| {
+        conn.prepare_cached(sql)
+            .and_then(|mut s| s.execute([]))
+            .map_err(db)
+    };
+    run("BEGIN")?;
+    let result = f(conn);
+    // Ends the snapshot whatever `f` answered (a read-only transaction: nothing to undo).
+    run("COMMIT")?;
+    result
+}
+
+/// Whether `e` is SQLite reporting a lock held by another connection.
+fn is_busy(e: &StoreError) -> bool {
+    let StoreError::Unavailable(source) = e else {
+        return false;
+    };
+    source
+        .downcast_ref::<rusqlite::Error>()
+        .and_then(rusqlite::Error::sqlite_error_code)
+        .is_some_and(|code| {
+            matches!(
+                code,
+                rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
+            )
+        })
 }
 
 /// Commits `jobs` in one transaction, each in its own savepoint (so that one failing
@@ -308,50 +343,65 @@ fn db(e: rusqlite::Error) -> StoreError {
     unavailable(e)
 }
 
-const SESSION_COLUMNS: &str = "id, tenant, status, started_at, ended_at, end_reason, expires_at, \
-     last_seen_at, metadata, room_provider, room_name, node, participant_left_ms, \
-     participant_absent_ms, websocket_grace_ms";
-
-/// Reads the session row at `row` (columns as in [`SESSION_COLUMNS`]) and its resources.
-fn load_record(conn: &Connection, row: &rusqlite::Row<'_>) -> Result<SessionRecord, StoreError> {
-    let session = SessionRow {
-        id: row.get(0).map_err(db)?,
-        tenant: row.get(1).map_err(db)?,
-        status: row.get(2).map_err(db)?,
-        started_at: row.get(3).map_err(db)?,
-        ended_at: row.get(4).map_err(db)?,
-        end_reason: row.get(5).map_err(db)?,
-        expires_at: row.get(6).map_err(db)?,
-        last_seen_at: row.get(7).map_err(db)?,
-        metadata: row.get(8).map_err(db)?,
-        room_provider: row.get(9).map_err(db)?,
-        room_name: row.get(10).map_err(db)?,
-        node: row.get(11).map_err(db)?,
-        participant_left_ms: row.get(12).map_err(db)?,
-        participant_absent_ms: row.get(13).map_err(db)?,
-        websocket_grace_ms: row.get(14).map_err(db)?,
+/// The columns of a session row, in the order [`session_row`] reads them: a macro, so that
+/// statements are literals (no SQL formatted per call).
+macro_rules! session_columns {
+    () => {
+        "id, tenant, status, started_at, ended_at, end_reason, expires_at, last_seen_at, \
+         metadata, room_provider, room_name, node, participant_left_ms, participant_absent_ms, \
+         websocket_grace_ms"
     };
-    let mut stmt = conn
-        .prepare_cached(
-            // No ORDER BY: it costs a sorter even for no rows; the decoder sorts by seq.
-            "SELECT seq, kind, handle, state, attempts, retry_at, released_at, note, last_error
-             FROM resources WHERE session_id = ?1",
-        )
-        .map_err(db)?;
+}
+
+/// The session row at `row` (its columns first, as [`session_columns`] lists them).
+fn session_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<SessionRow> {
+    Ok(SessionRow {
+        id: row.get(0)?,
+        tenant: row.get(1)?,
+        status: row.get(2)?,
+        started_at: row.get(3)?,
+        ended_at: row.get(4)?,
+        end_reason: row.get(5)?,
+        expires_at: row.get(6)?,
+        last_seen_at: row.get(7)?,
+        metadata: row.get(8)?,
+        room_provider: row.get(9)?,
+        room_name: row.get(10)?,
+        node: row.get(11)?,
+        participant_left_ms: row.get(12)?,
+        participant_absent_ms: row.get(13)?,
+        websocket_grace_ms: row.get(14)?,
+    })
+}
+
+/// The resource row at `row` (columns as [`RESOURCES_OF_SESSION`] selects them).
+fn resource_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<ResourceRow> {
+    Ok(ResourceRow {
+        seq: row.get(0)?,
+        kind: row.get(1)?,
+        handle: row.get(2)?,
+        state: row.get(3)?,
+        attempts: row.get(4)?,
+        retry_at: row.get(5)?,
+        released_at: row.get(6)?,
+        note: row.get(7)?,
+        last_error: row.get(8)?,
+    })
+}
+
+/// The resources of session `?1`, columns as [`resource_row`] reads them. No ORDER BY: it
+/// costs a sorter even for no rows; the decoder sorts by seq.
+const RESOURCES_OF_SESSION: &str =
+    "SELECT seq, kind, handle, state, attempts, retry_at, released_at, note, last_error
+     FROM resources WHERE session_id = ?1";
+
+/// Reads the session row at `row` (columns as [`session_columns`] lists them) and its
+/// resources.
+fn load_record(conn: &Connection, row: &rusqlite::Row<'_>) -> Result<SessionRecord, StoreError> {
+    let session = session_row(row).map_err(db)?;
+    let mut stmt = conn.prepare_cached(RESOURCES_OF_SESSION).map_err(db)?;
     let resources = stmt
-        .query_map([&session.id], |r| {
-            Ok(ResourceRow {
-                seq: r.get(0)?,
-                kind: r.get(1)?,
-                handle: r.get(2)?,
-                state: r.get(3)?,
-                attempts: r.get(4)?,
-                retry_at: r.get(5)?,
-                released_at: r.get(6)?,
-                note: r.get(7)?,
-                last_error: r.get(8)?,
-            })
-        })
+        .query_map([&session.id], resource_row)
         .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
         .map_err(db)?;
     session.into_record(resources)
@@ -393,8 +443,10 @@ fn room_state(c: &Connection, id: &str) -> Result<Option<RoomState>, StoreError>
 
 fn get_record(conn: &Connection, id: &str) -> Result<Option<SessionRecord>, StoreError> {
     let mut stmt = conn
-        .prepare_cached(&format!(
-            "SELECT {SESSION_COLUMNS} FROM sessions WHERE id = ?1"
+        .prepare_cached(concat!(
+            "SELECT ",
+            session_columns!(),
+            " FROM sessions WHERE id = ?1"
         ))
         .map_err(db)?;
     let mut rows = stmt.query([id]).map_err(db)?;
@@ -580,8 +632,10 @@ impl SessionStore for SqliteStore {
                 Status::Ended => "ended",
             });
             let mut stmt = c
-                .prepare_cached(&format!(
-                    "SELECT {SESSION_COLUMNS} FROM sessions
+                .prepare_cached(concat!(
+                    "SELECT ",
+                    session_columns!(),
+                    " FROM sessions
                      WHERE (?1 IS NULL OR tenant = ?1)
                        AND (?2 IS NULL OR status = ?2)
                        AND (?3 IS NULL OR id < ?3)
@@ -1021,5 +1075,59 @@ impl PresenceStore for SqliteStore {
 impl StoreHealth for SqliteStore {
     fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>> {
         Box::pin(self.read(|c| c.query_row("SELECT 1", [], |_| Ok(())).map_err(db)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use super::*;
+
+    fn sqlite_error(code: i32) -> StoreError {
+        db(rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(code),
+            None,
+        ))
+    }
+
+    /// A read that meets a lock runs again (off the workers, waiting for the lock); any
+    /// other failure is answered as it is.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_read_that_meets_a_lock_runs_again_and_others_fail_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(dir.path().join("s.db")).unwrap();
+        for (first, runs, answered) in [
+            (rusqlite::ffi::SQLITE_BUSY, 2, true),
+            (rusqlite::ffi::SQLITE_LOCKED, 2, true),
+            (rusqlite::ffi::SQLITE_IOERR, 1, false),
+        ] {
+            let calls = Arc::new(AtomicU32::new(0));
+            let answer = store
+                .read({
+                    let calls = Arc::clone(&calls);
+                    move |c| match calls.fetch_add(1, Ordering::SeqCst) {
+                        0 => Err(sqlite_error(first)),
+                        _ => c
+                            .query_row("SELECT count(*) FROM sessions", [], |r| r.get::<_, i64>(0))
+                            .map_err(db),
+                    }
+                })
+                .await;
+            assert_eq!(calls.load(Ordering::SeqCst), runs, "code {first}");
+            assert_eq!(answer.is_ok(), answered, "code {first}: {answer:?}");
+            if answered {
+                assert_eq!(answer.unwrap(), 0);
+            }
+        }
+        // The connection came back to the pool with its zero busy timeout, and works.
+        let count = store
+            .read(|c| {
+                c.query_row("SELECT count(*) FROM sessions", [], |r| r.get::<_, i64>(0))
+                    .map_err(db)
+            })
+            .await
+            .unwrap();
+        assert_eq!(count, 0);
     }
 }

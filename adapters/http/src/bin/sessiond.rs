@@ -23,6 +23,11 @@ use session_lifecycle_process::{CgroupMode, ProcessBackend, ProcessConfig};
 use session_lifecycle_runtime::{Engine, EngineConfig, Plan, ResourceBackend, Store, SystemClock};
 use session_lifecycle_sqlite::SqliteStore;
 
+// Each request allocates and frees many small buffers on whichever worker runs it; glibc's
+// malloc spent a sixth of a loaded instance's CPU there (benches/http_load.sh under perf).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Runs real-time avatar sessions: start, end, automatic termination, resource release.
 #[derive(Parser, Debug)]
 #[command(name = "sessiond", version, about, args_override_self = true)]

@@ -35,7 +35,7 @@ fn view(state: &AppState, record: &SessionRecord) -> SessionView {
     request_body(content = Option<CreateRequest>, description = "Optional: absent, empty or `null` takes every default"),
     responses(
         (status = 201, description = "Started", body = CreatedResponse),
-        (status = 400, description = "Malformed JSON or an invalid field (`invalid_request`)", body = ErrorBody),
+        (status = 400, description = "Malformed JSON, an invalid field, or a timeout over the plan's limit (`invalid_request`)", body = ErrorBody),
         (status = 401, description = "Missing, unknown or revoked API key (`unauthorized`)", body = ErrorBody),
         (status = 413, description = "Body over the limit (`payload_too_large`)", body = ErrorBody),
         (status = 429, description = "Plan limit of concurrent sessions reached (`plan_limit_reached`)", body = ErrorBody),
