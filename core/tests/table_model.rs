@@ -918,3 +918,27 @@ prop_state_machine! {
     #[test]
     fn table_agrees_with_model(sequential 1..80 => TableTest);
 }
+
+/// Found by the `table_ops` fuzz target: the driver holds an end the table handed out,
+/// the session ends another way, and the retention evicts it. Answering that end late
+/// finds nothing and changes nothing (the driver drops it).
+#[test]
+fn a_late_answer_to_an_evicted_sessions_end_finds_nothing() {
+    let mut table = SessionTable::<CAPACITY>::new(policy()).unwrap();
+    let t0 = Timestamp::from_millis(BASE_MS);
+    let id = *table.start(t0, 0, Duration::ZERO).unwrap().id();
+    let Some(Work::End { session, reason }) = table.poll(t0) else {
+        panic!("an expired session's end is handed out");
+    };
+    assert_eq!(session, id);
+    table
+        .end_and_release(t0, &id, EndReason::Requested, &mut Ledger::default())
+        .unwrap();
+    let later = t0.saturating_add(policy().retention + Duration::from_secs(1));
+    table.handle_timeout(later, &mut Ledger::default());
+    assert!(table.get(&id).is_none(), "evicted after the retention");
+    assert!(table.end(later, &id, reason).is_err());
+    assert!(table.defer_end(&id, later).is_err());
+    assert!(table.get(&id).is_none());
+    assert!(table.poll(later).is_none());
+}
