@@ -196,8 +196,9 @@ impl SqliteStore {
             }),
             other => other,
         };
+        // A connection left inside a transaction (its COMMIT failed) is not reused.
         let mut idle = lock(&self.inner.readers);
-        if idle.len() < READ_POOL {
+        if idle.len() < READ_POOL && conn.is_autocommit() {
             idle.push(conn);
         }
         result
