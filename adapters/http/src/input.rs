@@ -211,6 +211,10 @@ mod tests {
             "{\"room\": [\"daily\", \"a\"]}",
             "{} {}",
             "{\"timeouts\": {\"websocket_grace_ms\": 1, \"extra\": 1}}",
+            // A key given twice is refused, at every level.
+            "{\"duration_secs\": 1, \"duration_secs\": 2}",
+            "{\"room\": {\"provider\": \"daily\", \"provider\": \"livekit\", \"name\": \"a\"}}",
+            "{\"timeouts\": {\"websocket_grace_ms\": 1, \"websocket_grace_ms\": 2}}",
             "{\"duration_secs\": 604801}",
             "{\"room\": {\"provider\": \"daily\", \"name\": \"a\\u0000b\"}}",
             "{\"room\": {\"provider\": \"daily\", \"name\": \"\"}}",
@@ -223,6 +227,9 @@ mod tests {
             let e = parse_create(bad.as_bytes()).unwrap_err();
             assert_eq!(e.code(), ErrorCode::InvalidRequest, "{bad}");
         }
+        // The error says where.
+        let e = parse_create(b"{\"timeouts\": {\"websocket_grace_ms\": \"1\"}}").unwrap_err();
+        assert!(e.message().contains("column"), "{e}");
         let long = format!(
             "{{\"room\": {{\"provider\": \"livekit\", \"name\": \"{}\"}}}}",
             "é".repeat(MAX_ROOM_NAME)

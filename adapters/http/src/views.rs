@@ -412,21 +412,44 @@ impl TimeoutsRequest {
 }
 
 /// An optional JSON object, and only an object: serde fills a struct from an array of its
-/// fields in order too (`[60, null]`), which the schema does not allow.
+/// fields in order too (`[60, null]`), which the schema does not allow. The struct still
+/// reads the object itself, so its checks (unknown and duplicate fields) and the error's
+/// position stand.
 pub(crate) fn json_object<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
 where
     D: serde::Deserializer<'de>,
-    T: serde::de::DeserializeOwned,
+    T: Deserialize<'de>,
 {
-    use serde::de::Error;
-    let Some(fields) =
-        Option::<serde_json::Map<String, serde_json::Value>>::deserialize(deserializer)?
-    else {
-        return Ok(None);
-    };
-    T::deserialize(serde_json::Value::Object(fields))
-        .map(Some)
-        .map_err(D::Error::custom)
+    struct ObjectOrNull<T>(std::marker::PhantomData<T>);
+
+    impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for ObjectOrNull<T> {
+        type Value = Option<T>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a JSON object or null")
+        }
+
+        fn visit_none<E: serde::de::Error>(self) -> Result<Option<T>, E> {
+            Ok(None)
+        }
+
+        fn visit_unit<E: serde::de::Error>(self) -> Result<Option<T>, E> {
+            Ok(None)
+        }
+
+        fn visit_some<D2: serde::Deserializer<'de>>(
+            self,
+            deserializer: D2,
+        ) -> Result<Option<T>, D2::Error> {
+            deserializer.deserialize_map(self)
+        }
+
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Option<T>, A::Error> {
+            T::deserialize(serde::de::value::MapAccessDeserializer::new(map)).map(Some)
+        }
+    }
+
+    deserializer.deserialize_option(ObjectOrNull(std::marker::PhantomData))
 }
 
 /// An optional JSON integer as JSON Schema counts them: `1041.0` and `1e3` are integers

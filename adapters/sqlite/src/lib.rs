@@ -174,16 +174,18 @@ impl SqliteStore {
 
     /// Runs `f` on a read connection, in one snapshot.
     ///
-    /// At once, on this thread: a WAL read takes no lock that the writer holds and reads
-    /// pages from memory, so it costs microseconds, less than handing it to another
-    /// thread. Its connection does not wait for locks (busy timeout 0); when one is held
-    /// (a checkpoint resetting the log, a recovery), the read runs again off the async
+    /// At once, on this thread: a WAL read waits for no lock the writer holds and reads
+    /// a few pages, usually from the page cache or the OS's, which costs less than
+    /// handing it to another thread (a cold read from disk stalls this worker meanwhile).
+    /// Its connection does not wait for locks (busy timeout 0); when one is held (a
+    /// checkpoint resetting the log, a recovery), the read runs again off the async
     /// workers, waiting up to the busy timeout.
     async fn read<T, F>(&self, f: F) -> Result<T, StoreError>
     where
         F: Fn(&Connection) -> Result<T, StoreError>,
     {
-        let conn = match lock(&self.inner.readers).pop() {
+        let pooled = lock(&self.inner.readers).pop();
+        let conn = match pooled {
             Some(conn) => conn,
             None => open_reader(&self.inner.path)?,
         };
@@ -206,11 +208,15 @@ impl SqliteStore {
 
     /// Runs `PRAGMA integrity_check` and returns its verdict (`ok` when sound).
     pub async fn integrity_check(&self) -> Result<String, StoreError> {
-        self.read(|c| {
-            c.query_row("PRAGMA integrity_check", [], |r| r.get::<_, String>(0))
+        // It reads the whole file: off the async workers.
+        blocking(|| {
+            let conn = open_connection(
+                &self.inner.path,
+                OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            )?;
+            conn.query_row("PRAGMA integrity_check", [], |r| r.get::<_, String>(0))
                 .map_err(unavailable)
         })
-        .await
     }
 }
 
@@ -225,11 +231,14 @@ fn blocking<T>(f: impl FnOnce() -> T) -> T {
 }
 
 /// A read-only connection to `path` that never waits for a lock (see [`SqliteStore::read`]).
+/// Opening it reads nothing: the pragmas a writer sets (`synchronous` reads the schema)
+/// mean nothing to a reader.
 fn open_reader(path: &Path) -> Result<Connection, StoreError> {
-    let conn = open_connection(
+    let conn = Connection::open_with_flags(
         path,
         OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )?;
+    )
+    .map_err(db)?;
     conn.busy_timeout(Duration::ZERO).map_err(db)?;
     conn.pragma_update(None, "query_only", "ON").map_err(db)?;
     Ok(conn)
@@ -248,9 +257,12 @@ fn snapshot<T>(
     };
     run("BEGIN")?;
     let result = f(conn);
-    // Ends the snapshot whatever `f` answered (a read-only transaction: nothing to undo).
-    run("COMMIT")?;
-    result
+    // Ends the snapshot whatever `f` answered (a read-only transaction: nothing to undo);
+    // `f`'s own error comes first.
+    let commit = run("COMMIT");
+    let value = result?;
+    commit?;
+    Ok(value)
 }
 
 /// Whether `e` is SQLite reporting a lock held by another connection.
