@@ -16,43 +16,32 @@
 //! # Ok(()) }
 //! ```
 
+mod connections;
+mod presence;
+mod rooms;
 mod schema;
 
 pub use schema::SCHEMA_VERSION;
 
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
-use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+use connections::Connections;
+use presence::let_go_of;
+use rusqlite::{Connection, params};
 use session_lifecycle::{EndReason, Resource, SessionId, Status, Timestamp, Transition};
-use session_lifecycle_runtime::lock;
 use session_lifecycle_runtime::rows::{
     LOST_WITH_NODE, RELEASED_ON_RETURN, ResourceRow, SessionRow, duration_ms, millis as ms,
-    parse_id, release_columns, stored_duration, timeout_columns, timestamp,
+    parse_id, release_columns, timeout_columns,
 };
 use session_lifecycle_runtime::sql::statements;
 use session_lifecycle_runtime::{
-    AttachOutcome, BoxFuture, CreateOutcome, ListQuery, NewSession, NodeMembership, PresenceStore,
-    ReleaseClaim, ReleaseProgress, ReleaseQueue, RoomEvent, RoomEventKind, RoomState, RoomStore,
-    SessionRecord, SessionStore, StoreError, StoreHealth, TenantScope, TouchOutcome,
+    AttachOutcome, BoxFuture, CreateOutcome, ListQuery, NewSession, NodeMembership, ReleaseClaim,
+    ReleaseProgress, ReleaseQueue, SessionRecord, SessionStore, StoreError, StoreHealth,
+    TenantScope, TouchOutcome,
 };
 use session_lifecycle_runtime::{sql_ended_at, sql_later, sql_release_due_at};
-use tokio::sync::oneshot;
-
-/// The most calls committed in one transaction.
-const MAX_BATCH: usize = 512;
-
-/// A write: runs its statements inside a savepoint, says whether they succeeded, and
-/// hands back what to do once the whole transaction committed (or not). A job given `Err`
-/// must not run, only report the error.
-type Job = Box<dyn FnOnce(Result<&Connection, &str>) -> (bool, Finish) + Send>;
-type Finish = Box<dyn FnOnce(Option<&str>) + Send>;
-
-/// How long a connection waits for another's lock before it reports SQLITE_BUSY.
-const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
-/// Read connections kept for reuse (one per worker thread reading at once suffices).
-const READ_POOL: usize = 8;
 
 /// A session store in one SQLite file.
 #[derive(Clone)]
@@ -61,15 +50,7 @@ pub struct SqliteStore {
 }
 
 struct Inner {
-    path: PathBuf,
-    /// The write connection. Whoever holds it commits every queued job in one
-    /// transaction (group commit): alone, a caller commits its own job on its own thread;
-    /// under load, one fsync covers everything that queued up meanwhile.
-    writer: tokio::sync::Mutex<Connection>,
-    queue: Mutex<Vec<Job>>,
-    /// Read-only connections, idle. Beside the writer: reads never wait for a commit's
-    /// fsync (WAL readers and the writer do not block each other).
-    readers: Mutex<Vec<Connection>>,
+    conns: Connections,
     /// Nodes whose releases may have become due (an end of their session here): one
     /// process, so an in-process broadcast (bounded: a waiter that lags is woken).
     releases_due: tokio::sync::broadcast::Sender<String>,
@@ -78,52 +59,16 @@ struct Inner {
     ended: tokio::sync::broadcast::Sender<SessionId>,
 }
 
-/// The live holders of session `?1` at `?2` for the node timeout `?3` (ms), on the
-/// caller's clock (which wrote the heartbeats).
-const HOLDERS: &str = session_lifecycle_runtime::sql_holders!("n.last_heartbeat_at > ?2 - ?3");
-
 fn unavailable(e: impl Into<session_lifecycle_runtime::BoxError>) -> StoreError {
     StoreError::unavailable(e)
-}
-
-fn open_connection(path: &Path, flags: OpenFlags) -> Result<Connection, StoreError> {
-    let conn = Connection::open_with_flags(path, flags).map_err(unavailable)?;
-    conn.busy_timeout(BUSY_TIMEOUT).map_err(unavailable)?;
-    conn.pragma_update(None, "foreign_keys", "ON")
-        .map_err(unavailable)?;
-    // FULL: each commit is fsynced before it is acknowledged (NORMAL in WAL mode may lose
-    // the last commits on power loss).
-    conn.pragma_update(None, "synchronous", "FULL")
-        .map_err(unavailable)?;
-    Ok(conn)
 }
 
 impl SqliteStore {
     /// Opens (creating if needed) the store at `path`, and migrates its schema.
     pub fn open(path: impl AsRef<Path>) -> Result<SqliteStore, StoreError> {
-        let path = path.as_ref().to_path_buf();
-        let mut conn = open_connection(
-            &path,
-            OpenFlags::SQLITE_OPEN_READ_WRITE
-                | OpenFlags::SQLITE_OPEN_CREATE
-                | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-        )?;
-        let mode: String = conn
-            .pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))
-            .map_err(unavailable)?;
-        if !mode.eq_ignore_ascii_case("wal") {
-            return Err(StoreError::unavailable(format!(
-                "{} cannot use WAL mode (got {mode})",
-                path.display()
-            )));
-        }
-        schema::migrate(&mut conn)?;
         Ok(SqliteStore {
             inner: Arc::new(Inner {
-                path,
-                writer: tokio::sync::Mutex::new(conn),
-                queue: Mutex::new(Vec::new()),
-                readers: Mutex::new(Vec::new()),
+                conns: Connections::open(path.as_ref())?,
                 releases_due: tokio::sync::broadcast::channel(1024).0,
                 ended: tokio::sync::broadcast::channel(1024).0,
             }),
@@ -132,223 +77,12 @@ impl SqliteStore {
 
     /// The file this store lives in.
     pub fn path(&self) -> &Path {
-        &self.inner.path
-    }
-
-    /// Runs `f` on the writer thread, inside the current batch's transaction; the answer
-    /// comes only after that transaction committed.
-    async fn write<T, F>(&self, f: F) -> Result<T, StoreError>
-    where
-        T: Send + 'static,
-        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
-    {
-        let (tx, rx) = oneshot::channel();
-        let job: Job = Box::new(move |conn| {
-            let result = match conn {
-                Ok(conn) => f(conn),
-                Err(msg) => Err(unavailable(msg)),
-            };
-            let ok = result.is_ok();
-            let finish: Finish = Box::new(move |commit_error| {
-                let answer = match (result, commit_error) {
-                    (Ok(v), None) => Ok(v),
-                    (Ok(_), Some(e)) => Err(StoreError::unavailable(format!("commit failed: {e}"))),
-                    (Err(e), _) => Err(e),
-                };
-                let _ = tx.send(answer);
-            });
-            (ok, finish)
-        });
-        let mut rx = rx;
-        lock(&self.inner.queue).push(job);
-        let conn = self.inner.writer.lock().await;
-        // An earlier holder may have committed our job with its batch.
-        if let Ok(answer) = rx.try_recv() {
-            return answer;
-        }
-        let jobs = std::mem::take(&mut *lock(&self.inner.queue));
-        blocking(|| commit_batch(&conn, jobs));
-        drop(conn);
-        rx.await.map_err(|_| unavailable("a write was dropped"))?
-    }
-
-    /// Runs `f` on a read connection, in one snapshot.
-    ///
-    /// At once, on this thread: a WAL read waits for no lock the writer holds and reads
-    /// a few pages, usually from the page cache or the OS's, which costs less than
-    /// handing it to another thread (a cold read from disk stalls this worker meanwhile).
-    /// Its connection does not wait for locks (busy timeout 0); when one is held (a
-    /// checkpoint resetting the log, a recovery), the read runs again off the async
-    /// workers, waiting up to the busy timeout.
-    async fn read<T, F>(&self, f: F) -> Result<T, StoreError>
-    where
-        F: Fn(&Connection) -> Result<T, StoreError>,
-    {
-        let pooled = lock(&self.inner.readers).pop();
-        let conn = match pooled {
-            Some(conn) => conn,
-            None => open_reader(&self.inner.path)?,
-        };
-        let result = match snapshot(&conn, &f) {
-            Err(e) if is_busy(&e) => blocking(|| {
-                conn.busy_timeout(BUSY_TIMEOUT).map_err(db)?;
-                let result = snapshot(&conn, &f);
-                conn.busy_timeout(Duration::ZERO).map_err(db)?;
-                result
-            }),
-            other => other,
-        };
-        // A connection left inside a transaction (its COMMIT failed) is not reused.
-        let mut idle = lock(&self.inner.readers);
-        if idle.len() < READ_POOL && conn.is_autocommit() {
-            idle.push(conn);
-        }
-        result
+        self.inner.conns.path()
     }
 
     /// Runs `PRAGMA integrity_check` and returns its verdict (`ok` when sound).
     pub async fn integrity_check(&self) -> Result<String, StoreError> {
-        // It reads the whole file: off the async workers.
-        blocking(|| {
-            let conn = open_connection(
-                &self.inner.path,
-                OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-            )?;
-            conn.query_row("PRAGMA integrity_check", [], |r| r.get::<_, String>(0))
-                .map_err(unavailable)
-        })
-    }
-}
-
-/// Runs blocking SQLite work on the current thread, telling a multi-threaded tokio
-/// runtime to move its other tasks away meanwhile (no hop to another thread; on a
-/// current-thread runtime it simply runs).
-fn blocking<T>(f: impl FnOnce() -> T) -> T {
-    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
-        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
-        _ => f(),
-    }
-}
-
-/// A read-only connection to `path` that never waits for a lock (see [`SqliteStore::read`]).
-/// Opening it reads nothing: the pragmas a writer sets (`synchronous` reads the schema)
-/// mean nothing to a reader.
-fn open_reader(path: &Path) -> Result<Connection, StoreError> {
-    let conn = Connection::open_with_flags(
-        path,
-        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )
-    .map_err(db)?;
-    conn.busy_timeout(Duration::ZERO).map_err(db)?;
-    conn.pragma_update(None, "query_only", "ON").map_err(db)?;
-    Ok(conn)
-}
-
-/// Runs `f` in one snapshot: a session row and its resources' rows are read by separate
-/// statements, and a write committed between them must not show half of itself.
-fn snapshot<T>(
-    conn: &Connection,
-    f: &impl Fn(&Connection) -> Result<T, StoreError>,
-) -> Result<T, StoreError> {
-    let run = |sql| {
-        conn.prepare_cached(sql)
-            .and_then(|mut s| s.execute([]))
-            .map_err(db)
-    };
-    run("BEGIN")?;
-    let result = f(conn);
-    // Ends the snapshot whatever `f` answered (a read-only transaction: nothing to undo);
-    // `f`'s own error comes first.
-    let commit = run("COMMIT");
-    let value = result?;
-    commit?;
-    Ok(value)
-}
-
-/// Whether `e` is SQLite reporting a lock held by another connection.
-fn is_busy(e: &StoreError) -> bool {
-    let StoreError::Unavailable(source) = e else {
-        return false;
-    };
-    source
-        .downcast_ref::<rusqlite::Error>()
-        .and_then(rusqlite::Error::sqlite_error_code)
-        .is_some_and(|code| {
-            matches!(
-                code,
-                rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
-            )
-        })
-}
-
-/// Commits `jobs` in one transaction, each in its own savepoint (so that one failing
-/// job does not undo the others), then gives every job its answer.
-fn commit_batch(conn: &Connection, jobs: Vec<Job>) {
-    for chunk in chunks(jobs, MAX_BATCH) {
-        commit_chunk(conn, chunk);
-    }
-}
-
-fn chunks(mut jobs: Vec<Job>, size: usize) -> Vec<Vec<Job>> {
-    let mut out = Vec::new();
-    while jobs.len() > size {
-        let rest = jobs.split_off(size);
-        out.push(jobs);
-        jobs = rest;
-    }
-    out.push(jobs);
-    out
-}
-
-fn commit_chunk(conn: &Connection, jobs: Vec<Job>) {
-    {
-        if jobs.is_empty() {
-            return;
-        }
-        if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
-            let msg = e.to_string();
-            for job in jobs {
-                let (_, finish) = job(Err(&msg));
-                finish(Some(&msg));
-            }
-            return;
-        }
-        let mut finishes = Vec::with_capacity(jobs.len());
-        if jobs.len() == 1 {
-            // Alone in its transaction: no savepoint needed, a failure rolls back the lot.
-            for job in jobs {
-                let (ok, finish) = job(Ok(conn));
-                if !ok {
-                    let _ = conn.execute_batch("ROLLBACK");
-                    finish(None);
-                    return;
-                }
-                finishes.push((finish, None));
-            }
-        } else {
-            for job in jobs {
-                if let Err(e) = conn.execute_batch("SAVEPOINT job") {
-                    let msg = e.to_string();
-                    let (_, finish) = job(Err(&msg));
-                    finishes.push((finish, Some(msg)));
-                    continue;
-                }
-                let (ok, finish) = job(Ok(conn));
-                let undo = if ok {
-                    conn.execute_batch("RELEASE job")
-                } else {
-                    conn.execute_batch("ROLLBACK TO job; RELEASE job")
-                };
-                finishes.push((finish, undo.err().map(|e| e.to_string())));
-            }
-        }
-        let commit_error = conn.execute_batch("COMMIT").err().map(|e| e.to_string());
-        if commit_error.is_some() {
-            let _ = conn.execute_batch("ROLLBACK");
-        }
-        for (finish, own_error) in finishes {
-            finish(commit_error.as_deref().or(own_error.as_deref()));
-        }
+        self.inner.conns.integrity_check().await
     }
 }
 
@@ -420,40 +154,6 @@ fn load_record(conn: &Connection, row: &rusqlite::Row<'_>) -> Result<SessionReco
     session.into_record(resources)
 }
 
-/// `node` holds no client sockets from `now` on; they were liveness until then.
-fn let_go_of(c: &Connection, node: &str, now: Timestamp) -> Result<(), StoreError> {
-    c.prepare_cached(statements::SEEN_HELD_BY)
-        .and_then(|mut s| s.execute(params![node, ms(now)]))
-        .map_err(db)?;
-    c.prepare_cached(statements::CLEAR_PRESENCE)
-        .and_then(|mut s| s.execute([node]))
-        .map_err(db)?;
-    Ok(())
-}
-
-/// Where the room of session `id` stands.
-fn room_state(c: &Connection, id: &str) -> Result<Option<RoomState>, StoreError> {
-    let session = parse_id(id)?;
-    c.prepare_cached(statements::ROOM_STATE)
-        .and_then(|mut s| {
-            s.query_row(params![id, true], |r| {
-                let present: i64 = r.get(0)?;
-                let ever: i64 = r.get(1)?;
-                Ok(RoomState {
-                    session,
-                    present: u32::try_from(present).unwrap_or(u32::MAX),
-                    // A leave implies a join, even one delivered later.
-                    ever_joined: ever > 0,
-                    finished: r.get(2)?,
-                    emptied_at: r.get::<_, Option<i64>>(3)?.map(timestamp),
-                    participant_left: r.get::<_, Option<i64>>(4)?.map(stored_duration),
-                })
-            })
-            .optional()
-        })
-        .map_err(db)
-}
-
 fn get_record(conn: &Connection, id: &str) -> Result<Option<SessionRecord>, StoreError> {
     let mut stmt = conn
         .prepare_cached(concat!(
@@ -488,7 +188,7 @@ fn resource_key(r: &Resource) -> (i64, i64) {
 
 impl SessionStore for SqliteStore {
     fn create(&self, new: NewSession) -> BoxFuture<'_, Result<CreateOutcome, StoreError>> {
-        Box::pin(self.write(move |c| {
+        Box::pin(self.inner.conns.write(move |c| {
             if let Some(max) = new.max_concurrent {
                 let running: i64 = c
                     .prepare_cached(statements::COUNT_STARTED)
@@ -533,7 +233,7 @@ impl SessionStore for SqliteStore {
         id: SessionId,
         resource: Resource,
     ) -> BoxFuture<'_, Result<AttachOutcome, StoreError>> {
-        Box::pin(self.write(move |c| {
+        Box::pin(self.inner.conns.write(move |c| {
             let (kind, handle) = resource_key(&resource);
             let n = c
                 .prepare_cached(
@@ -579,6 +279,8 @@ impl SessionStore for SqliteStore {
         let claimed = claim.clone();
         Box::pin(async move {
             let ended = self
+                .inner
+                .conns
                 .write(move |c| {
                     let id_text = id.to_string();
                     let (claim_node, claim_until) = match &claimed {
@@ -635,11 +337,15 @@ impl SessionStore for SqliteStore {
     }
 
     fn get(&self, id: SessionId) -> BoxFuture<'_, Result<Option<SessionRecord>, StoreError>> {
-        Box::pin(self.read(move |c| get_record(c, &id.to_string())))
+        Box::pin(
+            self.inner
+                .conns
+                .read(move |c| get_record(c, &id.to_string())),
+        )
     }
 
     fn list(&self, query: ListQuery) -> BoxFuture<'_, Result<Vec<SessionRecord>, StoreError>> {
-        Box::pin(self.read(move |c| {
+        Box::pin(self.inner.conns.read(move |c| {
             let status = query.status.map(|s| match s {
                 Status::Started => "started",
                 Status::Ended => "ended",
@@ -680,7 +386,7 @@ impl SessionStore for SqliteStore {
         now: Timestamp,
     ) -> BoxFuture<'a, Result<TouchOutcome, StoreError>> {
         let tenant = tenant.map(str::to_owned);
-        Box::pin(self.write(move |c| {
+        Box::pin(self.inner.conns.write(move |c| {
             let id_text = id.to_string();
             let n = c
                 .prepare_cached(concat!(
@@ -706,7 +412,7 @@ impl SessionStore for SqliteStore {
         orphan_timeout: Duration,
         limit: u32,
     ) -> BoxFuture<'_, Result<Vec<(SessionId, EndReason)>, StoreError>> {
-        Box::pin(self.read(move |c| {
+        Box::pin(self.inner.conns.read(move |c| {
             let mut stmt = c.prepare_cached(statements::DUE).map_err(db)?;
             let mut rows = stmt
                 .query(params![
@@ -740,7 +446,7 @@ impl ReleaseQueue for SqliteStore {
         limit: u32,
     ) -> BoxFuture<'_, Result<Vec<SessionRecord>, StoreError>> {
         let node = node.to_owned();
-        Box::pin(self.write(move |c| {
+        Box::pin(self.inner.conns.write(move |c| {
             let lease_ms = duration_ms(lease);
             let ids: Vec<String> = c
                 .prepare_cached(
@@ -775,7 +481,7 @@ impl ReleaseQueue for SqliteStore {
         progress: ReleaseProgress,
     ) -> BoxFuture<'_, Result<(), StoreError>> {
         let node = node.to_owned();
-        Box::pin(self.write(move |c| {
+        Box::pin(self.inner.conns.write(move |c| {
             let id = progress.session.to_string();
             if let Some(attempt) = &progress.attempt {
                 let (kind, handle) = resource_key(&attempt.resource);
@@ -836,7 +542,7 @@ impl ReleaseQueue for SqliteStore {
 
     fn drop_claims(&self, node: &str) -> BoxFuture<'_, Result<(), StoreError>> {
         let node = node.to_owned();
-        Box::pin(self.write(move |c| {
+        Box::pin(self.inner.conns.write(move |c| {
             c.prepare_cached(statements::DROP_CLAIMS)
                 .and_then(|mut s| s.execute([node]))
                 .map_err(db)?;
@@ -848,7 +554,7 @@ impl ReleaseQueue for SqliteStore {
 impl NodeMembership for SqliteStore {
     fn node_alive(&self, node: &str, now: Timestamp) -> BoxFuture<'_, Result<(), StoreError>> {
         let node = node.to_owned();
-        Box::pin(self.write(move |c| {
+        Box::pin(self.inner.conns.write(move |c| {
             c.prepare_cached(concat!(
                 "INSERT INTO nodes (id, last_heartbeat_at) VALUES (?1, ?2)
                  ON CONFLICT (id) DO UPDATE SET last_heartbeat_at = ",
@@ -870,7 +576,7 @@ impl NodeMembership for SqliteStore {
         let except = except.to_owned();
         let timeout_ms = duration_ms(node_timeout);
         Box::pin(async move {
-            let ended = self.write(move |c| {
+            let ended = self.inner.conns.write(move |c| {
             let dead: Vec<String> = c
                 .prepare_cached(
                     "SELECT id FROM nodes WHERE id <> ?1 AND last_heartbeat_at <= ?2 - ?3",
@@ -920,174 +626,13 @@ impl NodeMembership for SqliteStore {
     }
 }
 
-impl RoomStore for SqliteStore {
-    fn room_event(
-        &self,
-        event: RoomEvent,
-        now: Timestamp,
-    ) -> BoxFuture<'_, Result<Option<Vec<RoomState>>, StoreError>> {
-        Box::pin(self.write(move |c| {
-            let fresh = c
-                .prepare_cached(statements::INSERT_ROOM_EVENT)
-                .and_then(|mut s| {
-                    s.execute(params![event.provider.as_str(), event.event_id, ms(now)])
-                })
-                .map_err(db)?;
-            if fresh == 0 {
-                return Ok(None);
-            }
-            let sessions: Vec<String> = c
-                .prepare_cached(
-                    "SELECT id FROM sessions
-                     WHERE room_provider = ?1 AND room_name = ?2 AND status = 'started'
-                       AND (?3 IS NULL OR tenant = ?3)",
-                )
-                .and_then(|mut s| {
-                    s.query_map(
-                        params![event.provider.as_str(), event.room, event.tenant],
-                        |r| r.get(0),
-                    )?
-                    .collect()
-                })
-                .map_err(db)?;
-            let mut updates = Vec::with_capacity(sessions.len());
-            for id in sessions {
-                match &event.kind {
-                    RoomEventKind::Joined { participant } | RoomEventKind::Left { participant } => {
-                        let present = matches!(event.kind, RoomEventKind::Joined { .. });
-                        c.prepare_cached(statements::UPSERT_PARTICIPANT)
-                            .and_then(|mut s| {
-                                s.execute(params![id, participant, present, ms(event.at)])
-                            })
-                            .map_err(db)?;
-                        if present {
-                            c.prepare_cached(statements::SEEN)
-                                .and_then(|mut s| s.execute(params![id, ms(now)]))
-                                .map_err(db)?;
-                        }
-                    }
-                    RoomEventKind::Finished => {
-                        c.prepare_cached(statements::ROOM_FINISHED)
-                            .and_then(|mut s| s.execute(params![id, true]))
-                            .map_err(db)?;
-                    }
-                }
-                c.prepare_cached(statements::ROOM_EMPTIED)
-                    .and_then(|mut s| s.execute(params![id, ms(now), true]))
-                    .map_err(db)?;
-                if let Some(room) = room_state(c, &id)? {
-                    updates.push(room);
-                }
-            }
-            Ok(Some(updates))
-        }))
-    }
-
-    fn room_state(&self, id: SessionId) -> BoxFuture<'_, Result<Option<RoomState>, StoreError>> {
-        Box::pin(self.read(move |c| room_state(c, &id.to_string())))
-    }
-
-    fn prune_rooms(
-        &self,
-        ended_before: Timestamp,
-        limit: u32,
-    ) -> BoxFuture<'_, Result<u32, StoreError>> {
-        Box::pin(self.write(move |c| {
-            let pruned = c
-                .prepare_cached(statements::PRUNE_PARTICIPANTS)
-                .and_then(|mut s| s.execute(params![ms(ended_before), i64::from(limit)]))
-                .map_err(db)?;
-            c.prepare_cached(statements::PRUNE_ROOM_EVENTS)
-                .and_then(|mut s| s.execute([ms(ended_before)]))
-                .map_err(db)?;
-            c.prepare_cached(statements::PRUNE_PRESENCE)
-                .and_then(|mut s| s.execute([ms(ended_before)]))
-                .map_err(db)?;
-            Ok(u32::try_from(pruned).unwrap_or(u32::MAX))
-        }))
-    }
-
-    fn touch_present(&self, now: Timestamp) -> BoxFuture<'_, Result<Vec<SessionId>, StoreError>> {
-        Box::pin(self.write(move |c| {
-            let ids: Vec<String> = c
-                .prepare_cached(statements::TOUCH_PRESENT)
-                .and_then(|mut s| s.query_map(params![ms(now), true], |r| r.get(0))?.collect())
-                .map_err(db)?;
-            ids.iter().map(|id| parse_id(id)).collect()
-        }))
-    }
-}
-
-impl PresenceStore for SqliteStore {
-    fn set_presence(
-        &self,
-        session: SessionId,
-        node: &str,
-        holds: bool,
-        now: Timestamp,
-    ) -> BoxFuture<'_, Result<(), StoreError>> {
-        let node = node.to_owned();
-        Box::pin(self.write(move |c| {
-            let id = session.to_string();
-            if holds {
-                c.prepare_cached(statements::HOLD)
-                    .and_then(|mut s| s.execute(params![id, node]))
-                    .map_err(db)?;
-            } else {
-                c.prepare_cached(statements::SEEN)
-                    .and_then(|mut s| s.execute(params![id, ms(now)]))
-                    .map_err(db)?;
-                c.prepare_cached(statements::LET_GO)
-                    .and_then(|mut s| s.execute(params![id, node]))
-                    .map_err(db)?;
-            }
-            Ok(())
-        }))
-    }
-
-    fn clear_presence(&self, node: &str, now: Timestamp) -> BoxFuture<'_, Result<(), StoreError>> {
-        let node = node.to_owned();
-        Box::pin(self.write(move |c| let_go_of(c, &node, now)))
-    }
-
-    fn presence(
-        &self,
-        session: SessionId,
-        now: Timestamp,
-        node_timeout: Duration,
-    ) -> BoxFuture<'_, Result<Vec<String>, StoreError>> {
-        Box::pin(self.read(move |c| {
-            c.prepare_cached(HOLDERS)
-                .and_then(|mut s| {
-                    s.query_map(
-                        params![session.to_string(), ms(now), duration_ms(node_timeout)],
-                        |r| r.get(0),
-                    )?
-                    .collect()
-                })
-                .map_err(db)
-        }))
-    }
-
-    fn watch_ends<'a>(&'a self, ended: &'a (dyn Fn(SessionId) + Send + Sync)) -> BoxFuture<'a, ()> {
-        let mut ends = self.inner.ended.subscribe();
-        Box::pin(async move {
-            loop {
-                match ends.recv().await {
-                    Ok(id) => ended(id),
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
-                    Err(tokio::sync::broadcast::error::RecvError::Closed) => {
-                        std::future::pending::<()>().await
-                    }
-                }
-            }
-        })
-    }
-}
-
 impl StoreHealth for SqliteStore {
     fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>> {
-        Box::pin(self.read(|c| c.query_row("SELECT 1", [], |_| Ok(())).map_err(db)))
+        Box::pin(
+            self.inner
+                .conns
+                .read(|c| c.query_row("SELECT 1", [], |_| Ok(())).map_err(db)),
+        )
     }
 }
 
@@ -1117,6 +662,8 @@ mod tests {
         ] {
             let calls = Arc::new(AtomicU32::new(0));
             let answer = store
+                .inner
+                .conns
                 .read({
                     let calls = Arc::clone(&calls);
                     move |c| match calls.fetch_add(1, Ordering::SeqCst) {
@@ -1135,6 +682,8 @@ mod tests {
         }
         // The connection came back to the pool with its zero busy timeout, and works.
         let count = store
+            .inner
+            .conns
             .read(|c| {
                 c.query_row("SELECT count(*) FROM sessions", [], |r| r.get::<_, i64>(0))
                     .map_err(db)

@@ -1,0 +1,302 @@
+//! The store's connections: one writer with group commit, and read-only readers that
+//! run at once on the calling thread.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use rusqlite::{Connection, OpenFlags};
+use session_lifecycle_runtime::{StoreError, lock};
+use tokio::sync::oneshot;
+
+use crate::{db, schema, unavailable};
+
+/// The most calls committed in one transaction.
+const MAX_BATCH: usize = 512;
+
+/// A write: runs its statements inside a savepoint, says whether they succeeded, and
+/// hands back what to do once the whole transaction committed (or not). A job given `Err`
+/// must not run, only report the error.
+type Job = Box<dyn FnOnce(Result<&Connection, &str>) -> (bool, Finish) + Send>;
+type Finish = Box<dyn FnOnce(Option<&str>) + Send>;
+
+/// How long a connection waits for another's lock before it reports SQLITE_BUSY.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+/// Read connections kept for reuse (one per worker thread reading at once suffices).
+const READ_POOL: usize = 8;
+
+/// The connections to one database file.
+pub(crate) struct Connections {
+    path: PathBuf,
+    /// The write connection. Whoever holds it commits every queued job in one
+    /// transaction (group commit): alone, a caller commits its own job on its own thread;
+    /// under load, one fsync covers everything that queued up meanwhile.
+    writer: tokio::sync::Mutex<Connection>,
+    queue: Mutex<Vec<Job>>,
+    /// Read-only connections, idle. Beside the writer: reads never wait for a commit's
+    /// fsync (WAL readers and the writer do not block each other).
+    readers: Mutex<Vec<Connection>>,
+}
+
+fn open_connection(path: &Path, flags: OpenFlags) -> Result<Connection, StoreError> {
+    let conn = Connection::open_with_flags(path, flags).map_err(unavailable)?;
+    conn.busy_timeout(BUSY_TIMEOUT).map_err(unavailable)?;
+    conn.pragma_update(None, "foreign_keys", "ON")
+        .map_err(unavailable)?;
+    // FULL: each commit is fsynced before it is acknowledged (NORMAL in WAL mode may lose
+    // the last commits on power loss).
+    conn.pragma_update(None, "synchronous", "FULL")
+        .map_err(unavailable)?;
+    Ok(conn)
+}
+
+impl Connections {
+    /// Opens (creating if needed) the database at `path` in WAL mode, and migrates its
+    /// schema.
+    pub(crate) fn open(path: &Path) -> Result<Connections, StoreError> {
+        let path = path.to_path_buf();
+        let mut conn = open_connection(
+            &path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE
+                | OpenFlags::SQLITE_OPEN_CREATE
+                | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        let mode: String = conn
+            .pragma_update_and_check(None, "journal_mode", "WAL", |row| row.get(0))
+            .map_err(unavailable)?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(StoreError::unavailable(format!(
+                "{} cannot use WAL mode (got {mode})",
+                path.display()
+            )));
+        }
+        schema::migrate(&mut conn)?;
+        Ok(Connections {
+            path,
+            writer: tokio::sync::Mutex::new(conn),
+            queue: Mutex::new(Vec::new()),
+            readers: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// The file.
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs `f` on the writer thread, inside the current batch's transaction; the answer
+    /// comes only after that transaction committed.
+    pub(crate) async fn write<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel();
+        let job: Job = Box::new(move |conn| {
+            let result = match conn {
+                Ok(conn) => f(conn),
+                Err(msg) => Err(unavailable(msg)),
+            };
+            let ok = result.is_ok();
+            let finish: Finish = Box::new(move |commit_error| {
+                let answer = match (result, commit_error) {
+                    (Ok(v), None) => Ok(v),
+                    (Ok(_), Some(e)) => Err(StoreError::unavailable(format!("commit failed: {e}"))),
+                    (Err(e), _) => Err(e),
+                };
+                let _ = tx.send(answer);
+            });
+            (ok, finish)
+        });
+        let mut rx = rx;
+        lock(&self.queue).push(job);
+        let conn = self.writer.lock().await;
+        // An earlier holder may have committed our job with its batch.
+        if let Ok(answer) = rx.try_recv() {
+            return answer;
+        }
+        let jobs = std::mem::take(&mut *lock(&self.queue));
+        blocking(|| commit_batch(&conn, jobs));
+        drop(conn);
+        rx.await.map_err(|_| unavailable("a write was dropped"))?
+    }
+
+    /// Runs `f` on a read connection, in one snapshot.
+    ///
+    /// At once, on this thread: a WAL read waits for no lock the writer holds and reads
+    /// a few pages, usually from the page cache or the OS's, which costs less than
+    /// handing it to another thread (a cold read from disk stalls this worker meanwhile).
+    /// Its connection does not wait for locks (busy timeout 0); when one is held (a
+    /// checkpoint resetting the log, a recovery), the read runs again off the async
+    /// workers, waiting up to the busy timeout.
+    pub(crate) async fn read<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        F: Fn(&Connection) -> Result<T, StoreError>,
+    {
+        let pooled = lock(&self.readers).pop();
+        let conn = match pooled {
+            Some(conn) => conn,
+            None => open_reader(&self.path)?,
+        };
+        let result = match snapshot(&conn, &f) {
+            Err(e) if is_busy(&e) => blocking(|| {
+                conn.busy_timeout(BUSY_TIMEOUT).map_err(db)?;
+                let result = snapshot(&conn, &f);
+                conn.busy_timeout(Duration::ZERO).map_err(db)?;
+                result
+            }),
+            other => other,
+        };
+        // A connection left inside a transaction (its COMMIT failed) is not reused.
+        let mut idle = lock(&self.readers);
+        if idle.len() < READ_POOL && conn.is_autocommit() {
+            idle.push(conn);
+        }
+        result
+    }
+
+    /// Runs `PRAGMA integrity_check` and returns its verdict (`ok` when sound).
+    pub(crate) async fn integrity_check(&self) -> Result<String, StoreError> {
+        // It reads the whole file: off the async workers.
+        blocking(|| {
+            let conn = open_connection(
+                &self.path,
+                OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            )?;
+            conn.query_row("PRAGMA integrity_check", [], |r| r.get::<_, String>(0))
+                .map_err(unavailable)
+        })
+    }
+}
+
+/// Runs blocking SQLite work on the current thread, telling a multi-threaded tokio
+/// runtime to move its other tasks away meanwhile (no hop to another thread; on a
+/// current-thread runtime it simply runs).
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
+/// A read-only connection to `path` that never waits for a lock (see [`SqliteStore::read`]).
+/// Opening it reads nothing: the pragmas a writer sets (`synchronous` reads the schema)
+/// mean nothing to a reader.
+fn open_reader(path: &Path) -> Result<Connection, StoreError> {
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(db)?;
+    conn.busy_timeout(Duration::ZERO).map_err(db)?;
+    conn.pragma_update(None, "query_only", "ON").map_err(db)?;
+    Ok(conn)
+}
+
+/// Runs `f` in one snapshot: a session row and its resources' rows are read by separate
+/// statements, and a write committed between them must not show half of itself.
+fn snapshot<T>(
+    conn: &Connection,
+    f: &impl Fn(&Connection) -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    let run = |sql| {
+        conn.prepare_cached(sql)
+            .and_then(|mut s| s.execute([]))
+            .map_err(db)
+    };
+    run("BEGIN")?;
+    let result = f(conn);
+    // Ends the snapshot whatever `f` answered (a read-only transaction: nothing to undo);
+    // `f`'s own error comes first.
+    let commit = run("COMMIT");
+    let value = result?;
+    commit?;
+    Ok(value)
+}
+
+/// Whether `e` is SQLite reporting a lock held by another connection.
+fn is_busy(e: &StoreError) -> bool {
+    let StoreError::Unavailable(source) = e else {
+        return false;
+    };
+    source
+        .downcast_ref::<rusqlite::Error>()
+        .and_then(rusqlite::Error::sqlite_error_code)
+        .is_some_and(|code| {
+            matches!(
+                code,
+                rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked
+            )
+        })
+}
+
+/// Commits `jobs` in one transaction, each in its own savepoint (so that one failing
+/// job does not undo the others), then gives every job its answer.
+fn commit_batch(conn: &Connection, jobs: Vec<Job>) {
+    for chunk in chunks(jobs, MAX_BATCH) {
+        commit_chunk(conn, chunk);
+    }
+}
+
+fn chunks(mut jobs: Vec<Job>, size: usize) -> Vec<Vec<Job>> {
+    let mut out = Vec::new();
+    while jobs.len() > size {
+        let rest = jobs.split_off(size);
+        out.push(jobs);
+        jobs = rest;
+    }
+    out.push(jobs);
+    out
+}
+
+fn commit_chunk(conn: &Connection, jobs: Vec<Job>) {
+    {
+        if jobs.is_empty() {
+            return;
+        }
+        if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+            let msg = e.to_string();
+            for job in jobs {
+                let (_, finish) = job(Err(&msg));
+                finish(Some(&msg));
+            }
+            return;
+        }
+        let mut finishes = Vec::with_capacity(jobs.len());
+        if jobs.len() == 1 {
+            // Alone in its transaction: no savepoint needed, a failure rolls back the lot.
+            for job in jobs {
+                let (ok, finish) = job(Ok(conn));
+                if !ok {
+                    let _ = conn.execute_batch("ROLLBACK");
+                    finish(None);
+                    return;
+                }
+                finishes.push((finish, None));
+            }
+        } else {
+            for job in jobs {
+                if let Err(e) = conn.execute_batch("SAVEPOINT job") {
+                    let msg = e.to_string();
+                    let (_, finish) = job(Err(&msg));
+                    finishes.push((finish, Some(msg)));
+                    continue;
+                }
+                let (ok, finish) = job(Ok(conn));
+                let undo = if ok {
+                    conn.execute_batch("RELEASE job")
+                } else {
+                    conn.execute_batch("ROLLBACK TO job; RELEASE job")
+                };
+                finishes.push((finish, undo.err().map(|e| e.to_string())));
+            }
+        }
+        let commit_error = conn.execute_batch("COMMIT").err().map(|e| e.to_string());
+        if commit_error.is_some() {
+            let _ = conn.execute_batch("ROLLBACK");
+        }
+        for (finish, own_error) in finishes {
+            finish(commit_error.as_deref().or(own_error.as_deref()));
+        }
+    }
+}
