@@ -1,0 +1,127 @@
+//! Node membership: heartbeats, and taking over the sessions of nodes that died.
+
+use std::time::Duration;
+
+use session_lifecycle::{SessionId, Timestamp};
+use session_lifecycle_runtime::rows::{LOST_WITH_NODE, duration_ms, millis as ms, parse_id};
+use session_lifecycle_runtime::sql::{postgres as pg, statements};
+use session_lifecycle_runtime::{BoxFuture, NodeMembership, StoreError};
+use session_lifecycle_runtime::{sql_ended_at, sql_release_due_at};
+
+use crate::presence::let_go_of;
+use crate::{ENDS_CHANNEL, PostgresStore, col, unavailable};
+
+impl NodeMembership for PostgresStore {
+    fn node_alive(&self, node: &str, _now: Timestamp) -> BoxFuture<'_, Result<(), StoreError>> {
+        let node = node.to_owned();
+        Box::pin(async move {
+            let client = self.client().await?;
+            client
+                .execute(
+                    concat!(
+                        "INSERT INTO nodes (id, last_heartbeat_at) VALUES ($1, ",
+                        db_now_ms!(),
+                        ") ON CONFLICT (id) DO UPDATE
+                         SET last_heartbeat_at = GREATEST(nodes.last_heartbeat_at, excluded.last_heartbeat_at)"
+                    ),
+                    &[&node],
+                )
+                .await
+                .map_err(unavailable)?;
+            Ok(())
+        })
+    }
+
+    fn end_dead_nodes(
+        &self,
+        except: &str,
+        now: Timestamp,
+        node_timeout: Duration,
+        limit: u32,
+    ) -> BoxFuture<'_, Result<Vec<SessionId>, StoreError>> {
+        let except = except.to_owned();
+        Box::pin(async move {
+            let mut client = self.client().await?;
+            let tx = client.transaction().await.map_err(unavailable)?;
+            // Judged on the database's clock, which also wrote the heartbeats: the
+            // instances' clocks never meet. And only time the database was up counts: no
+            // node could write a heartbeat while it was down. Row locks on the dead nodes:
+            // two sweepers taking over at once take turns.
+            let dead = tx
+                .query(
+                    concat!(
+                        "SELECT id FROM nodes
+                         WHERE id <> $1
+                           AND GREATEST(last_heartbeat_at, ",
+                        db_start_ms!(),
+                        ") <= ",
+                        db_now_ms!(),
+                        " - $2::BIGINT
+                         ORDER BY id FOR UPDATE"
+                    ),
+                    &[&except, &duration_ms(node_timeout)],
+                )
+                .await
+                .map_err(unavailable)?;
+            let mut ended = Vec::new();
+            for row in dead {
+                let node: String = col(&row, 0)?;
+                let room = i64::from(limit).saturating_sub(ended.len() as i64);
+                let ids = tx
+                    .query(
+                        concat!(
+                            "UPDATE sessions SET status = 'ended', end_reason = 'node_lost', ended_at = ",
+                            sql_ended_at!("$2"),
+                            " WHERE id IN (SELECT id FROM sessions
+                                      WHERE node = $1 AND status = 'started'
+                                      ORDER BY id LIMIT $3 FOR UPDATE)
+                           AND status = 'started'
+                         RETURNING id"
+                        ),
+                        &[&node, &ms(now), &room],
+                    )
+                    .await
+                    .map_err(unavailable)?;
+                let ids: Vec<String> = ids.iter().map(|r| col(r, 0)).collect::<Result<_, _>>()?;
+                // What the core's end does to their resources (see `end`).
+                tx.execute(
+                    "UPDATE resources SET state = 'pending', attempts = 0,
+                            retry_at = (SELECT ended_at FROM sessions WHERE id = session_id)
+                     WHERE session_id = ANY($1) AND state = 'held'",
+                    &[&ids],
+                )
+                .await
+                .map_err(unavailable)?;
+                tx.execute(
+                    concat!(
+                        "UPDATE sessions SET release_due_at = ",
+                        sql_release_due_at!("ended_at"),
+                        " WHERE id = ANY($1)"
+                    ),
+                    &[&ids],
+                )
+                .await
+                .map_err(unavailable)?;
+                tx.execute(
+                    pg(statements::MARK_LOST),
+                    &[&node, &ms(now), &LOST_WITH_NODE],
+                )
+                .await
+                .map_err(unavailable)?;
+                let_go_of(&tx, &node, now).await?;
+                // Announced when this commits.
+                tx.execute(
+                    "SELECT pg_notify($1, id) FROM unnest($2::TEXT[]) AS id",
+                    &[&ENDS_CHANNEL, &ids],
+                )
+                .await
+                .map_err(unavailable)?;
+                for id in &ids {
+                    ended.push(parse_id(id)?);
+                }
+            }
+            tx.commit().await.map_err(unavailable)?;
+            Ok(ended)
+        })
+    }
+}

@@ -1,0 +1,88 @@
+//! Node membership: heartbeats, and taking over the sessions of nodes that died.
+
+use std::time::Duration;
+
+use rusqlite::params;
+use session_lifecycle::{SessionId, Timestamp};
+use session_lifecycle_runtime::rows::{LOST_WITH_NODE, duration_ms, millis as ms, parse_id};
+use session_lifecycle_runtime::sql::statements;
+use session_lifecycle_runtime::{BoxFuture, NodeMembership, StoreError};
+use session_lifecycle_runtime::{sql_ended_at, sql_later, sql_release_due_at};
+
+use crate::presence::let_go_of;
+use crate::{SqliteStore, db, mark_resources_due};
+
+impl NodeMembership for SqliteStore {
+    fn node_alive(&self, node: &str, now: Timestamp) -> BoxFuture<'_, Result<(), StoreError>> {
+        let node = node.to_owned();
+        Box::pin(self.inner.conns.write(move |c| {
+            c.prepare_cached(concat!(
+                "INSERT INTO nodes (id, last_heartbeat_at) VALUES (?1, ?2)
+                 ON CONFLICT (id) DO UPDATE SET last_heartbeat_at = ",
+                sql_later!("nodes.last_heartbeat_at", "excluded.last_heartbeat_at")
+            ))
+            .and_then(|mut s| s.execute(params![node, ms(now)]))
+            .map_err(db)?;
+            Ok(())
+        }))
+    }
+
+    fn end_dead_nodes(
+        &self,
+        except: &str,
+        now: Timestamp,
+        node_timeout: Duration,
+        limit: u32,
+    ) -> BoxFuture<'_, Result<Vec<SessionId>, StoreError>> {
+        let except = except.to_owned();
+        let timeout_ms = duration_ms(node_timeout);
+        Box::pin(async move {
+            let ended = self.inner.conns.write(move |c| {
+            let dead: Vec<String> = c
+                .prepare_cached(
+                    "SELECT id FROM nodes WHERE id <> ?1 AND last_heartbeat_at <= ?2 - ?3",
+                )
+                .and_then(|mut s| {
+                    s.query_map(params![except, ms(now), timeout_ms], |r| r.get(0))?
+                        .collect()
+                })
+                .map_err(db)?;
+            let mut ended = Vec::new();
+            for node in dead {
+                let room = i64::from(limit).saturating_sub(ended.len() as i64);
+                let ids: Vec<String> = c
+                    .prepare_cached(
+                        concat!(
+                            "UPDATE sessions SET status = 'ended', end_reason = 'node_lost', ended_at = ",
+                            sql_ended_at!("?2"),
+                            ", release_due_at = ",
+                            sql_release_due_at!(sql_ended_at!("?2")),
+                            " WHERE id IN (SELECT id FROM sessions
+                                      WHERE node = ?1 AND status = 'started' LIMIT ?3)
+                         RETURNING id"
+                        ),
+                    )
+                    .and_then(|mut s| {
+                        s.query_map(params![node, ms(now), room], |r| r.get(0))?
+                            .collect()
+                    })
+                    .map_err(db)?;
+                for id in &ids {
+                    mark_resources_due(c, id)?;
+                    ended.push(parse_id(id)?);
+                }
+                c.prepare_cached(statements::MARK_LOST)
+                    .and_then(|mut s| s.execute(params![node, ms(now), LOST_WITH_NODE]))
+                    .map_err(db)?;
+                let_go_of(c, &node, now)?;
+            }
+            Ok(ended)
+            })
+            .await?;
+            for id in &ended {
+                let _ = self.inner.ended.send(*id);
+            }
+            Ok(ended)
+        })
+    }
+}
