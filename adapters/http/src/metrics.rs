@@ -48,125 +48,133 @@ impl HttpMetrics {
     /// The Prometheus text exposition of the engine's and the requests' metrics.
     pub fn render(&self, engine: &MetricsSnapshot, active: usize, failing: usize) -> String {
         let mut out = String::new();
-        let _ = writeln!(
-            out,
-            "# HELP sessiond_sessions_started_total Sessions started."
+        let o = &mut out;
+        one(
+            o,
+            "sessiond_sessions_started_total",
+            "counter",
+            "Sessions started.",
+            engine.started,
         );
-        let _ = writeln!(out, "# TYPE sessiond_sessions_started_total counter");
-        let _ = writeln!(out, "sessiond_sessions_started_total {}", engine.started);
-        let _ = writeln!(
-            out,
-            "# HELP sessiond_sessions_ended_total Sessions ended, by reason."
+        family(
+            o,
+            "sessiond_sessions_ended_total",
+            "counter",
+            "Sessions ended, by reason.",
         );
-        let _ = writeln!(out, "# TYPE sessiond_sessions_ended_total counter");
         for (reason, n) in &engine.ended {
             let _ = writeln!(
-                out,
+                o,
                 "sessiond_sessions_ended_total{{reason=\"{reason}\"}} {n}"
             );
         }
-        let _ = writeln!(
-            out,
-            "# HELP sessiond_sessions_active Started sessions this instance tracks."
+        one(
+            o,
+            "sessiond_sessions_active",
+            "gauge",
+            "Started sessions this instance tracks.",
+            active,
         );
-        let _ = writeln!(out, "# TYPE sessiond_sessions_active gauge");
-        let _ = writeln!(out, "sessiond_sessions_active {active}");
-        let _ = writeln!(
-            out,
-            "# HELP sessiond_orphans_found_total Orphaned sessions the sweeper or timers ended."
+        one(
+            o,
+            "sessiond_orphans_found_total",
+            "counter",
+            "Orphaned sessions the sweeper or timers ended.",
+            engine.orphans_found,
         );
-        let _ = writeln!(out, "# TYPE sessiond_orphans_found_total counter");
-        let _ = writeln!(out, "sessiond_orphans_found_total {}", engine.orphans_found);
-        let _ = writeln!(
-            out,
-            "# HELP sessiond_presence_writes_total Store writes of client socket presence this instance made (one when it first holds a session's sockets, one when it lets go; none per ping)."
+        one(
+            o,
+            "sessiond_presence_writes_total",
+            "counter",
+            "Store writes of client socket presence this instance made (one when it first holds a session's sockets, one when it lets go; none per ping).",
+            engine.presence_writes,
         );
-        let _ = writeln!(out, "# TYPE sessiond_presence_writes_total counter");
-        let _ = writeln!(
-            out,
-            "sessiond_presence_writes_total {}",
-            engine.presence_writes
+        one(
+            o,
+            "sessiond_release_failures_total",
+            "counter",
+            "Release attempts that failed (and are retried).",
+            engine.release_failures,
         );
-        let _ = writeln!(
-            out,
-            "# HELP sessiond_release_failures_total Release attempts that failed (and are retried)."
+        one(
+            o,
+            "sessiond_releases_failing",
+            "gauge",
+            "Resources whose last release attempt on this instance failed and that are still held (retried with backoff; never handed to another session).",
+            failing,
         );
-        let _ = writeln!(out, "# TYPE sessiond_release_failures_total counter");
-        let _ = writeln!(
-            out,
-            "sessiond_release_failures_total {}",
-            engine.release_failures
+        family(
+            o,
+            "sessiond_release_duration_seconds",
+            "histogram",
+            "Time a successful release took.",
         );
-        let _ = writeln!(
-            out,
-            "# HELP sessiond_releases_failing Resources whose last release attempt on this instance failed and that are still held (retried with backoff; never handed to another session)."
+        histogram(
+            o,
+            "sessiond_release_duration_seconds",
+            "",
+            RELEASE_LATENCY_BUCKETS
+                .iter()
+                .zip(&engine.release_latency_buckets),
+            engine.releases,
+            engine.release_latency_sum,
         );
-        let _ = writeln!(out, "# TYPE sessiond_releases_failing gauge");
-        let _ = writeln!(out, "sessiond_releases_failing {failing}");
-        let _ = writeln!(
-            out,
-            "# HELP sessiond_release_duration_seconds Time a successful release took."
-        );
-        let _ = writeln!(out, "# TYPE sessiond_release_duration_seconds histogram");
-        for (i, bound) in RELEASE_LATENCY_BUCKETS.iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "sessiond_release_duration_seconds_bucket{{le=\"{bound}\"}} {}",
-                engine.release_latency_buckets[i]
-            );
-        }
-        let _ = writeln!(
-            out,
-            "sessiond_release_duration_seconds_bucket{{le=\"+Inf\"}} {}",
-            engine.releases
-        );
-        let _ = writeln!(
-            out,
-            "sessiond_release_duration_seconds_sum {}",
-            engine.release_latency_sum
-        );
-        let _ = writeln!(
-            out,
-            "sessiond_release_duration_seconds_count {}",
-            engine.releases
-        );
-        let _ = writeln!(
-            out,
-            "# HELP sessiond_http_request_duration_seconds Request latency by route and status."
-        );
-        let _ = writeln!(
-            out,
-            "# TYPE sessiond_http_request_duration_seconds histogram"
+        family(
+            o,
+            "sessiond_http_request_duration_seconds",
+            "histogram",
+            "Request latency by route and status.",
         );
         let map = self.requests.lock().unwrap_or_else(|p| p.into_inner());
         for (route, status, h) in map
             .iter()
             .flat_map(|(route, m)| m.iter().map(move |(status, h)| (route, status, h)))
         {
-            let labels = format!("route=\"{route}\",status=\"{status}\"");
-            for (i, bound) in REQUEST_BUCKETS.iter().enumerate() {
-                let _ = writeln!(
-                    out,
-                    "sessiond_http_request_duration_seconds_bucket{{{labels},le=\"{bound}\"}} {}",
-                    h.buckets[i]
-                );
-            }
-            let _ = writeln!(
-                out,
-                "sessiond_http_request_duration_seconds_bucket{{{labels},le=\"+Inf\"}} {}",
-                h.count
-            );
-            let _ = writeln!(
-                out,
-                "sessiond_http_request_duration_seconds_sum{{{labels}}} {}",
-                h.sum
-            );
-            let _ = writeln!(
-                out,
-                "sessiond_http_request_duration_seconds_count{{{labels}}} {}",
-                h.count
+            histogram(
+                o,
+                "sessiond_http_request_duration_seconds",
+                &format!("route=\"{route}\",status=\"{status}\""),
+                REQUEST_BUCKETS.iter().zip(&h.buckets),
+                h.count,
+                h.sum,
             );
         }
         out
     }
+}
+
+/// The `HELP` and `TYPE` lines of metric `name`.
+fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+/// A metric of one unlabelled sample.
+fn one(out: &mut String, name: &str, kind: &str, help: &str, value: impl std::fmt::Display) {
+    family(out, name, kind, help);
+    let _ = writeln!(out, "{name} {value}");
+}
+
+/// The samples of one histogram series with `labels` (`k="v",...`, or empty): cumulative
+/// buckets by upper bound, then `+Inf`, sum and count.
+fn histogram<'a>(
+    out: &mut String,
+    name: &str,
+    labels: &str,
+    buckets: impl Iterator<Item = (&'a f64, &'a u64)>,
+    count: u64,
+    sum: f64,
+) {
+    let sep = if labels.is_empty() { "" } else { "," };
+    for (bound, n) in buckets {
+        let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{bound}\"}} {n}");
+    }
+    let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {count}");
+    let braced = if labels.is_empty() {
+        String::new()
+    } else {
+        format!("{{{labels}}}")
+    };
+    let _ = writeln!(out, "{name}_sum{braced} {sum}");
+    let _ = writeln!(out, "{name}_count{braced} {count}");
 }
