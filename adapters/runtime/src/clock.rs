@@ -18,6 +18,24 @@ pub trait RuntimeClock: Clock + Send + Sync + 'static {
     /// Completes once [`now`](Clock::now) is at or past `deadline` (at once if it already
     /// is). Dropping the future cancels the wait.
     fn sleep_until(&self, deadline: Timestamp) -> BoxFuture<'static, ()>;
+
+    /// Completes once `period` has passed, as time passes: a step of the wall clock
+    /// neither shortens nor stretches it. Intervals (a heartbeat, a sweep, a release's
+    /// deadline, a retry's wait) sleep this way; a step back of the clock would otherwise
+    /// stall a heartbeat for as long as the step, and other instances take the node for
+    /// dead. The default waits until [`now`](Clock::now) plus `period`, right for clocks
+    /// that do not step.
+    fn sleep(&self, period: Duration) -> BoxFuture<'static, ()> {
+        self.sleep_until(self.now().saturating_add(period))
+    }
+
+    /// Time elapsed on a clock that never steps (a monotonic clock), on the same scale as
+    /// [`now`](Clock::now), from any fixed origin; `None` if the clock has no such reading.
+    /// Comparing the two tells a step of the wall clock from time passing: the engine
+    /// counts a step forward like an outage, time in which no liveness could arrive.
+    fn monotonic(&self) -> Option<Duration> {
+        None
+    }
 }
 
 /// The system's wall clock; sleeps are tokio sleeps, re-checked against the wall clock on
@@ -34,7 +52,19 @@ impl Clock for SystemClock {
     }
 }
 
+/// The origin of [`SystemClock`]'s monotonic readings.
+static MONOTONIC_ORIGIN: std::sync::LazyLock<std::time::Instant> =
+    std::sync::LazyLock::new(std::time::Instant::now);
+
 impl RuntimeClock for SystemClock {
+    fn monotonic(&self) -> Option<Duration> {
+        Some(MONOTONIC_ORIGIN.elapsed())
+    }
+
+    fn sleep(&self, period: Duration) -> BoxFuture<'static, ()> {
+        Box::pin(tokio::time::sleep(period))
+    }
+
     fn sleep_until(&self, deadline: Timestamp) -> BoxFuture<'static, ()> {
         Box::pin(async move {
             loop {
@@ -53,6 +83,9 @@ impl RuntimeClock for SystemClock {
 #[derive(Debug, Clone)]
 pub struct ManualClock {
     millis: Arc<tokio::sync::watch::Sender<u64>>,
+    /// Time passed by [`advance`](ManualClock::advance): a [`set`](ManualClock::set) is
+    /// a step, not time passing.
+    passed: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl ManualClock {
@@ -60,12 +93,15 @@ impl ManualClock {
     pub fn new(start: Timestamp) -> ManualClock {
         ManualClock {
             millis: Arc::new(tokio::sync::watch::Sender::new(start.as_millis())),
+            passed: Arc::new(std::sync::atomic::AtomicU64::new(0)),
         }
     }
 
     /// Moves the clock forward by `by`.
     pub fn advance(&self, by: Duration) {
         let by = u64::try_from(by.as_millis()).unwrap_or(u64::MAX);
+        self.passed
+            .fetch_add(by, std::sync::atomic::Ordering::SeqCst);
         self.millis.send_modify(|m| *m = m.saturating_add(by));
     }
 
@@ -82,6 +118,12 @@ impl Clock for ManualClock {
 }
 
 impl RuntimeClock for ManualClock {
+    fn monotonic(&self) -> Option<Duration> {
+        Some(Duration::from_millis(
+            self.passed.load(std::sync::atomic::Ordering::SeqCst),
+        ))
+    }
+
     fn sleep_until(&self, deadline: Timestamp) -> BoxFuture<'static, ()> {
         let mut rx = self.millis.subscribe();
         Box::pin(async move {
@@ -120,6 +162,14 @@ impl Clock for TokioClock {
 }
 
 impl RuntimeClock for TokioClock {
+    fn monotonic(&self) -> Option<Duration> {
+        Some(self.start.elapsed())
+    }
+
+    fn sleep(&self, period: Duration) -> BoxFuture<'static, ()> {
+        Box::pin(tokio::time::sleep(period))
+    }
+
     fn sleep_until(&self, deadline: Timestamp) -> BoxFuture<'static, ()> {
         let at = self.start + deadline.saturating_duration_since(self.base);
         Box::pin(tokio::time::sleep_until(at))

@@ -28,11 +28,28 @@ pub enum FaultPlan {
     From(u64),
 }
 
-/// Wraps a store and fails calls per its [`FaultPlan`]. A failed call does not reach the
-/// inner store, so it changes nothing, as a lost connection would.
+/// What a [`FaultyStore`] built with [`FaultyStore::deciding`] does with one call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallFault {
+    /// The call goes through.
+    Pass,
+    /// The call fails without reaching the inner store (a lost connection).
+    Fail,
+    /// The call reaches the inner store and commits, then its answer is lost: the caller
+    /// sees the store as unreachable.
+    LoseAnswer,
+}
+
+/// Decides each call's fault from its number (counting from 1) and the method's name.
+pub type FaultDecider = Box<dyn Fn(u64, &'static str) -> CallFault + Send + Sync>;
+
+/// Wraps a store and fails calls per its [`FaultPlan`] (or its decider). A failed call does
+/// not reach the inner store, so it changes nothing, as a lost connection would; a call
+/// whose answer is lost changed what it changed.
 pub struct FaultyStore {
     inner: Arc<dyn Store>,
     plan: FaultPlan,
+    decider: Option<FaultDecider>,
     calls: AtomicU64,
     failures: AtomicU64,
     restored: AtomicBool,
@@ -45,10 +62,20 @@ impl FaultyStore {
         FaultyStore {
             inner,
             plan,
+            decider: None,
             calls: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             restored: AtomicBool::new(false),
             down: AtomicBool::new(false),
+        }
+    }
+
+    /// Wraps `inner`; `decider` chooses each call's fault (while the store is not taken
+    /// down, and until [`restore`](Self::restore)).
+    pub fn deciding(inner: Arc<dyn Store>, decider: FaultDecider) -> FaultyStore {
+        FaultyStore {
+            decider: Some(decider),
+            ..FaultyStore::new(inner, FaultPlan::None)
         }
     }
 
@@ -74,45 +101,71 @@ impl FaultyStore {
         self.down.store(true, Ordering::SeqCst);
     }
 
-    fn check(&self) -> Result<(), StoreError> {
+    /// Before a call: fails it (`Err`), or lets it through, saying whether its answer is
+    /// to be lost (`Some(k)`, the call's number).
+    fn check(&self, method: &'static str) -> Result<Option<u64>, StoreError> {
         let k = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
         if self.restored.load(Ordering::SeqCst) {
-            return Ok(());
+            return Ok(None);
         }
-        let fail = self.down.load(Ordering::SeqCst)
-            || match self.plan {
+        let fault = if self.down.load(Ordering::SeqCst) {
+            CallFault::Fail
+        } else if let Some(decide) = &self.decider {
+            decide(k, method)
+        } else {
+            let fail = match self.plan {
                 FaultPlan::None => false,
                 FaultPlan::Once(n) => k == n,
                 FaultPlan::From(n) => k >= n,
             };
-        if fail {
-            self.failures.fetch_add(1, Ordering::SeqCst);
-            Err(StoreError::unavailable(InjectedFault(k)))
-        } else {
-            Ok(())
+            if fail {
+                CallFault::Fail
+            } else {
+                CallFault::Pass
+            }
+        };
+        match fault {
+            CallFault::Pass => Ok(None),
+            CallFault::Fail => {
+                self.failures.fetch_add(1, Ordering::SeqCst);
+                Err(StoreError::unavailable(InjectedFault(k)))
+            }
+            CallFault::LoseAnswer => Ok(Some(k)),
+        }
+    }
+
+    /// After a call let through: its answer, or the lost answer's error.
+    fn answer<T>(&self, lost: Option<u64>, answer: Result<T, StoreError>) -> Result<T, StoreError> {
+        match lost {
+            Some(k) if answer.is_ok() => {
+                self.failures.fetch_add(1, Ordering::SeqCst);
+                Err(StoreError::unavailable(InjectedFault(k)))
+            }
+            _ => answer,
         }
     }
 }
 
 macro_rules! guarded {
-    ($self:ident, $call:expr) => {
+    ($self:ident, $method:literal, $call:expr) => {
         Box::pin(async move {
-            $self.check()?;
-            $call.await
+            let lost = $self.check($method)?;
+            let answer = $call.await;
+            $self.answer(lost, answer)
         })
     };
 }
 
 impl SessionStore for FaultyStore {
     fn create(&self, new: NewSession) -> BoxFuture<'_, Result<CreateOutcome, StoreError>> {
-        guarded!(self, self.inner.create(new))
+        guarded!(self, "create", self.inner.create(new))
     }
     fn attach(
         &self,
         id: SessionId,
         resource: Resource,
     ) -> BoxFuture<'_, Result<AttachOutcome, StoreError>> {
-        guarded!(self, self.inner.attach(id, resource))
+        guarded!(self, "attach", self.inner.attach(id, resource))
     }
     fn end<'a>(
         &'a self,
@@ -122,13 +175,13 @@ impl SessionStore for FaultyStore {
         reason: EndReason,
         claim: Option<ReleaseClaim>,
     ) -> BoxFuture<'a, Result<Option<(SessionRecord, Transition)>, StoreError>> {
-        guarded!(self, self.inner.end(id, tenant, now, reason, claim))
+        guarded!(self, "end", self.inner.end(id, tenant, now, reason, claim))
     }
     fn get(&self, id: SessionId) -> BoxFuture<'_, Result<Option<SessionRecord>, StoreError>> {
-        guarded!(self, self.inner.get(id))
+        guarded!(self, "get", self.inner.get(id))
     }
     fn list(&self, query: ListQuery) -> BoxFuture<'_, Result<Vec<SessionRecord>, StoreError>> {
-        guarded!(self, self.inner.list(query))
+        guarded!(self, "list", self.inner.list(query))
     }
     fn touch<'a>(
         &'a self,
@@ -136,7 +189,7 @@ impl SessionStore for FaultyStore {
         tenant: TenantScope<'a>,
         now: Timestamp,
     ) -> BoxFuture<'a, Result<TouchOutcome, StoreError>> {
-        guarded!(self, self.inner.touch(id, tenant, now))
+        guarded!(self, "touch", self.inner.touch(id, tenant, now))
     }
     fn due(
         &self,
@@ -144,7 +197,7 @@ impl SessionStore for FaultyStore {
         orphan_timeout: Duration,
         limit: u32,
     ) -> BoxFuture<'_, Result<Vec<(SessionId, EndReason)>, StoreError>> {
-        guarded!(self, self.inner.due(now, orphan_timeout, limit))
+        guarded!(self, "due", self.inner.due(now, orphan_timeout, limit))
     }
 }
 
@@ -157,7 +210,11 @@ impl ReleaseQueue for FaultyStore {
         limit: u32,
     ) -> BoxFuture<'_, Result<Vec<SessionRecord>, StoreError>> {
         let node = node.to_owned();
-        guarded!(self, self.inner.claim_releases(&node, now, lease, limit))
+        guarded!(
+            self,
+            "claim_releases",
+            self.inner.claim_releases(&node, now, lease, limit)
+        )
     }
     fn record_release(
         &self,
@@ -165,11 +222,15 @@ impl ReleaseQueue for FaultyStore {
         progress: ReleaseProgress,
     ) -> BoxFuture<'_, Result<(), StoreError>> {
         let node = node.to_owned();
-        guarded!(self, self.inner.record_release(&node, progress))
+        guarded!(
+            self,
+            "record_release",
+            self.inner.record_release(&node, progress)
+        )
     }
     fn drop_claims(&self, node: &str) -> BoxFuture<'_, Result<(), StoreError>> {
         let node = node.to_owned();
-        guarded!(self, self.inner.drop_claims(&node))
+        guarded!(self, "drop_claims", self.inner.drop_claims(&node))
     }
     fn watch_releases<'a>(
         &'a self,
@@ -183,7 +244,7 @@ impl ReleaseQueue for FaultyStore {
 impl NodeMembership for FaultyStore {
     fn node_alive(&self, node: &str, now: Timestamp) -> BoxFuture<'_, Result<(), StoreError>> {
         let node = node.to_owned();
-        guarded!(self, self.inner.node_alive(&node, now))
+        guarded!(self, "node_alive", self.inner.node_alive(&node, now))
     }
     fn end_dead_nodes(
         &self,
@@ -195,6 +256,7 @@ impl NodeMembership for FaultyStore {
         let except = except.to_owned();
         guarded!(
             self,
+            "end_dead_nodes",
             self.inner.end_dead_nodes(&except, now, node_timeout, limit)
         )
     }
@@ -206,20 +268,24 @@ impl RoomStore for FaultyStore {
         event: RoomEvent,
         now: Timestamp,
     ) -> BoxFuture<'_, Result<Option<Vec<RoomState>>, StoreError>> {
-        guarded!(self, self.inner.room_event(event, now))
+        guarded!(self, "room_event", self.inner.room_event(event, now))
     }
     fn room_state(&self, id: SessionId) -> BoxFuture<'_, Result<Option<RoomState>, StoreError>> {
-        guarded!(self, self.inner.room_state(id))
+        guarded!(self, "room_state", self.inner.room_state(id))
     }
     fn touch_present(&self, now: Timestamp) -> BoxFuture<'_, Result<Vec<SessionId>, StoreError>> {
-        guarded!(self, self.inner.touch_present(now))
+        guarded!(self, "touch_present", self.inner.touch_present(now))
     }
     fn prune_rooms(
         &self,
         ended_before: Timestamp,
         limit: u32,
     ) -> BoxFuture<'_, Result<u32, StoreError>> {
-        guarded!(self, self.inner.prune_rooms(ended_before, limit))
+        guarded!(
+            self,
+            "prune_rooms",
+            self.inner.prune_rooms(ended_before, limit)
+        )
     }
 }
 
@@ -232,11 +298,19 @@ impl PresenceStore for FaultyStore {
         now: Timestamp,
     ) -> BoxFuture<'_, Result<(), StoreError>> {
         let node = node.to_owned();
-        guarded!(self, self.inner.set_presence(session, &node, holds, now))
+        guarded!(
+            self,
+            "set_presence",
+            self.inner.set_presence(session, &node, holds, now)
+        )
     }
     fn clear_presence(&self, node: &str, now: Timestamp) -> BoxFuture<'_, Result<(), StoreError>> {
         let node = node.to_owned();
-        guarded!(self, self.inner.clear_presence(&node, now))
+        guarded!(
+            self,
+            "clear_presence",
+            self.inner.clear_presence(&node, now)
+        )
     }
     fn presence(
         &self,
@@ -244,7 +318,11 @@ impl PresenceStore for FaultyStore {
         now: Timestamp,
         node_timeout: Duration,
     ) -> BoxFuture<'_, Result<Vec<String>, StoreError>> {
-        guarded!(self, self.inner.presence(session, now, node_timeout))
+        guarded!(
+            self,
+            "presence",
+            self.inner.presence(session, now, node_timeout)
+        )
     }
     fn watch_ends<'a>(&'a self, ended: &'a (dyn Fn(SessionId) + Send + Sync)) -> BoxFuture<'a, ()> {
         self.inner.watch_ends(ended)
@@ -253,6 +331,6 @@ impl PresenceStore for FaultyStore {
 
 impl StoreHealth for FaultyStore {
     fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>> {
-        guarded!(self, self.inner.ping())
+        guarded!(self, "ping", self.inner.ping())
     }
 }

@@ -24,6 +24,10 @@ pub mod faults;
 mod memory;
 mod metrics;
 pub mod rows;
+#[cfg(feature = "simulation")]
+pub mod simulation;
+#[cfg(not(feature = "simulation"))]
+mod simulation;
 pub mod sql;
 mod store;
 

@@ -5,7 +5,7 @@
 //! it, as on SQLite and PostgreSQL), and it runs the engine's own tests and simulations in
 //! milliseconds, without a database.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -57,12 +57,12 @@ struct SessionRow {
 struct State {
     sessions: BTreeMap<SessionId, SessionRow>,
     /// Per session, the nodes holding client sockets of it.
-    presence: HashMap<SessionId, HashSet<String>>,
-    nodes: HashMap<String, Timestamp>,
+    presence: BTreeMap<SessionId, BTreeSet<String>>,
+    nodes: BTreeMap<String, Timestamp>,
     /// Room events applied: (provider, event id) -> when received.
-    room_events: HashMap<(String, String), Timestamp>,
+    room_events: BTreeMap<(String, String), Timestamp>,
     /// Per session: participant identity -> (present, time of its latest event).
-    participants: HashMap<SessionId, HashMap<String, (bool, Timestamp)>>,
+    participants: BTreeMap<SessionId, BTreeMap<String, (bool, Timestamp)>>,
 }
 
 impl State {
@@ -633,7 +633,7 @@ impl RoomStore for MemoryStore {
 
     fn touch_present(&self, now: Timestamp) -> BoxFuture<'_, Result<Vec<SessionId>, StoreError>> {
         let mut state = self.state();
-        let present: HashSet<SessionId> = state
+        let present: BTreeSet<SessionId> = state
             .participants
             .iter()
             .filter(|(_, p)| p.values().any(|(here, _)| *here))

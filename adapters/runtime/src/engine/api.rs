@@ -8,6 +8,7 @@ use session_lifecycle::{EndReason, Resource, Session, SessionId, TouchError, Tra
 
 use super::{Engine, EngineError, StartRequest, lock};
 use crate::backend::{AcquireError, AcquireRequest};
+use crate::simulation::PlantedBug;
 use crate::store::{
     AttachOutcome, CreateOutcome, ListQuery, NewSession, ReleaseClaim, SessionRecord,
     SessionTimeouts, TouchOutcome,
@@ -52,13 +53,24 @@ impl Engine {
             d.min(request.plan.max_session)
         });
         let id = SessionId::from_ulid_parts(now, random_u128());
-        // Held until every acquire is done: this session's releases wait for it.
-        let starting = Arc::new(tokio::sync::Mutex::new(()));
-        let _acquiring = Arc::clone(&starting).lock_owned().await;
-        lock(&inner.starting).insert(id, starting);
-        let result = self.start_session(id, now, lifetime, request).await;
-        lock(&inner.starting).remove(&id);
-        result
+        // A start that has begun finishes, whoever waits for it: a caller that goes away
+        // (a client that disconnects mid-request) must not leave a resource acquired and
+        // never recorded. Tracked, so shutdown and handover wait for it.
+        let engine = self.clone();
+        let work = inner.tasks.spawn(async move {
+            // Held until every acquire is done: this session's releases wait for it.
+            let starting = Arc::new(tokio::sync::Mutex::new(()));
+            let _acquiring = Arc::clone(&starting).lock_owned().await;
+            lock(&engine.inner.starting).insert(id, starting);
+            let result = engine.start_session(id, now, lifetime, request).await;
+            lock(&engine.inner.starting).remove(&id);
+            result
+        });
+        work.await.unwrap_or_else(|e| {
+            Err(EngineError::StartFailed(format!(
+                "the start was interrupted: {e}"
+            )))
+        })
     }
 
     async fn start_session(
@@ -158,7 +170,9 @@ impl Engine {
                     // The session ended while we were acquiring: never keep a late resource.
                     // It is the last acquired, so it goes first; the session's other
                     // releases wait for this start to return.
-                    self.release_now(id, acquired.resource).await;
+                    if !crate::simulation::planted(PlantedBug::ForgetLateResource) {
+                        self.release_now(id, acquired.resource).await;
+                    }
                     return Err(EngineError::SessionEnded);
                 }
                 Err(e) => {
@@ -191,14 +205,28 @@ impl Engine {
         }
     }
 
-    /// Releases a resource that never made it into the store, at once and in place.
+    /// Releases a resource that never made it into the store, at once and in place: each
+    /// attempt within the kind's release deadline, retried after the policy's backoff until
+    /// it succeeds or the engine stops (the next start of the node finds the resource
+    /// then, see `recovery`). The session's other releases wait meanwhile: this one was
+    /// acquired last.
     pub(super) async fn release_now(&self, session: SessionId, resource: Resource) {
-        let Some(backend) = self.inner.by_kind.get(&resource.kind) else {
-            tracing::error!(session = %session, ?resource, "no backend releases this resource kind");
-            return;
-        };
-        if let Err(e) = backend.release(session, resource).await {
-            tracing::error!(session = %session, ?resource, error = %e, "releasing an unrecorded resource failed");
+        let inner = &self.inner;
+        let mut failures = 0;
+        loop {
+            match self.run_backend_release(session, resource).await {
+                Ok(_) => return,
+                Err(e) => {
+                    failures += 1;
+                    tracing::error!(session = %session, ?resource, error = %e, "releasing an unrecorded resource failed; trying again");
+                }
+            }
+            let wait = inner.config.policy.release_backoff(failures);
+            tokio::select! {
+                biased;
+                _ = inner.cancel.cancelled() => return,
+                _ = inner.clock.sleep(wait) => {}
+            }
         }
     }
 
@@ -235,8 +263,36 @@ impl Engine {
         id: SessionId,
         reason: EndReason,
     ) -> Result<SessionRecord, EngineError> {
-        let (record, _) = self.end_in_scope(id, tenant, reason).await?;
-        Ok(record)
+        match self.end_in_scope(id, tenant, reason).await {
+            Ok((record, _)) => Ok(record),
+            Err(EngineError::Store(e))
+                if e.is_unavailable()
+                    && crate::simulation::planted(PlantedBug::AcknowledgeEndBeforeStore) =>
+            {
+                self.acknowledged_in_memory(id, reason)
+                    .ok_or(EngineError::Store(e))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The planted bug [`PlantedBug::AcknowledgeEndBeforeStore`]: ends `id` in the timer
+    /// table only and answers as if the store had it.
+    fn acknowledged_in_memory(&self, id: SessionId, reason: EndReason) -> Option<SessionRecord> {
+        let now = self.inner.clock.now();
+        let mut timers = self.timers();
+        let _ = timers.end(now, &id, reason);
+        let session = timers.get(&id)?.clone();
+        Some(SessionRecord {
+            session,
+            tenant: String::new(),
+            metadata: None,
+            room: None,
+            node: self.inner.config.node.clone(),
+            timeouts: SessionTimeouts::default(),
+            release_notes: Vec::new(),
+            release_errors: Vec::new(),
+        })
     }
 
     /// Ends `id` for the service itself (timers, the sweeper, events); see
@@ -271,9 +327,15 @@ impl Engine {
             .await?
             .ok_or(EngineError::NotFound)?;
         let ended_reason = record.session.end_reason().unwrap_or(reason);
+        if transition != Transition::Committed
+            && crate::simulation::planted(PlantedBug::ReleaseWithoutClaim)
+            && record.session.next_release_at().is_some()
+        {
+            lock(&inner.local_runs).push(self.spawn_unguarded_run(record.clone(), None));
+        }
         if transition == Transition::Committed {
             inner.metrics.session_ended(ended_reason);
-            tracing::info!(session = %id, reason = %ended_reason, "session ended");
+            tracing::info!(session = %id, reason = %ended_reason, node = %inner.config.node, "session ended");
             if record.node == inner.config.node && record.session.next_release_at().is_some() {
                 self.spawn_release_run(record.clone());
             } else {
@@ -321,8 +383,12 @@ impl Engine {
     }
 }
 
-/// 128 bits from the operating system's generator (ULIDs use 80 of them).
+/// 128 bits from the operating system's generator (ULIDs use 80 of them), or from the
+/// simulation's seed when one is set.
 fn random_u128() -> u128 {
+    if let Some(bits) = crate::simulation::seeded_entropy() {
+        return bits;
+    }
     let mut bytes = [0u8; 16];
     // The OS generator failing is not something a service can run without.
     getrandom::fill(&mut bytes).expect("the operating system's random generator failed");

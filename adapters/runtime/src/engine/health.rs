@@ -31,9 +31,29 @@ pub(crate) struct Reachability {
     /// The store came back and the engine has not yet done what a recovery calls for
     /// (write the liveness it kept, look at its sessions again).
     recovery_due: bool,
+    /// The last reading of the clock and of its monotonic counterpart, to tell a step of
+    /// the wall clock from time passing.
+    last_reading: Option<(Timestamp, Duration)>,
 }
 
+/// A wall clock running ahead of the monotonic clock by more than this has stepped.
+const STEP_TOLERANCE: Duration = Duration::from_secs(1);
+
 impl Reachability {
+    /// What an engine starting at `now` knows: nothing from before. Whatever happened
+    /// while this instance was not running (a crash, a restart, a clock step meanwhile)
+    /// was heard by no one here, so it counts like an outage that ends now: a session of a
+    /// node that was down gets the whole orphan timeout from the restart to report again,
+    /// and another node is taken for dead only after a whole node timeout of silence seen
+    /// from here.
+    pub(crate) fn starting(now: Timestamp) -> Reachability {
+        let mut reachability = Reachability::new(now);
+        reachability
+            .outages
+            .push_back((Timestamp::from_millis(0), now));
+        reachability
+    }
+
     pub(crate) fn new(now: Timestamp) -> Reachability {
         Reachability {
             last_ok: now,
@@ -41,7 +61,27 @@ impl Reachability {
             outages: VecDeque::new(),
             recovered_at: None,
             recovery_due: false,
+            last_reading: None,
         }
+    }
+
+    /// Records a reading of the clock (`now`) and of its monotonic counterpart (`mono`, if
+    /// the clock has one). A wall clock that stepped forward skipped time in which no
+    /// liveness could arrive: that time counts like an outage, and nothing is judged until
+    /// it has settled. A step back only delays judgements.
+    pub(crate) fn observe_clock(&mut self, now: Timestamp, mono: Option<Duration>) {
+        let Some(mono) = mono else { return };
+        if let Some((wall, at)) = self.last_reading {
+            let expected = wall.saturating_add(mono.saturating_sub(at));
+            if now > expected.saturating_add(STEP_TOLERANCE) {
+                if self.outages.len() == REMEMBERED {
+                    self.outages.pop_front();
+                }
+                self.outages.push_back((expected, now));
+                self.recovered_at = Some(now);
+            }
+        }
+        self.last_reading = Some((now, mono));
     }
 
     /// Records a store call's outcome at `now`: `reachable` unless the store could not be
@@ -84,6 +124,7 @@ impl Reachability {
     /// The time within `from..to` during which the store was unreachable.
     pub(crate) fn unreachable_within(&self, from: Timestamp, to: Timestamp) -> Duration {
         self.intervals(to)
+            .into_iter()
             .map(|(s, e)| e.min(to).saturating_duration_since(s.max(from)))
             .fold(Duration::ZERO, |a, b| a.saturating_add(b))
     }
@@ -94,9 +135,7 @@ impl Reachability {
     pub(crate) fn cover(&self, now: Timestamp, silence: Duration) -> Duration {
         let mut left = silence;
         let mut at = now;
-        let mut intervals: Vec<(Timestamp, Timestamp)> = self.intervals(now).collect();
-        intervals.sort_by_key(|(s, _)| std::cmp::Reverse(*s));
-        for (start, end) in intervals {
+        for (start, end) in self.intervals(now).into_iter().rev() {
             let end = end.min(at);
             if end <= start {
                 continue;
@@ -112,12 +151,24 @@ impl Reachability {
         back.max(silence)
     }
 
-    /// Ended outages and the ongoing one (up to `now`).
-    fn intervals(&self, now: Timestamp) -> impl Iterator<Item = (Timestamp, Timestamp)> + '_ {
-        self.outages
+    /// Ended outages and the ongoing one (up to `now`), merged where they overlap (a clock
+    /// stepped back records later outages with earlier times), in order.
+    fn intervals(&self, now: Timestamp) -> Vec<(Timestamp, Timestamp)> {
+        let mut all: Vec<(Timestamp, Timestamp)> = self
+            .outages
             .iter()
             .copied()
             .chain(self.down_since.map(|s| (s, now.max(s))))
+            .collect();
+        all.sort_unstable();
+        let mut merged: Vec<(Timestamp, Timestamp)> = Vec::with_capacity(all.len());
+        for (start, end) in all {
+            match merged.last_mut() {
+                Some(last) if start <= last.1 => last.1 = last.1.max(end),
+                _ => merged.push((start, end)),
+            }
+        }
+        merged
     }
 }
 
@@ -150,6 +201,45 @@ mod tests {
         assert_eq!(h.unreachable_within(t(25), t(100)), s(5));
         assert!(!h.may_judge(t(34), s(5)), "settling");
         assert!(h.may_judge(t(35), s(5)));
+    }
+
+    #[test]
+    fn a_forward_step_of_the_clock_counts_like_an_outage() {
+        let mut h = Reachability::new(t(0));
+        h.observe_clock(t(10), Some(s(10)));
+        // 5 s pass, the wall clock shows 125 s more.
+        h.observe_clock(t(140), Some(s(15)));
+        assert_eq!(h.unreachable_within(t(0), t(140)), s(125));
+        assert!(!h.may_judge(t(145), s(10)), "settling after the step");
+        assert!(h.may_judge(t(150), s(10)));
+        // Reachable 15 s before the step and 20 s after it: 60 s of silence reaches back
+        // over the skipped time.
+        assert_eq!(h.cover(t(160), s(60)), s(185));
+        // A step back, and time passing as it should, are no outage.
+        h.observe_clock(t(100), Some(s(35)));
+        h.observe_clock(t(130), Some(s(65)));
+        assert_eq!(h.unreachable_within(t(0), t(200)), s(125));
+        // A clock without a monotonic reading tells nothing.
+        h.observe_clock(t(900), None);
+        assert_eq!(h.unreachable_within(t(0), t(1000)), s(125));
+    }
+
+    #[test]
+    fn outages_recorded_out_of_order_are_merged() {
+        let mut h = Reachability::new(t(0));
+        h.observe(true, t(100));
+        h.observe_clock(t(100), Some(s(100)));
+        // A short outage; the clock steps back 50 s; another; then it steps forward.
+        h.observe(false, t(101));
+        h.observe(true, t(103));
+        h.observe_clock(t(55), Some(s(105)));
+        h.observe(false, t(60));
+        h.observe(true, t(62));
+        h.observe_clock(t(190), Some(s(115)));
+        // The forward step skipped 65..190, which holds the outages recorded before: one
+        // span. 60 s of silence at 220: 30 s after it, 30 s before it.
+        assert_eq!(h.cover(t(220), s(60)), s(185));
+        assert_eq!(h.unreachable_within(t(0), t(250)), s(125));
     }
 
     #[test]

@@ -34,7 +34,7 @@ mod tests;
 mod timers;
 mod watched;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -71,7 +71,7 @@ pub(crate) struct Inner {
     health: Arc<Mutex<health::Reachability>>,
     /// Liveness signals received while the store could not be reached, by session: written
     /// as soon as it is back, before anything is judged.
-    pending_touches: Mutex<HashMap<SessionId, Timestamp>>,
+    pending_touches: Mutex<BTreeMap<SessionId, Timestamp>>,
     backends: Vec<Arc<dyn ResourceBackend>>,
     by_kind: HashMap<ResourceKind, Arc<dyn ResourceBackend>>,
     /// The longest one release of each kind may take.
@@ -98,9 +98,11 @@ pub(crate) struct Inner {
     draining: AtomicBool,
     /// Sessions still acquiring their resources here: their releases wait for the start
     /// to finish, so that a resource acquired last is also released first.
-    starting: Mutex<HashMap<SessionId, Arc<tokio::sync::Mutex<()>>>>,
+    starting: Mutex<BTreeMap<SessionId, Arc<tokio::sync::Mutex<()>>>>,
+    /// Sessions whose release run is going on this node (one run per session at a time).
+    running: Mutex<BTreeSet<SessionId>>,
     /// Resources whose last release attempt here failed and that are not released yet.
-    failing: Mutex<HashSet<(SessionId, Resource)>>,
+    failing: Mutex<BTreeSet<(SessionId, Resource)>>,
     /// Every task the engine starts: background loops, room-grace waits.
     tasks: TaskTracker,
     /// The release runs of sessions (each one session's releases, in order).
@@ -150,7 +152,7 @@ impl Engine {
             .collect();
         release_deadlines.extend(config.release_deadlines.iter().copied());
         let (events, events_rx) = EventSink::channel();
-        let health = Arc::new(Mutex::new(health::Reachability::new(clock.now())));
+        let health = Arc::new(Mutex::new(health::Reachability::starting(clock.now())));
         let store: Arc<dyn Store> = Arc::new(watched::WatchedStore::new(
             store,
             Arc::clone(&health),
@@ -160,7 +162,7 @@ impl Engine {
             inner: Arc::new(Inner {
                 store,
                 health,
-                pending_touches: Mutex::new(HashMap::new()),
+                pending_touches: Mutex::new(BTreeMap::new()),
                 backends,
                 by_kind,
                 release_deadlines,
@@ -175,8 +177,9 @@ impl Engine {
                 events_rx: Mutex::new(Some(events_rx)),
                 closing: AtomicBool::new(false),
                 draining: AtomicBool::new(false),
-                starting: Mutex::new(HashMap::new()),
-                failing: Mutex::new(HashSet::new()),
+                starting: Mutex::new(BTreeMap::new()),
+                running: Mutex::new(BTreeSet::new()),
+                failing: Mutex::new(BTreeSet::new()),
                 tasks: TaskTracker::new(),
                 release_tasks: TaskTracker::new(),
                 local_runs: Mutex::new(Vec::new()),

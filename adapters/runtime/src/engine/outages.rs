@@ -3,9 +3,12 @@
 //! dropped, releases owed are looked for at once, and no silence is judged until the
 //! outage has settled (see `health`).
 
+use std::time::Duration;
+
 use session_lifecycle::{SessionId, Status, Timestamp};
 
 use super::{Engine, lock};
+use crate::simulation::PlantedBug;
 use crate::store::ListQuery;
 
 impl Engine {
@@ -13,10 +16,35 @@ impl Engine {
     /// settled, and the liveness kept during it is written.
     pub(super) async fn may_judge(&self, now: Timestamp) -> bool {
         let inner = &self.inner;
-        if !lock(&inner.health).may_judge(now, inner.config.outage_settle) {
+        if crate::simulation::planted(PlantedBug::JudgeDuringOutage) {
+            return true;
+        }
+        let judging = {
+            let mut health = lock(&inner.health);
+            health.observe_clock(now, inner.clock.monotonic());
+            health.may_judge(now, inner.config.outage_settle)
+        };
+        if !judging {
             return false;
         }
         self.write_pending_touches().await
+    }
+
+    /// How far back from `now` silence of `silence` reaches once time this instance could
+    /// not reach the store is left out (see `health`).
+    pub(super) fn reachable_cover(&self, now: Timestamp, silence: Duration) -> Duration {
+        if crate::simulation::planted(PlantedBug::JudgeDuringOutage) {
+            return silence;
+        }
+        lock(&self.inner.health).cover(now, silence)
+    }
+
+    /// Time within `from..to` during which this instance could not reach the store.
+    pub(super) fn unreachable_within(&self, from: Timestamp, to: Timestamp) -> Duration {
+        if crate::simulation::planted(PlantedBug::JudgeDuringOutage) {
+            return Duration::ZERO;
+        }
+        lock(&self.inner.health).unreachable_within(from, to)
     }
 
     /// Writes the liveness received while the store was unreachable. Whether all of it is
@@ -60,7 +88,7 @@ impl Engine {
             .filter(|s| s.status() == Status::Started)
             .map(|s| *s.id())
             .collect();
-        let mut started = std::collections::HashSet::new();
+        let mut started = std::collections::BTreeSet::new();
         let mut before = None;
         loop {
             let page = match inner

@@ -43,7 +43,28 @@ impl Engine {
             }
         }
         self.resume_room_waits(&records).await;
-        self.adopt_untracked(&started).await?;
+        // A session that was starting when the previous run stopped may have ended since
+        // (taken over as `node_lost`, ended through another instance): resources it
+        // acquired and never recorded are looked for too, among this node's newest
+        // sessions, where every start the previous run had under way lies.
+        let newest = inner
+            .store
+            .list(ListQuery {
+                tenant: None,
+                status: None,
+                limit: 500,
+                before: None,
+                node: Some(inner.config.node.clone()),
+            })
+            .await?;
+        let mut candidates = started.clone();
+        candidates.extend(
+            newest
+                .into_iter()
+                .map(|r| r.session)
+                .filter(|s| s.status() != Status::Started),
+        );
+        self.adopt_untracked(&candidates).await?;
         self.resume_held(&started).await;
         let owed = self.releases_once().await?;
         if owed.released + owed.release_failures > 0 {
@@ -79,7 +100,8 @@ impl Engine {
     }
 
     /// Records resources the backends hold for `sessions` that the store does not know
-    /// of (acquired just before a crash), so that they are released with their session.
+    /// of (acquired just before a crash), so that they are released with their session; one
+    /// of a session that has ended is released at once.
     async fn adopt_untracked(&self, sessions: &[Session]) -> Result<(), EngineError> {
         if sessions.is_empty() {
             return Ok(());

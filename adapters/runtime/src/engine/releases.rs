@@ -18,6 +18,19 @@ use super::{DueReport, Engine, EngineError, lock};
 use crate::backend::{ReleaseError, ReleaseNote};
 use crate::store::{ReleaseAttempt, ReleaseProgress, SessionRecord};
 
+/// Marks a session's release run as going on this node; dropped when the run ends, however
+/// it ends.
+pub(super) struct Running {
+    engine: Engine,
+    session: SessionId,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        lock(&self.engine.inner.running).remove(&self.session);
+    }
+}
+
 /// What one session's release run did.
 #[derive(Debug, Clone, Copy, Default)]
 struct RunReport {
@@ -45,20 +58,45 @@ impl Engine {
             .await?;
         Ok(claimed
             .into_iter()
-            .map(|record| self.spawn_run(record))
+            .filter_map(|record| self.spawn_run(record))
             .collect())
     }
 
-    /// Starts the release run of a session whose releases this node claimed, tracked.
-    fn spawn_run(&self, record: SessionRecord) -> JoinHandle<DueReport> {
+    /// Starts the release run of a session whose releases this node claimed, tracked;
+    /// `None` if a run of that session is still going here. One run per session at a
+    /// time, whatever the claim says: a claim's lease is on the wall clock, which may step
+    /// forward past it while the run is still releasing.
+    fn spawn_run(&self, record: SessionRecord) -> Option<JoinHandle<DueReport>> {
+        let id = *record.session.id();
+        if !lock(&self.inner.running).insert(id) {
+            return None;
+        }
+        let running = Running {
+            engine: self.clone(),
+            session: id,
+        };
+        Some(self.spawn_unguarded_run(record, Some(running)))
+    }
+
+    /// Spawns a release run; `running` marks it as the session's one run here until it
+    /// ends (the planted bug [`PlantedBug::ReleaseWithoutClaim`] passes none).
+    ///
+    /// [`PlantedBug::ReleaseWithoutClaim`]: crate::simulation::PlantedBug
+    pub(super) fn spawn_unguarded_run(
+        &self,
+        record: SessionRecord,
+        running: Option<Running>,
+    ) -> JoinHandle<DueReport> {
         let engine = self.clone();
         let cancel = self.inner.cancel.clone();
         self.inner.release_tasks.spawn(async move {
+            let _running = running;
             tokio::select! {
-                report = engine.release_session(record) => report,
+                biased;
                 // Cut short by shutdown: the claim is dropped when the node next starts,
                 // and the (repeatable) release runs again then.
                 _ = cancel.cancelled() => DueReport::default(),
+                report = engine.release_session(record) => report,
             }
         })
     }
@@ -66,8 +104,9 @@ impl Engine {
     /// Starts the release run of a session this node just ended and claimed with its end;
     /// [`releases_once`](Self::releases_once) waits for it too.
     pub(super) fn spawn_release_run(&self, record: SessionRecord) {
-        let run = self.spawn_run(record);
-        lock(&self.inner.local_runs).push(run);
+        if let Some(run) = self.spawn_run(record) {
+            lock(&self.inner.local_runs).push(run);
+        }
     }
 
     /// Claims and runs every release due on this node now, and waits for the runs; claims
@@ -211,7 +250,7 @@ impl Engine {
     }
 
     /// Runs one release through its backend, bounded by the kind's release deadline.
-    async fn run_backend_release(
+    pub(super) async fn run_backend_release(
         &self,
         session: SessionId,
         resource: Resource,
@@ -228,10 +267,10 @@ impl Engine {
             .get(&resource.kind)
             .copied()
             .unwrap_or(Duration::from_secs(30));
-        let give_up = inner.clock.now().saturating_add(deadline);
         tokio::select! {
+            biased;
             result = backend.release(session, resource) => result,
-            _ = inner.clock.sleep_until(give_up) => Err(ReleaseError::transient(format!(
+            _ = inner.clock.sleep(deadline) => Err(ReleaseError::transient(format!(
                 "{} release gave no answer within {} ms",
                 backend.name(),
                 deadline.as_millis()
@@ -301,8 +340,9 @@ impl Engine {
                 }
             }
             tokio::select! {
+                biased;
                 _ = inner.releases_due.notified() => {}
-                _ = inner.clock.sleep_until(wake) => {}
+                _ = inner.clock.sleep(wake.saturating_duration_since(now)) => {}
             }
         }
     }

@@ -8,7 +8,7 @@
 //! a socket of it any more: a client that reconnected to another instance within the
 //! grace keeps its session.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -30,13 +30,25 @@ struct Held {
     ended: watch::Sender<bool>,
     /// Whether the store records this node as holding the session. Its writes are made
     /// one at a time, in order, under this lock.
-    recorded: Arc<tokio::sync::Mutex<bool>>,
+    recorded: Arc<tokio::sync::Mutex<Recorded>>,
+}
+
+/// Whether the store records this node as holding a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Recorded {
+    /// It does not.
+    No,
+    /// The write failed without an answer: it may have committed. Letting go deletes it,
+    /// and judges nothing (no socket of the session was ever open here for sure).
+    Unsure,
+    /// It does.
+    Yes,
 }
 
 /// Every session this node holds sockets of (or waits out the grace of).
 #[derive(Default)]
 pub(crate) struct Sockets {
-    held: Mutex<HashMap<SessionId, Held>>,
+    held: Mutex<BTreeMap<SessionId, Held>>,
 }
 
 /// One client socket of a session, held on this node. Dropping it closes it: when the
@@ -122,14 +134,17 @@ impl Engine {
             held.grace = grace;
         }
         let mut recorded = recorded.lock().await;
-        if !*recorded {
+        if *recorded != Recorded::Yes {
             let now = self.inner.clock.now();
+            // A write whose answer is lost may have committed, and a hold left in the store
+            // would keep the session alive for ever: it is deleted when the socket closes.
+            *recorded = Recorded::Unsure;
             self.inner
                 .store
                 .set_presence(id, &self.inner.config.node, true, now)
                 .await?;
             self.inner.metrics.presence_written();
-            *recorded = true;
+            *recorded = Recorded::Yes;
         }
         drop(recorded);
         Ok((hold, record))
@@ -144,14 +159,14 @@ impl Engine {
     fn socket_opened(
         &self,
         id: SessionId,
-    ) -> (watch::Receiver<bool>, Arc<tokio::sync::Mutex<bool>>) {
+    ) -> (watch::Receiver<bool>, Arc<tokio::sync::Mutex<Recorded>>) {
         let mut held = lock(&self.inner.sockets.held);
         let entry = held.entry(id).or_insert_with(|| Held {
             open: 0,
             opened: 0,
             grace: Duration::ZERO,
             ended: watch::channel(false).0,
-            recorded: Arc::new(tokio::sync::Mutex::new(false)),
+            recorded: Arc::new(tokio::sync::Mutex::new(Recorded::No)),
         });
         entry.open += 1;
         entry.opened += 1;
@@ -209,16 +224,30 @@ impl Engine {
                 }
             };
             let mut recorded = recorded.lock().await;
-            if !*recorded {
-                // Never held in the store (the socket was refused, or could not record
-                // itself): nothing to let go of, nothing to judge.
+            let now = inner.clock.now();
+            if *recorded != Recorded::Yes {
+                // Never held in the store for sure (the socket was refused, or could not
+                // record itself): a hold that may have been written is deleted, and nothing
+                // is judged.
+                if *recorded == Recorded::Unsure {
+                    if let Err(e) = inner
+                        .store
+                        .set_presence(id, &inner.config.node, false, now)
+                        .await
+                    {
+                        drop(recorded);
+                        tracing::warn!(session = %id, error = %e, "deleting a hold that may have been written failed; trying again");
+                        inner.clock.sleep(STORE_RETRY).await;
+                        continue;
+                    }
+                    *recorded = Recorded::No;
+                }
                 let mut held = lock(&inner.sockets.held);
                 if held.get(&id).is_some_and(|e| e.open == 0) {
                     held.remove(&id);
                 }
                 return;
             }
-            let now = inner.clock.now();
             {
                 if let Err(e) = inner
                     .store
@@ -227,14 +256,11 @@ impl Engine {
                 {
                     drop(recorded);
                     tracing::warn!(session = %id, error = %e, "letting go of a session's sockets failed; trying again");
-                    inner
-                        .clock
-                        .sleep_until(now.saturating_add(STORE_RETRY))
-                        .await;
+                    inner.clock.sleep(STORE_RETRY).await;
                     continue;
                 }
                 inner.metrics.presence_written();
-                *recorded = false;
+                *recorded = Recorded::No;
             }
             let holders = match inner
                 .store
@@ -245,10 +271,7 @@ impl Engine {
                 Err(e) => {
                     drop(recorded);
                     tracing::warn!(session = %id, error = %e, "reading a session's presence failed; trying again");
-                    inner
-                        .clock
-                        .sleep_until(now.saturating_add(STORE_RETRY))
-                        .await;
+                    inner.clock.sleep(STORE_RETRY).await;
                     continue;
                 }
             };

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use session_lifecycle::{EndReason, Transition};
 
-use super::{DueReport, Engine, EngineError, lock};
+use super::{DueReport, Engine, EngineError};
 
 /// An orphan timeout no session reaches: the sweep then finds expiries only.
 const NEVER_ORPHANED: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
@@ -33,7 +33,7 @@ impl Engine {
         // time this instance could not reach it (see `health`).
         let judging = self.may_judge(now).await;
         if judging {
-            let node_timeout = lock(&inner.health).cover(now, inner.config.node_timeout);
+            let node_timeout = self.reachable_cover(now, inner.config.node_timeout);
             let taken_over = inner
                 .store
                 .end_dead_nodes(
@@ -63,7 +63,7 @@ impl Engine {
         loop {
             let now = inner.clock.now();
             let orphan_timeout = if judging {
-                lock(&inner.health).cover(now, inner.config.policy.orphan_timeout)
+                self.reachable_cover(now, inner.config.policy.orphan_timeout)
             } else {
                 // Expiries only.
                 NEVER_ORPHANED
@@ -100,11 +100,7 @@ impl Engine {
     pub(super) async fn run_sweeper(&self) {
         let inner = &self.inner;
         loop {
-            let next = inner
-                .clock
-                .now()
-                .saturating_add(inner.config.policy.sweep_interval);
-            inner.clock.sleep_until(next).await;
+            inner.clock.sleep(inner.config.policy.sweep_interval).await;
             if let Err(e) = self.sweep_once().await {
                 tracing::warn!(error = %e, "sweep failed");
             }
@@ -116,14 +112,11 @@ impl Engine {
     pub(super) async fn run_heartbeat(&self) {
         let inner = &self.inner;
         loop {
-            let next = inner
-                .clock
-                .now()
-                .saturating_add(inner.config.node_heartbeat);
+            let next = inner.clock.sleep(inner.config.node_heartbeat);
             if let Err(e) = self.heartbeat_once().await {
                 tracing::warn!(error = %e, "recording this node's heartbeat failed");
             }
-            inner.clock.sleep_until(next).await;
+            next.await;
         }
     }
 }

@@ -53,6 +53,7 @@ impl Engine {
         }
         self.inner.tasks.spawn(async move {
             tokio::select! {
+                biased;
                 _ = cancel.cancelled() => {}
                 _ = task => {}
             }
@@ -141,7 +142,8 @@ impl Engine {
     pub async fn shutdown(&self, deadline: Duration) -> Result<u32, EngineError> {
         let inner = &self.inner;
         inner.closing.store(true, Ordering::SeqCst);
-        let give_up = inner.clock.now().saturating_add(deadline);
+        // Counted from now, as time passes.
+        let give_up = inner.clock.sleep(deadline);
         let ids: Vec<SessionId> = self
             .timers()
             .iter()
@@ -162,8 +164,9 @@ impl Engine {
         }
         if result.is_ok() {
             result = tokio::select! {
+                biased;
                 r = self.settle_releases() => r,
-                _ = inner.clock.sleep_until(give_up) => {
+                _ = give_up => {
                     tracing::warn!("shutdown deadline passed with releases still running; they run on the next start");
                     Ok(())
                 }

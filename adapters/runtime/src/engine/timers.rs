@@ -7,7 +7,7 @@ use session_lifecycle::{
     EndReason, Policy, ReleaseOutcome, SessionId, SessionTable, Status, Timestamp, Work,
 };
 
-use super::{DueReport, Engine, EngineError, STORE_RETRY, TIMER_SLOTS, lock};
+use super::{DueReport, Engine, EngineError, STORE_RETRY, TIMER_SLOTS};
 
 /// What the store says of a session whose orphan timer fired here.
 enum Liveness {
@@ -116,7 +116,7 @@ impl Engine {
         }
         // Time during which this instance could not reach the store is not silence.
         let last_seen = session.last_seen_at();
-        let unreachable = lock(&self.inner.health).unreachable_within(last_seen, now);
+        let unreachable = self.unreachable_within(last_seen, now);
         let silence = now
             .saturating_duration_since(last_seen)
             .saturating_sub(unreachable);
@@ -154,6 +154,7 @@ impl Engine {
             match next {
                 Some(deadline) => {
                     tokio::select! {
+                        biased;
                         _ = self.inner.clock.sleep_until(deadline) => {}
                         _ = changed => continue,
                     }

@@ -40,7 +40,10 @@ impl WatchedStore {
 
     fn observe<T>(&self, result: &Result<T, StoreError>) {
         let reachable = !result.as_ref().is_err_and(StoreError::is_unavailable);
-        lock(&self.health).observe(reachable, self.clock.now());
+        let now = self.clock.now();
+        let mut health = lock(&self.health);
+        health.observe_clock(now, self.clock.monotonic());
+        health.observe(reachable, now);
     }
 }
 

@@ -1,0 +1,214 @@
+//! The simulation's entry point. Settings, all optional, from the environment:
+//!
+//! - `SIM_SEEDS`: how many seeds to run (default 50); `SIM_FIRST_SEED`: the first (0).
+//! - `SIM_SEED`: run this one seed only (a replay), printing its trace hash.
+//! - `SIM_STORE`: `memory`, `sqlite` or `both` (default `both`: seeds alternate).
+//! - `SIM_NODES`: 1 to 4 nodes for every seed (default: drawn from each seed).
+//! - `SIM_PLANT`: a planted bug to switch on (`release_without_claim`,
+//!   `acknowledge_end_before_store`, `forget_late_resource`, `judge_during_outage`): the
+//!   run then expects a failure and passes when a seed finds it.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use session_lifecycle_sim::{PlantedBug, SimConfig, StoreKind, run};
+
+fn env_u64(name: &str) -> Option<u64> {
+    std::env::var(name).ok().map(|v| {
+        v.trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("{name} must be a number, not {v:?}"))
+    })
+}
+
+fn stores() -> Vec<StoreKind> {
+    match std::env::var("SIM_STORE").as_deref() {
+        Ok("memory") => vec![StoreKind::Memory],
+        Ok("sqlite") => vec![StoreKind::Sqlite],
+        Ok("both") | Err(_) => vec![StoreKind::Memory, StoreKind::Sqlite],
+        Ok(other) => panic!("SIM_STORE must be memory, sqlite or both, not {other:?}"),
+    }
+}
+
+fn planted() -> Option<PlantedBug> {
+    std::env::var("SIM_PLANT").ok().map(|name| {
+        PlantedBug::from_name(&name).unwrap_or_else(|| panic!("no planted bug named {name:?}"))
+    })
+}
+
+fn config(store: StoreKind, planted: Option<PlantedBug>) -> SimConfig {
+    SimConfig {
+        store,
+        nodes: env_u64("SIM_NODES").map(|n| n as usize),
+        ops: None,
+        planted,
+    }
+}
+
+/// The fault kinds of the issue, each to be injected in at least 10% of the seeds.
+const FAULT_KINDS: [&str; 15] = [
+    "create_over_plan",
+    "end_api",
+    "socket_open",
+    "socket_loss",
+    "touch",
+    "room_duplicate",
+    "room_reorder",
+    "room_lost",
+    "expiry",
+    "clock_forward",
+    "clock_back",
+    "store_call_failed",
+    "store_answer_lost",
+    "node_crash",
+    "node_death",
+];
+
+#[test]
+fn seeds_hold_every_invariant() {
+    if std::env::var_os("SIM_TRACE").is_some_and(|v| v == "1") {
+        // The engines' own log lines, between the trace's.
+        let _ = tracing_subscriber::fmt()
+            .without_time()
+            .with_writer(std::io::stderr)
+            .try_init();
+    }
+    let planted = planted();
+    let stores = stores();
+    let (first, count) = match env_u64("SIM_SEED") {
+        Some(seed) => (seed, 1),
+        None => (
+            env_u64("SIM_FIRST_SEED").unwrap_or(0),
+            env_u64("SIM_SEEDS").unwrap_or(50),
+        ),
+    };
+    let began = Instant::now();
+    let mut seeds_with: BTreeMap<&'static str, u64> = BTreeMap::new();
+    let mut totals: BTreeMap<&'static str, u64> = BTreeMap::new();
+    let (mut ops, mut sessions, mut virtual_secs) = (0u64, 0u64, 0u64);
+    let mut by_nodes = [0u64; 5];
+    for seed in first..first + count {
+        let store = stores[(seed % stores.len() as u64) as usize];
+        match run(seed, &config(store, planted)) {
+            Ok(report) => {
+                assert!(
+                    report.ops >= 200,
+                    "seed {seed} made {} operations, fewer than 200",
+                    report.ops
+                );
+                if count == 1 {
+                    println!("seed {seed}: trace hash {:016x}", report.trace_hash);
+                }
+                for (kind, n) in &report.counts {
+                    *seeds_with.entry(kind).or_default() += 1;
+                    *totals.entry(kind).or_default() += u64::from(*n);
+                }
+                ops += u64::from(report.ops);
+                sessions += report.sessions as u64;
+                virtual_secs += report.virtual_time.as_secs();
+                by_nodes[report.nodes] += 1;
+            }
+            Err(failure) if planted.is_some() => {
+                println!("planted bug found:\n{failure}");
+                return;
+            }
+            Err(failure) => panic!("{failure}"),
+        }
+    }
+    let wall = began.elapsed();
+    if let Some(bug) = planted {
+        panic!(
+            "the planted bug {} was not found in {count} seeds",
+            bug.name()
+        );
+    }
+    println!(
+        "{count} seeds ({} stores; nodes 1..4: {:?}) in {:.1} s: {ops} operations, {sessions} sessions ({:.0} simulated sessions/s of wall time), {} h of virtual time",
+        stores
+            .iter()
+            .map(|s| s.name())
+            .collect::<Vec<_>>()
+            .join("+"),
+        &by_nodes[1..],
+        wall.as_secs_f64(),
+        sessions as f64 / wall.as_secs_f64(),
+        virtual_secs / 3600,
+    );
+    for (kind, seeds) in &seeds_with {
+        println!(
+            "  {kind:<20} in {seeds:>6} seeds, {:>8} in all",
+            totals[kind]
+        );
+    }
+    if count >= 20 {
+        for kind in FAULT_KINDS {
+            let seeds = seeds_with.get(kind).copied().unwrap_or(0);
+            assert!(
+                seeds * 10 >= count,
+                "{kind} was injected in {seeds} of {count} seeds, under 10%"
+            );
+        }
+    }
+}
+
+#[test]
+fn the_same_seed_replays_the_same_run() {
+    for (seed, store) in [(11, StoreKind::Memory), (12, StoreKind::Sqlite)] {
+        let config = SimConfig {
+            store,
+            nodes: None,
+            ops: None,
+            planted: None,
+        };
+        let first = run(seed, &config).unwrap_or_else(|f| panic!("{f}"));
+        let second = run(seed, &config).unwrap_or_else(|f| panic!("{f}"));
+        assert_eq!(
+            first.trace_hash, second.trace_hash,
+            "seed {seed} on {} replayed differently",
+            store.name()
+        );
+        assert_eq!(first.counts, second.counts);
+    }
+}
+
+/// Runs seeds from 0 with `bug` planted until one fails, within the CI budget of 500.
+fn find(bug: PlantedBug) {
+    for seed in 0..500 {
+        let store = if seed % 2 == 0 {
+            StoreKind::Memory
+        } else {
+            StoreKind::Sqlite
+        };
+        let config = SimConfig {
+            store,
+            nodes: None,
+            ops: None,
+            planted: Some(bug),
+        };
+        if let Err(failure) = run(seed, &config) {
+            println!("{} found by seed {seed}:\n{failure}", bug.name());
+            return;
+        }
+    }
+    panic!("the planted bug {} was not found in 500 seeds", bug.name());
+}
+
+#[test]
+fn finds_a_release_run_without_a_claim() {
+    find(PlantedBug::ReleaseWithoutClaim);
+}
+
+#[test]
+fn finds_an_end_acknowledged_before_the_store_took_it() {
+    find(PlantedBug::AcknowledgeEndBeforeStore);
+}
+
+#[test]
+fn finds_a_resource_forgotten_when_its_session_ended_during_the_start() {
+    find(PlantedBug::ForgetLateResource);
+}
+
+#[test]
+fn finds_silence_judged_right_after_an_outage() {
+    find(PlantedBug::JudgeDuringOutage);
+}
