@@ -39,9 +39,26 @@ pub trait RuntimeClock: Clock + Send + Sync + 'static {
 }
 
 /// The system's wall clock; sleeps are tokio sleeps, re-checked against the wall clock on
-/// waking (a clock stepped back makes them sleep again).
+/// waking (a clock stepped back makes them sleep again) and at least every
+/// [`WALL_RECHECK`] (a clock stepped forward wakes them soon).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct SystemClock;
+
+/// The longest a wait for a wall-clock deadline sleeps before looking at the clock again:
+/// the monotonic sleep underneath does not know that the wall clock stepped.
+pub const WALL_RECHECK: Duration = Duration::from_secs(5);
+
+/// Sleeps until `clock` shows `deadline`, looking at it again at least every
+/// [`WALL_RECHECK`]: for clocks whose wall time can step away from tokio's clock.
+pub async fn sleep_until_wall(clock: &impl Clock, deadline: Timestamp) {
+    loop {
+        let left = deadline.saturating_duration_since(clock.now());
+        if left.is_zero() {
+            return;
+        }
+        tokio::time::sleep(left.min(WALL_RECHECK)).await;
+    }
+}
 
 impl Clock for SystemClock {
     fn now(&self) -> Timestamp {
@@ -66,15 +83,7 @@ impl RuntimeClock for SystemClock {
     }
 
     fn sleep_until(&self, deadline: Timestamp) -> BoxFuture<'static, ()> {
-        Box::pin(async move {
-            loop {
-                let left = deadline.saturating_duration_since(SystemClock.now());
-                if left.is_zero() {
-                    return;
-                }
-                tokio::time::sleep(left).await;
-            }
-        })
+        Box::pin(async move { sleep_until_wall(&SystemClock, deadline).await })
     }
 }
 

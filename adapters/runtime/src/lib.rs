@@ -35,7 +35,9 @@ pub use backend::{
     AcquireError, AcquireRequest, Acquired, EVENT_QUEUE, EventSink, ReleaseError, ReleaseNote,
     ResourceBackend, ResourceEvent, ResourceRequest,
 };
-pub use clock::{ManualClock, RuntimeClock, SystemClock, TokioClock};
+pub use clock::{
+    ManualClock, RuntimeClock, SystemClock, TokioClock, WALL_RECHECK, sleep_until_wall,
+};
 pub use engine::{
     Background, DueReport, Engine, EngineConfig, EngineError, Plan, Readiness, RoomEventReport,
     SESSION_ID_ENV, SocketHold, StartRequest, TIMER_SLOTS,

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use session_lifecycle::{Clock, Timestamp};
-use session_lifecycle_runtime::{BoxFuture, RuntimeClock};
+use session_lifecycle_runtime::{BoxFuture, RuntimeClock, sleep_until_wall};
 
 /// A wall clock over virtual time that can be stepped. Clones share the offset.
 #[derive(Debug, Clone)]
@@ -51,19 +51,11 @@ impl Clock for SimClock {
 }
 
 impl RuntimeClock for SimClock {
-    /// Sleeps on virtual time, re-checking the stepped clock on waking, as the system
-    /// clock's sleeps do.
+    /// Sleeps on virtual time, looking at the stepped clock again on waking and every few
+    /// seconds, as the system clock's sleeps do.
     fn sleep_until(&self, deadline: Timestamp) -> BoxFuture<'static, ()> {
         let clock = self.clone();
-        Box::pin(async move {
-            loop {
-                let left = deadline.saturating_duration_since(clock.now());
-                if left.is_zero() {
-                    return;
-                }
-                tokio::time::sleep(left).await;
-            }
-        })
+        Box::pin(async move { sleep_until_wall(&clock, deadline).await })
     }
 
     fn sleep(&self, period: Duration) -> BoxFuture<'static, ()> {

@@ -1198,23 +1198,27 @@ impl Sim {
             self.check().await;
             let now = self.clock_now();
             let records = self.all_records().await;
-            let started: Vec<String> = {
-                let shared = lock(&self.shared);
-                records
-                    .iter()
-                    .filter(|r| r.session.status() == Status::Started)
-                    .map(|r| {
-                        let wall = session_lifecycle::Clock::now(&self.clock);
-                        format!(
-                            "{} (on {}, last seen {} ms ago, expires in {} ms)",
-                            shared.label(r.session.id()),
-                            r.node,
-                            wall.as_millis() as i64 - r.session.last_seen_at().as_millis() as i64,
-                            r.session.expires_at().as_millis() as i64 - wall.as_millis() as i64,
-                        )
-                    })
-                    .collect()
-            };
+            let mut started: Vec<String> = Vec::new();
+            for r in records
+                .iter()
+                .filter(|r| r.session.status() == Status::Started)
+            {
+                let id = *r.session.id();
+                let wall = self.clock_now();
+                let holders = self
+                    .raw
+                    .presence(id, wall, Duration::from_secs(3_600))
+                    .await
+                    .unwrap_or_default();
+                let room = self.raw.room_state(id).await.ok().flatten();
+                let label = lock(&self.shared).label(&id);
+                started.push(format!(
+                    "{label} (on {}, last seen {} ms ago, expires in {} ms, held by {holders:?}, room {room:?})",
+                    r.node,
+                    wall.as_millis() as i64 - r.session.last_seen_at().as_millis() as i64,
+                    r.session.expires_at().as_millis() as i64 - wall.as_millis() as i64,
+                ));
+            }
             let unreleased: Vec<String> = {
                 let ledger = lock(&self.world.ledger);
                 let shared = lock(&self.shared);

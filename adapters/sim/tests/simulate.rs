@@ -163,7 +163,8 @@ fn the_same_seed_replays_the_same_run() {
         let first = run(seed, &config).unwrap_or_else(|f| panic!("{f}"));
         let second = run(seed, &config).unwrap_or_else(|f| panic!("{f}"));
         assert_eq!(
-            first.trace_hash, second.trace_hash,
+            first.trace_hash,
+            second.trace_hash,
             "seed {seed} on {} replayed differently",
             store.name()
         );

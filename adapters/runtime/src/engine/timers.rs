@@ -9,6 +9,9 @@ use session_lifecycle::{
 
 use super::{DueReport, Engine, EngineError, STORE_RETRY, TIMER_SLOTS};
 
+/// A node timeout no node exceeds: every holder counts, dead or alive.
+const ANY_HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(100 * 365 * 24 * 3600);
+
 /// What the store says of a session whose orphan timer fired here.
 enum Liveness {
     /// Started, and not silent for the orphan timeout: a liveness signal reached another
@@ -126,10 +129,13 @@ impl Engine {
             if self.holds_socket(&id) {
                 return Liveness::SeenElsewhere(now);
             }
+            // Any node's hold counts, a dead node's too, as it does for the store's sweep
+            // (`due`): its holds are liveness until it is taken over, which lets go of them
+            // and counts the session as seen then.
             return match self
                 .inner
                 .store
-                .presence(id, now, self.inner.config.node_timeout)
+                .presence(id, now, ANY_HEARTBEAT)
                 .await
             {
                 Ok(holders) if holders.is_empty() => Liveness::Silent,
