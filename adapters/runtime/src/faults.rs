@@ -38,6 +38,9 @@ pub enum CallFault {
     /// The call reaches the inner store and commits, then its answer is lost: the caller
     /// sees the store as unreachable.
     LoseAnswer,
+    /// The call goes through after this long (on tokio's clock; zero: after letting the
+    /// other ready tasks run once): a slower store, and another order of events.
+    Late(Duration),
 }
 
 /// Decides each call's fault from its number (counting from 1) and the method's name.
@@ -101,9 +104,9 @@ impl FaultyStore {
         self.down.store(true, Ordering::SeqCst);
     }
 
-    /// Before a call: fails it (`Err`), or lets it through, saying whether its answer is
-    /// to be lost (`Some(k)`, the call's number).
-    fn check(&self, method: &'static str) -> Result<Option<u64>, StoreError> {
+    /// Before a call: fails it (`Err`), or lets it through (late, if so decided), saying
+    /// whether its answer is to be lost (`Some(k)`, the call's number).
+    async fn check(&self, method: &'static str) -> Result<Option<u64>, StoreError> {
         let k = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
         if self.restored.load(Ordering::SeqCst) {
             return Ok(None);
@@ -131,6 +134,14 @@ impl FaultyStore {
                 Err(StoreError::unavailable(InjectedFault(k)))
             }
             CallFault::LoseAnswer => Ok(Some(k)),
+            CallFault::Late(by) if by.is_zero() => {
+                tokio::task::yield_now().await;
+                Ok(None)
+            }
+            CallFault::Late(by) => {
+                tokio::time::sleep(by).await;
+                Ok(None)
+            }
         }
     }
 
@@ -149,7 +160,7 @@ impl FaultyStore {
 macro_rules! guarded {
     ($self:ident, $method:literal, $call:expr) => {
         Box::pin(async move {
-            let lost = $self.check($method)?;
+            let lost = $self.check($method).await?;
             let answer = $call.await;
             $self.answer(lost, answer)
         })

@@ -215,6 +215,15 @@ impl ResourceBackend for SimBackend {
                         .violations
                         .push(format!("{resource:?} of {session}: two releases at once"));
                 }
+                // One release of a session at a time.
+                if let Some((other, _)) = ledger.entries.iter().find(|(r, e)| {
+                    e.session == session && e.state == Held::Releasing && **r != resource
+                }) {
+                    let message = format!(
+                        "{resource:?} of {session} released while {other:?} of it was being released"
+                    );
+                    ledger.violations.push(message);
+                }
                 // Reverse acquisition order: everything the session acquired later is
                 // given back first.
                 let later_held = ledger.entries.iter().find(|(r, e)| {

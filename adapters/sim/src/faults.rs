@@ -2,6 +2,7 @@
 //! call by call from the run's seed; outages of the whole store, and nodes cut off from it.
 
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use session_lifecycle_runtime::faults::{CallFault, FaultDecider};
 use session_lifecycle_runtime::lock;
@@ -58,10 +59,17 @@ impl Faults {
         if state.outage || state.cut_off.get(node).copied().unwrap_or(false) {
             return CallFault::Fail;
         }
+        let mut rng = lock(&self.rng);
+        // Now and then a call answers late: the order in which tasks meet follows the seed.
+        let late = match rng.below(10) {
+            0 => Some(Duration::ZERO),
+            1 => Some(Duration::from_millis(rng.between(1, 40))),
+            _ => None,
+        };
         if !state.flaky {
-            return CallFault::Pass;
+            return late.map_or(CallFault::Pass, CallFault::Late);
         }
-        let draw = lock(&self.rng).below(1000);
+        let draw = rng.below(1000);
         // Reads losing their answer change nothing; writes losing theirs are the case that
         // matters (committed, but the caller cannot know).
         let writes = !matches!(method, "get" | "list" | "presence" | "room_state" | "ping");
@@ -72,7 +80,7 @@ impl Faults {
             state.lost_answers += 1;
             CallFault::LoseAnswer
         } else {
-            CallFault::Pass
+            late.map_or(CallFault::Pass, CallFault::Late)
         }
     }
 }

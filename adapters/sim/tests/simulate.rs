@@ -46,8 +46,9 @@ fn config(store: StoreKind, planted: Option<PlantedBug>) -> SimConfig {
 }
 
 /// The fault kinds of the issue, each to be injected in at least 10% of the seeds.
-const FAULT_KINDS: [&str; 15] = [
+const FAULT_KINDS: [&str; 16] = [
     "create_over_plan",
+    "db_outage",
     "end_api",
     "socket_open",
     "socket_loss",

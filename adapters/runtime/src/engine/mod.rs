@@ -99,6 +99,8 @@ pub(crate) struct Inner {
     /// Sessions still acquiring their resources here: their releases wait for the start
     /// to finish, so that a resource acquired last is also released first.
     starting: Mutex<BTreeMap<SessionId, Arc<tokio::sync::Mutex<()>>>>,
+    /// When this node's heartbeat was last written.
+    last_heartbeat: Mutex<Option<Timestamp>>,
     /// Sessions whose release run is going on this node (one run per session at a time).
     running: Mutex<BTreeSet<SessionId>>,
     /// Resources whose last release attempt here failed and that are not released yet.
@@ -178,6 +180,7 @@ impl Engine {
                 closing: AtomicBool::new(false),
                 draining: AtomicBool::new(false),
                 starting: Mutex::new(BTreeMap::new()),
+                last_heartbeat: Mutex::new(None),
                 running: Mutex::new(BTreeSet::new()),
                 failing: Mutex::new(BTreeSet::new()),
                 tasks: TaskTracker::new(),

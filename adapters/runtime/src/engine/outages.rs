@@ -82,6 +82,7 @@ impl Engine {
         }
         tracing::info!("the store is reachable again");
         self.write_pending_touches().await;
+        self.record_holds_again().await;
         let tracked: Vec<SessionId> = self
             .timers()
             .iter()

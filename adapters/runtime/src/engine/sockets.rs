@@ -139,6 +139,15 @@ impl Engine {
             // A write whose answer is lost may have committed, and a hold left in the store
             // would keep the session alive for ever: it is deleted when the socket closes.
             *recorded = Recorded::Unsure;
+            // A node whose heartbeat is overdue (back from an outage) may be taken for dead
+            // any moment, and a takeover lets go of its holds: its heartbeat goes first, so
+            // that a takeover comes before this hold or not at all.
+            if self.heartbeat_overdue(now) {
+                self.inner
+                    .store
+                    .node_alive(&self.inner.config.node, now)
+                    .await?;
+            }
             self.inner
                 .store
                 .set_presence(id, &self.inner.config.node, true, now)
@@ -148,6 +157,34 @@ impl Engine {
         }
         drop(recorded);
         Ok((hold, record))
+    }
+
+    /// Records again every hold of this node, after an outage: another instance may have
+    /// taken this node for dead meanwhile and let go of its holds, while its clients stayed
+    /// connected. One write per session held; none while nothing went wrong.
+    pub(super) async fn record_holds_again(&self) {
+        let inner = &self.inner;
+        let held: Vec<(SessionId, Arc<tokio::sync::Mutex<Recorded>>)> = lock(&inner.sockets.held)
+            .iter()
+            .filter(|(_, h)| h.open > 0)
+            .map(|(id, h)| (*id, Arc::clone(&h.recorded)))
+            .collect();
+        for (id, recorded) in held {
+            let recorded = recorded.lock().await;
+            if *recorded != Recorded::Yes {
+                continue;
+            }
+            let now = inner.clock.now();
+            if let Err(e) = inner
+                .store
+                .set_presence(id, &inner.config.node, true, now)
+                .await
+            {
+                tracing::warn!(session = %id, error = %e, "recording a hold again after an outage failed");
+                return;
+            }
+            inner.metrics.presence_written();
+        }
     }
 
     /// Whether this node holds (or waits out the grace of) sockets of `id`.

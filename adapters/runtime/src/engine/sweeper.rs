@@ -4,9 +4,9 @@
 
 use std::time::Duration;
 
-use session_lifecycle::{EndReason, Transition};
+use session_lifecycle::{EndReason, Timestamp, Transition};
 
-use super::{DueReport, Engine, EngineError};
+use super::{DueReport, Engine, EngineError, lock};
 
 /// An orphan timeout no session reaches: the sweep then finds expiries only.
 const NEVER_ORPHANED: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
@@ -87,12 +87,19 @@ impl Engine {
     /// Records that this node is alive; after an outage, does what a recovery calls for.
     pub(super) async fn heartbeat_once(&self) -> Result<(), EngineError> {
         let inner = &self.inner;
-        inner
-            .store
-            .node_alive(&inner.config.node, inner.clock.now())
-            .await?;
+        let now = inner.clock.now();
+        inner.store.node_alive(&inner.config.node, now).await?;
+        *lock(&inner.last_heartbeat) = Some(now);
         self.after_outage().await;
         Ok(())
+    }
+
+    /// Whether this node's last heartbeat written is older than two intervals (or there
+    /// was none): other instances may be about to take it for dead.
+    pub(super) fn heartbeat_overdue(&self, now: Timestamp) -> bool {
+        let inner = &self.inner;
+        lock(&inner.last_heartbeat)
+            .is_none_or(|at| now.saturating_duration_since(at) > inner.config.node_heartbeat * 2)
     }
 
     /// The sweep loop: a sweep every `sweep_interval`, then a look for releases (retries

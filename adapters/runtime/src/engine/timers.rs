@@ -132,12 +132,7 @@ impl Engine {
             // Any node's hold counts, a dead node's too, as it does for the store's sweep
             // (`due`): its holds are liveness until it is taken over, which lets go of them
             // and counts the session as seen then.
-            return match self
-                .inner
-                .store
-                .presence(id, now, ANY_HEARTBEAT)
-                .await
-            {
+            return match self.inner.store.presence(id, now, ANY_HEARTBEAT).await {
                 Ok(holders) if holders.is_empty() => Liveness::Silent,
                 Ok(_) => Liveness::SeenElsewhere(now),
                 Err(_) => Liveness::Unknown,
