@@ -30,11 +30,13 @@ pub mod backend;
 pub mod checks;
 pub mod clock;
 pub mod faults;
+mod report;
 pub mod rng;
-mod run;
+mod sim;
 
-pub use run::{Failure, Report, SimConfig, StoreKind, run};
+pub use report::{Failure, Report, SimConfig, StoreKind};
 pub use session_lifecycle_runtime::simulation::PlantedBug;
+pub use sim::run;
 
 #[doc(no_inline)]
 pub use session_lifecycle_runtime::Engine;
