@@ -709,7 +709,9 @@ fn livekit_sdk_token(body: &[u8]) -> Option<String> {
         }
         Err(e) => panic!("python3: {e}"),
     };
-    std::io::Write::write_all(&mut child.stdin.take().unwrap(), body).unwrap();
+    // A script that stops early (the SDK is not installed) stops reading: its exit status
+    // says why, not the broken pipe.
+    let _ = std::io::Write::write_all(&mut child.stdin.take().unwrap(), body);
     let out = child.wait_with_output().unwrap();
     if !out.status.success() {
         let err = String::from_utf8_lossy(&out.stderr);

@@ -380,7 +380,8 @@ pub trait SessionStore: Send + Sync + 'static {
 pub trait ReleaseQueue: Send + Sync + 'static {
     /// Claims up to `limit` ended sessions run by `node` whose next release is due at
     /// `now` (the time the core last gave, see [`ReleaseProgress::next_release_at`]) and
-    /// that no live claim holds, for `node` until `now + lease`, most overdue first. A
+    /// that no live claim holds, for `node` until `now + lease`, most overdue first (equal
+    /// ones in id order, so that every store hands them out alike). A
     /// claimed session is not handed to anyone else until its claim runs out or is given
     /// up. Sessions of a node declared dead stay owed by that node, and are offered to it
     /// when it returns. Returns the claimed sessions as they stand.

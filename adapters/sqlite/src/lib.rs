@@ -454,7 +454,7 @@ impl ReleaseQueue for SqliteStore {
                         SELECT id FROM sessions
                         WHERE node = ?2 AND release_due_at <= ?1
                           AND (release_claimed_until IS NULL OR release_claimed_until <= ?1)
-                        ORDER BY release_due_at LIMIT ?4)
+                        ORDER BY release_due_at, id LIMIT ?4)
                      RETURNING id",
                 )
                 .and_then(|mut s| {

@@ -74,8 +74,8 @@ mod sessions;
 pub use nodes::nodes_own_releases_and_dead_nodes_are_taken_over;
 pub use presence::{presence_counts_live_nodes_only, watch_ends_hears_every_end};
 pub use releases::{
-    an_end_claims_releases_for_its_own_node, end_records_release_intents,
-    release_claims_follow_the_core,
+    an_end_claims_releases_for_its_own_node, claims_are_most_overdue_first_then_in_id_order,
+    end_records_release_intents, release_claims_follow_the_core,
 };
 pub use rooms::room_events_track_presence;
 pub use sessions::{
@@ -94,6 +94,7 @@ pub async fn run_all(store: Arc<dyn Store>) {
     end_is_conditional_and_idempotent(&*store).await;
     end_records_release_intents(&*store).await;
     release_claims_follow_the_core(&*store).await;
+    claims_are_most_overdue_first_then_in_id_order(&*store).await;
     an_end_claims_releases_for_its_own_node(&*store).await;
     attach_is_refused_after_end(&*store).await;
     touch_moves_forward_only(&*store).await;

@@ -339,3 +339,44 @@ pub async fn an_end_claims_releases_for_its_own_node(store: &dyn Store) {
             .is_empty()
     );
 }
+
+/// Claims go most overdue first, and sessions due at the same time in id order: every
+/// store hands out the same sessions in the same order (a limit takes the same ones).
+pub async fn claims_are_most_overdue_first_then_in_id_order(store: &dyn Store) {
+    let node = fresh_node();
+    let tenant = fresh_tenant();
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let mut new = new_session(&tenant, at(0), Duration::from_secs(600));
+        new.node = node.clone();
+        create(store, &new).await;
+        store.attach(new.id, res(1)).await.expect("attach");
+        ids.push(new.id);
+    }
+    // The newest ends first; the other two end together, later.
+    let end = |id, t| async move {
+        store
+            .end(id, None, at(t), EndReason::Requested, None)
+            .await
+            .expect("end");
+    };
+    end(ids[2], 1).await;
+    end(ids[1], 2).await;
+    end(ids[0], 2).await;
+    let lease = Duration::from_secs(60);
+    let first = store
+        .claim_releases(&node, at(3), lease, 2)
+        .await
+        .expect("claim");
+    let order: Vec<SessionId> = first.iter().map(|r| *r.session.id()).collect();
+    let (mut tied, overdue) = (vec![ids[0], ids[1]], ids[2]);
+    tied.sort();
+    assert_eq!(
+        order,
+        vec![overdue, tied[0]],
+        "most overdue first, then the smaller id of the two due together"
+    );
+    let rest = claim(store, &node, at(3), lease, &ids).await;
+    assert_eq!(rest.len(), 1);
+    assert_eq!(*rest[0].session.id(), tied[1]);
+}
