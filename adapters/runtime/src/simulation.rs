@@ -23,6 +23,7 @@ pub enum PlantedBug {
     JudgeDuringOutage,
 }
 
+#[cfg_attr(not(feature = "simulation"), allow(dead_code))]
 impl PlantedBug {
     /// Every planted bug.
     pub const ALL: [PlantedBug; 4] = [

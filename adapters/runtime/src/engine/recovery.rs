@@ -2,7 +2,10 @@
 //! its started sessions, resources acquired just before a crash, and every release it
 //! still owes.
 
-use session_lifecycle::{Session, SessionId, Status};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use session_lifecycle::{Resource, Session, SessionId, Status};
 
 use super::{Engine, EngineError};
 use crate::store::{AttachOutcome, ListQuery};
@@ -107,6 +110,8 @@ impl Engine {
             return Ok(());
         }
         let ids: Vec<SessionId> = sessions.iter().map(|s| *s.id()).collect();
+        // Unrecorded resources of sessions that ended meanwhile, in acquisition order.
+        let mut late: BTreeMap<SessionId, Vec<Resource>> = BTreeMap::new();
         for backend in &self.inner.backends {
             let found = match backend.find_held(&ids).await {
                 Ok(found) => found,
@@ -126,10 +131,33 @@ impl Engine {
                 tracing::warn!(session = %id, ?resource, "adopting a resource acquired before a crash");
                 match self.inner.store.attach(id, resource).await? {
                     AttachOutcome::Attached => {}
-                    AttachOutcome::Refused => self.release_now(id, resource).await,
+                    AttachOutcome::Refused => late.entry(id).or_default().push(resource),
                 }
             }
         }
+        for (id, resources) in late {
+            self.release_before_the_rest(id, resources);
+        }
         Ok(())
+    }
+
+    /// Releases `resources` (in reverse acquisition order), acquired last by the ended
+    /// session `id` and never recorded, in a tracked task that the session's recorded
+    /// releases wait for (as they wait for a start): the node starts serving meanwhile, and
+    /// nothing the session acquired earlier is released before them.
+    fn release_before_the_rest(&self, id: SessionId, resources: Vec<Resource>) {
+        let lock = Arc::new(tokio::sync::Mutex::new(()));
+        let Ok(held) = Arc::clone(&lock).try_lock_owned() else {
+            return;
+        };
+        super::lock(&self.inner.starting).insert(id, lock);
+        let engine = self.clone();
+        self.inner.tasks.spawn(async move {
+            for resource in resources.into_iter().rev() {
+                engine.release_now(id, resource).await;
+            }
+            super::lock(&engine.inner.starting).remove(&id);
+            drop(held);
+        });
     }
 }
