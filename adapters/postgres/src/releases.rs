@@ -41,7 +41,7 @@ impl ReleaseQueue for PostgresStore {
                     record_columns!(),
                     " FROM claimed s
                      LEFT JOIN resources r ON r.session_id = s.id
-                     ORDER BY s.id"
+                     ORDER BY s.release_due_at, s.id"
                 ))
                 .await
                 .map_err(unavailable)?;

@@ -41,9 +41,12 @@ pub struct Entry {
     pub order: u64,
     /// Where it stands.
     pub state: Held,
-    /// Releases that gave it back (must end at exactly 1).
+    /// Releases that gave it back: 0 or 1 by construction, since a later release finds it
+    /// gone and does nothing (see `repeats`); the run must end with 1 for every resource.
     pub released: u32,
-    /// Releases of it once it was given back (harmless repeats after a crash).
+    /// Releases of it once it was given back: allowed while the store had not recorded the
+    /// release (a crash or a lost answer in between; releases are repeatable), a violation
+    /// once it had.
     pub repeats: u32,
 }
 

@@ -47,13 +47,21 @@ pub struct SessionObs {
 pub struct Obs {
     /// Sessions by id.
     pub sessions: BTreeMap<SessionId, SessionObs>,
-    /// Per node, the virtual times it was down (crashed or cut off from the store): from,
-    /// until (`None`: still down).
-    pub down: Vec<Vec<(Duration, Option<Duration>)>>,
+    /// Per node, the virtual times it was down: from, until (`None`: still down), why.
+    pub down: Vec<Vec<(Duration, Option<Duration>, Down)>>,
     /// Invariants broken.
     pub violations: Vec<String>,
     /// When the last check ran.
     pub last_check: Duration,
+}
+
+/// Why a node was down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Down {
+    /// Crashed: its memory lost, until it restarted.
+    Crashed,
+    /// Cut off from the store, until it reached it again.
+    CutOff,
 }
 
 /// The timing the invariants judge by.
@@ -66,12 +74,28 @@ pub struct Limits {
 }
 
 impl Obs {
+    /// Node `node` went down at `at`, for `why`.
+    pub fn went_down(&mut self, node: usize, why: Down, at: Duration) {
+        self.down[node].push((at, None, why));
+    }
+
+    /// Node `node` is back at `at` from its last time down for `why` (if still down).
+    pub fn came_back(&mut self, node: usize, why: Down, at: Duration) {
+        if let Some(span) = self.down[node]
+            .iter_mut()
+            .rev()
+            .find(|(_, until, w)| *w == why && until.is_none())
+        {
+            span.1 = Some(at);
+        }
+    }
+
     /// Whether node `node` was down at any time within `from..=to`.
     pub fn down_within(&self, node: usize, from: Duration, to: Duration) -> bool {
         self.down.get(node).is_some_and(|spans| {
             spans
                 .iter()
-                .any(|(a, b)| *a <= to && b.is_none_or(|b| b >= from))
+                .any(|(a, b, _)| *a <= to && b.is_none_or(|b| b >= from))
         })
     }
 

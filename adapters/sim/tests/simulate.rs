@@ -193,8 +193,9 @@ fn the_same_seed_replays_the_same_run() {
     }
 }
 
-/// Runs seeds from 0 with `bug` planted until one fails, within the CI budget of 500.
-fn find(bug: PlantedBug) {
+/// Runs seeds from 0 with `bug` planted until one fails the way the bug shows itself
+/// (a violation naming one of `shows`), within the CI budget of 500.
+fn find(bug: PlantedBug, shows: &[&str]) {
     for seed in 0..500 {
         let store = if seed % 2 == 0 {
             StoreKind::Memory
@@ -209,6 +210,15 @@ fn find(bug: PlantedBug) {
         };
         if let Err(failure) = run(seed, &config) {
             println!("{} found by seed {seed}:\n{failure}", bug.name());
+            assert!(
+                failure
+                    .violations
+                    .iter()
+                    .any(|v| shows.iter().any(|s| v.contains(s))),
+                "seed {seed} failed, but not as {} shows itself: {:?}",
+                bug.name(),
+                failure.violations
+            );
             return;
         }
     }
@@ -217,20 +227,32 @@ fn find(bug: PlantedBug) {
 
 #[test]
 fn finds_a_release_run_without_a_claim() {
-    find(PlantedBug::ReleaseWithoutClaim);
+    find(
+        PlantedBug::ReleaseWithoutClaim,
+        &["two releases at once", "on node", "while"],
+    );
 }
 
 #[test]
 fn finds_an_end_acknowledged_before_the_store_took_it() {
-    find(PlantedBug::AcknowledgeEndBeforeStore);
+    find(
+        PlantedBug::AcknowledgeEndBeforeStore,
+        &["the API acknowledged"],
+    );
 }
 
 #[test]
 fn finds_a_resource_forgotten_when_its_session_ended_during_the_start() {
-    find(PlantedBug::ForgetLateResource);
+    find(
+        PlantedBug::ForgetLateResource,
+        &["acquired after it", "not given back"],
+    );
 }
 
 #[test]
 fn finds_silence_judged_right_after_an_outage() {
-    find(PlantedBug::JudgeDuringOutage);
+    find(
+        PlantedBug::JudgeDuringOutage,
+        &["though its liveness kept arriving", "though its node"],
+    );
 }

@@ -447,7 +447,7 @@ impl ReleaseQueue for SqliteStore {
         let node = node.to_owned();
         Box::pin(self.inner.conns.write(move |c| {
             let lease_ms = duration_ms(lease);
-            let ids: Vec<String> = c
+            let mut ids: Vec<(i64, String)> = c
                 .prepare_cached(
                     "UPDATE sessions SET release_claimed_by = ?2, release_claimed_until = ?1 + ?3
                      WHERE id IN (
@@ -455,17 +455,19 @@ impl ReleaseQueue for SqliteStore {
                         WHERE node = ?2 AND release_due_at <= ?1
                           AND (release_claimed_until IS NULL OR release_claimed_until <= ?1)
                         ORDER BY release_due_at, id LIMIT ?4)
-                     RETURNING id",
+                     RETURNING release_due_at, id",
                 )
                 .and_then(|mut s| {
                     s.query_map(params![ms(now), node, lease_ms, i64::from(limit)], |r| {
-                        r.get(0)
+                        Ok((r.get(0)?, r.get(1)?))
                     })?
                     .collect()
                 })
                 .map_err(db)?;
+            // RETURNING keeps no order: most overdue first, then by id.
+            ids.sort_unstable();
             let mut out = Vec::with_capacity(ids.len());
-            for id in ids {
+            for (_, id) in ids {
                 if let Some(record) = get_record(c, &id)? {
                     out.push(record);
                 }

@@ -137,8 +137,13 @@ impl Engine {
 
         let mut env = vec![(SESSION_ID_ENV.to_owned(), id.to_string())];
         for backend in &inner.backends {
-            let acquired = backend
-                .acquire(
+            // A stop (shutdown, handover) acquires nothing more: the session stays as
+            // recorded, and the node's next start adopts anything an interrupted acquire
+            // left behind (`find_held`).
+            let acquired = tokio::select! {
+                biased;
+                _ = inner.cancel.cancelled() => return Err(EngineError::ShuttingDown),
+                acquired = backend.acquire(
                     AcquireRequest {
                         resources: request.resources,
                         session: id,
@@ -146,8 +151,8 @@ impl Engine {
                         env: &env,
                     },
                     inner.events.clone(),
-                )
-                .await;
+                ) => acquired,
+            };
             let acquired = match acquired {
                 Ok(a) => a,
                 Err(e) => {

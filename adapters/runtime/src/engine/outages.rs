@@ -21,7 +21,8 @@ impl Engine {
         }
         let judging = {
             let mut health = lock(&inner.health);
-            health.observe_clock(now, inner.clock.monotonic());
+            // Both clocks read together: `now` may be a while old.
+            health.observe_clock(inner.clock.now(), inner.clock.monotonic());
             health.may_judge(now, inner.config.outage_settle)
         };
         if !judging {

@@ -67,7 +67,7 @@ impl Engine {
                 .map(|r| r.session)
                 .filter(|s| s.status() != Status::Started),
         );
-        self.adopt_untracked(&candidates).await?;
+        let late = self.adopt_untracked(&candidates).await?;
         self.resume_held(&started).await;
         let owed = self.releases_once().await?;
         if owed.released + owed.release_failures > 0 {
@@ -76,6 +76,10 @@ impl Engine {
                 failed = owed.release_failures,
                 "settled releases this node owed from its previous run"
             );
+        }
+        // Only once the node is sure to start: a failed start leaves nothing running.
+        for release in late {
+            self.release_before_the_rest(release);
         }
         Ok(())
     }
@@ -103,11 +107,13 @@ impl Engine {
     }
 
     /// Records resources the backends hold for `sessions` that the store does not know
-    /// of (acquired just before a crash), so that they are released with their session; one
-    /// of a session that has ended is released at once.
-    async fn adopt_untracked(&self, sessions: &[Session]) -> Result<(), EngineError> {
+    /// of (acquired just before a crash), so that they are released with their session.
+    /// Those of a session that has ended are returned, to be released before the rest of
+    /// it: the session is marked as starting meanwhile, so that its recorded releases wait
+    /// (see [`claim_and_spawn_releases`](Engine::claim_and_spawn_releases)).
+    async fn adopt_untracked(&self, sessions: &[Session]) -> Result<Vec<LateRelease>, EngineError> {
         if sessions.is_empty() {
-            return Ok(());
+            return Ok(Vec::new());
         }
         let ids: Vec<SessionId> = sessions.iter().map(|s| *s.id()).collect();
         // Unrecorded resources of sessions that ended meanwhile, in acquisition order.
@@ -135,29 +141,47 @@ impl Engine {
                 }
             }
         }
-        for (id, resources) in late {
-            self.release_before_the_rest(id, resources);
+        let mut out = Vec::with_capacity(late.len());
+        for (session, resources) in late {
+            let lock = Arc::new(tokio::sync::Mutex::new(()));
+            let Ok(held) = Arc::clone(&lock).try_lock_owned() else {
+                continue;
+            };
+            super::lock(&self.inner.starting).insert(session, lock);
+            out.push(LateRelease {
+                session,
+                resources,
+                held,
+            });
         }
-        Ok(())
+        Ok(out)
     }
 
-    /// Releases `resources` (in reverse acquisition order), acquired last by the ended
-    /// session `id` and never recorded, in a tracked task that the session's recorded
-    /// releases wait for (as they wait for a start): the node starts serving meanwhile, and
-    /// nothing the session acquired earlier is released before them.
-    fn release_before_the_rest(&self, id: SessionId, resources: Vec<Resource>) {
-        let lock = Arc::new(tokio::sync::Mutex::new(()));
-        let Ok(held) = Arc::clone(&lock).try_lock_owned() else {
-            return;
-        };
-        super::lock(&self.inner.starting).insert(id, lock);
+    /// Releases a late release's resources, newest first, in a tracked task, then lets the
+    /// session's recorded releases go (its claim, if the worker took one meanwhile, runs out
+    /// first). The node serves meanwhile.
+    fn release_before_the_rest(&self, late: LateRelease) {
         let engine = self.clone();
         self.inner.tasks.spawn(async move {
+            let LateRelease {
+                session,
+                resources,
+                held,
+            } = late;
             for resource in resources.into_iter().rev() {
-                engine.release_now(id, resource).await;
+                engine.release_now(session, resource).await;
             }
-            super::lock(&engine.inner.starting).remove(&id);
+            super::lock(&engine.inner.starting).remove(&session);
             drop(held);
+            engine.inner.releases_due.notify_one();
         });
     }
+}
+
+/// Resources an ended session acquired last and never recorded, found at start-up; the
+/// session is marked as starting (`held`) until they are released.
+struct LateRelease {
+    session: SessionId,
+    resources: Vec<Resource>,
+    held: tokio::sync::OwnedMutexGuard<()>,
 }

@@ -56,7 +56,16 @@ impl Engine {
                 inner.config.release_batch,
             )
             .await?;
-        Ok(claimed
+        // A session still starting here (or releasing what it acquired last and never
+        // recorded) is left claimed: its claim runs out and it is claimed again later, so
+        // that no run waits here for it.
+        let starting = lock(&inner.starting);
+        let ready: Vec<SessionRecord> = claimed
+            .into_iter()
+            .filter(|record| !starting.contains_key(record.session.id()))
+            .collect();
+        drop(starting);
+        Ok(ready
             .into_iter()
             .filter_map(|record| self.spawn_run(record))
             .collect())

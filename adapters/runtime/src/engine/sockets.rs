@@ -223,7 +223,7 @@ impl Engine {
 
     /// Counts a socket of `id` closed; the last one starts the session's grace.
     fn socket_closed(&self, id: SessionId) {
-        let (opened, until) = {
+        let (opened, grace) = {
             let mut held = lock(&self.inner.sockets.held);
             let Some(entry) = held.get_mut(&id) else {
                 return;
@@ -232,14 +232,14 @@ impl Engine {
             if entry.open > 0 {
                 return;
             }
-            (
-                entry.opened,
-                self.inner.clock.now().saturating_add(entry.grace),
-            )
+            (entry.opened, entry.grace)
         };
         let engine = self.clone();
+        // The grace is time for the client to come back, as time passes: a step of the
+        // wall clock neither cuts it short nor stretches it.
+        let waited = self.inner.clock.sleep(grace);
         self.spawn_tracked(async move {
-            engine.inner.clock.sleep_until(until).await;
+            waited.await;
             engine.let_go(id, opened).await;
         });
     }

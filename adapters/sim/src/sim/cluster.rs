@@ -8,6 +8,7 @@ use session_lifecycle_runtime::faults::FaultyStore;
 use session_lifecycle_runtime::{Engine, Store, lock};
 
 use super::{Sim, engine_config};
+use crate::checks::Down;
 
 impl Sim {
     /// Starts node `i`'s engine (again), if the store lets it.
@@ -33,12 +34,7 @@ impl Sim {
                 node.restart_at = None;
                 self.log(format!("n{i} up"));
                 let now = self.now();
-                let mut shared = lock(&self.shared);
-                if let Some(last) = shared.obs.down[i].last_mut()
-                    && last.1.is_none()
-                {
-                    last.1 = Some(now);
-                }
+                lock(&self.shared).obs.came_back(i, Down::Crashed, now);
             }
             Err(e) => {
                 self.nodes[i].restart_at = Some(self.now() + Duration::from_secs(2));
@@ -47,8 +43,11 @@ impl Sim {
         }
     }
 
-    /// Crashes node `i`: its memory is lost (tasks dropped where they stand, sockets gone
-    /// without a word), its machine and the store are kept.
+    /// Crashes node `i`: its memory is lost, its machine and the store are kept. Calls in
+    /// flight are dropped where they stand, sockets go without a word, and the engine's
+    /// own tasks stop at their next wait (its stop: `handover`, which also cuts a start
+    /// short before its next acquire), so a store call is never cut in half: as a crash
+    /// between two store calls.
     pub(super) async fn crash(&mut self, i: usize, down_for: Duration) {
         let now = self.now();
         let node = &mut self.nodes[i];
@@ -76,7 +75,7 @@ impl Sim {
                     }
                 }
             }
-            shared.obs.down[i].push((now, None));
+            shared.obs.went_down(i, Down::Crashed, now);
         }
         self.count("node_crash");
         self.log(format!("n{i} crashed for {} s", down_for.as_secs()));
@@ -93,7 +92,7 @@ impl Sim {
         self.faults.with(|f| f.cut_off[i] = true);
         self.count("node_death");
         let mut shared = lock(&self.shared);
-        shared.obs.down[i].push((now, None));
+        shared.obs.went_down(i, Down::CutOff, now);
         shared.log(format!("n{i} cut off from the store for {secs} s"));
     }
 

@@ -16,7 +16,7 @@ use session_lifecycle_sqlite::SqliteStore;
 use tokio::task::JoinHandle;
 
 use crate::backend::{self, GPU, Misbehaviour, PROCESS, SimBackend, World};
-use crate::checks::{Limits, Obs};
+use crate::checks::{Down, Limits, Obs};
 use crate::clock::SimClock;
 use crate::faults::Faults;
 use crate::rng::Rng;
@@ -336,9 +336,7 @@ impl Sim {
                 self.nodes[i].cut_off_until = None;
                 self.faults.with(|f| f.cut_off[i] = false);
                 let mut shared = lock(&self.shared);
-                if let Some(last) = shared.obs.down[i].last_mut() {
-                    last.1 = Some(now);
-                }
+                shared.obs.came_back(i, Down::CutOff, now);
                 shared.log(format!("n{i} reaches the store again"));
             }
             if self.nodes[i].restart_at.is_some_and(|t| t <= now) {

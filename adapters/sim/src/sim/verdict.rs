@@ -8,7 +8,8 @@ use session_lifecycle_runtime::{ListQuery, RoomEvent, RoomEventKind, SessionReco
 use tokio::task::JoinHandle;
 
 use crate::backend::{Held, Misbehaviour};
-use crate::checks::SessionObs;
+
+use crate::checks::{Down, SessionObs};
 
 use super::Sim;
 use crate::report::{Failure, Report};
@@ -117,13 +118,7 @@ impl Sim {
         let now = self.now();
         for i in 0..self.nodes.len() {
             self.nodes[i].cut_off_until = None;
-            let mut shared = lock(&self.shared);
-            if let Some(last) = shared.obs.down[i].last_mut()
-                && last.1.is_none()
-                && self.nodes[i].engine.is_some()
-            {
-                last.1 = Some(now);
-            }
+            lock(&self.shared).obs.came_back(i, Down::CutOff, now);
         }
         // Every node comes back (a node that was crashed restarts now).
         while let Some(i) = (0..self.nodes.len()).find(|&i| self.nodes[i].engine.is_none()) {
