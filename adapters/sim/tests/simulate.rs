@@ -85,7 +85,7 @@ fn seeds_hold_every_invariant() {
         ),
     };
     let began = Instant::now();
-    let mut seeds_with: BTreeMap<&'static str, u64> = BTreeMap::new();
+    let mut runs_with: BTreeMap<&'static str, u64> = BTreeMap::new();
     let mut totals: BTreeMap<&'static str, u64> = BTreeMap::new();
     let (mut ops, mut sessions, mut virtual_secs) = (0u64, 0u64, 0u64);
     let mut by_nodes = [0u64; 5];
@@ -109,7 +109,7 @@ fn seeds_hold_every_invariant() {
                         );
                     }
                     for (kind, n) in &report.counts {
-                        *seeds_with.entry(kind).or_default() += 1;
+                        *runs_with.entry(kind).or_default() += 1;
                         *totals.entry(kind).or_default() += u64::from(*n);
                     }
                     ops += u64::from(report.ops);
@@ -141,7 +141,7 @@ fn seeds_hold_every_invariant() {
         );
     }
     println!(
-        "{count} seeds ({} stores; nodes 1..4: {:?}) in {:.1} s: {ops} operations, {sessions} sessions ({:.0} simulated sessions/s of wall time), {} h of virtual time",
+        "{count} seeds, {runs} runs ({} stores; runs by nodes 1..4: {:?}) in {:.1} s: {ops} operations, {sessions} sessions ({:.0} simulated sessions/s of wall time), {} h of virtual time",
         stores
             .iter()
             .map(|s| s.name())
@@ -155,15 +155,12 @@ fn seeds_hold_every_invariant() {
     if stores.len() == 2 {
         println!("  the two stores made the same trace for {same_trace} of {count} seeds");
     }
-    for (kind, seeds) in &seeds_with {
-        println!(
-            "  {kind:<20} in {seeds:>6} seeds, {:>8} in all",
-            totals[kind]
-        );
+    for (kind, with) in &runs_with {
+        println!("  {kind:<20} in {with:>6} runs, {:>8} in all", totals[kind]);
     }
     if count >= 20 {
         for kind in FAULT_KINDS {
-            let with = seeds_with.get(kind).copied().unwrap_or(0);
+            let with = runs_with.get(kind).copied().unwrap_or(0);
             assert!(
                 with * 10 >= runs,
                 "{kind} was injected in {with} of {runs} runs, under 10%"
