@@ -39,15 +39,10 @@ pub struct Entry {
     pub node: usize,
     /// Acquisition order across the world (later acquired, larger).
     pub order: u64,
-    /// Where it stands.
+    /// Where it stands. Given back once: a later release finds it gone and does nothing,
+    /// which is allowed while the store had not recorded the release (a crash or a lost
+    /// answer in between; releases are repeatable) and a violation once it had.
     pub state: Held,
-    /// Releases that gave it back: 0 or 1 by construction, since a later release finds it
-    /// gone and does nothing (see `repeats`); the run must end with 1 for every resource.
-    pub released: u32,
-    /// Releases of it once it was given back: allowed while the store had not recorded the
-    /// release (a crash or a lost answer in between; releases are repeatable), a violation
-    /// once it had.
-    pub repeats: u32,
 }
 
 /// Every resource acquired in the run, and what went wrong with their releases.
@@ -181,8 +176,6 @@ impl ResourceBackend for SimBackend {
                     node: self.node,
                     order,
                     state: Held::Held,
-                    released: 0,
-                    repeats: 0,
                 },
             );
             ledger.sinks.insert(self.node, events);
@@ -283,11 +276,9 @@ impl ResourceBackend for SimBackend {
                 return Err(ReleaseError::transient(format!("{} busy", self.name())));
             }
             if entry.state == Held::Released {
-                entry.repeats += 1;
                 Ok(ReleaseNote::Gone)
             } else {
                 entry.state = Held::Released;
-                entry.released += 1;
                 Ok(if self.kind == GPU {
                     ReleaseNote::Freed
                 } else {

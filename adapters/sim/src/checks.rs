@@ -16,8 +16,6 @@ pub struct SessionObs {
     pub owner: usize,
     /// Virtual time it was first seen (its start was answered, or the store showed it).
     pub seen: Duration,
-    /// Its start time as recorded.
-    pub started_at: Timestamp,
     /// Its tenant.
     pub tenant: String,
     /// The first end the store was seen to record.
@@ -36,10 +34,26 @@ pub struct SessionObs {
     pub kept_alive_until: Option<Duration>,
     /// When the run last sent it liveness (for the steady pace).
     pub last_touch: Duration,
-    /// Bound to a room (index into the run's rooms).
-    pub room: Option<usize>,
-    /// Whether the store was seen to hold it.
-    pub in_store: bool,
+}
+
+impl SessionObs {
+    /// A session first seen at virtual time `seen`, with nothing observed of it yet.
+    pub fn new(label: String, owner: usize, tenant: String, seen: Duration) -> SessionObs {
+        SessionObs {
+            label,
+            owner,
+            seen,
+            tenant,
+            first_end: None,
+            acked_end: None,
+            said_ended: false,
+            touches: Vec::new(),
+            sockets: Vec::new(),
+            kept_alive: false,
+            kept_alive_until: None,
+            last_touch: seen,
+        }
+    }
 }
 
 /// Everything observed in the run.
@@ -182,11 +196,10 @@ impl Obs {
                 s.label
             ));
         }
-        if let Some(entry) = self.sessions.get_mut(&id) {
-            entry.in_store = true;
-            if entry.first_end.is_none() {
-                entry.first_end = ending;
-            }
+        if let Some(entry) = self.sessions.get_mut(&id)
+            && entry.first_end.is_none()
+        {
+            entry.first_end = ending;
         }
         self.violations.extend(broken);
     }

@@ -261,31 +261,10 @@ impl Engine {
                 }
             };
             let mut recorded = recorded.lock().await;
+            let was = *recorded;
             let now = inner.clock.now();
-            if *recorded != Recorded::Yes {
-                // Never held in the store for sure (the socket was refused, or could not
-                // record itself): a hold that may have been written is deleted, and nothing
-                // is judged.
-                if *recorded == Recorded::Unsure {
-                    if let Err(e) = inner
-                        .store
-                        .set_presence(id, &inner.config.node, false, now)
-                        .await
-                    {
-                        drop(recorded);
-                        tracing::warn!(session = %id, error = %e, "deleting a hold that may have been written failed; trying again");
-                        inner.clock.sleep(STORE_RETRY).await;
-                        continue;
-                    }
-                    *recorded = Recorded::No;
-                }
-                let mut held = lock(&inner.sockets.held);
-                if held.get(&id).is_some_and(|e| e.open == 0) {
-                    held.remove(&id);
-                }
-                return;
-            }
-            {
+            // A hold that may have been written is deleted too.
+            if was != Recorded::No {
                 if let Err(e) = inner
                     .store
                     .set_presence(id, &inner.config.node, false, now)
@@ -296,8 +275,19 @@ impl Engine {
                     inner.clock.sleep(STORE_RETRY).await;
                     continue;
                 }
-                inner.metrics.presence_written();
+                if was == Recorded::Yes {
+                    inner.metrics.presence_written();
+                }
                 *recorded = Recorded::No;
+            }
+            if was != Recorded::Yes {
+                // Never held in the store for sure (the socket was refused, or could not
+                // record itself): nothing is judged.
+                let mut held = lock(&inner.sockets.held);
+                if held.get(&id).is_some_and(|e| e.open == 0) {
+                    held.remove(&id);
+                }
+                return;
             }
             let holders = match inner
                 .store

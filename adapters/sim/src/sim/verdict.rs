@@ -28,26 +28,8 @@ impl Sim {
                 // Created, though its start was not answered (an answer lost, a crash).
                 let label = format!("s{}", shared.obs.sessions.len());
                 let owner = record.node.trim_start_matches('n').parse().unwrap_or(0);
-                shared.obs.sessions.insert(
-                    id,
-                    SessionObs {
-                        label,
-                        owner,
-                        seen: now,
-                        started_at: record.session.started_at(),
-                        tenant: record.tenant.clone(),
-                        first_end: None,
-                        acked_end: None,
-                        said_ended: false,
-                        touches: Vec::new(),
-                        sockets: Vec::new(),
-                        kept_alive: false,
-                        kept_alive_until: None,
-                        last_touch: now,
-                        room: None,
-                        in_store: true,
-                    },
-                );
+                let obs = SessionObs::new(label, owner, record.tenant.clone(), now);
+                shared.obs.sessions.insert(id, obs);
             }
             shared
                 .obs
@@ -213,15 +195,14 @@ impl Sim {
                 ledger
                     .entries
                     .iter()
-                    .filter(|(_, e)| e.state != Held::Released || e.released != 1)
+                    .filter(|(_, e)| e.state != Held::Released)
                     .map(|(r, e)| {
                         format!(
-                            "{} {:?} on n{} ({:?}, released {} times)",
+                            "{} {:?} on n{} ({:?})",
                             shared.label(&e.session),
                             r,
                             e.node,
                             e.state,
-                            e.released
                         )
                     })
                     .chain(

@@ -147,7 +147,7 @@ impl Sim {
                 Ok(record) => {
                     let id = *record.session.id();
                     let label = format!("s{}", shared.obs.sessions.len());
-                    let room = room.map(|binding| {
+                    if let Some(binding) = room {
                         shared.rooms.push(Room {
                             tenant: tenant.clone(),
                             provider: binding.provider,
@@ -158,27 +158,13 @@ impl Sim {
                             sent: Vec::new(),
                             finished: false,
                         });
-                        shared.rooms.len() - 1
-                    });
-                    let entry = shared.obs.sessions.entry(id).or_insert(SessionObs {
-                        label: label.clone(),
-                        owner: i,
-                        seen: now,
-                        started_at: record.session.started_at(),
-                        tenant: tenant.clone(),
-                        first_end: None,
-                        acked_end: None,
-                        said_ended: false,
-                        touches: Vec::new(),
-                        sockets: Vec::new(),
-                        kept_alive: false,
-                        kept_alive_until: None,
-                        last_touch: now,
-                        room: None,
-                        in_store: false,
-                    });
+                    }
+                    let entry = shared
+                        .obs
+                        .sessions
+                        .entry(id)
+                        .or_insert_with(|| SessionObs::new(label, i, tenant.clone(), now));
                     entry.kept_alive = kept_alive;
-                    entry.room = room;
                     let label = entry.label.clone();
                     shared.log(format!("n{i} start {label} ({tenant}) -> started"));
                 }
