@@ -10,6 +10,7 @@ use session_lifecycle_runtime::{Engine, NewSession, Plan, StartRequest, Store, S
 /// A session with no plan limit, no room and no GPU.
 pub fn request() -> StartRequest {
     StartRequest {
+        callback_url: None,
         tenant: "bench".into(),
         plan: Plan::new(None, Duration::from_secs(3600)),
         duration: None,
@@ -69,6 +70,7 @@ pub async fn created<S: Store + Clone>(store: &S, node: &str, n: u64) -> Vec<Ses
                 tokio::spawn(async move {
                     store
                         .create(NewSession {
+                            callback_url: None,
                             id,
                             tenant: "bare".into(),
                             started_at: now,

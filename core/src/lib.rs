@@ -106,12 +106,14 @@
 #[cfg(test)]
 extern crate std;
 
+mod event;
 mod id;
 mod policy;
 mod session;
 mod table;
 mod time;
 
+pub use event::{DeliveryPolicy, DeliveryStep, EventKind};
 pub use id::{
     IdText, SESSION_ID_MAX_CHARS, SESSION_ID_MAX_LEN, SESSION_ID_PREFIX, SessionId, SessionIdError,
 };

@@ -54,6 +54,7 @@ fn used(gpu: &NvmlGpu) -> u64 {
 
 fn request(gpu_memory: u64) -> StartRequest {
     StartRequest {
+        callback_url: None,
         tenant: "gpu".into(),
         plan: Plan::new(None, Duration::from_secs(3600)),
         duration: None,

@@ -304,6 +304,7 @@ mod engine {
     async fn start(engine: &Engine) -> SessionRecord {
         engine
             .start(StartRequest {
+                callback_url: None,
                 tenant: "t".into(),
                 plan: Plan::new(None, Duration::from_secs(3600)),
                 duration: None,
@@ -495,6 +496,7 @@ mod engine {
             .unwrap()
         };
         let request = |gib: u64| StartRequest {
+            callback_url: None,
             tenant: "t".into(),
             plan: Plan::new(None, Duration::from_secs(3600)),
             duration: None,

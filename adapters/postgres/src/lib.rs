@@ -17,9 +17,9 @@ use std::time::Duration;
 
 use deadpool_postgres::GenericClient;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
-use session_lifecycle::{EndReason, Resource, SessionId, Status, Timestamp, Transition};
+use session_lifecycle::{EndReason, EventKind, Resource, SessionId, Status, Timestamp, Transition};
 use session_lifecycle_runtime::rows::{
-    ResourceRow, SessionRow, duration_ms, millis as ms, parse_id, timeout_columns,
+    ResourceRow, SessionRow, duration_ms, event_sequence, millis as ms, parse_id, timeout_columns,
 };
 use session_lifecycle_runtime::sql::{postgres as pg, statements};
 use session_lifecycle_runtime::{
@@ -303,6 +303,7 @@ fn resource_key(r: &Resource) -> (i32, i64) {
 
 // After the SQL macros above, which they use.
 mod nodes;
+mod outbox;
 mod presence;
 mod releases;
 mod rooms;
@@ -343,11 +344,24 @@ impl SessionStore for PostgresStore {
                         &left,
                         &absent,
                         &grace,
+                        &new.callback_url,
                     ],
                 )
                 .await;
             match inserted {
-                Ok(_) => {}
+                Ok(_) => {
+                    tx.execute(
+                        pg(statements::INSERT_EVENT),
+                        &[
+                            &new.id.to_string(),
+                            &new.tenant,
+                            &event_sequence(EventKind::Started),
+                            &ms(new.started_at),
+                        ],
+                    )
+                    .await
+                    .map_err(unavailable)?;
+                }
                 Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
                     return Err(StoreError::DuplicateId(new.id));
                 }
@@ -436,6 +450,11 @@ impl SessionStore for PostgresStore {
                                              retry_at = (SELECT ended_at FROM ended)
                         WHERE session_id IN (SELECT id FROM ended) AND state = 'held'
                         RETURNING *),
+                     ended_events AS (
+                        INSERT INTO events (session_id, tenant, session_seq, at)
+                        SELECT id, tenant, $9::BIGINT, ended_at FROM ended
+                        UNION ALL
+                        SELECT id, tenant, $10::BIGINT, ended_at FROM ended WHERE resource_count = 0),
                      notified AS (
                         SELECT pg_notify($4, node)
                         FROM (SELECT DISTINCT node FROM due WHERE node IS DISTINCT FROM $5) AS nodes
@@ -464,6 +483,8 @@ impl SessionStore for PostgresStore {
                         &claim.as_ref().map(|c| ms(c.until)),
                         &tenant,
                         &ENDS_CHANNEL,
+                        &event_sequence(EventKind::Ended),
+                        &event_sequence(EventKind::Released),
                     ],
                 )
                 .await

@@ -2,8 +2,10 @@
 
 use std::time::Duration;
 
-use session_lifecycle::{SessionId, Timestamp};
-use session_lifecycle_runtime::rows::{LOST_WITH_NODE, duration_ms, millis as ms, parse_id};
+use session_lifecycle::{EventKind, SessionId, Timestamp};
+use session_lifecycle_runtime::rows::{
+    LOST_WITH_NODE, duration_ms, event_sequence, millis as ms, parse_id,
+};
 use session_lifecycle_runtime::sql::{postgres as pg, statements};
 use session_lifecycle_runtime::{BoxFuture, NodeMembership, StoreError};
 use session_lifecycle_runtime::{sql_ended_at, sql_release_due_at};
@@ -99,6 +101,22 @@ impl NodeMembership for PostgresStore {
                         " WHERE id = ANY($1)"
                     ),
                     &[&ids],
+                )
+                .await
+                .map_err(unavailable)?;
+                // Their events, with their ends.
+                tx.execute(
+                    "INSERT INTO events (session_id, tenant, session_seq, at)
+                     SELECT id, tenant, $2::BIGINT, ended_at FROM sessions WHERE id = ANY($1)
+                     UNION ALL
+                     SELECT id, tenant, $3::BIGINT, ended_at FROM sessions
+                     WHERE id = ANY($1) AND resource_count = 0
+                     ON CONFLICT DO NOTHING",
+                    &[
+                        &ids,
+                        &event_sequence(EventKind::Ended),
+                        &event_sequence(EventKind::Released),
+                    ],
                 )
                 .await
                 .map_err(unavailable)?;

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use session_lifecycle::Timestamp;
 use session_lifecycle_runtime::rows::{
-    RELEASED_ON_RETURN, duration_ms, millis as ms, release_columns,
+    RELEASED_ON_RETURN, duration_ms, event_sequence, millis as ms, release_columns,
 };
 use session_lifecycle_runtime::sql::{postgres as pg, statements};
 use session_lifecycle_runtime::{
@@ -86,6 +86,18 @@ impl ReleaseQueue for PostgresStore {
                 )
                 .await
                 .map_err(unavailable)?;
+                if let session_lifecycle::ReleaseState::Released { at } = a.release {
+                    tx.execute(
+                        pg(statements::EVENT_RELEASED),
+                        &[
+                            &id,
+                            &event_sequence(session_lifecycle::EventKind::Released),
+                            &ms(at),
+                        ],
+                    )
+                    .await
+                    .map_err(unavailable)?;
+                }
             }
             tx.execute(
                 pg(statements::RECORD_SESSION),

@@ -345,3 +345,5 @@ impl StoreHealth for FaultyStore {
         guarded!(self, "ping", self.inner.ping())
     }
 }
+
+crate::outbox::delegate_outbox!(FaultyStore, guarded);

@@ -23,6 +23,7 @@ mod engine;
 pub mod faults;
 mod memory;
 mod metrics;
+mod outbox;
 pub mod rows;
 #[cfg(feature = "simulation")]
 pub mod simulation;
@@ -51,6 +52,10 @@ pub fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 pub use metrics::{Metrics, MetricsSnapshot, RELEASE_LATENCY_BUCKETS};
+pub use outbox::{
+    Delivery, DeliveryAttempt, DeliveryCounts, DeliveryNext, DeliveryQuery, DeliveryStatus,
+    EventOutbox, Fanout, SessionEvent,
+};
 pub use store::{
     AttachOutcome, BoxError, BoxFuture, CreateOutcome, ListQuery, NewSession, NodeMembership,
     PresenceStore, ReleaseAttempt, ReleaseClaim, ReleaseProgress, ReleaseQueue, RoomBinding,

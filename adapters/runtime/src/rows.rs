@@ -222,3 +222,126 @@ impl SessionRow {
         })
     }
 }
+
+/// A delivery row, columns as `delivery_columns!` lists them.
+#[derive(Debug)]
+pub struct DeliveryRow {
+    /// `id`.
+    pub id: i64,
+    /// `session_id`.
+    pub session_id: String,
+    /// `tenant`.
+    pub tenant: String,
+    /// `session_seq`: the event's sequence number.
+    pub session_seq: i64,
+    /// `event_at`.
+    pub event_at: i64,
+    /// `endpoint`.
+    pub endpoint: String,
+    /// `url`.
+    pub url: String,
+    /// `status`.
+    pub status: String,
+    /// `attempts`.
+    pub attempts: i64,
+    /// `created_at`.
+    pub created_at: i64,
+    /// `next_attempt_at`.
+    pub next_attempt_at: Option<i64>,
+    /// `last_attempt_at`.
+    pub last_attempt_at: Option<i64>,
+    /// `last_status`.
+    pub last_status: Option<i64>,
+    /// `last_error`.
+    pub last_error: Option<String>,
+}
+
+/// A stored event sequence number as its kind.
+pub fn event_kind(id: &str, sequence: i64) -> Result<session_lifecycle::EventKind, StoreError> {
+    u32::try_from(sequence)
+        .ok()
+        .and_then(session_lifecycle::EventKind::from_sequence)
+        .ok_or_else(|| corrupt(id, format!("event sequence {sequence}")))
+}
+
+/// An event kind as stored: its sequence number.
+pub fn event_sequence(kind: session_lifecycle::EventKind) -> i64 {
+    i64::from(kind.sequence())
+}
+
+impl DeliveryRow {
+    /// The delivery, checked.
+    pub fn into_delivery(self) -> Result<crate::Delivery, StoreError> {
+        let id = self.session_id.as_str();
+        let status = crate::DeliveryStatus::from_name(&self.status)
+            .ok_or_else(|| corrupt(id, format!("delivery status {:?}", self.status)))?;
+        Ok(crate::Delivery {
+            id: u64::try_from(self.id).map_err(|_| corrupt(id, "delivery id"))?,
+            session: parse_id(id)?,
+            kind: event_kind(id, self.session_seq)?,
+            tenant: self.tenant,
+            event_at: timestamp(self.event_at),
+            endpoint: self.endpoint,
+            url: self.url,
+            status,
+            attempts: u32::try_from(self.attempts).unwrap_or(u32::MAX),
+            created_at: timestamp(self.created_at),
+            next_attempt_at: self.next_attempt_at.map(timestamp),
+            last_attempt_at: self.last_attempt_at.map(timestamp),
+            last_status_code: self.last_status.and_then(|c| u16::try_from(c).ok()),
+            last_error: self.last_error,
+        })
+    }
+}
+
+/// An event row: position (NULL before fan-out), session id, tenant, sequence, time,
+/// callback URL.
+pub type EventRow = (Option<i64>, String, String, i64, i64, Option<String>);
+
+/// The event of an event row, checked.
+pub fn event(row: EventRow) -> Result<crate::SessionEvent, StoreError> {
+    let (position, session, tenant, sequence, at, callback_url) = row;
+    Ok(crate::SessionEvent {
+        position: position.and_then(|p| u64::try_from(p).ok()),
+        kind: event_kind(&session, sequence)?,
+        session: parse_id(&session)?,
+        tenant,
+        at: timestamp(at),
+        callback_url,
+    })
+}
+
+/// What a delivery attempt leaves as stored: status, next attempt.
+pub fn delivery_next(next: crate::DeliveryNext) -> (&'static str, Option<i64>) {
+    match next {
+        crate::DeliveryNext::Delivered => (crate::DeliveryStatus::Delivered.as_str(), None),
+        crate::DeliveryNext::RetryAt(at) => {
+            (crate::DeliveryStatus::Pending.as_str(), Some(millis(at)))
+        }
+        crate::DeliveryNext::Failed => (crate::DeliveryStatus::Failed.as_str(), None),
+    }
+}
+
+/// Delivery counts from `COUNT_DELIVERIES` rows: status, attempted (0 or 1), count, oldest.
+pub fn delivery_counts(
+    rows: impl IntoIterator<Item = (String, i64, i64, Option<i64>)>,
+) -> crate::DeliveryCounts {
+    let mut counts = crate::DeliveryCounts::default();
+    for (status, attempted, n, oldest) in rows {
+        let n = u64::try_from(n).unwrap_or(0);
+        match (crate::DeliveryStatus::from_name(&status), attempted > 0) {
+            (Some(crate::DeliveryStatus::Pending), false) => counts.pending += n,
+            (Some(crate::DeliveryStatus::Pending), true) => counts.retrying += n,
+            (Some(crate::DeliveryStatus::Delivered), _) => counts.delivered += n,
+            (Some(crate::DeliveryStatus::Failed), _) => counts.failed += n,
+            (None, _) => {}
+        }
+        if status == crate::DeliveryStatus::Pending.as_str()
+            && let Some(oldest) = oldest.map(timestamp)
+        {
+            counts.oldest_pending_at =
+                Some(counts.oldest_pending_at.map_or(oldest, |o| o.min(oldest)));
+        }
+    }
+    counts
+}

@@ -84,6 +84,38 @@ macro_rules! sql_holders {
     };
 }
 
+/// The columns of a delivery, in the order `rows::DeliveryRow` reads them.
+#[macro_export]
+macro_rules! delivery_columns {
+    () => {
+        "id, session_id, tenant, session_seq, event_at, endpoint, url, status, attempts, \
+         created_at, next_attempt_at, last_attempt_at, last_status, last_error"
+    };
+}
+
+/// The pending deliveries due at `$now` and not claimed, each the first pending event of
+/// its session to its endpoint (a session's events go in order; a failed one does not
+/// hold the next back); `$lock` is the dialect's row lock clause (or empty).
+#[macro_export]
+macro_rules! sql_due_deliveries {
+    ($now:literal, $limit:literal, $lock:literal) => {
+        concat!(
+            "SELECT d.id FROM deliveries d
+             WHERE d.status = 'pending' AND d.next_attempt_at <= ",
+            $now,
+            " AND (d.claimed_until IS NULL OR d.claimed_until <= ",
+            $now,
+            ") AND NOT EXISTS (SELECT 1 FROM deliveries e
+                               WHERE e.session_id = d.session_id AND e.endpoint = d.endpoint
+                                 AND e.status = 'pending' AND e.session_seq < d.session_seq)
+             ORDER BY d.next_attempt_at, d.id LIMIT ",
+            $limit,
+            " ",
+            $lock
+        )
+    };
+}
+
 /// Statements the two dialects agree on (SQLite parameters; see [`postgres`]).
 pub mod statements {
     /// A started session of a tenant at its plan limit: how many it runs (`?1` tenant).
@@ -93,12 +125,91 @@ pub mod statements {
     /// A new started session, alive as of its start: `?1` id, `?2` tenant, `?3` started_at,
     /// `?4` expires_at, `?5` metadata, `?6` room provider, `?7` room name, `?8` node, its
     /// own timeouts in ms: `?9` participant left, `?10` participant absent, `?11` WebSocket
-    /// grace.
+    /// grace; `?12` its callback URL.
     pub const INSERT_SESSION: &str =
         "INSERT INTO sessions (id, tenant, status, started_at, expires_at, last_seen_at,
                                metadata, room_provider, room_name, node, participant_left_ms,
-                               participant_absent_ms, websocket_grace_ms)
-         VALUES (?1, ?2, 'started', ?3, ?4, ?3, ?5, ?6, ?7, ?8, ?9, ?10, ?11)";
+                               participant_absent_ms, websocket_grace_ms, callback_url)
+         VALUES (?1, ?2, 'started', ?3, ?4, ?3, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)";
+
+    /// The event of sequence `?3` (see `EventKind::sequence`) of session `?1` of tenant
+    /// `?2`, at `?4`: written with its cause.
+    pub const INSERT_EVENT: &str =
+        "INSERT INTO events (session_id, tenant, session_seq, at) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT DO NOTHING";
+
+    /// Session `?1` ended: its `ended` event (sequence `?2`), at its end, once.
+    pub const EVENT_ENDED: &str = "INSERT INTO events (session_id, tenant, session_seq, at)
+         SELECT id, tenant, CAST(?2 AS BIGINT), ended_at FROM sessions
+         WHERE id = ?1 AND status = 'ended'
+         ON CONFLICT DO NOTHING";
+
+    /// Session `?1` ended and holds nothing unreleased: its `released` event (sequence
+    /// `?2`) at `?3` (never before its end), once.
+    pub const EVENT_RELEASED: &str = concat!(
+        "INSERT INTO events (session_id, tenant, session_seq, at)
+         SELECT id, tenant, CAST(?2 AS BIGINT), ",
+        sql_later!("?3", "ended_at"),
+        " FROM sessions WHERE id = ?1 AND status = 'ended'
+           AND NOT EXISTS (SELECT 1 FROM resources WHERE session_id = ?1 AND state <> 'released')
+         ON CONFLICT DO NOTHING"
+    );
+
+    /// Events not fanned out yet, in the order they were written, at most `?1`.
+    pub const UNDISPATCHED: &str =
+        "SELECT NULL, e.session_id, e.tenant, e.session_seq, e.at, s.callback_url
+         FROM events e JOIN sessions s ON s.id = e.session_id
+         WHERE e.position IS NULL ORDER BY e.id LIMIT ?1";
+
+    /// The next place in the event stream. Its row lock is held to the commit, so places
+    /// commit in order: a reader never sees a later one before an earlier one.
+    pub const NEXT_POSITION: &str =
+        "UPDATE event_stream SET last_position = last_position + 1 RETURNING last_position";
+
+    /// The event of sequence `?2` of session `?1` takes stream place `?3`, unless it has
+    /// one: its id, tenant and time.
+    pub const PLACE_EVENT: &str = "UPDATE events SET position = ?3
+         WHERE session_id = ?1 AND session_seq = ?2 AND position IS NULL
+         RETURNING id, tenant, at";
+
+    /// A pending delivery of event `?1` (session `?2`, sequence `?3`, tenant `?4`, at
+    /// `?5`) to endpoint `?6` at `?7`, due at `?8`.
+    pub const INSERT_DELIVERY: &str =
+        "INSERT INTO deliveries (event_id, session_id, session_seq, tenant, event_at, endpoint,
+                                 url, status, created_at, next_attempt_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'pending', ?8, ?8)
+         ON CONFLICT DO NOTHING";
+
+    /// Fanned out events after stream place `?1`, of tenant `?2` if not NULL, at most `?3`.
+    pub const EVENTS_AFTER: &str =
+        "SELECT e.position, e.session_id, e.tenant, e.session_seq, e.at, s.callback_url
+         FROM events e JOIN sessions s ON s.id = e.session_id
+         WHERE e.position > ?1 AND (CAST(?2 AS TEXT) IS NULL OR e.tenant = ?2)
+         ORDER BY e.position LIMIT ?3";
+
+    /// A claimed delivery's attempt: `?1` id, `?2` node, `?3` status, `?4` at, `?5` HTTP
+    /// status, `?6` error, `?7` next attempt. The claim is given up.
+    pub const RECORD_DELIVERY: &str = "UPDATE deliveries SET status = ?3,
+            attempts = attempts + 1, last_attempt_at = ?4, last_status = ?5, last_error = ?6,
+            next_attempt_at = ?7, claimed_by = NULL, claimed_until = NULL
+         WHERE id = ?1 AND claimed_by = ?2 AND status = 'pending'";
+
+    /// Node `?2` gives up its claim on delivery `?1`.
+    pub const UNCLAIM_DELIVERY: &str =
+        "UPDATE deliveries SET claimed_by = NULL, claimed_until = NULL
+         WHERE id = ?1 AND claimed_by = ?2";
+
+    /// Delivery `?1` of tenant `?2` (if not NULL) pending again, due at `?3`, unless it
+    /// was delivered.
+    pub const RETRY_DELIVERY: &str = "UPDATE deliveries SET status = 'pending', created_at = ?3,
+            next_attempt_at = ?3, claimed_by = NULL, claimed_until = NULL
+         WHERE id = ?1 AND (CAST(?2 AS TEXT) IS NULL OR tenant = ?2) AND status <> 'delivered'";
+
+    /// Deliveries by status and whether they were attempted: count, oldest fan-out.
+    pub const COUNT_DELIVERIES: &str =
+        "SELECT status, CAST(CASE WHEN attempts > 0 THEN 1 ELSE 0 END AS BIGINT), COUNT(*),
+                MIN(created_at)
+         FROM deliveries GROUP BY status, CASE WHEN attempts > 0 THEN 1 ELSE 0 END";
 
     /// One more resource attached to session `?1` (an end reads the count, see
     /// `sql_release_due_at!`).
@@ -239,6 +350,25 @@ pub mod statements {
             JOIN sessions s ON s.id = p.session_id
             WHERE s.status = 'ended' AND s.ended_at <= ?1 LIMIT ?2)";
 
+    /// Deliveries of tenant `?1`, session `?2` and status `?3` (each if not NULL), at most
+    /// `?4`, newest first.
+    pub const LIST_DELIVERIES: &str = concat!(
+        "SELECT ",
+        delivery_columns!(),
+        " FROM deliveries
+         WHERE (CAST(?1 AS TEXT) IS NULL OR tenant = ?1)
+           AND (CAST(?2 AS TEXT) IS NULL OR session_id = ?2)
+           AND (CAST(?3 AS TEXT) IS NULL OR status = ?3)
+         ORDER BY id DESC LIMIT ?4"
+    );
+
+    /// Delivery `?1`, of tenant `?2` if not NULL.
+    pub const GET_DELIVERY: &str = concat!(
+        "SELECT ",
+        delivery_columns!(),
+        " FROM deliveries WHERE id = ?1 AND (CAST(?2 AS TEXT) IS NULL OR tenant = ?2)"
+    );
+
     /// Room event ids received at or before `?1` (kept as long as the retention, for
     /// deduplicating a provider's retries).
     pub const PRUNE_ROOM_EVENTS: &str = "DELETE FROM room_events WHERE received_at <= ?1";
@@ -296,6 +426,20 @@ mod tests {
         PRUNE_PRESENCE,
         DUE,
         SEEN_HELD_BY,
+        INSERT_EVENT,
+        EVENT_ENDED,
+        EVENT_RELEASED,
+        UNDISPATCHED,
+        NEXT_POSITION,
+        PLACE_EVENT,
+        INSERT_DELIVERY,
+        EVENTS_AFTER,
+        RECORD_DELIVERY,
+        UNCLAIM_DELIVERY,
+        RETRY_DELIVERY,
+        COUNT_DELIVERIES,
+        LIST_DELIVERIES,
+        GET_DELIVERY,
         sql_holders!("n.last_heartbeat_at > ?2 - ?3"),
     ];
 

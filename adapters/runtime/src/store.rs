@@ -4,6 +4,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
+use crate::outbox::EventOutbox;
 use session_lifecycle::{
     EndReason, ReleaseState, Resource, Session, SessionId, Status, Timestamp, Transition,
 };
@@ -110,6 +111,8 @@ pub struct NewSession {
     pub node: String,
     /// Its own timeouts.
     pub timeouts: SessionTimeouts,
+    /// Where its events go besides its tenant's endpoints (checked by the caller).
+    pub callback_url: Option<String>,
 }
 
 /// What [`Store::create`] did.
@@ -525,11 +528,17 @@ pub trait StoreHealth: Send + Sync + 'static {
 /// The durable record of sessions and of each resource's release state: every capability
 /// a store has. Implement the capability traits; this one follows.
 pub trait Store:
-    SessionStore + ReleaseQueue + NodeMembership + RoomStore + PresenceStore + StoreHealth
+    SessionStore + ReleaseQueue + NodeMembership + RoomStore + PresenceStore + EventOutbox + StoreHealth
 {
 }
 
 impl<T> Store for T where
-    T: SessionStore + ReleaseQueue + NodeMembership + RoomStore + PresenceStore + StoreHealth
+    T: SessionStore
+        + ReleaseQueue
+        + NodeMembership
+        + RoomStore
+        + PresenceStore
+        + EventOutbox
+        + StoreHealth
 {
 }

@@ -18,6 +18,7 @@
 
 mod connections;
 mod nodes;
+mod outbox;
 mod presence;
 mod rooms;
 mod schema;
@@ -30,10 +31,10 @@ use std::time::Duration;
 
 use connections::Connections;
 use rusqlite::{Connection, params};
-use session_lifecycle::{EndReason, Resource, SessionId, Status, Timestamp, Transition};
+use session_lifecycle::{EndReason, EventKind, Resource, SessionId, Status, Timestamp, Transition};
 use session_lifecycle_runtime::rows::{
-    RELEASED_ON_RETURN, ResourceRow, SessionRow, duration_ms, millis as ms, parse_id,
-    release_columns, timeout_columns,
+    RELEASED_ON_RETURN, ResourceRow, SessionRow, duration_ms, event_sequence, millis as ms,
+    parse_id, release_columns, timeout_columns,
 };
 use session_lifecycle_runtime::sql::statements;
 use session_lifecycle_runtime::{
@@ -181,6 +182,23 @@ fn mark_resources_due(c: &Connection, id: &str) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// Session `id` just ended at `now`: its `ended` event, and `released` if it holds nothing
+/// to release.
+fn ended_events(c: &Connection, id: &str, now: Timestamp) -> Result<(), StoreError> {
+    c.prepare_cached(statements::EVENT_ENDED)
+        .and_then(|mut s| s.execute(params![id, event_sequence(EventKind::Ended)]))
+        .map_err(db)?;
+    released_event(c, id, now)
+}
+
+/// Session `id` has released everything (if it has): its `released` event at `at`.
+fn released_event(c: &Connection, id: &str, at: Timestamp) -> Result<(), StoreError> {
+    c.prepare_cached(statements::EVENT_RELEASED)
+        .and_then(|mut s| s.execute(params![id, event_sequence(EventKind::Released), ms(at)]))
+        .map_err(db)?;
+    Ok(())
+}
+
 fn resource_key(r: &Resource) -> (i64, i64) {
     (i64::from(r.kind.0), r.handle as i64)
 }
@@ -212,11 +230,24 @@ impl SessionStore for SqliteStore {
                         new.node,
                         left,
                         absent,
-                        grace
+                        grace,
+                        new.callback_url
                     ])
                 });
             match inserted {
-                Ok(_) => Ok(CreateOutcome::Created),
+                Ok(_) => {
+                    c.prepare_cached(statements::INSERT_EVENT)
+                        .and_then(|mut s| {
+                            s.execute(params![
+                                new.id.to_string(),
+                                new.tenant,
+                                event_sequence(EventKind::Started),
+                                ms(new.started_at)
+                            ])
+                        })
+                        .map_err(db)?;
+                    Ok(CreateOutcome::Created)
+                }
                 Err(rusqlite::Error::SqliteFailure(e, _))
                     if e.code == rusqlite::ErrorCode::ConstraintViolation =>
                 {
@@ -312,6 +343,7 @@ impl SessionStore for SqliteStore {
                         .map_err(db)?;
                     let transition = if n == 1 {
                         mark_resources_due(c, &id_text)?;
+                        ended_events(c, &id_text, now)?;
                         Transition::Committed
                     } else {
                         Transition::AlreadyEnded
@@ -488,6 +520,10 @@ impl ReleaseQueue for SqliteStore {
                 let (kind, handle) = resource_key(&attempt.resource);
                 let (state, attempts, retry_at, released_at) = release_columns(attempt.release);
                 let released = state == "released";
+                let released_at_time = match attempt.release {
+                    session_lifecycle::ReleaseState::Released { at } => Some(at),
+                    _ => None,
+                };
                 c.prepare_cached(statements::RECORD_ATTEMPT)
                     .and_then(|mut s| {
                         s.execute(params![
@@ -504,6 +540,9 @@ impl ReleaseQueue for SqliteStore {
                         ])
                     })
                     .map_err(db)?;
+                if let Some(at) = released_at_time {
+                    released_event(c, &id, at)?;
+                }
             }
             let claimed_until = progress.keep_claim_until.map(ms);
             c.prepare_cached(statements::RECORD_SESSION)

@@ -10,7 +10,7 @@ use session_lifecycle_runtime::{BoxFuture, NodeMembership, StoreError};
 use session_lifecycle_runtime::{sql_ended_at, sql_later, sql_release_due_at};
 
 use crate::presence::let_go_of;
-use crate::{SqliteStore, db, mark_resources_due};
+use crate::{SqliteStore, db, ended_events, mark_resources_due};
 
 impl NodeMembership for SqliteStore {
     fn node_alive(&self, node: &str, now: Timestamp) -> BoxFuture<'_, Result<(), StoreError>> {
@@ -69,6 +69,7 @@ impl NodeMembership for SqliteStore {
                     .map_err(db)?;
                 for id in &ids {
                     mark_resources_due(c, id)?;
+                    ended_events(c, id, now)?;
                     ended.push(parse_id(id)?);
                 }
                 c.prepare_cached(statements::MARK_LOST)

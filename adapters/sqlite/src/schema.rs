@@ -111,6 +111,48 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (session_id, node)
      );
      CREATE INDEX session_presence_by_node ON session_presence (node);",
+    // 7: the event outbox: each session event written with its cause, its place in the
+    // event stream once fanned out, and its deliveries to the endpoints that want it.
+    "ALTER TABLE sessions ADD COLUMN callback_url TEXT;
+     CREATE TABLE events (
+        id          INTEGER PRIMARY KEY AUTOINCREMENT,
+        session_id  TEXT NOT NULL REFERENCES sessions (id),
+        tenant      TEXT NOT NULL,
+        session_seq INTEGER NOT NULL,
+        at          INTEGER NOT NULL,
+        position    INTEGER,
+        UNIQUE (session_id, session_seq)
+     );
+     CREATE INDEX events_undispatched ON events (id) WHERE position IS NULL;
+     CREATE UNIQUE INDEX events_by_position ON events (position) WHERE position IS NOT NULL;
+     CREATE INDEX events_by_tenant ON events (tenant, position) WHERE position IS NOT NULL;
+     CREATE TABLE event_stream (last_position INTEGER NOT NULL);
+     INSERT INTO event_stream (last_position) VALUES (0);
+     CREATE TABLE deliveries (
+        id              INTEGER PRIMARY KEY AUTOINCREMENT,
+        event_id        INTEGER NOT NULL REFERENCES events (id),
+        session_id      TEXT NOT NULL,
+        session_seq     INTEGER NOT NULL,
+        tenant          TEXT NOT NULL,
+        event_at        INTEGER NOT NULL,
+        endpoint        TEXT NOT NULL,
+        url             TEXT NOT NULL,
+        status          TEXT NOT NULL CHECK (status IN ('pending', 'delivered', 'failed')),
+        attempts        INTEGER NOT NULL DEFAULT 0,
+        created_at      INTEGER NOT NULL,
+        next_attempt_at INTEGER,
+        last_attempt_at INTEGER,
+        last_status     INTEGER,
+        last_error      TEXT,
+        claimed_by      TEXT,
+        claimed_until   INTEGER,
+        UNIQUE (event_id, endpoint),
+        CHECK ((status = 'pending') = (next_attempt_at IS NOT NULL))
+     );
+     CREATE INDEX deliveries_due ON deliveries (next_attempt_at) WHERE status = 'pending';
+     CREATE INDEX deliveries_in_order ON deliveries (session_id, endpoint, session_seq)
+        WHERE status = 'pending';
+     CREATE INDEX deliveries_by_tenant ON deliveries (tenant, id);",
 ];
 
 /// The schema version this code writes.

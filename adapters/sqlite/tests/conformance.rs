@@ -26,6 +26,7 @@ async fn acknowledged_writes_survive_reopen_and_schema_is_versioned() {
         let store = SqliteStore::open(&path).unwrap();
         store
             .create(NewSession {
+                callback_url: None,
                 id,
                 tenant: "t".into(),
                 started_at: t0,

@@ -25,6 +25,7 @@ const CHILD_ENV: &str = "CRASH_CHILD_DIR";
 
 fn request() -> StartRequest {
     StartRequest {
+        callback_url: None,
         tenant: "crash".into(),
         plan: Plan::new(None, Duration::from_secs(3600)),
         duration: None,

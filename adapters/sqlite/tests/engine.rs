@@ -24,6 +24,7 @@ fn plan() -> Plan {
 
 fn request(tenant: &str) -> StartRequest {
     StartRequest {
+        callback_url: None,
         tenant: tenant.into(),
         plan: plan(),
         duration: None,
@@ -141,6 +142,7 @@ async fn plan_limits_and_durations() {
     let limited = Plan::new(Some(1), Duration::from_secs(600));
     let first = engine
         .start(StartRequest {
+            callback_url: None,
             tenant: "t".into(),
             plan: limited,
             duration: Some(Duration::from_secs(7200)),
@@ -158,6 +160,7 @@ async fn plan_limits_and_durations() {
     );
     let second = engine
         .start(StartRequest {
+            callback_url: None,
             tenant: "t".into(),
             plan: limited,
             duration: Some(Duration::from_secs(60)),
@@ -174,6 +177,7 @@ async fn plan_limits_and_durations() {
         .unwrap();
     let third = engine
         .start(StartRequest {
+            callback_url: None,
             tenant: "t".into(),
             plan: limited,
             duration: Some(Duration::from_secs(60)),
@@ -424,6 +428,7 @@ async fn sweeper_ends_and_releases_ten_thousand_orphans_within_the_bound() {
             if i % 4 < 2 {
                 engine
                     .start(StartRequest {
+                        callback_url: None,
                         tenant: "t".into(),
                         plan: plan(),
                         duration: Some(lifetime),
@@ -438,6 +443,7 @@ async fn sweeper_ends_and_releases_ten_thousand_orphans_within_the_bound() {
                 let id = SessionId::from_ulid_parts(t0, u128::from(i) << 40);
                 store
                     .create(NewSession {
+                        callback_url: None,
                         id,
                         tenant: "t".into(),
                         started_at: t0,
@@ -552,6 +558,7 @@ async fn real_clock_timers_end_expired_and_orphaned_sessions() {
     let background = engine.spawn_background();
     let expiring = *engine
         .start(StartRequest {
+            callback_url: None,
             tenant: "t".into(),
             plan: plan(),
             duration: Some(Duration::from_millis(300)),

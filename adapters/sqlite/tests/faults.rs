@@ -18,6 +18,7 @@ use session_lifecycle_sqlite::SqliteStore;
 
 fn request(secs: u64) -> StartRequest {
     StartRequest {
+        callback_url: None,
         tenant: "t".into(),
         plan: Plan::new(Some(10), Duration::from_secs(3600)),
         duration: Some(Duration::from_secs(secs)),

@@ -20,6 +20,7 @@ use session_lifecycle_sqlite::SqliteStore;
 
 fn request(room: Option<RoomBinding>) -> StartRequest {
     StartRequest {
+        callback_url: None,
         tenant: "t".into(),
         plan: Plan::new(None, Duration::from_secs(3600)),
         duration: None,

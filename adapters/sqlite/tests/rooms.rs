@@ -15,6 +15,7 @@ use session_lifecycle_sqlite::SqliteStore;
 
 fn request(room: String) -> StartRequest {
     StartRequest {
+        callback_url: None,
         tenant: "t".into(),
         plan: Plan::new(None, Duration::from_secs(3 * 24 * 3600)),
         duration: None,

@@ -53,6 +53,7 @@ pub async fn create_session(
     let record = state
         .engine
         .start(StartRequest {
+            callback_url: None,
             tenant: tenant.name.clone(),
             plan: tenant.plan,
             duration: request.duration_secs.map(Duration::from_secs),

@@ -42,6 +42,7 @@ pub(super) fn new_session(tenant: &str, started: Timestamp, lifetime: Duration) 
         max_concurrent: None,
         node: NODE.to_owned(),
         timeouts: SessionTimeouts::default(),
+        callback_url: None,
     }
 }
 
@@ -66,12 +67,14 @@ pub(super) fn res(handle: u64) -> Resource {
 }
 
 mod nodes;
+mod outbox;
 mod presence;
 mod releases;
 mod rooms;
 mod sessions;
 
 pub use nodes::nodes_own_releases_and_dead_nodes_are_taken_over;
+pub use outbox::outbox_follows_the_session_and_delivers_in_order;
 pub use presence::{presence_counts_live_nodes_only, watch_ends_hears_every_end};
 pub use releases::{
     an_end_claims_releases_for_its_own_node, claims_are_most_overdue_first_then_in_id_order,
@@ -108,5 +111,6 @@ pub async fn run_all(store: Arc<dyn Store>) {
     room_events_track_presence(&*store).await;
     presence_counts_live_nodes_only(&*store).await;
     watch_ends_hears_every_end(&*store).await;
+    outbox_follows_the_session_and_delivers_in_order(&*store).await;
     store.ping().await.expect("ping");
 }

@@ -109,6 +109,15 @@ pub async fn nodes_own_releases_and_dead_nodes_are_taken_over(store: &dyn Store)
     assert_eq!(r.session.status(), Status::Ended);
     assert_eq!(r.session.end_reason(), Some(EndReason::NodeLost));
     assert_eq!(r.session.ended_at(), Some(taken_at));
+    let ended_event = store
+        .undispatched_events(100_000)
+        .await
+        .expect("events")
+        .into_iter()
+        .filter(|e| e.session == s2.id && e.kind == session_lifecycle::EventKind::Ended)
+        .map(|e| e.at)
+        .collect::<Vec<_>>();
+    assert_eq!(ended_event, [taken_at], "a takeover writes the end's event");
     assert!(
         r.release_notes
             .iter()

@@ -96,6 +96,7 @@ impl Engine {
                 max_concurrent: request.plan.max_concurrent_sessions,
                 node: inner.config.node.clone(),
                 timeouts,
+                callback_url: request.callback_url.clone(),
             })
             .await?;
         if created == CreateOutcome::LimitReached {

@@ -162,6 +162,8 @@ pub struct StartRequest {
     pub timeouts: SessionTimeouts,
     /// What it asks of its resources (GPU memory, device).
     pub resources: ResourceRequest,
+    /// Where its events go besides its tenant's endpoints (the caller checked it).
+    pub callback_url: Option<String>,
 }
 
 /// Why an engine call failed. A failed call changes nothing the caller did not see

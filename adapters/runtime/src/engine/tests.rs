@@ -25,6 +25,7 @@ fn t0() -> Timestamp {
 
 fn request() -> StartRequest {
     StartRequest {
+        callback_url: None,
         tenant: "t".into(),
         plan: Plan::new(None, Duration::from_secs(3600)),
         duration: None,
@@ -454,6 +455,7 @@ async fn an_end_reaches_every_socket_on_every_instance() {
 
 fn in_room(timeouts: crate::SessionTimeouts) -> StartRequest {
     StartRequest {
+        callback_url: None,
         room: Some(crate::RoomBinding {
             provider: crate::RoomProvider::Daily,
             name: "standup".into(),

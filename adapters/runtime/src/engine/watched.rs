@@ -240,3 +240,5 @@ impl StoreHealth for WatchedStore {
         watched!(self, "ping", self.inner.ping())
     }
 }
+
+crate::outbox::delegate_outbox!(WatchedStore, watched);

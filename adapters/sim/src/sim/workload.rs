@@ -128,6 +128,7 @@ impl Sim {
         };
         let kept_alive = self.rng.chance(500);
         let request = StartRequest {
+            callback_url: None,
             tenant: tenant.clone(),
             plan: plan(&tenant),
             duration,

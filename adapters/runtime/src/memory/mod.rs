@@ -5,13 +5,15 @@
 //! it, as on SQLite and PostgreSQL), and it runs the engine's own tests and simulations in
 //! milliseconds, without a database.
 
+mod outbox;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;
 use std::time::Duration;
 
 use session_lifecycle::{
-    EndReason, HeldResource, HeldResources, MAX_RESOURCES, ReleaseState, Resource, Session,
-    SessionId, SessionParts, Status, Timestamp, Transition,
+    EndReason, EventKind, HeldResource, HeldResources, MAX_RESOURCES, ReleaseState, Resource,
+    Session, SessionId, SessionParts, Status, Timestamp, Transition,
 };
 use tokio::sync::broadcast;
 
@@ -51,6 +53,7 @@ struct SessionRow {
     release_due_at: Option<Timestamp>,
     claimed_by: Option<String>,
     claimed_until: Option<Timestamp>,
+    callback_url: Option<String>,
 }
 
 #[derive(Debug, Default)]
@@ -63,9 +66,30 @@ struct State {
     room_events: BTreeMap<(String, String), Timestamp>,
     /// Per session: participant identity -> (present, time of its latest event).
     participants: BTreeMap<SessionId, BTreeMap<String, (bool, Timestamp)>>,
+    outbox: outbox::Outbox,
 }
 
 impl State {
+    /// Session `id` just ended: its `session.ended` event, and `session.released` if it
+    /// held nothing to release.
+    fn ended_events(&mut self, id: SessionId) {
+        let Some(s) = self.sessions.get(&id) else {
+            return;
+        };
+        let Some((at, _)) = s.ending else { return };
+        let callback = s.callback_url.as_deref();
+        self.outbox
+            .event(id, &s.tenant, EventKind::Ended, at, callback);
+        if s.release_due_at.is_none()
+            && s.resources
+                .iter()
+                .all(|r| matches!(r.release, ReleaseState::Released { .. }))
+        {
+            self.outbox
+                .event(id, &s.tenant, EventKind::Released, at, callback);
+        }
+    }
+
     /// Participants present in the room of `id`, and whether anyone ever joined it (a
     /// leave implies a join, even one delivered later).
     fn room_people(&self, id: &SessionId) -> (u32, bool) {
@@ -268,6 +292,13 @@ impl SessionStore for MemoryStore {
                 return ready(Ok(CreateOutcome::LimitReached));
             }
         }
+        state.outbox.event(
+            new.id,
+            &new.tenant,
+            EventKind::Started,
+            new.started_at,
+            new.callback_url.as_deref(),
+        );
         state.sessions.insert(
             new.id,
             SessionRow {
@@ -286,6 +317,7 @@ impl SessionStore for MemoryStore {
                 release_due_at: None,
                 claimed_by: None,
                 claimed_until: None,
+                callback_url: new.callback_url,
             },
         );
         ready(Ok(CreateOutcome::Created))
@@ -345,7 +377,9 @@ impl SessionStore for MemoryStore {
             }
             _ => {}
         }
-        ready(s.record(&id).map(|r| Some((r, Transition::Committed))))
+        let record = s.record(&id);
+        state.ended_events(id);
+        ready(record.map(|r| Some((r, Transition::Committed))))
     }
 
     fn get(&self, id: SessionId) -> BoxFuture<'_, Result<Option<SessionRecord>, StoreError>> {
@@ -483,6 +517,26 @@ impl ReleaseQueue for MemoryStore {
         s.release_due_at = progress.next_release_at;
         s.claimed_until = progress.keep_claim_until;
         s.claimed_by = progress.keep_claim_until.map(|_| node.to_owned());
+        let last_release = s.resources.iter().filter_map(|r| match r.release {
+            ReleaseState::Released { at } => Some(at),
+            _ => None,
+        });
+        let released_at = last_release.max();
+        if s.ending.is_some()
+            && s.resources
+                .iter()
+                .all(|r| matches!(r.release, ReleaseState::Released { .. }))
+            && let Some(at) = released_at
+        {
+            let (tenant, callback) = (s.tenant.clone(), s.callback_url.clone());
+            state.outbox.event(
+                progress.session,
+                &tenant,
+                EventKind::Released,
+                at,
+                callback.as_deref(),
+            );
+        }
         ready(Ok(()))
     }
 
@@ -541,9 +595,10 @@ impl NodeMembership for MemoryStore {
             .map(|(id, _)| id.clone())
             .collect();
         dead.sort();
-        let mut ended = Vec::new();
+        let mut ended: Vec<SessionId> = Vec::new();
         for node in dead {
             state.let_go_of(&node, now);
+            let first = ended.len();
             for (id, s) in state.sessions.iter_mut() {
                 if s.node != node {
                     continue;
@@ -559,6 +614,9 @@ impl NodeMembership for MemoryStore {
                         r.note = Some(format!("{LOST_WITH_NODE}{node}"));
                     }
                 }
+            }
+            for id in ended[first..].to_vec() {
+                state.ended_events(id);
             }
         }
         ready(Ok(ended))

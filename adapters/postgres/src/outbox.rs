@@ -1,0 +1,273 @@
+//! The event outbox (see [`EventOutbox`]): events are written by the session statements
+//! themselves; here they are fanned out, streamed and delivered. Fan-outs take turns on
+//! the stream's one counter row, so stream places commit in order; deliveries are claimed
+//! with `FOR UPDATE SKIP LOCKED` and a lease, so each attempt happens once in the cluster.
+
+use std::time::Duration;
+
+use session_lifecycle::{EventKind, SessionId, Timestamp};
+use session_lifecycle_runtime::rows::{
+    DeliveryRow, delivery_counts, delivery_next, duration_ms, event, event_sequence, millis as ms,
+};
+use session_lifecycle_runtime::sql::{postgres as pg, statements};
+use session_lifecycle_runtime::{
+    BoxFuture, Delivery, DeliveryAttempt, DeliveryCounts, DeliveryQuery, EventOutbox, Fanout,
+    SessionEvent, StoreError, TenantScope, delivery_columns, sql_due_deliveries,
+};
+use tokio_postgres::Row;
+
+use crate::{PostgresStore, col, unavailable};
+
+fn delivery(row: &Row) -> Result<Delivery, StoreError> {
+    DeliveryRow {
+        id: col(row, 0)?,
+        session_id: col(row, 1)?,
+        tenant: col(row, 2)?,
+        session_seq: col(row, 3)?,
+        event_at: col(row, 4)?,
+        endpoint: col(row, 5)?,
+        url: col(row, 6)?,
+        status: col(row, 7)?,
+        attempts: col(row, 8)?,
+        created_at: col(row, 9)?,
+        next_attempt_at: col(row, 10)?,
+        last_attempt_at: col(row, 11)?,
+        last_status: col(row, 12)?,
+        last_error: col(row, 13)?,
+    }
+    .into_delivery()
+}
+
+fn events(rows: &[Row]) -> Result<Vec<SessionEvent>, StoreError> {
+    rows.iter()
+        .map(|row| {
+            event((
+                col(row, 0)?,
+                col(row, 1)?,
+                col(row, 2)?,
+                col(row, 3)?,
+                col(row, 4)?,
+                col(row, 5)?,
+            ))
+        })
+        .collect()
+}
+
+impl EventOutbox for PostgresStore {
+    fn undispatched_events(
+        &self,
+        limit: u32,
+    ) -> BoxFuture<'_, Result<Vec<SessionEvent>, StoreError>> {
+        Box::pin(async move {
+            let client = self.client().await?;
+            let rows = client
+                .query(
+                    "SELECT NULL::BIGINT, e.session_id, e.tenant, e.session_seq, e.at, s.callback_url
+                     FROM events e JOIN sessions s ON s.id = e.session_id
+                     WHERE e.position IS NULL ORDER BY e.id LIMIT $1",
+                    &[&i64::from(limit)],
+                )
+                .await
+                .map_err(unavailable)?;
+            events(&rows)
+        })
+    }
+
+    fn dispatch_event(
+        &self,
+        session: SessionId,
+        kind: EventKind,
+        to: Vec<Fanout>,
+        now: Timestamp,
+    ) -> BoxFuture<'_, Result<bool, StoreError>> {
+        Box::pin(async move {
+            let mut client = self.client().await?;
+            let tx = client.transaction().await.map_err(unavailable)?;
+            let id = session.to_string();
+            let sequence = event_sequence(kind);
+            // The counter row's lock, held to the commit, orders the fan-outs.
+            let position: i64 = col(
+                &tx.query_one(pg(statements::NEXT_POSITION), &[])
+                    .await
+                    .map_err(unavailable)?,
+                0,
+            )?;
+            let Some(placed) = tx
+                .query_opt(pg(statements::PLACE_EVENT), &[&id, &sequence, &position])
+                .await
+                .map_err(unavailable)?
+            else {
+                // Fanned out already: the counter goes back with the rollback.
+                return Ok(false);
+            };
+            let (event_id, tenant, at): (i64, String, i64) =
+                (col(&placed, 0)?, col(&placed, 1)?, col(&placed, 2)?);
+            for fanout in &to {
+                tx.execute(
+                    pg(statements::INSERT_DELIVERY),
+                    &[
+                        &event_id,
+                        &id,
+                        &sequence,
+                        &tenant,
+                        &at,
+                        &fanout.endpoint,
+                        &fanout.url,
+                        &ms(now),
+                    ],
+                )
+                .await
+                .map_err(unavailable)?;
+            }
+            tx.commit().await.map_err(unavailable)?;
+            Ok(true)
+        })
+    }
+
+    fn events_after<'a>(
+        &'a self,
+        tenant: TenantScope<'a>,
+        after: u64,
+        limit: u32,
+    ) -> BoxFuture<'a, Result<Vec<SessionEvent>, StoreError>> {
+        Box::pin(async move {
+            let client = self.client().await?;
+            let after = i64::try_from(after).unwrap_or(i64::MAX);
+            let rows = client
+                .query(
+                    pg(statements::EVENTS_AFTER),
+                    &[&after, &tenant, &i64::from(limit)],
+                )
+                .await
+                .map_err(unavailable)?;
+            events(&rows)
+        })
+    }
+
+    fn claim_deliveries(
+        &self,
+        node: &str,
+        now: Timestamp,
+        lease: Duration,
+        limit: u32,
+    ) -> BoxFuture<'_, Result<Vec<Delivery>, StoreError>> {
+        let node = node.to_owned();
+        Box::pin(async move {
+            let client = self.client().await?;
+            let rows = client
+                .query(
+                    concat!(
+                        "UPDATE deliveries SET claimed_by = $1, claimed_until = $2 + $3
+                         WHERE id IN (",
+                        sql_due_deliveries!("$2", "$4", "FOR UPDATE OF d SKIP LOCKED"),
+                        ") AND status = 'pending'
+                           AND (claimed_until IS NULL OR claimed_until <= $2)
+                         RETURNING ",
+                        delivery_columns!()
+                    ),
+                    &[&node, &ms(now), &duration_ms(lease), &i64::from(limit)],
+                )
+                .await
+                .map_err(unavailable)?;
+            let mut claimed = rows.iter().map(delivery).collect::<Result<Vec<_>, _>>()?;
+            claimed.sort_by_key(|d| (d.next_attempt_at, d.id));
+            Ok(claimed)
+        })
+    }
+
+    fn record_delivery(
+        &self,
+        node: &str,
+        attempt: DeliveryAttempt,
+    ) -> BoxFuture<'_, Result<(), StoreError>> {
+        let node = node.to_owned();
+        Box::pin(async move {
+            let client = self.client().await?;
+            let (status, next) = delivery_next(attempt.next);
+            client
+                .execute(
+                    pg(statements::RECORD_DELIVERY),
+                    &[
+                        &(attempt.id as i64),
+                        &node,
+                        &status,
+                        &ms(attempt.at),
+                        &attempt.status_code.map(i64::from),
+                        &attempt.error,
+                        &next,
+                    ],
+                )
+                .await
+                .map_err(unavailable)?;
+            Ok(())
+        })
+    }
+
+    fn unclaim_delivery(&self, node: &str, id: u64) -> BoxFuture<'_, Result<(), StoreError>> {
+        let node = node.to_owned();
+        Box::pin(async move {
+            let client = self.client().await?;
+            client
+                .execute(pg(statements::UNCLAIM_DELIVERY), &[&(id as i64), &node])
+                .await
+                .map_err(unavailable)?;
+            Ok(())
+        })
+    }
+
+    fn deliveries(&self, query: DeliveryQuery) -> BoxFuture<'_, Result<Vec<Delivery>, StoreError>> {
+        Box::pin(async move {
+            let client = self.client().await?;
+            let rows = client
+                .query(
+                    pg(statements::LIST_DELIVERIES),
+                    &[
+                        &query.tenant,
+                        &query.session.map(|s| s.to_string()),
+                        &query.status.map(|s| s.as_str()),
+                        &i64::from(query.limit),
+                    ],
+                )
+                .await
+                .map_err(unavailable)?;
+            rows.iter().map(delivery).collect()
+        })
+    }
+
+    fn retry_delivery<'a>(
+        &'a self,
+        tenant: TenantScope<'a>,
+        id: u64,
+        now: Timestamp,
+    ) -> BoxFuture<'a, Result<Option<Delivery>, StoreError>> {
+        Box::pin(async move {
+            let mut client = self.client().await?;
+            let tx = client.transaction().await.map_err(unavailable)?;
+            let id = id as i64;
+            tx.execute(pg(statements::RETRY_DELIVERY), &[&id, &tenant, &ms(now)])
+                .await
+                .map_err(unavailable)?;
+            let row = tx
+                .query_opt(pg(statements::GET_DELIVERY), &[&id, &tenant])
+                .await
+                .map_err(unavailable)?;
+            tx.commit().await.map_err(unavailable)?;
+            row.as_ref().map(delivery).transpose()
+        })
+    }
+
+    fn delivery_counts(&self) -> BoxFuture<'_, Result<DeliveryCounts, StoreError>> {
+        Box::pin(async move {
+            let client = self.client().await?;
+            let rows = client
+                .query(pg(statements::COUNT_DELIVERIES), &[])
+                .await
+                .map_err(unavailable)?;
+            let rows = rows
+                .iter()
+                .map(|r| Ok((col(r, 0)?, col(r, 1)?, col(r, 2)?, col(r, 3)?)))
+                .collect::<Result<Vec<(String, i64, i64, Option<i64>)>, StoreError>>()?;
+            Ok(delivery_counts(rows))
+        })
+    }
+}

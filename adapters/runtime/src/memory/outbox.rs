@@ -1,0 +1,271 @@
+//! The reference store's event outbox.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use session_lifecycle::{EventKind, SessionId, Timestamp};
+
+use super::{MemoryStore, ready};
+use crate::outbox::{
+    Delivery, DeliveryAttempt, DeliveryCounts, DeliveryNext, DeliveryQuery, DeliveryStatus,
+    EventOutbox, Fanout, SessionEvent,
+};
+use crate::store::{BoxFuture, StoreError, TenantScope};
+
+/// Events and deliveries as the reference store keeps them.
+#[derive(Debug, Default)]
+pub(super) struct Outbox {
+    /// Events by (session, kind), at most one of each kind per session, each with its
+    /// order of writing.
+    events: BTreeMap<(SessionId, EventKind), (u64, SessionEvent)>,
+    written: u64,
+    /// Fanned out events by stream position.
+    stream: BTreeMap<u64, (SessionId, EventKind)>,
+    deliveries: BTreeMap<u64, (Delivery, Option<(String, Timestamp)>)>,
+}
+
+impl Outbox {
+    /// Records the `kind` event of `session` at `at`, unless it was recorded before.
+    pub(super) fn event(
+        &mut self,
+        session: SessionId,
+        tenant: &str,
+        kind: EventKind,
+        at: Timestamp,
+        callback_url: Option<&str>,
+    ) {
+        if self.events.contains_key(&(session, kind)) {
+            return;
+        }
+        self.written += 1;
+        let event = SessionEvent {
+            position: None,
+            session,
+            tenant: tenant.to_owned(),
+            kind,
+            at,
+            callback_url: callback_url.map(str::to_owned),
+        };
+        self.events.insert((session, kind), (self.written, event));
+    }
+}
+
+impl EventOutbox for MemoryStore {
+    fn undispatched_events(
+        &self,
+        limit: u32,
+    ) -> BoxFuture<'_, Result<Vec<SessionEvent>, StoreError>> {
+        let state = self.state();
+        // In the order they were written.
+        let mut undispatched: Vec<&(u64, SessionEvent)> = state
+            .outbox
+            .events
+            .values()
+            .filter(|(_, e)| e.position.is_none())
+            .collect();
+        undispatched.sort_by_key(|(written, _)| *written);
+        ready(Ok(undispatched
+            .into_iter()
+            .take(limit as usize)
+            .map(|(_, e)| e.clone())
+            .collect()))
+    }
+
+    fn dispatch_event(
+        &self,
+        session: SessionId,
+        kind: EventKind,
+        to: Vec<Fanout>,
+        now: Timestamp,
+    ) -> BoxFuture<'_, Result<bool, StoreError>> {
+        let mut state = self.state();
+        let outbox = &mut state.outbox;
+        let position = outbox.stream.keys().next_back().map_or(1, |p| p + 1);
+        let Some((_, event)) = outbox
+            .events
+            .get_mut(&(session, kind))
+            .filter(|(_, e)| e.position.is_none())
+        else {
+            return ready(Ok(false));
+        };
+        event.position = Some(position);
+        let (tenant, event_at) = (event.tenant.clone(), event.at);
+        outbox.stream.insert(position, (session, kind));
+        for fanout in to {
+            let id = outbox.deliveries.keys().next_back().map_or(1, |id| id + 1);
+            let delivery = Delivery {
+                id,
+                session,
+                tenant: tenant.clone(),
+                kind,
+                event_at,
+                endpoint: fanout.endpoint,
+                url: fanout.url,
+                status: DeliveryStatus::Pending,
+                attempts: 0,
+                created_at: now,
+                next_attempt_at: Some(now),
+                last_attempt_at: None,
+                last_status_code: None,
+                last_error: None,
+            };
+            outbox.deliveries.insert(id, (delivery, None));
+        }
+        ready(Ok(true))
+    }
+
+    fn events_after<'a>(
+        &'a self,
+        tenant: TenantScope<'a>,
+        after: u64,
+        limit: u32,
+    ) -> BoxFuture<'a, Result<Vec<SessionEvent>, StoreError>> {
+        let state = self.state();
+        let outbox = &state.outbox;
+        let events = outbox
+            .stream
+            .range(after.saturating_add(1)..)
+            .filter_map(|(_, key)| outbox.events.get(key).map(|(_, e)| e))
+            .filter(|e| tenant.is_none_or(|t| t == e.tenant))
+            .take(limit as usize)
+            .cloned()
+            .collect();
+        ready(Ok(events))
+    }
+
+    fn claim_deliveries(
+        &self,
+        node: &str,
+        now: Timestamp,
+        lease: Duration,
+        limit: u32,
+    ) -> BoxFuture<'_, Result<Vec<Delivery>, StoreError>> {
+        let mut state = self.state();
+        let deliveries = &mut state.outbox.deliveries;
+        let pending = |d: &Delivery| d.status == DeliveryStatus::Pending;
+        let mut due: Vec<(Timestamp, u64)> = deliveries
+            .values()
+            .filter(|(d, claim)| {
+                pending(d)
+                    && d.next_attempt_at.is_some_and(|at| at <= now)
+                    && claim.as_ref().is_none_or(|(_, until)| *until <= now)
+            })
+            .filter(|(d, _)| {
+                // A session's earlier event to the same endpoint goes first.
+                !deliveries.values().any(|(e, _)| {
+                    pending(e)
+                        && e.session == d.session
+                        && e.tenant == d.tenant
+                        && e.endpoint == d.endpoint
+                        && e.kind < d.kind
+                })
+            })
+            .filter_map(|(d, _)| d.next_attempt_at.map(|at| (at, d.id)))
+            .collect();
+        due.sort();
+        let mut claimed = Vec::new();
+        for (_, id) in due.into_iter().take(limit as usize) {
+            if let Some((d, claim)) = deliveries.get_mut(&id) {
+                *claim = Some((node.to_owned(), now.saturating_add(lease)));
+                claimed.push(d.clone());
+            }
+        }
+        ready(Ok(claimed))
+    }
+
+    fn record_delivery(
+        &self,
+        node: &str,
+        attempt: DeliveryAttempt,
+    ) -> BoxFuture<'_, Result<(), StoreError>> {
+        let mut state = self.state();
+        if let Some((d, claim)) = state.outbox.deliveries.get_mut(&attempt.id)
+            && d.status == DeliveryStatus::Pending
+            && claim.as_ref().is_some_and(|(by, _)| by == node)
+        {
+            *claim = None;
+            d.attempts = d.attempts.saturating_add(1);
+            d.last_attempt_at = Some(attempt.at);
+            d.last_status_code = attempt.status_code;
+            d.last_error = attempt.error;
+            (d.status, d.next_attempt_at) = match attempt.next {
+                DeliveryNext::Delivered => (DeliveryStatus::Delivered, None),
+                DeliveryNext::RetryAt(at) => (DeliveryStatus::Pending, Some(at)),
+                DeliveryNext::Failed => (DeliveryStatus::Failed, None),
+            };
+        }
+        ready(Ok(()))
+    }
+
+    fn unclaim_delivery(&self, node: &str, id: u64) -> BoxFuture<'_, Result<(), StoreError>> {
+        let mut state = self.state();
+        if let Some((_, claim)) = state.outbox.deliveries.get_mut(&id)
+            && claim.as_ref().is_some_and(|(by, _)| by == node)
+        {
+            *claim = None;
+        }
+        ready(Ok(()))
+    }
+
+    fn deliveries(&self, query: DeliveryQuery) -> BoxFuture<'_, Result<Vec<Delivery>, StoreError>> {
+        let state = self.state();
+        let found = state
+            .outbox
+            .deliveries
+            .values()
+            .rev()
+            .map(|(d, _)| d)
+            .filter(|d| query.tenant.as_ref().is_none_or(|t| *t == d.tenant))
+            .filter(|d| query.session.is_none_or(|s| s == d.session))
+            .filter(|d| query.status.is_none_or(|s| s == d.status))
+            .take(query.limit as usize)
+            .cloned()
+            .collect();
+        ready(Ok(found))
+    }
+
+    fn retry_delivery<'a>(
+        &'a self,
+        tenant: TenantScope<'a>,
+        id: u64,
+        now: Timestamp,
+    ) -> BoxFuture<'a, Result<Option<Delivery>, StoreError>> {
+        let mut state = self.state();
+        let Some((d, claim)) = state
+            .outbox
+            .deliveries
+            .get_mut(&id)
+            .filter(|(d, _)| tenant.is_none_or(|t| t == d.tenant))
+        else {
+            return ready(Ok(None));
+        };
+        if d.status != DeliveryStatus::Delivered {
+            d.status = DeliveryStatus::Pending;
+            d.created_at = now;
+            d.next_attempt_at = Some(now);
+            *claim = None;
+        }
+        ready(Ok(Some(d.clone())))
+    }
+
+    fn delivery_counts(&self) -> BoxFuture<'_, Result<DeliveryCounts, StoreError>> {
+        let state = self.state();
+        let mut counts = DeliveryCounts::default();
+        for (d, _) in state.outbox.deliveries.values() {
+            match d.status {
+                DeliveryStatus::Pending if d.attempts == 0 => counts.pending += 1,
+                DeliveryStatus::Pending => counts.retrying += 1,
+                DeliveryStatus::Delivered => counts.delivered += 1,
+                DeliveryStatus::Failed => counts.failed += 1,
+            }
+            if d.status == DeliveryStatus::Pending {
+                counts.oldest_pending_at = Some(
+                    counts
+                        .oldest_pending_at
+                        .map_or(d.created_at, |at| at.min(d.created_at)),
+                );
+            }
+        }
+        ready(Ok(counts))
+    }
+}

@@ -1,0 +1,258 @@
+//! The event outbox (see [`EventOutbox`]): events are written by the session statements
+//! themselves; here they are fanned out, streamed and delivered.
+
+use std::time::Duration;
+
+use rusqlite::{OptionalExtension, params};
+use session_lifecycle::{EventKind, SessionId, Timestamp};
+use session_lifecycle_runtime::rows::{
+    DeliveryRow, EventRow, delivery_counts, delivery_next, duration_ms, event, event_sequence,
+    millis as ms,
+};
+use session_lifecycle_runtime::sql::statements;
+use session_lifecycle_runtime::{
+    BoxFuture, Delivery, DeliveryAttempt, DeliveryCounts, DeliveryQuery, EventOutbox, Fanout,
+    SessionEvent, StoreError, TenantScope, delivery_columns, sql_due_deliveries,
+};
+
+use crate::{SqliteStore, db};
+
+/// The delivery row at `row` (columns as `delivery_columns!` lists them).
+fn delivery_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<DeliveryRow> {
+    Ok(DeliveryRow {
+        id: row.get(0)?,
+        session_id: row.get(1)?,
+        tenant: row.get(2)?,
+        session_seq: row.get(3)?,
+        event_at: row.get(4)?,
+        endpoint: row.get(5)?,
+        url: row.get(6)?,
+        status: row.get(7)?,
+        attempts: row.get(8)?,
+        created_at: row.get(9)?,
+        next_attempt_at: row.get(10)?,
+        last_attempt_at: row.get(11)?,
+        last_status: row.get(12)?,
+        last_error: row.get(13)?,
+    })
+}
+
+fn event_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<EventRow> {
+    Ok((
+        row.get(0)?,
+        row.get(1)?,
+        row.get(2)?,
+        row.get(3)?,
+        row.get(4)?,
+        row.get(5)?,
+    ))
+}
+
+fn events(
+    c: &rusqlite::Connection,
+    sql: &str,
+    params: impl rusqlite::Params,
+) -> Result<Vec<SessionEvent>, StoreError> {
+    let rows: Vec<EventRow> = c
+        .prepare_cached(sql)
+        .and_then(|mut s| s.query_map(params, event_row)?.collect())
+        .map_err(db)?;
+    rows.into_iter().map(event).collect()
+}
+
+fn deliveries(
+    c: &rusqlite::Connection,
+    sql: &str,
+    params: impl rusqlite::Params,
+) -> Result<Vec<Delivery>, StoreError> {
+    let rows: Vec<DeliveryRow> = c
+        .prepare_cached(sql)
+        .and_then(|mut s| s.query_map(params, delivery_row)?.collect())
+        .map_err(db)?;
+    rows.into_iter().map(DeliveryRow::into_delivery).collect()
+}
+
+impl EventOutbox for SqliteStore {
+    fn undispatched_events(
+        &self,
+        limit: u32,
+    ) -> BoxFuture<'_, Result<Vec<SessionEvent>, StoreError>> {
+        Box::pin(
+            self.inner
+                .conns
+                .read(move |c| events(c, statements::UNDISPATCHED, [i64::from(limit)])),
+        )
+    }
+
+    fn dispatch_event(
+        &self,
+        session: SessionId,
+        kind: EventKind,
+        to: Vec<Fanout>,
+        now: Timestamp,
+    ) -> BoxFuture<'_, Result<bool, StoreError>> {
+        Box::pin(self.inner.conns.write(move |c| {
+            let id = session.to_string();
+            let sequence = event_sequence(kind);
+            // One writer: reading the next place and taking it are one step here.
+            let position: i64 = c
+                .query_row("SELECT last_position + 1 FROM event_stream", [], |r| {
+                    r.get(0)
+                })
+                .map_err(db)?;
+            let placed: Option<(i64, String, i64)> = c
+                .prepare_cached(statements::PLACE_EVENT)
+                .and_then(|mut s| {
+                    s.query_row(params![id, sequence, position], |r| {
+                        Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                    })
+                    .optional()
+                })
+                .map_err(db)?;
+            let Some((event_id, tenant, at)) = placed else {
+                return Ok(false);
+            };
+            c.prepare_cached(statements::NEXT_POSITION)
+                .and_then(|mut s| s.query_row([], |r| r.get::<_, i64>(0)))
+                .map_err(db)?;
+            for fanout in to {
+                c.prepare_cached(statements::INSERT_DELIVERY)
+                    .and_then(|mut s| {
+                        s.execute(params![
+                            event_id,
+                            id,
+                            sequence,
+                            tenant,
+                            at,
+                            fanout.endpoint,
+                            fanout.url,
+                            ms(now)
+                        ])
+                    })
+                    .map_err(db)?;
+            }
+            Ok(true)
+        }))
+    }
+
+    fn events_after<'a>(
+        &'a self,
+        tenant: TenantScope<'a>,
+        after: u64,
+        limit: u32,
+    ) -> BoxFuture<'a, Result<Vec<SessionEvent>, StoreError>> {
+        let tenant = tenant.map(str::to_owned);
+        let after = i64::try_from(after).unwrap_or(i64::MAX);
+        Box::pin(self.inner.conns.read(move |c| {
+            events(
+                c,
+                statements::EVENTS_AFTER,
+                params![after, tenant, i64::from(limit)],
+            )
+        }))
+    }
+
+    fn claim_deliveries(
+        &self,
+        node: &str,
+        now: Timestamp,
+        lease: Duration,
+        limit: u32,
+    ) -> BoxFuture<'_, Result<Vec<Delivery>, StoreError>> {
+        let node = node.to_owned();
+        Box::pin(self.inner.conns.write(move |c| {
+            let mut claimed = deliveries(
+                c,
+                concat!(
+                    "UPDATE deliveries SET claimed_by = ?1, claimed_until = ?2 + ?3
+                     WHERE id IN (",
+                    sql_due_deliveries!("?2", "?4", ""),
+                    ") RETURNING ",
+                    delivery_columns!()
+                ),
+                params![node, ms(now), duration_ms(lease), i64::from(limit)],
+            )?;
+            // RETURNING has no order of its own.
+            claimed.sort_by_key(|d| (d.next_attempt_at, d.id));
+            Ok(claimed)
+        }))
+    }
+
+    fn record_delivery(
+        &self,
+        node: &str,
+        attempt: DeliveryAttempt,
+    ) -> BoxFuture<'_, Result<(), StoreError>> {
+        let node = node.to_owned();
+        Box::pin(self.inner.conns.write(move |c| {
+            let (status, next) = delivery_next(attempt.next);
+            c.prepare_cached(statements::RECORD_DELIVERY)
+                .and_then(|mut s| {
+                    s.execute(params![
+                        attempt.id as i64,
+                        node,
+                        status,
+                        ms(attempt.at),
+                        attempt.status_code.map(i64::from),
+                        attempt.error,
+                        next
+                    ])
+                })
+                .map_err(db)?;
+            Ok(())
+        }))
+    }
+
+    fn unclaim_delivery(&self, node: &str, id: u64) -> BoxFuture<'_, Result<(), StoreError>> {
+        let node = node.to_owned();
+        Box::pin(self.inner.conns.write(move |c| {
+            c.prepare_cached(statements::UNCLAIM_DELIVERY)
+                .and_then(|mut s| s.execute(params![id as i64, node]))
+                .map_err(db)?;
+            Ok(())
+        }))
+    }
+
+    fn deliveries(&self, query: DeliveryQuery) -> BoxFuture<'_, Result<Vec<Delivery>, StoreError>> {
+        Box::pin(self.inner.conns.read(move |c| {
+            deliveries(
+                c,
+                statements::LIST_DELIVERIES,
+                params![
+                    query.tenant,
+                    query.session.map(|s| s.to_string()),
+                    query.status.map(|s| s.as_str()),
+                    i64::from(query.limit)
+                ],
+            )
+        }))
+    }
+
+    fn retry_delivery<'a>(
+        &'a self,
+        tenant: TenantScope<'a>,
+        id: u64,
+        now: Timestamp,
+    ) -> BoxFuture<'a, Result<Option<Delivery>, StoreError>> {
+        let tenant = tenant.map(str::to_owned);
+        Box::pin(self.inner.conns.write(move |c| {
+            c.prepare_cached(statements::RETRY_DELIVERY)
+                .and_then(|mut s| s.execute(params![id as i64, tenant, ms(now)]))
+                .map_err(db)?;
+            Ok(deliveries(c, statements::GET_DELIVERY, params![id as i64, tenant])?.pop())
+        }))
+    }
+
+    fn delivery_counts(&self) -> BoxFuture<'_, Result<DeliveryCounts, StoreError>> {
+        Box::pin(self.inner.conns.read(|c| {
+            let rows: Vec<(String, i64, i64, Option<i64>)> = c
+                .prepare_cached(statements::COUNT_DELIVERIES)
+                .and_then(|mut s| {
+                    s.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+                        .collect()
+                })
+                .map_err(db)?;
+            Ok(delivery_counts(rows))
+        }))
+    }
+}
