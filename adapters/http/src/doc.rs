@@ -17,8 +17,12 @@ use utoipa::openapi::security::{ApiKey, ApiKeyValue, SecurityScheme};
 
 use crate::error::{ErrorBody, ErrorCode, ErrorDetail};
 use crate::extract::API_KEY_HEADER;
+use crate::outbound::payload::{
+    DeliveriesResponse, DeliveryResponse, DeliveryStatusView, DeliveryView, EventData,
+    EventEnvelope, EventType, ReleaseNoteView,
+};
 use crate::request_id;
-use crate::routes::{operations, sessions, webhooks, ws};
+use crate::routes::{events, operations, sessions, webhooks, ws};
 use crate::views::{
     CreateRequest, CreatedResponse, EndReasonView, HealthResponse, HealthStatus, ListResponse,
     ProviderView, ReleaseView, ResourceView, RoomView, SessionResponse, SessionView, StatusView,
@@ -47,6 +51,9 @@ use crate::views::{
         sessions::end_session,
         sessions::heartbeat,
         ws::session_ws,
+        events::stream_events,
+        events::list_deliveries,
+        events::retry_delivery,
         operations::healthz,
         operations::readyz,
         operations::metrics,
@@ -73,6 +80,14 @@ use crate::views::{
         HealthStatus,
         WebhookResponse,
         WebhookOutcome,
+        EventEnvelope,
+        EventData,
+        EventType,
+        ReleaseNoteView,
+        DeliveryView,
+        DeliveryStatusView,
+        DeliveriesResponse,
+        DeliveryResponse,
     )),
     modifiers(&SecuritySchemes)
 )]
@@ -101,6 +116,7 @@ impl utoipa::Modify for SecuritySchemes {
 pub fn openapi() -> Value {
     let mut doc = serde_json::to_value(ApiDoc::openapi()).expect("the document serializes");
     complete(&mut doc);
+    doc["webhooks"] = outbound_webhooks();
     doc
 }
 
@@ -113,6 +129,39 @@ pub async fn openapi_json() -> impl IntoResponse {
         Bytes::from(serde_json::to_vec(&openapi()).expect("the document serializes"))
     });
     ([(header::CONTENT_TYPE, "application/json")], body.clone())
+}
+
+/// The webhooks sessiond sends (OpenAPI 3.1 `webhooks`): one per event type, each a POST
+/// of an `EventEnvelope`, signed per Standard Webhooks.
+fn outbound_webhooks() -> Value {
+    let header = |description: &str| json!({"in": "header", "required": true, "description": description, "schema": {"type": "string"}});
+    let mut hooks = serde_json::Map::new();
+    for kind in session_lifecycle::EventKind::ALL {
+        let name = kind.as_str();
+        hooks.insert(
+            name.to_owned(),
+            json!({"post": {
+                "summary": format!("`{name}`: sent to the tenant's endpoints that want it and to the session's `callback_url`"),
+                "description": "Signed per Standard Webhooks 1.0: verify `webhook-signature` over `webhook-id.webhook-timestamp.body` \
+                                with the endpoint's `whsec_` secret (space-separated signatures during a rotation). Delivered at \
+                                least once: deduplicate on `webhook-id`; order a session's events by `data.sequence`. Any 2xx \
+                                answers it; anything else (or no answer within the timeout) is retried with backoff.",
+                "parameters": [
+                    dict_with_name(header("The event's id, the same on every retry"), "webhook-id"),
+                    dict_with_name(header("Seconds since the epoch when this attempt was sent"), "webhook-timestamp"),
+                    dict_with_name(header("`v1,<base64 HMAC-SHA256>`, one per secret, space-separated"), "webhook-signature"),
+                ],
+                "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/EventEnvelope"}}}},
+                "responses": {"2XX": {"description": "Received"}},
+            }}),
+        );
+    }
+    Value::Object(hooks)
+}
+
+fn dict_with_name(mut parameter: Value, name: &str) -> Value {
+    parameter["name"] = json!(name);
+    parameter
 }
 
 const METHODS: [&str; 8] = [
@@ -352,7 +401,7 @@ mod tests {
                 }
             }
         }
-        assert_eq!(operations, 12);
+        assert_eq!(operations, 15);
         let ws = &doc["paths"]["/v1/sessions/{session_id}/ws"]["get"]["responses"];
         assert!(ws.get("101").is_some());
         assert_eq!(ws["426"]["headers"]["Upgrade"]["required"], true);

@@ -54,11 +54,13 @@ pub enum ErrorCode {
     UpgradeRequired,
     /// 500: a fault of the service.
     InternalError,
+    /// 404: no such webhook delivery (or another tenant's).
+    DeliveryNotFound,
 }
 
 impl ErrorCode {
     /// Every code, in declaration order.
-    pub const ALL: [ErrorCode; 18] = [
+    pub const ALL: [ErrorCode; 19] = [
         ErrorCode::Unauthorized,
         ErrorCode::InvalidSessionId,
         ErrorCode::SessionNotFound,
@@ -77,6 +79,7 @@ impl ErrorCode {
         ErrorCode::MethodNotAllowed,
         ErrorCode::UpgradeRequired,
         ErrorCode::InternalError,
+        ErrorCode::DeliveryNotFound,
     ];
 
     /// The code as it appears in error bodies.
@@ -100,6 +103,7 @@ impl ErrorCode {
             ErrorCode::MethodNotAllowed => "method_not_allowed",
             ErrorCode::UpgradeRequired => "upgrade_required",
             ErrorCode::InternalError => "internal_error",
+            ErrorCode::DeliveryNotFound => "delivery_not_found",
         }
     }
 
@@ -108,7 +112,9 @@ impl ErrorCode {
         match self {
             ErrorCode::InvalidSessionId | ErrorCode::InvalidRequest => StatusCode::BAD_REQUEST,
             ErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
-            ErrorCode::SessionNotFound | ErrorCode::NotFound => StatusCode::NOT_FOUND,
+            ErrorCode::SessionNotFound | ErrorCode::NotFound | ErrorCode::DeliveryNotFound => {
+                StatusCode::NOT_FOUND
+            }
             ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ErrorCode::SessionEnded => StatusCode::CONFLICT,
             ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,

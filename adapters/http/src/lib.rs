@@ -4,7 +4,9 @@
 //! Routes: `POST /v1/sessions`, `GET /v1/sessions`, `GET /v1/sessions/{id}`,
 //! `POST /v1/sessions/{id}/end`, `POST /v1/sessions/{id}/heartbeat`,
 //! `GET /v1/sessions/{id}/ws`, `POST /v1/webhooks/{livekit,daily}`, `GET /healthz`,
-//! `GET /readyz`, `GET /metrics`, `GET /openapi.json`.
+//! `GET /v1/events` (Server-Sent Events), `GET /v1/webhook-deliveries`,
+//! `POST /v1/webhook-deliveries/{id}/retry`, `GET /readyz`, `GET /metrics`,
+//! `GET /openapi.json`.
 //!
 //! Modules, each using only those listed before it (`tests/module_graph.rs` fails on a
 //! cycle):
@@ -12,7 +14,8 @@
 //! - leaves: [`request_id`], [`views`], [`tokens`], [`webhooks`] (the pure verifiers and
 //!   parsers, with their own errors), [`answers`], [`metrics`];
 //! - [`error`] (codes and error answers), [`input`] (what clients send, checked),
-//!   [`tenants`] (API keys; uses the webhook secret types);
+//!   [`tenants`] (API keys; uses the webhook secret types and outbound endpoint types);
+//! - [`outbound`] (outbound webhooks: signing, address checks, payloads, the worker);
 //! - [`extract`] (the authenticated tenant, the session id of the path), [`state`];
 //! - [`observe`] (request ids, log lines, metrics), [`routes`], [`doc`], and this file,
 //!   which builds the router.
@@ -24,6 +27,7 @@ pub mod extract;
 pub mod input;
 pub mod metrics;
 pub mod observe;
+pub mod outbound;
 pub mod request_id;
 pub mod routes;
 pub mod state;
@@ -43,7 +47,7 @@ use tower::ServiceBuilder;
 pub use crate::doc::openapi;
 pub use crate::state::{AppState, HttpConfig};
 
-use crate::routes::{operations, sessions, webhooks as hooks, ws};
+use crate::routes::{events, operations, sessions, webhooks as hooks, ws};
 
 /// The API as a router, ready to serve or to mount in another service's router.
 pub fn router(state: Arc<AppState>) -> Router {
@@ -73,6 +77,12 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route(
             "/v1/webhooks/daily",
             post(hooks::daily).layer(DefaultBodyLimit::max(webhook_limit)),
+        )
+        .route("/v1/events", get(events::stream_events))
+        .route("/v1/webhook-deliveries", get(events::list_deliveries))
+        .route(
+            "/v1/webhook-deliveries/{delivery_id}/retry",
+            post(events::retry_delivery),
         )
         .route("/healthz", get(operations::healthz))
         .route("/readyz", get(operations::readyz))

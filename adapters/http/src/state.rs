@@ -8,6 +8,8 @@ use session_lifecycle_runtime::Engine;
 use crate::answers::EndedAnswers;
 use crate::extract::TenantDirectory;
 use crate::metrics::HttpMetrics;
+use crate::outbound::Outbound;
+use crate::outbound::address::AddressPolicy;
 use crate::tenants::Tenants;
 use crate::tokens::TokenSigner;
 use crate::webhooks::secrets::WebhookConfig;
@@ -28,6 +30,8 @@ pub struct HttpConfig {
     pub ws_ping_interval: Duration,
     /// Silence after which a WebSocket counts as lost.
     pub ws_pong_timeout: Duration,
+    /// Where webhooks may go: checked on a create's `callback_url`.
+    pub webhook_addresses: AddressPolicy,
 }
 
 impl Default for HttpConfig {
@@ -39,6 +43,7 @@ impl Default for HttpConfig {
             max_in_flight: 1024,
             ws_ping_interval: Duration::from_secs(5),
             ws_pong_timeout: Duration::from_secs(15),
+            webhook_addresses: AddressPolicy::default(),
         }
     }
 }
@@ -61,6 +66,8 @@ pub struct AppState {
     pub webhooks: WebhookConfig,
     /// Flips to `true` when the service shuts down: WebSockets close.
     pub shutdown: tokio::sync::watch::Sender<bool>,
+    /// The outbound webhook worker, once started.
+    pub outbound: std::sync::OnceLock<Arc<Outbound>>,
 }
 
 impl AppState {
@@ -91,6 +98,7 @@ impl AppState {
             http_metrics: HttpMetrics::default(),
             ended_answers: EndedAnswers::new(65_536),
             shutdown: tokio::sync::watch::channel(false).0,
+            outbound: std::sync::OnceLock::new(),
         })
     }
 }

@@ -10,7 +10,10 @@ use session_lifecycle_runtime::Plan;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
+use crate::outbound::endpoints::{CALLBACK_ENDPOINT, CallbackSettings, WebhookEndpoint};
+use crate::outbound::sign::SigningSecret;
 use crate::webhooks::secrets::{DailySecret, LivekitKey};
+use session_lifecycle::EventKind;
 
 /// A tenant: who owns sessions, with its key (hashed) and plan.
 #[derive(Debug, Clone)]
@@ -25,6 +28,10 @@ pub struct Tenant {
     pub livekit: Option<(String, String)>,
     /// Its Daily webhook secret, if its rooms send webhooks.
     pub daily_secret: Option<String>,
+    /// Where its session events go.
+    pub webhooks: Vec<WebhookEndpoint>,
+    /// Whether (and where) its sessions may name their own callback URL.
+    pub callback: Option<CallbackSettings>,
 }
 
 /// Why a tenants file cannot be used.
@@ -80,6 +87,76 @@ struct TenantEntry {
     max_participant_absent_timeout_ms: Option<u64>,
     #[serde(default)]
     max_websocket_grace_ms: Option<u64>,
+    /// Its webhook endpoints (`[[tenants.webhooks]]`).
+    #[serde(default)]
+    webhooks: Vec<WebhookEntry>,
+    /// Secrets (`whsec_...`) that sign its sessions' own callbacks; without any, a create
+    /// naming a `callback_url` is refused.
+    #[serde(default)]
+    callback_secrets: Vec<String>,
+    /// The hosts its sessions' callback URLs may name (default: any allowed address).
+    #[serde(default)]
+    callback_hosts: Option<Vec<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WebhookEntry {
+    name: String,
+    url: String,
+    /// One or more `whsec_...` secrets; each signs every message (a rotation lists both).
+    secrets: Vec<String>,
+    /// Event types wanted (default: all).
+    #[serde(default)]
+    events: Option<Vec<String>>,
+}
+
+fn secrets(list: &[String]) -> Result<Vec<SigningSecret>, String> {
+    list.iter()
+        .map(|s| SigningSecret::parse(s).map_err(|e| e.to_string()))
+        .collect()
+}
+
+fn webhook_endpoints(entries: Vec<WebhookEntry>) -> Result<Vec<WebhookEndpoint>, String> {
+    let mut out: Vec<WebhookEndpoint> = Vec::with_capacity(entries.len());
+    for e in entries {
+        if e.name.is_empty() || e.name.len() > 64 || e.name == CALLBACK_ENDPOINT {
+            return Err(format!(
+                "webhook name {:?}: 1 to 64 characters, not {CALLBACK_ENDPOINT:?}",
+                e.name
+            ));
+        }
+        if out.iter().any(|o| o.name == e.name) {
+            return Err(format!("webhook {:?} listed twice", e.name));
+        }
+        if reqwest::Url::parse(&e.url).is_err() {
+            return Err(format!("webhook {:?}: url is not a URL", e.name));
+        }
+        if e.secrets.is_empty() {
+            return Err(format!("webhook {:?}: at least one secret", e.name));
+        }
+        let signing = secrets(&e.secrets).map_err(|p| format!("webhook {:?}: {p}", e.name))?;
+        let events = match e.events {
+            None => None,
+            Some(names) => Some(
+                names
+                    .iter()
+                    .map(|n| {
+                        EventKind::from_name(n).ok_or_else(|| {
+                            format!("webhook {:?}: unknown event type {n:?}", e.name)
+                        })
+                    })
+                    .collect::<Result<Vec<_>, _>>()?,
+            ),
+        };
+        out.push(WebhookEndpoint {
+            name: e.name,
+            url: e.url,
+            secrets: signing,
+            events,
+        });
+    }
+    Ok(out)
 }
 
 /// Every tenant the service knows.
@@ -167,7 +244,24 @@ impl Tenants {
             );
             plan.max_websocket_grace =
                 limit(entry.max_websocket_grace_ms, plan.max_websocket_grace);
+            let webhooks = webhook_endpoints(entry.webhooks).map_err(|p| invalid(&p))?;
+            let callback = if entry.callback_secrets.is_empty() {
+                if entry.callback_hosts.is_some() {
+                    return Err(invalid("callback_hosts needs callback_secrets"));
+                }
+                None
+            } else {
+                Some(CallbackSettings {
+                    secrets: secrets(&entry.callback_secrets)
+                        .map_err(|p| invalid(&format!("callback_secrets: {p}")))?,
+                    hosts: entry
+                        .callback_hosts
+                        .map(|h| h.into_iter().map(|h| h.to_ascii_lowercase()).collect()),
+                })
+            };
             tenants.push(Arc::new(Tenant {
+                webhooks,
+                callback,
                 name: entry.name,
                 key_sha256: key,
                 plan,
@@ -192,6 +286,8 @@ impl Tenants {
                 revoked: false,
                 livekit: None,
                 daily_secret: None,
+                webhooks: Vec::new(),
+                callback: None,
             })],
         }
     }
@@ -232,6 +328,11 @@ impl Tenants {
             (Some(k), Some(t)) if !k.is_empty() && !t.revoked => Some(t),
             _ => None,
         }
+    }
+
+    /// Every tenant, revoked ones included.
+    pub fn all(&self) -> impl Iterator<Item = &Arc<Tenant>> {
+        self.tenants.iter()
     }
 
     /// The tenant named `name`.

@@ -377,6 +377,12 @@ pub struct CreateRequest {
     /// ones take the service's defaults.
     #[serde(default, deserialize_with = "json_object")]
     pub timeouts: Option<TimeoutsRequest>,
+    /// Where this session's events are also posted (signed with the tenant's callback
+    /// secrets, Standard Webhooks). HTTPS to a public address; refused (400) when the
+    /// tenant has no callback secrets, the host is not among its callback hosts, or the
+    /// address is loopback, private, link-local or a metadata service.
+    #[schema(max_length = 2048, example = "https://hooks.example.com/sessions")]
+    pub callback_url: Option<String>,
 }
 
 /// Timeouts a new session sets for itself, in milliseconds.

@@ -12,8 +12,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
-use session_lifecycle::Policy;
+use session_lifecycle::{DeliveryPolicy, Policy};
 use session_lifecycle_cuda::{AssignmentBackend, AssignmentConfig, GpuInfo, NvmlGpu};
+use session_lifecycle_http::outbound::address::AddressPolicy;
+use session_lifecycle_http::outbound::{Outbound, OutboundConfig};
 use session_lifecycle_http::tenants::{Tenants, hash_key};
 use session_lifecycle_http::tokens::TokenSigner;
 use session_lifecycle_http::webhooks::{DailySecret, LivekitKey, WebhookConfig};
@@ -211,6 +213,38 @@ struct Cli {
     /// Seconds a webhook signature's time may differ from ours.
     #[arg(long, env = "SESSIOND_WEBHOOK_TOLERANCE_SECS", default_value_t = 300)]
     webhook_tolerance_secs: u64,
+
+    /// Outbound webhooks: allow plain `http://` to any host (default: HTTPS, or plain HTTP
+    /// to loopback only).
+    #[arg(long, env = "SESSIOND_WEBHOOK_ALLOW_HTTP")]
+    webhook_allow_http: bool,
+
+    /// Outbound webhooks: allow loopback addresses (127.0.0.0/8, ::1, localhost).
+    #[arg(long, env = "SESSIOND_WEBHOOK_ALLOW_LOOPBACK")]
+    webhook_allow_loopback: bool,
+
+    /// Outbound webhooks: allow private, shared and link-local addresses (10/8, 172.16/12,
+    /// 192.168/16, 100.64/10, 169.254/16 with cloud metadata services, fc00::/7, fe80::/10).
+    #[arg(long, env = "SESSIOND_WEBHOOK_ALLOW_PRIVATE")]
+    webhook_allow_private: bool,
+
+    /// Outbound webhooks: seconds after an event during which failed deliveries are
+    /// retried; then they are marked failed.
+    #[arg(long, env = "SESSIOND_WEBHOOK_RETRY_SECS", default_value_t = 86400)]
+    webhook_retry_secs: u64,
+
+    /// Outbound webhooks: the wait after a first failed attempt, ms (doubling, jittered,
+    /// up to an hour).
+    #[arg(long, env = "SESSIOND_WEBHOOK_BACKOFF_MS", default_value_t = 1000)]
+    webhook_backoff_ms: u64,
+
+    /// Outbound webhooks: the longest an attempt may take, connection included, ms.
+    #[arg(long, env = "SESSIOND_WEBHOOK_TIMEOUT_MS", default_value_t = 15000)]
+    webhook_timeout_ms: u64,
+
+    /// Outbound webhooks: attempts in flight at once per endpoint (scheme, host, port).
+    #[arg(long, env = "SESSIOND_WEBHOOK_PER_ENDPOINT", default_value_t = 8)]
+    webhook_per_endpoint: usize,
 
     /// Seconds to finish releases when shutting down.
     #[arg(long, env = "SESSIOND_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
@@ -530,6 +564,11 @@ async fn run(cli: Cli) -> Result<(), String> {
             secret: secret.clone(),
         });
     }
+    let addresses = AddressPolicy {
+        allow_http: cli.webhook_allow_http,
+        allow_loopback: cli.webhook_allow_loopback,
+        allow_private: cli.webhook_allow_private,
+    };
     let webhooks = WebhookConfig {
         livekit,
         daily,
@@ -547,9 +586,37 @@ async fn run(cli: Cli) -> Result<(), String> {
             ws_ping_interval: Duration::from_millis(cli.ws_ping_interval_ms.max(1)),
             ws_pong_timeout: Duration::from_millis(cli.ws_pong_timeout_ms.max(1)),
             webhook_max_body_bytes: cli.webhook_max_body_bytes,
+            webhook_addresses: addresses,
         },
         webhooks,
     );
+    let outbound = Outbound::new(
+        engine.clone(),
+        state.tenants.clone(),
+        OutboundConfig {
+            addresses,
+            policy: DeliveryPolicy {
+                backoff_initial: Duration::from_millis(cli.webhook_backoff_ms.max(1)),
+                backoff_max: Duration::from_secs(3600)
+                    .max(Duration::from_millis(cli.webhook_backoff_ms)),
+                retry_for: Duration::from_secs(cli.webhook_retry_secs),
+            },
+            timeout: Duration::from_millis(cli.webhook_timeout_ms.max(1)),
+            connect_timeout: Duration::from_millis(cli.webhook_timeout_ms.clamp(1, 5000)),
+            per_endpoint: cli.webhook_per_endpoint.max(1),
+            ..OutboundConfig::new(&node_id)
+        },
+    )
+    .map_err(|e| e.to_string())?;
+    let _ = state.outbound.set(Arc::clone(&outbound));
+    let (stop_outbound, outbound_stop) = tokio::sync::watch::channel(false);
+    let outbound_task = tokio::spawn(outbound.run(outbound_stop));
+    // Events of sessions ended at shutdown are in the store; whatever this instance does
+    // not deliver before it exits, another instance (or its next start) does.
+    let stop_delivering = move || async move {
+        let _ = stop_outbound.send(true);
+        let _ = outbound_task.await;
+    };
     println!(
         "sessiond listening on http://{addr} (database {}, node {node_id})",
         cli.database
@@ -587,6 +654,7 @@ async fn run(cli: Cli) -> Result<(), String> {
             let _ = stop_serving.send(());
             let _ = server.await;
             engine.handover().await;
+            stop_delivering().await;
             background.join().await;
             return Ok(());
         }
@@ -623,6 +691,7 @@ async fn run(cli: Cli) -> Result<(), String> {
                 .map_err(|e| format!("shutdown: {e}"))?
         }
     };
+    stop_delivering().await;
     background.join().await;
     tracing::info!(ended, "stopped");
     Ok(())

@@ -2,6 +2,7 @@
 //! the extractors of [`crate::extract`], and answers views of [`crate::views`] or an
 //! [`ApiError`](crate::error::ApiError).
 
+pub mod events;
 pub mod operations;
 pub mod sessions;
 pub mod webhooks;

@@ -17,6 +17,7 @@ use session_lifecycle_runtime::{
 use crate::error::{ApiError, ErrorBody};
 use crate::extract::{Authenticated, SessionPath};
 use crate::input::{ListParams, body_error, parse_create};
+use crate::outbound::check_callback;
 use crate::state::AppState;
 use crate::views::{CreateRequest, CreatedResponse, ListResponse, SessionResponse, SessionView};
 
@@ -50,10 +51,18 @@ pub async fn create_session(
 ) -> Result<Response, ApiError> {
     let body = body.map_err(body_error)?;
     let request = parse_create(&body)?;
+    let callback_url = match request.callback_url.as_deref() {
+        Some(url) => Some(
+            check_callback(&state.config.webhook_addresses, &tenant, url)
+                .await
+                .map_err(ApiError::invalid)?,
+        ),
+        None => None,
+    };
     let record = state
         .engine
         .start(StartRequest {
-            callback_url: None,
+            callback_url,
             tenant: tenant.name.clone(),
             plan: tenant.plan,
             duration: request.duration_secs.map(Duration::from_secs),
