@@ -178,3 +178,71 @@ fn histogram<'a>(
     let _ = writeln!(out, "{name}_sum{braced} {sum}");
     let _ = writeln!(out, "{name}_count{braced} {count}");
 }
+
+/// What the outbound webhooks add to the metrics: the cluster's deliveries by status (from
+/// the store, so every instance reports the same), the age of the oldest pending one, and
+/// this instance's attempts.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct WebhookFigures {
+    /// Deliveries by status, cluster-wide.
+    pub counts: session_lifecycle_runtime::DeliveryCounts,
+    /// Seconds since the oldest pending delivery was fanned out (0: none pending).
+    pub oldest_pending_secs: f64,
+    /// This instance's attempts answered 2xx.
+    pub delivered_attempts: u64,
+    /// This instance's failed attempts.
+    pub failed_attempts: u64,
+    /// Deliveries this instance gave up.
+    pub given_up: u64,
+}
+
+/// The Prometheus text of the outbound webhooks' figures.
+pub fn render_webhooks(out: &mut String, w: &WebhookFigures) {
+    family(
+        out,
+        "sessiond_webhook_deliveries",
+        "gauge",
+        "Webhook deliveries by status, cluster-wide (retrying: pending after a failed attempt).",
+    );
+    for (status, n) in [
+        ("pending", w.counts.pending),
+        ("retrying", w.counts.retrying),
+        ("delivered", w.counts.delivered),
+        ("failed", w.counts.failed),
+    ] {
+        let _ = writeln!(
+            out,
+            "sessiond_webhook_deliveries{{status=\"{status}\"}} {n}"
+        );
+    }
+    one(
+        out,
+        "sessiond_webhook_oldest_pending_seconds",
+        "gauge",
+        "Age of the oldest pending webhook delivery (0 when none is pending).",
+        w.oldest_pending_secs,
+    );
+    family(
+        out,
+        "sessiond_webhook_attempts_total",
+        "counter",
+        "Webhook delivery attempts made by this instance, by result.",
+    );
+    let _ = writeln!(
+        out,
+        "sessiond_webhook_attempts_total{{result=\"delivered\"}} {}",
+        w.delivered_attempts
+    );
+    let _ = writeln!(
+        out,
+        "sessiond_webhook_attempts_total{{result=\"failed\"}} {}",
+        w.failed_attempts
+    );
+    one(
+        out,
+        "sessiond_webhook_given_up_total",
+        "counter",
+        "Webhook deliveries this instance marked failed after the retry period.",
+        w.given_up,
+    );
+}

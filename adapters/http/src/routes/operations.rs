@@ -52,11 +52,36 @@ pub async fn readyz(State(state): State<Arc<AppState>>) -> Response {
 #[utoipa::path(get, path = "/metrics", tag = "operations",
     responses((status = 200, description = "Prometheus text exposition", body = String, content_type = "text/plain")))]
 pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
-    let text = state.http_metrics.render(
+    let mut text = state.http_metrics.render(
         &state.engine.metrics().snapshot(),
         state.engine.active_sessions(),
         state.engine.releases_failing(),
     );
+    // The store's figures only when it answers at once: a scrape never waits on an outage.
+    let counts = tokio::time::timeout(
+        std::time::Duration::from_secs(2),
+        state.engine.store().delivery_counts(),
+    )
+    .await;
+    if let Ok(Ok(counts)) = counts {
+        let now = state.engine.now();
+        let stats = state.outbound.get().map(|o| &o.stats);
+        let load = |c: Option<&std::sync::atomic::AtomicU64>| {
+            c.map_or(0, |c| c.load(std::sync::atomic::Ordering::Relaxed))
+        };
+        crate::metrics::render_webhooks(
+            &mut text,
+            &crate::metrics::WebhookFigures {
+                counts,
+                oldest_pending_secs: counts
+                    .oldest_pending_at
+                    .map_or(0.0, |at| now.saturating_duration_since(at).as_secs_f64()),
+                delivered_attempts: load(stats.map(|s| &s.delivered)),
+                failed_attempts: load(stats.map(|s| &s.failed_attempts)),
+                given_up: load(stats.map(|s| &s.given_up)),
+            },
+        );
+    }
     (
         [(
             header::CONTENT_TYPE,

@@ -109,6 +109,8 @@ pub struct Cluster {
     pub ledger: PathBuf,
     /// Flags every node gets (timeouts).
     pub flags: Vec<String>,
+    /// Who may call: `--api-key KEY` unless a test gives a tenants file.
+    pub auth: Vec<String>,
 }
 
 impl Cluster {
@@ -130,6 +132,7 @@ impl Cluster {
             dir,
             ledger,
             flags: flags.iter().map(|s| (*s).to_owned()).collect(),
+            auth: vec!["--api-key".to_owned(), KEY.to_owned()],
         })
     }
 
@@ -147,6 +150,7 @@ impl Cluster {
             ledger: dir.path().join("ledger"),
             dir,
             flags: flags.iter().map(|s| (*s).to_owned()).collect(),
+            auth: vec!["--api-key".to_owned(), KEY.to_owned()],
         }
     }
 
@@ -178,11 +182,12 @@ impl Cluster {
         self.spawn(id, self.db_url(), &["--gpu", "off"])
     }
 
-    fn spawn(&self, id: &str, url: &str, resources: &[&str]) -> Node {
+    pub fn spawn(&self, id: &str, url: &str, resources: &[&str]) -> Node {
         let log = std::fs::File::create(self.dir.path().join(format!("{id}.log"))).expect("log");
         let mut child = Command::new(SESSIOND)
             .args(["--listen", "127.0.0.1:0", "--database", url])
-            .args(["--node-id", id, "--api-key", KEY, "--shutdown-mode", "end"])
+            .args(["--node-id", id, "--shutdown-mode", "end"])
+            .args(&self.auth)
             .args(["--max-concurrent-sessions", "100000"])
             .args(resources)
             .args(&self.flags)

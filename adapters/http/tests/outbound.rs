@@ -1,0 +1,743 @@
+//! Outbound webhooks and the event stream, against real `sessiond` processes and a receiver
+//! that verifies every delivery with the Standard Webhooks reference library
+//! (`tests/providers/webhook_receiver.py`, `standardwebhooks` on PyPI).
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Cluster, Node, client, json};
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+
+/// The endpoint's secrets: a rotation, new first. The receiver knows only the old one.
+const NEW_SECRET: &str = "whsec_bmV3LXNlY3JldC1uZXctc2VjcmV0LW5ldy1zZWNyZXQ=";
+const OLD_SECRET: &str = "whsec_MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
+/// Signs the sessions' own callbacks.
+const CALLBACK_SECRET: &str = "whsec_Y2FsbGJhY2stc2VjcmV0LWNhbGxiYWNrLXNlY3JldA==";
+const ACME: &str = "key-acme";
+const GLOBEX: &str = "key-globex";
+
+/// A receiver process; killed when dropped.
+struct Receiver {
+    child: Child,
+    port: u16,
+    log: PathBuf,
+}
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Receiver {
+    /// Starts one answering as `mode` says, verifying with `secrets`; `None` (skipped)
+    /// when python3 or the reference library is missing, unless
+    /// SESSION_LIFECYCLE_REQUIRE_PROVIDER_SDKS=1 makes that a failure.
+    fn start(dir: &std::path::Path, name: &str, secrets: &[&str], mode: &str) -> Option<Receiver> {
+        let required =
+            std::env::var("SESSION_LIFECYCLE_REQUIRE_PROVIDER_SDKS").as_deref() == Ok("1");
+        let script = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/providers/webhook_receiver.py"
+        );
+        let log = dir.join(format!("{name}.jsonl"));
+        let spawned = Command::new("python3")
+            .args([script, log.to_str().unwrap(), &secrets.join(","), mode])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn();
+        let mut child = match spawned {
+            Ok(child) => child,
+            Err(e) if !required => {
+                eprintln!("skipped: no python3 for the Standard Webhooks library ({e})");
+                return None;
+            }
+            Err(e) => panic!("python3: {e}"),
+        };
+        let mut first = String::new();
+        let _ = BufReader::new(child.stdout.take().unwrap()).read_line(&mut first);
+        let Some(port) = first
+            .strip_prefix("listening ")
+            .and_then(|p| p.trim().parse().ok())
+        else {
+            let out = child.wait_with_output().unwrap();
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(!required, "the receiver did not start: {err}");
+            eprintln!("skipped: pip install standardwebhooks ({err})");
+            return None;
+        };
+        Some(Receiver { child, port, log })
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    /// Every request received so far.
+    fn received(&self) -> Vec<Value> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .map(json)
+            .collect()
+    }
+
+    /// Waits (up to `limit`) until `done` holds of what was received; returns it.
+    async fn wait_for(&self, limit: Duration, done: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+        let give_up = Instant::now() + limit;
+        loop {
+            let got = self.received();
+            if done(&got) {
+                return got;
+            }
+            assert!(
+                Instant::now() < give_up,
+                "not received within {limit:?}; got {} requests: {:?}",
+                got.len(),
+                got.iter().take(5).collect::<Vec<_>>()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// Accepted deliveries (answered 2xx) by (webhook-id, path).
+fn accepted(received: &[Value]) -> Vec<&Value> {
+    received
+        .iter()
+        .filter(|r| {
+            r["answered"]
+                .as_u64()
+                .is_some_and(|s| (200..300).contains(&s))
+        })
+        .collect()
+}
+
+/// The tenants file: `acme` with an endpoint wanting every event (two secrets, a
+/// rotation) at `hooks`, and callbacks allowed; `globex` with an endpoint that wants only
+/// `session.ended` at `ended_only`.
+fn tenants_file(
+    dir: &std::path::Path,
+    hooks: &str,
+    ended_only: &str,
+    hosts: Option<&str>,
+) -> PathBuf {
+    let hash = |k: &str| session_lifecycle_http::tenants::hash_key(k);
+    let hosts = hosts.map_or(String::new(), |h| format!("callback_hosts = [\"{h}\"]\n"));
+    let text = format!(
+        "[[tenants]]\nname = \"acme\"\napi_key_sha256 = \"{}\"\nmax_concurrent_sessions = 100000\nmax_session_secs = 3600\n\
+         callback_secrets = [\"{CALLBACK_SECRET}\"]\n{hosts}\
+         [[tenants.webhooks]]\nname = \"all\"\nurl = \"{hooks}\"\nsecrets = [\"{NEW_SECRET}\", \"{OLD_SECRET}\"]\n\n\
+         [[tenants]]\nname = \"globex\"\napi_key_sha256 = \"{}\"\nmax_concurrent_sessions = 100000\nmax_session_secs = 3600\n\
+         [[tenants.webhooks]]\nname = \"ends\"\nurl = \"{ended_only}\"\nsecrets = [\"{OLD_SECRET}\"]\nevents = [\"session.ended\"]\n",
+        hash(ACME),
+        hash(GLOBEX)
+    );
+    let path = dir.join("tenants.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn with_tenants(cluster: &mut Cluster, path: &std::path::Path) {
+    cluster.auth = vec!["--tenants".to_owned(), path.to_str().unwrap().to_owned()];
+}
+
+async fn call(
+    node: &Node,
+    key: &str,
+    method: Method,
+    path: &str,
+    body: Option<Value>,
+) -> (StatusCode, Value) {
+    let mut req = client()
+        .request(method, node.url(path))
+        .header("x-api-key", key);
+    if let Some(body) = body {
+        req = req.json(&body);
+    }
+    let resp = req.send().await.expect("request");
+    let status = resp.status();
+    let text = resp.text().await.unwrap_or_default();
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+async fn create(node: &Node, key: &str, body: Value) -> String {
+    let (status, answer) = call(node, key, Method::POST, "/v1/sessions", Some(body)).await;
+    assert_eq!(status, StatusCode::CREATED, "{answer}");
+    answer["session"]["session_id"].as_str().unwrap().to_owned()
+}
+
+async fn end(node: &Node, key: &str, id: &str) {
+    let (status, answer) = call(
+        node,
+        key,
+        Method::POST,
+        &format!("/v1/sessions/{id}/end"),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{answer}");
+}
+
+/// The events received for session `id` at `path` (accepted ones), by sequence.
+fn events_of<'a>(received: &'a [Value], id: &str, path: &str) -> BTreeMap<u64, &'a Value> {
+    accepted(received)
+        .into_iter()
+        .filter(|r| r["path"] == path && r["body"]["data"]["session_id"] == id)
+        .map(|r| (r["body"]["data"]["sequence"].as_u64().unwrap(), r))
+        .collect()
+}
+
+/// Every event of a session with an avatar server reaches the tenant's endpoint and the
+/// session's callback, verified by the reference library with the old secret of a
+/// rotation (and the callback secret), and says what the session says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_event_arrives_verified_and_says_what_the_session_says() {
+    let mut cluster = Cluster::sqlite(&["--webhook-allow-loopback", "--webhook-backoff-ms", "200"]);
+    let Some(receiver) = Receiver::start(
+        cluster.dir.path(),
+        "r",
+        &[OLD_SECRET, CALLBACK_SECRET],
+        "ok",
+    ) else {
+        return;
+    };
+    let tenants = tenants_file(
+        cluster.dir.path(),
+        &receiver.url("/hooks"),
+        &receiver.url("/globex"),
+        None,
+    );
+    with_tenants(&mut cluster, &tenants);
+    let node = cluster.start("a");
+    let id = create(
+        &node,
+        ACME,
+        json!({"metadata": {"order": 7}, "callback_url": receiver.url("/cb")}),
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    end(&node, ACME, &id).await;
+    let other = create(&node, GLOBEX, json!({})).await;
+    end(&node, GLOBEX, &other).await;
+
+    let got = receiver
+        .wait_for(Duration::from_secs(30), |got| {
+            events_of(got, &id, "/hooks").len() == 3 && events_of(got, &id, "/cb").len() == 3
+        })
+        .await;
+    assert!(got.iter().all(|r| r["verified"] == true), "{got:?}");
+    let (_, session) = call(
+        &node,
+        ACME,
+        Method::GET,
+        &format!("/v1/sessions/{id}"),
+        None,
+    )
+    .await;
+    let session = &session["session"];
+    for path in ["/hooks", "/cb"] {
+        let events = events_of(&got, &id, path);
+        assert_eq!(
+            events.keys().copied().collect::<Vec<_>>(),
+            [1, 3, 4],
+            "{path}"
+        );
+        let types: Vec<&str> = events
+            .values()
+            .map(|e| e["body"]["type"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            types,
+            ["session.started", "session.ended", "session.released"]
+        );
+        for e in events.values() {
+            let data = &e["body"]["data"];
+            assert_eq!(data["started_at"], session["started_at"]);
+            assert_eq!(data["metadata"], json!({"order": 7}));
+        }
+        let ended = &events[&3]["body"];
+        assert_eq!(ended["data"]["ended_at"], session["ended_at"]);
+        assert_eq!(ended["data"]["end_reason"], "requested");
+        assert_eq!(ended["timestamp"], session["ended_at"]);
+        assert!(ended["data"]["duration_secs"].is_u64());
+        assert!(
+            events[&1]["body"]["data"].get("ended_at").is_none(),
+            "a start says nothing of the end"
+        );
+        let released = &events[&4]["body"]["data"]["releases"];
+        let notes: Vec<&str> = released
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["note"].as_str().unwrap())
+            .collect();
+        assert_eq!(notes, ["sigterm"], "{released}");
+        assert_eq!(
+            events[&4]["signatures"],
+            if path == "/hooks" { 2 } else { 1 }
+        );
+    }
+    // One id per event, the same to every endpoint.
+    let ids: BTreeSet<&str> = events_of(&got, &id, "/hooks")
+        .values()
+        .map(|e| e["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 3);
+    let cb_ids: BTreeSet<&str> = events_of(&got, &id, "/cb")
+        .values()
+        .map(|e| e["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, cb_ids);
+    // globex's endpoint wants only ends; acme's never hears of globex.
+    let globex = receiver
+        .wait_for(Duration::from_secs(10), |got| {
+            !events_of(got, &other, "/globex").is_empty()
+        })
+        .await;
+    assert_eq!(
+        events_of(&globex, &other, "/globex")
+            .keys()
+            .copied()
+            .collect::<Vec<_>>(),
+        [3]
+    );
+    assert!(events_of(&globex, &other, "/hooks").is_empty());
+
+    // The deliveries, as each tenant sees them.
+    let (status, list) = call(
+        &node,
+        ACME,
+        Method::GET,
+        &format!("/v1/webhook-deliveries?session_id={id}&status=delivered"),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let list = list["deliveries"].as_array().unwrap();
+    assert_eq!(list.len(), 6, "{list:?}");
+    assert!(
+        list.iter()
+            .all(|d| d["attempts"] == 1 && d["last_status_code"] == 204)
+    );
+    let (_, theirs) = call(
+        &node,
+        GLOBEX,
+        Method::GET,
+        &format!("/v1/webhook-deliveries?session_id={id}"),
+        None,
+    )
+    .await;
+    assert_eq!(theirs["deliveries"], json!([]));
+    let (status, _) = call(
+        &node,
+        GLOBEX,
+        Method::POST,
+        &format!("/v1/webhook-deliveries/{}/retry", list[0]["delivery_id"]),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "another tenant's delivery");
+    let (status, _) = call(
+        &node,
+        ACME,
+        Method::GET,
+        "/v1/webhook-deliveries?status=lost",
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    cluster.finish().await;
+}
+
+/// A receiver that answers 500 for 30 s, then 200: everything arrives afterwards, each
+/// session's events in order; one that always answers 500 is marked failed once the
+/// retry period is over, and a retry by hand tries again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receiver_down_for_30_s_gets_everything_in_order_and_one_down_for_good_fails() {
+    let mut cluster = Cluster::sqlite(&[
+        "--webhook-allow-loopback",
+        "--webhook-backoff-ms",
+        "500",
+        "--webhook-retry-secs",
+        "120",
+    ]);
+    let back_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+        + 30.0;
+    let Some(flaky) = Receiver::start(
+        cluster.dir.path(),
+        "flaky",
+        &[OLD_SECRET],
+        &format!("fail-until:{back_at}"),
+    ) else {
+        return;
+    };
+    let Some(down) = Receiver::start(cluster.dir.path(), "down", &[OLD_SECRET], "always:500")
+    else {
+        return;
+    };
+    let tenants = tenants_file(
+        cluster.dir.path(),
+        &flaky.url("/hooks"),
+        &down.url("/ends"),
+        None,
+    );
+    with_tenants(&mut cluster, &tenants);
+    let node = cluster.start_bare("a");
+    let mut ids = Vec::new();
+    for _ in 0..20 {
+        let id = create(&node, ACME, json!({})).await;
+        end(&node, ACME, &id).await;
+        ids.push(id);
+    }
+    let doomed = create(&node, GLOBEX, json!({})).await;
+    end(&node, GLOBEX, &doomed).await;
+
+    let got = flaky
+        .wait_for(Duration::from_secs(90), |got| {
+            ids.iter().all(|id| events_of(got, id, "/hooks").len() == 3)
+        })
+        .await;
+    assert!(
+        got.iter().any(|r| r["answered"] == 500),
+        "it was down first"
+    );
+    let first_ok = accepted(&got)
+        .iter()
+        .map(|r| r["received_at"].as_f64().unwrap())
+        .fold(f64::MAX, f64::min);
+    assert!(first_ok >= back_at, "nothing accepted while down");
+    for id in &ids {
+        // In the order accepted, a session's events come in sequence order.
+        let order: Vec<u64> = accepted(&got)
+            .into_iter()
+            .filter(|r| r["body"]["data"]["session_id"] == id.as_str())
+            .map(|r| r["body"]["data"]["sequence"].as_u64().unwrap())
+            .collect();
+        assert_eq!(order, [1, 3, 4], "{id}");
+    }
+    assert!(got.iter().all(|r| r["verified"] == true));
+    drop(node);
+
+    // The same always-failing endpoint, with a short retry period: failed, visibly.
+    cluster.flags = vec![
+        "--webhook-allow-loopback".into(),
+        "--webhook-backoff-ms".into(),
+        "200".into(),
+        "--webhook-retry-secs".into(),
+        "3".into(),
+    ];
+    let node = cluster.start_bare("a");
+    let give_up = Instant::now() + Duration::from_secs(30);
+    let failed = loop {
+        let (_, list) = call(
+            &node,
+            GLOBEX,
+            Method::GET,
+            "/v1/webhook-deliveries?status=failed",
+            None,
+        )
+        .await;
+        let list = list["deliveries"].as_array().cloned().unwrap_or_default();
+        if !list.is_empty() {
+            break list;
+        }
+        assert!(Instant::now() < give_up, "never marked failed");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(failed[0]["session_id"], doomed.as_str());
+    assert_eq!(failed[0]["last_status_code"], 500);
+    assert!(failed[0]["attempts"].as_u64().unwrap() >= 2);
+    let metrics = client()
+        .get(node.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("sessiond_webhook_deliveries{status=\"failed\"} 1"),
+        "{metrics}"
+    );
+    let tries = down.received().len();
+    let (status, retried) = call(
+        &node,
+        GLOBEX,
+        Method::POST,
+        &format!("/v1/webhook-deliveries/{}/retry", failed[0]["delivery_id"]),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(retried["delivery"]["status"], "pending");
+    down.wait_for(Duration::from_secs(10), |got| got.len() > tries)
+        .await;
+    cluster.finish().await;
+}
+
+/// Callback URLs that would reach the cloud metadata service, a private network or this
+/// machine are refused at create time with a clear 400; a receiver's redirect is not
+/// followed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callbacks_to_private_addresses_are_refused_and_redirects_not_followed() {
+    let mut cluster = Cluster::sqlite(&["--webhook-backoff-ms", "200"]);
+    let tenants = tenants_file(
+        cluster.dir.path(),
+        "https://hooks.example.com/x",
+        "https://hooks.example.com/y",
+        None,
+    );
+    with_tenants(&mut cluster, &tenants);
+    let node = cluster.start_bare("strict");
+    for url in [
+        "https://169.254.169.254/latest/meta-data/",
+        "http://169.254.169.254/",
+        "https://10.0.0.1/hook",
+        "https://[::1]/hook",
+        "http://[::1]:9/hook",
+        "https://localhost/hook",
+        "http://hooks.example.com/plain",
+        "https://[::ffff:10.0.0.1]/hook",
+        "ftp://hooks.example.com/",
+        "not a url",
+    ] {
+        let (status, answer) = call(
+            &node,
+            ACME,
+            Method::POST,
+            "/v1/sessions",
+            Some(json!({"callback_url": url})),
+        )
+        .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{url}: {answer}");
+        assert_eq!(answer["error"]["code"], "invalid_request");
+        assert!(
+            answer["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("callback_url"),
+            "{answer}"
+        );
+    }
+    // A tenant without callback secrets may not name one at all.
+    let (status, answer) = call(
+        &node,
+        GLOBEX,
+        Method::POST,
+        "/v1/sessions",
+        Some(json!({"callback_url": "https://hooks.example.com/cb"})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{answer}");
+    let (_, list) = call(&node, ACME, Method::GET, "/v1/sessions", None).await;
+    assert_eq!(list["sessions"], json!([]), "nothing was started");
+    drop(node);
+
+    // With loopback allowed: a receiver that redirects to another is not followed.
+    let Some(target) = Receiver::start(cluster.dir.path(), "target", &[CALLBACK_SECRET], "ok")
+    else {
+        return;
+    };
+    let Some(redirector) = Receiver::start(
+        cluster.dir.path(),
+        "redirector",
+        &[CALLBACK_SECRET],
+        &format!("redirect:{}", target.url("/stolen")),
+    ) else {
+        return;
+    };
+    cluster.flags = vec![
+        "--webhook-allow-loopback".into(),
+        "--webhook-backoff-ms".into(),
+        "200".into(),
+    ];
+    let node = cluster.start_bare("loopback");
+    let id = create(&node, ACME, json!({"callback_url": redirector.url("/cb")})).await;
+    redirector
+        .wait_for(Duration::from_secs(10), |got| got.len() >= 2)
+        .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(target.received().is_empty(), "the redirect was followed");
+    let (_, list) = call(
+        &node,
+        ACME,
+        Method::GET,
+        &format!("/v1/webhook-deliveries?session_id={id}"),
+        None,
+    )
+    .await;
+    let callback = list["deliveries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["endpoint"] == "callback")
+        .cloned()
+        .unwrap();
+    assert_eq!(callback["last_status_code"], 307);
+    assert_eq!(callback["status"], "pending");
+    // A tenant's allowed callback hosts bind too.
+    drop(node);
+    let tenants = tenants_file(
+        cluster.dir.path(),
+        "https://hooks.example.com/x",
+        "https://hooks.example.com/y",
+        Some("hooks.example.com"),
+    );
+    with_tenants(&mut cluster, &tenants);
+    let node = cluster.start_bare("hosts");
+    let (status, answer) = call(
+        &node,
+        ACME,
+        Method::POST,
+        "/v1/sessions",
+        Some(json!({"callback_url": "https://other.example.com/cb"})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{answer}");
+    cluster.finish().await;
+}
+
+/// The event stream: a tenant receives its own events (none of another's), and resumes
+/// after a disconnect with `Last-Event-ID` without losing or repeating one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_event_stream_is_the_tenants_own_and_resumes_without_loss() {
+    let mut cluster = Cluster::sqlite(&[]);
+    let tenants = tenants_file(
+        cluster.dir.path(),
+        "https://hooks.example.com/x",
+        "https://hooks.example.com/y",
+        None,
+    );
+    with_tenants(&mut cluster, &tenants);
+    let node = cluster.start_bare("a");
+    let mut stream = SseClient::connect(&node, ACME, None).await;
+    let a1 = create(&node, ACME, json!({})).await;
+    let b1 = create(&node, GLOBEX, json!({})).await;
+    end(&node, ACME, &a1).await;
+    end(&node, GLOBEX, &b1).await;
+    let first = stream.next_events(3).await;
+    let seen: Vec<(String, String)> = first
+        .iter()
+        .map(|(_, kind, data)| {
+            (
+                kind.clone(),
+                data["data"]["session_id"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("session.started".to_owned(), a1.clone()),
+            ("session.ended".to_owned(), a1.clone()),
+            ("session.released".to_owned(), a1.clone()),
+        ]
+    );
+    let last_id = first.last().unwrap().0.clone();
+    drop(stream);
+    // Meanwhile, more happens.
+    let a2 = create(&node, ACME, json!({})).await;
+    end(&node, ACME, &a2).await;
+    create(&node, GLOBEX, json!({})).await;
+    let mut resumed = SseClient::connect(&node, ACME, Some(&last_id)).await;
+    let rest = resumed.next_events(3).await;
+    let rest_sessions: Vec<&str> = rest
+        .iter()
+        .map(|(_, _, d)| d["data"]["session_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        rest_sessions,
+        [a2.as_str(); 3],
+        "exactly what came after, once"
+    );
+    let ids: Vec<u64> = first
+        .iter()
+        .chain(rest.iter())
+        .map(|(id, _, _)| id.parse().unwrap())
+        .collect();
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
+    // globex's stream has its own.
+    let mut theirs = SseClient::connect(&node, GLOBEX, None).await;
+    let their = theirs.next_events(4).await;
+    assert!(
+        their
+            .iter()
+            .all(|(_, _, d)| d["data"]["session_id"] != a1.as_str()
+                && d["data"]["session_id"] != a2.as_str())
+    );
+    let (status, _) = call(&node, ACME, Method::GET, "/v1/events?after=x", None).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    cluster.finish().await;
+}
+
+/// A minimal Server-Sent Events reader.
+struct SseClient {
+    response: reqwest::Response,
+    buffer: String,
+}
+
+impl SseClient {
+    async fn connect(node: &Node, key: &str, last_id: Option<&str>) -> SseClient {
+        let mut req = reqwest::Client::new()
+            .get(node.url("/v1/events"))
+            .header("x-api-key", key);
+        if let Some(id) = last_id {
+            req = req.header("last-event-id", id);
+        }
+        let response = req.send().await.expect("stream");
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(response.headers()["content-type"], "text/event-stream");
+        SseClient {
+            response,
+            buffer: String::new(),
+        }
+    }
+
+    /// The next `n` messages: (id, event, data).
+    async fn next_events(&mut self, n: usize) -> Vec<(String, String, Value)> {
+        let mut out = Vec::new();
+        let give_up = Instant::now() + Duration::from_secs(15);
+        while out.len() < n {
+            while out.len() < n
+                && let Some(end) = self.buffer.find("\n\n")
+            {
+                let block: String = self.buffer.drain(..end + 2).collect();
+                let (mut id, mut event, mut data) = (String::new(), String::new(), String::new());
+                for line in block.lines() {
+                    if let Some(v) = line.strip_prefix("id:") {
+                        id = v.trim().to_owned();
+                    } else if let Some(v) = line.strip_prefix("event:") {
+                        event = v.trim().to_owned();
+                    } else if let Some(v) = line.strip_prefix("data:") {
+                        data.push_str(v.trim());
+                    }
+                }
+                if !data.is_empty() {
+                    out.push((id, event, json(&data)));
+                }
+            }
+            if out.len() >= n {
+                break;
+            }
+            let left = give_up.saturating_duration_since(Instant::now());
+            let chunk = tokio::time::timeout(left, self.response.chunk())
+                .await
+                .unwrap_or_else(|_| panic!("only {} of {n} events: {out:?}", out.len()))
+                .expect("stream")
+                .expect("the stream ended");
+            self.buffer.push_str(&String::from_utf8_lossy(&chunk));
+        }
+        out
+    }
+}
