@@ -438,6 +438,28 @@ async fn a_receiver_down_for_30_s_gets_everything_in_order_and_one_down_for_good
         "3".into(),
     ];
     let node = cluster.start_bare("a");
+    // Its backoff has grown meanwhile: a retry by hand makes it due now, with a fresh
+    // (3 s) retry period.
+    let (_, list) = call(
+        &node,
+        GLOBEX,
+        Method::GET,
+        &format!("/v1/webhook-deliveries?session_id={doomed}"),
+        None,
+    )
+    .await;
+    let pending = &list["deliveries"][0];
+    assert_eq!(pending["status"], "pending", "{list}");
+    assert!(pending["attempts"].as_u64().unwrap() >= 2, "{list}");
+    let (status, _) = call(
+        &node,
+        GLOBEX,
+        Method::POST,
+        &format!("/v1/webhook-deliveries/{}/retry", pending["delivery_id"]),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
     let give_up = Instant::now() + Duration::from_secs(30);
     let failed = loop {
         let (_, list) = call(
@@ -740,4 +762,148 @@ impl SseClient {
         }
         out
     }
+}
+
+/// Every accepted event, checked: verified, one (session, type) per webhook-id with the
+/// same body on every repeat; returns how often each id was accepted.
+fn check_ids(received: &[Value]) -> BTreeMap<String, usize> {
+    let mut bodies: BTreeMap<String, &Value> = BTreeMap::new();
+    let mut counts = BTreeMap::new();
+    for r in accepted(received) {
+        assert_eq!(r["verified"], true, "{r}");
+        let id = r["id"].as_str().unwrap().to_owned();
+        if let Some(first) = bodies.get(&id) {
+            assert_eq!(
+                *first, &r["body"],
+                "a webhook-id repeats only for the same event"
+            );
+        }
+        bodies.insert(id.clone(), &r["body"]);
+        *counts.entry(id).or_insert(0) += 1;
+    }
+    counts
+}
+
+/// Kill -9 while 500 sessions end: after a restart, every event of every session is
+/// delivered at least once, and a webhook-id repeats only for the same event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kill_9_while_500_sessions_end_loses_no_event() {
+    let mut cluster = Cluster::sqlite(&["--webhook-allow-loopback", "--webhook-backoff-ms", "200"]);
+    let Some(receiver) = Receiver::start(cluster.dir.path(), "r", &[OLD_SECRET], "ok") else {
+        return;
+    };
+    let tenants = tenants_file(
+        cluster.dir.path(),
+        &receiver.url("/hooks"),
+        &receiver.url("/g"),
+        None,
+    );
+    with_tenants(&mut cluster, &tenants);
+    let node = cluster.start_bare("a");
+    let mut ids = Vec::new();
+    for _ in 0..500 {
+        ids.push(create(&node, ACME, json!({})).await);
+    }
+    // End them all at once, 32 at a time; kill -9 once about half are answered.
+    let answered = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let base = node.base.clone();
+    let mut ends = tokio::task::JoinSet::new();
+    let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(32));
+    for id in ids.clone() {
+        let (answered, base, permits) = (answered.clone(), base.clone(), permits.clone());
+        ends.spawn(async move {
+            let _p = permits.acquire_owned().await.unwrap();
+            let ok = reqwest::Client::new()
+                .post(format!("{base}/v1/sessions/{id}/end"))
+                .header("x-api-key", ACME)
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == StatusCode::OK);
+            if ok {
+                answered.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        });
+    }
+    while answered.load(std::sync::atomic::Ordering::SeqCst) < 250 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    node.kill_9();
+    while ends.join_next().await.is_some() {}
+    let before_restart = receiver.received().len();
+    let node = cluster.start_bare("a");
+    // The client retries the ends it did not see answered (repeats are idempotent).
+    for id in &ids {
+        end(&node, ACME, id).await;
+    }
+    let got = receiver
+        .wait_for(Duration::from_secs(120), |got| {
+            let ok = accepted(got);
+            let mut seen: BTreeMap<&str, BTreeSet<u64>> = BTreeMap::new();
+            for r in ok {
+                if let (Some(s), Some(q)) = (
+                    r["body"]["data"]["session_id"].as_str(),
+                    r["body"]["data"]["sequence"].as_u64(),
+                ) {
+                    seen.entry(s).or_default().insert(q);
+                }
+            }
+            ids.iter()
+                .all(|id| seen.get(id.as_str()).is_some_and(|q| q.len() == 3))
+        })
+        .await;
+    let counts = check_ids(&got);
+    assert_eq!(
+        counts.len(),
+        1500,
+        "three events per session, each with its own id"
+    );
+    let repeats = counts.values().filter(|n| **n > 1).count();
+    eprintln!(
+        "{} requests before the restart, {} in all; {repeats} events delivered more than once",
+        before_restart,
+        got.len()
+    );
+    cluster.finish().await;
+}
+
+/// Two instances on PostgreSQL and one receiver: each event is delivered once (counted),
+/// never zero times, whichever instance ended the session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_deliver_each_event_once() {
+    let Some(mut cluster) =
+        Cluster::new(&["--webhook-allow-loopback", "--webhook-backoff-ms", "200"]).await
+    else {
+        eprintln!("skipped: SESSION_LIFECYCLE_PG_URL is not set");
+        return;
+    };
+    let Some(receiver) = Receiver::start(cluster.dir.path(), "r", &[OLD_SECRET], "ok") else {
+        return;
+    };
+    let tenants = tenants_file(
+        cluster.dir.path(),
+        &receiver.url("/hooks"),
+        &receiver.url("/g"),
+        None,
+    );
+    with_tenants(&mut cluster, &tenants);
+    let nodes = [cluster.start_bare("a"), cluster.start_bare("b")];
+    let mut ids = Vec::new();
+    for i in 0..100 {
+        let id = create(&nodes[i % 2], ACME, json!({})).await;
+        end(&nodes[(i / 2) % 2], ACME, &id).await;
+        ids.push(id);
+    }
+    receiver
+        .wait_for(Duration::from_secs(60), |got| accepted(got).len() >= 300)
+        .await;
+    // Anything more would arrive soon after.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let got = receiver.received();
+    let counts = check_ids(&got);
+    assert_eq!(counts.len(), 300, "every event of every session");
+    let twice: Vec<_> = counts.iter().filter(|(_, n)| **n != 1).collect();
+    assert!(twice.is_empty(), "delivered more than once: {twice:?}");
+    assert_eq!(got.len(), 300, "no attempt was made twice");
+    drop(nodes);
+    cluster.finish().await;
 }

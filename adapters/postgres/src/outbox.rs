@@ -5,13 +5,13 @@
 
 use std::time::Duration;
 
-use session_lifecycle::{EventKind, SessionId, Timestamp};
+use session_lifecycle::Timestamp;
 use session_lifecycle_runtime::rows::{
     DeliveryRow, delivery_counts, delivery_next, duration_ms, event, event_sequence, millis as ms,
 };
 use session_lifecycle_runtime::sql::{postgres as pg, statements};
 use session_lifecycle_runtime::{
-    BoxFuture, Delivery, DeliveryAttempt, DeliveryCounts, DeliveryQuery, EventOutbox, Fanout,
+    BoxFuture, Delivery, DeliveryAttempt, DeliveryCounts, DeliveryQuery, Dispatch, EventOutbox,
     SessionEvent, StoreError, TenantScope, delivery_columns, sql_due_deliveries,
 };
 use tokio_postgres::Row;
@@ -73,54 +73,65 @@ impl EventOutbox for PostgresStore {
         })
     }
 
-    fn dispatch_event(
+    fn dispatch_events(
         &self,
-        session: SessionId,
-        kind: EventKind,
-        to: Vec<Fanout>,
+        events: Vec<Dispatch>,
         now: Timestamp,
-    ) -> BoxFuture<'_, Result<bool, StoreError>> {
+    ) -> BoxFuture<'_, Result<u32, StoreError>> {
         Box::pin(async move {
             let mut client = self.client().await?;
             let tx = client.transaction().await.map_err(unavailable)?;
-            let id = session.to_string();
-            let sequence = event_sequence(kind);
-            // The counter row's lock, held to the commit, orders the fan-outs.
-            let position: i64 = col(
-                &tx.query_one(pg(statements::NEXT_POSITION), &[])
+            let mut dispatched = 0;
+            for Dispatch { session, kind, to } in &events {
+                let id = session.to_string();
+                let sequence = event_sequence(*kind);
+                // Placed only if not placed yet; its row lock waits for another instance
+                // placing it, then finds it placed.
+                let Some(placed) = tx
+                    .query_opt(
+                        "SELECT id, tenant, at FROM events
+                         WHERE session_id = $1 AND session_seq = $2 AND position IS NULL
+                         FOR UPDATE",
+                        &[&id, &sequence],
+                    )
                     .await
-                    .map_err(unavailable)?,
-                0,
-            )?;
-            let Some(placed) = tx
-                .query_opt(pg(statements::PLACE_EVENT), &[&id, &sequence, &position])
-                .await
-                .map_err(unavailable)?
-            else {
-                // Fanned out already: the counter goes back with the rollback.
-                return Ok(false);
-            };
-            let (event_id, tenant, at): (i64, String, i64) =
-                (col(&placed, 0)?, col(&placed, 1)?, col(&placed, 2)?);
-            for fanout in &to {
-                tx.execute(
-                    pg(statements::INSERT_DELIVERY),
-                    &[
-                        &event_id,
-                        &id,
-                        &sequence,
-                        &tenant,
-                        &at,
-                        &fanout.endpoint,
-                        &fanout.url,
-                        &ms(now),
-                    ],
-                )
-                .await
-                .map_err(unavailable)?;
+                    .map_err(unavailable)?
+                else {
+                    continue;
+                };
+                // The counter row's lock, held to the commit, orders the fan-outs.
+                let position: i64 = col(
+                    &tx.query_one(pg(statements::NEXT_POSITION), &[])
+                        .await
+                        .map_err(unavailable)?,
+                    0,
+                )?;
+                tx.execute(pg(statements::PLACE_EVENT), &[&id, &sequence, &position])
+                    .await
+                    .map_err(unavailable)?;
+                dispatched += 1;
+                let (event_id, tenant, at): (i64, String, i64) =
+                    (col(&placed, 0)?, col(&placed, 1)?, col(&placed, 2)?);
+                for fanout in to {
+                    tx.execute(
+                        pg(statements::INSERT_DELIVERY),
+                        &[
+                            &event_id,
+                            &id,
+                            &sequence,
+                            &tenant,
+                            &at,
+                            &fanout.endpoint,
+                            &fanout.url,
+                            &ms(now),
+                        ],
+                    )
+                    .await
+                    .map_err(unavailable)?;
+                }
             }
             tx.commit().await.map_err(unavailable)?;
-            Ok(true)
+            Ok(dispatched)
         })
     }
 
@@ -150,6 +161,7 @@ impl EventOutbox for PostgresStore {
         now: Timestamp,
         lease: Duration,
         limit: u32,
+        per_url: u32,
     ) -> BoxFuture<'_, Result<Vec<Delivery>, StoreError>> {
         let node = node.to_owned();
         Box::pin(async move {
@@ -159,13 +171,19 @@ impl EventOutbox for PostgresStore {
                     concat!(
                         "UPDATE deliveries SET claimed_by = $1, claimed_until = $2 + $3
                          WHERE id IN (",
-                        sql_due_deliveries!("$2", "$4", "FOR UPDATE OF d SKIP LOCKED"),
+                        sql_due_deliveries!("$2", "$4", "$5", "FOR UPDATE OF d SKIP LOCKED"),
                         ") AND status = 'pending'
                            AND (claimed_until IS NULL OR claimed_until <= $2)
                          RETURNING ",
                         delivery_columns!()
                     ),
-                    &[&node, &ms(now), &duration_ms(lease), &i64::from(limit)],
+                    &[
+                        &node,
+                        &ms(now),
+                        &duration_ms(lease),
+                        &i64::from(limit),
+                        &i64::from(per_url),
+                    ],
                 )
                 .await
                 .map_err(unavailable)?;

@@ -5,7 +5,7 @@
 //! `session.started`, [`SessionStore::end`] and [`NodeMembership::end_dead_nodes`] write
 //! `session.ended`, the last [`ReleaseQueue::record_release`] of a session, or the end of a
 //! session that held nothing, writes `session.released`), so an event is never lost and
-//! never made up. The service then fans each event out once ([`EventOutbox::dispatch_event`]:
+//! never made up. The service then fans each event out once ([`EventOutbox::dispatch_events`]:
 //! one delivery per endpoint, and its place in the event stream) and delivers them, each
 //! attempt claimed like a release so that it happens once across the cluster.
 //!
@@ -132,6 +132,17 @@ pub enum DeliveryNext {
     Failed,
 }
 
+/// One event to fan out, and where to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Dispatch {
+    /// The event's session.
+    pub session: SessionId,
+    /// The event.
+    pub kind: EventKind,
+    /// Its endpoints.
+    pub to: Vec<Fanout>,
+}
+
 /// One endpoint an event is fanned out to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Fanout {
@@ -178,16 +189,15 @@ pub trait EventOutbox: Send + Sync + 'static {
         limit: u32,
     ) -> BoxFuture<'_, Result<Vec<SessionEvent>, StoreError>>;
 
-    /// Fans the `kind` event of `session` out, once: gives it the next place in the event
-    /// stream and records a pending delivery, due at `now`, to each of `to`. Returns
-    /// `false` (nothing written) if it was fanned out already, by this instance or another.
-    fn dispatch_event(
+    /// Fans events out, each once, in the order given, in one step: each takes the next
+    /// place in the event stream and gets a pending delivery, due at `now`, to each of its
+    /// endpoints. An event fanned out already (by this instance or another) is skipped.
+    /// Returns how many were fanned out by this call.
+    fn dispatch_events(
         &self,
-        session: SessionId,
-        kind: EventKind,
-        to: Vec<Fanout>,
+        events: Vec<Dispatch>,
         now: Timestamp,
-    ) -> BoxFuture<'_, Result<bool, StoreError>>;
+    ) -> BoxFuture<'_, Result<u32, StoreError>>;
 
     /// Fanned out events after stream position `after`, in stream order, at most `limit`;
     /// only `tenant`'s if it is given.
@@ -198,15 +208,17 @@ pub trait EventOutbox: Send + Sync + 'static {
         limit: u32,
     ) -> BoxFuture<'a, Result<Vec<SessionEvent>, StoreError>>;
 
-    /// Claims up to `limit` pending deliveries due at `now` for `node` until `now + lease`.
-    /// A delivery waits while an earlier event of its session is pending to the same
-    /// endpoint (receivers get a session's events in order); nothing else holds it back.
+    /// Claims up to `limit` pending deliveries due at `now` for `node` until `now + lease`,
+    /// most overdue first, at most `per_url` of them to any one URL. A delivery waits
+    /// while an earlier event of its session is pending to the same endpoint (receivers
+    /// get a session's events in order); nothing else holds it back.
     fn claim_deliveries(
         &self,
         node: &str,
         now: Timestamp,
         lease: Duration,
         limit: u32,
+        per_url: u32,
     ) -> BoxFuture<'_, Result<Vec<Delivery>, StoreError>>;
 
     /// Records an attempt of a delivery `node` claimed, and gives the claim up. Nothing is
@@ -261,17 +273,15 @@ macro_rules! delegate_outbox {
                     self.inner.undispatched_events(limit)
                 )
             }
-            fn dispatch_event(
+            fn dispatch_events(
                 &self,
-                session: session_lifecycle::SessionId,
-                kind: session_lifecycle::EventKind,
-                to: Vec<$crate::Fanout>,
+                events: Vec<$crate::Dispatch>,
                 now: session_lifecycle::Timestamp,
-            ) -> $crate::BoxFuture<'_, Result<bool, $crate::StoreError>> {
+            ) -> $crate::BoxFuture<'_, Result<u32, $crate::StoreError>> {
                 $wrap!(
                     self,
-                    "dispatch_event",
-                    self.inner.dispatch_event(session, kind, to, now)
+                    "dispatch_events",
+                    self.inner.dispatch_events(events, now)
                 )
             }
             fn events_after<'a>(
@@ -292,12 +302,14 @@ macro_rules! delegate_outbox {
                 now: session_lifecycle::Timestamp,
                 lease: std::time::Duration,
                 limit: u32,
+                per_url: u32,
             ) -> $crate::BoxFuture<'_, Result<Vec<$crate::Delivery>, $crate::StoreError>> {
                 let node = node.to_owned();
                 $wrap!(
                     self,
                     "claim_deliveries",
-                    self.inner.claim_deliveries(&node, now, lease, limit)
+                    self.inner
+                        .claim_deliveries(&node, now, lease, limit, per_url)
                 )
             }
             fn record_delivery(

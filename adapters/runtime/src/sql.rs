@@ -95,23 +95,29 @@ macro_rules! delivery_columns {
 
 /// The pending deliveries due at `$now` and not claimed, each the first pending event of
 /// its session to its endpoint (a session's events go in order; a failed one does not
-/// hold the next back); `$lock` is the dialect's row lock clause (or empty).
+/// hold the next back), at most `$per_url` to one URL and `$limit` in all, most overdue
+/// first. `$lock` is the dialect's row lock clause for the candidates (or empty).
 #[macro_export]
 macro_rules! sql_due_deliveries {
-    ($now:literal, $limit:literal, $lock:literal) => {
+    ($now:literal, $limit:literal, $per_url:literal, $lock:literal) => {
         concat!(
-            "SELECT d.id FROM deliveries d
-             WHERE d.status = 'pending' AND d.next_attempt_at <= ",
+            "SELECT id FROM (
+                SELECT id, next_attempt_at,
+                       ROW_NUMBER() OVER (PARTITION BY url ORDER BY next_attempt_at, id) AS nth
+                FROM (SELECT d.id, d.url, d.next_attempt_at FROM deliveries d
+                      WHERE d.status = 'pending' AND d.next_attempt_at <= ",
             $now,
             " AND (d.claimed_until IS NULL OR d.claimed_until <= ",
             $now,
             ") AND NOT EXISTS (SELECT 1 FROM deliveries e
                                WHERE e.session_id = d.session_id AND e.endpoint = d.endpoint
-                                 AND e.status = 'pending' AND e.session_seq < d.session_seq)
-             ORDER BY d.next_attempt_at, d.id LIMIT ",
-            $limit,
-            " ",
-            $lock
+                                 AND e.status = 'pending' AND e.session_seq < d.session_seq) ",
+            $lock,
+            ") candidates
+             ) ranked WHERE nth <= ",
+            $per_url,
+            " ORDER BY next_attempt_at, id LIMIT ",
+            $limit
         )
     };
 }

@@ -4,14 +4,14 @@
 use std::time::Duration;
 
 use rusqlite::{OptionalExtension, params};
-use session_lifecycle::{EventKind, SessionId, Timestamp};
+use session_lifecycle::Timestamp;
 use session_lifecycle_runtime::rows::{
     DeliveryRow, EventRow, delivery_counts, delivery_next, duration_ms, event, event_sequence,
     millis as ms,
 };
 use session_lifecycle_runtime::sql::statements;
 use session_lifecycle_runtime::{
-    BoxFuture, Delivery, DeliveryAttempt, DeliveryCounts, DeliveryQuery, EventOutbox, Fanout,
+    BoxFuture, Delivery, DeliveryAttempt, DeliveryCounts, DeliveryQuery, Dispatch, EventOutbox,
     SessionEvent, StoreError, TenantScope, delivery_columns, sql_due_deliveries,
 };
 
@@ -84,54 +84,55 @@ impl EventOutbox for SqliteStore {
         )
     }
 
-    fn dispatch_event(
+    fn dispatch_events(
         &self,
-        session: SessionId,
-        kind: EventKind,
-        to: Vec<Fanout>,
+        events: Vec<Dispatch>,
         now: Timestamp,
-    ) -> BoxFuture<'_, Result<bool, StoreError>> {
+    ) -> BoxFuture<'_, Result<u32, StoreError>> {
         Box::pin(self.inner.conns.write(move |c| {
-            let id = session.to_string();
-            let sequence = event_sequence(kind);
-            // One writer: reading the next place and taking it are one step here.
-            let position: i64 = c
-                .query_row("SELECT last_position + 1 FROM event_stream", [], |r| {
-                    r.get(0)
-                })
-                .map_err(db)?;
-            let placed: Option<(i64, String, i64)> = c
-                .prepare_cached(statements::PLACE_EVENT)
-                .and_then(|mut s| {
-                    s.query_row(params![id, sequence, position], |r| {
-                        Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-                    })
-                    .optional()
-                })
-                .map_err(db)?;
-            let Some((event_id, tenant, at)) = placed else {
-                return Ok(false);
-            };
-            c.prepare_cached(statements::NEXT_POSITION)
-                .and_then(|mut s| s.query_row([], |r| r.get::<_, i64>(0)))
-                .map_err(db)?;
-            for fanout in to {
-                c.prepare_cached(statements::INSERT_DELIVERY)
+            let mut dispatched = 0;
+            for Dispatch { session, kind, to } in events {
+                let id = session.to_string();
+                let sequence = event_sequence(kind);
+                // One writer: reading the next place and taking it are one step here.
+                let position: i64 = c
+                    .prepare_cached("SELECT last_position + 1 FROM event_stream")
+                    .and_then(|mut s| s.query_row([], |r| r.get(0)))
+                    .map_err(db)?;
+                let placed: Option<(i64, String, i64)> = c
+                    .prepare_cached(statements::PLACE_EVENT)
                     .and_then(|mut s| {
-                        s.execute(params![
-                            event_id,
-                            id,
-                            sequence,
-                            tenant,
-                            at,
-                            fanout.endpoint,
-                            fanout.url,
-                            ms(now)
-                        ])
+                        s.query_row(params![id, sequence, position], |r| {
+                            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+                        })
+                        .optional()
                     })
                     .map_err(db)?;
+                let Some((event_id, tenant, at)) = placed else {
+                    continue;
+                };
+                dispatched += 1;
+                c.prepare_cached(statements::NEXT_POSITION)
+                    .and_then(|mut s| s.query_row([], |r| r.get::<_, i64>(0)))
+                    .map_err(db)?;
+                for fanout in to {
+                    c.prepare_cached(statements::INSERT_DELIVERY)
+                        .and_then(|mut s| {
+                            s.execute(params![
+                                event_id,
+                                id,
+                                sequence,
+                                tenant,
+                                at,
+                                fanout.endpoint,
+                                fanout.url,
+                                ms(now)
+                            ])
+                        })
+                        .map_err(db)?;
+                }
             }
-            Ok(true)
+            Ok(dispatched)
         }))
     }
 
@@ -158,6 +159,7 @@ impl EventOutbox for SqliteStore {
         now: Timestamp,
         lease: Duration,
         limit: u32,
+        per_url: u32,
     ) -> BoxFuture<'_, Result<Vec<Delivery>, StoreError>> {
         let node = node.to_owned();
         Box::pin(self.inner.conns.write(move |c| {
@@ -166,11 +168,17 @@ impl EventOutbox for SqliteStore {
                 concat!(
                     "UPDATE deliveries SET claimed_by = ?1, claimed_until = ?2 + ?3
                      WHERE id IN (",
-                    sql_due_deliveries!("?2", "?4", ""),
+                    sql_due_deliveries!("?2", "?4", "?5", ""),
                     ") RETURNING ",
                     delivery_columns!()
                 ),
-                params![node, ms(now), duration_ms(lease), i64::from(limit)],
+                params![
+                    node,
+                    ms(now),
+                    duration_ms(lease),
+                    i64::from(limit),
+                    i64::from(per_url)
+                ],
             )?;
             // RETURNING has no order of its own.
             claimed.sort_by_key(|d| (d.next_attempt_at, d.id));

@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use session_lifecycle::{DeliveryPolicy, DeliveryStep, Timestamp};
 use session_lifecycle_runtime::{
-    Delivery, DeliveryAttempt, DeliveryNext, Engine, Fanout, SessionEvent, StoreError,
+    Delivery, DeliveryAttempt, DeliveryNext, Dispatch, Engine, Fanout, SessionEvent, StoreError,
 };
 use tokio::sync::{Notify, Semaphore};
 
@@ -184,6 +184,8 @@ impl Outbound {
                         in_flight.spawn(async move {
                             this.attempt(delivery).await;
                             drop(permits);
+                            // Its slot is free: look for the next at once.
+                            this.wake.notify_one();
                         });
                     }
                 }
@@ -203,22 +205,26 @@ impl Outbound {
         while in_flight.join_next().await.is_some() {}
     }
 
-    /// Fans out every event not fanned out yet.
+    /// Fans out every event not fanned out yet, a batch per step.
     async fn dispatch(&self) -> Result<(), StoreError> {
+        const BATCH: u32 = 256;
         let store = self.engine.store();
         loop {
-            let events = store.undispatched_events(256).await?;
+            let events = store.undispatched_events(BATCH).await?;
+            let full = events.len() == BATCH as usize;
             if events.is_empty() {
                 return Ok(());
             }
-            let now = self.engine.now();
-            for event in &events {
-                let to = self.fanout(event);
-                store
-                    .dispatch_event(event.session, event.kind, to, now)
-                    .await?;
-            }
-            if events.len() < 256 {
+            let batch = events
+                .iter()
+                .map(|event| Dispatch {
+                    session: event.session,
+                    kind: event.kind,
+                    to: self.fanout(event),
+                })
+                .collect();
+            store.dispatch_events(batch, self.engine.now()).await?;
+            if !full {
                 return Ok(());
             }
         }
@@ -267,7 +273,13 @@ impl Outbound {
         let store = self.engine.store();
         let lease = self.config.timeout + self.config.connect_timeout + Duration::from_secs(30);
         let claimed = store
-            .claim_deliveries(&self.config.node, self.engine.now(), lease, free as u32)
+            .claim_deliveries(
+                &self.config.node,
+                self.engine.now(),
+                lease,
+                free as u32,
+                self.config.per_endpoint as u32,
+            )
             .await?;
         let mut ready = Vec::new();
         for delivery in claimed {

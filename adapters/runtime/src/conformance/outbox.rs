@@ -8,7 +8,8 @@ use session_lifecycle::{EndReason, EventKind, ReleaseOutcome, SessionId};
 use super::releases::{fresh_node, release_one};
 use super::{at, create, fresh_tenant, get, new_session, res};
 use crate::outbox::{
-    Delivery, DeliveryAttempt, DeliveryNext, DeliveryQuery, DeliveryStatus, Fanout, SessionEvent,
+    Delivery, DeliveryAttempt, DeliveryNext, DeliveryQuery, DeliveryStatus, Dispatch, Fanout,
+    SessionEvent,
 };
 use crate::store::{AttachOutcome, ReleaseClaim, Store};
 
@@ -25,7 +26,7 @@ async fn undispatched(store: &dyn Store, tenant: &str) -> Vec<(SessionId, EventK
 
 async fn claim_of(store: &dyn Store, node: &str, secs: u64, tenant: &str) -> Vec<Delivery> {
     store
-        .claim_deliveries(node, at(secs), Duration::from_secs(30), 10_000)
+        .claim_deliveries(node, at(secs), Duration::from_secs(30), 10_000, 10_000)
         .await
         .expect("claim deliveries")
         .into_iter()
@@ -139,20 +140,37 @@ pub async fn outbox_follows_the_session_and_delivers_in_order(store: &dyn Store)
             url: "https://hooks.example/all".to_owned(),
         }]
     };
-    for (id, kind) in &written {
-        assert!(
-            store
-                .dispatch_event(*id, *kind, hook(), at(30))
-                .await
-                .expect("dispatch")
-        );
-        assert!(
-            !store
-                .dispatch_event(*id, *kind, hook(), at(30))
-                .await
-                .expect("again")
-        );
-    }
+    let dispatch = |list: &[(SessionId, EventKind)]| {
+        list.iter()
+            .map(|(session, kind)| Dispatch {
+                session: *session,
+                kind: *kind,
+                to: hook(),
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        store
+            .dispatch_events(dispatch(&written[..2]), at(30))
+            .await
+            .expect("dispatch"),
+        2
+    );
+    assert_eq!(
+        store
+            .dispatch_events(dispatch(&written), at(30))
+            .await
+            .expect("dispatch"),
+        4,
+        "each event fanned out once"
+    );
+    assert_eq!(
+        store
+            .dispatch_events(dispatch(&written), at(30))
+            .await
+            .expect("again"),
+        0
+    );
     assert!(undispatched(store, &tenant).await.is_empty());
     let stream = store
         .events_after(Some(&tenant), 0, 1000)
@@ -305,4 +323,59 @@ pub async fn outbox_follows_the_session_and_delivers_in_order(store: &dyn Store)
     let counts = store.delivery_counts().await.expect("counts");
     assert!(counts.delivered >= 1 && counts.retrying >= 1 && counts.pending >= 1);
     assert!(counts.oldest_pending_at.is_some());
+}
+
+/// A claim takes at most so many deliveries to one URL, the most overdue first.
+pub async fn claims_are_bounded_per_url(store: &dyn Store) {
+    let tenant = fresh_tenant();
+    let mut sessions = Vec::new();
+    for i in 0..3 {
+        let new = new_session(&tenant, at(i), Duration::from_secs(600));
+        create(store, &new).await;
+        sessions.push(new.id);
+    }
+    let to = |url: &str| Fanout {
+        endpoint: "hook".to_owned(),
+        url: url.to_owned(),
+    };
+    let mut batch = Vec::new();
+    for (i, id) in sessions.iter().enumerate() {
+        let mut fanouts = vec![to("https://slow.example/hook")];
+        if i == 0 {
+            fanouts = vec![
+                Fanout {
+                    endpoint: "other".to_owned(),
+                    url: "https://fast.example/hook".to_owned(),
+                },
+                to("https://slow.example/hook"),
+            ];
+        }
+        batch.push(Dispatch {
+            session: *id,
+            kind: EventKind::Started,
+            to: fanouts,
+        });
+    }
+    assert_eq!(
+        store.dispatch_events(batch, at(5)).await.expect("dispatch"),
+        3
+    );
+    let claimed: Vec<Delivery> = store
+        .claim_deliveries("n", at(6), Duration::from_secs(30), 10_000, 2)
+        .await
+        .expect("claim")
+        .into_iter()
+        .filter(|d| d.tenant == tenant)
+        .collect();
+    let slow: Vec<SessionId> = claimed
+        .iter()
+        .filter(|d| d.url == "https://slow.example/hook")
+        .map(|d| d.session)
+        .collect();
+    assert_eq!(slow.len(), 2, "{claimed:?}");
+    assert_eq!(
+        claimed.len(),
+        3,
+        "the other URL is not held back: {claimed:?}"
+    );
 }

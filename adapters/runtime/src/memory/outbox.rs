@@ -8,7 +8,7 @@ use session_lifecycle::{EventKind, SessionId, Timestamp};
 use super::{MemoryStore, ready};
 use crate::outbox::{
     Delivery, DeliveryAttempt, DeliveryCounts, DeliveryNext, DeliveryQuery, DeliveryStatus,
-    EventOutbox, Fanout, SessionEvent,
+    Dispatch, EventOutbox, SessionEvent,
 };
 use crate::store::{BoxFuture, StoreError, TenantScope};
 
@@ -71,47 +71,49 @@ impl EventOutbox for MemoryStore {
             .collect()))
     }
 
-    fn dispatch_event(
+    fn dispatch_events(
         &self,
-        session: SessionId,
-        kind: EventKind,
-        to: Vec<Fanout>,
+        events: Vec<Dispatch>,
         now: Timestamp,
-    ) -> BoxFuture<'_, Result<bool, StoreError>> {
+    ) -> BoxFuture<'_, Result<u32, StoreError>> {
         let mut state = self.state();
         let outbox = &mut state.outbox;
-        let position = outbox.stream.keys().next_back().map_or(1, |p| p + 1);
-        let Some((_, event)) = outbox
-            .events
-            .get_mut(&(session, kind))
-            .filter(|(_, e)| e.position.is_none())
-        else {
-            return ready(Ok(false));
-        };
-        event.position = Some(position);
-        let (tenant, event_at) = (event.tenant.clone(), event.at);
-        outbox.stream.insert(position, (session, kind));
-        for fanout in to {
-            let id = outbox.deliveries.keys().next_back().map_or(1, |id| id + 1);
-            let delivery = Delivery {
-                id,
-                session,
-                tenant: tenant.clone(),
-                kind,
-                event_at,
-                endpoint: fanout.endpoint,
-                url: fanout.url,
-                status: DeliveryStatus::Pending,
-                attempts: 0,
-                created_at: now,
-                next_attempt_at: Some(now),
-                last_attempt_at: None,
-                last_status_code: None,
-                last_error: None,
+        let mut dispatched = 0;
+        for Dispatch { session, kind, to } in events {
+            let position = outbox.stream.keys().next_back().map_or(1, |p| p + 1);
+            let Some((_, event)) = outbox
+                .events
+                .get_mut(&(session, kind))
+                .filter(|(_, e)| e.position.is_none())
+            else {
+                continue;
             };
-            outbox.deliveries.insert(id, (delivery, None));
+            event.position = Some(position);
+            dispatched += 1;
+            let (tenant, event_at) = (event.tenant.clone(), event.at);
+            outbox.stream.insert(position, (session, kind));
+            for fanout in to {
+                let id = outbox.deliveries.keys().next_back().map_or(1, |id| id + 1);
+                let delivery = Delivery {
+                    id,
+                    session,
+                    tenant: tenant.clone(),
+                    kind,
+                    event_at,
+                    endpoint: fanout.endpoint,
+                    url: fanout.url,
+                    status: DeliveryStatus::Pending,
+                    attempts: 0,
+                    created_at: now,
+                    next_attempt_at: Some(now),
+                    last_attempt_at: None,
+                    last_status_code: None,
+                    last_error: None,
+                };
+                outbox.deliveries.insert(id, (delivery, None));
+            }
         }
-        ready(Ok(true))
+        ready(Ok(dispatched))
     }
 
     fn events_after<'a>(
@@ -139,6 +141,7 @@ impl EventOutbox for MemoryStore {
         now: Timestamp,
         lease: Duration,
         limit: u32,
+        per_url: u32,
     ) -> BoxFuture<'_, Result<Vec<Delivery>, StoreError>> {
         let mut state = self.state();
         let deliveries = &mut state.outbox.deliveries;
@@ -164,8 +167,17 @@ impl EventOutbox for MemoryStore {
             .collect();
         due.sort();
         let mut claimed = Vec::new();
-        for (_, id) in due.into_iter().take(limit as usize) {
+        let mut per: BTreeMap<String, u32> = BTreeMap::new();
+        for (_, id) in due {
+            if claimed.len() >= limit as usize {
+                break;
+            }
             if let Some((d, claim)) = deliveries.get_mut(&id) {
+                let taken = per.entry(d.url.clone()).or_insert(0);
+                if *taken >= per_url {
+                    continue;
+                }
+                *taken += 1;
                 *claim = Some((node.to_owned(), now.saturating_add(lease)));
                 claimed.push(d.clone());
             }
