@@ -56,11 +56,15 @@ pub enum ErrorCode {
     InternalError,
     /// 404: no such webhook delivery (or another tenant's).
     DeliveryNotFound,
+    /// 409: a create with this `Idempotency-Key` is still running.
+    IdempotencyKeyInUse,
+    /// 422: this `Idempotency-Key` was used with another request body.
+    IdempotencyKeyReused,
 }
 
 impl ErrorCode {
     /// Every code, in declaration order.
-    pub const ALL: [ErrorCode; 19] = [
+    pub const ALL: [ErrorCode; 21] = [
         ErrorCode::Unauthorized,
         ErrorCode::InvalidSessionId,
         ErrorCode::SessionNotFound,
@@ -80,6 +84,8 @@ impl ErrorCode {
         ErrorCode::UpgradeRequired,
         ErrorCode::InternalError,
         ErrorCode::DeliveryNotFound,
+        ErrorCode::IdempotencyKeyInUse,
+        ErrorCode::IdempotencyKeyReused,
     ];
 
     /// The code as it appears in error bodies.
@@ -104,6 +110,8 @@ impl ErrorCode {
             ErrorCode::UpgradeRequired => "upgrade_required",
             ErrorCode::InternalError => "internal_error",
             ErrorCode::DeliveryNotFound => "delivery_not_found",
+            ErrorCode::IdempotencyKeyInUse => "idempotency_key_in_use",
+            ErrorCode::IdempotencyKeyReused => "idempotency_key_reused",
         }
     }
 
@@ -116,7 +124,8 @@ impl ErrorCode {
                 StatusCode::NOT_FOUND
             }
             ErrorCode::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            ErrorCode::SessionEnded => StatusCode::CONFLICT,
+            ErrorCode::SessionEnded | ErrorCode::IdempotencyKeyInUse => StatusCode::CONFLICT,
+            ErrorCode::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
             ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ErrorCode::UpgradeRequired => StatusCode::UPGRADE_REQUIRED,
             ErrorCode::PlanLimitReached => StatusCode::TOO_MANY_REQUESTS,

@@ -302,6 +302,7 @@ fn resource_key(r: &Resource) -> (i32, i64) {
 }
 
 // After the SQL macros above, which they use.
+mod idempotency;
 mod nodes;
 mod outbox;
 mod presence;

@@ -151,6 +151,22 @@ const MIGRATIONS: &[&str] = &["
     CREATE INDEX deliveries_in_order ON deliveries (session_id, endpoint, session_seq)
         WHERE status = 'pending';
     CREATE INDEX deliveries_by_tenant ON deliveries (tenant, id);
+",
+// 8: idempotency keys of creates: the body hash and session each key is bound to, and its
+// answer once given.
+"
+    CREATE TABLE idempotency_keys (
+        tenant       TEXT NOT NULL,
+        key          TEXT NOT NULL,
+        request_hash TEXT NOT NULL,
+        session_id   TEXT NOT NULL,
+        status       BIGINT,
+        body         TEXT,
+        created_at   BIGINT NOT NULL,
+        claimed_at   BIGINT NOT NULL,
+        PRIMARY KEY (tenant, key)
+    );
+    CREATE INDEX idempotency_keys_by_age ON idempotency_keys (created_at);
 "];
 
 /// The schema version this code writes.

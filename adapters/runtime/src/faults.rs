@@ -347,3 +347,4 @@ impl StoreHealth for FaultyStore {
 }
 
 crate::outbox::delegate_outbox!(FaultyStore, guarded);
+crate::idempotency::delegate_idempotency!(FaultyStore, guarded);

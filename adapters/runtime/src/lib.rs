@@ -21,6 +21,7 @@ mod clock;
 pub mod conformance;
 mod engine;
 pub mod faults;
+mod idempotency;
 mod memory;
 mod metrics;
 mod outbox;
@@ -42,6 +43,9 @@ pub use clock::{
 pub use engine::{
     Background, DueReport, Engine, EngineConfig, EngineError, Plan, Readiness, RoomEventReport,
     SESSION_ID_ENV, SocketHold, StartRequest, TIMER_SLOTS,
+};
+pub use idempotency::{
+    IdempotencyBegin, IdempotencyStore, IdempotentRequest, KeyDecision, StoredKey, decide_key,
 };
 pub use memory::MemoryStore;
 

@@ -345,3 +345,26 @@ pub fn delivery_counts(
     }
     counts
 }
+
+/// A stored idempotency key row (`KEY_OF`): body hash, session id, answer status and body,
+/// taken and claimed times.
+pub type KeyRow = (String, String, Option<i64>, Option<String>, i64, i64);
+
+/// The key of a key row, checked.
+pub fn stored_key(row: KeyRow) -> Result<crate::StoredKey, StoreError> {
+    let (request_hash, session, status, body, created_at, claimed_at) = row;
+    let answer = match (status, body) {
+        (Some(status), Some(body)) => Some((
+            u16::try_from(status).map_err(|_| corrupt(&session, "idempotent answer status"))?,
+            body,
+        )),
+        _ => None,
+    };
+    Ok(crate::StoredKey {
+        request_hash,
+        session: parse_id(&session)?,
+        answer,
+        created_at: timestamp(created_at),
+        claimed_at: timestamp(claimed_at),
+    })
+}

@@ -375,6 +375,36 @@ pub mod statements {
         " FROM deliveries WHERE id = ?1 AND (CAST(?2 AS TEXT) IS NULL OR tenant = ?2)"
     );
 
+    /// Idempotency key `?2` of tenant `?1`: body hash, session, answer status and body,
+    /// taken and claimed times.
+    pub const KEY_OF: &str = "SELECT request_hash, session_id, status, body, created_at, claimed_at
+         FROM idempotency_keys WHERE tenant = ?1 AND key = ?2";
+
+    /// Takes key `?2` of tenant `?1` for body hash `?3` and session `?4` at `?5`, unless
+    /// it is held and was taken after `?6` (then nothing is written).
+    pub const TAKE_KEY: &str =
+        "INSERT INTO idempotency_keys (tenant, key, request_hash, session_id, created_at, claimed_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?5)
+         ON CONFLICT (tenant, key) DO UPDATE SET request_hash = excluded.request_hash,
+            session_id = excluded.session_id, status = NULL, body = NULL,
+            created_at = excluded.created_at, claimed_at = excluded.claimed_at
+         WHERE idempotency_keys.created_at <= ?6";
+
+    /// Takes over key `?2` of tenant `?1` at `?3` if its holder has been silent since `?4`.
+    pub const TAKE_OVER_KEY: &str = "UPDATE idempotency_keys SET claimed_at = ?3
+         WHERE tenant = ?1 AND key = ?2 AND status IS NULL AND claimed_at <= ?4";
+
+    /// The answer (`?4` status, `?5` body) of key `?2` of tenant `?1` held for session `?3`.
+    pub const FINISH_KEY: &str = "UPDATE idempotency_keys SET status = ?4, body = ?5
+         WHERE tenant = ?1 AND key = ?2 AND session_id = ?3";
+
+    /// Key `?2` of tenant `?1`, held for session `?3` and unanswered, given up.
+    pub const ABANDON_KEY: &str = "DELETE FROM idempotency_keys
+         WHERE tenant = ?1 AND key = ?2 AND session_id = ?3 AND status IS NULL";
+
+    /// Idempotency keys taken at or before `?1`.
+    pub const PRUNE_KEYS: &str = "DELETE FROM idempotency_keys WHERE created_at <= ?1";
+
     /// Room event ids received at or before `?1` (kept as long as the retention, for
     /// deduplicating a provider's retries).
     pub const PRUNE_ROOM_EVENTS: &str = "DELETE FROM room_events WHERE received_at <= ?1";
@@ -446,6 +476,12 @@ mod tests {
         COUNT_DELIVERIES,
         LIST_DELIVERIES,
         GET_DELIVERY,
+        KEY_OF,
+        TAKE_KEY,
+        TAKE_OVER_KEY,
+        FINISH_KEY,
+        ABANDON_KEY,
+        PRUNE_KEYS,
         sql_holders!("n.last_heartbeat_at > ?2 - ?3"),
     ];
 

@@ -4,6 +4,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
+use crate::idempotency::IdempotencyStore;
 use crate::outbox::EventOutbox;
 use session_lifecycle::{
     EndReason, ReleaseState, Resource, Session, SessionId, Status, Timestamp, Transition,
@@ -528,7 +529,14 @@ pub trait StoreHealth: Send + Sync + 'static {
 /// The durable record of sessions and of each resource's release state: every capability
 /// a store has. Implement the capability traits; this one follows.
 pub trait Store:
-    SessionStore + ReleaseQueue + NodeMembership + RoomStore + PresenceStore + EventOutbox + StoreHealth
+    SessionStore
+    + ReleaseQueue
+    + NodeMembership
+    + RoomStore
+    + PresenceStore
+    + EventOutbox
+    + IdempotencyStore
+    + StoreHealth
 {
 }
 
@@ -539,6 +547,7 @@ impl<T> Store for T where
         + RoomStore
         + PresenceStore
         + EventOutbox
+        + IdempotencyStore
         + StoreHealth
 {
 }

@@ -17,6 +17,7 @@
 //! ```
 
 mod connections;
+mod idempotency;
 mod nodes;
 mod outbox;
 mod presence;

@@ -153,6 +153,20 @@ const MIGRATIONS: &[&str] = &[
      CREATE INDEX deliveries_in_order ON deliveries (session_id, endpoint, session_seq)
         WHERE status = 'pending';
      CREATE INDEX deliveries_by_tenant ON deliveries (tenant, id);",
+    // 8: idempotency keys of creates: the body hash and session each key is bound to,
+    // and its answer once given.
+    "CREATE TABLE idempotency_keys (
+        tenant       TEXT NOT NULL,
+        key          TEXT NOT NULL,
+        request_hash TEXT NOT NULL,
+        session_id   TEXT NOT NULL,
+        status       INTEGER,
+        body         TEXT,
+        created_at   INTEGER NOT NULL,
+        claimed_at   INTEGER NOT NULL,
+        PRIMARY KEY (tenant, key)
+     );
+     CREATE INDEX idempotency_keys_by_age ON idempotency_keys (created_at);",
 ];
 
 /// The schema version this code writes.

@@ -456,7 +456,7 @@ pub async fn check_callback(
         .map_err(|e| format!("callback_url refused: {e}"))?;
     let host = parsed.host_str().unwrap_or_default().to_ascii_lowercase();
     if let Some(hosts) = &callback.hosts
-        && !hosts.iter().any(|h| *h == host)
+        && !hosts.contains(&host)
     {
         return Err(format!(
             "callback_url refused: {}",

@@ -7,14 +7,15 @@ use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{Query, State};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, HeaderName, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use session_lifecycle::EndReason;
 use session_lifecycle_runtime::{
-    ListQuery, ResourceRequest, RoomBinding, SessionRecord, StartRequest,
+    EngineError, IdempotencyBegin, IdempotentRequest, ListQuery, ResourceRequest, RoomBinding,
+    SessionRecord, StartRequest,
 };
 
-use crate::error::{ApiError, ErrorBody};
+use crate::error::{ApiError, ErrorBody, ErrorCode};
 use crate::extract::{Authenticated, SessionPath};
 use crate::input::{ListParams, body_error, parse_create};
 use crate::outbound::check_callback;
@@ -33,9 +34,14 @@ fn view(state: &AppState, record: &SessionRecord) -> SessionView {
 /// Start a session.
 #[utoipa::path(
     post, path = "/v1/sessions", tag = "sessions",
+    params(
+        ("Idempotency-Key" = Option<String>, Header, description = "Makes a retry safe: a repeat with the same key and body within 24 h answers the same session (201, with `idempotent-replayed: true`) instead of starting another; 1 to 255 printable ASCII characters"),
+    ),
     request_body(content = Option<CreateRequest>, description = "Optional: absent, empty or `null` takes every default"),
     responses(
-        (status = 201, description = "Started", body = CreatedResponse),
+        (status = 201, description = "Started (or, for a repeated Idempotency-Key, the session it started)", body = CreatedResponse),
+        (status = 409, description = "A request with this Idempotency-Key is still running (`idempotency_key_in_use`); retry after `Retry-After`", body = ErrorBody),
+        (status = 422, description = "This Idempotency-Key was used with another body (`idempotency_key_reused`)", body = ErrorBody),
         (status = 400, description = "Malformed JSON, an invalid field, or a timeout over the plan's limit (`invalid_request`)", body = ErrorBody),
         (status = 401, description = "Missing, unknown or revoked API key (`unauthorized`)", body = ErrorBody),
         (status = 413, description = "Body over the limit (`payload_too_large`)", body = ErrorBody),
@@ -47,6 +53,7 @@ fn view(state: &AppState, record: &SessionRecord) -> SessionView {
 pub async fn create_session(
     State(state): State<Arc<AppState>>,
     Authenticated(tenant): Authenticated,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let body = body.map_err(body_error)?;
@@ -59,45 +66,174 @@ pub async fn create_session(
         ),
         None => None,
     };
-    let record = state
-        .engine
-        .start(StartRequest {
-            callback_url,
-            tenant: tenant.name.clone(),
-            plan: tenant.plan,
-            duration: request.duration_secs.map(Duration::from_secs),
-            metadata: request
-                .metadata
-                .map(|m| serde_json::Value::Object(m).to_string()),
-            room: request.room.map(|r| RoomBinding {
-                provider: r.provider.into(),
-                name: r.name,
-            }),
-            timeouts: request
-                .timeouts
-                .as_ref()
-                .map(|t| t.timeouts())
-                .unwrap_or_default(),
-            resources: ResourceRequest {
-                gpu_memory: request
-                    .gpu_memory_mib
-                    .map(|mib| mib.saturating_mul(1 << 20)),
-                gpu_device: request.gpu_device,
+    let start = StartRequest {
+        callback_url,
+        tenant: tenant.name.clone(),
+        plan: tenant.plan,
+        duration: request.duration_secs.map(Duration::from_secs),
+        metadata: request
+            .metadata
+            .map(|m| serde_json::Value::Object(m).to_string()),
+        room: request.room.map(|r| RoomBinding {
+            provider: r.provider.into(),
+            name: r.name,
+        }),
+        timeouts: request
+            .timeouts
+            .as_ref()
+            .map(|t| t.timeouts())
+            .unwrap_or_default(),
+        resources: ResourceRequest {
+            gpu_memory: request
+                .gpu_memory_mib
+                .map(|mib| mib.saturating_mul(1 << 20)),
+            gpu_device: request.gpu_device,
+        },
+    };
+    let Some(key) = idempotency_key(&headers)? else {
+        let record = state.engine.start(start).await?;
+        return Ok((StatusCode::CREATED, Json(created(&state, &record))).into_response());
+    };
+    let store = state.engine.store();
+    let begin = store
+        .begin_idempotent(
+            IdempotentRequest {
+                tenant: tenant.name.clone(),
+                key: key.clone(),
+                request_hash: request_hash(&body),
             },
-        })
-        .await?;
-    let token = state
-        .tokens
-        .sign(*record.session.id(), record.session.expires_at());
+            state.engine.fresh_session_id(),
+            state.engine.now(),
+            state.config.request_timeout + IDEMPOTENCY_STALE_MARGIN,
+            IDEMPOTENCY_KEEP,
+        )
+        .await
+        .map_err(|e| ApiError::from(EngineError::Store(e)))?;
+    let (id, taken_over) = match begin {
+        IdempotencyBegin::Answered { status, body } => {
+            let status = StatusCode::from_u16(status).unwrap_or(StatusCode::CREATED);
+            return Ok((
+                status,
+                [
+                    (header::CONTENT_TYPE, "application/json"),
+                    (HeaderName::from_static(REPLAYED_HEADER), "true"),
+                ],
+                body,
+            )
+                .into_response());
+        }
+        IdempotencyBegin::InProgress => {
+            return Err(ApiError::new(
+                ErrorCode::IdempotencyKeyInUse,
+                "a request with this Idempotency-Key is still running; retry when it has answered",
+            )
+            .retry_after(1));
+        }
+        IdempotencyBegin::Mismatch => {
+            return Err(ApiError::new(
+                ErrorCode::IdempotencyKeyReused,
+                "this Idempotency-Key was used with another request body",
+            ));
+        }
+        IdempotencyBegin::Proceed {
+            session,
+            taken_over,
+        } => (session, taken_over),
+    };
+    // A request that died after its create committed: its session is the answer.
+    let existing = if taken_over {
+        state.engine.get(None, id).await.ok()
+    } else {
+        None
+    };
+    let record = match existing {
+        Some(record) => record,
+        None => match state.engine.start_as(id, start).await {
+            Ok(record) => record,
+            Err(e) => {
+                // Nothing started: the key is free for a retry. (If this fails too, the
+                // key is taken over once stale.)
+                let _ = store.abandon_idempotent(&tenant.name, &key, id).await;
+                return Err(e.into());
+            }
+        },
+    };
+    let answer = serde_json::to_string(&created(&state, &record)).unwrap_or_default();
+    // Not recorded (the store failed): a retry takes the key over once stale, and answers
+    // with this same session.
+    if let Err(e) = store
+        .finish_idempotent(
+            &tenant.name,
+            &key,
+            id,
+            StatusCode::CREATED.as_u16(),
+            answer.clone(),
+        )
+        .await
+    {
+        tracing::warn!(error = %e, session = %id, "recording an idempotent answer failed");
+    }
     Ok((
         StatusCode::CREATED,
-        Json(CreatedResponse {
-            success: true,
-            session: view(&state, &record),
-            client_token: token,
-        }),
+        [(header::CONTENT_TYPE, "application/json")],
+        answer,
     )
         .into_response())
+}
+
+/// The create answer of `record`.
+fn created(state: &AppState, record: &SessionRecord) -> CreatedResponse {
+    CreatedResponse {
+        success: true,
+        session: view(state, record),
+        client_token: state
+            .tokens
+            .sign(*record.session.id(), record.session.expires_at()),
+    }
+}
+
+/// The header naming a create's idempotency key.
+pub const IDEMPOTENCY_KEY_HEADER: &str = "idempotency-key";
+/// Set on an answer replayed for a repeated idempotency key.
+pub const REPLAYED_HEADER: &str = "idempotent-replayed";
+/// How long a key binds its request and answer.
+pub const IDEMPOTENCY_KEEP: Duration = Duration::from_secs(24 * 3600);
+/// Past the request timeout, how long a silent holder of a key keeps it.
+const IDEMPOTENCY_STALE_MARGIN: Duration = Duration::from_secs(5);
+/// The longest key.
+pub const MAX_IDEMPOTENCY_KEY: usize = 255;
+
+/// The request's idempotency key, checked: 1 to 255 printable ASCII characters.
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(value) = headers.get(IDEMPOTENCY_KEY_HEADER) else {
+        return Ok(None);
+    };
+    let bad = || {
+        ApiError::invalid(format!(
+            "Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} printable ASCII characters"
+        ))
+    };
+    let text = value.to_str().map_err(|_| bad())?;
+    if text.is_empty()
+        || text.len() > MAX_IDEMPOTENCY_KEY
+        || !text.bytes().all(|b| b.is_ascii_graphic() || b == b' ')
+    {
+        return Err(bad());
+    }
+    Ok(Some(text.to_owned()))
+}
+
+/// The hash a key binds: of the body as JSON, so that spacing and key order do not count
+/// (an absent, empty or `null` body alike).
+fn request_hash(body: &[u8]) -> String {
+    let canonical = if body.iter().all(u8::is_ascii_whitespace) {
+        "null".to_owned()
+    } else {
+        serde_json::from_slice::<serde_json::Value>(body)
+            .map(|v| v.to_string())
+            .unwrap_or_else(|_| String::from_utf8_lossy(body).into_owned())
+    };
+    crate::tenants::hash_key(&canonical)
 }
 
 /// Get a session.

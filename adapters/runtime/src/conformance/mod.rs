@@ -66,6 +66,7 @@ pub(super) fn res(handle: u64) -> Resource {
     }
 }
 
+mod idempotency;
 mod nodes;
 mod outbox;
 mod presence;
@@ -73,6 +74,7 @@ mod releases;
 mod rooms;
 mod sessions;
 
+pub use idempotency::idempotency_keys_bind_one_request;
 pub use nodes::nodes_own_releases_and_dead_nodes_are_taken_over;
 pub use outbox::{claims_are_bounded_per_url, outbox_follows_the_session_and_delivers_in_order};
 pub use presence::{presence_counts_live_nodes_only, watch_ends_hears_every_end};
@@ -113,5 +115,6 @@ pub async fn run_all(store: Arc<dyn Store>) {
     watch_ends_hears_every_end(&*store).await;
     outbox_follows_the_session_and_delivers_in_order(&*store).await;
     claims_are_bounded_per_url(&*store).await;
+    idempotency_keys_bind_one_request(&*store).await;
     store.ping().await.expect("ping");
 }

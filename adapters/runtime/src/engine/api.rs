@@ -32,6 +32,22 @@ impl Engine {
     /// from every backend in order. If any acquire fails, the session ends `start_failed`
     /// and what was acquired is released.
     pub async fn start(&self, request: StartRequest) -> Result<SessionRecord, EngineError> {
+        self.start_as(self.fresh_session_id(), request).await
+    }
+
+    /// A new session id (a ULID of now), for [`start_as`](Self::start_as).
+    pub fn fresh_session_id(&self) -> SessionId {
+        SessionId::from_ulid_parts(self.inner.clock.now(), random_u128())
+    }
+
+    /// [`start`](Self::start) with an id chosen beforehand (an idempotent create binds
+    /// its key to the id first). An id that exists already is refused with
+    /// [`StoreError::DuplicateId`](crate::StoreError::DuplicateId), nothing started.
+    pub async fn start_as(
+        &self,
+        id: SessionId,
+        request: StartRequest,
+    ) -> Result<SessionRecord, EngineError> {
         let inner = &self.inner;
         if inner.draining.load(Ordering::SeqCst) {
             return Err(EngineError::Draining);
@@ -52,7 +68,6 @@ impl Engine {
         let lifetime = request.duration.map_or(request.plan.max_session, |d| {
             d.min(request.plan.max_session)
         });
-        let id = SessionId::from_ulid_parts(now, random_u128());
         // A start that has begun finishes, whoever waits for it: a caller that goes away
         // (a client that disconnects mid-request) must not leave a resource acquired and
         // never recorded. Tracked, so shutdown and handover wait for it.

@@ -242,3 +242,4 @@ impl StoreHealth for WatchedStore {
 }
 
 crate::outbox::delegate_outbox!(WatchedStore, watched);
+crate::idempotency::delegate_idempotency!(WatchedStore, watched);

@@ -5,6 +5,7 @@
 //! it, as on SQLite and PostgreSQL), and it runs the engine's own tests and simulations in
 //! milliseconds, without a database.
 
+mod idempotency;
 mod outbox;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -67,6 +68,8 @@ struct State {
     /// Per session: participant identity -> (present, time of its latest event).
     participants: BTreeMap<SessionId, BTreeMap<String, (bool, Timestamp)>>,
     outbox: outbox::Outbox,
+    /// Idempotency keys by (tenant, key).
+    idempotency: BTreeMap<(String, String), crate::idempotency::StoredKey>,
 }
 
 impl State {
@@ -615,7 +618,7 @@ impl NodeMembership for MemoryStore {
                     }
                 }
             }
-            for id in ended[first..].to_vec() {
+            for id in ended[first..].iter().copied() {
                 state.ended_events(id);
             }
         }
