@@ -64,6 +64,7 @@ fn request(gpu_memory: u64) -> StartRequest {
         resources: ResourceRequest {
             gpu_memory: Some(gpu_memory),
             gpu_device: None,
+            ready_timeout: None,
         },
     }
 }
@@ -214,6 +215,7 @@ async fn an_avatar_server_ignoring_sigterm_is_killed_and_reported() {
                 resources: ResourceRequest {
                     gpu_memory: Some(GIB),
                     gpu_device: None,
+                    ready_timeout: None,
                 },
                 session,
                 tenant: "gpu",

@@ -85,6 +85,7 @@ async fn acquire(
                 resources: ResourceRequest {
                     gpu_memory: Some(gpu_memory),
                     gpu_device,
+                    ready_timeout: None,
                 },
                 session,
                 tenant: "t",
@@ -314,6 +315,7 @@ mod engine {
                 resources: ResourceRequest {
                     gpu_memory: Some(GIB),
                     gpu_device: None,
+                    ready_timeout: None,
                 },
             })
             .await
@@ -506,6 +508,7 @@ mod engine {
             resources: ResourceRequest {
                 gpu_memory: Some(gib * GIB),
                 gpu_device: None,
+                ready_timeout: None,
             },
         };
         let first = open().await;

@@ -32,6 +32,9 @@ pub struct Tenant {
     pub webhooks: Vec<WebhookEndpoint>,
     /// Whether (and where) its sessions may name their own callback URL.
     pub callback: Option<CallbackSettings>,
+    /// How long its avatar servers may take to report ready before their session ends
+    /// `start_failed` (`None`: the service's default).
+    pub avatar_ready_timeout: Option<Duration>,
 }
 
 /// Why a tenants file cannot be used.
@@ -97,6 +100,9 @@ struct TenantEntry {
     /// The hosts its sessions' callback URLs may name (default: any allowed address).
     #[serde(default)]
     callback_hosts: Option<Vec<String>>,
+    /// How long its avatar servers may take to report ready (`READY=1`), ms.
+    #[serde(default)]
+    avatar_ready_timeout_ms: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -259,9 +265,13 @@ impl Tenants {
                         .map(|h| h.into_iter().map(|h| h.to_ascii_lowercase()).collect()),
                 })
             };
+            if entry.avatar_ready_timeout_ms == Some(0) {
+                return Err(invalid("avatar_ready_timeout_ms must be positive"));
+            }
             tenants.push(Arc::new(Tenant {
                 webhooks,
                 callback,
+                avatar_ready_timeout: entry.avatar_ready_timeout_ms.map(Duration::from_millis),
                 name: entry.name,
                 key_sha256: key,
                 plan,
@@ -288,6 +298,7 @@ impl Tenants {
                 daily_secret: None,
                 webhooks: Vec::new(),
                 callback: None,
+                avatar_ready_timeout: None,
             })],
         }
     }

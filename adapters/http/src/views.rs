@@ -40,6 +40,10 @@ pub struct SessionView {
     pub ended_at: Option<String>,
     /// Why it ended; `null` while started.
     pub end_reason: Option<EndReasonView>,
+    /// When its avatar server reported it is ready to serve (`READY=1`); `null` until
+    /// then (and for good if it never did). Billing can start here.
+    #[schema(pattern = "^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z$")]
+    pub ready_at: Option<String>,
     /// When it ends by itself: `started_at + min(requested duration, plan limit)`.
     #[schema(pattern = "^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z$")]
     pub expires_at: String,
@@ -292,6 +296,7 @@ impl SessionView {
             started_at: s.started_at().to_string(),
             ended_at: s.ended_at().map(|t| t.to_string()),
             end_reason: s.end_reason().map(Into::into),
+            ready_at: r.ready_at.map(|t| t.to_string()),
             expires_at: s.expires_at().to_string(),
             last_seen_at: s.last_seen_at().to_string(),
             room: r.room.as_ref().map(|room| RoomView {

@@ -907,3 +907,130 @@ async fn two_instances_deliver_each_event_once() {
     drop(nodes);
     cluster.finish().await;
 }
+
+/// An avatar server that sends `READY=1` after 300 ms: its session gets `ready_at` then
+/// and a `session.ready` event; one that never does ends `start_failed` at the start
+/// timeout, and gives back what it held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_is_recorded_and_a_server_never_ready_ends_start_failed() {
+    let mut cluster = Cluster::sqlite(&["--webhook-allow-loopback", "--webhook-backoff-ms", "200"]);
+    let Some(receiver) = Receiver::start(cluster.dir.path(), "r", &[OLD_SECRET], "ok") else {
+        return;
+    };
+    let tenants = tenants_file(
+        cluster.dir.path(),
+        &receiver.url("/hooks"),
+        &receiver.url("/g"),
+        None,
+    );
+    with_tenants(&mut cluster, &tenants);
+    let fixture = common::fixture();
+    let notifying = format!("{} notify-after 300", fixture.display());
+    let node = cluster.spawn(
+        "ready",
+        cluster.db_url(),
+        &[
+            "--avatar-command",
+            &notifying,
+            "--avatar-ready-timeout-ms",
+            "5000",
+            "--gpu",
+            "off",
+        ],
+    );
+    let id = create(&node, ACME, json!({})).await;
+    let got = receiver
+        .wait_for(Duration::from_secs(15), |got| {
+            events_of(got, &id, "/hooks").contains_key(&2)
+        })
+        .await;
+    let ready = events_of(&got, &id, "/hooks")[&2]["body"].clone();
+    assert_eq!(ready["type"], "session.ready");
+    let (_, session) = call(
+        &node,
+        ACME,
+        Method::GET,
+        &format!("/v1/sessions/{id}"),
+        None,
+    )
+    .await;
+    let session = &session["session"];
+    assert_eq!(ready["data"]["ready_at"], session["ready_at"]);
+    assert_eq!(ready["timestamp"], session["ready_at"]);
+    let secs = |v: &Value| {
+        session_lifecycle::Timestamp::parse_rfc3339(v.as_str().unwrap())
+            .unwrap()
+            .as_secs()
+    };
+    let waited = secs(&session["ready_at"]) - secs(&session["started_at"]);
+    assert!(
+        waited <= 1,
+        "ready about 300 ms after the start (second precision): {session}"
+    );
+    assert_eq!(session["status"], "started");
+    end(&node, ACME, &id).await;
+    let got = receiver
+        .wait_for(Duration::from_secs(15), |got| {
+            events_of(got, &id, "/hooks").len() == 4
+        })
+        .await;
+    assert_eq!(
+        events_of(&got, &id, "/hooks")
+            .keys()
+            .copied()
+            .collect::<Vec<_>>(),
+        [1, 2, 3, 4]
+    );
+    assert_eq!(
+        events_of(&got, &id, "/hooks")[&3]["body"]["data"]["ready_at"],
+        session["ready_at"]
+    );
+    drop(node);
+
+    // A server that never reports: ended start_failed at the timeout, released.
+    let silent = format!("{} behave", fixture.display());
+    let node = cluster.spawn(
+        "silent",
+        cluster.db_url(),
+        &[
+            "--avatar-command",
+            &silent,
+            "--avatar-ready-timeout-ms",
+            "800",
+            "--gpu",
+            "off",
+        ],
+    );
+    let id = create(&node, ACME, json!({})).await;
+    let got = receiver
+        .wait_for(Duration::from_secs(15), |got| {
+            events_of(got, &id, "/hooks").contains_key(&4)
+        })
+        .await;
+    let events = events_of(&got, &id, "/hooks");
+    assert_eq!(
+        events.keys().copied().collect::<Vec<_>>(),
+        [1, 3, 4],
+        "never ready"
+    );
+    assert_eq!(events[&3]["body"]["data"]["end_reason"], "start_failed");
+    let (_, session) = call(
+        &node,
+        ACME,
+        Method::GET,
+        &format!("/v1/sessions/{id}"),
+        None,
+    )
+    .await;
+    let session = &session["session"];
+    assert_eq!(session["end_reason"], "start_failed");
+    assert_eq!(session["ready_at"], Value::Null);
+    assert!(
+        session["resources"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r["release"] == "released")
+    );
+    cluster.finish().await;
+}

@@ -176,13 +176,14 @@ macro_rules! record_columns {
         "s.id, s.tenant, s.status, s.started_at, s.ended_at, s.end_reason, \
      s.expires_at, s.last_seen_at, s.metadata, s.room_provider, s.room_name, s.node, \
      r.seq, r.kind, r.handle, r.state, r.attempts, r.retry_at, r.released_at, r.note, \
-     r.last_error, s.participant_left_ms, s.participant_absent_ms, s.websocket_grace_ms"
+     r.last_error, s.participant_left_ms, s.participant_absent_ms, s.websocket_grace_ms, \
+     s.ready_at"
     };
 }
 
 /// How many columns `record_columns!()` has: what a statement selects after them starts
 /// here.
-const RECORD_COLUMNS: usize = 24;
+const RECORD_COLUMNS: usize = 25;
 
 /// The database's clock, in milliseconds since the epoch.
 macro_rules! db_now_ms {
@@ -254,6 +255,7 @@ fn records(rows: &[Row]) -> Result<Vec<SessionRecord>, StoreError> {
                     participant_left_ms: col(row, 21)?,
                     participant_absent_ms: col(row, 22)?,
                     websocket_grace_ms: col(row, 23)?,
+                    ready_at: col(row, 24)?,
                 },
                 Vec::new(),
             ));

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use session_lifecycle::Timestamp;
+use session_lifecycle::{EventKind, SessionId, Timestamp};
 use session_lifecycle_runtime::rows::{
     DeliveryRow, delivery_counts, delivery_next, duration_ms, event, event_sequence, millis as ms,
 };
@@ -54,6 +54,32 @@ fn events(rows: &[Row]) -> Result<Vec<SessionEvent>, StoreError> {
 }
 
 impl EventOutbox for PostgresStore {
+    fn record_ready(
+        &self,
+        session: SessionId,
+        at: Timestamp,
+    ) -> BoxFuture<'_, Result<bool, StoreError>> {
+        Box::pin(async move {
+            let mut client = self.client().await?;
+            let tx = client.transaction().await.map_err(unavailable)?;
+            let id = session.to_string();
+            let n = tx
+                .execute(pg(statements::RECORD_READY), &[&id, &ms(at)])
+                .await
+                .map_err(unavailable)?;
+            if n == 1 {
+                tx.execute(
+                    pg(statements::EVENT_READY),
+                    &[&id, &event_sequence(EventKind::Ready)],
+                )
+                .await
+                .map_err(unavailable)?;
+            }
+            tx.commit().await.map_err(unavailable)?;
+            Ok(n == 1)
+        })
+    }
+
     fn undispatched_events(
         &self,
         limit: u32,

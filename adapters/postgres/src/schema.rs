@@ -153,8 +153,9 @@ const MIGRATIONS: &[&str] = &["
     CREATE INDEX deliveries_by_tenant ON deliveries (tenant, id);
 ",
 // 8: idempotency keys of creates: the body hash and session each key is bound to, and its
-// answer once given.
+// answer once given; when each session's avatar server reported ready.
 "
+    ALTER TABLE sessions ADD COLUMN ready_at BIGINT;
     CREATE TABLE idempotency_keys (
         tenant       TEXT NOT NULL,
         key          TEXT NOT NULL,

@@ -36,6 +36,7 @@
 #![deny(unsafe_code)]
 
 mod cgroup;
+mod notify;
 
 use std::collections::HashMap;
 use std::ffi::{CString, OsString};
@@ -49,7 +50,7 @@ use rustix::process::{Pid, Signal, kill_process_group};
 use session_lifecycle::{EndReason, Resource, ResourceKind, SessionId};
 use session_lifecycle_runtime::{
     AcquireError, AcquireRequest, Acquired, BoxFuture, EventSink, ReleaseError, ReleaseNote,
-    ResourceBackend, ResourceEvent, SESSION_ID_ENV, lock,
+    ResourceBackend, ResourceEvent, ResourceEventKind, SESSION_ID_ENV, lock,
 };
 use tokio::sync::watch;
 
@@ -81,6 +82,10 @@ pub struct ProcessConfig {
     pub env: Vec<(OsString, OsString)>,
     /// Whether, and where, to put each session's processes in a cgroup of its own.
     pub cgroups: CgroupMode,
+    /// How long an avatar server may take to report `READY=1` on its `NOTIFY_SOCKET`
+    /// before its session ends `start_failed` (a session's own request wins); `None`: no
+    /// limit (a server that never reports is simply never `ready`).
+    pub ready_timeout: Option<Duration>,
 }
 
 impl ProcessConfig {
@@ -96,6 +101,7 @@ impl ProcessConfig {
             grace: Duration::from_secs(10),
             env: Vec::new(),
             cgroups: CgroupMode::Auto,
+            ready_timeout: None,
         }
     }
 
@@ -136,6 +142,8 @@ pub struct ProcessBackend {
     /// ([`ResourceBackend::resume`]), watched for an exit of their own: their pid and the
     /// flag a release sets before it stops them.
     resumed: Mutex<HashMap<u32, Arc<AtomicBool>>>,
+    /// Where each avatar server's notify socket is made (see [`notify`]).
+    notify_dir: PathBuf,
 }
 
 /// How often a taken-back avatar server (not our child: no exit status to wait for) is
@@ -173,9 +181,12 @@ impl ProcessBackend {
                 None
             }
         };
+        let notify_dir =
+            std::env::temp_dir().join(format!("sessiond-notify-{}", std::process::id()));
         Ok(ProcessBackend {
             config,
             cgroups,
+            notify_dir,
             children: Mutex::new(HashMap::new()),
             resumed: Mutex::new(HashMap::new()),
         })
@@ -232,6 +243,18 @@ impl ProcessBackend {
                 None
             }
         };
+        // Readiness (the systemd notify protocol): a socket of its own, named in its
+        // environment. Without one (a path too long), it is never reported ready.
+        let notify = match notify::NotifySocket::bind(&self.notify_dir, session) {
+            Ok(socket) => {
+                cmd.env(notify::NOTIFY_SOCKET_ENV, socket.path());
+                Some(socket)
+            }
+            Err(e) => {
+                tracing::warn!(session = %session, error = %e, "no notify socket: readiness is not reported");
+                None
+            }
+        };
         let spawned = match cmd.spawn() {
             Ok(child) => child
                 .id()
@@ -256,6 +279,23 @@ impl ProcessBackend {
             }
         };
         let (exited_tx, exited_rx) = watch::channel(false);
+        if let Some(socket) = notify {
+            let ready_timeout = request
+                .resources
+                .ready_timeout
+                .or(self.config.ready_timeout);
+            let exited = exited_rx.clone();
+            let events = events.clone();
+            let resource = Resource {
+                kind: PROCESS_KIND,
+                handle: u64::from(pid),
+            };
+            tokio::spawn(async move {
+                socket
+                    .watch(session, resource, ready_timeout, exited, events)
+                    .await
+            });
+        }
         let stopping = Arc::new(AtomicBool::new(false));
         self.children().insert(
             pid,
@@ -280,7 +320,7 @@ impl ProcessBackend {
                     .report(ResourceEvent {
                         session,
                         resource,
-                        reason: EndReason::AvatarExited,
+                        kind: ResourceEventKind::Ends(EndReason::AvatarExited),
                     })
                     .await;
             }
@@ -603,7 +643,7 @@ impl ResourceBackend for ProcessBackend {
                         .report(ResourceEvent {
                             session,
                             resource,
-                            reason: EndReason::AvatarExited,
+                            kind: ResourceEventKind::Ends(EndReason::AvatarExited),
                         })
                         .await;
                 }

@@ -297,7 +297,10 @@ async fn cgroup_mode_a_server_that_exited_on_its_own_is_noted_exited() {
         .await
         .expect("exit reported")
         .expect("sink open");
-    assert_eq!(event.reason, EndReason::AvatarExited);
+    assert_eq!(
+        event.kind,
+        session_lifecycle_runtime::ResourceEventKind::Ends(EndReason::AvatarExited)
+    );
     assert_eq!(b.release(id, resource).await.unwrap(), "exited");
     assert!(!in_proc(avatar));
     assert!(!b.cgroup_dir(id).unwrap().exists());

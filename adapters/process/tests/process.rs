@@ -148,7 +148,10 @@ async fn a_server_that_exits_on_its_own_is_reported() {
         .expect("sink open");
     assert_eq!(event.session, id);
     assert_eq!(event.resource, acquired.resource);
-    assert_eq!(event.reason, EndReason::AvatarExited);
+    assert_eq!(
+        event.kind,
+        session_lifecycle_runtime::ResourceEventKind::Ends(EndReason::AvatarExited)
+    );
     wait_until("the process to be reaped", || {
         !in_proc(acquired.resource.handle)
     })
@@ -229,4 +232,71 @@ fn rand_suffix() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_nanos() as u64
+}
+
+/// Acquires for session `n` on `b`, with `ready_timeout`; the event reported, and when.
+async fn first_event(
+    b: &ProcessBackend,
+    n: u128,
+    ready_timeout: Option<Duration>,
+) -> (session_lifecycle_runtime::ResourceEvent, Duration, u64) {
+    let id = session(n);
+    let (sink, mut rx) = EventSink::channel();
+    let started = Instant::now();
+    let acquired = b
+        .acquire(
+            AcquireRequest {
+                resources: session_lifecycle_runtime::ResourceRequest {
+                    ready_timeout,
+                    ..Default::default()
+                },
+                session: id,
+                tenant: "t",
+                env: &env_for(id),
+            },
+            sink,
+        )
+        .await
+        .unwrap();
+    let event = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .expect("an event")
+        .expect("sink open");
+    assert_eq!((event.session, event.resource), (id, acquired.resource));
+    (event, started.elapsed(), acquired.resource.handle)
+}
+
+/// A server that sends `READY=1` to its `NOTIFY_SOCKET` after 300 ms is reported ready
+/// then; one that never does is reported past the ready timeout, to end `start_failed`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_comes_through_the_notify_socket_or_the_timeout_ends_it() {
+    use session_lifecycle_runtime::ResourceEventKind;
+    let notifying = backend(&["notify-after", "300"], Duration::from_secs(5));
+    let (event, after, pid) = first_event(&notifying, 11, Some(Duration::from_secs(5))).await;
+    assert_eq!(event.kind, ResourceEventKind::Ready);
+    assert!(
+        after >= Duration::from_millis(300) && after < Duration::from_secs(3),
+        "{after:?}"
+    );
+    let resource = session_lifecycle::Resource {
+        kind: PROCESS_KIND,
+        handle: pid,
+    };
+    assert_eq!(
+        notifying.release(session(11), resource).await.unwrap(),
+        "sigterm"
+    );
+
+    let silent = backend(&["behave"], Duration::from_secs(5));
+    let (event, after, pid) = first_event(&silent, 12, Some(Duration::from_millis(500))).await;
+    assert_eq!(event.kind, ResourceEventKind::Ends(EndReason::StartFailed));
+    assert!(after >= Duration::from_millis(500), "{after:?}");
+    let resource = session_lifecycle::Resource {
+        kind: PROCESS_KIND,
+        handle: pid,
+    };
+    assert_eq!(
+        silent.release(session(12), resource).await.unwrap(),
+        "sigterm"
+    );
 }

@@ -14,6 +14,10 @@ pub struct ResourceRequest {
     pub gpu_memory: Option<u64>,
     /// The GPU to run on (its index), when it matters; `None` lets placement choose.
     pub gpu_device: Option<u32>,
+    /// How long the avatar server may take to report it is ready (`READY=1` on its
+    /// `NOTIFY_SOCKET`) before the session ends `start_failed`; `None`: the backend's
+    /// default (which may be no limit).
+    pub ready_timeout: Option<Duration>,
 }
 
 /// What a backend is asked to acquire for a starting session.
@@ -209,16 +213,26 @@ pub struct ResourceEvent {
     pub session: SessionId,
     /// The resource.
     pub resource: Resource,
-    /// How the session must end because of it (an avatar server that exited by itself
-    /// ends its session with `avatar_exited`).
-    pub reason: EndReason,
+    /// What happened.
+    pub kind: ResourceEventKind,
+}
+
+/// What happened to a held resource.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResourceEventKind {
+    /// The session must end, for this reason (an avatar server that exited by itself:
+    /// `avatar_exited`; one not ready in time: `start_failed`).
+    Ends(EndReason),
+    /// The avatar server reported it is ready to serve.
+    Ready,
 }
 
 /// How many reported events wait for the engine at most; a backend reporting more waits
 /// for room (each event ends a session, so none is dropped).
 pub const EVENT_QUEUE: usize = 256;
 
-/// Where backends report [`ResourceEvent`]s; the engine ends the session concerned.
+/// Where backends report [`ResourceEvent`]s; the engine ends the session concerned, or
+/// records it ready.
 #[derive(Debug, Clone)]
 pub struct EventSink(pub(crate) mpsc::Sender<ResourceEvent>);
 

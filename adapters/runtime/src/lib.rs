@@ -35,7 +35,7 @@ mod store;
 
 pub use backend::{
     AcquireError, AcquireRequest, Acquired, EVENT_QUEUE, EventSink, ReleaseError, ReleaseNote,
-    ResourceBackend, ResourceEvent, ResourceRequest,
+    ResourceBackend, ResourceEvent, ResourceEventKind, ResourceRequest,
 };
 pub use clock::{
     ManualClock, RuntimeClock, SystemClock, TokioClock, WALL_RECHECK, sleep_until_wall,

@@ -183,6 +183,15 @@ pub struct DeliveryCounts {
 /// The event outbox and its deliveries (see the module docs). Every method is one atomic
 /// step, like every store method.
 pub trait EventOutbox: Send + Sync + 'static {
+    /// Records that the started session `session` is ready at `at`: its `ready_at`, and
+    /// its `session.ready` event in the same step, once. `false` (nothing written) if it
+    /// was ready already, has ended, or does not exist.
+    fn record_ready(
+        &self,
+        session: SessionId,
+        at: Timestamp,
+    ) -> BoxFuture<'_, Result<bool, StoreError>>;
+
     /// Events not fanned out yet, oldest first, at most `limit`.
     fn undispatched_events(
         &self,
@@ -272,6 +281,13 @@ macro_rules! delegate_outbox {
                     "undispatched_events",
                     self.inner.undispatched_events(limit)
                 )
+            }
+            fn record_ready(
+                &self,
+                session: session_lifecycle::SessionId,
+                at: session_lifecycle::Timestamp,
+            ) -> $crate::BoxFuture<'_, Result<bool, $crate::StoreError>> {
+                $wrap!(self, "record_ready", self.inner.record_ready(session, at))
             }
             fn dispatch_events(
                 &self,

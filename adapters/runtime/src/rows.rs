@@ -110,6 +110,8 @@ pub struct SessionRow {
     pub participant_absent_ms: Option<i64>,
     /// `websocket_grace_ms`.
     pub websocket_grace_ms: Option<i64>,
+    /// `ready_at`, ms.
+    pub ready_at: Option<i64>,
 }
 
 /// A `resources` row.
@@ -219,6 +221,7 @@ impl SessionRow {
             },
             release_notes,
             release_errors,
+            ready_at: self.ready_at.map(timestamp),
         })
     }
 }

@@ -161,6 +161,19 @@ pub mod statements {
          ON CONFLICT DO NOTHING"
     );
 
+    /// The started session `?1` is ready at `?2` (never before its start), once.
+    pub const RECORD_READY: &str = concat!(
+        "UPDATE sessions SET ready_at = ",
+        sql_later!("?2", "started_at"),
+        " WHERE id = ?1 AND status = 'started' AND ready_at IS NULL"
+    );
+
+    /// Session `?1` is ready: its `ready` event (sequence `?2`) at its `ready_at`, once.
+    pub const EVENT_READY: &str = "INSERT INTO events (session_id, tenant, session_seq, at)
+         SELECT id, tenant, CAST(?2 AS BIGINT), ready_at FROM sessions
+         WHERE id = ?1 AND ready_at IS NOT NULL
+         ON CONFLICT DO NOTHING";
+
     /// Events not fanned out yet, in the order they were written, at most `?1`.
     pub const UNDISPATCHED: &str =
         "SELECT NULL, e.session_id, e.tenant, e.session_seq, e.at, s.callback_url
@@ -463,6 +476,8 @@ mod tests {
         DUE,
         SEEN_HELD_BY,
         INSERT_EVENT,
+        RECORD_READY,
+        EVENT_READY,
         EVENT_ENDED,
         EVENT_RELEASED,
         UNDISPATCHED,

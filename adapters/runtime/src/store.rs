@@ -87,6 +87,8 @@ pub struct SessionRecord {
     pub release_notes: Vec<(Resource, String)>,
     /// The error of each resource's last failed release attempt, while it is not released.
     pub release_errors: Vec<(Resource, String)>,
+    /// When its avatar server reported it is ready, if it has.
+    pub ready_at: Option<Timestamp>,
 }
 
 /// What a new session is created with.

@@ -332,7 +332,7 @@ pub async fn avatar_exits(world: &World, resource: Resource, session: SessionId,
         sink.report(ResourceEvent {
             session,
             resource,
-            reason: EndReason::AvatarExited,
+            kind: session_lifecycle_runtime::ResourceEventKind::Ends(EndReason::AvatarExited),
         })
         .await;
     }

@@ -97,7 +97,7 @@ macro_rules! session_columns {
     () => {
         "id, tenant, status, started_at, ended_at, end_reason, expires_at, last_seen_at, \
          metadata, room_provider, room_name, node, participant_left_ms, participant_absent_ms, \
-         websocket_grace_ms"
+         websocket_grace_ms, ready_at"
     };
 }
 
@@ -119,6 +119,7 @@ fn session_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<SessionRow> {
         participant_left_ms: row.get(12)?,
         participant_absent_ms: row.get(13)?,
         websocket_grace_ms: row.get(14)?,
+        ready_at: row.get(15)?,
     })
 }
 

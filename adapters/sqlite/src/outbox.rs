@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use rusqlite::{OptionalExtension, params};
-use session_lifecycle::Timestamp;
+use session_lifecycle::{EventKind, SessionId, Timestamp};
 use session_lifecycle_runtime::rows::{
     DeliveryRow, EventRow, delivery_counts, delivery_next, duration_ms, event, event_sequence,
     millis as ms,
@@ -73,6 +73,26 @@ fn deliveries(
 }
 
 impl EventOutbox for SqliteStore {
+    fn record_ready(
+        &self,
+        session: SessionId,
+        at: Timestamp,
+    ) -> BoxFuture<'_, Result<bool, StoreError>> {
+        Box::pin(self.inner.conns.write(move |c| {
+            let id = session.to_string();
+            let n = c
+                .prepare_cached(statements::RECORD_READY)
+                .and_then(|mut s| s.execute(params![id, ms(at)]))
+                .map_err(db)?;
+            if n == 1 {
+                c.prepare_cached(statements::EVENT_READY)
+                    .and_then(|mut s| s.execute(params![id, event_sequence(EventKind::Ready)]))
+                    .map_err(db)?;
+            }
+            Ok(n == 1)
+        }))
+    }
+
     fn undispatched_events(
         &self,
         limit: u32,

@@ -154,8 +154,9 @@ const MIGRATIONS: &[&str] = &[
         WHERE status = 'pending';
      CREATE INDEX deliveries_by_tenant ON deliveries (tenant, id);",
     // 8: idempotency keys of creates: the body hash and session each key is bound to,
-    // and its answer once given.
-    "CREATE TABLE idempotency_keys (
+    // and its answer once given; when each session's avatar server reported ready.
+    "ALTER TABLE sessions ADD COLUMN ready_at INTEGER;
+     CREATE TABLE idempotency_keys (
         tenant       TEXT NOT NULL,
         key          TEXT NOT NULL,
         request_hash TEXT NOT NULL,

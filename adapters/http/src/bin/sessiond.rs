@@ -58,6 +58,13 @@ struct Cli {
     #[arg(long, env = "SESSIOND_AVATAR_COMMAND")]
     avatar_command: Option<String>,
 
+    /// Milliseconds an avatar server may take to report `READY=1` on its `NOTIFY_SOCKET`
+    /// (the systemd notify protocol) before its session ends `start_failed`; a tenant may
+    /// set its own (`avatar_ready_timeout_ms`). None: no limit (sessions whose server never
+    /// reports are never `ready`).
+    #[arg(long, env = "SESSIOND_AVATAR_READY_TIMEOUT_MS")]
+    avatar_ready_timeout_ms: Option<u64>,
+
     /// Seconds between SIGTERM and SIGKILL when stopping an avatar server.
     #[arg(long, env = "SESSIOND_AVATAR_GRACE_SECS", default_value_t = 10)]
     avatar_grace_secs: u64,
@@ -501,6 +508,10 @@ async fn run(cli: Cli) -> Result<(), String> {
         let mut config =
             ProcessConfig::from_command_line(line).ok_or("--avatar-command is empty")?;
         config.grace = Duration::from_secs(cli.avatar_grace_secs);
+        config.ready_timeout = cli
+            .avatar_ready_timeout_ms
+            .filter(|ms| *ms > 0)
+            .map(Duration::from_millis);
         config.cgroups = match cli.cgroup_root.as_str() {
             "auto" => CgroupMode::Auto,
             "off" => CgroupMode::Off,

@@ -67,6 +67,10 @@ pub struct EventData {
     pub started_at: String,
     /// When it would end by itself.
     pub expires_at: String,
+    /// When its avatar server reported ready (`session.ready`, and the later events of a
+    /// session that was ready).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_at: Option<String>,
     /// When it ended (`session.ended`, `session.released`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ended_at: Option<String>,
@@ -137,6 +141,10 @@ impl EventEnvelope {
                 sequence: event.kind.sequence(),
                 started_at: s.started_at().to_string(),
                 expires_at: s.expires_at().to_string(),
+                ready_at: record
+                    .ready_at
+                    .filter(|_| event.kind != EventKind::Started)
+                    .map(|t| t.to_string()),
                 ended_at: end.map(|t| t.to_string()),
                 end_reason: s.end_reason().filter(|_| ended).map(Into::into),
                 duration_secs: end.map(|t| t.saturating_duration_since(s.started_at()).as_secs()),

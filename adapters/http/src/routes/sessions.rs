@@ -88,6 +88,7 @@ pub async fn create_session(
                 .gpu_memory_mib
                 .map(|mib| mib.saturating_mul(1 << 20)),
             gpu_device: request.gpu_device,
+            ready_timeout: tenant.avatar_ready_timeout,
         },
     };
     let Some(key) = idempotency_key(&headers)? else {

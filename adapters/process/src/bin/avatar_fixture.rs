@@ -10,6 +10,8 @@
 //! - `ledger PATH`: runs until SIGTERM, then appends `SESSION_ID SENDER_PID` to PATH (one
 //!   line, one append) and exits 0: an outside record of who stopped which session.
 //!
+//! - `notify-after MILLIS`: sends `READY=1` to `$NOTIFY_SOCKET` after MILLIS (the systemd
+//!   notify protocol), then behaves.
 //! - `slow-exit MILLIS`: on SIGTERM waits MILLIS, then exits 0 (a server that needs time
 //!   to shut down).
 //! - `setsid-child PATH`: starts a grandchild in a session of its own (`setsid`, so out of
@@ -75,6 +77,21 @@ async fn main() {
                     .expect("open ledger");
                 file.write_all(line.as_bytes()).expect("append to ledger");
             }
+        }
+        "notify-after" => {
+            // Reports READY=1 on $NOTIFY_SOCKET after MILLIS (the systemd notify
+            // protocol), then runs until SIGTERM.
+            let ms = args.get(2).and_then(|a| a.parse().ok()).unwrap_or(300);
+            let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
+            println!("ready");
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            if let Ok(path) = std::env::var("NOTIFY_SOCKET") {
+                let socket = std::os::unix::net::UnixDatagram::unbound().expect("socket");
+                socket
+                    .send_to(b"STATUS=loading done\nREADY=1\n", path)
+                    .expect("notify");
+            }
+            term.recv().await;
         }
         "slow-exit" => {
             let ms = args.get(2).and_then(|a| a.parse().ok()).unwrap_or(500);

@@ -76,7 +76,10 @@ mod sessions;
 
 pub use idempotency::idempotency_keys_bind_one_request;
 pub use nodes::nodes_own_releases_and_dead_nodes_are_taken_over;
-pub use outbox::{claims_are_bounded_per_url, outbox_follows_the_session_and_delivers_in_order};
+pub use outbox::{
+    claims_are_bounded_per_url, outbox_follows_the_session_and_delivers_in_order,
+    readiness_is_recorded_once,
+};
 pub use presence::{presence_counts_live_nodes_only, watch_ends_hears_every_end};
 pub use releases::{
     an_end_claims_releases_for_its_own_node, claims_are_most_overdue_first_then_in_id_order,
@@ -115,6 +118,7 @@ pub async fn run_all(store: Arc<dyn Store>) {
     watch_ends_hears_every_end(&*store).await;
     outbox_follows_the_session_and_delivers_in_order(&*store).await;
     claims_are_bounded_per_url(&*store).await;
+    readiness_is_recorded_once(&*store).await;
     idempotency_keys_bind_one_request(&*store).await;
     store.ping().await.expect("ping");
 }

@@ -379,3 +379,37 @@ pub async fn claims_are_bounded_per_url(store: &dyn Store) {
         "the other URL is not held back: {claimed:?}"
     );
 }
+
+/// A started session is ready once: `ready_at` and its `session.ready` event in one step;
+/// again, or after its end, nothing is written.
+pub async fn readiness_is_recorded_once(store: &dyn Store) {
+    let tenant = fresh_tenant();
+    let new = new_session(&tenant, at(0), Duration::from_secs(600));
+    create(store, &new).await;
+    assert!(store.record_ready(new.id, at(2)).await.expect("ready"));
+    assert!(!store.record_ready(new.id, at(3)).await.expect("again"));
+    assert_eq!(get(store, new.id).await.ready_at, Some(at(2)));
+    let ready: Vec<_> = store
+        .undispatched_events(100_000)
+        .await
+        .expect("events")
+        .into_iter()
+        .filter(|e| e.session == new.id && e.kind == EventKind::Ready)
+        .map(|e| e.at)
+        .collect();
+    assert_eq!(ready, [at(2)]);
+    let late = new_session(&tenant, at(0), Duration::from_secs(600));
+    create(store, &late).await;
+    store
+        .end(late.id, None, at(1), EndReason::StartFailed, None)
+        .await
+        .expect("end");
+    assert!(!store.record_ready(late.id, at(2)).await.expect("ended"));
+    assert_eq!(get(store, late.id).await.ready_at, None);
+    assert!(
+        !store
+            .record_ready(new_session(&tenant, at(0), Duration::ZERO).id, at(2))
+            .await
+            .expect("unknown")
+    );
+}

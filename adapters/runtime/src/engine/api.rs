@@ -130,6 +130,7 @@ impl Engine {
             timeouts,
             release_notes: Vec::new(),
             release_errors: Vec::new(),
+            ready_at: None,
         };
         let mut tracked = self.timers().restore(session.clone()).is_ok();
         if !tracked {
@@ -313,6 +314,7 @@ impl Engine {
             timeouts: SessionTimeouts::default(),
             release_notes: Vec::new(),
             release_errors: Vec::new(),
+            ready_at: None,
         })
     }
 

@@ -12,6 +12,7 @@ use session_lifecycle::{EndReason, SessionId, Status, Transition};
 use tokio_util::task::TaskTracker;
 
 use super::{DueReport, Engine, EngineError, lock};
+use crate::backend::{ResourceEvent, ResourceEventKind};
 
 /// Whether a node can take new sessions (see [`Engine::readiness`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -103,7 +104,7 @@ impl Engine {
                     _ => break,
                 }
             };
-            self.end_internal(event.session, event.reason).await?;
+            self.handle_event(event).await?;
             handled += 1;
         }
         Ok(handled)
@@ -115,8 +116,25 @@ impl Engine {
             return;
         };
         while let Some(event) = rx.recv().await {
-            if let Err(e) = self.end_internal(event.session, event.reason).await {
-                tracing::warn!(session = %event.session, error = %e, "ending after a resource event failed");
+            if let Err(e) = self.handle_event(event).await {
+                tracing::warn!(session = %event.session, error = %e, "handling a resource event failed");
+            }
+        }
+    }
+
+    /// What a resource event does: ends its session, or records it ready (`ready_at` and
+    /// its `session.ready` event, once, while it is started).
+    async fn handle_event(&self, event: ResourceEvent) -> Result<(), EngineError> {
+        match event.kind {
+            ResourceEventKind::Ends(reason) => {
+                self.end_internal(event.session, reason).await.map(|_| ())
+            }
+            ResourceEventKind::Ready => {
+                let now = self.inner.clock.now();
+                if self.inner.store.record_ready(event.session, now).await? {
+                    tracing::info!(session = %event.session, "avatar server ready");
+                }
+                Ok(())
             }
         }
     }

@@ -55,6 +55,7 @@ struct SessionRow {
     claimed_by: Option<String>,
     claimed_until: Option<Timestamp>,
     callback_url: Option<String>,
+    ready_at: Option<Timestamp>,
 }
 
 #[derive(Debug, Default)]
@@ -237,6 +238,7 @@ impl SessionRow {
             timeouts: self.timeouts,
             release_notes,
             release_errors,
+            ready_at: self.ready_at,
         })
     }
 
@@ -321,6 +323,7 @@ impl SessionStore for MemoryStore {
                 claimed_by: None,
                 claimed_until: None,
                 callback_url: new.callback_url,
+                ready_at: None,
             },
         );
         ready(Ok(CreateOutcome::Created))

@@ -51,6 +51,28 @@ impl Outbox {
 }
 
 impl EventOutbox for MemoryStore {
+    fn record_ready(
+        &self,
+        session: SessionId,
+        at: Timestamp,
+    ) -> BoxFuture<'_, Result<bool, StoreError>> {
+        let mut state = self.state();
+        let Some(s) = state
+            .sessions
+            .get_mut(&session)
+            .filter(|s| s.ending.is_none() && s.ready_at.is_none())
+        else {
+            return ready(Ok(false));
+        };
+        let at = at.max(s.started_at);
+        s.ready_at = Some(at);
+        let (tenant, callback) = (s.tenant.clone(), s.callback_url.clone());
+        state
+            .outbox
+            .event(session, &tenant, EventKind::Ready, at, callback.as_deref());
+        ready(Ok(true))
+    }
+
     fn undispatched_events(
         &self,
         limit: u32,
