@@ -30,10 +30,8 @@ impl IdempotencyStore for PostgresStore {
                 let tx = client.transaction().await.map_err(unavailable)?;
                 let row = tx
                     .query_opt(
-                        concat!(
-                            "SELECT request_hash, session_id, status, body, created_at, claimed_at
-                             FROM idempotency_keys WHERE tenant = $1 AND key = $2 FOR UPDATE"
-                        ),
+                        "SELECT request_hash, session_id, status, body, created_at, claimed_at
+                         FROM idempotency_keys WHERE tenant = $1 AND key = $2 FOR UPDATE",
                         &[&request.tenant, &request.key],
                     )
                     .await
