@@ -106,7 +106,7 @@ impl utoipa::Modify for SecuritySchemes {
             "client_token",
             SecurityScheme::ApiKey(ApiKey::Query(ApiKeyValue::with_description(
                 "token",
-                "A session's `client_token` (from its create answer); only for its WebSocket",
+                "A session's `client_token` (from its create answer); for its WebSocket and its event stream",
             ))),
         );
     }

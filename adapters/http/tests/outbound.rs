@@ -698,6 +698,41 @@ async fn the_event_stream_is_the_tenants_own_and_resumes_without_loss() {
             .all(|(_, _, d)| d["data"]["session_id"] != a1.as_str()
                 && d["data"]["session_id"] != a2.as_str())
     );
+    // A session's client token streams that session's events only.
+    let (status, created) = call(&node, ACME, Method::POST, "/v1/sessions", Some(json!({}))).await;
+    assert_eq!(status, StatusCode::CREATED);
+    let a3 = created["session"]["session_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let token = created["client_token"].as_str().unwrap().to_owned();
+    end(&node, ACME, &a3).await;
+    let resp = reqwest::Client::new()
+        .get(node.url(&format!("/v1/events?session_id={a3}&token={token}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let mut own = SseClient {
+        response: resp,
+        buffer: String::new(),
+    };
+    let mine = own.next_events(3).await;
+    assert!(
+        mine.iter()
+            .all(|(_, _, d)| d["data"]["session_id"] == a3.as_str()),
+        "{mine:?}"
+    );
+    let resp = reqwest::Client::new()
+        .get(node.url(&format!("/v1/events?session_id={a1}&token={token}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        resp.status(),
+        StatusCode::UNAUTHORIZED,
+        "another session's token"
+    );
     let (status, _) = call(&node, ACME, Method::GET, "/v1/events?after=x", None).await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
     cluster.finish().await;

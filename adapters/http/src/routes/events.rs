@@ -14,7 +14,7 @@ use session_lifecycle_runtime::{DeliveryQuery, SessionEvent, StoreError};
 use utoipa::IntoParams;
 
 use crate::error::{ApiError, ErrorBody, ErrorCode};
-use crate::extract::Authenticated;
+use crate::extract::{Authenticated, api_key_tenant};
 use crate::input::session_id;
 use crate::outbound::payload::{
     DeliveriesResponse, DeliveryResponse, DeliveryStatusView, DeliveryView, EventEnvelope,
@@ -38,6 +38,12 @@ pub struct StreamParams {
     /// the first event kept.
     #[param(value_type = Option<u64>, minimum = 0)]
     pub after: Option<String>,
+    /// Only this session's events (with `token`: required).
+    #[param(pattern = "^sess_[0-9A-HJKMNP-TV-Z]{1,64}$")]
+    pub session_id: Option<String>,
+    /// The session's `client_token` (from its create answer), instead of an API key: the
+    /// stream then has that session's events only.
+    pub token: Option<String>,
 }
 
 fn parse_position(text: &str, what: &str) -> Result<u64, ApiError> {
@@ -59,20 +65,37 @@ fn parse_position(text: &str, what: &str) -> Result<u64, ApiError> {
     ),
     responses(
         (status = 200, description = "An endless `text/event-stream`: one message per event (`id`, `event` = type, `data` = the event's JSON, see `EventEnvelope`), and comments to keep the connection open", content_type = "text/event-stream", body = String),
-        (status = 400, description = "An invalid `Last-Event-ID` or `after` (`invalid_request`)", body = ErrorBody),
-        (status = 401, description = "Missing, unknown or revoked API key (`unauthorized`)", body = ErrorBody),
-        (status = 503, description = "Overloaded", body = ErrorBody),
+        (status = 400, description = "An invalid `Last-Event-ID`, `after` or `session_id`, or a token without `session_id` (`invalid_request`, `invalid_session_id`)", body = ErrorBody),
+        (status = 401, description = "Missing, unknown or revoked API key, or a client token not valid for `session_id` (`unauthorized`)", body = ErrorBody),
+        (status = 404, description = "With a client token: no such session (`session_not_found`)", body = ErrorBody),
+        (status = 503, description = "Storage unavailable or overloaded", body = ErrorBody),
     ),
-    security(("api_key" = []))
+    security(("api_key" = []), ("client_token" = []))
 )]
 pub async fn stream_events(
     State(state): State<Arc<AppState>>,
-    Authenticated(tenant): Authenticated,
     headers: HeaderMap,
     params: Result<Query<StreamParams>, QueryRejection>,
 ) -> Result<Sse<impl futures_util::Stream<Item = Result<Event, std::convert::Infallible>>>, ApiError>
 {
     let Query(params) = params.map_err(|e| ApiError::invalid(e.body_text()))?;
+    let session = params.session_id.as_deref().map(session_id).transpose()?;
+    // A client token sees its session's events; an API key its tenant's.
+    let tenant = match (&params.token, session) {
+        (Some(token), Some(id)) => {
+            state
+                .tokens
+                .verify(token, id, state.engine.now())
+                .map_err(|_| ApiError::unauthorized())?;
+            state.engine.get(None, id).await?.tenant
+        }
+        (Some(_), None) => {
+            return Err(ApiError::invalid(
+                "a client token needs the session_id it is for",
+            ));
+        }
+        (None, _) => api_key_tenant(&state.tenants, &headers)?.name.clone(),
+    };
     let last = match headers.get("last-event-id") {
         Some(v) => parse_position(
             v.to_str()
@@ -84,7 +107,6 @@ pub async fn stream_events(
             None => 0,
         },
     };
-    let tenant = tenant.name.clone();
     let pending: std::collections::VecDeque<SessionEvent> = std::collections::VecDeque::new();
     let stream = futures_util::stream::unfold(
         (state, tenant, last, pending),
@@ -93,6 +115,9 @@ pub async fn stream_events(
                 if let Some(event) = pending.pop_front() {
                     let position = event.position.unwrap_or(last);
                     last = position;
+                    if session.is_some_and(|s| s != event.session) {
+                        continue;
+                    }
                     let Some(message) = message(&state, &event).await else {
                         continue;
                     };
