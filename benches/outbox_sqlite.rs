@@ -9,6 +9,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput};
+// This bench uses only the engine helpers of the shared setup.
+#[allow(dead_code)]
 #[path = "support.rs"]
 mod support;
 use session_lifecycle::EndReason;

@@ -110,7 +110,7 @@ pub async fn stream_events(
     let pending: std::collections::VecDeque<SessionEvent> = std::collections::VecDeque::new();
     let stream = futures_util::stream::unfold(
         (state, tenant, last, pending),
-        |(state, tenant, mut last, mut pending)| async move {
+        move |(state, tenant, mut last, mut pending)| async move {
             loop {
                 if let Some(event) = pending.pop_front() {
                     let position = event.position.unwrap_or(last);
