@@ -32,6 +32,8 @@ pub struct HttpConfig {
     pub ws_pong_timeout: Duration,
     /// Where webhooks may go: checked on a create's `callback_url`.
     pub webhook_addresses: AddressPolicy,
+    /// Most event streams (`/v1/events`) open at once; more get 503 `overloaded`.
+    pub max_event_streams: usize,
 }
 
 impl Default for HttpConfig {
@@ -44,6 +46,7 @@ impl Default for HttpConfig {
             ws_ping_interval: Duration::from_secs(5),
             ws_pong_timeout: Duration::from_secs(15),
             webhook_addresses: AddressPolicy::default(),
+            max_event_streams: 1024,
         }
     }
 }
@@ -68,6 +71,8 @@ pub struct AppState {
     pub shutdown: tokio::sync::watch::Sender<bool>,
     /// The outbound webhook worker, once started.
     pub outbound: std::sync::OnceLock<Arc<Outbound>>,
+    /// Slots for open event streams.
+    pub event_streams: Arc<tokio::sync::Semaphore>,
 }
 
 impl AppState {
@@ -89,6 +94,7 @@ impl AppState {
         config: HttpConfig,
         webhooks: WebhookConfig,
     ) -> Arc<AppState> {
+        let event_streams = Arc::new(tokio::sync::Semaphore::new(config.max_event_streams.max(1)));
         Arc::new(AppState {
             webhooks,
             engine,
@@ -99,6 +105,7 @@ impl AppState {
             ended_answers: EndedAnswers::new(65_536),
             shutdown: tokio::sync::watch::channel(false).0,
             outbound: std::sync::OnceLock::new(),
+            event_streams,
         })
     }
 }

@@ -107,12 +107,17 @@ impl EventOutbox for PostgresStore {
         Box::pin(async move {
             let mut client = self.client().await?;
             let tx = client.transaction().await.map_err(unavailable)?;
+            // The stream's counter row first, held to the commit: fan-outs take turns, and
+            // never lock events in two orders.
+            tx.execute("SELECT 1 FROM event_stream FOR UPDATE", &[])
+                .await
+                .map_err(unavailable)?;
             let mut dispatched = 0;
             for Dispatch { session, kind, to } in &events {
                 let id = session.to_string();
                 let sequence = event_sequence(*kind);
-                // Placed only if not placed yet; its row lock waits for another instance
-                // placing it, then finds it placed.
+                // Placed only if not placed yet (another instance's fan-out committed
+                // before this one took the counter).
                 let Some(placed) = tx
                     .query_opt(
                         "SELECT id, tenant, at FROM events
@@ -150,6 +155,7 @@ impl EventOutbox for PostgresStore {
                             &fanout.endpoint,
                             &fanout.url,
                             &ms(now),
+                            &fanout.origin,
                         ],
                     )
                     .await
@@ -164,16 +170,18 @@ impl EventOutbox for PostgresStore {
     fn events_after<'a>(
         &'a self,
         tenant: TenantScope<'a>,
+        session: Option<SessionId>,
         after: u64,
         limit: u32,
     ) -> BoxFuture<'a, Result<Vec<SessionEvent>, StoreError>> {
         Box::pin(async move {
             let client = self.client().await?;
             let after = i64::try_from(after).unwrap_or(i64::MAX);
+            let session = session.map(|s| s.to_string());
             let rows = client
                 .query(
                     pg(statements::EVENTS_AFTER),
-                    &[&after, &tenant, &i64::from(limit)],
+                    &[&after, &tenant, &i64::from(limit), &session],
                 )
                 .await
                 .map_err(unavailable)?;
@@ -187,7 +195,8 @@ impl EventOutbox for PostgresStore {
         now: Timestamp,
         lease: Duration,
         limit: u32,
-        per_url: u32,
+        per_origin: u32,
+        busy: Vec<String>,
     ) -> BoxFuture<'_, Result<Vec<Delivery>, StoreError>> {
         let node = node.to_owned();
         Box::pin(async move {
@@ -197,7 +206,14 @@ impl EventOutbox for PostgresStore {
                     concat!(
                         "UPDATE deliveries SET claimed_by = $1, claimed_until = $2 + $3
                          WHERE id IN (",
-                        sql_due_deliveries!("$2", "$4", "$5", "FOR UPDATE OF d SKIP LOCKED"),
+                        sql_due_deliveries!(
+                            "$2",
+                            "$4",
+                            "$5",
+                            "$4::BIGINT * 4",
+                            "NOT (d.origin = ANY($6::TEXT[]))",
+                            "FOR UPDATE OF d SKIP LOCKED"
+                        ),
                         ") AND status = 'pending'
                            AND (claimed_until IS NULL OR claimed_until <= $2)
                          RETURNING ",
@@ -208,7 +224,8 @@ impl EventOutbox for PostgresStore {
                         &ms(now),
                         &duration_ms(lease),
                         &i64::from(limit),
-                        &i64::from(per_url),
+                        &i64::from(per_origin),
+                        &busy,
                     ],
                 )
                 .await
@@ -297,6 +314,31 @@ impl EventOutbox for PostgresStore {
                 .map_err(unavailable)?;
             tx.commit().await.map_err(unavailable)?;
             row.as_ref().map(delivery).transpose()
+        })
+    }
+
+    fn prune_outbox(
+        &self,
+        events_before: Timestamp,
+        keys_before: Timestamp,
+        limit: u32,
+    ) -> BoxFuture<'_, Result<u32, StoreError>> {
+        Box::pin(async move {
+            let mut client = self.client().await?;
+            let tx = client.transaction().await.map_err(unavailable)?;
+            let mut gone = 0;
+            for (sql, before) in [
+                (statements::PRUNE_DELIVERIES, events_before),
+                (statements::PRUNE_EVENTS, events_before),
+                (statements::PRUNE_KEYS, keys_before),
+            ] {
+                gone += tx
+                    .execute(pg(sql), &[&ms(before), &i64::from(limit)])
+                    .await
+                    .map_err(unavailable)?;
+            }
+            tx.commit().await.map_err(unavailable)?;
+            Ok(gone as u32)
         })
     }
 

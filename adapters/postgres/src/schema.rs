@@ -135,6 +135,7 @@ const MIGRATIONS: &[&str] = &["
         event_at        BIGINT NOT NULL,
         endpoint        TEXT NOT NULL,
         url             TEXT NOT NULL,
+        origin          TEXT NOT NULL,
         status          TEXT NOT NULL CHECK (status IN ('pending', 'delivered', 'failed')),
         attempts        BIGINT NOT NULL DEFAULT 0,
         created_at      BIGINT NOT NULL,
@@ -151,6 +152,8 @@ const MIGRATIONS: &[&str] = &["
     CREATE INDEX deliveries_in_order ON deliveries (session_id, endpoint, session_seq)
         WHERE status = 'pending';
     CREATE INDEX deliveries_by_tenant ON deliveries (tenant, id);
+    CREATE INDEX deliveries_done ON deliveries (created_at) WHERE status <> 'pending';
+    CREATE INDEX events_by_time ON events (at) WHERE position IS NOT NULL;
 ",
 // 8: idempotency keys of creates: the body hash and session each key is bound to, and its
 // answer once given; when each session's avatar server reported ready.

@@ -142,8 +142,15 @@ pub struct ProcessBackend {
     /// ([`ResourceBackend::resume`]), watched for an exit of their own: their pid and the
     /// flag a release sets before it stops them.
     resumed: Mutex<HashMap<u32, Arc<AtomicBool>>>,
-    /// Where each avatar server's notify socket is made (see [`notify`]).
+    /// Where each avatar server's notify socket is made (see [`notify`]): made by this
+    /// backend, private to its user, removed with it.
     notify_dir: PathBuf,
+}
+
+impl Drop for ProcessBackend {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.notify_dir);
+    }
 }
 
 /// How often a taken-back avatar server (not our child: no exit status to wait for) is
@@ -181,8 +188,7 @@ impl ProcessBackend {
                 None
             }
         };
-        let notify_dir =
-            std::env::temp_dir().join(format!("sessiond-notify-{}", std::process::id()));
+        let notify_dir = notify::private_dir()?;
         Ok(ProcessBackend {
             config,
             cgroups,

@@ -30,14 +30,39 @@ impl Drop for NotifySocket {
     }
 }
 
+/// A new directory for notify sockets, private to this user: made here (never one that
+/// existed, which someone else could have made), with a name no one can guess ahead.
+pub fn private_dir() -> io::Result<PathBuf> {
+    use std::hash::{BuildHasher, Hasher};
+    use std::os::unix::fs::DirBuilderExt;
+    for _ in 0..16 {
+        // A random name: std's hasher keys are random per process.
+        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+        hasher.write_u128(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos()),
+        );
+        let dir = std::env::temp_dir().join(format!(
+            "sessiond-notify-{}-{:016x}",
+            std::process::id(),
+            hasher.finish()
+        ));
+        match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+            Ok(()) => return Ok(dir),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(io::Error::new(
+        io::ErrorKind::AlreadyExists,
+        "no fresh directory for notify sockets",
+    ))
+}
+
 impl NotifySocket {
-    /// A socket for `session` in `dir` (made, private to this user, if needed).
+    /// A socket for `session` in `dir` (made by [`private_dir`]).
     pub fn bind(dir: &Path, session: SessionId) -> io::Result<NotifySocket> {
-        use std::os::unix::fs::DirBuilderExt;
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)?;
         let path = dir.join(format!("{session}.sock"));
         if path.as_os_str().len() > MAX_PATH {
             return Err(io::Error::new(

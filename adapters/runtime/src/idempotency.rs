@@ -15,6 +15,9 @@ use session_lifecycle::{SessionId, Timestamp};
 
 use crate::store::{BoxFuture, StoreError};
 
+/// How long a key binds its request and answer.
+pub const IDEMPOTENCY_KEEP: Duration = Duration::from_secs(24 * 3600);
+
 /// What a key's owner sent: `tenant`'s request with `key`, whose body hashes to
 /// `request_hash`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -65,7 +68,8 @@ pub trait IdempotencyStore: Send + Sync + 'static {
         keep_for: Duration,
     ) -> BoxFuture<'_, Result<IdempotencyBegin, StoreError>>;
 
-    /// Records the answer of the request that holds the key for `session`.
+    /// Records the answer of the request that holds the key for `session`, unless it was
+    /// answered already (the first answer stays).
     fn finish_idempotent(
         &self,
         tenant: &str,

@@ -45,7 +45,8 @@ pub use engine::{
     SESSION_ID_ENV, SocketHold, StartRequest, TIMER_SLOTS,
 };
 pub use idempotency::{
-    IdempotencyBegin, IdempotencyStore, IdempotentRequest, KeyDecision, StoredKey, decide_key,
+    IDEMPOTENCY_KEEP, IdempotencyBegin, IdempotencyStore, IdempotentRequest, KeyDecision,
+    StoredKey, decide_key,
 };
 pub use memory::MemoryStore;
 

@@ -150,6 +150,9 @@ pub struct Fanout {
     pub endpoint: String,
     /// Its URL.
     pub url: String,
+    /// The URL's origin (scheme, host and port): deliveries in flight are bounded per
+    /// origin.
+    pub origin: String,
 }
 
 /// Which deliveries a listing returns.
@@ -209,25 +212,28 @@ pub trait EventOutbox: Send + Sync + 'static {
     ) -> BoxFuture<'_, Result<u32, StoreError>>;
 
     /// Fanned out events after stream position `after`, in stream order, at most `limit`;
-    /// only `tenant`'s if it is given.
+    /// only `tenant`'s if it is given, only `session`'s if it is given.
     fn events_after<'a>(
         &'a self,
         tenant: TenantScope<'a>,
+        session: Option<SessionId>,
         after: u64,
         limit: u32,
     ) -> BoxFuture<'a, Result<Vec<SessionEvent>, StoreError>>;
 
     /// Claims up to `limit` pending deliveries due at `now` for `node` until `now + lease`,
-    /// most overdue first, at most `per_url` of them to any one URL. A delivery waits
-    /// while an earlier event of its session is pending to the same endpoint (receivers
-    /// get a session's events in order); nothing else holds it back.
+    /// most overdue first, at most `per_origin` of them to any one origin and none to the
+    /// origins in `busy` (those the caller has no room for). A delivery waits while an
+    /// earlier event of its session is pending to the same endpoint (receivers get a
+    /// session's events in order); nothing else holds it back.
     fn claim_deliveries(
         &self,
         node: &str,
         now: Timestamp,
         lease: Duration,
         limit: u32,
-        per_url: u32,
+        per_origin: u32,
+        busy: Vec<String>,
     ) -> BoxFuture<'_, Result<Vec<Delivery>, StoreError>>;
 
     /// Records an attempt of a delivery `node` claimed, and gives the claim up. Nothing is
@@ -246,7 +252,8 @@ pub trait EventOutbox: Send + Sync + 'static {
     fn deliveries(&self, query: DeliveryQuery) -> BoxFuture<'_, Result<Vec<Delivery>, StoreError>>;
 
     /// Makes delivery `id` (in `tenant`'s scope) pending again, due at `now`, with a fresh
-    /// retry period from `now`. A delivered one stays as it is. Returns it as it now
+    /// retry period from `now`. A delivered one stays as it is, and so does one whose
+    /// attempt is under way (claimed). Returns it as it now
     /// stands, `None` if there is no such delivery in scope.
     fn retry_delivery<'a>(
         &'a self,
@@ -258,9 +265,20 @@ pub trait EventOutbox: Send + Sync + 'static {
     /// Deliveries counted by status.
     fn delivery_counts(&self) -> BoxFuture<'_, Result<DeliveryCounts, StoreError>>;
 
+    /// Forgets, at most `limit` of each: deliveries done (delivered or failed) that were
+    /// fanned out at or before `events_before`, fanned out events at or before it with no
+    /// delivery left, and idempotency keys taken at or before `keys_before`. Returns how
+    /// many rows went.
+    fn prune_outbox(
+        &self,
+        events_before: Timestamp,
+        keys_before: Timestamp,
+        limit: u32,
+    ) -> BoxFuture<'_, Result<u32, StoreError>>;
+
     /// Runs until dropped, calling `wake` whenever an event may have been written by
-    /// another instance (PostgreSQL: `LISTEN`). The service also polls, so the default,
-    /// which never wakes, is correct for a store used by one instance.
+    /// another instance, for a store that can push that. The service also polls, so the
+    /// default, which never wakes, is correct for every store.
     fn watch_events<'a>(&'a self, wake: &'a (dyn Fn() + Send + Sync)) -> BoxFuture<'a, ()> {
         let _ = wake;
         Box::pin(std::future::pending())
@@ -303,13 +321,14 @@ macro_rules! delegate_outbox {
             fn events_after<'a>(
                 &'a self,
                 tenant: $crate::TenantScope<'a>,
+                session: Option<session_lifecycle::SessionId>,
                 after: u64,
                 limit: u32,
             ) -> $crate::BoxFuture<'a, Result<Vec<$crate::SessionEvent>, $crate::StoreError>> {
                 $wrap!(
                     self,
                     "events_after",
-                    self.inner.events_after(tenant, after, limit)
+                    self.inner.events_after(tenant, session, after, limit)
                 )
             }
             fn claim_deliveries(
@@ -318,14 +337,15 @@ macro_rules! delegate_outbox {
                 now: session_lifecycle::Timestamp,
                 lease: std::time::Duration,
                 limit: u32,
-                per_url: u32,
+                per_origin: u32,
+                busy: Vec<String>,
             ) -> $crate::BoxFuture<'_, Result<Vec<$crate::Delivery>, $crate::StoreError>> {
                 let node = node.to_owned();
                 $wrap!(
                     self,
                     "claim_deliveries",
                     self.inner
-                        .claim_deliveries(&node, now, lease, limit, per_url)
+                        .claim_deliveries(&node, now, lease, limit, per_origin, busy)
                 )
             }
             fn record_delivery(
@@ -374,6 +394,18 @@ macro_rules! delegate_outbox {
                 &self,
             ) -> $crate::BoxFuture<'_, Result<$crate::DeliveryCounts, $crate::StoreError>> {
                 $wrap!(self, "delivery_counts", self.inner.delivery_counts())
+            }
+            fn prune_outbox(
+                &self,
+                events_before: session_lifecycle::Timestamp,
+                keys_before: session_lifecycle::Timestamp,
+                limit: u32,
+            ) -> $crate::BoxFuture<'_, Result<u32, $crate::StoreError>> {
+                $wrap!(
+                    self,
+                    "prune_outbox",
+                    self.inner.prune_outbox(events_before, keys_before, limit)
+                )
             }
             fn watch_events<'a>(
                 &'a self,

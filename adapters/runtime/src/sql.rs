@@ -93,29 +93,35 @@ macro_rules! delivery_columns {
     };
 }
 
-/// The pending deliveries due at `$now` and not claimed, each the first pending event of
-/// its session to its endpoint (a session's events go in order; a failed one does not
-/// hold the next back), at most `$per_url` to one URL and `$limit` in all, most overdue
-/// first. `$lock` is the dialect's row lock clause for the candidates (or empty).
+/// The pending deliveries due at `$now` and not claimed, to origins that are not busy
+/// (`$not_busy`, the dialect's test of `d.origin`), each the first pending event of its
+/// session to its endpoint (a session's events go in order; a failed one does not hold
+/// the next back): of the `$scan` most overdue (only those are locked, with the dialect's
+/// `$lock`), at most `$per_origin` to one origin and `$limit` in all.
 #[macro_export]
 macro_rules! sql_due_deliveries {
-    ($now:literal, $limit:literal, $per_url:literal, $lock:literal) => {
+    ($now:literal, $limit:literal, $per_origin:literal, $scan:literal, $not_busy:literal, $lock:literal) => {
         concat!(
             "SELECT id FROM (
                 SELECT id, next_attempt_at,
-                       ROW_NUMBER() OVER (PARTITION BY url ORDER BY next_attempt_at, id) AS nth
-                FROM (SELECT d.id, d.url, d.next_attempt_at FROM deliveries d
+                       ROW_NUMBER() OVER (PARTITION BY origin ORDER BY next_attempt_at, id) AS nth
+                FROM (SELECT d.id, d.origin, d.next_attempt_at FROM deliveries d
                       WHERE d.status = 'pending' AND d.next_attempt_at <= ",
             $now,
             " AND (d.claimed_until IS NULL OR d.claimed_until <= ",
             $now,
-            ") AND NOT EXISTS (SELECT 1 FROM deliveries e
+            ") AND ",
+            $not_busy,
+            " AND NOT EXISTS (SELECT 1 FROM deliveries e
                                WHERE e.session_id = d.session_id AND e.endpoint = d.endpoint
-                                 AND e.status = 'pending' AND e.session_seq < d.session_seq) ",
+                                 AND e.status = 'pending' AND e.session_seq < d.session_seq)
+                      ORDER BY d.next_attempt_at, d.id LIMIT ",
+            $scan,
+            " ",
             $lock,
             ") candidates
              ) ranked WHERE nth <= ",
-            $per_url,
+            $per_origin,
             " ORDER BY next_attempt_at, id LIMIT ",
             $limit
         )
@@ -192,18 +198,20 @@ pub mod statements {
          RETURNING id, tenant, at";
 
     /// A pending delivery of event `?1` (session `?2`, sequence `?3`, tenant `?4`, at
-    /// `?5`) to endpoint `?6` at `?7`, due at `?8`.
+    /// `?5`) to endpoint `?6` at URL `?7` of origin `?9`, made and due at `?8`.
     pub const INSERT_DELIVERY: &str =
         "INSERT INTO deliveries (event_id, session_id, session_seq, tenant, event_at, endpoint,
-                                 url, status, created_at, next_attempt_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'pending', ?8, ?8)
+                                 url, origin, status, created_at, next_attempt_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?9, 'pending', ?8, ?8)
          ON CONFLICT DO NOTHING";
 
-    /// Fanned out events after stream place `?1`, of tenant `?2` if not NULL, at most `?3`.
+    /// Fanned out events after stream place `?1`, of tenant `?2` and session `?4` (each if
+    /// not NULL), at most `?3`.
     pub const EVENTS_AFTER: &str =
         "SELECT e.position, e.session_id, e.tenant, e.session_seq, e.at, s.callback_url
          FROM events e JOIN sessions s ON s.id = e.session_id
          WHERE e.position > ?1 AND (CAST(?2 AS TEXT) IS NULL OR e.tenant = ?2)
+           AND (CAST(?4 AS TEXT) IS NULL OR e.session_id = ?4)
          ORDER BY e.position LIMIT ?3";
 
     /// A claimed delivery's attempt: `?1` id, `?2` node, `?3` status, `?4` at, `?5` HTTP
@@ -219,10 +227,11 @@ pub mod statements {
          WHERE id = ?1 AND claimed_by = ?2";
 
     /// Delivery `?1` of tenant `?2` (if not NULL) pending again, due at `?3`, unless it
-    /// was delivered.
+    /// was delivered or an attempt of it is under way (a live claim).
     pub const RETRY_DELIVERY: &str = "UPDATE deliveries SET status = 'pending', created_at = ?3,
             next_attempt_at = ?3, claimed_by = NULL, claimed_until = NULL
-         WHERE id = ?1 AND (CAST(?2 AS TEXT) IS NULL OR tenant = ?2) AND status <> 'delivered'";
+         WHERE id = ?1 AND (CAST(?2 AS TEXT) IS NULL OR tenant = ?2) AND status <> 'delivered'
+           AND (claimed_until IS NULL OR claimed_until <= ?3)";
 
     /// Deliveries by status and whether they were attempted: count, oldest fan-out.
     pub const COUNT_DELIVERIES: &str =
@@ -409,14 +418,26 @@ pub mod statements {
 
     /// The answer (`?4` status, `?5` body) of key `?2` of tenant `?1` held for session `?3`.
     pub const FINISH_KEY: &str = "UPDATE idempotency_keys SET status = ?4, body = ?5
-         WHERE tenant = ?1 AND key = ?2 AND session_id = ?3";
+         WHERE tenant = ?1 AND key = ?2 AND session_id = ?3 AND status IS NULL";
 
     /// Key `?2` of tenant `?1`, held for session `?3` and unanswered, given up.
     pub const ABANDON_KEY: &str = "DELETE FROM idempotency_keys
          WHERE tenant = ?1 AND key = ?2 AND session_id = ?3 AND status IS NULL";
 
-    /// Idempotency keys taken at or before `?1`.
-    pub const PRUNE_KEYS: &str = "DELETE FROM idempotency_keys WHERE created_at <= ?1";
+    /// At most `?2` idempotency keys taken at or before `?1`.
+    pub const PRUNE_KEYS: &str = "DELETE FROM idempotency_keys WHERE (tenant, key) IN (
+            SELECT tenant, key FROM idempotency_keys WHERE created_at <= ?1 LIMIT ?2)";
+
+    /// At most `?2` deliveries done (delivered or failed) fanned out at or before `?1`.
+    pub const PRUNE_DELIVERIES: &str = "DELETE FROM deliveries WHERE id IN (
+            SELECT id FROM deliveries WHERE status <> 'pending' AND created_at <= ?1 LIMIT ?2)";
+
+    /// At most `?2` fanned out events at or before `?1` with no delivery left.
+    pub const PRUNE_EVENTS: &str = "DELETE FROM events WHERE id IN (
+            SELECT e.id FROM events e
+            WHERE e.position IS NOT NULL AND e.at <= ?1
+              AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.event_id = e.id)
+            LIMIT ?2)";
 
     /// Room event ids received at or before `?1` (kept as long as the retention, for
     /// deduplicating a provider's retries).
@@ -497,6 +518,8 @@ mod tests {
         FINISH_KEY,
         ABANDON_KEY,
         PRUNE_KEYS,
+        PRUNE_DELIVERIES,
+        PRUNE_EVENTS,
         sql_holders!("n.last_heartbeat_at > ?2 - ?3"),
     ];
 

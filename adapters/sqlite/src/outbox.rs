@@ -17,6 +17,15 @@ use session_lifecycle_runtime::{
 
 use crate::{SqliteStore, db};
 
+/// `items` as a JSON array of strings (for `json_each`).
+fn json_array(items: &[String]) -> String {
+    let quoted: Vec<String> = items
+        .iter()
+        .map(|s| format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\"")))
+        .collect();
+    format!("[{}]", quoted.join(","))
+}
+
 /// The delivery row at `row` (columns as `delivery_columns!` lists them).
 fn delivery_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<DeliveryRow> {
     Ok(DeliveryRow {
@@ -146,7 +155,8 @@ impl EventOutbox for SqliteStore {
                                 at,
                                 fanout.endpoint,
                                 fanout.url,
-                                ms(now)
+                                ms(now),
+                                fanout.origin
                             ])
                         })
                         .map_err(db)?;
@@ -159,16 +169,18 @@ impl EventOutbox for SqliteStore {
     fn events_after<'a>(
         &'a self,
         tenant: TenantScope<'a>,
+        session: Option<SessionId>,
         after: u64,
         limit: u32,
     ) -> BoxFuture<'a, Result<Vec<SessionEvent>, StoreError>> {
         let tenant = tenant.map(str::to_owned);
+        let session = session.map(|s| s.to_string());
         let after = i64::try_from(after).unwrap_or(i64::MAX);
         Box::pin(self.inner.conns.read(move |c| {
             events(
                 c,
                 statements::EVENTS_AFTER,
-                params![after, tenant, i64::from(limit)],
+                params![after, tenant, i64::from(limit), session],
             )
         }))
     }
@@ -179,7 +191,8 @@ impl EventOutbox for SqliteStore {
         now: Timestamp,
         lease: Duration,
         limit: u32,
-        per_url: u32,
+        per_origin: u32,
+        busy: Vec<String>,
     ) -> BoxFuture<'_, Result<Vec<Delivery>, StoreError>> {
         let node = node.to_owned();
         Box::pin(self.inner.conns.write(move |c| {
@@ -188,7 +201,14 @@ impl EventOutbox for SqliteStore {
                 concat!(
                     "UPDATE deliveries SET claimed_by = ?1, claimed_until = ?2 + ?3
                      WHERE id IN (",
-                    sql_due_deliveries!("?2", "?4", "?5", ""),
+                    sql_due_deliveries!(
+                        "?2",
+                        "?4",
+                        "?5",
+                        "?4 * 4",
+                        "d.origin NOT IN (SELECT value FROM json_each(?6))",
+                        ""
+                    ),
                     ") RETURNING ",
                     delivery_columns!()
                 ),
@@ -197,7 +217,8 @@ impl EventOutbox for SqliteStore {
                     ms(now),
                     duration_ms(lease),
                     i64::from(limit),
-                    i64::from(per_url)
+                    i64::from(per_origin),
+                    json_array(&busy)
                 ],
             )?;
             // RETURNING has no order of its own.
@@ -268,6 +289,28 @@ impl EventOutbox for SqliteStore {
                 .and_then(|mut s| s.execute(params![id as i64, tenant, ms(now)]))
                 .map_err(db)?;
             Ok(deliveries(c, statements::GET_DELIVERY, params![id as i64, tenant])?.pop())
+        }))
+    }
+
+    fn prune_outbox(
+        &self,
+        events_before: Timestamp,
+        keys_before: Timestamp,
+        limit: u32,
+    ) -> BoxFuture<'_, Result<u32, StoreError>> {
+        Box::pin(self.inner.conns.write(move |c| {
+            let mut gone = 0;
+            for (sql, before) in [
+                (statements::PRUNE_DELIVERIES, events_before),
+                (statements::PRUNE_EVENTS, events_before),
+                (statements::PRUNE_KEYS, keys_before),
+            ] {
+                gone += c
+                    .prepare_cached(sql)
+                    .and_then(|mut s| s.execute(params![ms(before), i64::from(limit)]))
+                    .map_err(db)?;
+            }
+            Ok(gone as u32)
         }))
     }
 

@@ -171,6 +171,10 @@ struct Cli {
     #[arg(long, env = "SESSIOND_REQUEST_TIMEOUT_SECS", default_value_t = 30)]
     request_timeout_secs: u64,
 
+    /// Most event streams (`GET /v1/events`) open at once; more get 503.
+    #[arg(long, env = "SESSIOND_MAX_EVENT_STREAMS", default_value_t = 1024)]
+    max_event_streams: usize,
+
     /// Most requests served at once; more get 503 at once.
     #[arg(long, env = "SESSIOND_MAX_IN_FLIGHT", default_value_t = 1024)]
     max_in_flight: usize,
@@ -248,6 +252,11 @@ struct Cli {
     /// Outbound webhooks: the longest an attempt may take, connection included, ms.
     #[arg(long, env = "SESSIOND_WEBHOOK_TIMEOUT_MS", default_value_t = 15000)]
     webhook_timeout_ms: u64,
+
+    /// Hours events and finished webhook deliveries are kept (the event stream resumes
+    /// within them).
+    #[arg(long, env = "SESSIOND_EVENT_RETENTION_HOURS", default_value_t = 168)]
+    event_retention_hours: u64,
 
     /// Outbound webhooks: attempts in flight at once per endpoint (scheme, host, port).
     #[arg(long, env = "SESSIOND_WEBHOOK_PER_ENDPOINT", default_value_t = 8)]
@@ -598,6 +607,7 @@ async fn run(cli: Cli) -> Result<(), String> {
             ws_pong_timeout: Duration::from_millis(cli.ws_pong_timeout_ms.max(1)),
             webhook_max_body_bytes: cli.webhook_max_body_bytes,
             webhook_addresses: addresses,
+            max_event_streams: cli.max_event_streams.max(1),
         },
         webhooks,
     );
@@ -615,6 +625,7 @@ async fn run(cli: Cli) -> Result<(), String> {
             timeout: Duration::from_millis(cli.webhook_timeout_ms.max(1)),
             connect_timeout: Duration::from_millis(cli.webhook_timeout_ms.clamp(1, 5000)),
             per_endpoint: cli.webhook_per_endpoint.max(1),
+            retention: Duration::from_secs(cli.event_retention_hours.max(1).saturating_mul(3600)),
             ..OutboundConfig::new(&node_id)
         },
     )

@@ -70,11 +70,16 @@ pub fn classify(ip: IpAddr) -> AddressClass {
                 AddressClass::Loopback
             } else if v6.is_unspecified()
                 || v6.is_multicast()
-                || seg[0] == 0x2001 && seg[1] == 0xdb8
+                || seg[0] == 0x2001 && (seg[1] == 0xdb8 || seg[1] == 0)
             {
+                // Documentation, and Teredo (2001::/32, which embeds an IPv4 address).
                 AddressClass::Forbidden
-            } else if (seg[0] & 0xfe00) == 0xfc00 || (seg[0] & 0xffc0) == 0xfe80 {
-                // Unique local (fc00::/7, also AWS's fd00:ec2::254) and link-local.
+            } else if (seg[0] & 0xfe00) == 0xfc00
+                || (seg[0] & 0xffc0) == 0xfe80
+                || (seg[0] & 0xffc0) == 0xfec0
+            {
+                // Unique local (fc00::/7, also AWS's fd00:ec2::254), link-local and the old
+                // site-local (fec0::/10).
                 AddressClass::Private
             } else if seg[0] == 0x64 && seg[1] == 0xff9b || seg[0] == 0x2002 || seg[0] == 0 {
                 // NAT64, 6to4 and the rest of ::/16 embed IPv4 addresses of any class.
@@ -238,6 +243,11 @@ mod tests {
             ("255.255.255.255", AddressClass::Forbidden),
             ("224.0.0.1", AddressClass::Forbidden),
             ("64:ff9b::a9fe:a9fe", AddressClass::Forbidden),
+            (
+                "2001:0:4136:e378:8000:63bf:3fff:fdd2",
+                AddressClass::Forbidden,
+            ),
+            ("fec0::1", AddressClass::Private),
             ("2606:4700::1111", AddressClass::Public),
         ] {
             assert_eq!(classify(ip.parse().unwrap()), class, "{ip}");

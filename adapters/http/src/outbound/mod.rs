@@ -51,12 +51,15 @@ pub struct OutboundConfig {
     pub connect_timeout: Duration,
     /// The longest an attempt may take, connection and answer included.
     pub timeout: Duration,
-    /// Deliveries in flight at once per endpoint (scheme, host and port).
+    /// Deliveries in flight at once per origin (scheme, host and port).
     pub per_endpoint: usize,
     /// Deliveries in flight at once in all.
     pub concurrency: usize,
     /// How often the worker looks for new events and due deliveries.
     pub poll: Duration,
+    /// How long events and finished deliveries are kept (the event stream resumes within
+    /// it); idempotency keys are kept a day.
+    pub retention: Duration,
 }
 
 impl OutboundConfig {
@@ -71,6 +74,7 @@ impl OutboundConfig {
             per_endpoint: 8,
             concurrency: 64,
             poll: Duration::from_millis(250),
+            retention: Duration::from_secs(7 * 24 * 3600),
         }
     }
 }
@@ -95,6 +99,8 @@ pub struct Outbound {
     all: Arc<Semaphore>,
     per_endpoint: std::sync::Mutex<HashMap<String, Arc<Semaphore>>>,
     wake: Notify,
+    /// Counts this instance's fan-outs: event streams wake on it.
+    fanned_out: tokio::sync::watch::Sender<u64>,
     /// Attempt counts.
     pub stats: OutboundStats,
 }
@@ -153,8 +159,14 @@ impl Outbound {
             tenants,
             per_endpoint: std::sync::Mutex::new(HashMap::new()),
             wake: Notify::new(),
+            fanned_out: tokio::sync::watch::channel(0).0,
             stats: OutboundStats::default(),
         }))
+    }
+
+    /// Changes whenever this instance fans events out (their stream places are new).
+    pub fn fanned_out(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.fanned_out.subscribe()
     }
 
     /// Looks for work at once (an event was just written here).
@@ -173,7 +185,12 @@ impl Outbound {
                 this.engine.store().watch_events(&wake).await;
             })
         };
+        let mut pruned_at: Option<tokio::time::Instant> = None;
         while !*stop.borrow() {
+            if pruned_at.is_none_or(|at| at.elapsed() >= PRUNE_EVERY) {
+                pruned_at = Some(tokio::time::Instant::now());
+                self.prune().await;
+            }
             if let Err(e) = self.dispatch().await {
                 tracing::warn!(error = %e, "fanning out session events failed; retrying");
             }
@@ -205,6 +222,28 @@ impl Outbound {
         while in_flight.join_next().await.is_some() {}
     }
 
+    /// Forgets what is past the retention, a batch at a time.
+    async fn prune(&self) {
+        let now = self.engine.now();
+        let events_before = now.saturating_sub(self.config.retention);
+        let keys_before = now.saturating_sub(session_lifecycle_runtime::IDEMPOTENCY_KEEP);
+        loop {
+            match self
+                .engine
+                .store()
+                .prune_outbox(events_before, keys_before, PRUNE_BATCH)
+                .await
+            {
+                Ok(gone) if gone >= PRUNE_BATCH => continue,
+                Ok(_) => return,
+                Err(e) => {
+                    tracing::warn!(error = %e, "pruning the event log failed; retrying later");
+                    return;
+                }
+            }
+        }
+    }
+
     /// Fans out every event not fanned out yet, a batch per step.
     async fn dispatch(&self) -> Result<(), StoreError> {
         const BATCH: u32 = 256;
@@ -223,7 +262,9 @@ impl Outbound {
                     to: self.fanout(event),
                 })
                 .collect();
-            store.dispatch_events(batch, self.engine.now()).await?;
+            if store.dispatch_events(batch, self.engine.now()).await? > 0 {
+                self.fanned_out.send_modify(|n| *n = n.wrapping_add(1));
+            }
             if !full {
                 return Ok(());
             }
@@ -235,41 +276,43 @@ impl Outbound {
         let Some(tenant) = self.tenants.by_name(&event.tenant) else {
             return Vec::new();
         };
+        let fanout = |endpoint: &str, url: &str| Fanout {
+            endpoint: endpoint.to_owned(),
+            url: url.to_owned(),
+            origin: origin(url),
+        };
         let mut to: Vec<Fanout> = tenant
             .webhooks
             .iter()
             .filter(|e| e.wants(event.kind))
-            .map(|e| Fanout {
-                endpoint: e.name.clone(),
-                url: e.url.clone(),
-            })
+            .map(|e| fanout(&e.name, &e.url))
             .collect();
         if let (Some(url), Some(_)) = (&event.callback_url, &tenant.callback) {
-            to.push(Fanout {
-                endpoint: CALLBACK_ENDPOINT.to_owned(),
-                url: url.clone(),
-            });
+            to.push(fanout(CALLBACK_ENDPOINT, url));
         }
         to
     }
 
-    /// Claims as many due deliveries as there are free slots, each with its slots.
-    async fn claim(
-        &self,
-    ) -> Result<
-        Vec<(
-            Delivery,
-            (
-                tokio::sync::OwnedSemaphorePermit,
-                tokio::sync::OwnedSemaphorePermit,
-            ),
-        )>,
-        StoreError,
-    > {
+    /// Claims as many due deliveries as there are free slots, none to an origin with no
+    /// free slot; each with its slots.
+    async fn claim(&self) -> Result<Vec<(Delivery, Slots)>, StoreError> {
         let free = self.all.available_permits();
         if free == 0 {
             return Ok(Vec::new());
         }
+        let busy: Vec<String> = {
+            let mut slots = session_lifecycle_runtime::lock(&self.per_endpoint);
+            // Origins with nothing in flight are forgotten (tenants name many hosts).
+            if slots.len() > 1024 {
+                let idle = self.config.per_endpoint.max(1);
+                slots.retain(|_, s| s.available_permits() < idle);
+            }
+            slots
+                .iter()
+                .filter(|(_, s)| s.available_permits() == 0)
+                .map(|(origin, _)| origin.clone())
+                .collect()
+        };
         let store = self.engine.store();
         let lease = self.config.timeout + self.config.connect_timeout + Duration::from_secs(30);
         let claimed = store
@@ -279,6 +322,7 @@ impl Outbound {
                 lease,
                 free as u32,
                 self.config.per_endpoint as u32,
+                busy,
             )
             .await?;
         let mut ready = Vec::new();
@@ -287,7 +331,7 @@ impl Outbound {
             let endpoint_slot = self.endpoint_slots(&delivery.url).try_acquire_owned();
             match (slot, endpoint_slot) {
                 (Ok(a), Ok(b)) => ready.push((delivery, (a, b))),
-                // Its endpoint is busy: let another look, later.
+                // Its origin filled up meanwhile: let another look, later.
                 _ => {
                     store
                         .unclaim_delivery(&self.config.node, delivery.id)
@@ -299,13 +343,10 @@ impl Outbound {
     }
 
     fn endpoint_slots(&self, url: &str) -> Arc<Semaphore> {
-        let origin = reqwest::Url::parse(url)
-            .map(|u| u.origin().ascii_serialization())
-            .unwrap_or_else(|_| url.to_owned());
         let mut slots = session_lifecycle_runtime::lock(&self.per_endpoint);
         Arc::clone(
             slots
-                .entry(origin)
+                .entry(origin(url))
                 .or_insert_with(|| Arc::new(Semaphore::new(self.config.per_endpoint.max(1)))),
         )
     }
@@ -431,6 +472,11 @@ impl Outbound {
     }
 }
 
+/// How often the worker forgets what is past the retention.
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
+/// Rows of each kind forgotten per step.
+const PRUNE_BATCH: u32 = 1000;
+
 /// The longest callback URL accepted.
 pub const MAX_CALLBACK_URL: usize = 2048;
 
@@ -463,7 +509,11 @@ pub async fn check_callback(
             address::UrlRefused::HostNotListed(host)
         ));
     }
-    if let Some(url::Host::Domain(name)) = parsed.host() {
+    // Resolved here only while few lookups are under way: a lookup that times out keeps
+    // its thread, and a tenant's slow name server must not take them all. Each delivery
+    // checks every address again anyway.
+    static LOOKUPS: Semaphore = Semaphore::const_new(16);
+    if let (Some(url::Host::Domain(name)), Ok(_lookup)) = (parsed.host(), LOOKUPS.try_acquire()) {
         let port = parsed.port_or_known_default().unwrap_or(443);
         let lookup = tokio::net::lookup_host((name, port));
         if let Ok(Ok(found)) = tokio::time::timeout(Duration::from_secs(2), lookup).await {
@@ -478,6 +528,19 @@ pub async fn check_callback(
         }
     }
     Ok(parsed.to_string())
+}
+
+/// A delivery's two slots: one of all in flight, one of its origin's.
+type Slots = (
+    tokio::sync::OwnedSemaphorePermit,
+    tokio::sync::OwnedSemaphorePermit,
+);
+
+/// The origin (scheme, host, port) of `url`: attempts in flight are bounded per origin.
+fn origin(url: &str) -> String {
+    reqwest::Url::parse(url)
+        .map(|u| u.origin().ascii_serialization())
+        .unwrap_or_else(|_| url.to_owned())
 }
 
 fn unix_secs(t: Timestamp) -> u64 {

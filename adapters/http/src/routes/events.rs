@@ -21,8 +21,8 @@ use crate::outbound::payload::{
 };
 use crate::state::AppState;
 
-/// How often an idle stream looks for new events.
-const STREAM_POLL: Duration = Duration::from_millis(200);
+/// How often an idle stream looks for events another instance fanned out.
+const STREAM_POLL: Duration = Duration::from_secs(1);
 /// Events read from the store at once.
 const STREAM_BATCH: u32 = 100;
 
@@ -107,63 +107,116 @@ pub async fn stream_events(
             None => 0,
         },
     };
-    let pending: std::collections::VecDeque<SessionEvent> = std::collections::VecDeque::new();
+    // Bounded: each open stream reads the store.
+    let permit = Arc::clone(&state.event_streams)
+        .try_acquire_owned()
+        .map_err(|_| {
+            ApiError::new(ErrorCode::Overloaded, "too many event streams open; retry")
+                .retry_after(5)
+        })?;
     let stream = futures_util::stream::unfold(
-        (state, tenant, last, pending),
-        move |(state, tenant, mut last, mut pending)| async move {
-            loop {
-                if let Some(event) = pending.pop_front() {
-                    let position = event.position.unwrap_or(last);
-                    last = position;
-                    if session.is_some_and(|s| s != event.session) {
-                        continue;
-                    }
-                    let Some(message) = message(&state, &event).await else {
-                        continue;
-                    };
-                    return Some((Ok(message), (state, tenant, last, pending)));
-                }
-                match state
-                    .engine
-                    .store()
-                    .events_after(Some(&tenant), last, STREAM_BATCH)
-                    .await
-                {
-                    Ok(events) if !events.is_empty() => pending.extend(events),
-                    Ok(_) => tokio::time::sleep(STREAM_POLL).await,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "reading the event log failed; retrying");
-                        tokio::time::sleep(STREAM_POLL * 5).await;
-                    }
-                }
-                if *state.shutdown.borrow() {
-                    return None;
-                }
-            }
+        Stream {
+            state,
+            tenant,
+            session,
+            last,
+            pending: std::collections::VecDeque::new(),
+            _permit: permit,
         },
+        |mut s| async move { s.next().await.map(|m| (Ok(m), s)) },
     );
     Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
 }
 
-/// The SSE message of `event`; `None` if its session cannot be read (skipped, logged).
-async fn message(state: &AppState, event: &SessionEvent) -> Option<Event> {
+/// One open event stream.
+struct Stream {
+    state: Arc<AppState>,
+    tenant: String,
+    session: Option<session_lifecycle::SessionId>,
+    /// The place of the last event sent (or skipped for good).
+    last: u64,
+    /// Events read and not sent yet.
+    pending: std::collections::VecDeque<SessionEvent>,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl Stream {
+    /// The next message; `None` when the service shuts down.
+    async fn next(&mut self) -> Option<Event> {
+        // Woken by this instance's fan-outs; events fanned out by another instance are
+        // found by the slower poll.
+        let mut fanned_out = self.state.outbound.get().map(|o| o.fanned_out());
+        loop {
+            if *self.state.shutdown.borrow() {
+                return None;
+            }
+            if let Some(event) = self.pending.front().cloned() {
+                let position = event.position.unwrap_or(self.last);
+                match message(&self.state, &event).await {
+                    Ok(found) => {
+                        self.pending.pop_front();
+                        self.last = position;
+                        match found {
+                            Some(message) => return Some(message),
+                            None => continue,
+                        }
+                    }
+                    // Not skipped: tried again, so that no event is lost to a resume.
+                    Err(()) => {
+                        tokio::time::sleep(STREAM_POLL * 5).await;
+                        continue;
+                    }
+                }
+            }
+            match self
+                .state
+                .engine
+                .store()
+                .events_after(Some(&self.tenant), self.session, self.last, STREAM_BATCH)
+                .await
+            {
+                Ok(events) if !events.is_empty() => self.pending.extend(events),
+                Ok(_) => {
+                    let poll = tokio::time::sleep(STREAM_POLL);
+                    match fanned_out.as_mut() {
+                        Some(fanned) => {
+                            tokio::select! {
+                                _ = fanned.changed() => {}
+                                _ = poll => {}
+                            }
+                        }
+                        None => poll.await,
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "reading the event log failed; retrying");
+                    tokio::time::sleep(STREAM_POLL * 5).await;
+                }
+            }
+        }
+    }
+}
+
+/// The SSE message of `event`; `Ok(None)` if its session is gone, `Err` if it cannot be
+/// read now (logged).
+async fn message(state: &AppState, event: &SessionEvent) -> Result<Option<Event>, ()> {
     let record = match state.engine.store().get(event.session).await {
         Ok(Some(record)) => record,
-        Ok(None) => return None,
+        Ok(None) => return Ok(None),
         Err(e) => {
             tracing::warn!(error = %e, session = %event.session, "event's session unreadable");
-            return None;
+            return Err(());
         }
     };
     let kind_name = |k| state.engine.kind_name(k);
     let envelope = EventEnvelope::of(event, &record, &kind_name);
-    let data = serde_json::to_string(&envelope).ok()?;
-    Some(
+    let data = serde_json::to_string(&envelope).map_err(|_| ())?;
+    Ok(Some(
         Event::default()
             .id(event.position.unwrap_or(0).to_string())
             .event(event.kind.as_str())
             .data(data),
-    )
+    ))
 }
 
 /// Which deliveries to list.

@@ -11,8 +11,8 @@ use axum::http::{HeaderMap, HeaderName, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use session_lifecycle::EndReason;
 use session_lifecycle_runtime::{
-    EngineError, IdempotencyBegin, IdempotentRequest, ListQuery, ResourceRequest, RoomBinding,
-    SessionRecord, StartRequest,
+    EngineError, IDEMPOTENCY_KEEP, IdempotencyBegin, IdempotentRequest, ListQuery, ResourceRequest,
+    RoomBinding, SessionRecord, StartRequest,
 };
 
 use crate::error::{ApiError, ErrorBody, ErrorCode};
@@ -141,9 +141,18 @@ pub async fn create_session(
             taken_over,
         } => (session, taken_over),
     };
-    // A request that died after its create committed: its session is the answer.
+    // A request that died after its create committed: its session is the answer. Not
+    // knowing (the store failed) is no answer: the key stays, for a later retry.
     let existing = if taken_over {
-        state.engine.get(None, id).await.ok()
+        state
+            .engine
+            .get(None, id)
+            .await
+            .map(Some)
+            .or_else(|e| match e {
+                EngineError::NotFound => Ok(None),
+                e => Err(ApiError::from(e)),
+            })?
     } else {
         None
     };
@@ -152,20 +161,58 @@ pub async fn create_session(
         None => match state.engine.start_as(id, start).await {
             Ok(record) => record,
             Err(e) => {
-                // Nothing started: the key is free for a retry. (If this fails too, the
-                // key is taken over once stale.)
-                let _ = store.abandon_idempotent(&tenant.name, &key, id).await;
+                // The key is freed only if nothing was started; a session that exists
+                // (its start failed after the create, or the create's answer was lost)
+                // stays the key's answer.
+                match state.engine.get(None, id).await {
+                    Err(EngineError::NotFound) => {
+                        let _ = store.abandon_idempotent(&tenant.name, &key, id).await;
+                    }
+                    // Created by the request that held the key before: its answer.
+                    Ok(record)
+                        if matches!(
+                            e,
+                            EngineError::Store(session_lifecycle_runtime::StoreError::DuplicateId(
+                                _
+                            ))
+                        ) =>
+                    {
+                        return Ok(idempotent_answer(&state, &tenant.name, &key, id, &record).await);
+                    }
+                    Ok(record) => {
+                        let answer =
+                            serde_json::to_string(&created(&state, &record)).unwrap_or_default();
+                        let _ = store
+                            .finish_idempotent(&tenant.name, &key, id, 201, answer)
+                            .await;
+                    }
+                    // Unknown: a retry takes the key over once stale, and finds out.
+                    Err(_) => {}
+                }
                 return Err(e.into());
             }
         },
     };
-    let answer = serde_json::to_string(&created(&state, &record)).unwrap_or_default();
-    // Not recorded (the store failed): a retry takes the key over once stale, and answers
-    // with this same session.
-    if let Err(e) = store
+    Ok(idempotent_answer(&state, &tenant.name, &key, id, &record).await)
+}
+
+/// The answer of an idempotent create of `record`, recorded as the key's answer (the first
+/// recorded stays; not recorded when the store fails: a retry takes the key over once
+/// stale, and answers with this same session).
+async fn idempotent_answer(
+    state: &AppState,
+    tenant: &str,
+    key: &str,
+    id: session_lifecycle::SessionId,
+    record: &SessionRecord,
+) -> Response {
+    let answer = serde_json::to_string(&created(state, record)).unwrap_or_default();
+    if let Err(e) = state
+        .engine
+        .store()
         .finish_idempotent(
-            &tenant.name,
-            &key,
+            tenant,
+            key,
             id,
             StatusCode::CREATED.as_u16(),
             answer.clone(),
@@ -174,12 +221,12 @@ pub async fn create_session(
     {
         tracing::warn!(error = %e, session = %id, "recording an idempotent answer failed");
     }
-    Ok((
+    (
         StatusCode::CREATED,
         [(header::CONTENT_TYPE, "application/json")],
         answer,
     )
-        .into_response())
+        .into_response()
 }
 
 /// The create answer of `record`.
@@ -197,8 +244,6 @@ fn created(state: &AppState, record: &SessionRecord) -> CreatedResponse {
 pub const IDEMPOTENCY_KEY_HEADER: &str = "idempotency-key";
 /// Set on an answer replayed for a repeated idempotency key.
 pub const REPLAYED_HEADER: &str = "idempotent-replayed";
-/// How long a key binds its request and answer.
-pub const IDEMPOTENCY_KEEP: Duration = Duration::from_secs(24 * 3600);
 /// Past the request timeout, how long a silent holder of a key keeps it.
 const IDEMPOTENCY_STALE_MARGIN: Duration = Duration::from_secs(5);
 /// The longest key.

@@ -77,8 +77,8 @@ mod sessions;
 pub use idempotency::idempotency_keys_bind_one_request;
 pub use nodes::nodes_own_releases_and_dead_nodes_are_taken_over;
 pub use outbox::{
-    claims_are_bounded_per_url, outbox_follows_the_session_and_delivers_in_order,
-    readiness_is_recorded_once,
+    claims_are_bounded_per_origin, outbox_follows_the_session_and_delivers_in_order,
+    pruning_forgets_only_what_is_done, readiness_is_recorded_once,
 };
 pub use presence::{presence_counts_live_nodes_only, watch_ends_hears_every_end};
 pub use releases::{
@@ -117,8 +117,9 @@ pub async fn run_all(store: Arc<dyn Store>) {
     presence_counts_live_nodes_only(&*store).await;
     watch_ends_hears_every_end(&*store).await;
     outbox_follows_the_session_and_delivers_in_order(&*store).await;
-    claims_are_bounded_per_url(&*store).await;
+    claims_are_bounded_per_origin(&*store).await;
     readiness_is_recorded_once(&*store).await;
     idempotency_keys_bind_one_request(&*store).await;
+    pruning_forgets_only_what_is_done(&*store).await;
     store.ping().await.expect("ping");
 }

@@ -26,7 +26,14 @@ async fn undispatched(store: &dyn Store, tenant: &str) -> Vec<(SessionId, EventK
 
 async fn claim_of(store: &dyn Store, node: &str, secs: u64, tenant: &str) -> Vec<Delivery> {
     store
-        .claim_deliveries(node, at(secs), Duration::from_secs(30), 10_000, 10_000)
+        .claim_deliveries(
+            node,
+            at(secs),
+            Duration::from_secs(30),
+            10_000,
+            10_000,
+            vec![],
+        )
         .await
         .expect("claim deliveries")
         .into_iter()
@@ -138,6 +145,7 @@ pub async fn outbox_follows_the_session_and_delivers_in_order(store: &dyn Store)
         vec![Fanout {
             endpoint: "hook".to_owned(),
             url: "https://hooks.example/all".to_owned(),
+            origin: "https://hooks.example".to_owned(),
         }]
     };
     let dispatch = |list: &[(SessionId, EventKind)]| {
@@ -173,7 +181,7 @@ pub async fn outbox_follows_the_session_and_delivers_in_order(store: &dyn Store)
     );
     assert!(undispatched(store, &tenant).await.is_empty());
     let stream = store
-        .events_after(Some(&tenant), 0, 1000)
+        .events_after(Some(&tenant), None, 0, 1000)
         .await
         .expect("stream");
     let order: Vec<(SessionId, EventKind)> = stream.iter().map(|e| (e.session, e.kind)).collect();
@@ -184,16 +192,31 @@ pub async fn outbox_follows_the_session_and_delivers_in_order(store: &dyn Store)
     );
     let third = stream[2].position.expect("position");
     let rest = store
-        .events_after(Some(&tenant), third, 1000)
+        .events_after(Some(&tenant), None, third, 1000)
         .await
         .expect("rest");
     assert_eq!(rest.len(), 3);
     assert_eq!(rest[0].position, stream[3].position);
     let other = store
-        .events_after(Some(&fresh_tenant()), 0, 1000)
+        .events_after(Some(&fresh_tenant()), None, 0, 1000)
         .await
         .expect("other tenant");
     assert!(other.is_empty(), "another tenant's stream is its own");
+    let of_b: Vec<(SessionId, EventKind)> = store
+        .events_after(Some(&tenant), Some(b.id), 0, 1000)
+        .await
+        .expect("one session's")
+        .iter()
+        .map(|e| (e.session, e.kind))
+        .collect();
+    assert_eq!(
+        of_b,
+        [
+            (b.id, EventKind::Started),
+            (b.id, EventKind::Ended),
+            (b.id, EventKind::Released)
+        ]
+    );
 
     // Only each session's first pending event is claimable, once.
     let first = claim_of(store, "n1", 31, &tenant).await;
@@ -325,8 +348,9 @@ pub async fn outbox_follows_the_session_and_delivers_in_order(store: &dyn Store)
     assert!(counts.oldest_pending_at.is_some());
 }
 
-/// A claim takes at most so many deliveries to one URL, the most overdue first.
-pub async fn claims_are_bounded_per_url(store: &dyn Store) {
+/// A claim takes at most so many deliveries to one origin (whatever their paths), and
+/// none to a busy one.
+pub async fn claims_are_bounded_per_origin(store: &dyn Store) {
     let tenant = fresh_tenant();
     let mut sessions = Vec::new();
     for i in 0..3 {
@@ -334,49 +358,68 @@ pub async fn claims_are_bounded_per_url(store: &dyn Store) {
         create(store, &new).await;
         sessions.push(new.id);
     }
-    let to = |url: &str| Fanout {
+    let slow = |path: String| Fanout {
         endpoint: "hook".to_owned(),
-        url: url.to_owned(),
+        url: format!("https://slow.example/{path}"),
+        origin: "https://slow.example".to_owned(),
     };
     let mut batch = Vec::new();
     for (i, id) in sessions.iter().enumerate() {
-        let mut fanouts = vec![to("https://slow.example/hook")];
+        let mut to = vec![slow(format!("session/{i}"))];
         if i == 0 {
-            fanouts = vec![
-                Fanout {
-                    endpoint: "other".to_owned(),
-                    url: "https://fast.example/hook".to_owned(),
-                },
-                to("https://slow.example/hook"),
-            ];
+            to.push(Fanout {
+                endpoint: "other".to_owned(),
+                url: "https://fast.example/hook".to_owned(),
+                origin: "https://fast.example".to_owned(),
+            });
         }
         batch.push(Dispatch {
             session: *id,
             kind: EventKind::Started,
-            to: fanouts,
+            to,
         });
     }
     assert_eq!(
         store.dispatch_events(batch, at(5)).await.expect("dispatch"),
         3
     );
+    let busy = store
+        .claim_deliveries(
+            "n",
+            at(6),
+            Duration::from_secs(30),
+            10_000,
+            2,
+            vec![
+                "https://slow.example".to_owned(),
+                "https://fast.example".to_owned(),
+            ],
+        )
+        .await
+        .expect("claim");
+    assert!(
+        busy.iter().all(|d| d.tenant != tenant),
+        "busy origins are left alone: {busy:?}"
+    );
     let claimed: Vec<Delivery> = store
-        .claim_deliveries("n", at(6), Duration::from_secs(30), 10_000, 2)
+        .claim_deliveries("n", at(6), Duration::from_secs(30), 10_000, 2, vec![])
         .await
         .expect("claim")
         .into_iter()
         .filter(|d| d.tenant == tenant)
         .collect();
-    let slow: Vec<SessionId> = claimed
+    let to_slow = claimed
         .iter()
-        .filter(|d| d.url == "https://slow.example/hook")
-        .map(|d| d.session)
-        .collect();
-    assert_eq!(slow.len(), 2, "{claimed:?}");
+        .filter(|d| d.url.starts_with("https://slow.example/"))
+        .count();
+    assert_eq!(
+        to_slow, 2,
+        "two to one origin, whatever the paths: {claimed:?}"
+    );
     assert_eq!(
         claimed.len(),
         3,
-        "the other URL is not held back: {claimed:?}"
+        "the other origin is not held back: {claimed:?}"
     );
 }
 
@@ -411,5 +454,108 @@ pub async fn readiness_is_recorded_once(store: &dyn Store) {
             .record_ready(new_session(&tenant, at(0), Duration::ZERO).id, at(2))
             .await
             .expect("unknown")
+    );
+}
+
+/// Pruning forgets deliveries that are done and events with no delivery left, and old
+/// idempotency keys; never a pending delivery or its event.
+pub async fn pruning_forgets_only_what_is_done(store: &dyn Store) {
+    let tenant = fresh_tenant();
+    let new = new_session(&tenant, at(0), Duration::from_secs(600));
+    create(store, &new).await;
+    store
+        .end(new.id, None, at(1), EndReason::Requested, None)
+        .await
+        .expect("end");
+    let to = || {
+        vec![Fanout {
+            endpoint: "hook".to_owned(),
+            url: "https://prune.example/hook".to_owned(),
+            origin: "https://prune.example".to_owned(),
+        }]
+    };
+    let batch = [EventKind::Started, EventKind::Ended, EventKind::Released]
+        .into_iter()
+        .map(|kind| Dispatch {
+            session: new.id,
+            kind,
+            to: to(),
+        })
+        .collect();
+    assert_eq!(
+        store.dispatch_events(batch, at(2)).await.expect("dispatch"),
+        3
+    );
+    let started = claim_of(store, "p", 3, &tenant).await;
+    assert_eq!(started.len(), 1);
+    store
+        .record_delivery("p", attempt(&started[0], 3, 204, DeliveryNext::Delivered))
+        .await
+        .expect("record");
+    store
+        .begin_idempotent(
+            crate::IdempotentRequest {
+                tenant: tenant.clone(),
+                key: "old".to_owned(),
+                request_hash: "h".to_owned(),
+            },
+            new.id,
+            at(0),
+            Duration::from_secs(30),
+            Duration::from_secs(3600),
+        )
+        .await
+        .expect("key");
+    let gone = store
+        .prune_outbox(at(100), at(1), 100_000)
+        .await
+        .expect("prune");
+    assert!(gone >= 3, "a delivery, its event and a key: {gone}");
+    let left: Vec<EventKind> = store
+        .events_after(Some(&tenant), None, 0, 100)
+        .await
+        .expect("events")
+        .iter()
+        .map(|e| e.kind)
+        .collect();
+    assert_eq!(
+        left,
+        [EventKind::Ended, EventKind::Released],
+        "pending ones stay"
+    );
+    let deliveries = store
+        .deliveries(DeliveryQuery {
+            tenant: Some(tenant.clone()),
+            session: None,
+            status: None,
+            limit: 10,
+        })
+        .await
+        .expect("deliveries");
+    assert_eq!(deliveries.len(), 2);
+    assert!(
+        deliveries
+            .iter()
+            .all(|d| d.status == DeliveryStatus::Pending)
+    );
+    assert!(
+        matches!(
+            store
+                .begin_idempotent(
+                    crate::IdempotentRequest {
+                        tenant: tenant.clone(),
+                        key: "old".to_owned(),
+                        request_hash: "other".to_owned(),
+                    },
+                    new.id,
+                    at(2),
+                    Duration::from_secs(30),
+                    Duration::from_secs(3600),
+                )
+                .await
+                .expect("key"),
+            crate::IdempotencyBegin::Proceed { .. }
+        ),
+        "the pruned key is free"
     );
 }

@@ -130,10 +130,33 @@ impl Engine {
                 self.end_internal(event.session, reason).await.map(|_| ())
             }
             ResourceEventKind::Ready => {
+                // Ready as of now, written however long the store takes: retried (in a
+                // task of its own, so other events do not wait) until it is written or
+                // the session is gone.
                 let now = self.inner.clock.now();
-                if self.inner.store.record_ready(event.session, now).await? {
-                    tracing::info!(session = %event.session, "avatar server ready");
-                }
+                let engine = self.clone();
+                self.inner.tasks.spawn(async move {
+                    let mut wait = Duration::from_millis(250);
+                    loop {
+                        match engine.inner.store.record_ready(event.session, now).await {
+                            Ok(written) => {
+                                if written {
+                                    tracing::info!(session = %event.session, "avatar server ready");
+                                }
+                                return;
+                            }
+                            Err(e) if e.is_unavailable() && !engine.inner.closing.load(Ordering::SeqCst) => {
+                                tracing::warn!(session = %event.session, error = %e, "recording readiness failed; retrying");
+                                engine.inner.clock.sleep(wait).await;
+                                wait = (wait * 2).min(Duration::from_secs(5));
+                            }
+                            Err(e) => {
+                                tracing::warn!(session = %event.session, error = %e, "recording readiness failed");
+                                return;
+                            }
+                        }
+                    }
+                });
                 Ok(())
             }
         }

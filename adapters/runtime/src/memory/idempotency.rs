@@ -65,7 +65,7 @@ impl IdempotencyStore for MemoryStore {
         if let Some(k) = state
             .idempotency
             .get_mut(&(tenant.to_owned(), key.to_owned()))
-            .filter(|k| k.session == session)
+            .filter(|k| k.session == session && k.answer.is_none())
         {
             k.answer = Some((status, body));
         }

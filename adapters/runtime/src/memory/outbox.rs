@@ -21,7 +21,10 @@ pub(super) struct Outbox {
     written: u64,
     /// Fanned out events by stream position.
     stream: BTreeMap<u64, (SessionId, EventKind)>,
+    /// Deliveries with their claim.
     deliveries: BTreeMap<u64, (Delivery, Option<(String, Timestamp)>)>,
+    /// Each delivery's origin.
+    origins: BTreeMap<u64, String>,
 }
 
 impl Outbox {
@@ -133,6 +136,7 @@ impl EventOutbox for MemoryStore {
                     last_error: None,
                 };
                 outbox.deliveries.insert(id, (delivery, None));
+                outbox.origins.insert(id, fanout.origin);
             }
         }
         ready(Ok(dispatched))
@@ -141,6 +145,7 @@ impl EventOutbox for MemoryStore {
     fn events_after<'a>(
         &'a self,
         tenant: TenantScope<'a>,
+        session: Option<SessionId>,
         after: u64,
         limit: u32,
     ) -> BoxFuture<'a, Result<Vec<SessionEvent>, StoreError>> {
@@ -151,6 +156,7 @@ impl EventOutbox for MemoryStore {
             .range(after.saturating_add(1)..)
             .filter_map(|(_, key)| outbox.events.get(key).map(|(_, e)| e))
             .filter(|e| tenant.is_none_or(|t| t == e.tenant))
+            .filter(|e| session.is_none_or(|s| s == e.session))
             .take(limit as usize)
             .cloned()
             .collect();
@@ -163,10 +169,14 @@ impl EventOutbox for MemoryStore {
         now: Timestamp,
         lease: Duration,
         limit: u32,
-        per_url: u32,
+        per_origin: u32,
+        busy: Vec<String>,
     ) -> BoxFuture<'_, Result<Vec<Delivery>, StoreError>> {
         let mut state = self.state();
-        let deliveries = &mut state.outbox.deliveries;
+        let outbox = &mut state.outbox;
+        let origins = &outbox.origins;
+        let origin_of = |id: u64| origins.get(&id).cloned().unwrap_or_default();
+        let deliveries = &mut outbox.deliveries;
         let pending = |d: &Delivery| d.status == DeliveryStatus::Pending;
         let mut due: Vec<(Timestamp, u64)> = deliveries
             .values()
@@ -185,6 +195,7 @@ impl EventOutbox for MemoryStore {
                         && e.kind < d.kind
                 })
             })
+            .filter(|(d, _)| !busy.contains(&origin_of(d.id)))
             .filter_map(|(d, _)| d.next_attempt_at.map(|at| (at, d.id)))
             .collect();
         due.sort();
@@ -195,8 +206,8 @@ impl EventOutbox for MemoryStore {
                 break;
             }
             if let Some((d, claim)) = deliveries.get_mut(&id) {
-                let taken = per.entry(d.url.clone()).or_insert(0);
-                if *taken >= per_url {
+                let taken = per.entry(origin_of(id)).or_insert(0);
+                if *taken >= per_origin {
                     continue;
                 }
                 *taken += 1;
@@ -273,13 +284,64 @@ impl EventOutbox for MemoryStore {
         else {
             return ready(Ok(None));
         };
-        if d.status != DeliveryStatus::Delivered {
+        if d.status != DeliveryStatus::Delivered
+            && claim.as_ref().is_none_or(|(_, until)| *until <= now)
+        {
             d.status = DeliveryStatus::Pending;
             d.created_at = now;
             d.next_attempt_at = Some(now);
             *claim = None;
         }
         ready(Ok(Some(d.clone())))
+    }
+
+    fn prune_outbox(
+        &self,
+        events_before: Timestamp,
+        keys_before: Timestamp,
+        limit: u32,
+    ) -> BoxFuture<'_, Result<u32, StoreError>> {
+        let mut state = self.state();
+        let limit = limit as usize;
+        let outbox = &mut state.outbox;
+        let done: Vec<u64> = outbox
+            .deliveries
+            .values()
+            .filter(|(d, _)| d.status != DeliveryStatus::Pending && d.created_at <= events_before)
+            .map(|(d, _)| d.id)
+            .take(limit)
+            .collect();
+        for id in &done {
+            outbox.deliveries.remove(id);
+            outbox.origins.remove(id);
+        }
+        let kept: std::collections::BTreeSet<(SessionId, EventKind)> = outbox
+            .deliveries
+            .values()
+            .map(|(d, _)| (d.session, d.kind))
+            .collect();
+        let old: Vec<(SessionId, EventKind, u64)> = outbox
+            .events
+            .iter()
+            .filter(|(key, (_, e))| e.at <= events_before && !kept.contains(key))
+            .filter_map(|(key, (_, e))| e.position.map(|p| (key.0, key.1, p)))
+            .take(limit)
+            .collect();
+        for (session, kind, position) in &old {
+            outbox.events.remove(&(*session, *kind));
+            outbox.stream.remove(position);
+        }
+        let keys: Vec<(String, String)> = state
+            .idempotency
+            .iter()
+            .filter(|(_, k)| k.created_at <= keys_before)
+            .map(|(slot, _)| slot.clone())
+            .take(limit)
+            .collect();
+        for slot in &keys {
+            state.idempotency.remove(slot);
+        }
+        ready(Ok((done.len() + old.len() + keys.len()) as u32))
     }
 
     fn delivery_counts(&self) -> BoxFuture<'_, Result<DeliveryCounts, StoreError>> {
