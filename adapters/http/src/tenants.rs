@@ -110,7 +110,11 @@ struct TenantEntry {
 struct WebhookEntry {
     name: String,
     url: String,
-    /// One or more `whsec_...` secrets; each signs every message (a rotation lists both).
+    /// Its `whsec_...` secret (or `secrets`, for a rotation).
+    #[serde(default)]
+    secret: Option<String>,
+    /// Several `whsec_...` secrets; each signs every message (a rotation lists both).
+    #[serde(default)]
     secrets: Vec<String>,
     /// Event types wanted (default: all).
     #[serde(default)]
@@ -138,10 +142,11 @@ fn webhook_endpoints(entries: Vec<WebhookEntry>) -> Result<Vec<WebhookEndpoint>,
         if reqwest::Url::parse(&e.url).is_err() {
             return Err(format!("webhook {:?}: url is not a URL", e.name));
         }
-        if e.secrets.is_empty() {
-            return Err(format!("webhook {:?}: at least one secret", e.name));
+        let listed: Vec<String> = e.secret.into_iter().chain(e.secrets).collect();
+        if listed.is_empty() {
+            return Err(format!("webhook {:?}: a secret (or secrets)", e.name));
         }
-        let signing = secrets(&e.secrets).map_err(|p| format!("webhook {:?}: {p}", e.name))?;
+        let signing = secrets(&listed).map_err(|p| format!("webhook {:?}: {p}", e.name))?;
         let events = match e.events {
             None => None,
             Some(names) => Some(
@@ -377,6 +382,42 @@ mod tests {
         assert!(tenants.authenticate(Some("nope")).is_none());
         assert!(tenants.authenticate(Some("")).is_none());
         assert!(tenants.authenticate(None).is_none());
+    }
+
+    #[test]
+    fn webhook_endpoints_are_read_and_checked() {
+        let tenant = |hooks: &str| {
+            format!(
+                "[[tenants]]\nname = \"a\"\napi_key_sha256 = \"{}\"\nmax_concurrent_sessions = 1\nmax_session_secs = 60\n{hooks}",
+                hash_key("k")
+            )
+        };
+        let secret = "whsec_MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
+        let one = Tenants::from_toml(&tenant(&format!(
+            "[[tenants.webhooks]]\nname = \"b\"\nurl = \"https://x.example/h\"\nsecret = \"{secret}\"\nevents = [\"session.ended\"]\n"
+        )))
+        .unwrap();
+        let hooks = &one.by_name("a").unwrap().webhooks;
+        assert_eq!(hooks.len(), 1);
+        assert!(hooks[0].wants(EventKind::Ended) && !hooks[0].wants(EventKind::Started));
+        for bad in [
+            "[[tenants.webhooks]]\nname = \"b\"\nurl = \"https://x.example/h\"\n".to_owned(),
+            format!(
+                "[[tenants.webhooks]]\nname = \"b\"\nurl = \"https://x.example/h\"\nsecret = \"nope\"\n"
+            ),
+            format!(
+                "[[tenants.webhooks]]\nname = \"b\"\nurl = \"not a url\"\nsecret = \"{secret}\"\n"
+            ),
+            format!(
+                "[[tenants.webhooks]]\nname = \"callback\"\nurl = \"https://x.example/h\"\nsecret = \"{secret}\"\n"
+            ),
+            format!(
+                "[[tenants.webhooks]]\nname = \"b\"\nurl = \"https://x.example/h\"\nsecret = \"{secret}\"\nevents = [\"session.paused\"]\n"
+            ),
+            "callback_hosts = [\"x.example\"]\n".to_owned(),
+        ] {
+            assert!(Tenants::from_toml(&tenant(&bad)).is_err(), "{bad}");
+        }
     }
 
     #[test]

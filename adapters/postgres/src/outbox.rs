@@ -236,17 +236,18 @@ impl EventOutbox for PostgresStore {
         })
     }
 
-    fn record_delivery(
+    fn record_deliveries(
         &self,
         node: &str,
-        attempt: DeliveryAttempt,
+        attempts: Vec<DeliveryAttempt>,
     ) -> BoxFuture<'_, Result<(), StoreError>> {
         let node = node.to_owned();
         Box::pin(async move {
-            let client = self.client().await?;
-            let (status, next) = delivery_next(attempt.next);
-            client
-                .execute(
+            let mut client = self.client().await?;
+            let tx = client.transaction().await.map_err(unavailable)?;
+            for attempt in attempts {
+                let (status, next) = delivery_next(attempt.next);
+                tx.execute(
                     pg(statements::RECORD_DELIVERY),
                     &[
                         &(attempt.id as i64),
@@ -260,7 +261,8 @@ impl EventOutbox for PostgresStore {
                 )
                 .await
                 .map_err(unavailable)?;
-            Ok(())
+            }
+            tx.commit().await.map_err(unavailable)
         })
     }
 

@@ -236,12 +236,12 @@ pub trait EventOutbox: Send + Sync + 'static {
         busy: Vec<String>,
     ) -> BoxFuture<'_, Result<Vec<Delivery>, StoreError>>;
 
-    /// Records an attempt of a delivery `node` claimed, and gives the claim up. Nothing is
-    /// written if the delivery is no longer pending or claimed by `node`.
-    fn record_delivery(
+    /// Records attempts of deliveries `node` claimed, in one step, and gives their claims
+    /// up. Nothing is written for a delivery no longer pending or claimed by `node`.
+    fn record_deliveries(
         &self,
         node: &str,
-        attempt: DeliveryAttempt,
+        attempts: Vec<DeliveryAttempt>,
     ) -> BoxFuture<'_, Result<(), StoreError>>;
 
     /// Gives up `node`'s claim on delivery `id` without an attempt (it is due again at
@@ -348,16 +348,16 @@ macro_rules! delegate_outbox {
                         .claim_deliveries(&node, now, lease, limit, per_origin, busy)
                 )
             }
-            fn record_delivery(
+            fn record_deliveries(
                 &self,
                 node: &str,
-                attempt: $crate::DeliveryAttempt,
+                attempts: Vec<$crate::DeliveryAttempt>,
             ) -> $crate::BoxFuture<'_, Result<(), $crate::StoreError>> {
                 let node = node.to_owned();
                 $wrap!(
                     self,
-                    "record_delivery",
-                    self.inner.record_delivery(&node, attempt)
+                    "record_deliveries",
+                    self.inner.record_deliveries(&node, attempts)
                 )
             }
             fn unclaim_delivery(

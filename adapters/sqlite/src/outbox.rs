@@ -227,27 +227,29 @@ impl EventOutbox for SqliteStore {
         }))
     }
 
-    fn record_delivery(
+    fn record_deliveries(
         &self,
         node: &str,
-        attempt: DeliveryAttempt,
+        attempts: Vec<DeliveryAttempt>,
     ) -> BoxFuture<'_, Result<(), StoreError>> {
         let node = node.to_owned();
         Box::pin(self.inner.conns.write(move |c| {
-            let (status, next) = delivery_next(attempt.next);
-            c.prepare_cached(statements::RECORD_DELIVERY)
-                .and_then(|mut s| {
-                    s.execute(params![
-                        attempt.id as i64,
-                        node,
-                        status,
-                        ms(attempt.at),
-                        attempt.status_code.map(i64::from),
-                        attempt.error,
-                        next
-                    ])
-                })
-                .map_err(db)?;
+            for attempt in attempts {
+                let (status, next) = delivery_next(attempt.next);
+                c.prepare_cached(statements::RECORD_DELIVERY)
+                    .and_then(|mut s| {
+                        s.execute(params![
+                            attempt.id as i64,
+                            node,
+                            status,
+                            ms(attempt.at),
+                            attempt.status_code.map(i64::from),
+                            attempt.error,
+                            next
+                        ])
+                    })
+                    .map_err(db)?;
+            }
             Ok(())
         }))
     }

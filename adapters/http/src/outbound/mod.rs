@@ -185,6 +185,9 @@ impl Outbound {
                 this.engine.store().watch_events(&wake).await;
             })
         };
+        // Finished attempts, recorded together at the next step: the worker's own writes
+        // stay few, whatever the rate of deliveries (its claim outlives the wait).
+        let (done, mut finished) = tokio::sync::mpsc::unbounded_channel::<DeliveryAttempt>();
         let mut pruned_at: Option<tokio::time::Instant> = None;
         while !*stop.borrow() {
             if pruned_at.is_none_or(|at| at.elapsed() >= PRUNE_EVERY) {
@@ -194,14 +197,18 @@ impl Outbound {
             if let Err(e) = self.dispatch().await {
                 tracing::warn!(error = %e, "fanning out session events failed; retrying");
             }
-            match self.claim().await {
+            // Together: on SQLite they commit as one (group commit). A next event of a
+            // session just recorded is claimed at the next step.
+            let (_, claimed) = tokio::join!(self.record(&mut finished), self.claim());
+            match claimed {
                 Ok(claimed) => {
                     for (delivery, permits) in claimed {
                         let this = Arc::clone(&self);
+                        let done = done.clone();
                         in_flight.spawn(async move {
-                            this.attempt(delivery).await;
+                            let _ = done.send(this.attempt(&delivery).await);
                             drop(permits);
-                            // Its slot is free: look for the next at once.
+                            // Its slot is free: look for the next soon.
                             this.wake.notify_one();
                         });
                     }
@@ -214,12 +221,33 @@ impl Outbound {
             tokio::select! {
                 biased;
                 _ = stop.changed() => {}
-                _ = self.wake.notified() => {}
+                _ = self.wake.notified() => tokio::time::sleep(GATHER).await,
                 _ = tokio::time::sleep(self.config.poll) => {}
             }
         }
         watcher.abort();
         while in_flight.join_next().await.is_some() {}
+        self.record(&mut finished).await;
+    }
+
+    /// Records the attempts finished so far, in one write. One that is not recorded (the
+    /// store failed) is made again once its claim runs out: at least once, never lost.
+    async fn record(&self, finished: &mut tokio::sync::mpsc::UnboundedReceiver<DeliveryAttempt>) {
+        let mut attempts = Vec::new();
+        while let Ok(attempt) = finished.try_recv() {
+            attempts.push(attempt);
+        }
+        if attempts.is_empty() {
+            return;
+        }
+        if let Err(e) = self
+            .engine
+            .store()
+            .record_deliveries(&self.config.node, attempts)
+            .await
+        {
+            tracing::warn!(error = %e, "recording webhook attempts failed");
+        }
     }
 
     /// Forgets what is past the retention, a batch at a time.
@@ -351,9 +379,9 @@ impl Outbound {
         )
     }
 
-    /// One attempt of a claimed delivery, recorded.
-    async fn attempt(&self, delivery: Delivery) {
-        let (status_code, error) = match self.send(&delivery).await {
+    /// One attempt of a claimed delivery: what it came to, and what comes next.
+    async fn attempt(&self, delivery: &Delivery) -> DeliveryAttempt {
+        let (status_code, error) = match self.send(delivery).await {
             Ok(code) if (200..300).contains(&code) => (Some(code), None),
             Ok(code) => (Some(code), Some(format!("answered {code}"))),
             Err(e) => (None, Some(e)),
@@ -382,21 +410,12 @@ impl Outbound {
                 }
             }
         };
-        let attempt = DeliveryAttempt {
+        DeliveryAttempt {
             id: delivery.id,
             at: now,
             status_code,
             error,
             next,
-        };
-        // A lost record is a repeat later (at least once), never a loss.
-        if let Err(e) = self
-            .engine
-            .store()
-            .record_delivery(&self.config.node, attempt)
-            .await
-        {
-            tracing::warn!(error = %e, delivery = delivery.id, "recording a webhook attempt failed");
         }
     }
 
@@ -471,6 +490,10 @@ impl Outbound {
         Ok(status)
     }
 }
+
+/// After an attempt finishes, how long the worker waits for others before its next step
+/// (it records them together, and claims for all their slots at once).
+const GATHER: Duration = Duration::from_millis(50);
 
 /// How often the worker forgets what is past the retention.
 const PRUNE_EVERY: Duration = Duration::from_secs(60);

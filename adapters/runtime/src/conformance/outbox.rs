@@ -239,13 +239,16 @@ pub async fn outbox_follows_the_session_and_delivers_in_order(store: &dyn Store)
 
     // Another node's word on a claim is not taken.
     store
-        .record_delivery("n2", attempt(&b_started, 32, 200, DeliveryNext::Delivered))
+        .record_deliveries(
+            "n2",
+            vec![attempt(&b_started, 32, 200, DeliveryNext::Delivered)],
+        )
         .await
         .expect("record");
     store
-        .record_delivery(
+        .record_deliveries(
             "n1",
-            attempt(&a_started, 32, 500, DeliveryNext::RetryAt(at(200))),
+            vec![attempt(&a_started, 32, 500, DeliveryNext::RetryAt(at(200)))],
         )
         .await
         .expect("record");
@@ -254,7 +257,10 @@ pub async fn outbox_follows_the_session_and_delivers_in_order(store: &dyn Store)
         "b's claim holds"
     );
     store
-        .record_delivery("n1", attempt(&b_started, 33, 204, DeliveryNext::Delivered))
+        .record_deliveries(
+            "n1",
+            vec![attempt(&b_started, 33, 204, DeliveryNext::Delivered)],
+        )
         .await
         .expect("record");
     let next = claim_of(store, "n2", 34, &tenant).await;
@@ -264,7 +270,7 @@ pub async fn outbox_follows_the_session_and_delivers_in_order(store: &dyn Store)
         "a waits for its retry; b goes on in order"
     );
     store
-        .record_delivery("n2", attempt(&next[0], 35, 410, DeliveryNext::Failed))
+        .record_deliveries("n2", vec![attempt(&next[0], 35, 410, DeliveryNext::Failed)])
         .await
         .expect("record");
     let after_failure = claim_of(store, "n2", 36, &tenant).await;
@@ -489,7 +495,10 @@ pub async fn pruning_forgets_only_what_is_done(store: &dyn Store) {
     let started = claim_of(store, "p", 3, &tenant).await;
     assert_eq!(started.len(), 1);
     store
-        .record_delivery("p", attempt(&started[0], 3, 204, DeliveryNext::Delivered))
+        .record_deliveries(
+            "p",
+            vec![attempt(&started[0], 3, 204, DeliveryNext::Delivered)],
+        )
         .await
         .expect("record");
     store

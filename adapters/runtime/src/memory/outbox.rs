@@ -218,16 +218,21 @@ impl EventOutbox for MemoryStore {
         ready(Ok(claimed))
     }
 
-    fn record_delivery(
+    fn record_deliveries(
         &self,
         node: &str,
-        attempt: DeliveryAttempt,
+        attempts: Vec<DeliveryAttempt>,
     ) -> BoxFuture<'_, Result<(), StoreError>> {
         let mut state = self.state();
-        if let Some((d, claim)) = state.outbox.deliveries.get_mut(&attempt.id)
-            && d.status == DeliveryStatus::Pending
-            && claim.as_ref().is_some_and(|(by, _)| by == node)
-        {
+        for attempt in attempts {
+            let Some((d, claim)) = state.outbox.deliveries.get_mut(&attempt.id) else {
+                continue;
+            };
+            if d.status != DeliveryStatus::Pending
+                || !claim.as_ref().is_some_and(|(by, _)| by == node)
+            {
+                continue;
+            }
             *claim = None;
             d.attempts = d.attempts.saturating_add(1);
             d.last_attempt_at = Some(attempt.at);
