@@ -229,7 +229,7 @@ impl EventOutbox for MemoryStore {
                 continue;
             };
             if d.status != DeliveryStatus::Pending
-                || !claim.as_ref().is_some_and(|(by, _)| by == node)
+                || claim.as_ref().is_none_or(|(by, _)| by != node)
             {
                 continue;
             }
