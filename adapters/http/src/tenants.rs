@@ -402,9 +402,8 @@ mod tests {
         assert!(hooks[0].wants(EventKind::Ended) && !hooks[0].wants(EventKind::Started));
         for bad in [
             "[[tenants.webhooks]]\nname = \"b\"\nurl = \"https://x.example/h\"\n".to_owned(),
-            format!(
-                "[[tenants.webhooks]]\nname = \"b\"\nurl = \"https://x.example/h\"\nsecret = \"nope\"\n"
-            ),
+            "[[tenants.webhooks]]\nname = \"b\"\nurl = \"https://x.example/h\"\nsecret = \"nope\"\n"
+                .to_owned(),
             format!(
                 "[[tenants.webhooks]]\nname = \"b\"\nurl = \"not a url\"\nsecret = \"{secret}\"\n"
             ),
