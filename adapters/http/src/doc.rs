@@ -189,7 +189,34 @@ fn complete(doc: &mut Value) {
             let Some(operation) = item.get_mut(method) else {
                 continue;
             };
+            let keyed = operation
+                .get("security")
+                .and_then(|s| s.as_array())
+                .is_some_and(|list| list.iter().any(|s| s.get("api_key").is_some()));
             let responses = operation["responses"].as_object_mut().expect("responses");
+            // A tenant's requests are rate limited wherever its API key is taken.
+            if keyed {
+                match responses.get_mut("429") {
+                    None => {
+                        responses.insert(
+                            "429".to_owned(),
+                            json!({
+                                "description": "Over the tenant's request rate limit (`rate_limited`); retry after `Retry-After`",
+                                "content": {"application/json": {"schema": error_body}},
+                            }),
+                        );
+                    }
+                    Some(limited) => {
+                        let text = limited["description"]
+                            .as_str()
+                            .unwrap_or_default()
+                            .to_owned();
+                        limited["description"] = json!(format!(
+                            "{text}; or over the tenant's request rate limit (`rate_limited`, with `Retry-After`)"
+                        ));
+                    }
+                }
+            }
             // The load limits answer 503 on every route, before any handler.
             match responses.get_mut("503") {
                 None => {
@@ -228,6 +255,13 @@ fn complete(doc: &mut Value) {
                 headers[request_id::HEADER] = request_id_header.clone();
                 if status == "503" {
                     headers["Retry-After"] = retry_after_header.clone();
+                }
+                if status == "429" {
+                    headers["Retry-After"] = json!({
+                        "description": "Seconds to wait before retrying (`rate_limited`)",
+                        "required": false,
+                        "schema": {"type": "integer", "minimum": 0},
+                    });
                 }
                 if status == "426" {
                     headers["Upgrade"]["required"] = json!(true);

@@ -60,11 +60,13 @@ pub enum ErrorCode {
     IdempotencyKeyInUse,
     /// 422: this `Idempotency-Key` was used with another request body.
     IdempotencyKeyReused,
+    /// 429: the tenant is over its request rate limit; retry after `Retry-After`.
+    RateLimited,
 }
 
 impl ErrorCode {
     /// Every code, in declaration order.
-    pub const ALL: [ErrorCode; 21] = [
+    pub const ALL: [ErrorCode; 22] = [
         ErrorCode::Unauthorized,
         ErrorCode::InvalidSessionId,
         ErrorCode::SessionNotFound,
@@ -86,6 +88,7 @@ impl ErrorCode {
         ErrorCode::DeliveryNotFound,
         ErrorCode::IdempotencyKeyInUse,
         ErrorCode::IdempotencyKeyReused,
+        ErrorCode::RateLimited,
     ];
 
     /// The code as it appears in error bodies.
@@ -112,6 +115,7 @@ impl ErrorCode {
             ErrorCode::DeliveryNotFound => "delivery_not_found",
             ErrorCode::IdempotencyKeyInUse => "idempotency_key_in_use",
             ErrorCode::IdempotencyKeyReused => "idempotency_key_reused",
+            ErrorCode::RateLimited => "rate_limited",
         }
     }
 
@@ -128,7 +132,7 @@ impl ErrorCode {
             ErrorCode::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
             ErrorCode::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ErrorCode::UpgradeRequired => StatusCode::UPGRADE_REQUIRED,
-            ErrorCode::PlanLimitReached => StatusCode::TOO_MANY_REQUESTS,
+            ErrorCode::PlanLimitReached | ErrorCode::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             ErrorCode::InternalError => StatusCode::INTERNAL_SERVER_ERROR,
             ErrorCode::CapacityExhausted
             | ErrorCode::StorageUnavailable

@@ -34,13 +34,22 @@ impl<T: TenantDirectory> TenantDirectory for Arc<T> {
     }
 }
 
-/// The tenant whose API key `headers` carry.
+/// The tenant whose API key `headers` carry, within its request rate limit (429
+/// `rate_limited` with `Retry-After` beyond).
 pub fn api_key_tenant(tenants: &Tenants, headers: &HeaderMap) -> Result<Arc<Tenant>, ApiError> {
     let key = headers.get(API_KEY_HEADER).and_then(|v| v.to_str().ok());
-    tenants
+    let tenant = tenants
         .authenticate(key)
         .cloned()
-        .ok_or_else(ApiError::unauthorized)
+        .ok_or_else(ApiError::unauthorized)?;
+    tenants.admit(&tenant).map_err(|wait| {
+        ApiError::new(
+            ErrorCode::RateLimited,
+            "over this tenant's request rate limit; retry after Retry-After",
+        )
+        .retry_after((wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1))
+    })?;
+    Ok(tenant)
 }
 
 /// The authenticated tenant of a request, from its `x-api-key` header.

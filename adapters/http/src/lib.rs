@@ -12,7 +12,7 @@
 //! cycle):
 //!
 //! - leaves: [`request_id`], [`views`], [`tokens`], [`webhooks`] (the pure verifiers and
-//!   parsers, with their own errors), [`answers`], [`metrics`];
+//!   parsers, with their own errors), [`answers`], [`metrics`], [`limits`];
 //! - [`error`] (codes and error answers), [`input`] (what clients send, checked),
 //!   [`tenants`] (API keys; uses the webhook secret types and outbound endpoint types);
 //! - [`outbound`] (outbound webhooks: signing, address checks, payloads, the worker);
@@ -25,6 +25,7 @@ pub mod doc;
 pub mod error;
 pub mod extract;
 pub mod input;
+pub mod limits;
 pub mod metrics;
 pub mod observe;
 pub mod outbound;

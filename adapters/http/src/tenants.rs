@@ -10,6 +10,7 @@ use session_lifecycle_runtime::Plan;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
+use crate::limits::{RateLimit, RateLimits};
 use crate::outbound::endpoints::{CALLBACK_ENDPOINT, CallbackSettings, WebhookEndpoint};
 use crate::outbound::sign::SigningSecret;
 use crate::webhooks::secrets::{DailySecret, LivekitKey};
@@ -35,6 +36,8 @@ pub struct Tenant {
     /// How long its avatar servers may take to report ready before their session ends
     /// `start_failed` (`None`: the service's default).
     pub avatar_ready_timeout: Option<Duration>,
+    /// Its request rate limit (`None`: the service's default, if any).
+    pub rate_limit: Option<RateLimit>,
 }
 
 /// Why a tenants file cannot be used.
@@ -103,6 +106,12 @@ struct TenantEntry {
     /// How long its avatar servers may take to report ready (`READY=1`), ms.
     #[serde(default)]
     avatar_ready_timeout_ms: Option<u64>,
+    /// Its request rate limit for the whole cluster, per second (and its burst, default
+    /// the same).
+    #[serde(default)]
+    requests_per_second: Option<u32>,
+    #[serde(default)]
+    request_burst: Option<u32>,
 }
 
 #[derive(Deserialize)]
@@ -170,10 +179,13 @@ fn webhook_endpoints(entries: Vec<WebhookEntry>) -> Result<Vec<WebhookEndpoint>,
     Ok(out)
 }
 
-/// Every tenant the service knows.
+/// Every tenant the service knows, and this instance's share of their rate limits.
 #[derive(Debug, Clone)]
 pub struct Tenants {
     tenants: Vec<Arc<Tenant>>,
+    limits: Arc<RateLimits>,
+    /// The limit of tenants without their own.
+    default_rate: Option<RateLimit>,
 }
 
 /// The hex SHA-256 of an API key, as the tenants file stores it.
@@ -273,7 +285,21 @@ impl Tenants {
             if entry.avatar_ready_timeout_ms == Some(0) {
                 return Err(invalid("avatar_ready_timeout_ms must be positive"));
             }
+            let rate_limit = match (entry.requests_per_second, entry.request_burst) {
+                (None, None) => None,
+                (Some(0), _) | (_, Some(0)) => {
+                    return Err(invalid(
+                        "requests_per_second and request_burst must be positive",
+                    ));
+                }
+                (Some(per_second), burst) => Some(RateLimit {
+                    per_second,
+                    burst: burst.unwrap_or(per_second),
+                }),
+                (None, Some(_)) => return Err(invalid("request_burst needs requests_per_second")),
+            };
             tenants.push(Arc::new(Tenant {
+                rate_limit,
                 webhooks,
                 callback,
                 avatar_ready_timeout: entry.avatar_ready_timeout_ms.map(Duration::from_millis),
@@ -288,7 +314,11 @@ impl Tenants {
         if tenants.is_empty() {
             return Err(ConfigError::Parse("no tenants listed".to_owned()));
         }
-        Ok(Tenants { tenants })
+        Ok(Tenants {
+            tenants,
+            limits: Arc::new(RateLimits::new()),
+            default_rate: None,
+        })
     }
 
     /// One tenant with one key (the `--api-key` shortcut and the generated key).
@@ -304,7 +334,10 @@ impl Tenants {
                 webhooks: Vec::new(),
                 callback: None,
                 avatar_ready_timeout: None,
+                rate_limit: None,
             })],
+            limits: Arc::new(RateLimits::new()),
+            default_rate: None,
         }
     }
 
@@ -343,6 +376,25 @@ impl Tenants {
         match (key, found) {
             (Some(k), Some(t)) if !k.is_empty() && !t.revoked => Some(t),
             _ => None,
+        }
+    }
+
+    /// These tenants, with `limit` for those without a rate limit of their own.
+    pub fn with_default_rate(mut self, limit: Option<RateLimit>) -> Tenants {
+        self.default_rate = limit;
+        self
+    }
+
+    /// This instance's share of the rate limits (set the live node count on it).
+    pub fn rate_limits(&self) -> &Arc<RateLimits> {
+        &self.limits
+    }
+
+    /// Admits one request of `tenant` under its rate limit, or says how long to wait.
+    pub fn admit(&self, tenant: &Tenant) -> Result<(), Duration> {
+        match tenant.rate_limit.or(self.default_rate) {
+            Some(limit) => self.limits.admit(&tenant.name, limit),
+            None => Ok(()),
         }
     }
 

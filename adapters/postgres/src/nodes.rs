@@ -14,6 +14,26 @@ use crate::presence::let_go_of;
 use crate::{ENDS_CHANNEL, PostgresStore, col, unavailable};
 
 impl NodeMembership for PostgresStore {
+    fn live_nodes(
+        &self,
+        _now: Timestamp,
+        node_timeout: Duration,
+    ) -> BoxFuture<'_, Result<u32, StoreError>> {
+        Box::pin(async move {
+            let client = self.client().await?;
+            // Judged as takeovers judge: on the database's clock, counting only its uptime.
+            let row = client
+                .query_one(
+                    concat!("SELECT COUNT(*) FROM nodes n WHERE ", node_alive!("$1")),
+                    &[&duration_ms(node_timeout)],
+                )
+                .await
+                .map_err(unavailable)?;
+            let live: i64 = col(&row, 0)?;
+            Ok(u32::try_from(live).unwrap_or(u32::MAX))
+        })
+    }
+
     fn node_alive(&self, node: &str, _now: Timestamp) -> BoxFuture<'_, Result<(), StoreError>> {
         let node = node.to_owned();
         Box::pin(async move {

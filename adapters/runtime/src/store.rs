@@ -435,6 +435,16 @@ pub trait NodeMembership: Send + Sync + 'static {
     /// clocks never meet.
     fn node_alive(&self, node: &str, now: Timestamp) -> BoxFuture<'_, Result<(), StoreError>>;
 
+    /// How many nodes are alive at `now`: a heartbeat within `node_timeout` (a shared store
+    /// judges on its own clock, as for [`end_dead_nodes`](Self::end_dead_nodes)). At
+    /// least the caller's own, once it has written a heartbeat. Instances split limits
+    /// that hold for the cluster by it.
+    fn live_nodes(
+        &self,
+        now: Timestamp,
+        node_timeout: Duration,
+    ) -> BoxFuture<'_, Result<u32, StoreError>>;
+
     /// Takes over from dead nodes: every node other than `except` whose last heartbeat is
     /// `node_timeout` or more before `now` (a shared store: before its own clock's now, and
     /// counting only time the store was up). Ends up to `limit` of their started sessions

@@ -13,6 +13,21 @@ use crate::presence::let_go_of;
 use crate::{SqliteStore, db, ended_events, mark_resources_due};
 
 impl NodeMembership for SqliteStore {
+    fn live_nodes(
+        &self,
+        now: Timestamp,
+        node_timeout: Duration,
+    ) -> BoxFuture<'_, Result<u32, StoreError>> {
+        let timeout_ms = duration_ms(node_timeout);
+        Box::pin(self.inner.conns.read(move |c| {
+            let live: i64 = c
+                .prepare_cached("SELECT COUNT(*) FROM nodes WHERE last_heartbeat_at > ?1 - ?2")
+                .and_then(|mut s| s.query_row(params![ms(now), timeout_ms], |r| r.get(0)))
+                .map_err(db)?;
+            Ok(u32::try_from(live).unwrap_or(u32::MAX))
+        }))
+    }
+
     fn node_alive(&self, node: &str, now: Timestamp) -> BoxFuture<'_, Result<(), StoreError>> {
         let node = node.to_owned();
         Box::pin(self.inner.conns.write(move |c| {

@@ -112,6 +112,16 @@ struct Cli {
     #[arg(long, env = "SESSIOND_MAX_CONCURRENT_SESSIONS", default_value_t = 100)]
     max_concurrent_sessions: u32,
 
+    /// Request rate limit of every tenant without its own (`requests_per_second` in the
+    /// tenants file), per second, for the whole cluster: each instance admits its share,
+    /// split by the live nodes. 0: none.
+    #[arg(long, env = "SESSIOND_REQUESTS_PER_SECOND", default_value_t = 0)]
+    requests_per_second: u32,
+
+    /// Requests a tenant may make at once after a quiet spell (default: one second's worth).
+    #[arg(long, env = "SESSIOND_REQUEST_BURST")]
+    request_burst: Option<u32>,
+
     /// Plan of the `default` tenant: longest session, in seconds.
     #[arg(long, env = "SESSIOND_MAX_SESSION_SECS", default_value_t = 3600)]
     max_session_secs: u64,
@@ -451,6 +461,12 @@ async fn run(cli: Cli) -> Result<(), String> {
             (Tenants::single("default", &key, default_plan), Some(key))
         }
     };
+    let tenants = tenants.with_default_rate((cli.requests_per_second > 0).then(|| {
+        session_lifecycle_http::limits::RateLimit {
+            per_second: cli.requests_per_second,
+            burst: cli.request_burst.unwrap_or(cli.requests_per_second).max(1),
+        }
+    }));
     let tokens = match &cli.token_secret {
         Some(secret) => TokenSigner::from_secret(secret),
         None => {
@@ -611,6 +627,22 @@ async fn run(cli: Cli) -> Result<(), String> {
         },
         webhooks,
     );
+    // Each limit is shared by the live nodes: looked at as often as heartbeats are written.
+    {
+        let (engine, limits) = (engine.clone(), Arc::clone(state.tenants.rate_limits()));
+        let (every, node_timeout) = (
+            Duration::from_millis(cli.node_heartbeat_ms),
+            Duration::from_secs(cli.node_timeout_secs),
+        );
+        tokio::spawn(async move {
+            loop {
+                if let Ok(live) = engine.store().live_nodes(engine.now(), node_timeout).await {
+                    limits.set_nodes(live);
+                }
+                tokio::time::sleep(every).await;
+            }
+        });
+    }
     let outbound = Outbound::new(
         engine.clone(),
         state.tenants.clone(),

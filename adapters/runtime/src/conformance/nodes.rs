@@ -92,8 +92,15 @@ pub async fn nodes_own_releases_and_dead_nodes_are_taken_over(store: &dyn Store)
         !ended.iter().any(|id| ids.contains(id)),
         "not dead before the timeout"
     );
+    let live_before = store.live_nodes(wall(), timeout).await.expect("live nodes");
+    assert!(live_before >= 2, "both nodes are alive: {live_before}");
     tokio::time::sleep(timeout + Duration::from_millis(200)).await;
     store.node_alive(&nb, wall()).await.expect("heartbeat");
+    let live_after = store.live_nodes(wall(), timeout).await.expect("live nodes");
+    assert!(
+        live_after >= 1 && live_after < live_before,
+        "a silent node is not alive: {live_before} then {live_after}"
+    );
     let taken_at = wall();
     let ended = store
         .end_dead_nodes(&nb, taken_at, timeout, 1000)

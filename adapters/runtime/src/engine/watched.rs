@@ -152,6 +152,13 @@ impl NodeMembership for WatchedStore {
         let node = node.to_owned();
         watched!(self, "node_alive", self.inner.node_alive(&node, now))
     }
+    fn live_nodes(
+        &self,
+        now: Timestamp,
+        node_timeout: Duration,
+    ) -> BoxFuture<'_, Result<u32, StoreError>> {
+        watched!(self, "live_nodes", self.inner.live_nodes(now, node_timeout))
+    }
     fn end_dead_nodes(
         &self,
         except: &str,

@@ -578,6 +578,17 @@ impl ReleaseQueue for MemoryStore {
 }
 
 impl NodeMembership for MemoryStore {
+    fn live_nodes(
+        &self,
+        now: Timestamp,
+        node_timeout: Duration,
+    ) -> BoxFuture<'_, Result<u32, StoreError>> {
+        let state = self.state();
+        let cutoff = now.saturating_sub(node_timeout);
+        let live = state.nodes.values().filter(|seen| **seen > cutoff).count();
+        ready(Ok(live as u32))
+    }
+
     fn node_alive(&self, node: &str, now: Timestamp) -> BoxFuture<'_, Result<(), StoreError>> {
         let mut state = self.state();
         let seen = state.nodes.entry(node.to_owned()).or_insert(now);
