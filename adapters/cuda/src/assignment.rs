@@ -10,14 +10,14 @@ use tokio::time::Instant;
 
 use session_lifecycle::{Resource, ResourceKind, SessionId};
 use session_lifecycle_runtime::{
-    AcquireError, AcquireRequest, Acquired, BoxFuture, EventSink, ReleaseError, ReleaseNote,
-    ResourceBackend, ResourceRequest,
+    AcquireError, AcquireRequest, Acquired, BoxFuture, DeviceReport, EventSink, ReleaseError,
+    ReleaseNote, ResourceBackend, ResourceRequest,
 };
 
 use session_lifecycle_process::session_of_pid;
 
 use crate::gpu::{GpuError, GpuInfo, lock};
-use crate::placement::{DeviceRoom, Promise, choose, outstanding};
+use crate::placement::{DeviceRoom, Promise, choose, device_report, outstanding};
 
 /// The resource kind of GPU shares (see [`AssignmentBackend`]).
 pub const GPU_ASSIGNMENT_KIND: ResourceKind = ResourceKind(2);
@@ -284,6 +284,35 @@ impl ResourceBackend for AssignmentBackend {
             })
             .await
             .map_err(|e| AcquireError::Failed(format!("placement task failed: {e}")))?
+        })
+    }
+
+    fn devices(&self) -> BoxFuture<'_, Vec<DeviceReport>> {
+        Box::pin(async move {
+            let (gpu, promises) = (Arc::clone(&self.gpu), Arc::clone(&self.promises));
+            let reports = tokio::task::spawn_blocking(move || {
+                let devices = gpu.devices()?;
+                let promised: Vec<Promise> = lock(&promises).values().copied().collect();
+                devices
+                    .iter()
+                    .map(|d| {
+                        let used = usage_by_session(&*gpu, d.index)?;
+                        Ok(device_report(d, &promised, &used))
+                    })
+                    .collect::<Result<Vec<_>, GpuError>>()
+            })
+            .await;
+            match reports {
+                Ok(Ok(reports)) => reports,
+                Ok(Err(e)) => {
+                    tracing::warn!(error = %e, "reading GPU memory for the node report failed");
+                    Vec::new()
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "GPU report task failed");
+                    Vec::new()
+                }
+            }
         })
     }
 

@@ -4,6 +4,9 @@
 use std::collections::HashMap;
 
 use session_lifecycle::SessionId;
+use session_lifecycle_runtime::DeviceReport;
+
+use crate::gpu::DeviceMemory;
 
 /// One GPU as placement sees it at one moment.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -50,6 +53,37 @@ pub fn outstanding<'a>(
                 .saturating_sub(used.get(&p.session).copied().unwrap_or(0))
         })
         .fold(0u64, u64::saturating_add)
+}
+
+/// What `device` reports of its memory (see [`DeviceReport`]): memory held by the processes
+/// of sessions with a share on it, memory promised to them, and memory still held by
+/// processes of sessions without one (ended and released, yet holding).
+pub fn device_report<'a>(
+    device: &DeviceMemory,
+    promises: impl IntoIterator<Item = &'a Promise>,
+    used: &HashMap<SessionId, u64>,
+) -> DeviceReport {
+    let mut report = DeviceReport {
+        index: device.index,
+        name: device.name.clone(),
+        total: device.total,
+        free: device.free,
+        ..Default::default()
+    };
+    let mut sharing: Vec<SessionId> = Vec::new();
+    for p in promises.into_iter().filter(|p| p.device == device.index) {
+        report.promised = report.promised.saturating_add(p.bytes);
+        sharing.push(p.session);
+    }
+    for (session, bytes) in used {
+        let sum = if sharing.contains(session) {
+            &mut report.used_by_sessions
+        } else {
+            &mut report.not_returned
+        };
+        *sum = sum.saturating_add(*bytes);
+    }
+    report
 }
 
 /// Why no device was chosen.
@@ -111,6 +145,53 @@ pub fn choose(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_device_report_tells_shares_from_memory_that_did_not_come_back() {
+        let (a, b, gone) = (
+            SessionId::from_ulid_parts(session_lifecycle::Timestamp::from_millis(1), 1),
+            SessionId::from_ulid_parts(session_lifecycle::Timestamp::from_millis(1), 2),
+            SessionId::from_ulid_parts(session_lifecycle::Timestamp::from_millis(1), 3),
+        );
+        let device = DeviceMemory {
+            index: 0,
+            uuid: "GPU-0".into(),
+            name: "H200".into(),
+            total: 100,
+            free: 40,
+        };
+        let promises = [
+            Promise {
+                session: a,
+                device: 0,
+                bytes: 20,
+            },
+            Promise {
+                session: b,
+                device: 0,
+                bytes: 10,
+            },
+            Promise {
+                session: gone,
+                device: 1,
+                bytes: 10,
+            },
+        ];
+        let used = HashMap::from([(a, 25), (gone, 7)]);
+        let report = device_report(&device, &promises, &used);
+        assert_eq!(
+            (
+                report.promised,
+                report.used_by_sessions,
+                report.not_returned
+            ),
+            (30, 25, 7)
+        );
+        assert_eq!(
+            (report.total, report.free, report.name.as_str()),
+            (100, 40, "H200")
+        );
+    }
     use session_lifecycle::Timestamp;
 
     const GIB: u64 = 1 << 30;

@@ -22,11 +22,14 @@ use crate::outbound::payload::{
     EventEnvelope, EventType, ReleaseNoteView,
 };
 use crate::request_id;
-use crate::routes::{events, operations, sessions, webhooks, ws};
+use crate::routes::{events, operations, overview, sessions, webhooks, ws};
 use crate::views::{
     CreateRequest, CreatedResponse, EndReasonView, HealthResponse, HealthStatus, ListResponse,
     ProviderView, ReleaseView, ResourceView, RoomView, SessionResponse, SessionView, StatusView,
     WebhookOutcome, WebhookResponse,
+};
+use session_lifecycle_api::overview::{
+    EndsBucket, GpuView, NodeView, OverviewResponse, OwedRelease, PlacedSessionView, ReasonCount,
 };
 
 #[derive(OpenApi)]
@@ -54,6 +57,7 @@ use crate::views::{
         events::stream_events,
         events::list_deliveries,
         events::retry_delivery,
+        overview::get_overview,
         operations::healthz,
         operations::readyz,
         operations::metrics,
@@ -88,6 +92,13 @@ use crate::views::{
         DeliveryStatusView,
         DeliveriesResponse,
         DeliveryResponse,
+        OverviewResponse,
+        PlacedSessionView,
+        EndsBucket,
+        ReasonCount,
+        OwedRelease,
+        NodeView,
+        GpuView,
     )),
     modifiers(&SecuritySchemes)
 )]
@@ -435,7 +446,7 @@ mod tests {
                 }
             }
         }
-        assert_eq!(operations, 15);
+        assert_eq!(operations, 16);
         let ws = &doc["paths"]["/v1/sessions/{session_id}/ws"]["get"]["responses"];
         assert!(ws.get("101").is_some());
         assert_eq!(ws["426"]["headers"]["Upgrade"]["required"], true);

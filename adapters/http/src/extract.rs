@@ -52,6 +52,44 @@ pub fn api_key_tenant(tenants: &Tenants, headers: &HeaderMap) -> Result<Arc<Tena
     Ok(tenant)
 }
 
+/// Who reads the live page and the overview: an operator key sees every tenant, a tenant
+/// key its own sessions.
+#[derive(Debug, Clone)]
+pub enum Viewer {
+    /// An operator key (the tenants file's `operator_keys_sha256`, or `--operator-key`).
+    Operator,
+    /// A tenant's API key.
+    Tenant(Arc<Tenant>),
+}
+
+impl Viewer {
+    /// The tenant whose sessions this viewer sees; `None`: every tenant's.
+    pub fn tenant(&self) -> Option<&str> {
+        match self {
+            Viewer::Operator => None,
+            Viewer::Tenant(t) => Some(&t.name),
+        }
+    }
+}
+
+/// The viewer whose key `headers` carry: an operator key first, else a tenant's (with
+/// its rate limit, as [`api_key_tenant`]).
+pub fn viewer(tenants: &Tenants, headers: &HeaderMap) -> Result<Viewer, ApiError> {
+    let key = headers.get(API_KEY_HEADER).and_then(|v| v.to_str().ok());
+    if tenants.is_operator(key) {
+        return Ok(Viewer::Operator);
+    }
+    api_key_tenant(tenants, headers).map(Viewer::Tenant)
+}
+
+impl<S: TenantDirectory + Send + Sync> FromRequestParts<S> for Viewer {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        viewer(state.tenants(), &parts.headers)
+    }
+}
+
 /// The authenticated tenant of a request, from its `x-api-key` header.
 #[derive(Debug, Clone)]
 pub struct Authenticated(pub Arc<Tenant>);

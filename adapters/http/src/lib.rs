@@ -5,8 +5,8 @@
 //! `POST /v1/sessions/{id}/end`, `POST /v1/sessions/{id}/heartbeat`,
 //! `GET /v1/sessions/{id}/ws`, `POST /v1/webhooks/{livekit,daily}`, `GET /healthz`,
 //! `GET /v1/events` (Server-Sent Events), `GET /v1/webhook-deliveries`,
-//! `POST /v1/webhook-deliveries/{id}/retry`, `GET /readyz`, `GET /metrics`,
-//! `GET /openapi.json`.
+//! `POST /v1/webhook-deliveries/{id}/retry`, `GET /v1/overview`, `GET /ui` (the live
+//! page), `GET /readyz`, `GET /metrics`, `GET /openapi.json`.
 //!
 //! Modules, each using only those listed before it (`tests/module_graph.rs` fails on a
 //! cycle):
@@ -48,7 +48,7 @@ use tower::ServiceBuilder;
 pub use crate::doc::openapi;
 pub use crate::state::{AppState, HttpConfig};
 
-use crate::routes::{events, operations, sessions, webhooks as hooks, ws};
+use crate::routes::{events, operations, overview, sessions, webhooks as hooks, ws};
 
 /// The API as a router, ready to serve or to mount in another service's router.
 pub fn router(state: Arc<AppState>) -> Router {
@@ -85,6 +85,9 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/v1/webhook-deliveries/{delivery_id}/retry",
             post(events::retry_delivery),
         )
+        .route("/v1/overview", get(overview::get_overview))
+        .route("/ui", get(overview::page))
+        .route("/ui/{asset}", get(overview::page_asset))
         .route("/healthz", get(operations::healthz))
         .route("/readyz", get(operations::readyz))
         .route("/metrics", get(operations::metrics))

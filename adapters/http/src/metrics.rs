@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use session_lifecycle_runtime::{MetricsSnapshot, RELEASE_LATENCY_BUCKETS};
+use session_lifecycle_runtime::{DeviceReport, MetricsSnapshot, RELEASE_LATENCY_BUCKETS};
 
 /// Upper bounds (seconds) of the request latency histogram's buckets.
 const REQUEST_BUCKETS: [f64; 10] = [
@@ -46,7 +46,13 @@ impl HttpMetrics {
     }
 
     /// The Prometheus text exposition of the engine's and the requests' metrics.
-    pub fn render(&self, engine: &MetricsSnapshot, active: usize, failing: usize) -> String {
+    pub fn render(
+        &self,
+        engine: &MetricsSnapshot,
+        active: usize,
+        failing: usize,
+        devices: &[DeviceReport],
+    ) -> String {
         let mut out = String::new();
         let o = &mut out;
         one(
@@ -103,6 +109,39 @@ impl HttpMetrics {
             "Resources whose last release attempt on this instance failed and that are still held (retried with backoff; never handed to another session).",
             failing,
         );
+        family(
+            o,
+            "sessiond_store_errors_total",
+            "counter",
+            "Store calls of this instance that failed, by kind (unavailable: the store could not be reached; other: any other failure).",
+        );
+        for (kind, n) in [
+            ("unavailable", engine.store_unavailable),
+            ("other", engine.store_failures),
+        ] {
+            let _ = writeln!(o, "sessiond_store_errors_total{{kind=\"{kind}\"}} {n}");
+        }
+        family(
+            o,
+            "sessiond_gpu_memory_bytes",
+            "gauge",
+            "GPU memory of this node, by device and state: total, free, used_by_sessions (held by started sessions' processes), promised (to started sessions), not_returned (held by processes of sessions that hold no share any more).",
+        );
+        for d in devices {
+            for (state, n) in [
+                ("total", d.total),
+                ("free", d.free),
+                ("used_by_sessions", d.used_by_sessions),
+                ("promised", d.promised),
+                ("not_returned", d.not_returned),
+            ] {
+                let _ = writeln!(
+                    o,
+                    "sessiond_gpu_memory_bytes{{gpu=\"{}\",state=\"{state}\"}} {n}",
+                    d.index
+                );
+            }
+        }
         family(
             o,
             "sessiond_release_duration_seconds",
@@ -177,6 +216,25 @@ fn histogram<'a>(
     };
     let _ = writeln!(out, "{name}_sum{braced} {sum}");
     let _ = writeln!(out, "{name}_count{braced} {count}");
+}
+
+/// Whether each node the cluster heard from lately is alive (its heartbeat within the node
+/// timeout), from the store: every instance reports the same.
+pub fn render_nodes(out: &mut String, nodes: &[session_lifecycle_runtime::NodeRow]) {
+    family(
+        out,
+        "sessiond_node_alive",
+        "gauge",
+        "Nodes heard from in the last hour, cluster-wide: 1 if its heartbeat is within the node timeout, 0 if it is missing.",
+    );
+    for n in nodes {
+        let node = n.node.replace('\\', "\\\\").replace('"', "\\\"");
+        let _ = writeln!(
+            out,
+            "sessiond_node_alive{{node=\"{node}\"}} {}",
+            u8::from(n.alive)
+        );
+    }
 }
 
 /// What the outbound webhooks add to the metrics: the cluster's deliveries by status (from

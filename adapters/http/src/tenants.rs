@@ -67,6 +67,9 @@ pub enum ConfigError {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct TenantsFile {
+    /// Hex SHA-256 of the operator keys: they see every tenant on the live page.
+    #[serde(default)]
+    operator_keys_sha256: Vec<String>,
     tenants: Vec<TenantEntry>,
 }
 
@@ -183,6 +186,8 @@ fn webhook_endpoints(entries: Vec<WebhookEntry>) -> Result<Vec<WebhookEndpoint>,
 #[derive(Debug, Clone)]
 pub struct Tenants {
     tenants: Vec<Arc<Tenant>>,
+    /// SHA-256 of the operator keys.
+    operators: Vec<[u8; 32]>,
     limits: Arc<RateLimits>,
     /// The limit of tenants without their own.
     default_rate: Option<RateLimit>,
@@ -314,8 +319,20 @@ impl Tenants {
         if tenants.is_empty() {
             return Err(ConfigError::Parse("no tenants listed".to_owned()));
         }
+        let operators = file
+            .operator_keys_sha256
+            .iter()
+            .map(|h| {
+                parse_hex32(&h.to_ascii_lowercase()).ok_or_else(|| {
+                    ConfigError::Parse(
+                        "operator_keys_sha256: each must be 64 hex digits".to_owned(),
+                    )
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(Tenants {
             tenants,
+            operators,
             limits: Arc::new(RateLimits::new()),
             default_rate: None,
         })
@@ -336,6 +353,7 @@ impl Tenants {
                 avatar_ready_timeout: None,
                 rate_limit: None,
             })],
+            operators: Vec::new(),
             limits: Arc::new(RateLimits::new()),
             default_rate: None,
         }
@@ -377,6 +395,23 @@ impl Tenants {
             (Some(k), Some(t)) if !k.is_empty() && !t.revoked => Some(t),
             _ => None,
         }
+    }
+
+    /// These tenants, and `key` as an operator key too.
+    pub fn with_operator_key(mut self, key: &str) -> Tenants {
+        self.operators.push(Sha256::digest(key.as_bytes()).into());
+        self
+    }
+
+    /// Whether `key` is an operator key (compared by hash, in constant time, with each).
+    pub fn is_operator(&self, key: Option<&str>) -> bool {
+        let Some(key) = key.filter(|k| !k.is_empty()) else {
+            return false;
+        };
+        let digest: [u8; 32] = Sha256::digest(key.as_bytes()).into();
+        self.operators
+            .iter()
+            .fold(false, |found, op| found | bool::from(op.ct_eq(&digest)))
     }
 
     /// These tenants, with `limit` for those without a rate limit of their own.
@@ -469,6 +504,28 @@ mod tests {
         ] {
             assert!(Tenants::from_toml(&tenant(&bad)).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn operator_keys_are_read_by_hash() {
+        let text = format!(
+            "operator_keys_sha256 = [\"{}\"]\n[[tenants]]\nname = \"a\"\napi_key_sha256 = \"{}\"\nmax_concurrent_sessions = 2\nmax_session_secs = 60\n",
+            hash_key("op-key"),
+            hash_key("key-a")
+        );
+        let tenants = Tenants::from_toml(&text).unwrap();
+        assert!(tenants.is_operator(Some("op-key")));
+        assert!(!tenants.is_operator(Some("key-a")));
+        assert!(!tenants.is_operator(Some("")) && !tenants.is_operator(None));
+        assert!(
+            tenants.authenticate(Some("op-key")).is_none(),
+            "not a tenant key"
+        );
+        let bad = text.replace(&hash_key("op-key"), "abc");
+        assert!(Tenants::from_toml(&bad).is_err());
+        let single = Tenants::single("d", "k", Plan::new(Some(1), Duration::from_secs(9)))
+            .with_operator_key("k");
+        assert!(single.is_operator(Some("k")));
     }
 
     #[test]

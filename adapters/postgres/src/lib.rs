@@ -26,7 +26,7 @@ use session_lifecycle_runtime::{
     AttachOutcome, BoxFuture, CreateOutcome, ListQuery, NewSession, ReleaseClaim, SessionRecord,
     SessionStore, StoreError, StoreHealth, TenantScope, TouchOutcome,
 };
-use session_lifecycle_runtime::{sql_ended_at, sql_later, sql_release_due_at};
+use session_lifecycle_runtime::{sql_ended_at, sql_ended_since, sql_later, sql_release_due_at};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{NoTls, Row};
 
@@ -548,6 +548,35 @@ impl SessionStore for PostgresStore {
                         &query.node,
                     ],
                 )
+                .await
+                .map_err(unavailable)?;
+            records(&rows)
+        })
+    }
+
+    fn ended_since(
+        &self,
+        tenant: Option<String>,
+        since: Timestamp,
+        limit: u32,
+    ) -> BoxFuture<'_, Result<Vec<SessionRecord>, StoreError>> {
+        Box::pin(async move {
+            let client = self.client().await?;
+            let statement = client
+                .prepare_cached(concat!(
+                    "WITH page AS (",
+                    sql_ended_since!("$1::TEXT IS NULL OR tenant = $1", "$2", "$3"),
+                    ") SELECT ",
+                    record_columns!(),
+                    " FROM page
+                     JOIN sessions s ON s.id = page.id
+                     LEFT JOIN resources r ON r.session_id = s.id
+                     ORDER BY s.ended_at DESC, s.id DESC"
+                ))
+                .await
+                .map_err(unavailable)?;
+            let rows = client
+                .query(&statement, &[&tenant, &ms(since), &i64::from(limit)])
                 .await
                 .map_err(unavailable)?;
             records(&rows)

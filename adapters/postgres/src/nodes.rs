@@ -4,10 +4,10 @@ use std::time::Duration;
 
 use session_lifecycle::{EventKind, SessionId, Timestamp};
 use session_lifecycle_runtime::rows::{
-    LOST_WITH_NODE, duration_ms, event_sequence, millis as ms, parse_id,
+    LOST_WITH_NODE, duration_ms, event_sequence, millis as ms, parse_id, timestamp,
 };
 use session_lifecycle_runtime::sql::{postgres as pg, statements};
-use session_lifecycle_runtime::{BoxFuture, NodeMembership, StoreError};
+use session_lifecycle_runtime::{BoxFuture, NodeMembership, NodeRow, StoreError};
 use session_lifecycle_runtime::{sql_ended_at, sql_release_due_at};
 
 use crate::presence::let_go_of;
@@ -51,6 +51,59 @@ impl NodeMembership for PostgresStore {
                 .await
                 .map_err(unavailable)?;
             Ok(())
+        })
+    }
+
+    fn report_node<'a>(
+        &'a self,
+        node: &'a str,
+        report: &'a str,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            let client = self.client().await?;
+            client
+                .execute(
+                    "UPDATE nodes SET report = $2 WHERE id = $1",
+                    &[&node, &report],
+                )
+                .await
+                .map_err(unavailable)?;
+            Ok(())
+        })
+    }
+
+    fn nodes(
+        &self,
+        _now: Timestamp,
+        node_timeout: Duration,
+        window: Duration,
+    ) -> BoxFuture<'_, Result<Vec<NodeRow>, StoreError>> {
+        Box::pin(async move {
+            let client = self.client().await?;
+            // Judged on the database's clock, as takeovers are.
+            let rows = client
+                .query(
+                    concat!(
+                        "SELECT n.id, n.last_heartbeat_at, ",
+                        node_alive!("$1"),
+                        ", n.report FROM nodes n WHERE n.last_heartbeat_at > ",
+                        db_now_ms!(),
+                        " - $2::BIGINT ORDER BY n.id"
+                    ),
+                    &[&duration_ms(node_timeout), &duration_ms(window)],
+                )
+                .await
+                .map_err(unavailable)?;
+            rows.iter()
+                .map(|row| {
+                    Ok(NodeRow {
+                        node: col(row, 0)?,
+                        last_heartbeat_at: timestamp(col(row, 1)?),
+                        alive: col(row, 2)?,
+                        report: col(row, 3)?,
+                    })
+                })
+                .collect()
         })
     }
 

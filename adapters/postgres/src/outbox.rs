@@ -189,6 +189,18 @@ impl EventOutbox for PostgresStore {
         })
     }
 
+    fn last_position(&self) -> BoxFuture<'_, Result<u64, StoreError>> {
+        Box::pin(async move {
+            let client = self.client().await?;
+            let row = client
+                .query_one(pg(statements::LAST_POSITION), &[])
+                .await
+                .map_err(unavailable)?;
+            let last: i64 = col(&row, 0)?;
+            Ok(u64::try_from(last).unwrap_or(0))
+        })
+    }
+
     fn claim_deliveries(
         &self,
         node: &str,

@@ -302,6 +302,13 @@ pub trait ResourceBackend: Send + Sync + 'static {
         Box::pin(async { Ok(()) })
     }
 
+    /// The devices this backend places sessions on, with their memory (see
+    /// [`DeviceReport`](crate::DeviceReport)): what the node reports of itself and its
+    /// metrics show. The default has none.
+    fn devices(&self) -> BoxFuture<'_, Vec<crate::DeviceReport>> {
+        Box::pin(async { Vec::new() })
+    }
+
     /// Takes back `resource`, held by the started `session`, when a node starts again
     /// after a crash or an in-place upgrade: what the backend keeps in memory about its
     /// resources (a process to watch, a GPU share placement must count) is restored, and

@@ -7,9 +7,9 @@ use std::time::Duration;
 use session_lifecycle::{EndReason, Resource, SessionId, Timestamp, Transition};
 
 use crate::store::{
-    AttachOutcome, BoxFuture, CreateOutcome, ListQuery, NewSession, NodeMembership, PresenceStore,
-    ReleaseClaim, ReleaseProgress, ReleaseQueue, RoomEvent, RoomState, RoomStore, SessionRecord,
-    SessionStore, Store, StoreError, StoreHealth, TenantScope, TouchOutcome,
+    AttachOutcome, BoxFuture, CreateOutcome, ListQuery, NewSession, NodeMembership, NodeRow,
+    PresenceStore, ReleaseClaim, ReleaseProgress, ReleaseQueue, RoomEvent, RoomState, RoomStore,
+    SessionRecord, SessionStore, Store, StoreError, StoreHealth, TenantScope, TouchOutcome,
 };
 
 /// The error of a call a [`FaultyStore`] failed on purpose: the k-th call.
@@ -194,6 +194,18 @@ impl SessionStore for FaultyStore {
     fn list(&self, query: ListQuery) -> BoxFuture<'_, Result<Vec<SessionRecord>, StoreError>> {
         guarded!(self, "list", self.inner.list(query))
     }
+    fn ended_since(
+        &self,
+        tenant: Option<String>,
+        since: Timestamp,
+        limit: u32,
+    ) -> BoxFuture<'_, Result<Vec<SessionRecord>, StoreError>> {
+        guarded!(
+            self,
+            "ended_since",
+            self.inner.ended_since(tenant, since, limit)
+        )
+    }
     fn touch<'a>(
         &'a self,
         id: SessionId,
@@ -263,6 +275,21 @@ impl NodeMembership for FaultyStore {
         node_timeout: Duration,
     ) -> BoxFuture<'_, Result<u32, StoreError>> {
         guarded!(self, "live_nodes", self.inner.live_nodes(now, node_timeout))
+    }
+    fn report_node<'a>(
+        &'a self,
+        node: &'a str,
+        report: &'a str,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        guarded!(self, "report_node", self.inner.report_node(node, report))
+    }
+    fn nodes(
+        &self,
+        now: Timestamp,
+        node_timeout: Duration,
+        window: Duration,
+    ) -> BoxFuture<'_, Result<Vec<NodeRow>, StoreError>> {
+        guarded!(self, "nodes", self.inner.nodes(now, node_timeout, window))
     }
     fn end_dead_nodes(
         &self,

@@ -25,6 +25,7 @@ mod idempotency;
 mod memory;
 mod metrics;
 mod outbox;
+mod report;
 pub mod rows;
 #[cfg(feature = "simulation")]
 pub mod simulation;
@@ -61,9 +62,10 @@ pub use outbox::{
     Delivery, DeliveryAttempt, DeliveryCounts, DeliveryNext, DeliveryQuery, DeliveryStatus,
     Dispatch, EventOutbox, Fanout, SessionEvent,
 };
+pub use report::{DeviceReport, NodeReport};
 pub use store::{
     AttachOutcome, BoxError, BoxFuture, CreateOutcome, ListQuery, NewSession, NodeMembership,
-    PresenceStore, ReleaseAttempt, ReleaseClaim, ReleaseProgress, ReleaseQueue, RoomBinding,
-    RoomEvent, RoomEventKind, RoomProvider, RoomState, RoomStore, SessionRecord, SessionStore,
-    SessionTimeouts, Store, StoreError, StoreHealth, TenantScope, TouchOutcome,
+    NodeRow, PresenceStore, ReleaseAttempt, ReleaseClaim, ReleaseProgress, ReleaseQueue,
+    RoomBinding, RoomEvent, RoomEventKind, RoomProvider, RoomState, RoomStore, SessionRecord,
+    SessionStore, SessionTimeouts, Store, StoreError, StoreHealth, TenantScope, TouchOutcome,
 };

@@ -21,6 +21,8 @@ pub struct Metrics {
     release_latency_buckets: [AtomicU64; RELEASE_LATENCY_BUCKETS.len()],
     release_latency_micros: AtomicU64,
     presence_writes: AtomicU64,
+    store_unavailable: AtomicU64,
+    store_failures: AtomicU64,
 }
 
 /// A copy of the counters at one moment.
@@ -44,6 +46,10 @@ pub struct MetricsSnapshot {
     /// Store writes of client socket presence this node made (one when it first holds a
     /// session's sockets, one when it lets go; none per ping).
     pub presence_writes: u64,
+    /// Store calls that failed because the store could not be reached.
+    pub store_unavailable: u64,
+    /// Store calls that failed otherwise (a corrupt row, a constraint, a bug).
+    pub store_failures: u64,
 }
 
 impl Metrics {
@@ -78,6 +84,15 @@ impl Metrics {
         self.presence_writes.fetch_add(1, Ordering::Relaxed);
     }
 
+    pub(crate) fn store_failed(&self, unavailable: bool) {
+        let counter = if unavailable {
+            &self.store_unavailable
+        } else {
+            &self.store_failures
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
     pub(crate) fn release_failed(&self) {
         self.release_failures.fetch_add(1, Ordering::Relaxed);
     }
@@ -96,6 +111,8 @@ impl Metrics {
             }),
             release_latency_sum: load(&self.release_latency_micros) as f64 / 1e6,
             presence_writes: load(&self.presence_writes),
+            store_unavailable: load(&self.store_unavailable),
+            store_failures: load(&self.store_failures),
         }
     }
 }

@@ -221,6 +221,10 @@ pub trait EventOutbox: Send + Sync + 'static {
         limit: u32,
     ) -> BoxFuture<'a, Result<Vec<SessionEvent>, StoreError>>;
 
+    /// The stream position of the last event fanned out so far (0: none yet): a reader
+    /// that wants only what comes next starts after it.
+    fn last_position(&self) -> BoxFuture<'_, Result<u64, StoreError>>;
+
     /// Claims up to `limit` pending deliveries due at `now` for `node` until `now + lease`,
     /// most overdue first, at most `per_origin` of them to any one origin and none to the
     /// origins in `busy` (those the caller has no room for). A delivery waits while an
@@ -330,6 +334,9 @@ macro_rules! delegate_outbox {
                     "events_after",
                     self.inner.events_after(tenant, session, after, limit)
                 )
+            }
+            fn last_position(&self) -> $crate::BoxFuture<'_, Result<u64, $crate::StoreError>> {
+                $wrap!(self, "last_position", self.inner.last_position())
             }
             fn claim_deliveries(
                 &self,

@@ -84,6 +84,26 @@ macro_rules! sql_holders {
     };
 }
 
+/// The ids of the ended sessions of tenant `$tenant` (each dialect's NULL test of its text
+/// parameter) that ended at or after `$since` or still owe releases, the latest end first,
+/// at most `$limit`: recent ends and releases owed, as the live page shows them.
+#[macro_export]
+macro_rules! sql_ended_since {
+    ($tenant:literal, $since:literal, $limit:literal) => {
+        concat!(
+            "SELECT id FROM sessions
+             WHERE status = 'ended' AND (",
+            $tenant,
+            ")
+               AND id IN (SELECT id FROM sessions WHERE status = 'ended' AND ended_at >= ",
+            $since,
+            " UNION SELECT id FROM sessions WHERE release_due_at IS NOT NULL)
+             ORDER BY ended_at DESC, id DESC LIMIT ",
+            $limit
+        )
+    };
+}
+
 /// The columns of a delivery, in the order `rows::DeliveryRow` reads them.
 #[macro_export]
 macro_rules! delivery_columns {
@@ -185,6 +205,9 @@ pub mod statements {
         "SELECT NULL, e.session_id, e.tenant, e.session_seq, e.at, s.callback_url
          FROM events e JOIN sessions s ON s.id = e.session_id
          WHERE e.position IS NULL ORDER BY e.id LIMIT ?1";
+
+    /// The stream position of the last event fanned out.
+    pub const LAST_POSITION: &str = "SELECT last_position FROM event_stream";
 
     /// The next place in the event stream. Its row lock is held to the commit, so places
     /// commit in order: a reader never sees a later one before an earlier one.
@@ -502,6 +525,7 @@ mod tests {
         EVENT_ENDED,
         EVENT_RELEASED,
         UNDISPATCHED,
+        LAST_POSITION,
         NEXT_POSITION,
         PLACE_EVENT,
         INSERT_DELIVERY,

@@ -358,6 +358,17 @@ pub trait SessionStore: Send + Sync + 'static {
     /// Sessions matching `query`, newest first (ids are ULIDs, so by id descending).
     fn list(&self, query: ListQuery) -> BoxFuture<'_, Result<Vec<SessionRecord>, StoreError>>;
 
+    /// Ended sessions of `tenant` (`None`: every tenant's) that ended at or after `since`,
+    /// and every ended session whose releases are not all done whenever it ended; the
+    /// latest end first, at most `limit`. What the live page shows as recent ends and
+    /// releases owed.
+    fn ended_since(
+        &self,
+        tenant: Option<String>,
+        since: Timestamp,
+        limit: u32,
+    ) -> BoxFuture<'_, Result<Vec<SessionRecord>, StoreError>>;
+
     /// Records a liveness signal at `now` for the session `id` in `tenant`'s scope
     /// (`last_seen_at` never moves back) if it is started, and returns it as it now stands
     /// (a heartbeat's answer, in the same step).
@@ -426,6 +437,19 @@ pub trait ReleaseQueue: Send + Sync + 'static {
     }
 }
 
+/// A node as the store last heard from it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeRow {
+    /// Its id.
+    pub node: String,
+    /// Its last heartbeat (a shared store: on the store's own clock).
+    pub last_heartbeat_at: Timestamp,
+    /// Whether it counts as alive.
+    pub alive: bool,
+    /// What it last reported of itself (see [`NodeMembership::report_node`]).
+    pub report: Option<String>,
+}
+
 /// Node membership: heartbeats, and taking over from nodes that stopped.
 pub trait NodeMembership: Send + Sync + 'static {
     /// Records that `node` is alive at `now` (its heartbeat), registering it if it is new.
@@ -444,6 +468,23 @@ pub trait NodeMembership: Send + Sync + 'static {
         now: Timestamp,
         node_timeout: Duration,
     ) -> BoxFuture<'_, Result<u32, StoreError>>;
+
+    /// Records what `node` says of itself: a small JSON document its engine writes (whether
+    /// it drains, whether it has room, its GPUs), kept as given until the next report.
+    fn report_node<'a>(
+        &'a self,
+        node: &'a str,
+        report: &'a str,
+    ) -> BoxFuture<'a, Result<(), StoreError>>;
+
+    /// Every node with a heartbeat within `window` of `now`, by id: whether it is alive (as
+    /// [`live_nodes`](Self::live_nodes) judges, with `node_timeout`) and its last report.
+    fn nodes(
+        &self,
+        now: Timestamp,
+        node_timeout: Duration,
+        window: Duration,
+    ) -> BoxFuture<'_, Result<Vec<NodeRow>, StoreError>>;
 
     /// Takes over from dead nodes: every node other than `except` whose last heartbeat is
     /// `node_timeout` or more before `now` (a shared store: before its own clock's now, and

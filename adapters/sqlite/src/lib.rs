@@ -42,7 +42,7 @@ use session_lifecycle_runtime::{
     AttachOutcome, BoxFuture, CreateOutcome, ListQuery, NewSession, ReleaseClaim, ReleaseProgress,
     ReleaseQueue, SessionRecord, SessionStore, StoreError, StoreHealth, TenantScope, TouchOutcome,
 };
-use session_lifecycle_runtime::{sql_ended_at, sql_later, sql_release_due_at};
+use session_lifecycle_runtime::{sql_ended_at, sql_ended_since, sql_later, sql_release_due_at};
 
 /// A session store in one SQLite file.
 #[derive(Clone)]
@@ -403,6 +403,33 @@ impl SessionStore for SqliteStore {
                     i64::from(query.limit),
                     query.node
                 ])
+                .map_err(db)?;
+            let mut out = Vec::new();
+            while let Some(row) = rows.next().map_err(db)? {
+                out.push(load_record(c, row)?);
+            }
+            Ok(out)
+        }))
+    }
+
+    fn ended_since(
+        &self,
+        tenant: Option<String>,
+        since: Timestamp,
+        limit: u32,
+    ) -> BoxFuture<'_, Result<Vec<SessionRecord>, StoreError>> {
+        Box::pin(self.inner.conns.read(move |c| {
+            let mut stmt = c
+                .prepare_cached(concat!(
+                    "SELECT ",
+                    session_columns!(),
+                    " FROM sessions WHERE id IN (",
+                    sql_ended_since!("?1 IS NULL OR tenant = ?1", "?2", "?3"),
+                    ") ORDER BY ended_at DESC, id DESC"
+                ))
+                .map_err(db)?;
+            let mut rows = stmt
+                .query(params![tenant, ms(since), i64::from(limit)])
                 .map_err(db)?;
             let mut out = Vec::new();
             while let Some(row) = rows.next().map_err(db)? {

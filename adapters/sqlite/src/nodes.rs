@@ -4,9 +4,11 @@ use std::time::Duration;
 
 use rusqlite::params;
 use session_lifecycle::{SessionId, Timestamp};
-use session_lifecycle_runtime::rows::{LOST_WITH_NODE, duration_ms, millis as ms, parse_id};
+use session_lifecycle_runtime::rows::{
+    LOST_WITH_NODE, duration_ms, millis as ms, parse_id, timestamp,
+};
 use session_lifecycle_runtime::sql::statements;
-use session_lifecycle_runtime::{BoxFuture, NodeMembership, StoreError};
+use session_lifecycle_runtime::{BoxFuture, NodeMembership, NodeRow, StoreError};
 use session_lifecycle_runtime::{sql_ended_at, sql_later, sql_release_due_at};
 
 use crate::presence::let_go_of;
@@ -39,6 +41,49 @@ impl NodeMembership for SqliteStore {
             .and_then(|mut s| s.execute(params![node, ms(now)]))
             .map_err(db)?;
             Ok(())
+        }))
+    }
+
+    fn report_node<'a>(
+        &'a self,
+        node: &'a str,
+        report: &'a str,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        let (node, report) = (node.to_owned(), report.to_owned());
+        Box::pin(self.inner.conns.write(move |c| {
+            c.prepare_cached("UPDATE nodes SET report = ?2 WHERE id = ?1")
+                .and_then(|mut s| s.execute(params![node, report]))
+                .map_err(db)?;
+            Ok(())
+        }))
+    }
+
+    fn nodes(
+        &self,
+        now: Timestamp,
+        node_timeout: Duration,
+        window: Duration,
+    ) -> BoxFuture<'_, Result<Vec<NodeRow>, StoreError>> {
+        let (timeout_ms, window_ms) = (duration_ms(node_timeout), duration_ms(window));
+        Box::pin(self.inner.conns.read(move |c| {
+            let mut stmt = c
+                .prepare_cached(
+                    "SELECT id, last_heartbeat_at, last_heartbeat_at > ?1 - ?2, report
+                     FROM nodes WHERE last_heartbeat_at > ?1 - ?3 ORDER BY id",
+                )
+                .map_err(db)?;
+            let rows = stmt
+                .query_map(params![ms(now), timeout_ms, window_ms], |r| {
+                    Ok(NodeRow {
+                        node: r.get(0)?,
+                        last_heartbeat_at: timestamp(r.get(1)?),
+                        alive: r.get(2)?,
+                        report: r.get(3)?,
+                    })
+                })
+                .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
+                .map_err(db)?;
+            Ok(rows)
         }))
     }
 

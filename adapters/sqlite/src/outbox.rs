@@ -185,6 +185,16 @@ impl EventOutbox for SqliteStore {
         }))
     }
 
+    fn last_position(&self) -> BoxFuture<'_, Result<u64, StoreError>> {
+        Box::pin(self.inner.conns.read(|c| {
+            let last: i64 = c
+                .prepare_cached(statements::LAST_POSITION)
+                .and_then(|mut s| s.query_row([], |r| r.get(0)))
+                .map_err(db)?;
+            Ok(u64::try_from(last).unwrap_or(0))
+        }))
+    }
+
     fn claim_deliveries(
         &self,
         node: &str,

@@ -171,6 +171,10 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (tenant, key)
      );
      CREATE INDEX idempotency_keys_by_age ON idempotency_keys (created_at);",
+    // 9: what each node last reported of itself (draining, room, GPUs) for the live page,
+    // and ended sessions by the time they ended (its recent ends).
+    "ALTER TABLE nodes ADD COLUMN report TEXT;
+     CREATE INDEX sessions_ended_by_time ON sessions (ended_at) WHERE status = 'ended';",
 ];
 
 /// The schema version this code writes.

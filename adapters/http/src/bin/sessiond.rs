@@ -103,9 +103,16 @@ struct Cli {
     #[arg(long, env = "SESSIOND_TENANTS", conflicts_with = "api_key")]
     tenants: Option<PathBuf>,
 
-    /// Single-tenant shortcut for development: this key serves tenant `default`.
+    /// Single-tenant shortcut for development: this key serves tenant `default` (and,
+    /// without --operator-key, is the operator key of the live page too).
     #[arg(long, env = "SESSIOND_API_KEY")]
     api_key: Option<String>,
+
+    /// An operator key: on the live page (`/ui`) and `GET /v1/overview` it sees every
+    /// tenant and the nodes (a tenant key sees its own sessions). A tenants file can list
+    /// them too (`operator_keys_sha256`).
+    #[arg(long, env = "SESSIOND_OPERATOR_KEY")]
+    operator_key: Option<String>,
 
     /// Plan of the `default` tenant (with --api-key or a generated key): most
     /// concurrent sessions.
@@ -328,6 +335,17 @@ enum LogFormat {
     Json,
 }
 
+/// The one tenant `default` of development runs; its key is the operator key too unless
+/// another is given.
+fn single_tenant(key: &str, plan: Plan, operator: bool) -> Tenants {
+    let tenants = Tenants::single("default", key, plan);
+    if operator {
+        tenants.with_operator_key(key)
+    } else {
+        tenants
+    }
+}
+
 fn random_key() -> String {
     let mut bytes = [0u8; 24];
     getrandom::fill(&mut bytes).expect("the operating system's random generator failed");
@@ -453,13 +471,22 @@ async fn run(cli: Cli) -> Result<(), String> {
     );
     let (tenants, generated_key) = match (&cli.tenants, &cli.api_key) {
         (Some(path), _) => (Tenants::from_file(path).map_err(|e| e.to_string())?, None),
-        (None, Some(key)) if !key.is_empty() => {
-            (Tenants::single("default", key, default_plan), None)
-        }
+        (None, Some(key)) if !key.is_empty() => (
+            single_tenant(key, default_plan, cli.operator_key.is_none()),
+            None,
+        ),
         (None, _) => {
             let key = random_key();
-            (Tenants::single("default", &key, default_plan), Some(key))
+            (
+                single_tenant(&key, default_plan, cli.operator_key.is_none()),
+                Some(key),
+            )
         }
+    };
+    let tenants = match cli.operator_key.as_deref() {
+        Some("") => return Err("--operator-key is empty".to_owned()),
+        Some(key) => tenants.with_operator_key(key),
+        None => tenants,
     };
     let tenants = tenants.with_default_rate((cli.requests_per_second > 0).then(|| {
         session_lifecycle_http::limits::RateLimit {

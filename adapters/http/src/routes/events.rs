@@ -14,7 +14,7 @@ use session_lifecycle_runtime::{DeliveryQuery, SessionEvent, StoreError};
 use utoipa::IntoParams;
 
 use crate::error::{ApiError, ErrorBody, ErrorCode};
-use crate::extract::{Authenticated, api_key_tenant};
+use crate::extract::{Authenticated, viewer};
 use crate::input::session_id;
 use crate::outbound::payload::{
     DeliveriesResponse, DeliveryResponse, DeliveryStatusView, DeliveryView, EventEnvelope,
@@ -54,7 +54,7 @@ fn parse_position(text: &str, what: &str) -> Result<u64, ApiError> {
         .ok_or_else(|| ApiError::invalid(format!("{what} must be an event id (digits)")))
 }
 
-/// The tenant's session events as Server-Sent Events: each message's `id` is its place in
+/// The tenant's session events (an operator key: every tenant's) as Server-Sent Events: each message's `id` is its place in
 /// the event log, `event` its type, `data` the same JSON a webhook carries. Reconnect with
 /// `Last-Event-ID` to resume after the last message received, without losing one.
 #[utoipa::path(
@@ -87,14 +87,17 @@ pub async fn stream_events(
                 .tokens
                 .verify(token, id, state.engine.now())
                 .map_err(|_| ApiError::unauthorized())?;
-            state.engine.get(None, id).await?.tenant
+            Some(state.engine.get(None, id).await?.tenant)
         }
         (Some(_), None) => {
             return Err(ApiError::invalid(
                 "a client token needs the session_id it is for",
             ));
         }
-        (None, _) => api_key_tenant(&state.tenants, &headers)?.name.clone(),
+        // An operator key follows every tenant's events.
+        (None, _) => viewer(&state.tenants, &headers)?
+            .tenant()
+            .map(str::to_owned),
     };
     let last = match headers.get("last-event-id") {
         Some(v) => parse_position(
@@ -131,7 +134,8 @@ pub async fn stream_events(
 /// One open event stream.
 struct Stream {
     state: Arc<AppState>,
-    tenant: String,
+    /// Whose events (`None`: every tenant's, for an operator).
+    tenant: Option<String>,
     session: Option<session_lifecycle::SessionId>,
     /// The place of the last event sent (or skipped for good).
     last: u64,
@@ -172,7 +176,12 @@ impl Stream {
                 .state
                 .engine
                 .store()
-                .events_after(Some(&self.tenant), self.session, self.last, STREAM_BATCH)
+                .events_after(
+                    self.tenant.as_deref(),
+                    self.session,
+                    self.last,
+                    STREAM_BATCH,
+                )
                 .await
             {
                 Ok(events) if !events.is_empty() => self.pending.extend(events),

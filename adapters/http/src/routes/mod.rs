@@ -4,6 +4,7 @@
 
 pub mod events;
 pub mod operations;
+pub mod overview;
 pub mod sessions;
 pub mod webhooks;
 pub mod ws;

@@ -56,6 +56,7 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         &state.engine.metrics().snapshot(),
         state.engine.active_sessions(),
         state.engine.releases_failing(),
+        &state.engine.node_report().devices,
     );
     // The store's figures only when it answers at once: a scrape never waits on an outage.
     let counts = tokio::time::timeout(
@@ -63,6 +64,16 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         state.engine.store().delivery_counts(),
     )
     .await;
+    // Every node the cluster heard from in the last hour, alive or not (its heartbeat
+    // missing): each instance reports the same, from the store.
+    let nodes = tokio::time::timeout(
+        std::time::Duration::from_secs(2),
+        state.engine.cluster_nodes(super::overview::NODE_WINDOW),
+    )
+    .await;
+    if let Ok(Ok(nodes)) = nodes {
+        crate::metrics::render_nodes(&mut text, &nodes);
+    }
     if let Ok(Ok(counts)) = counts {
         let now = state.engine.now();
         let stats = state.outbound.get().map(|o| &o.stats);

@@ -23,7 +23,7 @@ use crate::state::AppState;
 use crate::views::{CreateRequest, CreatedResponse, ListResponse, SessionResponse, SessionView};
 
 /// The view of `record` in full, resource kinds named by the engine's backends.
-fn view(state: &AppState, record: &SessionRecord) -> SessionView {
+pub(crate) fn view(state: &AppState, record: &SessionRecord) -> SessionView {
     SessionView::of(
         record,
         &|kind| state.engine.kind_name(kind),

@@ -75,7 +75,9 @@ mod rooms;
 mod sessions;
 
 pub use idempotency::idempotency_keys_bind_one_request;
-pub use nodes::nodes_own_releases_and_dead_nodes_are_taken_over;
+pub use nodes::{
+    node_reports_and_recent_ends_are_listed, nodes_own_releases_and_dead_nodes_are_taken_over,
+};
 pub use outbox::{
     claims_are_bounded_per_origin, outbox_follows_the_session_and_delivers_in_order,
     pruning_forgets_only_what_is_done, readiness_is_recorded_once,
@@ -113,6 +115,7 @@ pub async fn run_all(store: Arc<dyn Store>) {
     plan_limit_is_enforced(&*store).await;
     concurrent_ends_commit_once(Arc::clone(&store)).await;
     nodes_own_releases_and_dead_nodes_are_taken_over(&*store).await;
+    node_reports_and_recent_ends_are_listed(&*store).await;
     room_events_track_presence(&*store).await;
     presence_counts_live_nodes_only(&*store).await;
     watch_ends_hears_every_end(&*store).await;

@@ -196,3 +196,71 @@ pub async fn nodes_own_releases_and_dead_nodes_are_taken_over(store: &dyn Store)
         "a returned node is alive"
     );
 }
+
+/// A node's report of itself is kept as given, the latest one, and listed with whether the
+/// node is alive; recent ends list the sessions that ended since a time and those still
+/// owing releases, the latest end first, scoped to a tenant.
+pub async fn node_reports_and_recent_ends_are_listed(store: &dyn Store) {
+    let wall = || {
+        use session_lifecycle::Clock;
+        crate::SystemClock.now()
+    };
+    let node = format!("node-{:x}", random() as u64);
+    store.node_alive(&node, wall()).await.expect("heartbeat");
+    store
+        .report_node(&node, r#"{"draining":false}"#)
+        .await
+        .expect("report");
+    store
+        .report_node(&node, r#"{"draining":true}"#)
+        .await
+        .expect("report");
+    let window = Duration::from_secs(3600);
+    let nodes = store
+        .nodes(wall(), Duration::from_secs(60), window)
+        .await
+        .expect("nodes");
+    let row = nodes
+        .iter()
+        .find(|n| n.node == node)
+        .expect("a node with a recent heartbeat is listed");
+    assert!(row.alive, "{row:?}");
+    assert_eq!(row.report.as_deref(), Some(r#"{"draining":true}"#));
+
+    let tenant = fresh_tenant();
+    let session = || new_session(&tenant, at(0), Duration::from_secs(3600));
+    let (early, middle, late, running) = (session(), session(), session(), session());
+    let other = new_session(&fresh_tenant(), at(0), Duration::from_secs(3600));
+    for s in [&early, &middle, &late, &running, &other] {
+        create(store, s).await;
+    }
+    // Ended before `since`, but still owing its resource's release.
+    assert_eq!(
+        store.attach(early.id, res(41)).await.expect("attach"),
+        AttachOutcome::Attached
+    );
+    for (s, t) in [(&early, 5), (&middle, 10), (&late, 20), (&other, 20)] {
+        store
+            .end(s.id, None, at(t), EndReason::Requested, None)
+            .await
+            .expect("end");
+    }
+    let ids = |records: Vec<crate::SessionRecord>| -> Vec<SessionId> {
+        records.iter().map(|r| *r.session.id()).collect()
+    };
+    let recent = store
+        .ended_since(Some(tenant.clone()), at(8), 10)
+        .await
+        .expect("ended since");
+    assert_eq!(ids(recent), vec![late.id, middle.id, early.id]);
+    let first = store
+        .ended_since(Some(tenant.clone()), at(8), 2)
+        .await
+        .expect("ended since");
+    assert_eq!(ids(first), vec![late.id, middle.id]);
+    let after = store
+        .ended_since(Some(tenant), at(15), 10)
+        .await
+        .expect("ended since");
+    assert_eq!(ids(after), vec![late.id, early.id]);
+}

@@ -58,6 +58,7 @@ pub use tasks::{Background, Readiness};
 use crate::backend::{EventSink, ResourceBackend, ResourceEvent};
 use crate::clock::RuntimeClock;
 use crate::metrics::Metrics;
+use crate::report::NodeReport;
 use crate::store::Store;
 
 /// How long to wait before trying again a store write that a timer or the sweep could not
@@ -116,7 +117,9 @@ pub(crate) struct Inner {
     sockets: sockets::Sockets,
     /// Cancelled at shutdown: every task stops.
     cancel: CancellationToken,
-    metrics: Metrics,
+    metrics: Arc<Metrics>,
+    /// What this node last reported of itself, and whether the store has that report.
+    report: Mutex<(NodeReport, bool)>,
 }
 
 /// The session engine a service links in: start, end, get, list and record liveness,
@@ -155,10 +158,12 @@ impl Engine {
         release_deadlines.extend(config.release_deadlines.iter().copied());
         let (events, events_rx) = EventSink::channel();
         let health = Arc::new(Mutex::new(health::Reachability::starting(clock.now())));
+        let metrics = Arc::new(Metrics::default());
         let store: Arc<dyn Store> = Arc::new(watched::WatchedStore::new(
             store,
             Arc::clone(&health),
             Arc::clone(&clock),
+            Arc::clone(&metrics),
         ));
         let engine = Engine {
             inner: Arc::new(Inner {
@@ -188,7 +193,8 @@ impl Engine {
                 local_runs: Mutex::new(Vec::new()),
                 sockets: sockets::Sockets::default(),
                 cancel: CancellationToken::new(),
-                metrics: Metrics::default(),
+                metrics,
+                report: Mutex::new((NodeReport::default(), false)),
             }),
         };
         engine.recover().await?;
@@ -235,6 +241,24 @@ impl Engine {
     /// The engine's clock.
     pub fn now(&self) -> Timestamp {
         self.inner.clock.now()
+    }
+
+    /// Every node heard from within `window`, with whether it is alive (judged with this
+    /// engine's `node_timeout`) and its last report of itself.
+    pub async fn cluster_nodes(
+        &self,
+        window: Duration,
+    ) -> Result<Vec<crate::NodeRow>, crate::StoreError> {
+        let inner = &self.inner;
+        inner
+            .store
+            .nodes(inner.clock.now(), inner.config.node_timeout, window)
+            .await
+    }
+
+    /// This node's id.
+    pub fn node(&self) -> &str {
+        &self.inner.config.node
     }
 
     /// The policy in force.

@@ -91,7 +91,52 @@ impl Engine {
         inner.store.node_alive(&inner.config.node, now).await?;
         *lock(&inner.last_heartbeat) = Some(now);
         self.after_outage().await;
+        self.report_once().await
+    }
+
+    /// Works out what this node says of itself and writes it when it changed (or was not
+    /// written yet): the live page of every instance reads it.
+    async fn report_once(&self) -> Result<(), EngineError> {
+        let inner = &self.inner;
+        let mut report = crate::NodeReport {
+            draining: self.is_draining(),
+            sessions: self.active_sessions() as u64,
+            ..Default::default()
+        };
+        for backend in &inner.backends {
+            if report.full.is_none()
+                && let Err(e) = backend.room_for(Default::default()).await
+            {
+                report.full = Some(match e {
+                    crate::AcquireError::CapacityExhausted(why) => why,
+                    crate::AcquireError::Failed(why) => format!("{}: {why}", backend.name()),
+                });
+            }
+            report.devices.extend(backend.devices().await);
+        }
+        let unchanged = {
+            let last = lock(&inner.report);
+            last.1 && last.0 == report
+        };
+        if unchanged {
+            return Ok(());
+        }
+        *lock(&inner.report) = (report.clone(), false);
+        inner
+            .store
+            .report_node(&inner.config.node, &report.to_json())
+            .await?;
+        let mut last = lock(&inner.report);
+        if last.0 == report {
+            last.1 = true;
+        }
         Ok(())
+    }
+
+    /// What this node last worked out about itself (its heartbeat does, every
+    /// `node_heartbeat`).
+    pub fn node_report(&self) -> crate::NodeReport {
+        lock(&self.inner.report).0.clone()
     }
 
     /// Whether this node's last heartbeat written is older than two intervals (or there

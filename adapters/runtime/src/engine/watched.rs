@@ -12,9 +12,9 @@ use super::health::Reachability;
 use super::lock;
 use crate::clock::RuntimeClock;
 use crate::store::{
-    AttachOutcome, BoxFuture, CreateOutcome, ListQuery, NewSession, NodeMembership, PresenceStore,
-    ReleaseClaim, ReleaseProgress, ReleaseQueue, RoomEvent, RoomState, RoomStore, SessionRecord,
-    SessionStore, Store, StoreError, StoreHealth, TenantScope, TouchOutcome,
+    AttachOutcome, BoxFuture, CreateOutcome, ListQuery, NewSession, NodeMembership, NodeRow,
+    PresenceStore, ReleaseClaim, ReleaseProgress, ReleaseQueue, RoomEvent, RoomState, RoomStore,
+    SessionRecord, SessionStore, Store, StoreError, StoreHealth, TenantScope, TouchOutcome,
 };
 
 /// Wraps the engine's store and records, after each call, whether the store could be
@@ -23,6 +23,7 @@ pub(crate) struct WatchedStore {
     inner: Arc<dyn Store>,
     health: Arc<Mutex<Reachability>>,
     clock: Arc<dyn RuntimeClock>,
+    metrics: Arc<crate::Metrics>,
 }
 
 impl WatchedStore {
@@ -30,16 +31,21 @@ impl WatchedStore {
         inner: Arc<dyn Store>,
         health: Arc<Mutex<Reachability>>,
         clock: Arc<dyn RuntimeClock>,
+        metrics: Arc<crate::Metrics>,
     ) -> WatchedStore {
         WatchedStore {
             inner,
             health,
             clock,
+            metrics,
         }
     }
 
     fn observe<T>(&self, result: &Result<T, StoreError>) {
         let reachable = !result.as_ref().is_err_and(StoreError::is_unavailable);
+        if result.is_err() {
+            self.metrics.store_failed(!reachable);
+        }
         let now = self.clock.now();
         let mut health = lock(&self.health);
         health.observe_clock(now, self.clock.monotonic());
@@ -88,6 +94,18 @@ impl SessionStore for WatchedStore {
     }
     fn list(&self, query: ListQuery) -> BoxFuture<'_, Result<Vec<SessionRecord>, StoreError>> {
         watched!(self, "list", self.inner.list(query))
+    }
+    fn ended_since(
+        &self,
+        tenant: Option<String>,
+        since: Timestamp,
+        limit: u32,
+    ) -> BoxFuture<'_, Result<Vec<SessionRecord>, StoreError>> {
+        watched!(
+            self,
+            "ended_since",
+            self.inner.ended_since(tenant, since, limit)
+        )
     }
     fn touch<'a>(
         &'a self,
@@ -158,6 +176,21 @@ impl NodeMembership for WatchedStore {
         node_timeout: Duration,
     ) -> BoxFuture<'_, Result<u32, StoreError>> {
         watched!(self, "live_nodes", self.inner.live_nodes(now, node_timeout))
+    }
+    fn report_node<'a>(
+        &'a self,
+        node: &'a str,
+        report: &'a str,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        watched!(self, "report_node", self.inner.report_node(node, report))
+    }
+    fn nodes(
+        &self,
+        now: Timestamp,
+        node_timeout: Duration,
+        window: Duration,
+    ) -> BoxFuture<'_, Result<Vec<NodeRow>, StoreError>> {
+        watched!(self, "nodes", self.inner.nodes(now, node_timeout, window))
     }
     fn end_dead_nodes(
         &self,

@@ -20,10 +20,10 @@ use tokio::sync::broadcast;
 
 use crate::rows::{LOST_WITH_NODE, RELEASED_ON_RETURN};
 use crate::store::{
-    AttachOutcome, BoxFuture, CreateOutcome, ListQuery, NewSession, NodeMembership, PresenceStore,
-    ReleaseClaim, ReleaseProgress, ReleaseQueue, RoomBinding, RoomEvent, RoomEventKind, RoomState,
-    RoomStore, SessionRecord, SessionStore, SessionTimeouts, StoreError, StoreHealth, TenantScope,
-    TouchOutcome,
+    AttachOutcome, BoxFuture, CreateOutcome, ListQuery, NewSession, NodeMembership, NodeRow,
+    PresenceStore, ReleaseClaim, ReleaseProgress, ReleaseQueue, RoomBinding, RoomEvent,
+    RoomEventKind, RoomState, RoomStore, SessionRecord, SessionStore, SessionTimeouts, StoreError,
+    StoreHealth, TenantScope, TouchOutcome,
 };
 
 /// A resource as the store keeps it.
@@ -64,6 +64,8 @@ struct State {
     /// Per session, the nodes holding client sockets of it.
     presence: BTreeMap<SessionId, BTreeSet<String>>,
     nodes: BTreeMap<String, Timestamp>,
+    /// Each node's last report of itself.
+    node_reports: BTreeMap<String, String>,
     /// Room events applied: (provider, event id) -> when received.
     room_events: BTreeMap<(String, String), Timestamp>,
     /// Per session: participant identity -> (present, time of its latest event).
@@ -413,6 +415,31 @@ impl SessionStore for MemoryStore {
         ready(matching)
     }
 
+    fn ended_since(
+        &self,
+        tenant: Option<String>,
+        since: Timestamp,
+        limit: u32,
+    ) -> BoxFuture<'_, Result<Vec<SessionRecord>, StoreError>> {
+        let state = self.state();
+        let mut ended: Vec<(Timestamp, SessionId)> = state
+            .sessions
+            .iter()
+            .filter(|(_, s)| tenant.as_ref().is_none_or(|t| *t == s.tenant))
+            .filter_map(|(id, s)| {
+                let (at, _) = s.ending?;
+                (at >= since || s.release_due_at.is_some()).then_some((at, *id))
+            })
+            .collect();
+        ended.sort_by(|a, b| b.cmp(a));
+        let records = ended
+            .into_iter()
+            .take(limit as usize)
+            .filter_map(|(_, id)| state.sessions.get(&id).map(|s| s.record(&id)))
+            .collect();
+        ready(records)
+    }
+
     fn touch<'a>(
         &'a self,
         id: SessionId,
@@ -594,6 +621,39 @@ impl NodeMembership for MemoryStore {
         let seen = state.nodes.entry(node.to_owned()).or_insert(now);
         *seen = (*seen).max(now);
         ready(Ok(()))
+    }
+
+    fn report_node<'a>(
+        &'a self,
+        node: &'a str,
+        report: &'a str,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        let mut state = self.state();
+        state
+            .node_reports
+            .insert(node.to_owned(), report.to_owned());
+        ready(Ok(()))
+    }
+
+    fn nodes(
+        &self,
+        now: Timestamp,
+        node_timeout: Duration,
+        window: Duration,
+    ) -> BoxFuture<'_, Result<Vec<NodeRow>, StoreError>> {
+        let state = self.state();
+        let rows = state
+            .nodes
+            .iter()
+            .filter(|(_, seen)| **seen > now.saturating_sub(window))
+            .map(|(node, seen)| NodeRow {
+                node: node.clone(),
+                last_heartbeat_at: *seen,
+                alive: *seen > now.saturating_sub(node_timeout),
+                report: state.node_reports.get(node).cloned(),
+            })
+            .collect();
+        ready(Ok(rows))
     }
 
     fn end_dead_nodes(

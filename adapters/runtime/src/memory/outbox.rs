@@ -142,6 +142,17 @@ impl EventOutbox for MemoryStore {
         ready(Ok(dispatched))
     }
 
+    fn last_position(&self) -> BoxFuture<'_, Result<u64, StoreError>> {
+        let state = self.state();
+        ready(Ok(state
+            .outbox
+            .stream
+            .keys()
+            .next_back()
+            .copied()
+            .unwrap_or(0)))
+    }
+
     fn events_after<'a>(
         &'a self,
         tenant: TenantScope<'a>,

@@ -1,0 +1,263 @@
+//! The live page (`/ui`: a page and its script and style, embedded in the binary) and the
+//! snapshot it shows (`GET /v1/overview`); the page follows `/v1/events` to stay current.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use session_lifecycle::{EndReason, Status, Timestamp};
+use session_lifecycle_runtime::{ListQuery, NodeReport, NodeRow, SessionRecord};
+
+use crate::error::{ApiError, ErrorBody, ErrorCode};
+use crate::extract::Viewer;
+use crate::routes::sessions::view;
+use crate::state::AppState;
+use crate::views::{EndReasonView, ReleaseView};
+use session_lifecycle_api::overview::{
+    EndsBucket, GpuView, NodeView, OverviewResponse, OwedRelease, PlacedSessionView, ReasonCount,
+};
+
+/// Nodes heard from within this long are listed (and their `sessiond_node_alive`
+/// exposed).
+pub const NODE_WINDOW: Duration = Duration::from_secs(3600);
+/// How far back recent ends go.
+const ENDS_WINDOW: Duration = Duration::from_secs(3600);
+/// The chart's buckets.
+const BUCKET: Duration = Duration::from_secs(300);
+const BUCKETS: u64 = 12;
+/// Started sessions listed at most.
+const MAX_SESSIONS: u32 = 500;
+/// Ended sessions read at most.
+const MAX_ENDS: u32 = 2000;
+
+/// A snapshot of what runs: started sessions, recent ends and a chart of them by reason,
+/// releases owed, and (for an operator key) the nodes with their GPUs.
+#[utoipa::path(
+    get, path = "/v1/overview", tag = "operations",
+    responses(
+        (status = 200, description = "The snapshot", body = OverviewResponse),
+        (status = 401, description = "Missing, unknown or revoked key (`unauthorized`)", body = ErrorBody),
+        (status = 503, description = "Storage unavailable or overloaded", body = ErrorBody),
+    ),
+    security(("api_key" = []))
+)]
+pub async fn get_overview(
+    State(state): State<Arc<AppState>>,
+    viewer: Viewer,
+) -> Result<Json<OverviewResponse>, ApiError> {
+    let store = state.engine.store();
+    let unavailable = |e| ApiError::from(session_lifecycle_runtime::EngineError::Store(e));
+    let tenant = viewer.tenant().map(str::to_owned);
+    // Read first: every change after it comes as an event after this id.
+    let last_event_id = store.last_position().await.map_err(unavailable)?;
+    let now = state.engine.now();
+    let mut started = state
+        .engine
+        .list(ListQuery {
+            tenant: tenant.clone(),
+            status: Some(Status::Started),
+            limit: MAX_SESSIONS + 1,
+            before: None,
+            node: None,
+        })
+        .await?;
+    let sessions_truncated = started.len() > MAX_SESSIONS as usize;
+    started.truncate(MAX_SESSIONS as usize);
+    let ended = store
+        .ended_since(tenant.clone(), now.saturating_sub(ENDS_WINDOW), MAX_ENDS)
+        .await
+        .map_err(unavailable)?;
+    let nodes = match viewer {
+        Viewer::Operator => Some(
+            state
+                .engine
+                .cluster_nodes(NODE_WINDOW)
+                .await
+                .map_err(unavailable)?
+                .iter()
+                .map(node_view)
+                .collect(),
+        ),
+        Viewer::Tenant(_) => None,
+    };
+    let placed = |r: &SessionRecord| PlacedSessionView {
+        tenant: r.tenant.clone(),
+        node: r.node.clone(),
+        session: view(&state, r),
+    };
+    let recent_ends: Vec<PlacedSessionView> = ended.iter().map(placed).collect();
+    Ok(Json(OverviewResponse {
+        success: true,
+        generated_at: now.to_string(),
+        tenant,
+        last_event_id,
+        sessions: started.iter().map(placed).collect(),
+        sessions_truncated,
+        ends_by_reason: ends_by_reason(&ended, now),
+        releases: owed_releases(&recent_ends),
+        recent_ends,
+        nodes,
+    }))
+}
+
+/// Ends of the last hour by reason, in 5-minute buckets aligned on the clock, the current
+/// (partial) bucket last.
+fn ends_by_reason(ended: &[SessionRecord], now: Timestamp) -> Vec<EndsBucket> {
+    let width = BUCKET.as_millis() as u64;
+    let last_start = now.as_millis() / width * width;
+    let first_start = last_start.saturating_sub((BUCKETS - 1) * width);
+    let mut counts = vec![[0u64; EndReason::ALL.len()]; BUCKETS as usize];
+    for r in ended {
+        let (Some(at), Some(reason)) = (r.session.ended_at(), r.session.end_reason()) else {
+            continue;
+        };
+        let at = at.as_millis();
+        if at < first_start {
+            continue;
+        }
+        let bucket = (((at - first_start) / width) as usize).min(BUCKETS as usize - 1);
+        if let Some(i) = EndReason::ALL.iter().position(|r| *r == reason) {
+            counts[bucket][i] += 1;
+        }
+    }
+    counts
+        .iter()
+        .enumerate()
+        .map(|(b, by_reason)| EndsBucket {
+            start: Timestamp::from_millis(first_start + b as u64 * width).to_string(),
+            ends: EndReason::ALL
+                .iter()
+                .zip(by_reason)
+                .filter(|(_, n)| **n > 0)
+                .map(|(reason, n)| ReasonCount {
+                    reason: EndReasonView::from(*reason),
+                    count: *n,
+                })
+                .collect(),
+        })
+        .collect()
+}
+
+/// Every resource of an ended session not released yet.
+fn owed_releases(ended: &[PlacedSessionView]) -> Vec<OwedRelease> {
+    ended
+        .iter()
+        .flat_map(|p| {
+            p.session
+                .resources
+                .iter()
+                .flatten()
+                .filter(|r| r.release != ReleaseView::Released)
+                .map(|r| OwedRelease {
+                    session_id: p.session.session_id.clone(),
+                    tenant: p.tenant.clone(),
+                    node: p.node.clone(),
+                    failing: r.release_error.is_some(),
+                    resource: r.clone(),
+                })
+        })
+        .collect()
+}
+
+/// A node row as the page shows it; a report it cannot read shows as none.
+fn node_view(row: &NodeRow) -> NodeView {
+    let report = row
+        .report
+        .as_deref()
+        .and_then(NodeReport::from_json)
+        .unwrap_or_default();
+    NodeView {
+        node: row.node.clone(),
+        alive: row.alive,
+        draining: report.draining,
+        full: report.full,
+        sessions: report.sessions,
+        gpus: report
+            .devices
+            .into_iter()
+            .map(|d| GpuView {
+                index: d.index,
+                name: d.name,
+                total_bytes: d.total,
+                free_bytes: d.free,
+                used_by_sessions_bytes: d.used_by_sessions,
+                promised_bytes: d.promised,
+                not_returned_bytes: d.not_returned,
+            })
+            .collect(),
+    }
+}
+
+/// The page's files, embedded: no build step, no CDN, works offline.
+const ASSETS: [(&str, &str, &str); 3] = [
+    (
+        "",
+        "text/html; charset=utf-8",
+        include_str!("../../ui/index.html"),
+    ),
+    (
+        "app.js",
+        "text/javascript; charset=utf-8",
+        include_str!("../../ui/app.js"),
+    ),
+    (
+        "app.css",
+        "text/css; charset=utf-8",
+        include_str!("../../ui/app.css"),
+    ),
+];
+
+/// Only the page's own files, scripts and connections; no framing.
+const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'; style-src 'self'; \
+     connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'";
+
+fn asset(name: &str) -> Response {
+    match ASSETS.iter().find(|(n, _, _)| *n == name) {
+        Some((_, content_type, body)) => (
+            [
+                (header::CONTENT_TYPE, *content_type),
+                (header::CONTENT_SECURITY_POLICY, CONTENT_SECURITY_POLICY),
+                (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+                (header::REFERRER_POLICY, "no-referrer"),
+                (header::CACHE_CONTROL, "no-cache"),
+            ],
+            *body,
+        )
+            .into_response(),
+        None => ApiError::new(ErrorCode::NotFound, "no such file of the live page").into_response(),
+    }
+}
+
+/// The live page. It asks for a key (or takes one from the URL fragment, `#key=...`,
+/// which never reaches a server) and keeps it for the browser tab only.
+pub async fn page() -> Response {
+    asset("")
+}
+
+/// The live page's script and style.
+pub async fn page_asset(Path(name): Path<String>) -> Response {
+    asset(&name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_asset_is_embedded_and_the_page_loads_only_its_own() {
+        for (name, _, body) in ASSETS {
+            assert!(!body.is_empty(), "{name}");
+            // The SVG namespace is a name, not a place anything is loaded from.
+            let text = body.replace("http://www.w3.org/2000/svg", "");
+            for outside in ["http://", "https://", "//cdn", "@import"] {
+                assert!(
+                    !text.contains(outside),
+                    "{name} must not load anything from elsewhere ({outside})"
+                );
+            }
+        }
+    }
+}
