@@ -100,6 +100,11 @@ impl IntoResponse for ApiError {
         if let Some(secs) = self.retry_after {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
+        if self.code == ErrorCode::PayloadTooLarge {
+            // The rest of the body is not read: the connection cannot carry another request,
+            // and a client that reused it would see it cut.
+            headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         if self.code == ErrorCode::UpgradeRequired {
             // RFC 9110 15.5.22: a 426 names the protocol to upgrade to.
             headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));

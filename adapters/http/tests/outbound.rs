@@ -170,22 +170,25 @@ async fn call(
     (status, serde_json::from_str(&text).unwrap_or(Value::Null))
 }
 
+/// The Rust client of `node` with `key`.
+fn api(node: &Node, key: &str) -> session_lifecycle_client::Client {
+    session_lifecycle_client::Client::with_http(client(), &node.url(""), key).expect("client")
+}
+
 async fn create(node: &Node, key: &str, body: Value) -> String {
-    let (status, answer) = call(node, key, Method::POST, "/v1/sessions", Some(body)).await;
-    assert_eq!(status, StatusCode::CREATED, "{answer}");
-    answer["session"]["session_id"].as_str().unwrap().to_owned()
+    let request = serde_json::from_value(body).expect("a create request");
+    let created = api(node, key)
+        .create_session(&request)
+        .await
+        .unwrap_or_else(|e| panic!("create: {e}"));
+    created.session.session_id
 }
 
 async fn end(node: &Node, key: &str, id: &str) {
-    let (status, answer) = call(
-        node,
-        key,
-        Method::POST,
-        &format!("/v1/sessions/{id}/end"),
-        None,
-    )
-    .await;
-    assert_eq!(status, StatusCode::OK, "{answer}");
+    api(node, key)
+        .end_session(id)
+        .await
+        .unwrap_or_else(|e| panic!("end {id}: {e}"));
 }
 
 /// The events received for session `id` at `path` (accepted ones), by sequence.

@@ -258,7 +258,13 @@
     }));
 
     chart(data.ends_by_reason);
-    nodes(data.nodes);
+    // Sessions per node from the list itself (live); a node's own count (written with its
+    // heartbeat) when the list is cut short.
+    const perNode = data.sessions_truncated ? null : data.sessions.reduce((m, p) => {
+      m.set(p.node, (m.get(p.node) || 0) + 1);
+      return m;
+    }, new Map());
+    nodes(data.nodes, perNode);
 
     for (const p of data.sessions) seen.add(p.session.session_id);
     for (const p of data.recent_ends) seen.add(p.session.session_id);
@@ -300,8 +306,12 @@
         used.add(c.reason);
       }
       if (i % 3 === 0 || i === buckets.length - 1) {
-        const t = svg("text", { x: left + i * slot + 2, y: height - 5 });
-        t.textContent = new Date(Date.parse(b.start)).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+        const last = i === buckets.length - 1;
+        const t = svg("text", {
+          x: last ? width : left + i * slot + 2, y: height - 5, "text-anchor": last ? "end" : "start",
+        });
+        t.textContent = new Date(Date.parse(b.start))
+          .toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", hour12: false });
         parts.push(t);
       }
     });
@@ -341,7 +351,7 @@
     return wrap;
   }
 
-  function nodes(list) {
+  function nodes(list, perNode) {
     const section = $("nodes-section");
     $("card-nodes").hidden = list === null;
     section.hidden = list === null;
@@ -357,7 +367,7 @@
       const gpus = el("td");
       if (n.gpus.length === 0) gpus.append(el("span", "no GPUs reported", "muted"));
       for (const g of n.gpus) gpus.append(gpuBar(g));
-      tr.append(el("td", n.node), state, el("td", n.sessions), gpus);
+      tr.append(el("td", n.node), state, el("td", perNode ? perNode.get(n.node) || 0 : n.sessions), gpus);
       return tr;
     }));
   }

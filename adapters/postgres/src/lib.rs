@@ -47,6 +47,8 @@ const RELEASES_CHANNEL: &str = "session_lifecycle_releases";
 /// The channel on which every end is announced, for every instance to close the sockets
 /// of the session (payload: the session id).
 const ENDS_CHANNEL: &str = "session_lifecycle_ends";
+/// The channel a fan-out notifies when it placed events in the stream.
+const EVENTS_CHANNEL: &str = "session_lifecycle_events";
 
 /// A failure to reach or use the database: its error as the source, displayed with the
 /// server's own message and the rest of its chain (tokio-postgres alone shows only "db

@@ -16,7 +16,7 @@ use session_lifecycle_runtime::{
 };
 use tokio_postgres::Row;
 
-use crate::{PostgresStore, col, unavailable};
+use crate::{EVENTS_CHANNEL, PostgresStore, col, unavailable};
 
 fn delivery(row: &Row) -> Result<Delivery, StoreError> {
     DeliveryRow {
@@ -162,8 +162,27 @@ impl EventOutbox for PostgresStore {
                     .map_err(unavailable)?;
                 }
             }
+            if dispatched > 0 {
+                // Heard at the commit by every instance's event streams.
+                tx.execute("SELECT pg_notify($1, '')", &[&EVENTS_CHANNEL])
+                    .await
+                    .map_err(unavailable)?;
+            }
             tx.commit().await.map_err(unavailable)?;
             Ok(dispatched)
+        })
+    }
+
+    fn watch_events<'a>(&'a self, wake: &'a (dyn Fn() + Send + Sync)) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            let heard = |_: &str| wake();
+            loop {
+                // Events placed while no one listened are found by the readers' polls.
+                if let Err(e) = self.listen(EVENTS_CHANNEL, &heard, &|| {}).await {
+                    tracing::warn!(error = %e, "listening for events failed; reconnecting");
+                }
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            }
         })
     }
 

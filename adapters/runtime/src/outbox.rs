@@ -280,8 +280,8 @@ pub trait EventOutbox: Send + Sync + 'static {
         limit: u32,
     ) -> BoxFuture<'_, Result<u32, StoreError>>;
 
-    /// Runs until dropped, calling `wake` whenever an event may have been written by
-    /// another instance, for a store that can push that. The service also polls, so the
+    /// Runs until dropped, calling `wake` whenever another instance may have written or
+    /// fanned out an event, for a store that can push that. The service also polls, so the
     /// default, which never wakes, is correct for every store.
     fn watch_events<'a>(&'a self, wake: &'a (dyn Fn() + Send + Sync)) -> BoxFuture<'a, ()> {
         let _ = wake;

@@ -705,6 +705,7 @@ async fn run(cli: Cli) -> Result<(), String> {
     if let Some(key) = &generated_key {
         println!("API key (tenant \"default\", shown once): {key}");
         println!("Try: curl -s -X POST http://{addr}/v1/sessions -H 'x-api-key: {key}'");
+        println!("Live page: http://{addr}/ui#key={key}");
     }
     tracing::info!(%addr, "serving");
 

@@ -181,7 +181,12 @@ impl Outbound {
         let watcher = {
             let this = Arc::clone(&self);
             tokio::spawn(async move {
-                let wake = || this.wake.notify_one();
+                // Another instance fanned out: this worker looks for work, and this
+                // instance's event streams read what was placed.
+                let wake = || {
+                    this.wake.notify_one();
+                    this.fanned_out.send_modify(|n| *n = n.wrapping_add(1));
+                };
                 this.engine.store().watch_events(&wake).await;
             })
         };

@@ -276,26 +276,28 @@ pub fn json(text: &str) -> Value {
     serde_json::from_str(text).unwrap_or_else(|_| panic!("not JSON: {text:?}"))
 }
 
+/// The Rust client of `node`, over `client`, with the cluster's key.
+pub fn api(client: &reqwest::Client, node: &Node) -> session_lifecycle_client::Client {
+    session_lifecycle_client::Client::with_http(client.clone(), &node.url(""), KEY).expect("client")
+}
+
 /// Creates a session on `node`; its id.
 pub async fn create(client: &reqwest::Client, node: &Node) -> String {
-    let (status, _, text) = send(client, reqwest::Method::POST, &node.url("/v1/sessions")).await;
-    assert_eq!(status, StatusCode::CREATED, "{text}");
-    json(&text)["session"]["session_id"]
-        .as_str()
-        .expect("session_id")
-        .to_owned()
+    api(client, node)
+        .create_session(&Default::default())
+        .await
+        .unwrap_or_else(|e| panic!("create: {e}"))
+        .session
+        .session_id
 }
 
 /// The session as `node` reports it.
 pub async fn get(client: &reqwest::Client, node: &Node, id: &str) -> Value {
-    let (status, _, text) = send(
-        client,
-        reqwest::Method::GET,
-        &node.url(&format!("/v1/sessions/{id}")),
-    )
-    .await;
-    assert_eq!(status, StatusCode::OK, "{text}");
-    json(&text)["session"].clone()
+    let session = api(client, node)
+        .get_session(id)
+        .await
+        .unwrap_or_else(|e| panic!("get {id}: {e}"));
+    serde_json::to_value(session).expect("a session serializes")
 }
 
 /// Waits (up to `limit`) until every resource of each session is released, as `node`
