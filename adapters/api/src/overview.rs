@@ -27,7 +27,11 @@ pub struct OverviewResponse {
     /// Sessions that ended in the last hour, and older ones whose releases are still
     /// owed; the latest end first.
     pub recent_ends: Vec<PlacedSessionView>,
-    /// Ends over the last hour by reason, in twelve 5-minute buckets, oldest first.
+    /// Whether more ended sessions exist than `recent_ends` lists (and the chart counts):
+    /// those owing releases are always listed, recent ends are cut.
+    pub ends_truncated: bool,
+    /// Ends over the last hour by reason, in twelve 5-minute buckets, oldest first (the
+    /// last one ends at `generated_at`).
     pub ends_by_reason: Vec<EndsBucket>,
     /// Resources of ended sessions not released yet: pending, or failing (with the
     /// error of their last attempt).
@@ -88,6 +92,8 @@ pub struct NodeView {
     pub node: String,
     /// Whether its heartbeat is within the node timeout.
     pub alive: bool,
+    /// It stopped on purpose (a shutdown or a handover) and has not started again.
+    pub stopped: bool,
     /// It takes no new sessions (a deploy is replacing it); running ones continue.
     pub draining: bool,
     /// Why it cannot take a session of the default size now, if it cannot.

@@ -105,9 +105,21 @@ impl EventStream {
             while let Some(end) = message_end(&self.buffer) {
                 let message: Vec<u8> = self.buffer.drain(..end.1).take(end.0).collect();
                 match parse(&message) {
-                    Ok(Some(event)) => {
-                        self.last_id = event.id;
-                        return Some(Ok(event));
+                    Ok(Some(message)) => {
+                        // Past it even if it cannot be decoded (a newer service's event):
+                        // a resume must not stop on it for ever.
+                        self.last_id = message.id;
+                        return Some(
+                            serde_json::from_str(&message.data)
+                                .map(|envelope| StreamEvent {
+                                    id: message.id,
+                                    event: message.event,
+                                    envelope,
+                                })
+                                .map_err(|e| {
+                                    Error::InvalidStream(format!("event {}: {e}", message.id))
+                                }),
+                        );
                     }
                     Ok(None) => continue,
                     Err(e) => return Some(Err(e)),
@@ -139,8 +151,8 @@ fn message_end(buffer: &[u8]) -> Option<(usize, usize)> {
     None
 }
 
-/// The event of one message; `None` for a message without data (a comment, a keep-alive).
-fn parse(message: &[u8]) -> Result<Option<StreamEvent>, Error> {
+/// The message of one block; `None` for one without data (a comment, a keep-alive).
+fn parse(message: &[u8]) -> Result<Option<Message>, Error> {
     let text = std::str::from_utf8(message)
         .map_err(|_| Error::InvalidStream("a message is not UTF-8".to_owned()))?;
     let (mut id, mut event, mut data) = (None, String::from("message"), None::<String>);
@@ -168,13 +180,14 @@ fn parse(message: &[u8]) -> Result<Option<StreamEvent>, Error> {
         .as_deref()
         .and_then(|i| i.parse::<u64>().ok())
         .ok_or_else(|| Error::InvalidStream(format!("an event without a numeric id: {id:?}")))?;
-    let envelope = serde_json::from_str(&data)
-        .map_err(|e| Error::InvalidStream(format!("event {id}: {e}")))?;
-    Ok(Some(StreamEvent {
-        id,
-        event,
-        envelope,
-    }))
+    Ok(Some(Message { id, event, data }))
+}
+
+/// One message with data, not decoded yet.
+struct Message {
+    id: u64,
+    event: String,
+    data: String,
 }
 
 #[cfg(test)]
@@ -191,9 +204,9 @@ mod tests {
             parse(b"id: x\ndata: {}"),
             Err(Error::InvalidStream(_))
         ));
-        assert!(matches!(
-            parse(b"id: 3\ndata: {\"type\": 1}"),
-            Err(Error::InvalidStream(_))
-        ));
+        let message = parse(b"id: 3\nevent: session.ended\ndata: {}")
+            .unwrap()
+            .unwrap();
+        assert_eq!((message.id, message.event.as_str()), (3, "session.ended"));
     }
 }

@@ -87,6 +87,17 @@ pub enum Error {
     /// The base URL is not an `http` or `https` URL.
     #[error("invalid base URL {0:?}: an http or https URL")]
     InvalidBaseUrl(String),
+    /// The API key cannot be sent as a header (a control character, a non-ASCII one).
+    #[error("invalid API key: printable ASCII only")]
+    InvalidApiKey,
+    /// A path argument that no route could take (empty, `.` or `..`): nothing was sent.
+    #[error("invalid {what}: {value:?}")]
+    InvalidArgument {
+        /// What it is (`session id`).
+        what: &'static str,
+        /// What was given.
+        value: String,
+    },
     /// The event stream broke its format.
     #[error("invalid event stream: {0}")]
     InvalidStream(String),
@@ -216,9 +227,22 @@ impl Client {
         }
         base.set_query(None);
         base.set_fragment(None);
-        let mut key = HeaderValue::from_str(api_key).map_err(|_| invalid())?;
+        let mut key = HeaderValue::from_str(api_key).map_err(|_| Error::InvalidApiKey)?;
         key.set_sensitive(true);
         Ok(Client { http, base, key })
+    }
+
+    /// The URL of the session `id`'s route `rest` (`""`, `"end"`, ...), the id escaped.
+    fn session_url(&self, id: &str, rest: &[&str]) -> Result<Url, Error> {
+        // The URL standard drops `.` and `..` segments: they would reach another route.
+        if id.is_empty() || id == "." || id == ".." {
+            return Err(Error::InvalidArgument {
+                what: "session id",
+                value: id.to_owned(),
+            });
+        }
+        let segments: Vec<&str> = std::iter::once(id).chain(rest.iter().copied()).collect();
+        Ok(self.url("v1/sessions", &segments))
     }
 
     /// The URL of `path` (relative, `/`-separated) with `segments` appended, each escaped.
@@ -302,7 +326,7 @@ impl Client {
 
     /// The session `id`.
     pub async fn get_session(&self, id: &str) -> Result<SessionView, Error> {
-        let url = self.url("v1/sessions", &[id]);
+        let url = self.session_url(id, &[])?;
         let answer: SessionResponse = self.call(self.request(Method::GET, url)).await?;
         Ok(answer.session)
     }
@@ -359,7 +383,7 @@ impl Client {
 
     /// Ends the session `id` (idempotent: a repeat answers the same end).
     pub async fn end_session(&self, id: &str) -> Result<SessionView, Error> {
-        let url = self.url("v1/sessions", &[id, "end"]);
+        let url = self.session_url(id, &["end"])?;
         let answer: SessionResponse = self.call(self.request(Method::POST, url)).await?;
         Ok(answer.session)
     }
@@ -367,7 +391,7 @@ impl Client {
     /// Records that the session `id` is alive (refused with
     /// [`ErrorCode::SessionEnded`] once it ended).
     pub async fn heartbeat(&self, id: &str) -> Result<SessionView, Error> {
-        let url = self.url("v1/sessions", &[id, "heartbeat"]);
+        let url = self.session_url(id, &["heartbeat"])?;
         let answer: SessionResponse = self.call(self.request(Method::POST, url)).await?;
         Ok(answer.session)
     }
@@ -590,7 +614,16 @@ mod tests {
                 Err(Error::InvalidBaseUrl(_))
             ));
         }
-        assert!(Client::new("http://x", "bad\nkey").is_err());
+        assert!(matches!(
+            Client::new("http://x", "bad\nkey"),
+            Err(Error::InvalidApiKey)
+        ));
+        for id in ["", ".", ".."] {
+            assert!(matches!(
+                client.session_url(id, &["end"]),
+                Err(Error::InvalidArgument { .. })
+            ));
+        }
     }
 
     /// Every row of the contract's error table (CONTRACT.md), and the codes the service

@@ -110,25 +110,29 @@ impl TestServer {
             .stderr(log)
             .spawn()
             .map_err(|e| TestServerError::NotServing(format!("{}: {e}", bin.display())))?;
-        let mut lines = child.stdout.take().map(|out| BufReader::new(out).lines());
-        let first = lines
-            .as_mut()
-            .and_then(Iterator::next)
-            .and_then(Result::ok)
-            .unwrap_or_default();
-        // The rest of its output is read and dropped: a closed pipe would fail its writes.
-        if let Some(rest) = lines {
-            std::thread::spawn(move || rest.for_each(drop));
+        // Its first line says where it listens; the rest of its output is read and dropped
+        // (a closed pipe would fail its writes).
+        let (tx, rx) = std::sync::mpsc::channel();
+        if let Some(out) = child.stdout.take() {
+            std::thread::spawn(move || {
+                let mut lines = BufReader::new(out).lines();
+                let _ = tx.send(lines.next().and_then(Result::ok).unwrap_or_default());
+                lines.for_each(drop);
+            });
         }
+        let first = rx
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .unwrap_or_default();
         let Some(url) = first
             .strip_prefix("sessiond listening on ")
             .and_then(|rest| rest.split_whitespace().next())
         else {
             let _ = child.kill();
             let _ = child.wait();
+            let log = std::fs::read_to_string(dir.join("sessiond.log")).unwrap_or_default();
+            let _ = std::fs::remove_dir_all(&dir);
             return Err(TestServerError::NotServing(format!(
-                "first line {first:?}; see {}",
-                dir.join("sessiond.log").display()
+                "first line {first:?}; its log:\n{log}"
             )));
         };
         Ok(TestServer {

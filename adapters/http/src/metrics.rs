@@ -219,15 +219,23 @@ fn histogram<'a>(
 }
 
 /// Whether each node the cluster heard from lately is alive (its heartbeat within the node
-/// timeout), from the store: every instance reports the same.
+/// timeout), from the store: every instance reports the same. A node that stopped on
+/// purpose with no session left is not listed: its heartbeat is not missed.
 pub fn render_nodes(out: &mut String, nodes: &[session_lifecycle_runtime::NodeRow]) {
     family(
         out,
         "sessiond_node_alive",
         "gauge",
-        "Nodes heard from in the last hour, cluster-wide: 1 if its heartbeat is within the node timeout, 0 if it is missing.",
+        "Nodes heard from in the last hour, cluster-wide: 1 if its heartbeat is within the node timeout, 0 if it is missing (nodes stopped on purpose with no session left are not listed).",
     );
     for n in nodes {
+        let report = n
+            .report
+            .as_deref()
+            .and_then(session_lifecycle_runtime::NodeReport::from_json);
+        if !n.alive && report.is_some_and(|r| r.stopped && r.sessions == 0) {
+            continue;
+        }
         let node = n.node.replace('\\', "\\\\").replace('"', "\\\"");
         let _ = writeln!(
             out,

@@ -330,6 +330,16 @@ impl Tenants {
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
+        // A key is one or the other: a tenant's key must not see every tenant.
+        if let Some(t) = tenants
+            .iter()
+            .find(|t| operators.iter().any(|op| *op == t.key_sha256))
+        {
+            return Err(ConfigError::Invalid {
+                tenant: t.name.clone(),
+                problem: "its api_key_sha256 is also an operator key".to_owned(),
+            });
+        }
         Ok(Tenants {
             tenants,
             operators,
@@ -523,6 +533,11 @@ mod tests {
         );
         let bad = text.replace(&hash_key("op-key"), "abc");
         assert!(Tenants::from_toml(&bad).is_err());
+        let shared = text.replace(&hash_key("op-key"), &hash_key("key-a"));
+        assert!(
+            Tenants::from_toml(&shared).is_err(),
+            "a tenant key is no operator key"
+        );
         let single = Tenants::single("d", "k", Plan::new(Some(1), Duration::from_secs(9)))
             .with_operator_key("k");
         assert!(single.is_operator(Some("k")));

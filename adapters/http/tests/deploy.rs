@@ -4,6 +4,7 @@
 mod common;
 
 use std::collections::BTreeSet;
+use std::time::Duration;
 
 use common::{Cluster, KEY, client};
 
@@ -67,5 +68,56 @@ async fn the_dashboard_and_the_alert_rules_use_metrics_sessiond_exposes() {
         })
         .collect();
     assert!(missing.is_empty(), "not exposed: {missing:?}\n{exposed}");
+    cluster.finish().await;
+}
+
+/// A node stopped on purpose is not missed; one that died is: `sessiond_node_alive` lists
+/// the dead one at 0 (its alert fires) and leaves the stopped one out, and the overview
+/// tells them apart.
+#[tokio::test]
+async fn a_node_that_stopped_on_purpose_is_not_missed_and_a_dead_one_is() {
+    let cluster = Cluster::sqlite(&["--node-heartbeat-ms", "200", "--node-timeout-secs", "1"]);
+    // Stopped as soon as it says it listens: a signal that early stops it gracefully too.
+    let mut stopped = cluster.start_bare("stopped");
+    stopped.terminate();
+    assert!(stopped.exited(Duration::from_secs(30)).await.success());
+    let died = cluster.start_bare("died");
+    // Its first report is written with its first heartbeats.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    died.kill_9();
+    let node = cluster.start_bare("live");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let metrics = client()
+        .get(node.url("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("sessiond_node_alive{node=\"live\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("sessiond_node_alive{node=\"died\"} 0"),
+        "{metrics}"
+    );
+    assert!(!metrics.contains("node=\"stopped\""), "{metrics}");
+    // The development key is the operator's too.
+    let api = session_lifecycle_client::Client::new(&node.url(""), KEY).unwrap();
+    let nodes = api
+        .overview()
+        .await
+        .unwrap()
+        .nodes
+        .expect("the operator sees nodes");
+    let state = |id: &str| {
+        let n = nodes.iter().find(|n| n.node == id).expect(id);
+        (n.alive, n.stopped)
+    };
+    assert_eq!(state("live"), (true, false));
+    assert_eq!(state("died"), (false, false));
+    assert_eq!(state("stopped"), (false, true));
     cluster.finish().await;
 }

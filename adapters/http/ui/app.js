@@ -23,15 +23,23 @@
   let timer = null;
   let refreshing = false;
   let again = false;
-  const seen = new Set();
+  let lastRefresh = 0;
+  // Sessions already shown: a row appearing later is marked fresh for a moment.
+  let seen = null;
+  // Refreshes at most this often, however many events come.
+  const REFRESH_GAP = 750;
 
   // --- the key: from the URL fragment (never sent to a server) or this tab's storage ---
 
   function takeKey() {
     const found = /(?:^#|&)key=([^&]+)/.exec(location.hash);
     if (found) {
-      sessionStorage.setItem(KEY_ITEM, decodeURIComponent(found[1]));
       history.replaceState(null, "", location.pathname + location.search);
+      try {
+        sessionStorage.setItem(KEY_ITEM, decodeURIComponent(found[1]));
+      } catch (e) {
+        return null;
+      }
     }
     return sessionStorage.getItem(KEY_ITEM);
   }
@@ -48,6 +56,7 @@
     sessionStorage.removeItem(KEY_ITEM);
     key = null;
     snapshot = null;
+    seen = null;
     if (stream) stream.abort();
     stream = null;
     setLive(false);
@@ -70,24 +79,29 @@
 
   function schedule(delay) {
     if (timer !== null) return;
-    timer = setTimeout(() => { timer = null; refresh(); }, delay);
+    const wait = Math.max(delay, lastRefresh + REFRESH_GAP - Date.now());
+    timer = setTimeout(() => { timer = null; refresh(); }, wait);
   }
 
   async function refresh() {
     if (!key) return;
     if (refreshing) { again = true; return; }
     refreshing = true;
+    lastRefresh = Date.now();
+    const asked = key;
     try {
       const resp = await call("v1/overview");
+      if (key !== asked) return; // forgotten or changed meanwhile
       if (resp.status === 401) { forget("That key is not valid here."); return; }
       if (!resp.ok) throw new Error("overview answered HTTP " + resp.status);
       const data = await resp.json();
+      if (key !== asked) return;
       skew = Date.parse(data.generated_at) - Date.now();
-      snapshot = data;
       render(data);
+      snapshot = data;
       if (!stream) follow(data.last_event_id);
     } catch (e) {
-      $("updated").textContent = "update failed: " + e.message;
+      if (key === asked) $("updated").textContent = "update failed: " + e.message;
     } finally {
       refreshing = false;
       if (again) { again = false; schedule(0); }
@@ -96,6 +110,7 @@
 
   // Server-Sent Events over fetch: EventSource cannot send the key in a header.
   async function follow(after) {
+    if (!key) return;
     const controller = new AbortController();
     stream = controller;
     lastEventId = after;
@@ -115,7 +130,11 @@
         for (;;) {
           const { value, done } = await reader.read();
           if (done) break;
-          buffer += value.replace(/\r\n?/g, "\n");
+          // Line ends as CR LF or CR become LF; a CR at the end may pair with the next
+          // chunk's LF, so it waits.
+          buffer += value;
+          const held = buffer.endsWith("\r") ? "\r" : "";
+          buffer = buffer.slice(0, buffer.length - held.length).replace(/\r\n?/g, "\n") + held;
           let end;
           while ((end = buffer.indexOf("\n\n")) >= 0) {
             const message = buffer.slice(0, end);
@@ -200,7 +219,7 @@
   function row(id, cells) {
     const tr = el("tr");
     tr.dataset.session = id;
-    if (snapshot && !seen.has(id)) tr.className = "fresh";
+    if (seen && !seen.has(id)) tr.className = "fresh";
     tr.append(...cells);
     return tr;
   }
@@ -221,7 +240,7 @@
 
     const ends = data.recent_ends.filter((p) => Date.parse(p.session.ended_at) >= now() - 3600e3);
     $("n-sessions").textContent = data.sessions.length + (data.sessions_truncated ? "+" : "");
-    $("n-ends").textContent = ends.length;
+    $("n-ends").textContent = ends.length + (data.ends_truncated ? "+" : "");
     $("n-releases").textContent = data.releases.length;
     $("sessions-more").hidden = !data.sessions_truncated;
 
@@ -266,8 +285,7 @@
     }, new Map());
     nodes(data.nodes, perNode);
 
-    for (const p of data.sessions) seen.add(p.session.session_id);
-    for (const p of data.recent_ends) seen.add(p.session.session_id);
+    seen = new Set([...data.sessions, ...data.recent_ends].map((p) => p.session.session_id));
     if (streamOpen) document.body.dataset.state = "live";
   }
 
@@ -361,7 +379,9 @@
       const tr = el("tr");
       tr.dataset.node = n.node;
       const state = el("td");
-      state.append(pill(n.alive ? "alive" : "heartbeat missing", n.alive ? "alive" : "dead"));
+      if (n.alive) state.append(pill("alive", "alive"));
+      else if (n.stopped) state.append(pill("stopped", "draining"));
+      else state.append(pill("heartbeat missing", "dead"));
       if (n.draining) state.append(pill("draining", "draining"));
       if (n.full) state.append(pill("full", "full", n.full));
       const gpus = el("td");

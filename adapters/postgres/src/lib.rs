@@ -573,7 +573,7 @@ impl SessionStore for PostgresStore {
                     " FROM page
                      JOIN sessions s ON s.id = page.id
                      LEFT JOIN resources r ON r.session_id = s.id
-                     ORDER BY s.ended_at DESC, s.id DESC"
+                     ORDER BY (s.release_due_at IS NULL), s.ended_at DESC, s.id DESC"
                 ))
                 .await
                 .map_err(unavailable)?;

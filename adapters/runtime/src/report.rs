@@ -14,6 +14,10 @@ pub struct NodeReport {
     pub full: Option<String>,
     /// Started sessions it runs.
     pub sessions: u64,
+    /// It stopped on purpose (its last report before a shutdown or a handover): its
+    /// heartbeat is not missed while it runs no session.
+    #[serde(default)]
+    pub stopped: bool,
     /// Its devices (GPUs), as its resource backends see them.
     pub devices: Vec<DeviceReport>,
 }
@@ -33,8 +37,8 @@ pub struct DeviceReport {
     pub used_by_sessions: u64,
     /// Memory promised to started sessions (what placement counts), bytes.
     pub promised: u64,
-    /// Memory still held by processes of sessions that hold no share of this device any
-    /// more (ended and released): memory that did not come back, bytes.
+    /// Memory held by processes of sessions that hold no share of this device (their share
+    /// was released, or placed on another device): memory that did not come back, bytes.
     pub not_returned: u64,
 }
 

@@ -85,8 +85,9 @@ macro_rules! sql_holders {
 }
 
 /// The ids of the ended sessions of tenant `$tenant` (each dialect's NULL test of its text
-/// parameter) that ended at or after `$since` or still owe releases, the latest end first,
-/// at most `$limit`: recent ends and releases owed, as the live page shows them.
+/// parameter) that ended at or after `$since` or still owe releases, at most `$limit`:
+/// those owing releases first (a limit never drops them for recent ones), each part by
+/// the latest end first.
 #[macro_export]
 macro_rules! sql_ended_since {
     ($tenant:literal, $since:literal, $limit:literal) => {
@@ -98,7 +99,7 @@ macro_rules! sql_ended_since {
                AND id IN (SELECT id FROM sessions WHERE status = 'ended' AND ended_at >= ",
             $since,
             " UNION SELECT id FROM sessions WHERE release_due_at IS NOT NULL)
-             ORDER BY ended_at DESC, id DESC LIMIT ",
+             ORDER BY (release_due_at IS NULL), ended_at DESC, id DESC LIMIT ",
             $limit
         )
     };

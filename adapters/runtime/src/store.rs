@@ -359,8 +359,9 @@ pub trait SessionStore: Send + Sync + 'static {
     fn list(&self, query: ListQuery) -> BoxFuture<'_, Result<Vec<SessionRecord>, StoreError>>;
 
     /// Ended sessions of `tenant` (`None`: every tenant's) that ended at or after `since`,
-    /// and every ended session whose releases are not all done whenever it ended; the
-    /// latest end first, at most `limit`. What the live page shows as recent ends and
+    /// and every ended session whose releases are not all done whenever it ended; at most
+    /// `limit`, those owing releases first (a limit never drops them for recent ones),
+    /// each part by the latest end first. What the live page shows as recent ends and
     /// releases owed.
     fn ended_since(
         &self,
@@ -477,8 +478,9 @@ pub trait NodeMembership: Send + Sync + 'static {
         report: &'a str,
     ) -> BoxFuture<'a, Result<(), StoreError>>;
 
-    /// Every node with a heartbeat within `window` of `now`, by id: whether it is alive (as
-    /// [`live_nodes`](Self::live_nodes) judges, with `node_timeout`) and its last report.
+    /// Every node with a heartbeat within `window` of `now` (a shared store: of its own
+    /// clock's now, as for [`live_nodes`](Self::live_nodes)), by id: whether it is alive
+    /// (as `live_nodes` judges, with `node_timeout`) and its last report.
     fn nodes(
         &self,
         now: Timestamp,

@@ -425,7 +425,7 @@ impl SessionStore for SqliteStore {
                     session_columns!(),
                     " FROM sessions WHERE id IN (",
                     sql_ended_since!("?1 IS NULL OR tenant = ?1", "?2", "?3"),
-                    ") ORDER BY ended_at DESC, id DESC"
+                    ") ORDER BY (release_due_at IS NULL), ended_at DESC, id DESC"
                 ))
                 .map_err(db)?;
             let mut rows = stmt

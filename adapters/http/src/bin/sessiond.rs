@@ -402,19 +402,34 @@ fn init_logging(format: LogFormat) -> LogSink {
     sink
 }
 
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        // Without signal handlers the process still stops on signals, just not gracefully.
-        std::future::pending::<()>().await;
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+/// SIGTERM and SIGINT, caught from before the service says it listens: a signal at any
+/// moment after that stops it gracefully, however early.
+struct StopSignals {
+    term: Option<tokio::signal::unix::Signal>,
+    int: Option<tokio::signal::unix::Signal>,
+}
+
+impl StopSignals {
+    fn install() -> StopSignals {
+        use tokio::signal::unix::{SignalKind, signal};
+        StopSignals {
+            term: signal(SignalKind::terminate()).ok(),
+            int: signal(SignalKind::interrupt()).ok(),
+        }
+    }
+
+    /// The next SIGTERM or SIGINT. Without handlers it waits for ever: the process still
+    /// stops on signals, just not gracefully.
+    async fn recv(&mut self) {
+        match (&mut self.term, &mut self.int) {
+            (Some(term), Some(int)) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = int.recv() => {}
+                }
+            }
+            _ => std::future::pending::<()>().await,
+        }
     }
 }
 
@@ -698,6 +713,7 @@ async fn run(cli: Cli) -> Result<(), String> {
         let _ = stop_outbound.send(true);
         let _ = outbound_task.await;
     };
+    let mut signals = StopSignals::install();
     println!(
         "sessiond listening on http://{addr} (database {}, node {node_id})",
         cli.database
@@ -720,7 +736,7 @@ async fn run(cli: Cli) -> Result<(), String> {
     });
     let stopped = tokio::select! {
         r = &mut server => Some(r),
-        _ = shutdown_signal() => None,
+        _ = signals.recv() => None,
     };
     if let Some(r) = stopped {
         return r
@@ -745,7 +761,7 @@ async fn run(cli: Cli) -> Result<(), String> {
             let timeout = Duration::from_secs(cli.drain_timeout_secs);
             let drained = tokio::select! {
                 drained = engine.wait_drained(timeout) => drained,
-                _ = shutdown_signal() => false,
+                _ = signals.recv() => false,
             };
             if !drained {
                 tracing::warn!(

@@ -147,8 +147,8 @@ struct Stream {
 impl Stream {
     /// The next message; `None` when the service shuts down.
     async fn next(&mut self) -> Option<Event> {
-        // Woken by this instance's fan-outs; events fanned out by another instance are
-        // found by the slower poll.
+        // Woken by this instance's fan-outs, and by another instance's when the store pushes
+        // them (PostgreSQL NOTIFY); the poll finds any other.
         let mut fanned_out = self.state.outbound.get().map(|o| o.fanned_out());
         loop {
             if *self.state.shutdown.borrow() {

@@ -58,19 +58,19 @@ pub async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         state.engine.releases_failing(),
         &state.engine.node_report().devices,
     );
-    // The store's figures only when it answers at once: a scrape never waits on an outage.
-    let counts = tokio::time::timeout(
-        std::time::Duration::from_secs(2),
-        state.engine.store().delivery_counts(),
-    )
-    .await;
-    // Every node the cluster heard from in the last hour, alive or not (its heartbeat
-    // missing): each instance reports the same, from the store.
-    let nodes = tokio::time::timeout(
-        std::time::Duration::from_secs(2),
-        state.engine.cluster_nodes(super::overview::NODE_WINDOW),
-    )
-    .await;
+    // The store's figures only when it answers at once (both reads together, 2 s at most):
+    // a scrape never waits on an outage. The nodes are every node the cluster heard from
+    // in the last hour, alive or not: each instance reports the same, from the store.
+    let (counts, nodes) = tokio::join!(
+        tokio::time::timeout(
+            std::time::Duration::from_secs(2),
+            state.engine.store().delivery_counts(),
+        ),
+        tokio::time::timeout(
+            std::time::Duration::from_secs(2),
+            state.engine.cluster_nodes(super::overview::NODE_WINDOW),
+        ),
+    );
     if let Ok(Ok(nodes)) = nodes {
         crate::metrics::render_nodes(&mut text, &nodes);
     }

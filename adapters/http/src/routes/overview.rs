@@ -66,10 +66,13 @@ pub async fn get_overview(
         .await?;
     let sessions_truncated = started.len() > MAX_SESSIONS as usize;
     started.truncate(MAX_SESSIONS as usize);
-    let ended = store
+    let mut ended = store
         .ended_since(tenant.clone(), now.saturating_sub(ENDS_WINDOW), MAX_ENDS)
         .await
         .map_err(unavailable)?;
+    let ends_truncated = ended.len() >= MAX_ENDS as usize;
+    // The store lists those owing releases first; the page shows the latest end first.
+    ended.sort_by_key(|r| std::cmp::Reverse((r.session.ended_at(), *r.session.id())));
     let nodes = match viewer {
         Viewer::Operator => Some(
             state
@@ -99,23 +102,22 @@ pub async fn get_overview(
         ends_by_reason: ends_by_reason(&ended, now),
         releases: owed_releases(&recent_ends),
         recent_ends,
+        ends_truncated,
         nodes,
     }))
 }
 
-/// Ends of the last hour by reason, in 5-minute buckets aligned on the clock, the current
-/// (partial) bucket last.
+/// Ends of the last hour by reason, in 5-minute buckets, the last one ending at `now`.
 fn ends_by_reason(ended: &[SessionRecord], now: Timestamp) -> Vec<EndsBucket> {
     let width = BUCKET.as_millis() as u64;
-    let last_start = now.as_millis() / width * width;
-    let first_start = last_start.saturating_sub((BUCKETS - 1) * width);
+    let first_start = now.as_millis().saturating_sub(BUCKETS * width);
     let mut counts = vec![[0u64; EndReason::ALL.len()]; BUCKETS as usize];
     for r in ended {
         let (Some(at), Some(reason)) = (r.session.ended_at(), r.session.end_reason()) else {
             continue;
         };
         let at = at.as_millis();
-        if at < first_start {
+        if at < first_start || at > now.as_millis() {
             continue;
         }
         let bucket = (((at - first_start) / width) as usize).min(BUCKETS as usize - 1);
@@ -172,6 +174,7 @@ fn node_view(row: &NodeRow) -> NodeView {
     NodeView {
         node: row.node.clone(),
         alive: row.alive,
+        stopped: report.stopped,
         draining: report.draining,
         full: report.full,
         sessions: report.sessions,
@@ -245,6 +248,54 @@ pub async fn page_asset(Path(name): Path<String>) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_chart_counts_the_last_hour_by_reason() {
+        use session_lifecycle::{Session, SessionId};
+        let now = Timestamp::from_millis(10_000_000);
+        let ended = |ago_secs: u64, reason| {
+            let at = now.saturating_sub(Duration::from_secs(ago_secs));
+            let start = at.saturating_sub(Duration::from_secs(1));
+            let mut session = Session::new(
+                SessionId::from_ulid_parts(start, u128::from(ago_secs)),
+                start,
+                start.saturating_add(Duration::from_secs(3600)),
+            );
+            let _ = session.end(at, reason);
+            SessionRecord {
+                session,
+                tenant: "t".into(),
+                metadata: None,
+                room: None,
+                node: "n".into(),
+                timeouts: Default::default(),
+                release_notes: Vec::new(),
+                release_errors: Vec::new(),
+                ready_at: None,
+            }
+        };
+        let records = [
+            ended(0, EndReason::Requested),
+            ended(10, EndReason::Requested),
+            ended(299, EndReason::Expired),
+            ended(3599, EndReason::Orphaned),
+            ended(3601, EndReason::Orphaned),
+        ];
+        let chart = ends_by_reason(&records, now);
+        assert_eq!(chart.len(), 12);
+        assert_eq!(chart[0].start, now.saturating_sub(ENDS_WINDOW).to_string());
+        let count =
+            |b: &EndsBucket, r| b.ends.iter().find(|c| c.reason == r).map_or(0, |c| c.count);
+        assert_eq!(count(&chart[11], EndReasonView::Requested), 2);
+        assert_eq!(count(&chart[11], EndReasonView::Expired), 1);
+        assert_eq!(
+            count(&chart[0], EndReasonView::Orphaned),
+            1,
+            "an hour ago, not more"
+        );
+        let total: u64 = chart.iter().flat_map(|b| &b.ends).map(|c| c.count).sum();
+        assert_eq!(total, 4);
+    }
 
     #[test]
     fn every_asset_is_embedded_and_the_page_loads_only_its_own() {

@@ -199,7 +199,7 @@ pub async fn nodes_own_releases_and_dead_nodes_are_taken_over(store: &dyn Store)
 
 /// A node's report of itself is kept as given, the latest one, and listed with whether the
 /// node is alive; recent ends list the sessions that ended since a time and those still
-/// owing releases, the latest end first, scoped to a tenant.
+/// owing releases (those first, then by the latest end), scoped to a tenant.
 pub async fn node_reports_and_recent_ends_are_listed(store: &dyn Store) {
     let wall = || {
         use session_lifecycle::Clock;
@@ -252,15 +252,16 @@ pub async fn node_reports_and_recent_ends_are_listed(store: &dyn Store) {
         .ended_since(Some(tenant.clone()), at(8), 10)
         .await
         .expect("ended since");
-    assert_eq!(ids(recent), vec![late.id, middle.id, early.id]);
+    assert_eq!(ids(recent), vec![early.id, late.id, middle.id]);
+    // A limit cuts recent ends, never those owing releases.
     let first = store
         .ended_since(Some(tenant.clone()), at(8), 2)
         .await
         .expect("ended since");
-    assert_eq!(ids(first), vec![late.id, middle.id]);
+    assert_eq!(ids(first), vec![early.id, late.id]);
     let after = store
         .ended_since(Some(tenant), at(15), 10)
         .await
         .expect("ended since");
-    assert_eq!(ids(after), vec![late.id, early.id]);
+    assert_eq!(ids(after), vec![early.id, late.id]);
 }

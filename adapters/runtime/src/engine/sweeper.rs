@@ -91,16 +91,39 @@ impl Engine {
         inner.store.node_alive(&inner.config.node, now).await?;
         *lock(&inner.last_heartbeat) = Some(now);
         self.after_outage().await;
-        self.report_once().await
+        Ok(())
+    }
+
+    /// The report loop: what this node says of itself, every `node_heartbeat`, on its own
+    /// so that a slow GPU query or store write never delays the heartbeat.
+    pub(super) async fn run_reports(&self) {
+        let inner = &self.inner;
+        loop {
+            let next = inner.clock.sleep(inner.config.node_heartbeat);
+            self.report_within(false).await;
+            next.await;
+        }
+    }
+
+    /// Writes this node's report, giving up after a heartbeat interval (at least 1 s);
+    /// `stopped` marks the last one before a shutdown or a handover.
+    pub(super) async fn report_within(&self, stopped: bool) {
+        let limit = self.inner.config.node_heartbeat.max(Duration::from_secs(1));
+        match tokio::time::timeout(limit, self.report_once(stopped)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "writing this node's report failed"),
+            Err(_) => tracing::warn!("this node's report took over {limit:?}; skipped"),
+        }
     }
 
     /// Works out what this node says of itself and writes it when it changed (or was not
     /// written yet): the live page of every instance reads it.
-    async fn report_once(&self) -> Result<(), EngineError> {
+    async fn report_once(&self, stopped: bool) -> Result<(), EngineError> {
         let inner = &self.inner;
         let mut report = crate::NodeReport {
             draining: self.is_draining(),
             sessions: self.active_sessions() as u64,
+            stopped,
             ..Default::default()
         };
         for backend in &inner.backends {

@@ -73,6 +73,8 @@ impl Engine {
         let engine = self.clone();
         self.spawn_tracked(async move { engine.run_heartbeat().await });
         let engine = self.clone();
+        self.spawn_tracked(async move { engine.run_reports().await });
+        let engine = self.clone();
         self.spawn_tracked(async move { engine.run_releases().await });
         // Ends on other instances of this node's sessions, pushed by the store.
         let engine = self.clone();
@@ -218,6 +220,8 @@ impl Engine {
             tracker.close();
             tracker.wait().await;
         }
+        // Stopped on purpose: the cluster does not miss its heartbeat.
+        self.report_within(true).await;
         result.map(|()| ended)
     }
 
@@ -295,6 +299,8 @@ impl Engine {
             tracker.wait().await;
         }
         let running = self.active_sessions();
+        // Stopped on purpose, its sessions still running: missed if it does not return.
+        self.report_within(true).await;
         tracing::info!(
             sessions = running,
             "handed over: sessions and their resources keep running for the next start"

@@ -422,20 +422,24 @@ impl SessionStore for MemoryStore {
         limit: u32,
     ) -> BoxFuture<'_, Result<Vec<SessionRecord>, StoreError>> {
         let state = self.state();
-        let mut ended: Vec<(Timestamp, SessionId)> = state
+        // Owing first, then by the latest end.
+        let mut ended: Vec<(bool, std::cmp::Reverse<(Timestamp, SessionId)>)> = state
             .sessions
             .iter()
             .filter(|(_, s)| tenant.as_ref().is_none_or(|t| *t == s.tenant))
             .filter_map(|(id, s)| {
                 let (at, _) = s.ending?;
-                (at >= since || s.release_due_at.is_some()).then_some((at, *id))
+                let owing = s.release_due_at.is_some();
+                (at >= since || owing).then_some((!owing, std::cmp::Reverse((at, *id))))
             })
             .collect();
-        ended.sort_by(|a, b| b.cmp(a));
+        ended.sort();
         let records = ended
             .into_iter()
             .take(limit as usize)
-            .filter_map(|(_, id)| state.sessions.get(&id).map(|s| s.record(&id)))
+            .filter_map(|(_, std::cmp::Reverse((_, id)))| {
+                state.sessions.get(&id).map(|s| s.record(&id))
+            })
             .collect();
         ready(records)
     }
