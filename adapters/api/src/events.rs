@@ -6,11 +6,10 @@
 //! delivery of one event, retries included, carries the same bytes.
 
 use serde::{Deserialize, Serialize};
-use session_lifecycle::{EventKind, ReleaseState};
-use session_lifecycle_runtime::{SessionEvent, SessionRecord};
+use session_lifecycle::EventKind;
 use utoipa::ToSchema;
 
-use crate::views::{EndReasonView, KindNames, RoomView};
+use crate::views::{EndReasonView, RoomView};
 
 /// The type of a session event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
@@ -105,62 +104,6 @@ pub struct ReleaseNoteView {
 }
 
 impl EventEnvelope {
-    /// The `event` of `record` (the same session), resource kinds named by `kind_name`.
-    pub fn of(
-        event: &SessionEvent,
-        record: &SessionRecord,
-        kind_name: KindNames<'_>,
-    ) -> EventEnvelope {
-        let s = &record.session;
-        let ended = matches!(event.kind, EventKind::Ended | EventKind::Released);
-        let end = s.ended_at().filter(|_| ended);
-        let releases = (event.kind == EventKind::Released).then(|| {
-            s.resources()
-                .iter()
-                .map(|held| ReleaseNoteView {
-                    kind: kind_name(held.resource.kind)
-                        .map_or_else(|| format!("kind_{}", held.resource.kind.0), str::to_owned),
-                    handle: held.resource.handle,
-                    released_at: match held.release {
-                        ReleaseState::Released { at } => Some(at.to_string()),
-                        _ => None,
-                    },
-                    note: record
-                        .release_notes
-                        .iter()
-                        .find(|(r, _)| *r == held.resource)
-                        .map(|(_, note)| note.clone()),
-                })
-                .collect()
-        });
-        EventEnvelope {
-            kind: event.kind.into(),
-            timestamp: event.at.to_string(),
-            data: EventData {
-                session_id: s.id().to_string(),
-                sequence: event.kind.sequence(),
-                started_at: s.started_at().to_string(),
-                expires_at: s.expires_at().to_string(),
-                ready_at: record
-                    .ready_at
-                    .filter(|_| event.kind != EventKind::Started)
-                    .map(|t| t.to_string()),
-                ended_at: end.map(|t| t.to_string()),
-                end_reason: s.end_reason().filter(|_| ended).map(Into::into),
-                duration_secs: end.map(|t| t.saturating_duration_since(s.started_at()).as_secs()),
-                metadata: record
-                    .metadata
-                    .as_deref()
-                    .and_then(|m| serde_json::from_str(m).ok()),
-                room: record.room.as_ref().map(|room| RoomView {
-                    provider: room.provider.into(),
-                    name: room.name.clone(),
-                }),
-                releases,
-            },
-        }
-    }
-
     /// The body bytes.
     pub fn to_bytes(&self) -> Vec<u8> {
         serde_json::to_vec(self).unwrap_or_default()
@@ -211,46 +154,6 @@ pub enum DeliveryStatusView {
     Delivered,
     /// Given up after the retry period.
     Failed,
-}
-
-impl From<session_lifecycle_runtime::DeliveryStatus> for DeliveryStatusView {
-    fn from(s: session_lifecycle_runtime::DeliveryStatus) -> Self {
-        match s {
-            session_lifecycle_runtime::DeliveryStatus::Pending => DeliveryStatusView::Pending,
-            session_lifecycle_runtime::DeliveryStatus::Delivered => DeliveryStatusView::Delivered,
-            session_lifecycle_runtime::DeliveryStatus::Failed => DeliveryStatusView::Failed,
-        }
-    }
-}
-
-impl From<DeliveryStatusView> for session_lifecycle_runtime::DeliveryStatus {
-    fn from(s: DeliveryStatusView) -> Self {
-        match s {
-            DeliveryStatusView::Pending => session_lifecycle_runtime::DeliveryStatus::Pending,
-            DeliveryStatusView::Delivered => session_lifecycle_runtime::DeliveryStatus::Delivered,
-            DeliveryStatusView::Failed => session_lifecycle_runtime::DeliveryStatus::Failed,
-        }
-    }
-}
-
-impl DeliveryView {
-    /// The view of `d`.
-    pub fn of(d: &session_lifecycle_runtime::Delivery) -> DeliveryView {
-        DeliveryView {
-            delivery_id: d.id,
-            session_id: d.session.to_string(),
-            event_type: d.kind.into(),
-            webhook_id: message_id(&d.session, d.kind),
-            endpoint: d.endpoint.clone(),
-            url: d.url.clone(),
-            status: d.status.into(),
-            attempts: d.attempts,
-            last_attempt_at: d.last_attempt_at.map(|t| t.to_string()),
-            last_status_code: d.last_status_code,
-            last_error: d.last_error.clone(),
-            next_attempt_at: d.next_attempt_at.map(|t| t.to_string()),
-        }
-    }
 }
 
 /// A list of deliveries, newest first.

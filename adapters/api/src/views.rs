@@ -6,8 +6,7 @@
 //! service's defaults filled in) comes in as arguments.
 
 use serde::{Deserialize, Serialize};
-use session_lifecycle::{EndReason, ReleaseState, ResourceKind, Status};
-use session_lifecycle_runtime::{RoomProvider, SessionRecord, SessionTimeouts};
+use session_lifecycle::{EndReason, ResourceKind, Status};
 use utoipa::ToSchema;
 
 /// What a session id matches: `sess_` + 1 to 64 Crockford base32 characters.
@@ -76,18 +75,6 @@ pub struct TimeoutsView {
     /// Wait after its last client WebSocket (on any instance) closes before it ends
     /// `websocket_disconnected`; a reconnect meanwhile, to any instance, keeps it.
     pub websocket_grace_ms: u64,
-}
-
-impl TimeoutsView {
-    /// The view of `timeouts` (absent values show as 0).
-    pub fn of(timeouts: &SessionTimeouts) -> TimeoutsView {
-        let ms = |d: std::time::Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
-        TimeoutsView {
-            participant_left_timeout_ms: timeouts.participant_left.map_or(0, ms),
-            participant_absent_timeout_ms: timeouts.participant_absent.map(ms),
-            websocket_grace_ms: timeouts.websocket_grace.map_or(0, ms),
-        }
-    }
 }
 
 /// Session status.
@@ -186,24 +173,6 @@ pub enum ProviderView {
     Daily,
 }
 
-impl From<ProviderView> for RoomProvider {
-    fn from(p: ProviderView) -> Self {
-        match p {
-            ProviderView::Livekit => RoomProvider::Livekit,
-            ProviderView::Daily => RoomProvider::Daily,
-        }
-    }
-}
-
-impl From<RoomProvider> for ProviderView {
-    fn from(p: RoomProvider) -> Self {
-        match p {
-            RoomProvider::Livekit => ProviderView::Livekit,
-            RoomProvider::Daily => ProviderView::Daily,
-        }
-    }
-}
-
 /// A resource a session holds.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct ResourceView {
@@ -248,70 +217,6 @@ pub enum ReleaseView {
 pub type KindNames<'a> = &'a dyn Fn(ResourceKind) -> Option<&'static str>;
 
 impl SessionView {
-    /// The view of `record` in full, resource kinds named by `kind_name`, with its
-    /// `timeouts` (the service's defaults filled in).
-    pub fn of(
-        r: &SessionRecord,
-        kind_name: KindNames<'_>,
-        timeouts: &SessionTimeouts,
-    ) -> SessionView {
-        let s = &r.session;
-        let find = |list: &[(session_lifecycle::Resource, String)], res| {
-            list.iter()
-                .find(|(held, _)| *held == res)
-                .map(|(_, text)| text.clone())
-        };
-        let resources = s
-            .resources()
-            .iter()
-            .map(|held| {
-                let (release, release_attempts, retry_at, released_at) = match held.release {
-                    ReleaseState::Held => (ReleaseView::Held, 0, None, None),
-                    ReleaseState::Pending { attempts, retry_at } => (
-                        ReleaseView::Pending,
-                        attempts,
-                        Some(retry_at.to_string()),
-                        None,
-                    ),
-                    ReleaseState::Released { at } => {
-                        (ReleaseView::Released, 0, None, Some(at.to_string()))
-                    }
-                };
-                let kind = held.resource.kind;
-                ResourceView {
-                    kind: kind_name(kind).map_or_else(|| format!("kind_{}", kind.0), str::to_owned),
-                    handle: held.resource.handle,
-                    release,
-                    release_attempts,
-                    retry_at,
-                    release_error: find(&r.release_errors, held.resource),
-                    released_at,
-                    note: find(&r.release_notes, held.resource),
-                }
-            })
-            .collect();
-        SessionView {
-            session_id: s.id().to_string(),
-            status: s.status().into(),
-            started_at: s.started_at().to_string(),
-            ended_at: s.ended_at().map(|t| t.to_string()),
-            end_reason: s.end_reason().map(Into::into),
-            ready_at: r.ready_at.map(|t| t.to_string()),
-            expires_at: s.expires_at().to_string(),
-            last_seen_at: s.last_seen_at().to_string(),
-            room: r.room.as_ref().map(|room| RoomView {
-                provider: room.provider.into(),
-                name: room.name.clone(),
-            }),
-            metadata: r
-                .metadata
-                .as_deref()
-                .and_then(|m| serde_json::from_str(m).ok()),
-            timeouts: TimeoutsView::of(timeouts),
-            resources: Some(resources),
-        }
-    }
-
     /// The view of an ended session as every end answer shows it: only what never changes
     /// after the end.
     pub fn as_ended(mut self) -> SessionView {
@@ -442,18 +347,6 @@ pub struct TimeoutsRequest {
         skip_serializing_if = "Option::is_none"
     )]
     pub websocket_grace_ms: Option<u64>,
-}
-
-impl TimeoutsRequest {
-    /// The timeouts asked for.
-    pub fn timeouts(&self) -> SessionTimeouts {
-        let ms = |v: Option<u64>| v.map(std::time::Duration::from_millis);
-        SessionTimeouts {
-            participant_left: ms(self.participant_left_timeout_ms),
-            participant_absent: ms(self.participant_absent_timeout_ms),
-            websocket_grace: ms(self.websocket_grace_ms),
-        }
-    }
 }
 
 /// An optional JSON object, and only an object: serde fills a struct from an array of its

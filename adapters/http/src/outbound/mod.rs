@@ -30,7 +30,7 @@ use tokio::sync::{Notify, Semaphore};
 use crate::tenants::{Tenant, Tenants};
 use address::{AddressPolicy, CheckedResolver};
 pub use endpoints::{CallbackSettings, WebhookEndpoint};
-use payload::{EventEnvelope, message_id};
+use payload::message_id;
 use sign::signature_header;
 
 pub use endpoints::CALLBACK_ENDPOINT;
@@ -465,7 +465,7 @@ impl Outbound {
             callback_url: None,
         };
         let kind_name = |k| self.engine.kind_name(k);
-        let body = EventEnvelope::of(&event, &record, &kind_name).to_bytes();
+        let body = payload::envelope(&event, &record, &kind_name).to_bytes();
         let id = message_id(&delivery.session, delivery.kind);
         let timestamp = unix_secs(self.engine.now());
         let response = self

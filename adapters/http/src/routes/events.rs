@@ -17,7 +17,7 @@ use crate::error::{ApiError, ErrorBody, ErrorCode};
 use crate::extract::{Authenticated, viewer};
 use crate::input::session_id;
 use crate::outbound::payload::{
-    DeliveriesResponse, DeliveryResponse, DeliveryStatusView, DeliveryView, EventEnvelope,
+    DeliveriesResponse, DeliveryResponse, DeliveryStatusView, delivery_view,
 };
 use crate::state::AppState;
 
@@ -218,7 +218,7 @@ async fn message(state: &AppState, event: &SessionEvent) -> Result<Option<Event>
         }
     };
     let kind_name = |k| state.engine.kind_name(k);
-    let envelope = EventEnvelope::of(event, &record, &kind_name);
+    let envelope = crate::outbound::payload::envelope(event, &record, &kind_name);
     let data = serde_json::to_string(&envelope).map_err(|_| ())?;
     Ok(Some(
         Event::default()
@@ -291,7 +291,7 @@ pub async fn list_deliveries(
         .map_err(store_error)?;
     Ok(Json(DeliveriesResponse {
         success: true,
-        deliveries: deliveries.iter().map(DeliveryView::of).collect(),
+        deliveries: deliveries.iter().map(delivery_view).collect(),
     }))
 }
 
@@ -333,6 +333,6 @@ pub async fn retry_delivery(
     }
     Ok(Json(DeliveryResponse {
         success: true,
-        delivery: DeliveryView::of(&delivery),
+        delivery: delivery_view(&delivery),
     }))
 }

@@ -24,7 +24,7 @@ use crate::views::{CreateRequest, CreatedResponse, ListResponse, SessionResponse
 
 /// The view of `record` in full, resource kinds named by the engine's backends.
 pub(crate) fn view(state: &AppState, record: &SessionRecord) -> SessionView {
-    SessionView::of(
+    crate::views::session_view(
         record,
         &|kind| state.engine.kind_name(kind),
         &state.engine.timeouts_of(&record.timeouts),
@@ -75,13 +75,13 @@ pub async fn create_session(
             .metadata
             .map(|m| serde_json::Value::Object(m).to_string()),
         room: request.room.map(|r| RoomBinding {
-            provider: r.provider.into(),
+            provider: crate::views::room_provider(r.provider),
             name: r.name,
         }),
         timeouts: request
             .timeouts
             .as_ref()
-            .map(|t| t.timeouts())
+            .map(crate::views::requested_timeouts)
             .unwrap_or_default(),
         resources: ResourceRequest {
             gpu_memory: request
