@@ -6,7 +6,7 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use common::{Cluster, KEY, client};
+use common::{Cluster, api, client, create};
 
 /// Every `sessiond_*` name in `text`.
 fn metric_names(text: &str) -> BTreeSet<String> {
@@ -35,21 +35,8 @@ async fn the_dashboard_and_the_alert_rules_use_metrics_sessiond_exposes() {
     let cluster = Cluster::sqlite(&[]);
     let node = cluster.start_bare("a");
     // One request and one session, so that labelled series have samples.
-    let resp = client()
-        .post(node.url("/v1/sessions"))
-        .header("x-api-key", KEY)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 201);
-    let exposed = client()
-        .get(node.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    create(&client(), &node).await;
+    let exposed = api(&client(), &node).metrics().await.unwrap();
     // A histogram's samples carry suffixes; its family is declared by name.
     let families: BTreeSet<String> = exposed
         .lines()
@@ -87,14 +74,7 @@ async fn a_node_that_stopped_on_purpose_is_not_missed_and_a_dead_one_is() {
     died.kill_9();
     let node = cluster.start_bare("live");
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let metrics = client()
-        .get(node.url("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = api(&client(), &node).metrics().await.unwrap();
     assert!(
         metrics.contains("sessiond_node_alive{node=\"live\"} 1"),
         "{metrics}"
@@ -105,8 +85,7 @@ async fn a_node_that_stopped_on_purpose_is_not_missed_and_a_dead_one_is() {
     );
     assert!(!metrics.contains("node=\"stopped\""), "{metrics}");
     // The development key is the operator's too.
-    let api = session_lifecycle_client::Client::new(&node.url(""), KEY).unwrap();
-    let nodes = api
+    let nodes = api(&client(), &node)
         .overview()
         .await
         .unwrap()

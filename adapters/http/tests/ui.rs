@@ -260,6 +260,16 @@ fn tenants_file(dir: &std::path::Path) -> PathBuf {
     path
 }
 
+/// Starts a session through `client`; its id.
+async fn start(client: &Client) -> String {
+    client
+        .create_session(&CreateRequest::default())
+        .await
+        .unwrap()
+        .session
+        .session_id
+}
+
 fn row(table: &str, session: &str) -> String {
     format!("document.querySelector('#{table} tr[data-session=\"{session}\"]')")
 }
@@ -328,12 +338,7 @@ async fn the_live_page_follows_sessions_as_they_start_and_end_and_keeps_tenants_
         cells[6].as_str().unwrap().contains("avatar_process held"),
         "{cells}"
     );
-    let other = globex
-        .create_session(&CreateRequest::default())
-        .await
-        .unwrap()
-        .session
-        .session_id;
+    let other = start(&globex).await;
     browser
         .wait_for(
             &format!("!!{}", row("sessions", &other)),
@@ -404,18 +409,8 @@ async fn the_live_page_follows_sessions_as_they_start_and_end_and_keeps_tenants_
             .await,
         true
     );
-    let hidden = acme
-        .create_session(&CreateRequest::default())
-        .await
-        .unwrap()
-        .session
-        .session_id;
-    let own = globex
-        .create_session(&CreateRequest::default())
-        .await
-        .unwrap()
-        .session
-        .session_id;
+    let hidden = start(&acme).await;
+    let own = start(&globex).await;
     browser
         .wait_for(
             &format!("!!{}", row("sessions", &own)),
