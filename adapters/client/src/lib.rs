@@ -362,13 +362,7 @@ impl Client {
         {
             let mut pairs = url.query_pairs_mut();
             if let Some(status) = query.status {
-                pairs.append_pair(
-                    "status",
-                    match status {
-                        StatusView::Started => "started",
-                        StatusView::Ended => "ended",
-                    },
-                );
+                pairs.append_pair("status", &wire_name(status));
             }
             if let Some(limit) = query.limit {
                 pairs.append_pair("limit", &limit.to_string());
@@ -468,14 +462,7 @@ impl Client {
                 pairs.append_pair("session_id", session);
             }
             if let Some(status) = query.status {
-                pairs.append_pair(
-                    "status",
-                    match status {
-                        DeliveryStatusView::Pending => "pending",
-                        DeliveryStatusView::Delivered => "delivered",
-                        DeliveryStatusView::Failed => "failed",
-                    },
-                );
+                pairs.append_pair("status", &wire_name(status));
             }
             if let Some(limit) = query.limit {
                 pairs.append_pair("limit", &limit.to_string());
@@ -531,6 +518,14 @@ impl Client {
     pub async fn openapi(&self) -> Result<serde_json::Value, Error> {
         self.call(self.http.get(self.url("openapi.json", &[])))
             .await
+    }
+}
+
+/// The name a unit enum of the API has on the wire (its serde name): `started`, `pending`.
+fn wire_name(value: impl serde::Serialize) -> String {
+    match serde_json::to_value(value) {
+        Ok(serde_json::Value::String(name)) => name,
+        _ => String::new(),
     }
 }
 

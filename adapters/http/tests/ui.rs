@@ -85,14 +85,14 @@ impl Browser {
             .expect("start chromium");
         // Chromium writes the port it chose into the profile.
         let active = profile.path().join("DevToolsActivePort");
-        let port = wait_until(Duration::from_secs(30), || {
+        let port = wait_until(Duration::from_secs(30), || async {
             std::fs::read_to_string(&active)
                 .ok()
                 .and_then(|t| t.lines().next().and_then(|p| p.trim().parse::<u16>().ok()))
         })
         .await
         .expect("chromium's DevTools port");
-        let targets: Value = wait_until_async(Duration::from_secs(10), || async move {
+        let targets: Value = wait_until(Duration::from_secs(10), || async move {
             let list: Value = reqwest::get(format!("http://127.0.0.1:{port}/json/list"))
                 .await
                 .ok()?
@@ -165,6 +165,18 @@ impl Browser {
         self.call("Page.navigate", json!({"url": url})).await;
     }
 
+    /// Opens `url` and waits until the page is live (its snapshot shown, its event stream
+    /// open).
+    async fn open_live(&mut self, url: &str) {
+        self.open(url).await;
+        self.wait_for(
+            "document.body.dataset.state === 'live'",
+            Duration::from_secs(15),
+        )
+        .await
+        .unwrap_or_else(|| panic!("{url}: the page goes live"));
+    }
+
     /// The value of `expression` in the page.
     async fn eval(&mut self, expression: &str) -> Value {
         let result = self
@@ -220,18 +232,8 @@ impl Browser {
     }
 }
 
-async fn wait_until<T>(limit: Duration, mut probe: impl FnMut() -> Option<T>) -> Option<T> {
-    let start = Instant::now();
-    while start.elapsed() < limit {
-        if let Some(found) = probe() {
-            return Some(found);
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    None
-}
-
-async fn wait_until_async<T, F: std::future::Future<Output = Option<T>>>(
+/// The first `Some` of `probe`, polled every 100 ms for up to `limit`.
+async fn wait_until<T, F: std::future::Future<Output = Option<T>>>(
     limit: Duration,
     mut probe: impl FnMut() -> F,
 ) -> Option<T> {
@@ -296,15 +298,8 @@ async fn the_live_page_follows_sessions_as_they_start_and_end_and_keeps_tenants_
 
     // The operator sees every tenant, and the nodes.
     browser
-        .open(&page_node.url(&format!("/ui#key={OPERATOR}")))
+        .open_live(&page_node.url(&format!("/ui#key={OPERATOR}")))
         .await;
-    browser
-        .wait_for(
-            "document.body.dataset.state === 'live'",
-            Duration::from_secs(15),
-        )
-        .await
-        .expect("the page goes live");
     assert_eq!(
         browser.eval("location.hash").await,
         "",
@@ -383,15 +378,8 @@ async fn the_live_page_follows_sessions_as_they_start_and_end_and_keeps_tenants_
 
     // A tenant key: its own sessions only, live too; no nodes.
     browser
-        .open(&page_node.url(&format!("/ui#key={GLOBEX}")))
+        .open_live(&page_node.url(&format!("/ui#key={GLOBEX}")))
         .await;
-    browser
-        .wait_for(
-            "document.body.dataset.state === 'live'",
-            Duration::from_secs(15),
-        )
-        .await
-        .expect("the page goes live for a tenant");
     assert!(browser.text("#scope").await.contains("globex"));
     assert_eq!(
         browser

@@ -213,7 +213,8 @@
   function fill(tableId, rows) {
     const body = $(tableId).querySelector("tbody");
     body.replaceChildren(...rows);
-    $(tableId + "-empty") && ($(tableId + "-empty").hidden = rows.length > 0);
+    const empty = $(tableId + "-empty");
+    if (empty) empty.hidden = rows.length > 0;
   }
 
   function row(id, cells) {

@@ -6,7 +6,10 @@
 //! milliseconds, without a database.
 
 mod idempotency;
+mod nodes;
 mod outbox;
+mod presence;
+mod rooms;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;
@@ -18,11 +21,10 @@ use session_lifecycle::{
 };
 use tokio::sync::broadcast;
 
-use crate::rows::{LOST_WITH_NODE, RELEASED_ON_RETURN};
+use crate::rows::RELEASED_ON_RETURN;
 use crate::store::{
-    AttachOutcome, BoxFuture, CreateOutcome, ListQuery, NewSession, NodeMembership, NodeRow,
-    PresenceStore, ReleaseClaim, ReleaseProgress, ReleaseQueue, RoomBinding, RoomEvent,
-    RoomEventKind, RoomState, RoomStore, SessionRecord, SessionStore, SessionTimeouts, StoreError,
+    AttachOutcome, BoxFuture, CreateOutcome, ListQuery, NewSession, ReleaseClaim, ReleaseProgress,
+    ReleaseQueue, RoomBinding, RoomState, SessionRecord, SessionStore, SessionTimeouts, StoreError,
     StoreHealth, TenantScope, TouchOutcome,
 };
 
@@ -158,7 +160,7 @@ impl State {
 #[derive(Debug)]
 pub struct MemoryStore {
     state: Mutex<State>,
-    /// Sessions ended (for [`PresenceStore::watch_ends`]).
+    /// Sessions ended (for [`PresenceStore::watch_ends`](crate::PresenceStore::watch_ends)).
     ended: broadcast::Sender<SessionId>,
     /// Nodes whose releases may have become due (for [`ReleaseQueue::watch_releases`]).
     due: broadcast::Sender<String>,
@@ -601,285 +603,6 @@ impl ReleaseQueue for MemoryStore {
                     Ok(_) => {}
                     // Missed some: one of them may have been ours.
                     Err(broadcast::error::RecvError::Lagged(_)) => wake(),
-                    Err(broadcast::error::RecvError::Closed) => std::future::pending::<()>().await,
-                }
-            }
-        })
-    }
-}
-
-impl NodeMembership for MemoryStore {
-    fn live_nodes(
-        &self,
-        now: Timestamp,
-        node_timeout: Duration,
-    ) -> BoxFuture<'_, Result<u32, StoreError>> {
-        let state = self.state();
-        let cutoff = now.saturating_sub(node_timeout);
-        let live = state.nodes.values().filter(|seen| **seen > cutoff).count();
-        ready(Ok(live as u32))
-    }
-
-    fn node_alive(&self, node: &str, now: Timestamp) -> BoxFuture<'_, Result<(), StoreError>> {
-        let mut state = self.state();
-        let seen = state.nodes.entry(node.to_owned()).or_insert(now);
-        *seen = (*seen).max(now);
-        ready(Ok(()))
-    }
-
-    fn report_node<'a>(
-        &'a self,
-        node: &'a str,
-        report: &'a str,
-    ) -> BoxFuture<'a, Result<(), StoreError>> {
-        let mut state = self.state();
-        state
-            .node_reports
-            .insert(node.to_owned(), report.to_owned());
-        ready(Ok(()))
-    }
-
-    fn nodes(
-        &self,
-        now: Timestamp,
-        node_timeout: Duration,
-        window: Duration,
-    ) -> BoxFuture<'_, Result<Vec<NodeRow>, StoreError>> {
-        let state = self.state();
-        let rows = state
-            .nodes
-            .iter()
-            .filter(|(_, seen)| **seen > now.saturating_sub(window))
-            .map(|(node, seen)| NodeRow {
-                node: node.clone(),
-                last_heartbeat_at: *seen,
-                alive: *seen > now.saturating_sub(node_timeout),
-                report: state.node_reports.get(node).cloned(),
-            })
-            .collect();
-        ready(Ok(rows))
-    }
-
-    fn end_dead_nodes(
-        &self,
-        except: &str,
-        now: Timestamp,
-        node_timeout: Duration,
-        limit: u32,
-    ) -> BoxFuture<'_, Result<Vec<SessionId>, StoreError>> {
-        let mut state = self.state();
-        let cutoff = now.saturating_sub(node_timeout);
-        let mut dead: Vec<String> = state
-            .nodes
-            .iter()
-            .filter(|(id, seen)| id.as_str() != except && **seen <= cutoff)
-            .map(|(id, _)| id.clone())
-            .collect();
-        dead.sort();
-        let mut ended: Vec<SessionId> = Vec::new();
-        for node in dead {
-            state.let_go_of(&node, now);
-            let first = ended.len();
-            for (id, s) in state.sessions.iter_mut() {
-                if s.node != node {
-                    continue;
-                }
-                if s.ending.is_none() && ended.len() < limit as usize {
-                    s.end(now, EndReason::NodeLost);
-                    let _ = self.ended.send(*id);
-                    ended.push(*id);
-                }
-                for r in &mut s.resources {
-                    if matches!(r.release, ReleaseState::Pending { .. }) && !r.lost {
-                        r.lost = true;
-                        r.note = Some(format!("{LOST_WITH_NODE}{node}"));
-                    }
-                }
-            }
-            for id in ended[first..].iter().copied() {
-                state.ended_events(id);
-            }
-        }
-        ready(Ok(ended))
-    }
-}
-
-impl RoomStore for MemoryStore {
-    fn room_event(
-        &self,
-        event: RoomEvent,
-        now: Timestamp,
-    ) -> BoxFuture<'_, Result<Option<Vec<RoomState>>, StoreError>> {
-        let mut state = self.state();
-        let key = (event.provider.as_str().to_owned(), event.event_id.clone());
-        if state.room_events.contains_key(&key) {
-            return ready(Ok(None));
-        }
-        state.room_events.insert(key, now);
-        let bound: Vec<SessionId> = state
-            .sessions
-            .iter()
-            .filter(|(_, s)| {
-                s.ending.is_none()
-                    && s.room
-                        .as_ref()
-                        .is_some_and(|r| r.provider == event.provider && r.name == event.room)
-                    && event.tenant.as_ref().is_none_or(|t| *t == s.tenant)
-            })
-            .map(|(id, _)| *id)
-            .collect();
-        let mut updates = Vec::with_capacity(bound.len());
-        for id in bound {
-            match &event.kind {
-                RoomEventKind::Joined { participant } | RoomEventKind::Left { participant } => {
-                    let present = matches!(event.kind, RoomEventKind::Joined { .. });
-                    let people = state.participants.entry(id).or_default();
-                    let entry = people
-                        .entry(participant.clone())
-                        .or_insert((present, event.at));
-                    // The latest event by provider time wins, whatever the arrival order.
-                    if event.at >= entry.1 {
-                        *entry = (present, event.at);
-                    }
-                    if present && let Some(s) = state.sessions.get_mut(&id) {
-                        s.seen(now);
-                    }
-                }
-                RoomEventKind::Finished => {
-                    if let Some(s) = state.sessions.get_mut(&id) {
-                        s.room_finished = true;
-                    }
-                }
-            }
-            let (present, ever_joined) = state.room_people(&id);
-            if let Some(s) = state.sessions.get_mut(&id) {
-                if present > 0 || !ever_joined {
-                    s.room_emptied_at = None;
-                } else if s.room_emptied_at.is_none() {
-                    s.room_emptied_at = Some(now);
-                }
-            }
-            if let Some(room) = state.room_state(&id) {
-                updates.push(room);
-            }
-        }
-        ready(Ok(Some(updates)))
-    }
-
-    fn room_state(&self, id: SessionId) -> BoxFuture<'_, Result<Option<RoomState>, StoreError>> {
-        ready(Ok(self.state().room_state(&id)))
-    }
-
-    fn touch_present(&self, now: Timestamp) -> BoxFuture<'_, Result<Vec<SessionId>, StoreError>> {
-        let mut state = self.state();
-        let present: BTreeSet<SessionId> = state
-            .participants
-            .iter()
-            .filter(|(_, p)| p.values().any(|(here, _)| *here))
-            .map(|(id, _)| *id)
-            .collect();
-        let mut touched = Vec::new();
-        for id in present {
-            if let Some(s) = state.sessions.get_mut(&id).filter(|s| s.ending.is_none()) {
-                s.seen(now);
-                touched.push(id);
-            }
-        }
-        touched.sort();
-        ready(Ok(touched))
-    }
-
-    fn prune_rooms(
-        &self,
-        ended_before: Timestamp,
-        limit: u32,
-    ) -> BoxFuture<'_, Result<u32, StoreError>> {
-        let mut state = self.state();
-        let gone: Vec<SessionId> = state
-            .participants
-            .keys()
-            .filter(|id| {
-                state
-                    .sessions
-                    .get(id)
-                    .is_none_or(|s| s.ending.is_some_and(|(at, _)| at <= ended_before))
-            })
-            .take(limit as usize)
-            .copied()
-            .collect();
-        for id in &gone {
-            state.participants.remove(id);
-        }
-        let ended_by = |state: &State, id: &SessionId| {
-            state
-                .sessions
-                .get(id)
-                .is_none_or(|s| s.ending.is_some_and(|(at, _)| at <= ended_before))
-        };
-        let left: Vec<SessionId> = state
-            .presence
-            .keys()
-            .filter(|id| ended_by(&state, id))
-            .copied()
-            .collect();
-        for id in &left {
-            state.presence.remove(id);
-        }
-        // Event ids are kept for deduplication as long as the retention: a provider's
-        // retries come well within it.
-        state
-            .room_events
-            .retain(|_, received| *received > ended_before);
-        ready(Ok(gone.len() as u32))
-    }
-}
-
-impl PresenceStore for MemoryStore {
-    fn set_presence(
-        &self,
-        session: SessionId,
-        node: &str,
-        holds: bool,
-        now: Timestamp,
-    ) -> BoxFuture<'_, Result<(), StoreError>> {
-        let mut state = self.state();
-        if !holds && let Some(s) = state.sessions.get_mut(&session) {
-            s.seen(now);
-        }
-        let holders = state.presence.entry(session).or_default();
-        if holds {
-            holders.insert(node.to_owned());
-        } else {
-            holders.remove(node);
-            if holders.is_empty() {
-                state.presence.remove(&session);
-            }
-        }
-        ready(Ok(()))
-    }
-
-    fn clear_presence(&self, node: &str, now: Timestamp) -> BoxFuture<'_, Result<(), StoreError>> {
-        self.state().let_go_of(node, now);
-        ready(Ok(()))
-    }
-
-    fn presence(
-        &self,
-        session: SessionId,
-        now: Timestamp,
-        node_timeout: Duration,
-    ) -> BoxFuture<'_, Result<Vec<String>, StoreError>> {
-        let state = self.state();
-        ready(Ok(state.live_holders(&session, now, node_timeout)))
-    }
-
-    fn watch_ends<'a>(&'a self, ended: &'a (dyn Fn(SessionId) + Send + Sync)) -> BoxFuture<'a, ()> {
-        let mut ends = self.ended.subscribe();
-        Box::pin(async move {
-            loop {
-                match ends.recv().await {
-                    Ok(id) => ended(id),
-                    Err(broadcast::error::RecvError::Lagged(_)) => {}
                     Err(broadcast::error::RecvError::Closed) => std::future::pending::<()>().await,
                 }
             }
