@@ -48,9 +48,17 @@ pub fn body_error(e: BytesRejection) -> ApiError {
     }
 }
 
+/// Whether a body holds nothing but JSON whitespace (RFC 8259: space, tab, LF, CR), so
+/// that it stands for "no body". Form feed and the rest of ASCII whitespace are not JSON
+/// and make the body invalid.
+pub fn is_blank(body: &[u8]) -> bool {
+    body.iter()
+        .all(|b| matches!(b, b' ' | b'\t' | b'\n' | b'\r'))
+}
+
 /// Parses and checks a create body: absent, blank or `null` means every default.
 pub fn parse_create(body: &[u8]) -> Result<CreateRequest, ApiError> {
-    if body.iter().all(u8::is_ascii_whitespace) {
+    if is_blank(body) {
         return Ok(CreateRequest::default());
     }
     let invalid = |e: serde_json::Error| ApiError::invalid(format!("invalid JSON body: {e}"));
@@ -191,6 +199,7 @@ mod tests {
         for ok in [
             "",
             "  ",
+            " \t\r\n",
             "null",
             "{}",
             "{\"duration_secs\": 604800, \"gpu_device\": 1023, \"gpu_memory_mib\": 1048576}",
@@ -203,6 +212,10 @@ mod tests {
             assert!(parse_create(ok.as_bytes()).is_ok(), "{ok}");
         }
         for bad in [
+            // Form feed and vertical tab are ASCII whitespace but not JSON's.
+            "\x0c",
+            " \x0b ",
+            "\x0cnull",
             "[]",
             // Arrays are not objects, though serde would fill a struct from one.
             "[60]",

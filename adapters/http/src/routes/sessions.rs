@@ -272,7 +272,7 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
 /// The hash a key binds: of the body as JSON, so that spacing and key order do not count
 /// (an absent, empty or `null` body alike).
 fn request_hash(body: &[u8]) -> String {
-    let canonical = if body.iter().all(u8::is_ascii_whitespace) {
+    let canonical = if crate::input::is_blank(body) {
         "null".to_owned()
     } else {
         serde_json::from_slice::<serde_json::Value>(body)
