@@ -87,6 +87,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .route("/v1/overview", get(overview::get_overview))
         .route("/ui", get(overview::page))
+        .route("/ui/", get(overview::page_with_slash))
         .route("/ui/{asset}", get(overview::page_asset))
         .route("/healthz", get(operations::healthz))
         .route("/readyz", get(operations::readyz))

@@ -182,6 +182,14 @@ impl HttpMetrics {
     }
 }
 
+/// `text` as a label value of the text format: backslash, double quote and line feed
+/// escaped (a node id comes from the store, written by any instance).
+fn label_value(text: &str) -> String {
+    text.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
 /// The `HELP` and `TYPE` lines of metric `name`.
 fn family(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}");
@@ -236,7 +244,7 @@ pub fn render_nodes(out: &mut String, nodes: &[session_lifecycle_runtime::NodeRo
         if !n.alive && report.is_some_and(|r| r.stopped && r.sessions == 0) {
             continue;
         }
-        let node = n.node.replace('\\', "\\\\").replace('"', "\\\"");
+        let node = label_value(&n.node);
         let _ = writeln!(
             out,
             "sessiond_node_alive{{node=\"{node}\"}} {}",
@@ -311,4 +319,15 @@ pub fn render_webhooks(out: &mut String, w: &WebhookFigures) {
         "Webhook deliveries this instance marked failed after the retry period.",
         w.given_up,
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_values_escape_what_the_text_format_requires() {
+        assert_eq!(label_value("plain:8080"), "plain:8080");
+        assert_eq!(label_value("a\nb\"c\\"), "a\\nb\\\"c\\\\");
+    }
 }

@@ -202,7 +202,8 @@ pub fn hash_key(key: &str) -> String {
 }
 
 fn parse_hex32(text: &str) -> Option<[u8; 32]> {
-    if text.len() != 64 {
+    // Digits only: `from_str_radix` alone would take a sign ("+7").
+    if text.len() != 64 || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
         return None;
     }
     let mut out = [0u8; 32];
@@ -348,6 +349,16 @@ impl Tenants {
         })
     }
 
+    /// One tenant whose key is also the operator key: the development shortcut, where
+    /// whoever runs the service is its only tenant.
+    pub fn single_operator(name: &str, key: &str, plan: Plan) -> Tenants {
+        let mut tenants = Tenants::single(name, key, plan);
+        tenants
+            .operators
+            .push(Sha256::digest(key.as_bytes()).into());
+        tenants
+    }
+
     /// One tenant with one key (the `--api-key` shortcut and the generated key).
     pub fn single(name: &str, key: &str, plan: Plan) -> Tenants {
         Tenants {
@@ -407,10 +418,18 @@ impl Tenants {
         }
     }
 
-    /// These tenants, and `key` as an operator key too.
-    pub fn with_operator_key(mut self, key: &str) -> Tenants {
-        self.operators.push(Sha256::digest(key.as_bytes()).into());
-        self
+    /// These tenants, and `key` as an operator key too. Refused where `key` is a tenant's
+    /// own key: a tenant's key must not see every tenant (as in the tenants file).
+    pub fn with_operator_key(mut self, key: &str) -> Result<Tenants, ConfigError> {
+        let digest: [u8; 32] = Sha256::digest(key.as_bytes()).into();
+        if let Some(t) = self.tenants.iter().find(|t| t.key_sha256 == digest) {
+            return Err(ConfigError::Invalid {
+                tenant: t.name.clone(),
+                problem: "its key is also the operator key".to_owned(),
+            });
+        }
+        self.operators.push(digest);
+        Ok(self)
     }
 
     /// Whether `key` is an operator key (compared by hash, in constant time, with each).
@@ -538,9 +557,23 @@ mod tests {
             Tenants::from_toml(&shared).is_err(),
             "a tenant key is no operator key"
         );
-        let single = Tenants::single("d", "k", Plan::new(Some(1), Duration::from_secs(9)))
-            .with_operator_key("k");
-        assert!(single.is_operator(Some("k")));
+        let plan = Plan::new(Some(1), Duration::from_secs(9));
+        let single = Tenants::single_operator("d", "k", plan);
+        assert!(single.is_operator(Some("k")) && single.authenticate(Some("k")).is_some());
+        assert!(
+            Tenants::from_toml(&text)
+                .unwrap()
+                .with_operator_key("key-a")
+                .is_err(),
+            "a tenant's key given as the operator key is refused"
+        );
+        let with_flag = Tenants::single("d", "k", plan)
+            .with_operator_key("op")
+            .unwrap();
+        assert!(with_flag.is_operator(Some("op")) && !with_flag.is_operator(Some("k")));
+        // A sign is no hex digit, though `from_str_radix` takes one.
+        let signed = text.replace(&hash_key("op-key"), &format!("+7{}", &"0".repeat(62)));
+        assert!(Tenants::from_toml(&signed).is_err());
     }
 
     #[test]

@@ -946,3 +946,60 @@ fn without_a_gpu_sessiond_serves_and_says_so_once() {
         "said once, only without a GPU"
     );
 }
+
+/// Settings that cannot mean what they say stop `sessiond` at start with a message naming
+/// them, before it listens: a tenant's key as the operator key (it would see every
+/// tenant), a burst without a rate or of zero, a node id that would break logs and labels.
+#[test]
+fn contradictory_settings_are_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let tenants = dir.path().join("tenants.toml");
+    std::fs::write(
+        &tenants,
+        format!(
+            "[[tenants]]\nname = \"acme\"\napi_key_sha256 = \"{}\"\nmax_concurrent_sessions = 1\nmax_session_secs = 60\n",
+            session_lifecycle_http::tenants::hash_key("key-a")
+        ),
+    )
+    .unwrap();
+    let tenants = tenants.to_str().unwrap();
+    for (flags, says) in [
+        (
+            vec!["--tenants", tenants, "--operator-key", "key-a"],
+            "--operator-key",
+        ),
+        (
+            vec!["--api-key", "k", "--operator-key", "k"],
+            "--operator-key",
+        ),
+        (
+            vec!["--api-key", "k", "--request-burst", "3"],
+            "--request-burst",
+        ),
+        (
+            vec![
+                "--api-key",
+                "k",
+                "--requests-per-second",
+                "5",
+                "--request-burst",
+                "0",
+            ],
+            "--request-burst",
+        ),
+        (vec!["--api-key", "k", "--node-id", "a\nb"], "--node-id"),
+    ] {
+        let out = Command::new(SESSIOND)
+            .args(["--listen", "127.0.0.1:0", "--gpu", "off"])
+            .arg("--database")
+            .arg(dir.path().join("s.db"))
+            .args(&flags)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{flags:?} refused");
+        assert!(stderr.contains(says), "{flags:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{flags:?}: {stderr}");
+    }
+}

@@ -158,3 +158,45 @@ async fn two_instances_admit_the_rate_once_between_them() {
     drop((a, b));
     cluster.finish().await;
 }
+
+/// A rate below one request a second per node is still split exactly (1/s over two
+/// instances is not 1/s on each), and once an instance stops on purpose (a deploy) the
+/// other takes the whole rate at once, not after the node timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_rate_is_split_exactly_and_a_stopped_instance_takes_no_share() {
+    let Some(mut cluster) =
+        Cluster::new(&["--node-heartbeat-ms", "200", "--node-timeout-secs", "30"]).await
+    else {
+        eprintln!("skipped: SESSION_LIFECYCLE_PG_URL is not set");
+        return;
+    };
+    let tenants = tenants_file(cluster.dir.path(), (1, 1));
+    cluster.auth = vec!["--tenants".to_owned(), tenants.to_str().unwrap().to_owned()];
+    let a = cluster.start_bare("a");
+    let mut b = cluster.start_bare("b");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let secs = 6;
+    let (both, _) = hammer(&[&a, &b], "key-noisy", 4, Duration::from_secs(secs)).await;
+    eprintln!("two instances at 1/s: {both} accepted in {secs} s");
+    // 1/s for 6 s, and one request at once on each: 8 (a share rounded up to 1/s on each
+    // would admit 14).
+    assert!(
+        (5..=9).contains(&both),
+        "{both} accepted in {secs} s at 1/s"
+    );
+
+    b.terminate();
+    assert!(b.exited(Duration::from_secs(20)).await.success());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let secs = 8;
+    let (alone, _) = hammer(&[&a], "key-noisy", 2, Duration::from_secs(secs)).await;
+    eprintln!("one instance after the other stopped: {alone} accepted in {secs} s");
+    // The whole 1/s (9 with its burst); half of it, were the stopped node still counted
+    // until its heartbeat times out, would admit at most 6.
+    assert!(
+        (7..=10).contains(&alone),
+        "{alone} accepted in {secs} s at 1/s"
+    );
+    drop(a);
+    cluster.finish().await;
+}

@@ -426,6 +426,34 @@ async fn the_live_page_follows_sessions_as_they_start_and_end_and_keeps_tenants_
         .await
         .expect("a wrong key is refused");
     assert!(browser.text("#login-error").await.contains("not valid"));
+
+    // A key that could never go in a header (not ASCII) gets the form back too, with why.
+    browser.open(&page_node.url("/ui#key=%D0%BA%D0%BB")).await;
+    browser
+        .wait_for(
+            "document.body.dataset.state === 'login'",
+            Duration::from_secs(10),
+        )
+        .await
+        .expect("a key that is not ASCII is refused");
+    assert!(
+        browser
+            .text("#login-error")
+            .await
+            .contains("printable ASCII")
+    );
+
+    // `/ui/` leads to the page.
+    let resp = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+        .get(page_node.url("/ui/"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), reqwest::StatusCode::PERMANENT_REDIRECT);
+    assert_eq!(resp.headers()["location"], "../ui");
     drop(browser);
     drop(api_node);
     drop(page_node);

@@ -31,17 +31,31 @@
 
   // --- the key: from the URL fragment (never sent to a server) or this tab's storage ---
 
+  // A key goes in a request header: printable ASCII only.
+  const KEY_SHAPE = /^[\x20-\x7e]+$/;
+  const BAD_KEY = "A key is printable ASCII.";
+
+  // The key from the fragment (then removed from the address) or this tab's storage, or
+  // why there is none usable.
   function takeKey() {
     const found = /(?:^#|&)key=([^&]+)/.exec(location.hash);
     if (found) {
       history.replaceState(null, "", location.pathname + location.search);
+      let given = null;
       try {
-        sessionStorage.setItem(KEY_ITEM, decodeURIComponent(found[1]));
+        given = decodeURIComponent(found[1]);
       } catch (e) {
-        return null;
+        // a malformed escape: refused below
+      }
+      if (!given || !KEY_SHAPE.test(given)) return { problem: BAD_KEY };
+      try {
+        sessionStorage.setItem(KEY_ITEM, given);
+      } catch (e) {
+        return { key: given };
       }
     }
-    return sessionStorage.getItem(KEY_ITEM);
+    const kept = sessionStorage.getItem(KEY_ITEM);
+    return kept && KEY_SHAPE.test(kept) ? { key: kept } : { problem: "" };
   }
 
   function showLogin(message) {
@@ -400,6 +414,7 @@
       e.preventDefault();
       const typed = $("key").value.trim();
       if (!typed) return;
+      if (!KEY_SHAPE.test(typed)) { showLogin(BAD_KEY); return; }
       sessionStorage.setItem(KEY_ITEM, typed);
       $("key").value = "";
       open(typed);
@@ -409,7 +424,7 @@
       for (const td of document.querySelectorAll("td[data-at]")) tickCell(td);
     }, 1000);
     setInterval(() => schedule(0), 10000);
-    const found = takeKey();
-    if (found) open(found); else showLogin("");
+    const taken = takeKey();
+    if (taken.key) open(taken.key); else showLogin(taken.problem);
   });
 })();

@@ -338,11 +338,10 @@ enum LogFormat {
 /// The one tenant `default` of development runs; its key is the operator key too unless
 /// another is given.
 fn single_tenant(key: &str, plan: Plan, operator: bool) -> Tenants {
-    let tenants = Tenants::single("default", key, plan);
     if operator {
-        tenants.with_operator_key(key)
+        Tenants::single_operator("default", key, plan)
     } else {
-        tenants
+        Tenants::single("default", key, plan)
     }
 }
 
@@ -500,15 +499,21 @@ async fn run(cli: Cli) -> Result<(), String> {
     };
     let tenants = match cli.operator_key.as_deref() {
         Some("") => return Err("--operator-key is empty".to_owned()),
-        Some(key) => tenants.with_operator_key(key),
+        Some(key) => tenants
+            .with_operator_key(key)
+            .map_err(|e| format!("--operator-key: {e}"))?,
         None => tenants,
     };
-    let tenants = tenants.with_default_rate((cli.requests_per_second > 0).then(|| {
-        session_lifecycle_http::limits::RateLimit {
-            per_second: cli.requests_per_second,
-            burst: cli.request_burst.unwrap_or(cli.requests_per_second).max(1),
-        }
-    }));
+    let default_rate = match (cli.requests_per_second, cli.request_burst) {
+        (_, Some(0)) => return Err("--request-burst must be positive".to_owned()),
+        (0, Some(_)) => return Err("--request-burst needs --requests-per-second".to_owned()),
+        (0, None) => None,
+        (per_second, burst) => Some(session_lifecycle_http::limits::RateLimit {
+            per_second,
+            burst: burst.unwrap_or(per_second),
+        }),
+    };
+    let tenants = tenants.with_default_rate(default_rate);
     let tokens = match &cli.token_secret {
         Some(secret) => TokenSigner::from_secret(secret),
         None => {
@@ -549,6 +554,10 @@ async fn run(cli: Cli) -> Result<(), String> {
             .unwrap_or_else(|_| "localhost".to_owned());
         format!("{host}:{}", addr.port())
     });
+    // It names the node in the store, logs and metric labels.
+    if node_id.is_empty() || node_id.len() > 128 || node_id.chars().any(char::is_control) {
+        return Err("--node-id must have 1 to 128 bytes and no control characters".to_owned());
+    }
     let mut backends: Vec<Arc<dyn ResourceBackend>> = Vec::new();
     // The GPU share comes first: its CUDA_VISIBLE_DEVICES reaches the avatar server, and
     // releases run in reverse, so the server stops before its share is checked and returned.
@@ -669,7 +678,9 @@ async fn run(cli: Cli) -> Result<(), String> {
         },
         webhooks,
     );
-    // Each limit is shared by the live nodes: looked at as often as heartbeats are written.
+    // Each limit is shared by the live nodes, looked at as often as heartbeats are written;
+    // a node that reported it stopped (a deploy replaced it) serves no request and takes no
+    // share, though its last heartbeat is still recent.
     {
         let (engine, limits) = (engine.clone(), Arc::clone(state.tenants.rate_limits()));
         let (every, node_timeout) = (
@@ -678,8 +689,16 @@ async fn run(cli: Cli) -> Result<(), String> {
         );
         tokio::spawn(async move {
             loop {
-                if let Ok(live) = engine.store().live_nodes(engine.now(), node_timeout).await {
-                    limits.set_nodes(live);
+                if let Ok(nodes) = engine.cluster_nodes(node_timeout).await {
+                    let serving = nodes.iter().filter(|n| {
+                        n.alive
+                            && !n
+                                .report
+                                .as_deref()
+                                .and_then(session_lifecycle_runtime::NodeReport::from_json)
+                                .is_some_and(|r| r.stopped)
+                    });
+                    limits.set_nodes(u32::try_from(serving.count()).unwrap_or(u32::MAX));
                 }
                 tokio::time::sleep(every).await;
             }

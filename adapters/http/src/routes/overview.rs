@@ -67,10 +67,15 @@ pub async fn get_overview(
     let sessions_truncated = started.len() > MAX_SESSIONS as usize;
     started.truncate(MAX_SESSIONS as usize);
     let mut ended = store
-        .ended_since(tenant.clone(), now.saturating_sub(ENDS_WINDOW), MAX_ENDS)
+        .ended_since(
+            tenant.clone(),
+            now.saturating_sub(ENDS_WINDOW),
+            MAX_ENDS + 1,
+        )
         .await
         .map_err(unavailable)?;
-    let ends_truncated = ended.len() >= MAX_ENDS as usize;
+    let ends_truncated = ended.len() > MAX_ENDS as usize;
+    ended.truncate(MAX_ENDS as usize);
     // The store lists those owing releases first; the page shows the latest end first.
     ended.sort_by_key(|r| std::cmp::Reverse((r.session.ended_at(), *r.session.id())));
     let nodes = match viewer {
@@ -238,6 +243,12 @@ fn asset(name: &str) -> Response {
 /// which never reaches a server) and keeps it for the browser tab only.
 pub async fn page() -> Response {
     asset("")
+}
+
+/// `/ui/` sends the browser to the page (relative, so that a path prefix of a proxy in
+/// front is kept; the URL fragment with a key survives the redirect).
+pub async fn page_with_slash() -> Response {
+    axum::response::Redirect::permanent("../ui").into_response()
 }
 
 /// The live page's script and style.
