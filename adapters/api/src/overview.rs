@@ -27,11 +27,11 @@ pub struct OverviewResponse {
     /// Sessions that ended in the last hour, and older ones whose releases are still
     /// owed; the latest end first.
     pub recent_ends: Vec<PlacedSessionView>,
-    /// Whether more ended sessions exist than `recent_ends` lists (and the chart counts):
-    /// those owing releases are always listed, recent ends are cut.
+    /// Whether more ended sessions exist than `recent_ends` lists: those owing releases
+    /// are always listed, recent ends are cut (the chart counts them all).
     pub ends_truncated: bool,
-    /// Ends over the last hour by reason, in twelve 5-minute buckets, oldest first (the
-    /// last one ends at `generated_at`).
+    /// Every end over the last hour by reason, in twelve 5-minute buckets, oldest first
+    /// (the last one ends at `generated_at`).
     pub ends_by_reason: Vec<EndsBucket>,
     /// Resources of ended sessions not released yet: pending, or failing (with the
     /// error of their last attempt).

@@ -253,9 +253,10 @@
     $("scope").textContent = data.tenant === null ? "operator · every tenant" : "tenant " + data.tenant;
     $("updated").textContent = "updated " + new Date().toLocaleTimeString();
 
-    const ends = data.recent_ends.filter((p) => Date.parse(p.session.ended_at) >= now() - 3600e3);
     $("n-sessions").textContent = data.sessions.length + (data.sessions_truncated ? "+" : "");
-    $("n-ends").textContent = ends.length + (data.ends_truncated ? "+" : "");
+    // The chart counts every end of the hour (the list stops at its limit).
+    $("n-ends").textContent = data.ends_by_reason
+      .reduce((n, b) => n + b.ends.reduce((m, c) => m + c.count, 0), 0);
     $("n-releases").textContent = data.releases.length;
     $("sessions-more").hidden = !data.sessions_truncated;
 

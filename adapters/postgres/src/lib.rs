@@ -19,14 +19,17 @@ use deadpool_postgres::GenericClient;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use session_lifecycle::{EndReason, EventKind, Resource, SessionId, Status, Timestamp, Transition};
 use session_lifecycle_runtime::rows::{
-    ResourceRow, SessionRow, duration_ms, event_sequence, millis as ms, parse_id, timeout_columns,
+    ResourceRow, SessionRow, duration_ms, end_count, event_sequence, millis as ms, parse_id,
+    timeout_columns,
 };
 use session_lifecycle_runtime::sql::{postgres as pg, statements};
 use session_lifecycle_runtime::{
-    AttachOutcome, BoxFuture, CreateOutcome, ListQuery, NewSession, ReleaseClaim, SessionRecord,
-    SessionStore, StoreError, StoreHealth, TenantScope, TouchOutcome,
+    AttachOutcome, BoxFuture, CreateOutcome, EndCount, ListQuery, NewSession, ReleaseClaim,
+    SessionRecord, SessionStore, StoreError, StoreHealth, TenantScope, TouchOutcome,
 };
-use session_lifecycle_runtime::{sql_ended_at, sql_ended_since, sql_later, sql_release_due_at};
+use session_lifecycle_runtime::{
+    sql_count_ends, sql_ended_at, sql_ended_since, sql_later, sql_release_due_at,
+};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::{NoTls, Row};
 
@@ -582,6 +585,35 @@ impl SessionStore for PostgresStore {
                 .await
                 .map_err(unavailable)?;
             records(&rows)
+        })
+    }
+
+    fn count_ends(
+        &self,
+        tenant: Option<String>,
+        since: Timestamp,
+        until: Timestamp,
+        bucket: Duration,
+    ) -> BoxFuture<'_, Result<Vec<EndCount>, StoreError>> {
+        let width = duration_ms(bucket).max(1);
+        Box::pin(async move {
+            let client = self.client().await?;
+            let statement = client
+                .prepare_cached(sql_count_ends!(
+                    "$1::TEXT IS NULL OR tenant = $1",
+                    "$2",
+                    "$3",
+                    "$4"
+                ))
+                .await
+                .map_err(unavailable)?;
+            let rows = client
+                .query(&statement, &[&tenant, &ms(since), &ms(until), &width])
+                .await
+                .map_err(unavailable)?;
+            rows.iter()
+                .map(|row| end_count(col(row, 0)?, &col::<String>(row, 1)?, col(row, 2)?))
+                .collect()
         })
     }
 

@@ -7,9 +7,10 @@ use std::time::Duration;
 use session_lifecycle::{EndReason, Resource, SessionId, Timestamp, Transition};
 
 use crate::store::{
-    AttachOutcome, BoxFuture, CreateOutcome, ListQuery, NewSession, NodeMembership, NodeRow,
-    PresenceStore, ReleaseClaim, ReleaseProgress, ReleaseQueue, RoomEvent, RoomState, RoomStore,
-    SessionRecord, SessionStore, Store, StoreError, StoreHealth, TenantScope, TouchOutcome,
+    AttachOutcome, BoxFuture, CreateOutcome, EndCount, ListQuery, NewSession, NodeMembership,
+    NodeRow, PresenceStore, ReleaseClaim, ReleaseProgress, ReleaseQueue, RoomEvent, RoomState,
+    RoomStore, SessionRecord, SessionStore, Store, StoreError, StoreHealth, TenantScope,
+    TouchOutcome,
 };
 
 /// The error of a call a [`FaultyStore`] failed on purpose: the k-th call.
@@ -204,6 +205,19 @@ impl SessionStore for FaultyStore {
             self,
             "ended_since",
             self.inner.ended_since(tenant, since, limit)
+        )
+    }
+    fn count_ends(
+        &self,
+        tenant: Option<String>,
+        since: Timestamp,
+        until: Timestamp,
+        bucket: Duration,
+    ) -> BoxFuture<'_, Result<Vec<EndCount>, StoreError>> {
+        guarded!(
+            self,
+            "count_ends",
+            self.inner.count_ends(tenant, since, until, bucket)
         )
     }
     fn touch<'a>(

@@ -64,8 +64,9 @@ pub use outbox::{
 };
 pub use report::{DeviceReport, NodeReport};
 pub use store::{
-    AttachOutcome, BoxError, BoxFuture, CreateOutcome, ListQuery, NewSession, NodeMembership,
-    NodeRow, PresenceStore, ReleaseAttempt, ReleaseClaim, ReleaseProgress, ReleaseQueue,
-    RoomBinding, RoomEvent, RoomEventKind, RoomProvider, RoomState, RoomStore, SessionRecord,
-    SessionStore, SessionTimeouts, Store, StoreError, StoreHealth, TenantScope, TouchOutcome,
+    AttachOutcome, BoxError, BoxFuture, CreateOutcome, EndCount, ListQuery, NewSession,
+    NodeMembership, NodeRow, PresenceStore, ReleaseAttempt, ReleaseClaim, ReleaseProgress,
+    ReleaseQueue, RoomBinding, RoomEvent, RoomEventKind, RoomProvider, RoomState, RoomStore,
+    SessionRecord, SessionStore, SessionTimeouts, Store, StoreError, StoreHealth, TenantScope,
+    TouchOutcome,
 };

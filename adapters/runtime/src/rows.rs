@@ -7,7 +7,9 @@ use session_lifecycle::{
     ResourceKind, Session, SessionId, SessionParts, Status, Timestamp,
 };
 
-use crate::store::{RoomBinding, RoomProvider, SessionRecord, SessionTimeouts, StoreError};
+use crate::store::{
+    EndCount, RoomBinding, RoomProvider, SessionRecord, SessionTimeouts, StoreError,
+};
 
 /// A timestamp as stored: milliseconds since the epoch.
 pub fn millis(t: Timestamp) -> i64 {
@@ -45,6 +47,17 @@ pub fn corrupt(id: &str, detail: impl std::fmt::Display) -> StoreError {
         id: id.to_owned(),
         detail: detail.to_string(),
     }
+}
+
+/// One row of [`count_ends`](crate::SessionStore::count_ends)'s query (`sql_count_ends!`):
+/// the span's index, the reason's wire name, the count.
+pub fn end_count(bucket: i64, reason: &str, count: i64) -> Result<EndCount, StoreError> {
+    Ok(EndCount {
+        bucket: u64::try_from(bucket).map_err(|_| corrupt("-", format!("span {bucket}")))?,
+        reason: EndReason::from_name(reason)
+            .ok_or_else(|| corrupt("-", format!("end_reason {reason:?}")))?,
+        count: u64::try_from(count).unwrap_or(0),
+    })
 }
 
 /// A stored session id.

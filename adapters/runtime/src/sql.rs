@@ -105,6 +105,29 @@ macro_rules! sql_ended_since {
     };
 }
 
+/// How many sessions of tenant `$tenant` (each dialect's NULL test of its text parameter)
+/// ended from `$since` to `$until`, by span (`$bucket` ms long, counted from `$since`) and
+/// reason: rows of (span, reason, count) in that order, as `rows::end_count` reads them.
+#[macro_export]
+macro_rules! sql_count_ends {
+    ($tenant:literal, $since:literal, $until:literal, $bucket:literal) => {
+        concat!(
+            "SELECT (ended_at - ",
+            $since,
+            ") / ",
+            $bucket,
+            " AS span, end_reason, COUNT(*) FROM sessions
+             WHERE status = 'ended' AND ended_at >= ",
+            $since,
+            " AND ended_at <= ",
+            $until,
+            " AND (",
+            $tenant,
+            ") GROUP BY span, end_reason ORDER BY span, end_reason"
+        )
+    };
+}
+
 /// The columns of a delivery, in the order `rows::DeliveryRow` reads them.
 #[macro_export]
 macro_rules! delivery_columns {

@@ -148,6 +148,18 @@ pub enum TouchOutcome {
     NotFound,
 }
 
+/// How many sessions ended for one reason within one span of time (see
+/// [`SessionStore::count_ends`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EndCount {
+    /// The span: its index from the start of the count, each span one `bucket` long.
+    pub bucket: u64,
+    /// Why they ended.
+    pub reason: EndReason,
+    /// How many.
+    pub count: u64,
+}
+
 /// Which sessions a listing returns.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ListQuery {
@@ -369,6 +381,18 @@ pub trait SessionStore: Send + Sync + 'static {
         since: Timestamp,
         limit: u32,
     ) -> BoxFuture<'_, Result<Vec<SessionRecord>, StoreError>>;
+
+    /// How many sessions of `tenant` (`None`: every tenant's) ended from `since` to
+    /// `until` (both included), by reason and by `bucket`-long span counted from `since`,
+    /// ordered by span then reason name; only non-zero counts. The live page's chart,
+    /// however many ended.
+    fn count_ends(
+        &self,
+        tenant: Option<String>,
+        since: Timestamp,
+        until: Timestamp,
+        bucket: Duration,
+    ) -> BoxFuture<'_, Result<Vec<EndCount>, StoreError>>;
 
     /// Records a liveness signal at `now` for the session `id` in `tenant`'s scope
     /// (`last_seen_at` never moves back) if it is started, and returns it as it now stands

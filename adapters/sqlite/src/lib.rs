@@ -34,15 +34,18 @@ use connections::Connections;
 use rusqlite::{Connection, params};
 use session_lifecycle::{EndReason, EventKind, Resource, SessionId, Status, Timestamp, Transition};
 use session_lifecycle_runtime::rows::{
-    RELEASED_ON_RETURN, ResourceRow, SessionRow, duration_ms, event_sequence, millis as ms,
-    parse_id, release_columns, timeout_columns,
+    RELEASED_ON_RETURN, ResourceRow, SessionRow, duration_ms, end_count, event_sequence,
+    millis as ms, parse_id, release_columns, timeout_columns,
 };
 use session_lifecycle_runtime::sql::statements;
 use session_lifecycle_runtime::{
-    AttachOutcome, BoxFuture, CreateOutcome, ListQuery, NewSession, ReleaseClaim, ReleaseProgress,
-    ReleaseQueue, SessionRecord, SessionStore, StoreError, StoreHealth, TenantScope, TouchOutcome,
+    AttachOutcome, BoxFuture, CreateOutcome, EndCount, ListQuery, NewSession, ReleaseClaim,
+    ReleaseProgress, ReleaseQueue, SessionRecord, SessionStore, StoreError, StoreHealth,
+    TenantScope, TouchOutcome,
 };
-use session_lifecycle_runtime::{sql_ended_at, sql_ended_since, sql_later, sql_release_due_at};
+use session_lifecycle_runtime::{
+    sql_count_ends, sql_ended_at, sql_ended_since, sql_later, sql_release_due_at,
+};
 
 /// A session store in one SQLite file.
 #[derive(Clone)]
@@ -436,6 +439,39 @@ impl SessionStore for SqliteStore {
                 out.push(load_record(c, row)?);
             }
             Ok(out)
+        }))
+    }
+
+    fn count_ends(
+        &self,
+        tenant: Option<String>,
+        since: Timestamp,
+        until: Timestamp,
+        bucket: Duration,
+    ) -> BoxFuture<'_, Result<Vec<EndCount>, StoreError>> {
+        let width = duration_ms(bucket).max(1);
+        Box::pin(self.inner.conns.read(move |c| {
+            let mut stmt = c
+                .prepare_cached(sql_count_ends!(
+                    "?1 IS NULL OR tenant = ?1",
+                    "?2",
+                    "?3",
+                    "?4"
+                ))
+                .map_err(db)?;
+            let rows = stmt
+                .query_map(params![tenant, ms(since), ms(until), width], |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, i64>(2)?,
+                    ))
+                })
+                .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
+                .map_err(db)?;
+            rows.iter()
+                .map(|(span, reason, count)| end_count(*span, reason, *count))
+                .collect()
         }))
     }
 

@@ -8,8 +8,8 @@ use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
-use session_lifecycle::{EndReason, Status, Timestamp};
-use session_lifecycle_runtime::{ListQuery, NodeReport, NodeRow, SessionRecord};
+use session_lifecycle::{Status, Timestamp};
+use session_lifecycle_runtime::{EndCount, ListQuery, NodeReport, NodeRow, SessionRecord};
 
 use crate::error::{ApiError, ErrorBody, ErrorCode};
 use crate::extract::Viewer;
@@ -75,6 +75,10 @@ pub async fn get_overview(
         .await
         .map_err(unavailable)?;
     let ends_truncated = ended.len() > MAX_ENDS as usize;
+    let counts = store
+        .count_ends(tenant.clone(), chart_start(now), now, BUCKET)
+        .await
+        .map_err(unavailable)?;
     ended.truncate(MAX_ENDS as usize);
     // The store lists those owing releases first; the page shows the latest end first.
     ended.sort_by_key(|r| std::cmp::Reverse((r.session.ended_at(), *r.session.id())));
@@ -104,7 +108,7 @@ pub async fn get_overview(
         last_event_id,
         sessions: started.iter().map(placed).collect(),
         sessions_truncated,
-        ends_by_reason: ends_by_reason(&ended, now),
+        ends_by_reason: ends_by_reason(&counts, chart_start(now)),
         releases: owed_releases(&recent_ends),
         recent_ends,
         ends_truncated,
@@ -112,40 +116,35 @@ pub async fn get_overview(
     }))
 }
 
-/// Ends of the last hour by reason, in 5-minute buckets, the last one ending at `now`.
-fn ends_by_reason(ended: &[SessionRecord], now: Timestamp) -> Vec<EndsBucket> {
-    let width = BUCKET.as_millis() as u64;
-    let first_start = now.as_millis().saturating_sub(BUCKETS * width);
-    let mut counts = vec![[0u64; EndReason::ALL.len()]; BUCKETS as usize];
-    for r in ended {
-        let (Some(at), Some(reason)) = (r.session.ended_at(), r.session.end_reason()) else {
-            continue;
-        };
-        let at = at.as_millis();
-        if at < first_start || at > now.as_millis() {
-            continue;
-        }
-        let bucket = (((at - first_start) / width) as usize).min(BUCKETS as usize - 1);
-        if let Some(i) = EndReason::ALL.iter().position(|r| *r == reason) {
-            counts[bucket][i] += 1;
+/// The chart's first bucket starts here: an hour before `now`, so that the last one ends
+/// at `now`.
+fn chart_start(now: Timestamp) -> Timestamp {
+    now.saturating_sub(BUCKET * BUCKETS as u32)
+}
+
+/// Ends of the last hour by reason, in 5-minute buckets from `first_start` (see
+/// [`chart_start`]), from the store's counts: every end, however many. An end at `now`
+/// itself falls in the last bucket.
+fn ends_by_reason(counts: &[EndCount], first_start: Timestamp) -> Vec<EndsBucket> {
+    let mut buckets: Vec<EndsBucket> = (0..BUCKETS)
+        .map(|b| EndsBucket {
+            start: first_start.saturating_add(BUCKET * b as u32).to_string(),
+            ends: Vec::new(),
+        })
+        .collect();
+    for c in counts {
+        let b =
+            usize::try_from(c.bucket).map_or(BUCKETS as usize - 1, |b| b.min(BUCKETS as usize - 1));
+        let reason = EndReasonView::from(c.reason);
+        match buckets[b].ends.iter_mut().find(|r| r.reason == reason) {
+            Some(r) => r.count += c.count,
+            None => buckets[b].ends.push(ReasonCount {
+                reason,
+                count: c.count,
+            }),
         }
     }
-    counts
-        .iter()
-        .enumerate()
-        .map(|(b, by_reason)| EndsBucket {
-            start: Timestamp::from_millis(first_start + b as u64 * width).to_string(),
-            ends: EndReason::ALL
-                .iter()
-                .zip(by_reason)
-                .filter(|(_, n)| **n > 0)
-                .map(|(reason, n)| ReasonCount {
-                    reason: EndReasonView::from(*reason),
-                    count: *n,
-                })
-                .collect(),
-        })
-        .collect()
+    buckets
 }
 
 /// Every resource of an ended session not released yet.
@@ -259,51 +258,35 @@ pub async fn page_asset(Path(name): Path<String>) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use session_lifecycle::EndReason;
 
     #[test]
     fn the_chart_counts_the_last_hour_by_reason() {
-        use session_lifecycle::{Session, SessionId};
         let now = Timestamp::from_millis(10_000_000);
-        let ended = |ago_secs: u64, reason| {
-            let at = now.saturating_sub(Duration::from_secs(ago_secs));
-            let start = at.saturating_sub(Duration::from_secs(1));
-            let mut session = Session::new(
-                SessionId::from_ulid_parts(start, u128::from(ago_secs)),
-                start,
-                start.saturating_add(Duration::from_secs(3600)),
-            );
-            let _ = session.end(at, reason);
-            SessionRecord {
-                session,
-                tenant: "t".into(),
-                metadata: None,
-                room: None,
-                node: "n".into(),
-                timeouts: Default::default(),
-                release_notes: Vec::new(),
-                release_errors: Vec::new(),
-                ready_at: None,
-            }
+        let count = |bucket, reason, count| EndCount {
+            bucket,
+            reason,
+            count,
         };
-        let records = [
-            ended(0, EndReason::Requested),
-            ended(10, EndReason::Requested),
-            ended(299, EndReason::Expired),
-            ended(3599, EndReason::Orphaned),
-            ended(3601, EndReason::Orphaned),
+        let counts = [
+            count(0, EndReason::Orphaned, 1),
+            count(11, EndReason::Expired, 1),
+            count(11, EndReason::Requested, 1),
+            // At `now` itself: the last bucket's.
+            count(12, EndReason::Requested, 1),
         ];
-        let chart = ends_by_reason(&records, now);
+        let chart = ends_by_reason(&counts, chart_start(now));
         assert_eq!(chart.len(), 12);
         assert_eq!(chart[0].start, now.saturating_sub(ENDS_WINDOW).to_string());
+        assert_eq!(
+            chart[11].start,
+            now.saturating_sub(Duration::from_secs(300)).to_string()
+        );
         let count =
             |b: &EndsBucket, r| b.ends.iter().find(|c| c.reason == r).map_or(0, |c| c.count);
         assert_eq!(count(&chart[11], EndReasonView::Requested), 2);
         assert_eq!(count(&chart[11], EndReasonView::Expired), 1);
-        assert_eq!(
-            count(&chart[0], EndReasonView::Orphaned),
-            1,
-            "an hour ago, not more"
-        );
+        assert_eq!(count(&chart[0], EndReasonView::Orphaned), 1);
         let total: u64 = chart.iter().flat_map(|b| &b.ends).map(|c| c.count).sum();
         assert_eq!(total, 4);
     }

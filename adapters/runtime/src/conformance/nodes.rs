@@ -239,9 +239,14 @@ pub async fn node_reports_and_recent_ends_are_listed(store: &dyn Store) {
         store.attach(early.id, res(41)).await.expect("attach"),
         AttachOutcome::Attached
     );
-    for (s, t) in [(&early, 5), (&middle, 10), (&late, 20), (&other, 20)] {
+    for (s, t, reason) in [
+        (&early, 5, EndReason::Requested),
+        (&middle, 10, EndReason::Expired),
+        (&late, 20, EndReason::Requested),
+        (&other, 20, EndReason::Requested),
+    ] {
         store
-            .end(s.id, None, at(t), EndReason::Requested, None)
+            .end(s.id, None, at(t), reason, None)
             .await
             .expect("end");
     }
@@ -260,8 +265,43 @@ pub async fn node_reports_and_recent_ends_are_listed(store: &dyn Store) {
         .expect("ended since");
     assert_eq!(ids(first), vec![early.id, late.id]);
     let after = store
-        .ended_since(Some(tenant), at(15), 10)
+        .ended_since(Some(tenant.clone()), at(15), 10)
         .await
         .expect("ended since");
     assert_eq!(ids(after), vec![early.id, late.id]);
+
+    // Counted by 10-second span from `since` and by reason, both ends of the range in;
+    // owing releases does not count an end outside the range.
+    let count = |bucket, reason, count| crate::EndCount {
+        bucket,
+        reason,
+        count,
+    };
+    let counts = store
+        .count_ends(Some(tenant.clone()), at(5), at(20), Duration::from_secs(10))
+        .await
+        .expect("count ends");
+    assert_eq!(
+        counts,
+        vec![
+            count(0, EndReason::Expired, 1),
+            count(0, EndReason::Requested, 1),
+            count(1, EndReason::Requested, 1),
+        ]
+    );
+    let later = store
+        .count_ends(Some(tenant.clone()), at(6), at(19), Duration::from_secs(10))
+        .await
+        .expect("count ends");
+    assert_eq!(later, vec![count(0, EndReason::Expired, 1)]);
+    let everyone = store
+        .count_ends(None, at(20), at(20), Duration::from_secs(10))
+        .await
+        .expect("count ends");
+    let at_20: u64 = everyone
+        .iter()
+        .filter(|c| c.bucket == 0 && c.reason == EndReason::Requested)
+        .map(|c| c.count)
+        .sum();
+    assert!(at_20 >= 2, "both tenants' ends at 20 s: {everyone:?}");
 }

@@ -12,9 +12,10 @@ use super::health::Reachability;
 use super::lock;
 use crate::clock::RuntimeClock;
 use crate::store::{
-    AttachOutcome, BoxFuture, CreateOutcome, ListQuery, NewSession, NodeMembership, NodeRow,
-    PresenceStore, ReleaseClaim, ReleaseProgress, ReleaseQueue, RoomEvent, RoomState, RoomStore,
-    SessionRecord, SessionStore, Store, StoreError, StoreHealth, TenantScope, TouchOutcome,
+    AttachOutcome, BoxFuture, CreateOutcome, EndCount, ListQuery, NewSession, NodeMembership,
+    NodeRow, PresenceStore, ReleaseClaim, ReleaseProgress, ReleaseQueue, RoomEvent, RoomState,
+    RoomStore, SessionRecord, SessionStore, Store, StoreError, StoreHealth, TenantScope,
+    TouchOutcome,
 };
 
 /// Wraps the engine's store and records, after each call, whether the store could be
@@ -105,6 +106,19 @@ impl SessionStore for WatchedStore {
             self,
             "ended_since",
             self.inner.ended_since(tenant, since, limit)
+        )
+    }
+    fn count_ends(
+        &self,
+        tenant: Option<String>,
+        since: Timestamp,
+        until: Timestamp,
+        bucket: Duration,
+    ) -> BoxFuture<'_, Result<Vec<EndCount>, StoreError>> {
+        watched!(
+            self,
+            "count_ends",
+            self.inner.count_ends(tenant, since, until, bucket)
         )
     }
     fn touch<'a>(

@@ -23,9 +23,9 @@ use tokio::sync::broadcast;
 
 use crate::rows::RELEASED_ON_RETURN;
 use crate::store::{
-    AttachOutcome, BoxFuture, CreateOutcome, ListQuery, NewSession, ReleaseClaim, ReleaseProgress,
-    ReleaseQueue, RoomBinding, RoomState, SessionRecord, SessionStore, SessionTimeouts, StoreError,
-    StoreHealth, TenantScope, TouchOutcome,
+    AttachOutcome, BoxFuture, CreateOutcome, EndCount, ListQuery, NewSession, ReleaseClaim,
+    ReleaseProgress, ReleaseQueue, RoomBinding, RoomState, SessionRecord, SessionStore,
+    SessionTimeouts, StoreError, StoreHealth, TenantScope, TouchOutcome,
 };
 
 /// A resource as the store keeps it.
@@ -444,6 +444,41 @@ impl SessionStore for MemoryStore {
             })
             .collect();
         ready(records)
+    }
+
+    fn count_ends(
+        &self,
+        tenant: Option<String>,
+        since: Timestamp,
+        until: Timestamp,
+        bucket: Duration,
+    ) -> BoxFuture<'_, Result<Vec<EndCount>, StoreError>> {
+        let width = u64::try_from(bucket.as_millis()).unwrap_or(u64::MAX).max(1);
+        let state = self.state();
+        // By span, then reason name: the SQL stores' order.
+        let mut counts: BTreeMap<(u64, &'static str), (EndReason, u64)> = BTreeMap::new();
+        for s in state.sessions.values() {
+            let Some((at, reason)) = s.ending else {
+                continue;
+            };
+            if tenant.as_ref().is_some_and(|t| *t != s.tenant) || at < since || at > until {
+                continue;
+            }
+            let span = (at.as_millis() - since.as_millis()) / width;
+            counts
+                .entry((span, reason.as_str()))
+                .or_insert((reason, 0))
+                .1 += 1;
+        }
+        let counts = counts
+            .into_iter()
+            .map(|((bucket, _), (reason, count))| EndCount {
+                bucket,
+                reason,
+                count,
+            })
+            .collect();
+        ready(Ok(counts))
     }
 
     fn touch<'a>(
