@@ -57,7 +57,8 @@ pub struct EndsBucket {
     /// Where the bucket starts.
     #[schema(pattern = "^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z$")]
     pub start: String,
-    /// Ends in it, by reason (reasons without any are left out).
+    /// Ends in it, by reason, in the order of the reasons' names (reasons without any are
+    /// left out).
     pub ends: Vec<ReasonCount>,
 }
 

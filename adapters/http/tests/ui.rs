@@ -452,7 +452,7 @@ async fn the_live_page_follows_sessions_as_they_start_and_end_and_keeps_tenants_
         .send()
         .await
         .unwrap();
-    assert_eq!(resp.status(), reqwest::StatusCode::PERMANENT_REDIRECT);
+    assert_eq!(resp.status(), reqwest::StatusCode::SEE_OTHER);
     assert_eq!(resp.headers()["location"], "../ui");
     drop(browser);
     drop(api_node);

@@ -525,6 +525,14 @@ async fn run(cli: Cli) -> Result<(), String> {
 
     let shared =
         cli.database.starts_with("postgres://") || cli.database.starts_with("postgresql://");
+    // It names the node in the store, logs and metric labels.
+    if cli
+        .node_id
+        .as_deref()
+        .is_some_and(|id| id.is_empty() || id.len() > 128 || id.chars().any(char::is_control))
+    {
+        return Err("--node-id must have 1 to 128 bytes and no control characters".to_owned());
+    }
     if cli.node_heartbeat_ms == 0 || cli.node_timeout_secs * 1000 <= 2 * cli.node_heartbeat_ms {
         return Err("--node-timeout-secs must exceed two --node-heartbeat-ms intervals".to_owned());
     }
@@ -554,10 +562,6 @@ async fn run(cli: Cli) -> Result<(), String> {
             .unwrap_or_else(|_| "localhost".to_owned());
         format!("{host}:{}", addr.port())
     });
-    // It names the node in the store, logs and metric labels.
-    if node_id.is_empty() || node_id.len() > 128 || node_id.chars().any(char::is_control) {
-        return Err("--node-id must have 1 to 128 bytes and no control characters".to_owned());
-    }
     let mut backends: Vec<Arc<dyn ResourceBackend>> = Vec::new();
     // The GPU share comes first: its CUDA_VISIBLE_DEVICES reaches the avatar server, and
     // releases run in reverse, so the server stops before its share is checked and returned.
@@ -690,15 +694,17 @@ async fn run(cli: Cli) -> Result<(), String> {
         tokio::spawn(async move {
             loop {
                 if let Ok(nodes) = engine.cluster_nodes(node_timeout).await {
-                    let serving = nodes.iter().filter(|n| {
-                        n.alive
+                    // This node counts while it serves, whatever its row says.
+                    let others = nodes.iter().filter(|n| {
+                        n.node != engine.node()
+                            && n.alive
                             && !n
                                 .report
                                 .as_deref()
                                 .and_then(session_lifecycle_runtime::NodeReport::from_json)
                                 .is_some_and(|r| r.stopped)
                     });
-                    limits.set_nodes(u32::try_from(serving.count()).unwrap_or(u32::MAX));
+                    limits.set_nodes(u32::try_from(others.count() + 1).unwrap_or(u32::MAX));
                 }
                 tokio::time::sleep(every).await;
             }

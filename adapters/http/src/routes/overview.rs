@@ -245,9 +245,10 @@ pub async fn page() -> Response {
 }
 
 /// `/ui/` sends the browser to the page (relative, so that a path prefix of a proxy in
-/// front is kept; the URL fragment with a key survives the redirect).
+/// front is kept; the URL fragment with a key survives the redirect; 303, so that no
+/// browser keeps it for good).
 pub async fn page_with_slash() -> Response {
-    axum::response::Redirect::permanent("../ui").into_response()
+    axum::response::Redirect::to("../ui").into_response()
 }
 
 /// The live page's script and style.
