@@ -354,7 +354,9 @@ impl<const N: usize> SessionTable<N> {
 
     /// Starts a session at `now` that expires after `lifetime` (the caller's
     /// `min(requested duration, plan limit)`). Its id is the ULID of `now` and `random`,
-    /// which the caller draws from its own randomness.
+    /// which the caller draws from its own randomness (80 bits of it make ids unique). An
+    /// id held now is refused; one evicted after its retention is not remembered, so
+    /// uniqueness beyond the table rests on that randomness and the durable store's key.
     pub fn start(
         &mut self,
         now: Timestamp,
