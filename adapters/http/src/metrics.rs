@@ -237,10 +237,7 @@ pub fn render_nodes(out: &mut String, nodes: &[session_lifecycle_runtime::NodeRo
         "Nodes heard from in the last hour, cluster-wide: 1 if its heartbeat is within the node timeout, 0 if it is missing (nodes stopped on purpose with no session left are not listed).",
     );
     for n in nodes {
-        let report = n
-            .report
-            .as_deref()
-            .and_then(session_lifecycle_runtime::NodeReport::from_json);
+        let report = n.last_report();
         if !n.alive && report.is_some_and(|r| r.stopped && r.sessions == 0) {
             continue;
         }

@@ -475,6 +475,15 @@ pub struct NodeRow {
     pub report: Option<String>,
 }
 
+impl NodeRow {
+    /// Its last report, read; `None` if it made none or the text is not one.
+    pub fn last_report(&self) -> Option<crate::NodeReport> {
+        self.report
+            .as_deref()
+            .and_then(crate::NodeReport::from_json)
+    }
+}
+
 /// Node membership: heartbeats, and taking over from nodes that stopped.
 pub trait NodeMembership: Send + Sync + 'static {
     /// Records that `node` is alive at `now` (its heartbeat), registering it if it is new.

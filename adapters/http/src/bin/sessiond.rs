@@ -698,11 +698,7 @@ async fn run(cli: Cli) -> Result<(), String> {
                     let others = nodes.iter().filter(|n| {
                         n.node != engine.node()
                             && n.alive
-                            && !n
-                                .report
-                                .as_deref()
-                                .and_then(session_lifecycle_runtime::NodeReport::from_json)
-                                .is_some_and(|r| r.stopped)
+                            && !n.last_report().is_some_and(|r| r.stopped)
                     });
                     limits.set_nodes(u32::try_from(others.count() + 1).unwrap_or(u32::MAX));
                 }

@@ -9,7 +9,7 @@ use axum::extract::{Path, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use session_lifecycle::{Status, Timestamp};
-use session_lifecycle_runtime::{EndCount, ListQuery, NodeReport, NodeRow, SessionRecord};
+use session_lifecycle_runtime::{EndCount, ListQuery, NodeRow, SessionRecord};
 
 use crate::error::{ApiError, ErrorBody, ErrorCode};
 use crate::extract::Viewer;
@@ -170,11 +170,7 @@ fn owed_releases(ended: &[PlacedSessionView]) -> Vec<OwedRelease> {
 
 /// A node row as the page shows it; a report it cannot read shows as none.
 fn node_view(row: &NodeRow) -> NodeView {
-    let report = row
-        .report
-        .as_deref()
-        .and_then(NodeReport::from_json)
-        .unwrap_or_default();
+    let report = row.last_report().unwrap_or_default();
     NodeView {
         node: row.node.clone(),
         alive: row.alive,
