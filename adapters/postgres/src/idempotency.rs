@@ -5,9 +5,9 @@
 use std::time::Duration;
 
 use session_lifecycle::{SessionId, Timestamp};
-use session_lifecycle_runtime::rows::{duration_ms, millis as ms, stored_key};
-use session_lifecycle_runtime::sql::{postgres as pg, statements};
-use session_lifecycle_runtime::{
+use session_lifecycle_store::rows::{duration_ms, millis as ms, stored_key};
+use session_lifecycle_store::sql::{postgres as pg, statements};
+use session_lifecycle_store::{
     BoxFuture, IdempotencyBegin, IdempotencyStore, IdempotentRequest, KeyDecision, StoreError,
     decide_key,
 };

@@ -5,7 +5,7 @@
 //! advisory lock so instances can start together.
 //!
 //! ```no_run
-//! # async fn demo() -> Result<(), session_lifecycle_runtime::StoreError> {
+//! # async fn demo() -> Result<(), session_lifecycle_store::StoreError> {
 //! let store = session_lifecycle_postgres::PostgresStore::connect("postgres://postgres@127.0.0.1/test").await?;
 //! # Ok(()) }
 //! ```
@@ -18,16 +18,16 @@ use std::time::Duration;
 use deadpool_postgres::GenericClient;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use session_lifecycle::{EndReason, EventKind, Resource, SessionId, Status, Timestamp, Transition};
-use session_lifecycle_runtime::rows::{
+use session_lifecycle_store::rows::{
     ResourceRow, SessionRow, duration_ms, end_count, event_sequence, millis as ms, parse_id,
     timeout_columns,
 };
-use session_lifecycle_runtime::sql::{postgres as pg, statements};
-use session_lifecycle_runtime::{
+use session_lifecycle_store::sql::{postgres as pg, statements};
+use session_lifecycle_store::{
     AttachOutcome, BoxFuture, CreateOutcome, EndCount, ListQuery, NewSession, ReleaseClaim,
     SessionRecord, SessionStore, StoreError, StoreHealth, TenantScope, TouchOutcome,
 };
-use session_lifecycle_runtime::{
+use session_lifecycle_store::{
     sql_count_ends, sql_ended_at, sql_ended_since, sql_later, sql_release_due_at,
 };
 use tokio_postgres::error::SqlState;

@@ -3,12 +3,12 @@
 use std::time::Duration;
 
 use session_lifecycle::{EventKind, SessionId, Timestamp};
-use session_lifecycle_runtime::rows::{
+use session_lifecycle_store::rows::{
     LOST_WITH_NODE, duration_ms, event_sequence, millis as ms, parse_id, timestamp,
 };
-use session_lifecycle_runtime::sql::{postgres as pg, statements};
-use session_lifecycle_runtime::{BoxFuture, NodeMembership, NodeRow, StoreError};
-use session_lifecycle_runtime::{sql_ended_at, sql_release_due_at};
+use session_lifecycle_store::sql::{postgres as pg, statements};
+use session_lifecycle_store::{BoxFuture, NodeMembership, NodeRow, StoreError};
+use session_lifecycle_store::{sql_ended_at, sql_release_due_at};
 
 use crate::presence::let_go_of;
 use crate::{ENDS_CHANNEL, PostgresStore, col, unavailable};

@@ -6,11 +6,11 @@
 use std::time::Duration;
 
 use session_lifecycle::{EventKind, SessionId, Timestamp};
-use session_lifecycle_runtime::rows::{
+use session_lifecycle_store::rows::{
     DeliveryRow, delivery_counts, delivery_next, duration_ms, event, event_sequence, millis as ms,
 };
-use session_lifecycle_runtime::sql::{postgres as pg, statements};
-use session_lifecycle_runtime::{
+use session_lifecycle_store::sql::{postgres as pg, statements};
+use session_lifecycle_store::{
     BoxFuture, Delivery, DeliveryAttempt, DeliveryCounts, DeliveryQuery, Dispatch, EventOutbox,
     SessionEvent, StoreError, TenantScope, delivery_columns, sql_due_deliveries,
 };

@@ -5,15 +5,15 @@ use std::time::Duration;
 
 use deadpool_postgres::GenericClient;
 use session_lifecycle::{SessionId, Timestamp};
-use session_lifecycle_runtime::PresenceStore;
-use session_lifecycle_runtime::rows::{duration_ms, millis as ms};
-use session_lifecycle_runtime::sql::{postgres as pg, statements};
-use session_lifecycle_runtime::{BoxFuture, StoreError};
+use session_lifecycle_store::PresenceStore;
+use session_lifecycle_store::rows::{duration_ms, millis as ms};
+use session_lifecycle_store::sql::{postgres as pg, statements};
+use session_lifecycle_store::{BoxFuture, StoreError};
 
 use crate::{ENDS_CHANNEL, PostgresStore, col, unavailable};
 
 /// The live holders of session `?1` for the node timeout `?2` (ms).
-const HOLDERS: &str = session_lifecycle_runtime::sql_holders!(node_alive!("?2"));
+const HOLDERS: &str = session_lifecycle_store::sql_holders!(node_alive!("?2"));
 
 impl PresenceStore for PostgresStore {
     fn set_presence(

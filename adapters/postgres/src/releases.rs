@@ -3,11 +3,11 @@
 use std::time::Duration;
 
 use session_lifecycle::Timestamp;
-use session_lifecycle_runtime::rows::{
+use session_lifecycle_store::rows::{
     RELEASED_ON_RETURN, duration_ms, event_sequence, millis as ms, release_columns,
 };
-use session_lifecycle_runtime::sql::{postgres as pg, statements};
-use session_lifecycle_runtime::{
+use session_lifecycle_store::sql::{postgres as pg, statements};
+use session_lifecycle_store::{
     BoxFuture, ReleaseProgress, ReleaseQueue, SessionRecord, StoreError,
 };
 

@@ -3,10 +3,10 @@
 
 use deadpool_postgres::GenericClient;
 use session_lifecycle::{SessionId, Timestamp};
-use session_lifecycle_runtime::rows::{millis as ms, parse_id, stored_duration, timestamp};
-use session_lifecycle_runtime::sql::{postgres as pg, statements};
-use session_lifecycle_runtime::{BoxFuture, StoreError};
-use session_lifecycle_runtime::{RoomEvent, RoomEventKind, RoomState, RoomStore};
+use session_lifecycle_store::rows::{millis as ms, parse_id, stored_duration, timestamp};
+use session_lifecycle_store::sql::{postgres as pg, statements};
+use session_lifecycle_store::{BoxFuture, StoreError};
+use session_lifecycle_store::{RoomEvent, RoomEventKind, RoomState, RoomStore};
 
 use crate::{PostgresStore, col, unavailable};
 

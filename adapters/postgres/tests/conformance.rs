@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use session_lifecycle_postgres::PostgresStore;
 use session_lifecycle_postgres::testing::{TestDb, connect, pg_url};
-use session_lifecycle_runtime::conformance;
+use session_lifecycle_store::conformance;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_passes_the_conformance_suite() {

@@ -5,7 +5,7 @@ use tokio::sync::mpsc;
 
 use std::time::Duration;
 
-use crate::store::{BoxError, BoxFuture};
+use session_lifecycle_store::{BoxError, BoxFuture};
 
 /// What a session asks of its resources, beyond what every session gets.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use session_lifecycle::{Clock, Timestamp};
 
-use crate::store::BoxFuture;
+use session_lifecycle_store::BoxFuture;
 
 /// A clock the engine reads and sleeps on.
 pub trait RuntimeClock: Clock + Send + Sync + 'static {

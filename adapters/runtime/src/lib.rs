@@ -2,8 +2,9 @@
 //! or several, surviving crashes.
 //!
 //! - [`Store`]: the durable record of sessions and release intents (SQLite in
-//!   `session-lifecycle-sqlite`, PostgreSQL in `session-lifecycle-postgres`), pinned down by
-//!   the [`conformance`] suite every implementation runs.
+//!   `session-lifecycle-sqlite`, PostgreSQL in `session-lifecycle-postgres`), defined in
+//!   `session-lifecycle-store` with the conformance suite every implementation runs, and
+//!   re-exported here.
 //! - [`ResourceBackend`]: what a session acquires and releases (avatar server processes,
 //!   GPU shares).
 //! - [`Engine`]: start, end, get, list, liveness; its background tasks sleep until the core
@@ -17,22 +18,12 @@
 
 mod backend;
 mod clock;
-#[cfg(any(test, feature = "conformance"))]
-pub mod conformance;
 mod engine;
-pub mod faults;
-mod idempotency;
-mod memory;
 mod metrics;
-mod outbox;
-mod report;
-pub mod rows;
 #[cfg(feature = "simulation")]
 pub mod simulation;
 #[cfg(not(feature = "simulation"))]
 mod simulation;
-pub mod sql;
-mod store;
 
 pub use backend::{
     AcquireError, AcquireRequest, Acquired, EVENT_QUEUE, EventSink, ReleaseError, ReleaseNote,
@@ -45,28 +36,15 @@ pub use engine::{
     Background, DueReport, Engine, EngineConfig, EngineError, Plan, Readiness, RoomEventReport,
     SESSION_ID_ENV, SocketHold, StartRequest, TIMER_SLOTS,
 };
-pub use idempotency::{
-    IDEMPOTENCY_KEEP, IdempotencyBegin, IdempotencyStore, IdempotentRequest, KeyDecision,
-    StoredKey, decide_key,
-};
-pub use memory::MemoryStore;
-
-/// Locks `m`, also when a panic elsewhere poisoned it. The one lock helper of the
-/// workspace: every mutex it is used on guards a value changed in single steps that do not
-/// panic halfway, so a poisoned lock still guards a consistent value.
-pub fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
 pub use metrics::{Metrics, MetricsSnapshot, RELEASE_LATENCY_BUCKETS};
-pub use outbox::{
-    Delivery, DeliveryAttempt, DeliveryCounts, DeliveryNext, DeliveryQuery, DeliveryStatus,
-    Dispatch, EventOutbox, Fanout, SessionEvent,
-};
-pub use report::{DeviceReport, NodeReport};
-pub use store::{
-    AttachOutcome, BoxError, BoxFuture, CreateOutcome, EndCount, ListQuery, NewSession,
-    NodeMembership, NodeRow, PresenceStore, ReleaseAttempt, ReleaseClaim, ReleaseProgress,
-    ReleaseQueue, RoomBinding, RoomEvent, RoomEventKind, RoomProvider, RoomState, RoomStore,
-    SessionRecord, SessionStore, SessionTimeouts, Store, StoreError, StoreHealth, TenantScope,
-    TouchOutcome,
+// The store contract, re-exported so that a service that links the engine names one crate.
+pub use session_lifecycle_store::{
+    AttachOutcome, BoxError, BoxFuture, CreateOutcome, Delivery, DeliveryAttempt, DeliveryCounts,
+    DeliveryNext, DeliveryQuery, DeliveryStatus, DeviceReport, Dispatch, EndCount, EventOutbox,
+    Fanout, IDEMPOTENCY_KEEP, IdempotencyBegin, IdempotencyStore, IdempotentRequest, KeyDecision,
+    ListQuery, MemoryStore, NewSession, NodeMembership, NodeReport, NodeRow, PresenceStore,
+    ReleaseAttempt, ReleaseClaim, ReleaseProgress, ReleaseQueue, RoomBinding, RoomEvent,
+    RoomEventKind, RoomProvider, RoomState, RoomStore, SessionEvent, SessionRecord, SessionStore,
+    SessionTimeouts, Store, StoreError, StoreHealth, StoredKey, TenantScope, TouchOutcome,
+    decide_key, faults, lock, rows, sql,
 };

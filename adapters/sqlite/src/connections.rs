@@ -6,7 +6,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use rusqlite::{Connection, OpenFlags};
-use session_lifecycle_runtime::{StoreError, lock};
+use session_lifecycle_store::{StoreError, lock};
 use tokio::sync::oneshot;
 
 use crate::{db, schema, unavailable};

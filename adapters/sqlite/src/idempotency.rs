@@ -4,9 +4,9 @@ use std::time::Duration;
 
 use rusqlite::{OptionalExtension, params};
 use session_lifecycle::{SessionId, Timestamp};
-use session_lifecycle_runtime::rows::{KeyRow, duration_ms, millis as ms, stored_key};
-use session_lifecycle_runtime::sql::statements;
-use session_lifecycle_runtime::{
+use session_lifecycle_store::rows::{KeyRow, duration_ms, millis as ms, stored_key};
+use session_lifecycle_store::sql::statements;
+use session_lifecycle_store::{
     BoxFuture, IdempotencyBegin, IdempotencyStore, IdempotentRequest, KeyDecision, StoreError,
     decide_key,
 };

@@ -10,7 +10,7 @@
 //!   table), with partial indexes for the sweeper's queries.
 //!
 //! ```no_run
-//! # async fn demo() -> Result<(), session_lifecycle_runtime::StoreError> {
+//! # async fn demo() -> Result<(), session_lifecycle_store::StoreError> {
 //! use session_lifecycle_sqlite::SqliteStore;
 //! let store = SqliteStore::open("sessiond.db")?;
 //! # Ok(()) }
@@ -33,17 +33,17 @@ use std::time::Duration;
 use connections::Connections;
 use rusqlite::{Connection, params};
 use session_lifecycle::{EndReason, EventKind, Resource, SessionId, Status, Timestamp, Transition};
-use session_lifecycle_runtime::rows::{
+use session_lifecycle_store::rows::{
     RELEASED_ON_RETURN, ResourceRow, SessionRow, duration_ms, end_count, event_sequence,
     millis as ms, parse_id, release_columns, timeout_columns,
 };
-use session_lifecycle_runtime::sql::statements;
-use session_lifecycle_runtime::{
+use session_lifecycle_store::sql::statements;
+use session_lifecycle_store::{
     AttachOutcome, BoxFuture, CreateOutcome, EndCount, ListQuery, NewSession, ReleaseClaim,
     ReleaseProgress, ReleaseQueue, SessionRecord, SessionStore, StoreError, StoreHealth,
     TenantScope, TouchOutcome,
 };
-use session_lifecycle_runtime::{
+use session_lifecycle_store::{
     sql_count_ends, sql_ended_at, sql_ended_since, sql_later, sql_release_due_at,
 };
 
@@ -63,7 +63,7 @@ struct Inner {
     ended: tokio::sync::broadcast::Sender<SessionId>,
 }
 
-fn unavailable(e: impl Into<session_lifecycle_runtime::BoxError>) -> StoreError {
+fn unavailable(e: impl Into<session_lifecycle_store::BoxError>) -> StoreError {
     StoreError::unavailable(e)
 }
 

@@ -4,12 +4,12 @@ use std::time::Duration;
 
 use rusqlite::params;
 use session_lifecycle::{SessionId, Timestamp};
-use session_lifecycle_runtime::rows::{
+use session_lifecycle_store::rows::{
     LOST_WITH_NODE, duration_ms, millis as ms, parse_id, timestamp,
 };
-use session_lifecycle_runtime::sql::statements;
-use session_lifecycle_runtime::{BoxFuture, NodeMembership, NodeRow, StoreError};
-use session_lifecycle_runtime::{sql_ended_at, sql_later, sql_release_due_at};
+use session_lifecycle_store::sql::statements;
+use session_lifecycle_store::{BoxFuture, NodeMembership, NodeRow, StoreError};
+use session_lifecycle_store::{sql_ended_at, sql_later, sql_release_due_at};
 
 use crate::presence::let_go_of;
 use crate::{SqliteStore, db, ended_events, mark_resources_due};

@@ -5,12 +5,12 @@ use std::time::Duration;
 
 use rusqlite::{OptionalExtension, params};
 use session_lifecycle::{EventKind, SessionId, Timestamp};
-use session_lifecycle_runtime::rows::{
+use session_lifecycle_store::rows::{
     DeliveryRow, EventRow, delivery_counts, delivery_next, duration_ms, event, event_sequence,
     millis as ms,
 };
-use session_lifecycle_runtime::sql::statements;
-use session_lifecycle_runtime::{
+use session_lifecycle_store::sql::statements;
+use session_lifecycle_store::{
     BoxFuture, Delivery, DeliveryAttempt, DeliveryCounts, DeliveryQuery, Dispatch, EventOutbox,
     SessionEvent, StoreError, TenantScope, delivery_columns, sql_due_deliveries,
 };

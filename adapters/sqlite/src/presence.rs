@@ -5,16 +5,16 @@ use std::time::Duration;
 
 use rusqlite::{Connection, params};
 use session_lifecycle::{SessionId, Timestamp};
-use session_lifecycle_runtime::PresenceStore;
-use session_lifecycle_runtime::rows::{duration_ms, millis as ms};
-use session_lifecycle_runtime::sql::statements;
-use session_lifecycle_runtime::{BoxFuture, StoreError};
+use session_lifecycle_store::PresenceStore;
+use session_lifecycle_store::rows::{duration_ms, millis as ms};
+use session_lifecycle_store::sql::statements;
+use session_lifecycle_store::{BoxFuture, StoreError};
 
 use crate::{SqliteStore, db};
 
 /// The live holders of session `?1` at `?2` for the node timeout `?3` (ms), on the
 /// caller's clock (which wrote the heartbeats).
-const HOLDERS: &str = session_lifecycle_runtime::sql_holders!("n.last_heartbeat_at > ?2 - ?3");
+const HOLDERS: &str = session_lifecycle_store::sql_holders!("n.last_heartbeat_at > ?2 - ?3");
 
 impl PresenceStore for SqliteStore {
     fn set_presence(

@@ -1,7 +1,7 @@
 //! The schema and its migrations, tracked in `schema_version`.
 
 use rusqlite::Connection;
-use session_lifecycle_runtime::StoreError;
+use session_lifecycle_store::StoreError;
 
 /// Migration `i` takes the schema from version `i` to `i + 1`.
 const MIGRATIONS: &[&str] = &[

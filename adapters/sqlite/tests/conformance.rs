@@ -5,8 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use session_lifecycle::{EndReason, SessionId, Status, Timestamp};
-use session_lifecycle_runtime::{NewSession, SessionStore, conformance};
 use session_lifecycle_sqlite::SqliteStore;
+use session_lifecycle_store::{NewSession, SessionStore, conformance};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqlite_passes_the_conformance_suite() {

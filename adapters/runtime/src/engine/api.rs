@@ -9,7 +9,7 @@ use session_lifecycle::{EndReason, Resource, Session, SessionId, TouchError, Tra
 use super::{Engine, EngineError, StartRequest, lock};
 use crate::backend::{AcquireError, AcquireRequest};
 use crate::simulation::PlantedBug;
-use crate::store::{
+use session_lifecycle_store::{
     AttachOutcome, CreateOutcome, ListQuery, NewSession, ReleaseClaim, SessionRecord,
     SessionTimeouts, TouchOutcome,
 };

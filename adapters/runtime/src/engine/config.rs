@@ -5,7 +5,7 @@ use std::time::Duration;
 use session_lifecycle::{Policy, ResourceKind, SessionId};
 
 use crate::backend::ResourceRequest;
-use crate::store::{RoomBinding, SessionTimeouts, StoreError};
+use session_lifecycle_store::{RoomBinding, SessionTimeouts, StoreError};
 
 /// How many started sessions one engine tracks timers for. Starting more fails with
 /// [`EngineError::CapacityExhausted`]; a node runs far fewer avatar servers than this.

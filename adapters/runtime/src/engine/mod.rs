@@ -38,7 +38,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-pub(crate) use crate::lock;
+pub(crate) use session_lifecycle_store::lock;
 use std::time::Duration;
 
 use session_lifecycle::{
@@ -58,8 +58,8 @@ pub use tasks::{Background, Readiness};
 use crate::backend::{EventSink, ResourceBackend, ResourceEvent};
 use crate::clock::RuntimeClock;
 use crate::metrics::Metrics;
-use crate::report::NodeReport;
-use crate::store::Store;
+use session_lifecycle_store::NodeReport;
+use session_lifecycle_store::Store;
 
 /// How long to wait before trying again a store write that a timer or the sweep could not
 /// make (the store was unreachable): the session's timer is put back for then.
@@ -88,7 +88,7 @@ pub(crate) struct Inner {
     releases_due: Notify,
     /// Release progress the store could not take when it was made; written before the next
     /// claim.
-    unrecorded: Mutex<Vec<crate::store::ReleaseProgress>>,
+    unrecorded: Mutex<Vec<session_lifecycle_store::ReleaseProgress>>,
     /// The earliest retry time a session's releases wait for on this node.
     next_retry: Mutex<Option<Timestamp>>,
     events: EventSink,

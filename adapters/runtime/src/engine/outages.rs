@@ -9,7 +9,7 @@ use session_lifecycle::{SessionId, Status, Timestamp};
 
 use super::{Engine, lock};
 use crate::simulation::PlantedBug;
-use crate::store::ListQuery;
+use session_lifecycle_store::ListQuery;
 
 impl Engine {
     /// Whether silence may be judged now: the store is reachable, the outage (if any) has

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use session_lifecycle::{Resource, Session, SessionId, Status};
 
 use super::{Engine, EngineError};
-use crate::store::{AttachOutcome, ListQuery};
+use session_lifecycle_store::{AttachOutcome, ListQuery};
 
 impl Engine {
     pub(super) async fn recover(&self) -> Result<(), EngineError> {

@@ -16,7 +16,7 @@ use tokio::task::JoinHandle;
 
 use super::{DueReport, Engine, EngineError, lock};
 use crate::backend::{ReleaseError, ReleaseNote};
-use crate::store::{ReleaseAttempt, ReleaseProgress, SessionRecord};
+use session_lifecycle_store::{ReleaseAttempt, ReleaseProgress, SessionRecord};
 
 /// Marks a session's release run as going on this node; dropped when the run ends, however
 /// it ends.

@@ -8,7 +8,7 @@ use std::time::Duration;
 use session_lifecycle::{EndReason, SessionId, Status, Timestamp, Transition};
 
 use super::{Engine, EngineError, RoomEventReport, STORE_RETRY};
-use crate::store::{RoomEvent, RoomState};
+use session_lifecycle_store::{RoomEvent, RoomState};
 
 impl Engine {
     /// Applies a verified room webhook event: joins and leaves update who is present in

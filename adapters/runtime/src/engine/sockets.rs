@@ -16,7 +16,7 @@ use session_lifecycle::{EndReason, SessionId, Status};
 use tokio::sync::watch;
 
 use super::{Engine, EngineError, STORE_RETRY, lock};
-use crate::store::SessionRecord;
+use session_lifecycle_store::SessionRecord;
 
 /// This node's sockets of one session.
 struct Held {

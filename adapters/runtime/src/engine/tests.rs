@@ -14,9 +14,9 @@ use crate::backend::{
     AcquireError, AcquireRequest, Acquired, EventSink, ReleaseError, ReleaseNote, ResourceBackend,
 };
 use crate::clock::ManualClock;
-use crate::faults::{FaultPlan, FaultyStore};
-use crate::memory::MemoryStore;
-use crate::store::{BoxFuture, SessionStore, Store};
+use session_lifecycle_store::MemoryStore;
+use session_lifecycle_store::faults::{FaultPlan, FaultyStore};
+use session_lifecycle_store::{BoxFuture, SessionStore, Store};
 
 /// 2024-01-15T10:30:00Z.
 fn t0() -> Timestamp {
@@ -299,7 +299,7 @@ async fn a_committed_create_is_answered_or_nothing_is_left() {
             }
             Err(e) => {
                 let started = memory
-                    .list(crate::store::ListQuery {
+                    .list(session_lifecycle_store::ListQuery {
                         tenant: Some("t".into()),
                         status: Some(Status::Started),
                         limit: 100,
@@ -559,7 +559,7 @@ async fn timeouts_over_the_plan_are_refused_and_defaults_are_recorded() {
         })
     ));
     let none = store
-        .list(crate::store::ListQuery {
+        .list(session_lifecycle_store::ListQuery {
             tenant: None,
             status: None,
             limit: 10,

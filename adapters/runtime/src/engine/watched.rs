@@ -11,7 +11,7 @@ use session_lifecycle::{EndReason, Resource, SessionId, Timestamp, Transition};
 use super::health::Reachability;
 use super::lock;
 use crate::clock::RuntimeClock;
-use crate::store::{
+use session_lifecycle_store::{
     AttachOutcome, BoxFuture, CreateOutcome, EndCount, ListQuery, NewSession, NodeMembership,
     NodeRow, PresenceStore, ReleaseClaim, ReleaseProgress, ReleaseQueue, RoomEvent, RoomState,
     RoomStore, SessionRecord, SessionStore, Store, StoreError, StoreHealth, TenantScope,
@@ -295,5 +295,5 @@ impl StoreHealth for WatchedStore {
     }
 }
 
-crate::outbox::delegate_outbox!(WatchedStore, watched);
-crate::idempotency::delegate_idempotency!(WatchedStore, watched);
+session_lifecycle_store::delegate_outbox!(WatchedStore, watched);
+session_lifecycle_store::delegate_idempotency!(WatchedStore, watched);

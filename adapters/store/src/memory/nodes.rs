@@ -5,8 +5,10 @@ use std::time::Duration;
 use session_lifecycle::{EndReason, ReleaseState, SessionId, Timestamp};
 
 use super::{MemoryStore, ready};
+use crate::error::{BoxFuture, StoreError};
+use crate::record::NodeRow;
 use crate::rows::LOST_WITH_NODE;
-use crate::store::{BoxFuture, NodeMembership, NodeRow, StoreError};
+use crate::store::NodeMembership;
 
 impl NodeMembership for MemoryStore {
     fn live_nodes(

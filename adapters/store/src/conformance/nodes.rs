@@ -6,7 +6,8 @@ use session_lifecycle::{EndReason, SessionId, Status, Timestamp};
 
 use super::releases::{claim, release_one};
 use super::{at, create, fresh_tenant, get, new_session, random, res};
-use crate::store::{AttachOutcome, ListQuery, Store};
+use crate::record::{AttachOutcome, ListQuery};
+use crate::store::Store;
 
 /// Releases run on the node that holds the resources; a node whose heartbeat lapsed has
 /// its started sessions ended `node_lost` by another node, and its unreleased resources
@@ -77,10 +78,7 @@ pub async fn nodes_own_releases_and_dead_nodes_are_taken_over(store: &dyn Store)
 
     // na stops heartbeating; nb stays alive. Node death is judged on the store's clock
     // (a shared store's own), so this part runs on the wall clock with a short timeout.
-    let wall = || {
-        use session_lifecycle::Clock;
-        crate::SystemClock.now()
-    };
+    let wall = || super::wall_now();
     let timeout = Duration::from_millis(800);
     store.node_alive(&na, wall()).await.expect("heartbeat");
     store.node_alive(&nb, wall()).await.expect("heartbeat");
@@ -201,10 +199,7 @@ pub async fn nodes_own_releases_and_dead_nodes_are_taken_over(store: &dyn Store)
 /// node is alive; recent ends list the sessions that ended since a time and those still
 /// owing releases (those first, then by the latest end), scoped to a tenant.
 pub async fn node_reports_and_recent_ends_are_listed(store: &dyn Store) {
-    let wall = || {
-        use session_lifecycle::Clock;
-        crate::SystemClock.now()
-    };
+    let wall = || super::wall_now();
     let node = format!("node-{:x}", random() as u64);
     store.node_alive(&node, wall()).await.expect("heartbeat");
     store
@@ -250,7 +245,7 @@ pub async fn node_reports_and_recent_ends_are_listed(store: &dyn Store) {
             .await
             .expect("end");
     }
-    let ids = |records: Vec<crate::SessionRecord>| -> Vec<SessionId> {
+    let ids = |records: Vec<crate::record::SessionRecord>| -> Vec<SessionId> {
         records.iter().map(|r| *r.session.id()).collect()
     };
     let recent = store
@@ -272,7 +267,7 @@ pub async fn node_reports_and_recent_ends_are_listed(store: &dyn Store) {
 
     // Counted by 10-second span from `since` and by reason, both ends of the range in;
     // owing releases does not count an end outside the range.
-    let count = |bucket, reason, count| crate::EndCount {
+    let count = |bucket, reason, count| crate::record::EndCount {
         bucket,
         reason,
         count,

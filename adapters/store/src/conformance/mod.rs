@@ -9,13 +9,22 @@ use std::time::Duration;
 
 use session_lifecycle::{Resource, ResourceKind, SessionId, Timestamp};
 
-use crate::store::{CreateOutcome, NewSession, SessionRecord, SessionTimeouts, Store};
+use crate::record::{CreateOutcome, NewSession, SessionRecord, SessionTimeouts};
+use crate::store::Store;
 
 /// 2024-01-15T10:30:00Z, the reference's start time.
 pub(super) const T0: u64 = 1_705_314_600_000;
 
 pub(super) fn at(secs: u64) -> Timestamp {
     Timestamp::from_millis(T0 + secs * 1000)
+}
+
+/// The wall clock's time, for checks that need the present (node heartbeats, presence).
+pub(super) fn wall_now() -> Timestamp {
+    let millis = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    Timestamp::from_millis(millis)
 }
 
 pub(super) fn random() -> u128 {

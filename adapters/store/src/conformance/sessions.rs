@@ -6,15 +6,17 @@ use std::time::Duration;
 use session_lifecycle::{EndReason, SessionId, Status, Timestamp, Transition};
 
 use super::{T0, at, create, fresh_tenant, get, new_session, random, res};
-use crate::store::{AttachOutcome, CreateOutcome, ListQuery, Store, StoreError, TouchOutcome};
+use crate::error::StoreError;
+use crate::record::{AttachOutcome, CreateOutcome, ListQuery, TouchOutcome};
+use crate::store::Store;
 
 /// A created session reads back exactly, started, with nothing ended.
 pub async fn create_and_get(store: &dyn Store) {
     let tenant = fresh_tenant();
     let mut new = new_session(&tenant, at(0), Duration::from_secs(600));
     new.metadata = Some(r#"{"user":"ada"}"#.to_owned());
-    new.room = Some(crate::RoomBinding {
-        provider: crate::RoomProvider::Livekit,
+    new.room = Some(crate::record::RoomBinding {
+        provider: crate::record::RoomProvider::Livekit,
         name: "room-1".to_owned(),
     });
     create(store, &new).await;

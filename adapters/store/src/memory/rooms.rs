@@ -5,7 +5,9 @@ use std::collections::BTreeSet;
 use session_lifecycle::{SessionId, Timestamp};
 
 use super::{MemoryStore, State, ready};
-use crate::store::{BoxFuture, RoomEvent, RoomEventKind, RoomState, RoomStore, StoreError};
+use crate::error::{BoxFuture, StoreError};
+use crate::record::{RoomEvent, RoomEventKind, RoomState};
+use crate::store::RoomStore;
 
 impl RoomStore for MemoryStore {
     fn room_event(

@@ -21,12 +21,13 @@ use session_lifecycle::{
 };
 use tokio::sync::broadcast;
 
-use crate::rows::RELEASED_ON_RETURN;
-use crate::store::{
-    AttachOutcome, BoxFuture, CreateOutcome, EndCount, ListQuery, NewSession, ReleaseClaim,
-    ReleaseProgress, ReleaseQueue, RoomBinding, RoomState, SessionRecord, SessionStore,
-    SessionTimeouts, StoreError, StoreHealth, TenantScope, TouchOutcome,
+use crate::error::{BoxFuture, StoreError, TenantScope};
+use crate::record::{
+    AttachOutcome, CreateOutcome, EndCount, ListQuery, NewSession, ReleaseClaim, ReleaseProgress,
+    RoomBinding, RoomState, SessionRecord, SessionTimeouts, TouchOutcome,
 };
+use crate::rows::RELEASED_ON_RETURN;
+use crate::store::{ReleaseQueue, SessionStore, StoreHealth};
 
 /// A resource as the store keeps it.
 #[derive(Debug, Clone)]
@@ -160,7 +161,7 @@ impl State {
 #[derive(Debug)]
 pub struct MemoryStore {
     state: Mutex<State>,
-    /// Sessions ended (for [`PresenceStore::watch_ends`](crate::PresenceStore::watch_ends)).
+    /// Sessions ended (for [`PresenceStore::watch_ends`](crate::store::PresenceStore::watch_ends)).
     ended: broadcast::Sender<SessionId>,
     /// Nodes whose releases may have become due (for [`ReleaseQueue::watch_releases`]).
     due: broadcast::Sender<String>,
@@ -183,7 +184,7 @@ impl MemoryStore {
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
-        crate::engine::lock(&self.state)
+        crate::sync::lock(&self.state)
     }
 }
 

@@ -11,7 +11,7 @@ use crate::store::Store;
 /// since when a room is empty, scoped to the tenant and to started sessions; the session's
 /// own timeouts are kept.
 pub async fn room_events_track_presence(store: &dyn Store) {
-    use crate::store::{RoomBinding, RoomEvent, RoomEventKind, RoomProvider, SessionTimeouts};
+    use crate::record::{RoomBinding, RoomEvent, RoomEventKind, RoomProvider, SessionTimeouts};
     let tenant = fresh_tenant();
     let room = format!("room-{:x}", random() as u64);
     let mut new = new_session(&tenant, at(0), Duration::from_secs(3600));

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use session_lifecycle::{SessionId, Timestamp};
 
-use crate::store::{BoxFuture, StoreError};
+use crate::error::{BoxFuture, StoreError};
 
 /// How long a key binds its request and answer.
 pub const IDEMPOTENCY_KEEP: Duration = Duration::from_secs(24 * 3600);
@@ -90,9 +90,11 @@ pub trait IdempotencyStore: Send + Sync + 'static {
 
 /// Implements [`IdempotencyStore`] for a store wrapper `$ty` over `self.inner`, running
 /// each call through the wrapper's macro `$wrap!(self, "name", call)`.
+#[doc(hidden)]
+#[macro_export]
 macro_rules! delegate_idempotency {
     ($ty:ty, $wrap:ident) => {
-        impl $crate::idempotency::IdempotencyStore for $ty {
+        impl $crate::IdempotencyStore for $ty {
             fn begin_idempotent(
                 &self,
                 request: $crate::IdempotentRequest,
@@ -140,7 +142,6 @@ macro_rules! delegate_idempotency {
         }
     };
 }
-pub(crate) use delegate_idempotency;
 
 /// A stored key as a store reads it, and what it means for a new request.
 #[derive(Debug, Clone, PartialEq, Eq)]

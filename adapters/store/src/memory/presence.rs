@@ -6,7 +6,8 @@ use session_lifecycle::{SessionId, Timestamp};
 use tokio::sync::broadcast;
 
 use super::{MemoryStore, ready};
-use crate::store::{BoxFuture, PresenceStore, StoreError};
+use crate::error::{BoxFuture, StoreError};
+use crate::store::PresenceStore;
 
 impl PresenceStore for MemoryStore {
     fn set_presence(

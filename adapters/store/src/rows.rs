@@ -1,4 +1,4 @@
-//! Decoding of the rows SQL stores keep, shared by every SQL [`Store`](crate::Store): times
+//! Decoding of the rows SQL stores keep, shared by every SQL [`Store`](crate::store::Store): times
 //! as milliseconds since the epoch, states and reasons as their wire names. Every check
 //! that a record is a possible session happens here, once.
 
@@ -7,9 +7,8 @@ use session_lifecycle::{
     ResourceKind, Session, SessionId, SessionParts, Status, Timestamp,
 };
 
-use crate::store::{
-    EndCount, RoomBinding, RoomProvider, SessionRecord, SessionTimeouts, StoreError,
-};
+use crate::error::StoreError;
+use crate::record::{EndCount, RoomBinding, RoomProvider, SessionRecord, SessionTimeouts};
 
 /// A timestamp as stored: milliseconds since the epoch.
 pub fn millis(t: Timestamp) -> i64 {
@@ -49,7 +48,7 @@ pub fn corrupt(id: &str, detail: impl std::fmt::Display) -> StoreError {
     }
 }
 
-/// One row of [`count_ends`](crate::SessionStore::count_ends)'s query (`sql_count_ends!`):
+/// One row of [`count_ends`](crate::store::SessionStore::count_ends)'s query (`sql_count_ends!`):
 /// the span's index, the reason's wire name, the count.
 pub fn end_count(bucket: i64, reason: &str, count: i64) -> Result<EndCount, StoreError> {
     Ok(EndCount {
@@ -287,11 +286,11 @@ pub fn event_sequence(kind: session_lifecycle::EventKind) -> i64 {
 
 impl DeliveryRow {
     /// The delivery, checked.
-    pub fn into_delivery(self) -> Result<crate::Delivery, StoreError> {
+    pub fn into_delivery(self) -> Result<crate::outbox::Delivery, StoreError> {
         let id = self.session_id.as_str();
-        let status = crate::DeliveryStatus::from_name(&self.status)
+        let status = crate::outbox::DeliveryStatus::from_name(&self.status)
             .ok_or_else(|| corrupt(id, format!("delivery status {:?}", self.status)))?;
-        Ok(crate::Delivery {
+        Ok(crate::outbox::Delivery {
             id: u64::try_from(self.id).map_err(|_| corrupt(id, "delivery id"))?,
             session: parse_id(id)?,
             kind: event_kind(id, self.session_seq)?,
@@ -315,9 +314,9 @@ impl DeliveryRow {
 pub type EventRow = (Option<i64>, String, String, i64, i64, Option<String>);
 
 /// The event of an event row, checked.
-pub fn event(row: EventRow) -> Result<crate::SessionEvent, StoreError> {
+pub fn event(row: EventRow) -> Result<crate::outbox::SessionEvent, StoreError> {
     let (position, session, tenant, sequence, at, callback_url) = row;
-    Ok(crate::SessionEvent {
+    Ok(crate::outbox::SessionEvent {
         position: position.and_then(|p| u64::try_from(p).ok()),
         kind: event_kind(&session, sequence)?,
         session: parse_id(&session)?,
@@ -328,31 +327,39 @@ pub fn event(row: EventRow) -> Result<crate::SessionEvent, StoreError> {
 }
 
 /// What a delivery attempt leaves as stored: status, next attempt.
-pub fn delivery_next(next: crate::DeliveryNext) -> (&'static str, Option<i64>) {
+pub fn delivery_next(next: crate::outbox::DeliveryNext) -> (&'static str, Option<i64>) {
     match next {
-        crate::DeliveryNext::Delivered => (crate::DeliveryStatus::Delivered.as_str(), None),
-        crate::DeliveryNext::RetryAt(at) => {
-            (crate::DeliveryStatus::Pending.as_str(), Some(millis(at)))
+        crate::outbox::DeliveryNext::Delivered => {
+            (crate::outbox::DeliveryStatus::Delivered.as_str(), None)
         }
-        crate::DeliveryNext::Failed => (crate::DeliveryStatus::Failed.as_str(), None),
+        crate::outbox::DeliveryNext::RetryAt(at) => (
+            crate::outbox::DeliveryStatus::Pending.as_str(),
+            Some(millis(at)),
+        ),
+        crate::outbox::DeliveryNext::Failed => {
+            (crate::outbox::DeliveryStatus::Failed.as_str(), None)
+        }
     }
 }
 
 /// Delivery counts from `COUNT_DELIVERIES` rows: status, attempted (0 or 1), count, oldest.
 pub fn delivery_counts(
     rows: impl IntoIterator<Item = (String, i64, i64, Option<i64>)>,
-) -> crate::DeliveryCounts {
-    let mut counts = crate::DeliveryCounts::default();
+) -> crate::outbox::DeliveryCounts {
+    let mut counts = crate::outbox::DeliveryCounts::default();
     for (status, attempted, n, oldest) in rows {
         let n = u64::try_from(n).unwrap_or(0);
-        match (crate::DeliveryStatus::from_name(&status), attempted > 0) {
-            (Some(crate::DeliveryStatus::Pending), false) => counts.pending += n,
-            (Some(crate::DeliveryStatus::Pending), true) => counts.retrying += n,
-            (Some(crate::DeliveryStatus::Delivered), _) => counts.delivered += n,
-            (Some(crate::DeliveryStatus::Failed), _) => counts.failed += n,
+        match (
+            crate::outbox::DeliveryStatus::from_name(&status),
+            attempted > 0,
+        ) {
+            (Some(crate::outbox::DeliveryStatus::Pending), false) => counts.pending += n,
+            (Some(crate::outbox::DeliveryStatus::Pending), true) => counts.retrying += n,
+            (Some(crate::outbox::DeliveryStatus::Delivered), _) => counts.delivered += n,
+            (Some(crate::outbox::DeliveryStatus::Failed), _) => counts.failed += n,
             (None, _) => {}
         }
-        if status == crate::DeliveryStatus::Pending.as_str()
+        if status == crate::outbox::DeliveryStatus::Pending.as_str()
             && let Some(oldest) = oldest.map(timestamp)
         {
             counts.oldest_pending_at =
@@ -367,7 +374,7 @@ pub fn delivery_counts(
 pub type KeyRow = (String, String, Option<i64>, Option<String>, i64, i64);
 
 /// The key of a key row, checked.
-pub fn stored_key(row: KeyRow) -> Result<crate::StoredKey, StoreError> {
+pub fn stored_key(row: KeyRow) -> Result<crate::idempotency::StoredKey, StoreError> {
     let (request_hash, session, status, body, created_at, claimed_at) = row;
     let answer = match (status, body) {
         (Some(status), Some(body)) => Some((
@@ -376,7 +383,7 @@ pub fn stored_key(row: KeyRow) -> Result<crate::StoredKey, StoreError> {
         )),
         _ => None,
     };
-    Ok(crate::StoredKey {
+    Ok(crate::idempotency::StoredKey {
         request_hash,
         session: parse_id(&session)?,
         answer,

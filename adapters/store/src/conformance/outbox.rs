@@ -11,7 +11,8 @@ use crate::outbox::{
     Delivery, DeliveryAttempt, DeliveryNext, DeliveryQuery, DeliveryStatus, Dispatch, Fanout,
     SessionEvent,
 };
-use crate::store::{AttachOutcome, ReleaseClaim, Store};
+use crate::record::{AttachOutcome, ReleaseClaim};
+use crate::store::Store;
 
 async fn undispatched(store: &dyn Store, tenant: &str) -> Vec<(SessionId, EventKind)> {
     store
@@ -503,7 +504,7 @@ pub async fn pruning_forgets_only_what_is_done(store: &dyn Store) {
         .expect("record");
     store
         .begin_idempotent(
-            crate::IdempotentRequest {
+            crate::idempotency::IdempotentRequest {
                 tenant: tenant.clone(),
                 key: "old".to_owned(),
                 request_hash: "h".to_owned(),
@@ -551,7 +552,7 @@ pub async fn pruning_forgets_only_what_is_done(store: &dyn Store) {
         matches!(
             store
                 .begin_idempotent(
-                    crate::IdempotentRequest {
+                    crate::idempotency::IdempotentRequest {
                         tenant: tenant.clone(),
                         key: "old".to_owned(),
                         request_hash: "other".to_owned(),
@@ -563,7 +564,7 @@ pub async fn pruning_forgets_only_what_is_done(store: &dyn Store) {
                 )
                 .await
                 .expect("key"),
-            crate::IdempotencyBegin::Proceed { .. }
+            crate::idempotency::IdempotencyBegin::Proceed { .. }
         ),
         "the pruned key is free"
     );

@@ -5,10 +5,10 @@ use std::time::Duration;
 use session_lifecycle::{SessionId, Timestamp};
 
 use super::{MemoryStore, ready};
+use crate::error::{BoxFuture, StoreError};
 use crate::idempotency::{
     IdempotencyBegin, IdempotencyStore, IdempotentRequest, KeyDecision, StoredKey, decide_key,
 };
-use crate::store::{BoxFuture, StoreError};
 
 impl IdempotencyStore for MemoryStore {
     fn begin_idempotent(

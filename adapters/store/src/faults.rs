@@ -6,11 +6,13 @@ use std::time::Duration;
 
 use session_lifecycle::{EndReason, Resource, SessionId, Timestamp, Transition};
 
+use crate::error::{BoxFuture, StoreError, TenantScope};
+use crate::record::{
+    AttachOutcome, CreateOutcome, EndCount, ListQuery, NewSession, NodeRow, ReleaseClaim,
+    ReleaseProgress, RoomEvent, RoomState, SessionRecord, TouchOutcome,
+};
 use crate::store::{
-    AttachOutcome, BoxFuture, CreateOutcome, EndCount, ListQuery, NewSession, NodeMembership,
-    NodeRow, PresenceStore, ReleaseClaim, ReleaseProgress, ReleaseQueue, RoomEvent, RoomState,
-    RoomStore, SessionRecord, SessionStore, Store, StoreError, StoreHealth, TenantScope,
-    TouchOutcome,
+    NodeMembership, PresenceStore, ReleaseQueue, RoomStore, SessionStore, Store, StoreHealth,
 };
 
 /// The error of a call a [`FaultyStore`] failed on purpose: the k-th call.
@@ -394,5 +396,5 @@ impl StoreHealth for FaultyStore {
     }
 }
 
-crate::outbox::delegate_outbox!(FaultyStore, guarded);
-crate::idempotency::delegate_idempotency!(FaultyStore, guarded);
+crate::delegate_outbox!(FaultyStore, guarded);
+crate::delegate_idempotency!(FaultyStore, guarded);

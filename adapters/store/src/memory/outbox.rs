@@ -6,11 +6,11 @@ use std::time::Duration;
 use session_lifecycle::{EventKind, SessionId, Timestamp};
 
 use super::{MemoryStore, ready};
+use crate::error::{BoxFuture, StoreError, TenantScope};
 use crate::outbox::{
     Delivery, DeliveryAttempt, DeliveryCounts, DeliveryNext, DeliveryQuery, DeliveryStatus,
     Dispatch, EventOutbox, SessionEvent,
 };
-use crate::store::{BoxFuture, StoreError, TenantScope};
 
 /// Events and deliveries as the reference store keeps them.
 #[derive(Debug, Default)]

@@ -5,7 +5,8 @@ use std::time::Duration;
 use session_lifecycle::{EndReason, ReleaseState, Resource, SessionId, Timestamp};
 
 use super::{at, create, fresh_tenant, get, new_session, random, res};
-use crate::store::{AttachOutcome, SessionRecord, Store};
+use crate::record::{AttachOutcome, SessionRecord};
+use crate::store::Store;
 
 /// Ending turns every held resource into a pending release due at the end, in the same
 /// write, as the core's end does.
@@ -102,9 +103,9 @@ pub(super) async fn release_one(
     store
         .record_release(
             node,
-            crate::ReleaseProgress {
+            crate::record::ReleaseProgress {
                 session: *session.id(),
-                attempt: Some(crate::ReleaseAttempt {
+                attempt: Some(crate::record::ReleaseAttempt {
                     resource,
                     release,
                     note: note.to_owned(),
@@ -270,7 +271,7 @@ pub async fn an_end_claims_releases_for_its_own_node(store: &dyn Store) {
         new
     };
     let claim_for = |node: &str| {
-        Some(crate::ReleaseClaim {
+        Some(crate::record::ReleaseClaim {
             node: node.to_owned(),
             until: at(70),
         })

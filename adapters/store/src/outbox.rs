@@ -9,16 +9,16 @@
 //! one delivery per endpoint, and its place in the event stream) and delivers them, each
 //! attempt claimed like a release so that it happens once across the cluster.
 //!
-//! [`SessionStore::create`]: crate::SessionStore::create
-//! [`SessionStore::end`]: crate::SessionStore::end
-//! [`NodeMembership::end_dead_nodes`]: crate::NodeMembership::end_dead_nodes
-//! [`ReleaseQueue::record_release`]: crate::ReleaseQueue::record_release
+//! [`SessionStore::create`]: crate::store::SessionStore::create
+//! [`SessionStore::end`]: crate::store::SessionStore::end
+//! [`NodeMembership::end_dead_nodes`]: crate::store::NodeMembership::end_dead_nodes
+//! [`ReleaseQueue::record_release`]: crate::store::ReleaseQueue::record_release
 
 use std::time::Duration;
 
 use session_lifecycle::{EventKind, SessionId, Timestamp};
 
-use crate::store::{BoxFuture, StoreError, TenantScope};
+use crate::error::{BoxFuture, StoreError, TenantScope};
 
 /// One session event as stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -291,9 +291,11 @@ pub trait EventOutbox: Send + Sync + 'static {
 
 /// Implements [`EventOutbox`] for a store wrapper `$ty` over `self.inner`, running each
 /// call through the wrapper's macro `$wrap!(self, "name", call)`.
+#[doc(hidden)]
+#[macro_export]
 macro_rules! delegate_outbox {
     ($ty:ty, $wrap:ident) => {
-        impl $crate::outbox::EventOutbox for $ty {
+        impl $crate::EventOutbox for $ty {
             fn undispatched_events(
                 &self,
                 limit: u32,
@@ -423,4 +425,3 @@ macro_rules! delegate_outbox {
         }
     };
 }
-pub(crate) use delegate_outbox;

@@ -496,7 +496,7 @@ pub mod statements {
 pub fn postgres(sql: &'static str) -> &'static str {
     static MADE: LazyLock<Mutex<HashMap<usize, &'static str>>> =
         LazyLock::new(|| Mutex::new(HashMap::new()));
-    let mut made = crate::lock(&MADE);
+    let mut made = crate::sync::lock(&MADE);
     made.entry(sql.as_ptr() as usize)
         .or_insert_with(|| Box::leak(dollar_parameters(sql).into_boxed_str()))
 }

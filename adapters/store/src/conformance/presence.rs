@@ -4,13 +4,13 @@
 use std::sync::Mutex;
 use std::time::Duration;
 
-use session_lifecycle::{Clock, EndReason, SessionId};
+use session_lifecycle::{EndReason, SessionId};
 
 use super::{at, create, fresh_tenant, new_session, random};
 use crate::store::Store;
 
 fn wall() -> session_lifecycle::Timestamp {
-    crate::SystemClock.now()
+    super::wall_now()
 }
 
 /// Nodes record holding sockets and letting go; only live nodes count as holders (node
@@ -158,7 +158,7 @@ pub async fn presence_counts_live_nodes_only(store: &dyn Store) {
 /// node's sessions taken over.
 pub async fn watch_ends_hears_every_end(store: &dyn Store) {
     let heard: Mutex<Vec<SessionId>> = Mutex::new(Vec::new());
-    let ended = |id| crate::lock(&heard).push(id);
+    let ended = |id| crate::sync::lock(&heard).push(id);
     let tenant = fresh_tenant();
     let first = new_session(&tenant, at(0), Duration::from_secs(600));
     let second = new_session(&tenant, at(0), Duration::from_secs(600));
@@ -174,13 +174,13 @@ pub async fn watch_ends_hears_every_end(store: &dyn Store) {
                 .expect("end");
         }
         for _ in 0..500 {
-            let got = crate::lock(&heard).clone();
+            let got = crate::sync::lock(&heard).clone();
             if got.contains(&first.id) && got.contains(&second.id) {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        panic!("ends not heard: {:?}", crate::lock(&heard));
+        panic!("ends not heard: {:?}", crate::sync::lock(&heard));
     };
     tokio::select! {
         _ = store.watch_ends(&ended) => panic!("watch_ends returned"),
