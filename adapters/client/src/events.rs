@@ -6,7 +6,7 @@ use futures_util::{Stream, StreamExt};
 use reqwest::{Response, Url};
 use session_lifecycle_api::events::EventEnvelope;
 
-use crate::Error;
+use crate::error::Error;
 
 /// The most a single message may hold before the stream counts as broken.
 const MAX_MESSAGE: usize = 1 << 20;

@@ -28,6 +28,7 @@
 //! HTTP status), message, request id and `Retry-After`; [`Error::is_retryable`] says
 //! whether the same call may succeed later.
 
+mod error;
 mod events;
 #[doc(hidden)]
 pub mod test_server;
@@ -39,6 +40,7 @@ use reqwest::{Method, Response, Url};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
+pub use crate::error::Error;
 pub use crate::events::{EventStream, EventsQuery, StreamEvent};
 pub use session_lifecycle_api::errors::ErrorCode;
 pub use session_lifecycle_api::events::{
@@ -54,93 +56,6 @@ pub use session_lifecycle_api::views::{
 
 /// The header carrying the API key.
 const API_KEY: &str = "x-api-key";
-
-/// Why a call failed.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    /// The API answered with an error body.
-    #[error("{code} (HTTP {status}): {message} [request {request_id}]")]
-    Api {
-        /// The HTTP status (the code's own, see [`ErrorCode::http_status`]).
-        status: u16,
-        /// The error code.
-        code: ErrorCode,
-        /// What went wrong, for people.
-        message: String,
-        /// The request's id, as the service logged it.
-        request_id: String,
-        /// How long the service asks to wait before a retry, if it says.
-        retry_after: Option<Duration>,
-    },
-    /// An answer that is neither the route's success body nor an API error (another
-    /// server, a proxy's page, a code this client does not know).
-    #[error("unexpected answer (HTTP {status}): {body}")]
-    UnexpectedAnswer {
-        /// The HTTP status.
-        status: u16,
-        /// The start of the body.
-        body: String,
-    },
-    /// The request could not be sent or its answer not read (connection, TLS, timeout).
-    #[error("request failed: {0}")]
-    Transport(#[from] reqwest::Error),
-    /// The base URL is not an `http` or `https` URL.
-    #[error("invalid base URL {0:?}: an http or https URL")]
-    InvalidBaseUrl(String),
-    /// The API key cannot be sent as a header (a control character, a non-ASCII one).
-    #[error("invalid API key: printable ASCII only")]
-    InvalidApiKey,
-    /// A path argument that no route could take (empty, `.` or `..`): nothing was sent.
-    #[error("invalid {what}: {value:?}")]
-    InvalidArgument {
-        /// What it is (`session id`).
-        what: &'static str,
-        /// What was given.
-        value: String,
-    },
-    /// The event stream broke its format.
-    #[error("invalid event stream: {0}")]
-    InvalidStream(String),
-}
-
-impl Error {
-    /// The API's error code, if the API answered one.
-    pub fn code(&self) -> Option<ErrorCode> {
-        match self {
-            Error::Api { code, .. } => Some(*code),
-            _ => None,
-        }
-    }
-
-    /// How long the service asked to wait before retrying, if it did.
-    pub fn retry_after(&self) -> Option<Duration> {
-        match self {
-            Error::Api { retry_after, .. } => *retry_after,
-            _ => None,
-        }
-    }
-
-    /// Whether the same call may succeed later: the service was unavailable, overloaded,
-    /// draining, out of capacity or rate limiting, or the connection failed. A create is
-    /// safe to repeat only with an idempotency key ([`Client::create_session_idempotent`]).
-    pub fn is_retryable(&self) -> bool {
-        match self {
-            Error::Api { code, .. } => matches!(
-                code,
-                ErrorCode::StorageUnavailable
-                    | ErrorCode::CapacityExhausted
-                    | ErrorCode::Overloaded
-                    | ErrorCode::RequestTimeout
-                    | ErrorCode::Draining
-                    | ErrorCode::ShuttingDown
-                    | ErrorCode::RateLimited
-                    | ErrorCode::IdempotencyKeyInUse
-            ),
-            Error::Transport(e) => e.is_connect() || e.is_timeout(),
-            _ => false,
-        }
-    }
-}
 
 /// A session just created.
 #[derive(Debug, Clone, PartialEq)]
@@ -585,75 +500,4 @@ fn answer_error(status: u16, retry_after: Option<Duration>, body: &[u8]) -> Erro
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn urls_escape_ids_and_keep_the_base_path() {
-        let client = Client::new("http://127.0.0.1:9/prefix", "k").unwrap();
-        assert_eq!(
-            client.url("v1/sessions", &["sess_1", "end"]).as_str(),
-            "http://127.0.0.1:9/prefix/v1/sessions/sess_1/end"
-        );
-        assert_eq!(
-            client.url("v1/sessions", &["../x?y"]).as_str(),
-            "http://127.0.0.1:9/prefix/v1/sessions/..%2Fx%3Fy"
-        );
-        assert_eq!(
-            client.websocket_url("sess_1", "t+k"),
-            "ws://127.0.0.1:9/prefix/v1/sessions/sess_1/ws?token=t%2Bk"
-        );
-        for bad in ["ftp://x", "not a url", "mailto:a@b"] {
-            assert!(matches!(
-                Client::new(bad, "k"),
-                Err(Error::InvalidBaseUrl(_))
-            ));
-        }
-        assert!(matches!(
-            Client::new("http://x", "bad\nkey"),
-            Err(Error::InvalidApiKey)
-        ));
-        for id in ["", ".", ".."] {
-            assert!(matches!(
-                client.session_url(id, &["end"]),
-                Err(Error::InvalidArgument { .. })
-            ));
-        }
-    }
-
-    /// Every row of the contract's error table (CONTRACT.md), and the codes the service
-    /// added since, is a code of the enum with the table's status.
-    #[test]
-    fn every_contract_error_code_is_known_with_its_status() {
-        let contract = [
-            ("unauthorized", 401),
-            ("invalid_session_id", 400),
-            ("session_not_found", 404),
-            ("invalid_request", 400),
-            ("payload_too_large", 413),
-            ("plan_limit_reached", 429),
-            ("capacity_exhausted", 503),
-            ("storage_unavailable", 503),
-        ];
-        for (name, status) in contract {
-            let code = ErrorCode::from_name(name).expect(name);
-            assert_eq!(code.http_status(), status, "{name}");
-        }
-        for code in ErrorCode::ALL {
-            let body = format!(
-                r#"{{"success":false,"error":{{"code":"{code}","message":"m","request_id":"r"}}}}"#
-            );
-            let error = answer_error(code.http_status(), None, body.as_bytes());
-            assert_eq!(error.code(), Some(code));
-        }
-        let unknown = answer_error(
-            418,
-            None,
-            br#"{"success":false,"error":{"code":"teapot","message":"m","request_id":"r"}}"#,
-        );
-        assert!(matches!(
-            unknown,
-            Error::UnexpectedAnswer { status: 418, .. }
-        ));
-    }
-}
+mod tests;

@@ -4,7 +4,7 @@
 //! in error bodies (`error.request_id`).
 //!
 //! The id of the request being served is task-local: the middleware that assigns it
-//! ([`crate::observe`]) runs the rest of the request inside [`RequestId::scope`], and
+//! (the `observe` module, above this one) runs the rest of the request inside [`RequestId::scope`], and
 //! [`RequestId::current`] reads it back wherever an answer is built (error bodies). Nothing
 //! under the middleware spawns the handling of a request onto another task, so the scope
 //! covers every answer.

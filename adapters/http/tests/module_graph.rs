@@ -1,14 +1,19 @@
-//! The crate's modules depend on each other one way only: this test reads every
-//! `src/**/*.rs` (not `src/bin`), builds the module dependency graph and fails on any
-//! cycle, printing it with the lines that make it.
+//! Every crate of the workspace has modules that depend on each other one way only: this
+//! test reads each crate's `src/**/*.rs` (not `src/bin`, not test-only `tests.rs` files),
+//! builds its module dependency graph and fails on any cycle, printing it with the lines
+//! that make it.
 //!
 //! Edges:
-//! - `use` declarations naming a module of this crate: `crate::a::b::Item`, `super::...`,
+//! - `use` declarations naming a module of the crate: `crate::a::b::Item`, `super::...`,
 //!   `self::...`, or a path starting with a child module (`pub use verify::...` in a
 //!   `mod.rs`), groups (`use crate::{a::X, b::{Y, Z}}`) expanded;
-//! - `crate::a::b` paths anywhere in the code (outside comments and string literals);
-//! - a parent declaring a child (`mod x;`): a parent owns its children, so a child that
-//!   uses its parent (a re-export at the crate root, say) closes a cycle.
+//! - `crate::a::b` paths anywhere in the code (outside string literals), comments included:
+//!   an intra-doc link (`[`crate::a`]`, `[x](super::a::X)`) is a dependency of the docs,
+//!   and one pointing up is how a module starts to know the one above it;
+//!
+//! A parent declaring a child (`mod x;`) is not an import: a child may use its parent's
+//! items (`use super::State`) as long as the parent uses nothing of the child's (no
+//! `pub use x::Item`, no call into `x`), else the two import each other.
 //!
 //! A path resolves to the longest module prefix it names (`crate::a::b::Item` is an edge
 //! to `a::b` when that module exists, else to `a`). Edges within one file (its inline
@@ -46,7 +51,10 @@ fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
                 continue;
             }
             rust_files(&path, out);
-        } else if path.extension().is_some_and(|e| e == "rs") {
+        } else if path.extension().is_some_and(|e| e == "rs")
+            // A module's tests (`#[cfg(test)] mod tests;`) are not part of the crate.
+            && path.file_name().is_some_and(|n| n != "tests.rs")
+        {
             out.push(path);
         }
     }
@@ -55,8 +63,21 @@ fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
 /// `text` with comments and the contents of string and character literals blanked (kept
 /// as spaces, newlines kept, so that offsets and line numbers stay).
 fn code_only(text: &str) -> String {
+    split_comments(text).0
+}
+
+/// `text` split in two at the same offsets: its code (comments and literals blanked, as
+/// [`code_only`]) and its comments (everything else blanked).
+fn split_comments(text: &str) -> (String, String) {
     let b = text.as_bytes();
     let mut out = b.to_vec();
+    let mut comments: Vec<u8> = b
+        .iter()
+        .map(|c| if *c == b'\n' { b'\n' } else { b' ' })
+        .collect();
+    let keep = |comments: &mut Vec<u8>, from: usize, to: usize| {
+        comments[from..to].copy_from_slice(&b[from..to]);
+    };
     let blank = |out: &mut Vec<u8>, from: usize, to: usize| {
         for c in &mut out[from..to] {
             if *c != b'\n' {
@@ -70,6 +91,7 @@ fn code_only(text: &str) -> String {
             b'/' if b.get(i + 1) == Some(&b'/') => {
                 let end = text[i..].find('\n').map_or(b.len(), |n| i + n);
                 blank(&mut out, i, end);
+                keep(&mut comments, i, end);
                 i = end;
             }
             b'/' if b.get(i + 1) == Some(&b'*') => {
@@ -86,6 +108,7 @@ fn code_only(text: &str) -> String {
                     }
                 }
                 blank(&mut out, i, j);
+                keep(&mut comments, i, j);
                 i = j;
             }
             b'r' if matches!(b.get(i + 1), Some(b'"' | b'#'))
@@ -131,7 +154,10 @@ fn code_only(text: &str) -> String {
             _ => i += 1,
         }
     }
-    String::from_utf8(out).unwrap()
+    (
+        String::from_utf8(out).unwrap(),
+        String::from_utf8(comments).unwrap(),
+    )
 }
 
 /// Expands a `use` tree (`a::{b, c::{d, self}}`) into its paths (`a::b`, `a::c::d`, `a::c`).
@@ -219,13 +245,31 @@ fn use_trees(code: &str) -> Vec<(usize, String)> {
 
 /// `crate::a::b` paths in `code`, with their offsets.
 fn crate_paths(code: &str) -> Vec<(usize, String)> {
+    paths_from(code, "crate::")
+}
+
+/// The module paths of comments: `crate::`, `super::` and `self::` paths (intra-doc links
+/// and their targets), with their offsets.
+fn comment_paths(comments: &str) -> Vec<(usize, String)> {
+    let mut out = paths_from(comments, "crate::");
+    out.extend(paths_from(comments, "super::"));
+    out.extend(paths_from(comments, "self::"));
+    out.retain(|(_, p)| p != "super" && p != "self");
+    out
+}
+
+/// Paths starting with `start` (`crate::`, `super::`, `self::`) in `text`, with their
+/// offsets; one inside a longer path (`a::super::b`) is not one.
+fn paths_from(text: &str, start: &str) -> Vec<(usize, String)> {
+    let code = text;
     let mut out = Vec::new();
     let bytes = code.as_bytes();
     let mut from = 0;
-    while let Some(n) = code[from..].find("crate::") {
+    while let Some(n) = code[from..].find(start) {
         let at = from + n;
-        from = at + 7;
-        if at > 0 && (bytes[at - 1].is_ascii_alphanumeric() || bytes[at - 1] == b'_') {
+        from = at + start.len();
+        if at > 0 && (bytes[at - 1].is_ascii_alphanumeric() || matches!(bytes[at - 1], b'_' | b':'))
+        {
             continue;
         }
         let rest = &code[at..];
@@ -234,7 +278,7 @@ fn crate_paths(code: &str) -> Vec<(usize, String)> {
             .unwrap_or(rest.len());
         let path = rest[..len].trim_end_matches(':');
         // `crate::{...}` is a `use` group, read by `use_trees`.
-        if path != "crate" {
+        if path != "crate" && !path.is_empty() {
             out.push((at, path.to_owned()));
         }
     }
@@ -292,11 +336,16 @@ fn inline_modules_at(code: &str) -> impl Fn(usize) -> Vec<String> {
 
 /// The module `path` (split on `::`) names, seen from `here` (the file's module, then its
 /// inline modules): the longest prefix that is a module of the crate.
+/// The names each module imports: (module, name) to the module of this crate the `use`
+/// names, or `None` for another crate.
+type Imports = BTreeMap<(Module, String), Option<Module>>;
+
 fn resolve(
     path: &str,
     here: &Module,
     inline: &[String],
     modules: &BTreeSet<Module>,
+    imports: &Imports,
 ) -> Option<Module> {
     let segments: Vec<&str> = path.split("::").filter(|s| !s.is_empty()).collect();
     let mut base: Vec<String> = if here == "crate" {
@@ -340,18 +389,40 @@ fn resolve(
         at.pop();
     }
     let mut found = name(&at);
+    let mut item = None;
     for segment in rest {
         at.push((*segment).to_owned());
         if modules.contains(&name(&at)) {
             found = name(&at);
         } else {
+            item = Some(*segment);
             break;
         }
+    }
+    // An item the module only imports (a re-export at the crate root, say) is a dependency
+    // on the module that defines it.
+    // One from another crate is no dependency within this one.
+    let mut seen = BTreeSet::new();
+    while let Some(defined) = item.and_then(|i| imports.get(&(found.clone(), i.to_owned()))) {
+        let defined = defined.as_ref()?;
+        if !seen.insert(defined.clone()) {
+            break;
+        }
+        found = defined.clone();
     }
     Some(found)
 }
 
 type Graph = BTreeMap<Module, BTreeMap<Module, Why>>;
+
+/// The module `name` would be as a child of `parent`.
+fn child_of(parent: &str, name: &str) -> Module {
+    if parent == "crate" {
+        name.to_owned()
+    } else {
+        format!("{parent}::{name}")
+    }
+}
 
 fn build_graph(src: &Path) -> Graph {
     let mut files = Vec::new();
@@ -362,22 +433,40 @@ fn build_graph(src: &Path) -> Graph {
         .iter()
         .map(|m| (m.clone(), BTreeMap::new()))
         .collect();
-    // A parent owns its children.
-    for m in &modules {
-        if m == "crate" {
-            continue;
+    // First the names every module imports (`use` trees, aliases read as the name itself).
+    let mut imports = Imports::new();
+    for file in &files {
+        let here = module_of(src, file);
+        let code = code_only(&std::fs::read_to_string(file).unwrap());
+        let inline_at = inline_modules_at(&code);
+        for (offset, tree) in use_trees(&code) {
+            if !inline_at(offset).is_empty() {
+                continue;
+            }
+            for path in expand(&tree) {
+                let Some((head, name)) = path.rsplit_once("::") else {
+                    continue;
+                };
+                if name == "*" || name == "self" {
+                    continue;
+                }
+                let key = (here.clone(), name.to_owned());
+                match resolve(head, &here, &[], &modules, &Imports::new()) {
+                    Some(to) if to != here && !modules.contains(&child_of(&to, name)) => {
+                        imports.insert(key, Some(to));
+                    }
+                    Some(_) => {}
+                    None => {
+                        imports.insert(key, None);
+                    }
+                }
+            }
         }
-        let parent = m.rsplit_once("::").map_or("crate", |(p, _)| p).to_owned();
-        graph
-            .entry(parent)
-            .or_default()
-            .entry(m.clone())
-            .or_insert_with(|| format!("declares mod {m}"));
     }
     for file in &files {
         let here = module_of(src, file);
         let text = std::fs::read_to_string(file).unwrap();
-        let code = code_only(&text);
+        let (code, comments) = split_comments(&text);
         let inline_at = inline_modules_at(&code);
         let line_of = |offset: usize| code[..offset].matches('\n').count() + 1;
         let rel = file
@@ -387,7 +476,7 @@ fn build_graph(src: &Path) -> Graph {
             .to_string();
         let add = |offset: usize, path: &str, graph: &mut Graph| {
             let inline = inline_at(offset);
-            if let Some(to) = resolve(path, &here, &inline, &modules)
+            if let Some(to) = resolve(path, &here, &inline, &modules, &imports)
                 && to != here
             {
                 graph
@@ -403,6 +492,9 @@ fn build_graph(src: &Path) -> Graph {
             }
         }
         for (offset, path) in crate_paths(&code) {
+            add(offset, &path, &mut graph);
+        }
+        for (offset, path) in comment_paths(&comments) {
             add(offset, &path, &mut graph);
         }
     }
@@ -467,8 +559,26 @@ fn describe(graph: &Graph, cycle: &[Module]) -> String {
     text
 }
 
+/// The `src` folder of every library crate of the workspace (the fuzz crate, outside it,
+/// included).
+fn workspace_sources() -> Vec<PathBuf> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let mut crates = vec![root.join("core"), root.join("benches"), root.join("fuzz")];
+    let mut adapters: Vec<PathBuf> = std::fs::read_dir(root.join("adapters"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    adapters.sort();
+    crates.extend(adapters);
+    crates
+        .into_iter()
+        .map(|c| c.join("src"))
+        .filter(|src| src.is_dir())
+        .collect()
+}
+
 #[test]
-fn the_module_graph_has_no_cycle() {
+fn the_http_module_graph_is_read_and_has_no_cycle() {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
     let graph = build_graph(&src);
     let edges: usize = graph.values().map(BTreeMap::len).sum();
@@ -477,12 +587,14 @@ fn the_module_graph_has_no_cycle() {
         ("crate", "routes"),
         ("routes::sessions", "extract"),
         ("extract", "tenants"),
+        ("extract", "error"),
         ("tenants", "webhooks::secrets"),
         ("webhooks::verify", "webhooks::secrets"),
         ("webhooks", "webhooks::verify"),
         ("error", "request_id"),
         ("doc", "routes::ws"),
         ("observe", "state"),
+        ("state", "extract"),
     ] {
         assert!(
             graph[from].contains_key(to),
@@ -493,6 +605,20 @@ fn the_module_graph_has_no_cycle() {
         panic!("{}", describe(&graph, &cycle));
     }
     eprintln!("{} modules, {edges} edges, no cycle", graph.len());
+}
+
+#[test]
+fn every_crate_s_module_graph_has_no_cycle() {
+    let sources = workspace_sources();
+    assert!(sources.len() >= 10, "the workspace was found: {sources:?}");
+    let mut cycles = String::new();
+    for src in &sources {
+        let graph = build_graph(src);
+        if let Some(cycle) = find_cycle(&graph) {
+            cycles += &format!("{}: {}", src.display(), describe(&graph, &cycle));
+        }
+    }
+    assert!(cycles.is_empty(), "{cycles}");
 }
 
 #[test]
@@ -515,6 +641,31 @@ fn use_trees_are_expanded_and_literals_ignored() {
         code_paths,
         ["crate::f::g"],
         "the comment and the string are not code; groups are read as `use` trees"
+    );
+}
+
+#[test]
+fn doc_links_in_comments_are_edges() {
+    let (code, comments) = split_comments(
+        "//! Served by [`crate::observe`] and [`Id`](super::ids::Id).\n\
+         /// See [`self::inner::X`], not a::super::b, nor \"crate::quoted\".\n\
+         let s = \"crate::in_a_string\";\n",
+    );
+    assert!(crate_paths(&code).is_empty(), "comments are not code");
+    let mut paths: Vec<String> = comment_paths(&comments)
+        .into_iter()
+        .map(|(_, p)| p)
+        .collect();
+    paths.sort();
+    assert_eq!(
+        paths,
+        [
+            "crate::observe",
+            "crate::quoted",
+            "self::inner::X",
+            "super::ids::Id"
+        ],
+        "a path in a comment counts, one in a string literal of code does not"
     );
 }
 

@@ -19,8 +19,7 @@ use deadpool_postgres::GenericClient;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use session_lifecycle::{EndReason, EventKind, Resource, SessionId, Status, Timestamp, Transition};
 use session_lifecycle_store::rows::{
-    ResourceRow, SessionRow, duration_ms, end_count, event_sequence, millis as ms, parse_id,
-    timeout_columns,
+    duration_ms, end_count, event_sequence, millis as ms, parse_id, timeout_columns,
 };
 use session_lifecycle_store::sql::{postgres as pg, statements};
 use session_lifecycle_store::{
@@ -30,8 +29,8 @@ use session_lifecycle_store::{
 use session_lifecycle_store::{
     sql_count_ends, sql_ended_at, sql_ended_since, sql_later, sql_release_due_at,
 };
+use tokio_postgres::NoTls;
 use tokio_postgres::error::SqlState;
-use tokio_postgres::{NoTls, Row};
 
 pub use schema::SCHEMA_VERSION;
 
@@ -52,39 +51,6 @@ const RELEASES_CHANNEL: &str = "session_lifecycle_releases";
 const ENDS_CHANNEL: &str = "session_lifecycle_ends";
 /// The channel a fan-out notifies when it placed events in the stream.
 const EVENTS_CHANNEL: &str = "session_lifecycle_events";
-
-/// A failure to reach or use the database: its error as the source, displayed with the
-/// server's own message and the rest of its chain (tokio-postgres alone shows only "db
-/// error").
-#[derive(Debug)]
-struct PgError(tokio_postgres::Error);
-
-impl std::fmt::Display for PgError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.0)?;
-        let mut source = std::error::Error::source(&self.0);
-        while let Some(cause) = source {
-            write!(f, ": {cause}")?;
-            source = cause.source();
-        }
-        Ok(())
-    }
-}
-
-impl std::error::Error for PgError {
-    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        Some(&self.0)
-    }
-}
-
-pub(crate) fn unavailable(e: tokio_postgres::Error) -> StoreError {
-    StoreError::unavailable(PgError(e))
-}
-
-/// A failure of the connection pool (no connection could be had).
-fn pool_unavailable(e: impl std::error::Error + Send + Sync + 'static) -> StoreError {
-    StoreError::unavailable(e)
-}
 
 impl PostgresStore {
     /// Connects to `url` (a `postgres://` URL) with a pool, and migrates the schema.
@@ -220,101 +186,18 @@ macro_rules! node_alive {
     };
 }
 
-/// Column `idx` of `row`: a type or NULL mismatch is a corrupt record, never a panic.
-fn col<'a, T: tokio_postgres::types::FromSql<'a>>(
-    row: &'a Row,
-    idx: usize,
-) -> Result<T, StoreError> {
-    row.try_get(idx).map_err(|e| StoreError::Corrupt {
-        id: row
-            .try_get::<_, String>(0)
-            .unwrap_or_else(|_| "(unknown)".to_owned()),
-        detail: format!("column {idx}: {e}"),
-    })
-}
-
-/// Groups rows of `record_columns!()` (ordered by session) into records.
-fn records(rows: &[Row]) -> Result<Vec<SessionRecord>, StoreError> {
-    let mut out = Vec::new();
-    let mut current: Option<(SessionRow, Vec<ResourceRow>)> = None;
-    for row in rows {
-        let id: String = col(row, 0)?;
-        if current.as_ref().is_none_or(|(s, _)| s.id != id) {
-            if let Some((session, resources)) = current.take() {
-                out.push(session.into_record(resources)?);
-            }
-            current = Some((
-                SessionRow {
-                    id,
-                    tenant: col(row, 1)?,
-                    status: col(row, 2)?,
-                    started_at: col(row, 3)?,
-                    ended_at: col(row, 4)?,
-                    end_reason: col(row, 5)?,
-                    expires_at: col(row, 6)?,
-                    last_seen_at: col(row, 7)?,
-                    metadata: col(row, 8)?,
-                    room_provider: col(row, 9)?,
-                    room_name: col(row, 10)?,
-                    node: col(row, 11)?,
-                    participant_left_ms: col(row, 21)?,
-                    participant_absent_ms: col(row, 22)?,
-                    websocket_grace_ms: col(row, 23)?,
-                    ready_at: col(row, 24)?,
-                },
-                Vec::new(),
-            ));
-        }
-        if let (Some((_, resources)), Some(seq)) = (current.as_mut(), row.get::<_, Option<i32>>(12))
-        {
-            resources.push(ResourceRow {
-                seq: i64::from(seq),
-                kind: i64::from(col::<i32>(row, 13)?),
-                handle: col(row, 14)?,
-                state: col(row, 15)?,
-                attempts: i64::from(col::<i32>(row, 16)?),
-                retry_at: col(row, 17)?,
-                released_at: col(row, 18)?,
-                note: col(row, 19)?,
-                last_error: col(row, 20)?,
-            });
-        }
-    }
-    if let Some((session, resources)) = current {
-        out.push(session.into_record(resources)?);
-    }
-    Ok(out)
-}
-
-async fn get_record<C: GenericClient>(
-    c: &C,
-    id: &str,
-) -> Result<Option<SessionRecord>, StoreError> {
-    let statement = c
-        .prepare_cached(concat!(
-            "SELECT ",
-            record_columns!(),
-            " FROM sessions s
-             LEFT JOIN resources r ON r.session_id = s.id
-             WHERE s.id = $1"
-        ))
-        .await
-        .map_err(unavailable)?;
-    let rows = c.query(&statement, &[&id]).await.map_err(unavailable)?;
-    Ok(records(&rows)?.pop())
-}
-
-fn resource_key(r: &Resource) -> (i32, i64) {
-    (i32::from(r.kind.0), r.handle as i64)
-}
-
 // After the SQL macros above, which they use.
+mod error;
 mod idempotency;
 mod nodes;
 mod outbox;
 mod presence;
 mod releases;
 mod rooms;
+mod rows;
+
+use error::{PgError, pool_unavailable, unavailable};
+use rows::{col, get_record, records, resource_key};
 
 impl SessionStore for PostgresStore {
     fn create(&self, new: NewSession) -> BoxFuture<'_, Result<CreateOutcome, StoreError>> {

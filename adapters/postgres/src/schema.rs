@@ -219,7 +219,7 @@ pub async fn migrate(client: &mut Client) -> Result<(), StoreError> {
 
 /// [`migrate`], up to version `target` (tests build older schemas with it).
 async fn migrate_to(client: &mut Client, target: i32) -> Result<(), StoreError> {
-    let err = crate::unavailable;
+    let err = crate::error::unavailable;
     // A session lock, held across the transaction and the concurrent builds after it, and
     // taken by polling: `CREATE INDEX CONCURRENTLY` waits for every transaction with an older
     // snapshot, so an instance blocked in `pg_advisory_lock` behind the builder would
@@ -246,7 +246,7 @@ async fn migrate_to(client: &mut Client, target: i32) -> Result<(), StoreError> 
 }
 
 async fn migrate_locked(client: &mut Client, target: i32) -> Result<(), StoreError> {
-    let err = crate::unavailable;
+    let err = crate::error::unavailable;
     let tx = client.transaction().await.map_err(err)?;
     tx.batch_execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
         .await
@@ -291,7 +291,7 @@ async fn migrate_locked(client: &mut Client, target: i32) -> Result<(), StoreErr
 /// Builds `index` unless it is there and valid; one left invalid (its build crashed or was
 /// cancelled) is dropped first. Each statement runs alone, outside any transaction.
 async fn ensure_index(client: &Client, index: &ConcurrentIndex) -> Result<(), StoreError> {
-    let err = crate::unavailable;
+    let err = crate::error::unavailable;
     let valid: Option<bool> = client
         .query_opt(
             "SELECT i.indisvalid FROM pg_index i WHERE i.indexrelid = to_regclass($1)",

@@ -28,7 +28,7 @@ use session_lifecycle_runtime::{ReleaseError, ReleaseNote};
 
 use session_lifecycle_runtime::SESSION_ID_ENV;
 
-use crate::KILL_WAIT;
+use crate::procs::KILL_WAIT;
 
 /// Where avatar servers' cgroups go.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

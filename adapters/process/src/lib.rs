@@ -37,16 +37,17 @@
 
 mod cgroup;
 mod notify;
+mod procs;
 
 use std::collections::HashMap;
-use std::ffi::{CString, OsString};
+use std::ffi::OsString;
 use std::io;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rustix::process::{Pid, Signal, kill_process_group};
+use rustix::process::Signal;
 use session_lifecycle::{EndReason, Resource, ResourceKind, SessionId};
 use session_lifecycle_runtime::{
     AcquireError, AcquireRequest, Acquired, BoxFuture, EventSink, ReleaseError, ReleaseNote,
@@ -57,16 +58,13 @@ use tokio::sync::watch;
 pub use cgroup::{CgroupMode, session_of_pid};
 
 use cgroup::Cgroups;
+use procs::{
+    KILL_WAIT, group_members, is_dead, join_cgroup_before_exec, leads_group, signal_group,
+    state_and_group, wait_group_gone, wait_reaped,
+};
 
 /// The resource kind of avatar server processes (the handle is the process id).
 pub const PROCESS_KIND: ResourceKind = ResourceKind(1);
-
-/// How long to wait for a process to disappear after SIGKILL (or a cgroup to empty after
-/// `cgroup.kill`) before calling the release failed (it is retried).
-pub(crate) const KILL_WAIT: Duration = Duration::from_secs(5);
-
-/// How often a process-group stop looks for the group's members.
-const GROUP_POLL: Duration = Duration::from_millis(20);
 
 /// Set once the fallback to process groups has been logged (once per process).
 static FALLBACK_LOGGED: AtomicBool = AtomicBool::new(false);
@@ -440,101 +438,10 @@ impl ProcessBackend {
     }
 }
 
-/// Makes the child spawned by `cmd` join the cgroup whose `cgroup.procs` is `procs`
-/// between fork and exec, so that nothing it ever starts is outside that cgroup. If it
-/// cannot, the spawn fails.
-#[allow(unsafe_code)]
-fn join_cgroup_before_exec(cmd: &mut tokio::process::Command, procs: CString) {
-    use rustix::fs::{Mode, OFlags};
-    // SAFETY: the closure runs in the forked child before exec, where only
-    // async-signal-safe operations are allowed. It makes three system calls through
-    // rustix (open, write, and close when the fd drops) on a path prepared before the
-    // fork, allocates nothing (a rustix `Errno` becomes an `io::Error` without
-    // allocating), takes no lock, and touches no state shared with the parent.
-    unsafe {
-        cmd.pre_exec(move || {
-            let fd = rustix::fs::open(
-                procs.as_c_str(),
-                OFlags::WRONLY | OFlags::CLOEXEC,
-                Mode::empty(),
-            )?;
-            rustix::io::write(&fd, b"0")?;
-            Ok(())
-        });
-    }
-}
-
-/// Waits (up to [`KILL_WAIT`]) for the supervisor to reap a child that has exited.
-async fn wait_reaped(mut exited: watch::Receiver<bool>) {
-    let _ = tokio::time::timeout(KILL_WAIT, exited.wait_for(|e| *e)).await;
-}
-
-fn signal_group(pgid: u32, signal: Signal) -> Result<(), ReleaseError> {
-    let Some(pid) = i32::try_from(pgid).ok().and_then(Pid::from_raw) else {
-        return Err(ReleaseError::permanent(format!("invalid pid {pgid}")));
-    };
-    match kill_process_group(pid, signal) {
-        // Already gone: nothing left to stop.
-        Ok(()) | Err(rustix::io::Errno::SRCH) => Ok(()),
-        Err(e) => Err(ReleaseError::transient(format!(
-            "signal {signal:?} to process group {pgid}: {e}"
-        ))),
-    }
-}
-
-/// The state and process group of `pid`, from `/proc/<pid>/stat`.
-fn state_and_group(pid: u32) -> Option<(char, u32)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the parenthesised command name: state, ppid, pgrp, ...
-    let mut fields = stat.rsplit_once(')')?.1.split_whitespace();
-    let state = fields.next()?.chars().next()?;
-    let pgrp = fields.nth(1)?.parse().ok()?;
-    Some((state, pgrp))
-}
-
-/// Whether a process state is a dead one (`Z` zombie, `X` dead).
-fn is_dead(state: char) -> bool {
-    matches!(state, 'Z' | 'X')
-}
-
-/// The live (not zombie) processes of process group `pgid`.
-fn group_members(pgid: u32) -> Vec<u32> {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    entries
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            state_and_group(*pid).is_some_and(|(state, pgrp)| pgrp == pgid && !is_dead(state))
-        })
-        .collect()
-}
-
-/// Waits up to `within` for process group `pgid` to have no live member.
-async fn wait_group_gone(pgid: u32, within: Duration) -> bool {
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        if group_members(pgid).is_empty() {
-            return true;
-        }
-        if tokio::time::Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(GROUP_POLL).await;
-    }
-}
-
 /// Whether `pid` is alive (not a zombie) and runs `session`'s avatar server.
 fn runs_session(pid: u32, session: SessionId) -> bool {
     let alive = state_and_group(pid).is_some_and(|(state, _)| !is_dead(state));
     alive && cgroup::env_session(pid) == Some(session)
-}
-
-/// Whether `pid` leads its process group (as every avatar server this backend starts
-/// does; its own children inherit its environment but not the leadership).
-fn leads_group(pid: u32) -> bool {
-    state_and_group(pid).is_some_and(|(_, pgrp)| pgrp == pid)
 }
 
 impl ResourceBackend for ProcessBackend {

@@ -7,6 +7,9 @@ use std::time::Duration;
 
 use session_lifecycle_store::{BoxError, BoxFuture};
 
+/// The variable that carries the session id into every avatar server's environment.
+pub const SESSION_ID_ENV: &str = "SESSION_LIFECYCLE_SESSION_ID";
+
 /// What a session asks of its resources, beyond what every session gets.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ResourceRequest {
@@ -31,7 +34,7 @@ pub struct AcquireRequest<'a> {
     pub tenant: &'a str,
     /// Environment for the session's avatar server, from the backends acquired before
     /// this one (for example `CUDA_VISIBLE_DEVICES` from a GPU backend), starting with
-    /// [`SESSION_ID_ENV`](crate::SESSION_ID_ENV).
+    /// [`SESSION_ID_ENV`].
     pub env: &'a [(String, String)],
 }
 
@@ -287,7 +290,7 @@ pub trait ResourceBackend: Send + Sync + 'static {
     /// The longest one release may take, including the backend's own escalation (a
     /// SIGTERM grace and SIGKILL, an NVML wait and a kill). Past it the engine counts the
     /// attempt as failed and retries it after the backoff; the resource stays held
-    /// meanwhile. [`EngineConfig::release_deadlines`](crate::EngineConfig::release_deadlines)
+    /// meanwhile. `EngineConfig::release_deadlines`
     /// overrides it per kind. The default is 30 s.
     fn release_deadline(&self) -> std::time::Duration {
         std::time::Duration::from_secs(30)

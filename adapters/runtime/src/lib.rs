@@ -16,6 +16,9 @@
 //! lease so that it runs once at a time, and retried until it succeeds. Backends' releases
 //! are repeatable, so a release re-run after a crash does nothing the second time.
 
+// No synchronous lock across an await (the engine's lock order rests on it).
+#![deny(clippy::await_holding_lock)]
+
 mod backend;
 mod clock;
 mod engine;
@@ -27,14 +30,15 @@ mod simulation;
 
 pub use backend::{
     AcquireError, AcquireRequest, Acquired, EVENT_QUEUE, EventSink, ReleaseError, ReleaseNote,
-    ResourceBackend, ResourceEvent, ResourceEventKind, ResourceRequest,
+    ResourceBackend, ResourceEvent, ResourceEventKind, ResourceRequest, SESSION_ID_ENV,
 };
 pub use clock::{
     ManualClock, RuntimeClock, SystemClock, TokioClock, WALL_RECHECK, sleep_until_wall,
 };
+pub use engine::sockets::SocketHold;
 pub use engine::{
     Background, DueReport, Engine, EngineConfig, EngineError, Plan, Readiness, RoomEventReport,
-    SESSION_ID_ENV, SocketHold, StartRequest, TIMER_SLOTS,
+    StartRequest, TIMER_SLOTS,
 };
 pub use metrics::{Metrics, MetricsSnapshot, RELEASE_LATENCY_BUCKETS};
 // The store contract, re-exported so that a service that links the engine names one crate.

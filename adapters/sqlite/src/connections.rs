@@ -9,7 +9,8 @@ use rusqlite::{Connection, OpenFlags};
 use session_lifecycle_store::{StoreError, lock};
 use tokio::sync::oneshot;
 
-use crate::{db, schema, unavailable};
+use crate::error::{db, unavailable};
+use crate::schema;
 
 /// The most calls committed in one transaction.
 const MAX_BATCH: usize = 512;

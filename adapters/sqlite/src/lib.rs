@@ -17,10 +17,12 @@
 //! ```
 
 mod connections;
+mod error;
 mod idempotency;
 mod nodes;
 mod outbox;
 mod presence;
+mod releases;
 mod rooms;
 mod schema;
 
@@ -31,6 +33,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use connections::Connections;
+use error::db;
 use rusqlite::{Connection, params};
 use session_lifecycle::{EndReason, EventKind, Resource, SessionId, Status, Timestamp, Transition};
 use session_lifecycle_store::rows::{
@@ -63,10 +66,6 @@ struct Inner {
     ended: tokio::sync::broadcast::Sender<SessionId>,
 }
 
-fn unavailable(e: impl Into<session_lifecycle_store::BoxError>) -> StoreError {
-    StoreError::unavailable(e)
-}
-
 impl SqliteStore {
     /// Opens (creating if needed) the store at `path`, and migrates its schema.
     pub fn open(path: impl AsRef<Path>) -> Result<SqliteStore, StoreError> {
@@ -88,10 +87,6 @@ impl SqliteStore {
     pub async fn integrity_check(&self) -> Result<String, StoreError> {
         self.inner.conns.integrity_check().await
     }
-}
-
-fn db(e: rusqlite::Error) -> StoreError {
-    unavailable(e)
 }
 
 /// The columns of a session row, in the order [`session_row`] reads them: a macro, so that
@@ -533,129 +528,6 @@ impl SessionStore for SqliteStore {
     }
 }
 
-impl ReleaseQueue for SqliteStore {
-    fn claim_releases(
-        &self,
-        node: &str,
-        now: Timestamp,
-        lease: Duration,
-        limit: u32,
-    ) -> BoxFuture<'_, Result<Vec<SessionRecord>, StoreError>> {
-        let node = node.to_owned();
-        Box::pin(self.inner.conns.write(move |c| {
-            let lease_ms = duration_ms(lease);
-            let mut ids: Vec<(i64, String)> = c
-                .prepare_cached(
-                    "UPDATE sessions SET release_claimed_by = ?2, release_claimed_until = ?1 + ?3
-                     WHERE id IN (
-                        SELECT id FROM sessions
-                        WHERE node = ?2 AND release_due_at <= ?1
-                          AND (release_claimed_until IS NULL OR release_claimed_until <= ?1)
-                        ORDER BY release_due_at, id LIMIT ?4)
-                     RETURNING release_due_at, id",
-                )
-                .and_then(|mut s| {
-                    s.query_map(params![ms(now), node, lease_ms, i64::from(limit)], |r| {
-                        Ok((r.get(0)?, r.get(1)?))
-                    })?
-                    .collect()
-                })
-                .map_err(db)?;
-            // RETURNING keeps no order: most overdue first, then by id.
-            ids.sort_unstable();
-            let mut out = Vec::with_capacity(ids.len());
-            for (_, id) in ids {
-                if let Some(record) = get_record(c, &id)? {
-                    out.push(record);
-                }
-            }
-            Ok(out)
-        }))
-    }
-
-    fn record_release(
-        &self,
-        node: &str,
-        progress: ReleaseProgress,
-    ) -> BoxFuture<'_, Result<(), StoreError>> {
-        let node = node.to_owned();
-        Box::pin(self.inner.conns.write(move |c| {
-            let id = progress.session.to_string();
-            if let Some(attempt) = &progress.attempt {
-                let (kind, handle) = resource_key(&attempt.resource);
-                let (state, attempts, retry_at, released_at) = release_columns(attempt.release);
-                let released = state == "released";
-                let released_at_time = match attempt.release {
-                    session_lifecycle::ReleaseState::Released { at } => Some(at),
-                    _ => None,
-                };
-                c.prepare_cached(statements::RECORD_ATTEMPT)
-                    .and_then(|mut s| {
-                        s.execute(params![
-                            id,
-                            kind,
-                            handle,
-                            state,
-                            attempts,
-                            retry_at,
-                            released_at,
-                            released,
-                            attempt.note,
-                            RELEASED_ON_RETURN,
-                        ])
-                    })
-                    .map_err(db)?;
-                if let Some(at) = released_at_time {
-                    released_event(c, &id, at)?;
-                }
-            }
-            let claimed_until = progress.keep_claim_until.map(ms);
-            c.prepare_cached(statements::RECORD_SESSION)
-                .and_then(|mut s| {
-                    s.execute(params![
-                        id,
-                        node,
-                        progress.next_release_at.map(ms),
-                        claimed_until
-                    ])
-                })
-                .map_err(db)?;
-            Ok(())
-        }))
-    }
-
-    fn watch_releases<'a>(
-        &'a self,
-        node: &'a str,
-        wake: &'a (dyn Fn() + Send + Sync),
-    ) -> BoxFuture<'a, ()> {
-        let mut due = self.inner.releases_due.subscribe();
-        Box::pin(async move {
-            loop {
-                match due.recv().await {
-                    Ok(due_node) if due_node == node => wake(),
-                    Ok(_) => {}
-                    // Missed some: one of them may have been ours.
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => wake(),
-                    Err(tokio::sync::broadcast::error::RecvError::Closed) => {
-                        std::future::pending::<()>().await
-                    }
-                }
-            }
-        })
-    }
-
-    fn drop_claims(&self, node: &str) -> BoxFuture<'_, Result<(), StoreError>> {
-        let node = node.to_owned();
-        Box::pin(self.inner.conns.write(move |c| {
-            c.prepare_cached(statements::DROP_CLAIMS)
-                .and_then(|mut s| s.execute([node]))
-                .map_err(db)?;
-            Ok(())
-        }))
-    }
-}
-
 impl StoreHealth for SqliteStore {
     fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>> {
         Box::pin(
@@ -667,59 +539,4 @@ impl StoreHealth for SqliteStore {
 }
 
 #[cfg(test)]
-mod tests {
-    use std::sync::atomic::{AtomicU32, Ordering};
-
-    use super::*;
-
-    fn sqlite_error(code: i32) -> StoreError {
-        db(rusqlite::Error::SqliteFailure(
-            rusqlite::ffi::Error::new(code),
-            None,
-        ))
-    }
-
-    /// A read that meets a lock runs again (off the workers, waiting for the lock); any
-    /// other failure is answered as it is.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_read_that_meets_a_lock_runs_again_and_others_fail_once() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = SqliteStore::open(dir.path().join("s.db")).unwrap();
-        for (first, runs, answered) in [
-            (rusqlite::ffi::SQLITE_BUSY, 2, true),
-            (rusqlite::ffi::SQLITE_LOCKED, 2, true),
-            (rusqlite::ffi::SQLITE_IOERR, 1, false),
-        ] {
-            let calls = Arc::new(AtomicU32::new(0));
-            let answer = store
-                .inner
-                .conns
-                .read({
-                    let calls = Arc::clone(&calls);
-                    move |c| match calls.fetch_add(1, Ordering::SeqCst) {
-                        0 => Err(sqlite_error(first)),
-                        _ => c
-                            .query_row("SELECT count(*) FROM sessions", [], |r| r.get::<_, i64>(0))
-                            .map_err(db),
-                    }
-                })
-                .await;
-            assert_eq!(calls.load(Ordering::SeqCst), runs, "code {first}");
-            assert_eq!(answer.is_ok(), answered, "code {first}: {answer:?}");
-            if answered {
-                assert_eq!(answer.unwrap(), 0);
-            }
-        }
-        // The connection came back to the pool with its zero busy timeout, and works.
-        let count = store
-            .inner
-            .conns
-            .read(|c| {
-                c.query_row("SELECT count(*) FROM sessions", [], |r| r.get::<_, i64>(0))
-                    .map_err(db)
-            })
-            .await
-            .unwrap();
-        assert_eq!(count, 0);
-    }
-}
+mod tests;

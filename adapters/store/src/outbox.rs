@@ -1,18 +1,16 @@
 //! The event outbox: session events written with the state changes that cause them, fanned
 //! out to the endpoints that want them, and the deliveries to those endpoints.
 //!
-//! A store writes an event in the same step as its cause ([`SessionStore::create`] writes
-//! `session.started`, [`SessionStore::end`] and [`NodeMembership::end_dead_nodes`] write
-//! `session.ended`, the last [`ReleaseQueue::record_release`] of a session, or the end of a
+//! A store writes an event in the same step as its cause (`SessionStore::create` writes
+//! `session.started`, `SessionStore::end` and `NodeMembership::end_dead_nodes` write
+//! `session.ended`, the last `ReleaseQueue::record_release` of a session, or the end of a
 //! session that held nothing, writes `session.released`), so an event is never lost and
 //! never made up. The service then fans each event out once ([`EventOutbox::dispatch_events`]:
 //! one delivery per endpoint, and its place in the event stream) and delivers them, each
 //! attempt claimed like a release so that it happens once across the cluster.
 //!
-//! [`SessionStore::create`]: crate::store::SessionStore::create
-//! [`SessionStore::end`]: crate::store::SessionStore::end
-//! [`NodeMembership::end_dead_nodes`]: crate::store::NodeMembership::end_dead_nodes
-//! [`ReleaseQueue::record_release`]: crate::store::ReleaseQueue::record_release
+//! The store traits (one module up the layering) are named without links: this module is
+//! below them and knows nothing of them.
 
 use std::time::Duration;
 

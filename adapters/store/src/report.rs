@@ -1,5 +1,5 @@
 //! What a node says of itself, for the people who run the cluster: written to the store
-//! with its heartbeat (see [`NodeMembership::report_node`](crate::store::NodeMembership::report_node))
+//! with its heartbeat (`NodeMembership::report_node`)
 //! and read back by every instance's live page.
 
 use serde::{Deserialize, Serialize};

@@ -1,6 +1,7 @@
 //! What callers ask of the engine: start, end, get, list and liveness. Every change is
 //! committed in the store first; the in-memory timer table follows what the store says.
 
+use crate::backend::SESSION_ID_ENV;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
@@ -13,9 +14,6 @@ use session_lifecycle_store::{
     AttachOutcome, CreateOutcome, ListQuery, NewSession, ReleaseClaim, SessionRecord,
     SessionTimeouts, TouchOutcome,
 };
-
-/// The variable that carries the session id into every avatar server's environment.
-pub const SESSION_ID_ENV: &str = "SESSION_LIFECYCLE_SESSION_ID";
 
 impl Engine {
     /// A session's timeouts, each the session's own or else the engine's default.
@@ -354,7 +352,9 @@ impl Engine {
             && crate::simulation::planted(PlantedBug::ReleaseWithoutClaim)
             && record.session.next_release_at().is_some()
         {
-            lock(&inner.local_runs).push(self.spawn_unguarded_run(record.clone(), None));
+            lock(&inner.releases)
+                .local_runs
+                .push(self.spawn_unguarded_run(record.clone(), None));
         }
         if transition == Transition::Committed {
             inner.metrics.session_ended(ended_reason);

@@ -4,12 +4,45 @@ use std::time::Duration;
 
 use session_lifecycle::{Policy, ResourceKind, SessionId};
 
+use tokio_util::task::TaskTracker;
+
 use crate::backend::ResourceRequest;
 use session_lifecycle_store::{RoomBinding, SessionTimeouts, StoreError};
 
 /// How many started sessions one engine tracks timers for. Starting more fails with
 /// [`EngineError::CapacityExhausted`]; a node runs far fewer avatar servers than this.
 pub const TIMER_SLOTS: usize = 16_384;
+
+/// How long to wait before trying again a store write that a timer or the sweep could not
+/// make (the store was unreachable): the session's timer is put back for then.
+pub(crate) const STORE_RETRY: Duration = Duration::from_secs(1);
+
+/// Whether a node can take new sessions (see `Engine::readiness`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Readiness {
+    /// It can.
+    Ready,
+    /// It is draining: running sessions continue, new ones go elsewhere.
+    Draining,
+    /// A backend has no room for a session of the default size (no GPU with enough memory).
+    NoCapacity(String),
+    /// The store cannot be reached.
+    StoreUnreachable(String),
+}
+
+/// The engine's background tasks; dropping this does not stop them, `Engine::shutdown`
+/// does.
+pub struct Background {
+    pub(super) tasks: TaskTracker,
+}
+
+impl Background {
+    /// Waits for every background task to finish (after `Engine::shutdown`).
+    pub async fn join(self) {
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+}
 
 /// The engine's settings.
 #[derive(Debug, Clone)]
@@ -208,7 +241,7 @@ pub enum EngineError {
     Draining,
 }
 
-/// What one [`Engine::run_due`](crate::Engine::run_due) pass did.
+/// What one `Engine::run_due` pass did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct DueReport {
     /// Sessions this pass ended with `expired`.

@@ -18,15 +18,40 @@
 //! - `recovery`: what a restarted node settles before it serves;
 //! - `tasks`: the background loops, each a `run` over a `*_once` step that
 //!   [`Engine::run_due`] calls too, every task tracked, and shutdown.
+//!
+//! # Shared state and its locks
+//!
+//! The store is the source of truth; what the engine keeps in memory is either a mirror
+//! of it (the timers) or bookkeeping of work under way on this node. Each piece has one
+//! lock, and each lock guards one invariant:
+//!
+//! | lock (in `Inner`) | guards |
+//! | --- | --- |
+//! | `timers` | the timer table mirrors the store's started sessions of this node: a session is ended in it only after the store has the end |
+//! | `health` (shared with the watched store) | the record of when the store could not be reached, so silence in an outage is never judged |
+//! | `pending_touches` | liveness received in an outage, written before anything is judged |
+//! | `starting` | the sessions still acquiring resources here; each entry's own async lock is held for the whole start, so a release run of that session waits for it (last acquired, first released) |
+//! | `releases` ([`ReleaseBook`]) | one release run per session at a time, the failing resources, progress not yet recorded (written before the next claim), the next retry time and the runs this node started with its own ends |
+//! | `node_self` ([`NodeSelf`]) | what this node last wrote of itself: its heartbeat time and its report |
+//! | `events_rx` | the one receiver of backend events, taken by the event loop |
+//! | `sockets.held` | this node's client sockets per session; each session's own async lock (`Recorded`) orders its presence writes |
+//!
+//! Order: no synchronous lock is ever held while another is taken, nor across an
+//! `.await` (each is taken, read or changed, and let go in one statement or block;
+//! `clippy::await_holding_lock` in CI holds the second part). The two kinds of
+//! per-session async locks (`starting`'s and `sockets`' `Recorded`) are held across store
+//! and backend calls by design, are only ever taken with no synchronous lock held, and
+//! never one inside the other. `closing` and `draining` are atomics read on their own.
 
 mod api;
 mod config;
 mod health;
+mod held;
 mod outages;
 mod recovery;
 mod releases;
 mod rooms;
-mod sockets;
+pub(crate) mod sockets;
 mod sweeper;
 mod tasks;
 #[cfg(test)]
@@ -48,22 +73,17 @@ use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-pub use api::SESSION_ID_ENV;
+pub(crate) use config::STORE_RETRY;
 pub use config::{
-    DueReport, EngineConfig, EngineError, Plan, RoomEventReport, StartRequest, TIMER_SLOTS,
+    Background, DueReport, EngineConfig, EngineError, Plan, Readiness, RoomEventReport,
+    StartRequest, TIMER_SLOTS,
 };
-pub use sockets::SocketHold;
-pub use tasks::{Background, Readiness};
 
 use crate::backend::{EventSink, ResourceBackend, ResourceEvent};
 use crate::clock::RuntimeClock;
 use crate::metrics::Metrics;
 use session_lifecycle_store::NodeReport;
 use session_lifecycle_store::Store;
-
-/// How long to wait before trying again a store write that a timer or the sweep could not
-/// make (the store was unreachable): the session's timer is put back for then.
-const STORE_RETRY: Duration = Duration::from_secs(1);
 
 pub(crate) struct Inner {
     /// The store, watched: every call records whether it could be reached.
@@ -86,11 +106,6 @@ pub(crate) struct Inner {
     timers_changed: Notify,
     /// A release may have become due here: the release worker claims again.
     releases_due: Notify,
-    /// Release progress the store could not take when it was made; written before the next
-    /// claim.
-    unrecorded: Mutex<Vec<session_lifecycle_store::ReleaseProgress>>,
-    /// The earliest retry time a session's releases wait for on this node.
-    next_retry: Mutex<Option<Timestamp>>,
     events: EventSink,
     events_rx: Mutex<Option<mpsc::Receiver<ResourceEvent>>>,
     /// Set when shutting down or draining: no new sessions.
@@ -100,26 +115,48 @@ pub(crate) struct Inner {
     /// Sessions still acquiring their resources here: their releases wait for the start
     /// to finish, so that a resource acquired last is also released first.
     starting: Mutex<BTreeMap<SessionId, Arc<tokio::sync::Mutex<()>>>>,
-    /// When this node's heartbeat was last written.
-    last_heartbeat: Mutex<Option<Timestamp>>,
-    /// Sessions whose release run is going on this node (one run per session at a time).
-    running: Mutex<BTreeSet<SessionId>>,
-    /// Resources whose last release attempt here failed and that are not released yet.
-    failing: Mutex<BTreeSet<(SessionId, Resource)>>,
+    /// What this node last wrote of itself: its heartbeat and its report.
+    node_self: Mutex<NodeSelf>,
+    /// The release worker's bookkeeping on this node.
+    releases: Mutex<ReleaseBook>,
     /// Every task the engine starts: background loops, room-grace waits.
     tasks: TaskTracker,
     /// The release runs of sessions (each one session's releases, in order).
     release_tasks: TaskTracker,
-    /// Runs of sessions this node ended itself (claimed with the end), not yet waited for
-    /// by a [`Engine::run_due`].
-    local_runs: Mutex<Vec<tokio::task::JoinHandle<DueReport>>>,
     /// Client WebSockets held on this node.
-    sockets: sockets::Sockets,
+    sockets: held::Sockets,
     /// Cancelled at shutdown: every task stops.
     cancel: CancellationToken,
     metrics: Arc<Metrics>,
-    /// What this node last reported of itself, and whether the store has that report.
-    report: Mutex<(NodeReport, bool)>,
+}
+
+/// The release worker's bookkeeping on this node, one lock for the whole of it: each
+/// field changes with a release run's start, outcome or end.
+#[derive(Default)]
+struct ReleaseBook {
+    /// Sessions whose release run is going on this node (one run per session at a time).
+    running: BTreeSet<SessionId>,
+    /// Resources whose last release attempt here failed and that are not released yet.
+    failing: BTreeSet<(SessionId, Resource)>,
+    /// Release progress the store could not take when it was made; written before the next
+    /// claim.
+    unrecorded: Vec<session_lifecycle_store::ReleaseProgress>,
+    /// The earliest retry time a session's releases wait for on this node.
+    next_retry: Option<Timestamp>,
+    /// Runs of sessions this node ended itself (claimed with the end), not yet waited for
+    /// by a [`Engine::run_due`].
+    local_runs: Vec<tokio::task::JoinHandle<DueReport>>,
+}
+
+/// What this node last wrote of itself to the store.
+#[derive(Default)]
+struct NodeSelf {
+    /// When its heartbeat was last written.
+    last_heartbeat: Option<Timestamp>,
+    /// What it last reported of itself (draining, room, GPUs) ...
+    report: NodeReport,
+    /// ... and whether the store has that report.
+    report_stored: bool,
 }
 
 /// The session engine a service links in: start, end, get, list and record liveness,
@@ -149,7 +186,7 @@ impl Engine {
             retention: Duration::ZERO,
             ..config.policy
         };
-        let timers = timers::boxed_table(table_policy)?;
+        let timers = boxed_table(table_policy)?;
         let by_kind = backends.iter().map(|b| (b.kind(), Arc::clone(b))).collect();
         let mut release_deadlines: HashMap<ResourceKind, Duration> = backends
             .iter()
@@ -178,23 +215,18 @@ impl Engine {
                 timers: Mutex::new(timers),
                 timers_changed: Notify::new(),
                 releases_due: Notify::new(),
-                unrecorded: Mutex::new(Vec::new()),
-                next_retry: Mutex::new(None),
                 events,
                 events_rx: Mutex::new(Some(events_rx)),
                 closing: AtomicBool::new(false),
                 draining: AtomicBool::new(false),
                 starting: Mutex::new(BTreeMap::new()),
-                last_heartbeat: Mutex::new(None),
-                running: Mutex::new(BTreeSet::new()),
-                failing: Mutex::new(BTreeSet::new()),
+                node_self: Mutex::new(NodeSelf::default()),
+                releases: Mutex::new(ReleaseBook::default()),
                 tasks: TaskTracker::new(),
                 release_tasks: TaskTracker::new(),
-                local_runs: Mutex::new(Vec::new()),
-                sockets: sockets::Sockets::default(),
+                sockets: held::Sockets::default(),
                 cancel: CancellationToken::new(),
                 metrics,
-                report: Mutex::new((NodeReport::default(), false)),
             }),
         };
         engine.recover().await?;
@@ -217,7 +249,7 @@ impl Engine {
     /// Resources whose last release attempt on this node failed and that are still held
     /// (for metrics: such a resource is retried, and never handed to another session).
     pub fn releases_failing(&self) -> usize {
-        lock(&self.inner.failing).len()
+        lock(&self.inner.releases).failing.len()
     }
 
     /// When this node's timers next fire (an expiry, an orphan deadline, or a retry of an
@@ -269,4 +301,18 @@ impl Engine {
     fn timers(&self) -> MutexGuard<'_, Box<SessionTable<TIMER_SLOTS>>> {
         lock(&self.inner.timers)
     }
+}
+
+/// Builds the timer table directly on the heap. The table is a large inline array; built
+/// on a task's stack it could overflow it, so it is built on a thread with room for it.
+fn boxed_table(policy: Policy) -> Result<Box<SessionTable<TIMER_SLOTS>>, EngineError> {
+    let size = std::mem::size_of::<SessionTable<TIMER_SLOTS>>();
+    std::thread::Builder::new()
+        .name("timer-table".to_owned())
+        .stack_size(4 * size + (1 << 20))
+        .spawn(move || SessionTable::new(policy).map(Box::new))
+        .map_err(|e| EngineError::StartFailed(format!("building the timer table: {e}")))?
+        .join()
+        .map_err(|_| EngineError::StartFailed("building the timer table panicked".to_owned()))?
+        .map_err(EngineError::InvalidConfig)
 }

@@ -27,7 +27,9 @@ pub(super) struct Running {
 
 impl Drop for Running {
     fn drop(&mut self) {
-        lock(&self.engine.inner.running).remove(&self.session);
+        lock(&self.engine.inner.releases)
+            .running
+            .remove(&self.session);
     }
 }
 
@@ -77,7 +79,7 @@ impl Engine {
     /// forward past it while the run is still releasing.
     fn spawn_run(&self, record: SessionRecord) -> Option<JoinHandle<DueReport>> {
         let id = *record.session.id();
-        if !lock(&self.inner.running).insert(id) {
+        if !lock(&self.inner.releases).running.insert(id) {
             return None;
         }
         let running = Running {
@@ -114,7 +116,7 @@ impl Engine {
     /// [`releases_once`](Self::releases_once) waits for it too.
     pub(super) fn spawn_release_run(&self, record: SessionRecord) {
         if let Some(run) = self.spawn_run(record) {
-            lock(&self.inner.local_runs).push(run);
+            lock(&self.inner.releases).local_runs.push(run);
         }
     }
 
@@ -122,7 +124,7 @@ impl Engine {
     /// again while a pass filled its batch. Part of [`run_due`](Engine::run_due).
     pub(super) async fn releases_once(&self) -> Result<DueReport, EngineError> {
         let mut report = DueReport::default();
-        let local = std::mem::take(&mut *lock(&self.inner.local_runs));
+        let local = std::mem::take(&mut lock(&self.inner.releases).local_runs);
         for run in local {
             match run.await {
                 Ok(r) => report.add(r),
@@ -188,14 +190,14 @@ impl Engine {
                     inner
                         .metrics
                         .release_done(now.saturating_duration_since(started));
-                    lock(&inner.failing).remove(&(id, resource));
+                    lock(&inner.releases).failing.remove(&(id, resource));
                     tracing::info!(session = %id, ?resource, %note, "resource released");
                     (ReleaseOutcome::Released, note.to_string())
                 }
                 Err(e) => {
                     run.failed += 1;
                     inner.metrics.release_failed();
-                    lock(&inner.failing).insert((id, resource));
+                    lock(&inner.releases).failing.insert((id, resource));
                     if e.is_permanent() {
                         tracing::error!(session = %id, ?resource, error = %e, "release failed and cannot work as things are; retrying after the backoff, the resource stays held");
                     } else {
@@ -251,9 +253,9 @@ impl Engine {
     /// After a run stops: a session waiting for a retry wakes the worker at that time.
     fn after_run(&self, session: &Session, now: Timestamp) {
         if let ReleaseStep::WaitUntil(at) = session.release_step(now) {
-            let mut next = lock(&self.inner.next_retry);
-            *next = Some(next.map_or(at, |t| t.min(at)));
-            drop(next);
+            let mut book = lock(&self.inner.releases);
+            book.next_retry = Some(book.next_retry.map_or(at, |t| t.min(at)));
+            drop(book);
             self.inner.releases_due.notify_one();
         }
     }
@@ -300,7 +302,7 @@ impl Engine {
             Ok(()) => true,
             Err(e) => {
                 tracing::warn!(session = %progress.session, error = %e, "recording a release failed; it is written before the next claim");
-                lock(&inner.unrecorded).push(ReleaseProgress {
+                lock(&inner.releases).unrecorded.push(ReleaseProgress {
                     keep_claim_until: None,
                     ..progress
                 });
@@ -313,7 +315,7 @@ impl Engine {
     /// while the store is still unreachable.
     async fn write_unrecorded(&self) -> Result<(), EngineError> {
         let inner = &self.inner;
-        let pending = std::mem::take(&mut *lock(&inner.unrecorded));
+        let pending = std::mem::take(&mut lock(&inner.releases).unrecorded);
         let mut left = pending.into_iter();
         while let Some(progress) = left.next() {
             if let Err(e) = inner
@@ -321,9 +323,9 @@ impl Engine {
                 .record_release(&inner.config.node, progress.clone())
                 .await
             {
-                let mut unrecorded = lock(&inner.unrecorded);
-                unrecorded.push(progress);
-                unrecorded.extend(left);
+                let mut book = lock(&inner.releases);
+                book.unrecorded.push(progress);
+                book.unrecorded.extend(left);
                 return Err(e.into());
             }
         }
@@ -341,7 +343,8 @@ impl Engine {
             let now = inner.clock.now();
             let mut wake = now.saturating_add(inner.config.release_poll);
             {
-                let mut next = lock(&inner.next_retry);
+                let mut book = lock(&inner.releases);
+                let next = &mut book.next_retry;
                 match *next {
                     Some(at) if at <= now => *next = None,
                     Some(at) => wake = wake.min(at),

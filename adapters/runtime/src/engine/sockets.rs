@@ -8,48 +8,15 @@
 //! a socket of it any more: a client that reconnected to another instance within the
 //! grace keeps its session.
 
-use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use session_lifecycle::{EndReason, SessionId, Status};
 use tokio::sync::watch;
 
+use super::held::{Held, Recorded};
 use super::{Engine, EngineError, STORE_RETRY, lock};
 use session_lifecycle_store::SessionRecord;
-
-/// This node's sockets of one session.
-struct Held {
-    /// Sockets open now.
-    open: usize,
-    /// Counts every open: a grace wait acts only if nothing opened since it began.
-    opened: u64,
-    /// The session's WebSocket grace.
-    grace: Duration,
-    /// Set once the session ended (anywhere).
-    ended: watch::Sender<bool>,
-    /// Whether the store records this node as holding the session. Its writes are made
-    /// one at a time, in order, under this lock.
-    recorded: Arc<tokio::sync::Mutex<Recorded>>,
-}
-
-/// Whether the store records this node as holding a session.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Recorded {
-    /// It does not.
-    No,
-    /// The write failed without an answer: it may have committed. Letting go deletes it,
-    /// and judges nothing (no socket of the session was ever open here for sure).
-    Unsure,
-    /// It does.
-    Yes,
-}
-
-/// Every session this node holds sockets of (or waits out the grace of).
-#[derive(Default)]
-pub(crate) struct Sockets {
-    held: Mutex<BTreeMap<SessionId, Held>>,
-}
 
 /// One client socket of a session, held on this node. Dropping it closes it: when the
 /// session's last socket here closes, its grace starts (see the module docs).

@@ -89,7 +89,7 @@ impl Engine {
         let inner = &self.inner;
         let now = inner.clock.now();
         inner.store.node_alive(&inner.config.node, now).await?;
-        *lock(&inner.last_heartbeat) = Some(now);
+        lock(&inner.node_self).last_heartbeat = Some(now);
         self.after_outage().await;
         Ok(())
     }
@@ -138,20 +138,24 @@ impl Engine {
             report.devices.extend(backend.devices().await);
         }
         let unchanged = {
-            let last = lock(&inner.report);
-            last.1 && last.0 == report
+            let last = lock(&inner.node_self);
+            last.report_stored && last.report == report
         };
         if unchanged {
             return Ok(());
         }
-        *lock(&inner.report) = (report.clone(), false);
+        {
+            let mut last = lock(&inner.node_self);
+            last.report = report.clone();
+            last.report_stored = false;
+        }
         inner
             .store
             .report_node(&inner.config.node, &report.to_json())
             .await?;
-        let mut last = lock(&inner.report);
-        if last.0 == report {
-            last.1 = true;
+        let mut last = lock(&inner.node_self);
+        if last.report == report {
+            last.report_stored = true;
         }
         Ok(())
     }
@@ -159,14 +163,15 @@ impl Engine {
     /// What this node last worked out about itself (its heartbeat does, every
     /// `node_heartbeat`).
     pub fn node_report(&self) -> crate::NodeReport {
-        lock(&self.inner.report).0.clone()
+        lock(&self.inner.node_self).report.clone()
     }
 
     /// Whether this node's last heartbeat written is older than two intervals (or there
     /// was none): other instances may be about to take it for dead.
     pub(super) fn heartbeat_overdue(&self, now: Timestamp) -> bool {
         let inner = &self.inner;
-        lock(&inner.last_heartbeat)
+        lock(&inner.node_self)
+            .last_heartbeat
             .is_none_or(|at| now.saturating_duration_since(at) > inner.config.node_heartbeat * 2)
     }
 

@@ -9,37 +9,9 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use session_lifecycle::{EndReason, SessionId, Status, Transition};
-use tokio_util::task::TaskTracker;
 
-use super::{DueReport, Engine, EngineError, lock};
+use super::{Background, DueReport, Engine, EngineError, Readiness, lock};
 use crate::backend::{ResourceEvent, ResourceEventKind};
-
-/// Whether a node can take new sessions (see [`Engine::readiness`]).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Readiness {
-    /// It can.
-    Ready,
-    /// It is draining: running sessions continue, new ones go elsewhere.
-    Draining,
-    /// A backend has no room for a session of the default size (no GPU with enough memory).
-    NoCapacity(String),
-    /// The store cannot be reached.
-    StoreUnreachable(String),
-}
-
-/// The engine's background tasks; dropping this does not stop them, [`Engine::shutdown`]
-/// does.
-pub struct Background {
-    tasks: TaskTracker,
-}
-
-impl Background {
-    /// Waits for every background task to finish (after [`Engine::shutdown`]).
-    pub async fn join(self) {
-        self.tasks.close();
-        self.tasks.wait().await;
-    }
-}
 
 impl Engine {
     /// Spawns `task` as a tracked task that stops when the engine shuts down. Nothing is
@@ -318,7 +290,7 @@ impl Engine {
             inner.release_tasks.close();
             inner.release_tasks.wait().await;
             inner.release_tasks.reopen();
-            let retry = lock(&inner.next_retry).take();
+            let retry = lock(&inner.releases).next_retry.take();
             match retry {
                 Some(at) => inner.clock.sleep_until(at).await,
                 None if pass.released + pass.release_failures > 0 => {}

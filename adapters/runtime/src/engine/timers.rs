@@ -3,11 +3,9 @@
 //! the store, and only then in the table. A store that cannot be reached leaves the timer
 //! armed for a later try; a session that proves alive elsewhere gets its timer back.
 
-use session_lifecycle::{
-    EndReason, Policy, ReleaseOutcome, SessionId, SessionTable, Status, Timestamp, Work,
-};
+use session_lifecycle::{EndReason, ReleaseOutcome, SessionId, Status, Timestamp, Work};
 
-use super::{DueReport, Engine, EngineError, STORE_RETRY, TIMER_SLOTS};
+use super::{DueReport, Engine, EngineError, STORE_RETRY};
 
 /// A node timeout no node exceeds: every holder counts, dead or alive.
 const ANY_HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(100 * 365 * 24 * 3600);
@@ -185,18 +183,4 @@ impl DueReport {
     fn is_empty(&self) -> bool {
         *self == DueReport::default()
     }
-}
-
-/// Builds the timer table directly on the heap. The table is a large inline array; built
-/// on a task's stack it could overflow it, so it is built on a thread with room for it.
-pub(super) fn boxed_table(policy: Policy) -> Result<Box<SessionTable<TIMER_SLOTS>>, EngineError> {
-    let size = std::mem::size_of::<SessionTable<TIMER_SLOTS>>();
-    std::thread::Builder::new()
-        .name("timer-table".to_owned())
-        .stack_size(4 * size + (1 << 20))
-        .spawn(move || SessionTable::new(policy).map(Box::new))
-        .map_err(|e| EngineError::StartFailed(format!("building the timer table: {e}")))?
-        .join()
-        .map_err(|_| EngineError::StartFailed("building the timer table panicked".to_owned()))?
-        .map_err(EngineError::InvalidConfig)
 }

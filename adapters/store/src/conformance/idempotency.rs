@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use session_lifecycle::SessionId;
 
-use super::{at, fresh_tenant, random};
+use super::support::{at, fresh_tenant, random};
 use crate::idempotency::{IdempotencyBegin, IdempotentRequest};
 use crate::store::Store;
 

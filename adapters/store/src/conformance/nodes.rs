@@ -5,7 +5,7 @@ use std::time::Duration;
 use session_lifecycle::{EndReason, SessionId, Status, Timestamp};
 
 use super::releases::{claim, release_one};
-use super::{at, create, fresh_tenant, get, new_session, random, res};
+use super::support::{at, create, fresh_tenant, get, new_session, random, res};
 use crate::record::{AttachOutcome, ListQuery};
 use crate::store::Store;
 
@@ -78,7 +78,7 @@ pub async fn nodes_own_releases_and_dead_nodes_are_taken_over(store: &dyn Store)
 
     // na stops heartbeating; nb stays alive. Node death is judged on the store's clock
     // (a shared store's own), so this part runs on the wall clock with a short timeout.
-    let wall = || super::wall_now();
+    let wall = || super::support::wall_now();
     let timeout = Duration::from_millis(800);
     store.node_alive(&na, wall()).await.expect("heartbeat");
     store.node_alive(&nb, wall()).await.expect("heartbeat");
@@ -199,7 +199,7 @@ pub async fn nodes_own_releases_and_dead_nodes_are_taken_over(store: &dyn Store)
 /// node is alive; recent ends list the sessions that ended since a time and those still
 /// owing releases (those first, then by the latest end), scoped to a tenant.
 pub async fn node_reports_and_recent_ends_are_listed(store: &dyn Store) {
-    let wall = || super::wall_now();
+    let wall = || super::support::wall_now();
     let node = format!("node-{:x}", random() as u64);
     store.node_alive(&node, wall()).await.expect("heartbeat");
     store

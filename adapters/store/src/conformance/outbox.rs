@@ -6,7 +6,7 @@ use std::time::Duration;
 use session_lifecycle::{EndReason, EventKind, ReleaseOutcome, SessionId};
 
 use super::releases::{fresh_node, release_one};
-use super::{at, create, fresh_tenant, get, new_session, res};
+use super::support::{at, create, fresh_tenant, get, new_session, res};
 use crate::outbox::{
     Delivery, DeliveryAttempt, DeliveryNext, DeliveryQuery, DeliveryStatus, Dispatch, Fanout,
     SessionEvent,

@@ -6,11 +6,11 @@ use std::time::Duration;
 
 use session_lifecycle::{EndReason, SessionId};
 
-use super::{at, create, fresh_tenant, new_session, random};
+use super::support::{at, create, fresh_tenant, new_session, random};
 use crate::store::Store;
 
 fn wall() -> session_lifecycle::Timestamp {
-    super::wall_now()
+    super::support::wall_now()
 }
 
 /// Nodes record holding sockets and letting go; only live nodes count as holders (node

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use session_lifecycle::{EndReason, ReleaseState, Resource, SessionId, Timestamp};
 
-use super::{at, create, fresh_tenant, get, new_session, random, res};
+use super::support::{at, create, fresh_tenant, get, new_session, random, res};
 use crate::record::{AttachOutcome, SessionRecord};
 use crate::store::Store;
 

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use session_lifecycle::EndReason;
 
-use super::{at, create, fresh_tenant, get, new_session, random};
+use super::support::{at, create, fresh_tenant, get, new_session, random};
 use crate::store::Store;
 
 /// Room events: applied once, unordered delivery tolerated, presence counts as liveness,

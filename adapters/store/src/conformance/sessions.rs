@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use session_lifecycle::{EndReason, SessionId, Status, Timestamp, Transition};
 
-use super::{T0, at, create, fresh_tenant, get, new_session, random, res};
+use super::support::{T0, at, create, fresh_tenant, get, new_session, random, res};
 use crate::error::StoreError;
 use crate::record::{AttachOutcome, CreateOutcome, ListQuery, TouchOutcome};
 use crate::store::Store;
