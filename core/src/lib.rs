@@ -109,6 +109,7 @@ extern crate std;
 mod event;
 mod id;
 mod policy;
+mod resource;
 mod session;
 mod table;
 mod time;
@@ -118,10 +119,13 @@ pub use id::{
     IdText, SESSION_ID_MAX_CHARS, SESSION_ID_MAX_LEN, SESSION_ID_PREFIX, SessionId, SessionIdError,
 };
 pub use policy::{CONTRACT_ORPHAN_BOUND, Policy, PolicyError, RELEASE_ALLOWANCE};
+pub use resource::{
+    AttachRefusal, HeldResource, HeldResourceParts, HeldResources, MAX_RESOURCES, ReleaseState,
+    ReleaseStatus, Resource, ResourceKind,
+};
 pub use session::{
-    AttachRefusal, EndReason, Ending, HeldResource, HeldResourceParts, HeldResources,
-    InvalidSession, MAX_RESOURCES, NotInFlight, ReleaseOutcome, ReleaseState, ReleaseStatus,
-    ReleaseStep, Resource, ResourceKind, Session, SessionParts, Status, Transition,
+    EndReason, Ending, InvalidSession, NotInFlight, ReleaseOutcome, ReleaseStep, Session,
+    SessionParts, Status, Transition,
 };
 pub use table::{
     AttachError, Effects, EndOutcome, NotFound, ReleaseRefused, SessionTable, StartError, Sweep,

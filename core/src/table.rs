@@ -1,14 +1,21 @@
 //! A fixed-capacity table of sessions that drives their deadlines.
 
-use core::fmt;
 use core::time::Duration;
 
 use crate::id::SessionId;
 use crate::policy::{Policy, PolicyError};
-use crate::session::{
-    AttachRefusal, EndReason, NotInFlight, ReleaseOutcome, Resource, Session, Transition,
-};
+use crate::resource::{AttachRefusal, Resource};
+use crate::session::{EndReason, ReleaseOutcome, Session, Transition};
 use crate::time::Timestamp;
+
+mod check;
+mod errors;
+mod outputs;
+mod slots;
+
+pub use errors::{AttachError, NotFound, ReleaseRefused, StartError, TouchError};
+pub use outputs::{EndOutcome, Sweep, Work};
+use slots::{HeapEntry, NONE, Slot, Timer, bucket_of, id_hash};
 
 /// The callbacks of the synchronous loops ([`SessionTable::handle_timeout`],
 /// [`SessionTable::end_and_release`]), for drivers whose releases finish at once. Drivers
@@ -30,214 +37,6 @@ pub trait Effects {
     fn ended(&mut self, session: &Session) {
         let _ = session;
     }
-}
-
-/// Work a table hands its driver from [`SessionTable::poll`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Work {
-    /// A started session reached its expiry (`expired`) or orphan deadline (`orphaned`).
-    /// The table has not ended it: the driver commits the end wherever it must first (a
-    /// database), then calls [`SessionTable::end`]; or, if it could not, puts the timer
-    /// back with [`SessionTable::defer_end`]. Until then the session is not handed out
-    /// again.
-    End {
-        /// The session.
-        session: SessionId,
-        /// Why it ends.
-        reason: EndReason,
-    },
-    /// Release `resource` of the ended `session`, then report the outcome with
-    /// [`SessionTable::handle_release`]. Nothing else of this session is handed out
-    /// meanwhile.
-    Release {
-        /// The session.
-        session: SessionId,
-        /// What to release.
-        resource: Resource,
-    },
-}
-
-/// What one [`SessionTable::handle_timeout`] call did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Sweep {
-    /// Sessions ended with `expired`.
-    pub expired: u32,
-    /// Sessions ended with `orphaned`.
-    pub orphaned: u32,
-    /// Release attempts made (first attempts and retries).
-    pub release_attempts: u32,
-    /// Of those, the ones that failed and stay pending.
-    pub release_failures: u32,
-    /// Ended, fully released sessions dropped after their retention.
-    pub evicted: u32,
-}
-
-/// Why a session could not be started or restored.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StartError {
-    /// The table holds as many sessions as it can.
-    TableFull,
-    /// A session with this id is already in the table.
-    DuplicateId,
-}
-
-impl core::error::Error for StartError {}
-
-impl fmt::Display for StartError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            StartError::TableFull => "the session table is full",
-            StartError::DuplicateId => "a session with this id already exists",
-        })
-    }
-}
-
-/// No session with the given id is in the table.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct NotFound;
-
-impl core::error::Error for NotFound {}
-
-impl fmt::Display for NotFound {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("no such session")
-    }
-}
-
-/// Why a liveness signal was not recorded.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TouchError {
-    /// No session with that id is in the table.
-    NotFound,
-    /// The session has ended; liveness no longer matters to it.
-    SessionEnded,
-}
-
-impl core::error::Error for TouchError {}
-
-impl fmt::Display for TouchError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            TouchError::NotFound => "no such session",
-            TouchError::SessionEnded => "the session has ended",
-        })
-    }
-}
-
-/// Why [`SessionTable::handle_release`] refused an outcome; nothing changed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ReleaseRefused {
-    /// No session with that id is in the table.
-    NotFound,
-    /// That resource's release is not in flight.
-    NotInFlight(NotInFlight),
-}
-
-impl From<NotInFlight> for ReleaseRefused {
-    fn from(e: NotInFlight) -> Self {
-        ReleaseRefused::NotInFlight(e)
-    }
-}
-
-impl fmt::Display for ReleaseRefused {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            ReleaseRefused::NotFound => f.write_str("no such session"),
-            ReleaseRefused::NotInFlight(e) => e.fmt(f),
-        }
-    }
-}
-
-impl core::error::Error for ReleaseRefused {}
-
-/// A resource that could not be attached, handed back with the reason. The caller owns it
-/// again and must release it at once.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct AttachError {
-    /// Why it was refused.
-    pub refusal: AttachRefusal,
-    /// The resource, to be released by the caller.
-    pub resource: Resource,
-}
-
-impl core::error::Error for AttachError {}
-
-impl fmt::Display for AttachError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "resource not attached: {}", self.refusal)
-    }
-}
-
-/// The result of ending a session: the session as it now stands, and whether this call
-/// ended it.
-#[derive(Debug, Clone, Copy)]
-pub struct EndOutcome<'a> {
-    /// The session, ended. A repeated end sees the same `ended_at` and `end_reason`.
-    pub session: &'a Session,
-    /// [`Transition::Committed`] for the call that ended it, [`Transition::AlreadyEnded`]
-    /// for every later one.
-    pub transition: Transition,
-}
-
-const NONE: u32 = u32::MAX;
-
-/// One entry of the deadline heap: when the table next has to look at a slot's session
-/// (see `Session::deadline`). Equal deadlines go in insertion order (`seq`), so the order in
-/// which [`SessionTable::poll`] hands out work is fully determined by the inputs.
-#[derive(Clone, Copy)]
-struct HeapEntry {
-    deadline: Timestamp,
-    seq: u32,
-    slot: u32,
-}
-
-impl HeapEntry {
-    const EMPTY: HeapEntry = HeapEntry {
-        deadline: Timestamp::EPOCH,
-        seq: 0,
-        slot: NONE,
-    };
-
-    /// Whether `self` comes before `other`: earlier deadline, then earlier insertion.
-    fn before(&self, other: &HeapEntry) -> bool {
-        (self.deadline, self.seq) < (other.deadline, other.seq)
-    }
-}
-
-/// Where a started session's own timer stands.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Timer {
-    /// It fires at the session's expiry or orphan deadline.
-    Armed,
-    /// It fired and [`Work::End`] went to the driver, which has not answered yet.
-    HandedOut,
-    /// The driver could not end it: it fires again at this time at the earliest.
-    Deferred(Timestamp),
-}
-
-struct Slot {
-    session: Option<Session>,
-    /// The id's hash, to skip most key comparisons while probing a bucket.
-    hash: u32,
-    /// Next slot in the same bucket while occupied; next free slot while free.
-    link: u32,
-    /// Where this slot sits in the deadline heap.
-    heap_pos: u32,
-    /// When the session was inserted, among all insertions (ties in the heap).
-    seq: u32,
-    /// The started session's timer; `Armed` once it ended.
-    timer: Timer,
-}
-
-impl Slot {
-    const EMPTY: Slot = Slot {
-        session: None,
-        hash: 0,
-        link: NONE,
-        heap_pos: NONE,
-        seq: 0,
-        timer: Timer::Armed,
-    };
 }
 
 /// A table of at most `N` sessions, held by id, that drives their deadlines. No allocation:
@@ -762,50 +561,6 @@ impl<const N: usize> SessionTable<N> {
         self.heap_set(pos, entry);
         pos
     }
-
-    /// Checks the table's internal structure; for tests and fuzzing.
-    #[doc(hidden)]
-    pub fn check_structure(&self) -> Result<(), &'static str> {
-        let len = self.len as usize;
-        if self.iter().count() != len {
-            return Err("len disagrees with occupied slots");
-        }
-        for pos in 0..len {
-            let entry = self.heap[pos];
-            let slot = entry.slot as usize;
-            if self.slots[slot].heap_pos as usize != pos {
-                return Err("heap position out of sync");
-            }
-            if pos > 0 && entry.before(&self.heap[(pos - 1) / 2]) {
-                return Err("heap order violated");
-            }
-            if entry.seq != self.slots[slot].seq {
-                return Err("heap entry's insertion order out of sync");
-            }
-            let Some(session) = self.slots[slot].session.as_ref() else {
-                return Err("empty slot in heap");
-            };
-            if Some(entry.deadline) != self.slot_deadline(slot) {
-                return Err("stale deadline");
-            }
-            if session.ended_at().is_some() && self.slots[slot].timer != Timer::Armed {
-                return Err("an ended session's timer is not reset");
-            }
-            if self.find(session.id()) != Some(slot) {
-                return Err("session not reachable through the index");
-            }
-        }
-        Ok(())
-    }
-}
-
-fn id_hash(id: &SessionId) -> u64 {
-    id.hash64()
-}
-
-/// Maps a hash onto `0..n` without a division (Lemire's multiply-shift).
-fn bucket_of(hash: u64, n: usize) -> usize {
-    ((u128::from(hash) * n as u128) >> 64) as usize
 }
 
 #[cfg(test)]

@@ -100,3 +100,23 @@ async fn a_node_that_stopped_on_purpose_is_not_missed_and_a_dead_one_is() {
     assert_eq!(state("stopped"), (false, true));
     cluster.finish().await;
 }
+
+/// `sessiond --help` names the reason a dead node's sessions end with as the API answers it
+/// (`node_lost`), where it once said `orphaned`.
+#[test]
+fn help_names_the_end_reason_of_a_dead_node_s_sessions() {
+    let out = std::process::Command::new(common::SESSIOND)
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8(out.stdout).unwrap();
+    let flag = help
+        .split("--node-timeout-secs")
+        .nth(1)
+        .expect("the flag is documented");
+    let text = flag.split("\n      --").next().unwrap();
+    let reason = session_lifecycle::EndReason::NodeLost.as_str();
+    assert!(text.contains(reason), "--node-timeout-secs: {text}");
+    assert!(!text.contains("orphaned"), "--node-timeout-secs: {text}");
+}

@@ -1,4 +1,5 @@
 use super::*;
+use crate::resource::ResourceKind;
 
 fn ts(s: &str) -> Timestamp {
     Timestamp::parse_rfc3339(s).unwrap()

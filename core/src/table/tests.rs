@@ -1,5 +1,6 @@
 use super::*;
-use crate::session::{ResourceKind, Status};
+use crate::resource::ResourceKind;
+use crate::session::{NotInFlight, Status};
 use std::vec::Vec;
 
 const T0: u64 = 1_705_314_600_000;
