@@ -11,8 +11,9 @@ use utoipa::ToSchema;
 
 use crate::views::{EndReasonView, RoomView};
 
-/// The type of a session event.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+/// The type of a session event. A client reads a type this version does not know (one a
+/// newer server added) as [`EventType::Other`], with its wire name, instead of failing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum EventType {
     /// The session was created.
     #[serde(rename = "session.started")]
@@ -26,7 +27,16 @@ pub enum EventType {
     /// Every resource it held is given back: its GPU capacity is free again.
     #[serde(rename = "session.released")]
     Released,
+    /// A type this version does not know, by its wire name. Never sent by this version.
+    #[serde(untagged)]
+    Other(String),
 }
+
+crate::wire::known_names_schema!(
+    EventType,
+    "The type of a session event.",
+    [Started, Ready, Ended, Released]
+);
 
 impl From<EventKind> for EventType {
     fn from(kind: EventKind) -> EventType {

@@ -18,3 +18,4 @@ pub mod errors;
 pub mod events;
 pub mod overview;
 pub mod views;
+mod wire;

@@ -63,7 +63,7 @@ pub struct EndsBucket {
 }
 
 /// How many sessions ended for one reason.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 pub struct ReasonCount {
     /// The reason.
     pub reason: EndReasonView,

@@ -105,8 +105,9 @@ impl From<StatusView> for Status {
     }
 }
 
-/// Why a session ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+/// Why a session ended. A client reads a reason this version does not know (one a newer
+/// server added) as [`EndReasonView::Other`], with its wire name, instead of failing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum EndReasonView {
     /// An explicit end call.
@@ -129,7 +130,27 @@ pub enum EndReasonView {
     StartFailed,
     /// The service was stopped on purpose.
     Shutdown,
+    /// A reason this version does not know, by its wire name. Never sent by this version.
+    #[serde(untagged)]
+    Other(String),
 }
+
+crate::wire::known_names_schema!(
+    EndReasonView,
+    "Why a session ended.",
+    [
+        Requested,
+        WebsocketDisconnected,
+        RoomEmpty,
+        NobodyJoined,
+        Expired,
+        Orphaned,
+        NodeLost,
+        AvatarExited,
+        StartFailed,
+        Shutdown
+    ]
+);
 
 impl From<EndReason> for EndReasonView {
     fn from(r: EndReason) -> Self {

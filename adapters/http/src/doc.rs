@@ -337,6 +337,36 @@ mod tests {
             .unwrap_or_else(|| panic!("{method} {path} has parameters"))
     }
 
+    /// The enums a newer server may grow list only what this version sends: every core
+    /// end reason by its wire name, never the client's catch-all `Other`.
+    #[test]
+    fn growing_enums_list_their_known_names_only() {
+        let doc = openapi();
+        let listed = |name: &str| -> Vec<String> {
+            schema(&doc, name)["enum"]
+                .as_array()
+                .unwrap_or_else(|| panic!("{name} is an enum"))
+                .iter()
+                .map(|v| v.as_str().unwrap().to_owned())
+                .collect()
+        };
+        let reasons: Vec<String> = session_lifecycle::EndReason::ALL
+            .iter()
+            .map(|r| r.as_str().to_owned())
+            .collect();
+        assert_eq!(listed("EndReasonView"), reasons);
+        assert_eq!(
+            listed("EventType"),
+            [
+                "session.started",
+                "session.ready",
+                "session.ended",
+                "session.released"
+            ]
+        );
+        assert_eq!(schema(&doc, "EndReasonView")["type"], "string");
+    }
+
     #[test]
     fn error_codes_are_listed_as_an_enum() {
         let doc = openapi();
