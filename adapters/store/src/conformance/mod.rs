@@ -26,8 +26,10 @@ pub use outbox::{
 };
 pub use presence::{presence_counts_live_nodes_only, watch_ends_hears_every_end};
 pub use releases::{
-    an_end_claims_releases_for_its_own_node, claims_are_most_overdue_first_then_in_id_order,
-    end_records_release_intents, release_claims_follow_the_core,
+    an_end_claims_releases_for_its_own_node,
+    another_node_s_release_record_counts_for_its_resource_only,
+    claims_are_most_overdue_first_then_in_id_order, end_records_release_intents,
+    release_claims_follow_the_core,
 };
 pub use rooms::room_events_track_presence;
 pub use sessions::{
@@ -48,6 +50,7 @@ pub async fn run_all(store: Arc<dyn Store>) {
     release_claims_follow_the_core(&*store).await;
     claims_are_most_overdue_first_then_in_id_order(&*store).await;
     an_end_claims_releases_for_its_own_node(&*store).await;
+    another_node_s_release_record_counts_for_its_resource_only(&*store).await;
     attach_is_refused_after_end(&*store).await;
     touch_moves_forward_only(&*store).await;
     end_is_scoped_to_its_tenant(&*store).await;

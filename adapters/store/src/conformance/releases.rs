@@ -341,6 +341,89 @@ pub async fn an_end_claims_releases_for_its_own_node(store: &dyn Store) {
     );
 }
 
+/// A release record from a node that does not run the session (one back from the dead,
+/// reporting a release it did make) counts for the resource it names, and for nothing of
+/// the session's schedule: the session's node keeps its claim and its next release.
+pub async fn another_node_s_release_record_counts_for_its_resource_only(store: &dyn Store) {
+    let node = fresh_node();
+    let elsewhere = fresh_node();
+    let lease = Duration::from_secs(60);
+    let mut new = new_session(&fresh_tenant(), at(0), Duration::from_secs(600));
+    new.node = node.clone();
+    create(store, &new).await;
+    store.attach(new.id, res(1)).await.expect("attach");
+    store.attach(new.id, res(2)).await.expect("attach");
+    let claim_until = crate::record::ReleaseClaim {
+        node: node.clone(),
+        until: at(70),
+    };
+    let (record, _) = store
+        .end(
+            new.id,
+            None,
+            at(10),
+            EndReason::Requested,
+            Some(claim_until),
+        )
+        .await
+        .expect("end")
+        .expect("found");
+
+    // The other node releases the last acquired resource and would keep a claim to at(71).
+    let mut session = record.session.clone();
+    let released = release_one(
+        store,
+        &elsewhere,
+        &mut session,
+        at(11),
+        session_lifecycle::ReleaseOutcome::Released,
+        "stopped by a node back from the dead",
+        lease,
+    )
+    .await;
+    assert_eq!(released, res(2));
+    let after = get(store, new.id).await;
+    let state = |r: Resource| {
+        after
+            .session
+            .resources()
+            .iter()
+            .find(|h| h.resource == r)
+            .map(|h| h.release)
+    };
+    assert!(
+        matches!(state(res(2)), Some(session_lifecycle::ReleaseState::Released { at: t }) if t == at(11)),
+        "the resource's release is recorded: {:?}",
+        state(res(2))
+    );
+    assert!(
+        !matches!(
+            state(res(1)),
+            Some(session_lifecycle::ReleaseState::Released { .. })
+        ),
+        "the other resource is untouched"
+    );
+    assert_eq!(after.node, node, "the session still runs on its node");
+
+    // Its claim stays the end's (to at(70)), not the other node's: the session's node
+    // claims it again at at(70), with only the other resource left.
+    assert!(
+        claim(store, &node, at(69), lease, &[new.id])
+            .await
+            .is_empty()
+    );
+    let claimed = claim(store, &node, at(70), lease, &[new.id]).await;
+    assert_eq!(claimed.len(), 1, "the owner's claim lapsed at its own time");
+    assert!(
+        claim(store, &elsewhere, at(70), lease, &[new.id])
+            .await
+            .is_empty(),
+        "the other node never claims it"
+    );
+    let mut session = claimed[0].session.clone();
+    assert_eq!(session.poll_release(at(70)), Some(res(1)));
+}
+
 /// Claims go most overdue first, and sessions due at the same time in id order: every
 /// store hands out the same sessions in the same order (a limit takes the same ones).
 pub async fn claims_are_most_overdue_first_then_in_id_order(store: &dyn Store) {

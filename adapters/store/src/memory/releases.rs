@@ -40,13 +40,13 @@ impl ReleaseQueue for MemoryStore {
         progress: ReleaseProgress,
     ) -> BoxFuture<'_, Result<(), StoreError>> {
         let mut state = self.state();
-        let Some(s) = state
-            .sessions
-            .get_mut(&progress.session)
-            .filter(|s| s.node == node)
-        else {
+        let Some(s) = state.sessions.get_mut(&progress.session) else {
             return ready(Ok(()));
         };
+        // As in the SQL stores: what happened to a resource is recorded whoever ran it (a
+        // node back from the dead reports a release it did make), the session's own release
+        // schedule and claim only by the node that runs it.
+        let runs_it = s.node == node;
         if let Some(attempt) = progress.attempt
             && let Some(r) = s.resources.iter_mut().find(|r| {
                 r.resource == attempt.resource
@@ -64,9 +64,11 @@ impl ReleaseQueue for MemoryStore {
                 r.last_error = Some(attempt.note);
             }
         }
-        s.release_due_at = progress.next_release_at;
-        s.claimed_until = progress.keep_claim_until;
-        s.claimed_by = progress.keep_claim_until.map(|_| node.to_owned());
+        if runs_it {
+            s.release_due_at = progress.next_release_at;
+            s.claimed_until = progress.keep_claim_until;
+            s.claimed_by = progress.keep_claim_until.map(|_| node.to_owned());
+        }
         let last_release = s.resources.iter().filter_map(|r| match r.release {
             ReleaseState::Released { at } => Some(at),
             _ => None,
