@@ -282,3 +282,63 @@ async fn handover_keeps_avatar_servers_across_a_restart() {
     let _ = KEY;
     cluster.finish().await;
 }
+
+/// An avatar server not ready yet when its node hands over reports readiness to the next
+/// run: the restarted node binds its notify socket again (the fixture's `READY=1` goes to
+/// the path in its environment, made by the earlier run, and it fails if nobody listens).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_adopted_before_it_was_ready_reports_readiness_to_the_next_run() {
+    let cluster = Cluster::sqlite(&["--shutdown-mode", "handover"]);
+    let avatar = format!("{} notify-after 4000", common::fixture().display());
+    let flags = [
+        "--avatar-command",
+        avatar.as_str(),
+        "--avatar-grace-secs",
+        "5",
+    ];
+    let mut old = cluster.spawn("ready-node", cluster.db_url(), &flags);
+    let client = client();
+    let (status, _, text) = send(&client, Method::POST, &old.url("/v1/sessions")).await;
+    assert_eq!(status, StatusCode::CREATED, "{text}");
+    let created = json(&text);
+    let id = created["session"]["session_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(created["session"]["ready_at"].is_null(), "{created}");
+    old.terminate();
+    let exit = old.exited(Duration::from_secs(20)).await;
+    assert!(exit.success(), "exit 0 on handover: {exit:?}");
+
+    let new = cluster.spawn("ready-node", cluster.db_url(), &flags);
+    let limit = Instant::now() + Duration::from_secs(15);
+    let session = loop {
+        let v = status_of(&client, &new, &id).await;
+        if !v["ready_at"].is_null() || v["status"] == "ended" || Instant::now() > limit {
+            break v;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(session["status"], "started", "{session}");
+    assert!(
+        !session["ready_at"].is_null(),
+        "readiness reported after the handover: {session}"
+    );
+    let pid = session["resources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["kind"] == "avatar_process")
+        .and_then(|r| r["handle"].as_u64())
+        .unwrap() as u32;
+    assert!(alive(pid), "the same avatar server runs");
+    let (status, _, text) = send(
+        &client,
+        Method::POST,
+        &new.url(&format!("/v1/sessions/{id}/end")),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    wait_gone(pid, Duration::from_secs(10)).await;
+    cluster.finish().await;
+}

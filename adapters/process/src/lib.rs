@@ -143,11 +143,17 @@ pub struct ProcessBackend {
     /// Where each avatar server's notify socket is made (see [`notify`]): made by this
     /// backend, private to its user, removed with it.
     notify_dir: PathBuf,
+    /// Notify directories of earlier runs made again to take back the readiness of their
+    /// servers (see [`ResourceBackend::resume`]); removed with this backend too.
+    adopted_dirs: Mutex<Vec<PathBuf>>,
 }
 
 impl Drop for ProcessBackend {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.notify_dir);
+        for dir in lock(&self.adopted_dirs).drain(..) {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }
 
@@ -191,6 +197,7 @@ impl ProcessBackend {
             config,
             cgroups,
             notify_dir,
+            adopted_dirs: Mutex::new(Vec::new()),
             children: Mutex::new(HashMap::new()),
             resumed: Mutex::new(HashMap::new()),
         })
@@ -541,6 +548,14 @@ impl ResourceBackend for ProcessBackend {
             }
             let stopping = Arc::new(AtomicBool::new(false));
             lock(&self.resumed).insert(pid, Arc::clone(&stopping));
+            // Not ready yet when its earlier run stopped, it reports readiness here now.
+            let (gone_tx, gone_rx) = watch::channel(false);
+            if let Some(socket) = notify::adopt(pid, &mut lock(&self.adopted_dirs)) {
+                let events = events.clone();
+                tokio::spawn(async move {
+                    socket.watch(session, resource, None, gone_rx, events).await
+                });
+            }
             tokio::spawn(async move {
                 // Alive and still the session's: its cgroup, or its environment.
                 let alive = |pid| {
@@ -550,6 +565,7 @@ impl ResourceBackend for ProcessBackend {
                 while alive(pid) {
                     tokio::time::sleep(RESUMED_POLL).await;
                 }
+                let _ = gone_tx.send(true);
                 if !stopping.load(Ordering::SeqCst) {
                     tracing::warn!(session = %session, pid, "avatar server exited on its own");
                     events

@@ -60,6 +60,61 @@ pub fn private_dir() -> io::Result<PathBuf> {
     ))
 }
 
+/// Where the avatar server `pid` of an earlier run reports readiness, taken back: its
+/// `NOTIFY_SOCKET` (read from its environment) bound again, so that a server adopted before
+/// it was ready still reports it. Only a path an earlier run of this backend would have
+/// made (a `sessiond-notify-*` directory right in the temporary directory): its directory,
+/// gone with that run, is made again private to this user; one that exists must be ours
+/// and private. `None` when the server has no such socket, with a warning when it has one
+/// that cannot be taken back. The directory made is added to `made`, for removal.
+pub fn adopt(pid: u32, made: &mut Vec<PathBuf>) -> Option<NotifySocket> {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+    let prefix = format!("{NOTIFY_SOCKET_ENV}=");
+    let path = environ.split(|b| *b == 0).find_map(|var| {
+        let value = var.strip_prefix(prefix.as_bytes())?;
+        Some(PathBuf::from(std::ffi::OsStr::from_bytes(value)))
+    })?;
+    let dir = path.parent()?.to_owned();
+    let ours = dir.parent() == Some(std::env::temp_dir().as_path())
+        && dir
+            .file_name()
+            .is_some_and(|n| n.as_bytes().starts_with(b"sessiond-notify-"))
+        && path.extension().is_some_and(|e| e == "sock");
+    if !ours {
+        tracing::warn!(pid, path = %path.display(), "not taking back a notify socket this backend did not make");
+        return None;
+    }
+    match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+        Ok(()) => made.push(dir.clone()),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            let private = std::fs::symlink_metadata(&dir).is_ok_and(|m| {
+                m.is_dir()
+                    && m.uid() == rustix::process::geteuid().as_raw()
+                    && m.permissions().mode() & 0o077 == 0
+            });
+            if !private {
+                tracing::warn!(pid, dir = %dir.display(), "a notify directory that is not private to this user: readiness is not taken back");
+                return None;
+            }
+        }
+        Err(e) => {
+            tracing::warn!(pid, dir = %dir.display(), error = %e, "cannot make the notify directory again");
+            return None;
+        }
+    }
+    // A stale file of the earlier run.
+    let _ = std::fs::remove_file(&path);
+    match UnixDatagram::bind(&path) {
+        Ok(socket) => Some(NotifySocket { socket, path }),
+        Err(e) => {
+            tracing::warn!(pid, path = %path.display(), error = %e, "cannot bind the notify socket again");
+            None
+        }
+    }
+}
+
 impl NotifySocket {
     /// A socket for `session` in `dir` (made by [`private_dir`]).
     pub fn bind(dir: &Path, session: SessionId) -> io::Result<NotifySocket> {
