@@ -56,11 +56,13 @@ pub enum ErrorCode {
     IdempotencyKeyReused,
     /// 429: the tenant is over its request rate limit; retry after `Retry-After`.
     RateLimited,
+    /// 431: the request's headers are over the limit (count or bytes).
+    HeadersTooLarge,
 }
 
 impl ErrorCode {
     /// Every code, in declaration order.
-    pub const ALL: [ErrorCode; 22] = [
+    pub const ALL: [ErrorCode; 23] = [
         ErrorCode::Unauthorized,
         ErrorCode::InvalidSessionId,
         ErrorCode::SessionNotFound,
@@ -83,6 +85,7 @@ impl ErrorCode {
         ErrorCode::IdempotencyKeyInUse,
         ErrorCode::IdempotencyKeyReused,
         ErrorCode::RateLimited,
+        ErrorCode::HeadersTooLarge,
     ];
 
     /// The code named `name` as error bodies spell it (`session_not_found`), if any.
@@ -115,6 +118,7 @@ impl ErrorCode {
             ErrorCode::IdempotencyKeyInUse => "idempotency_key_in_use",
             ErrorCode::IdempotencyKeyReused => "idempotency_key_reused",
             ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::HeadersTooLarge => "headers_too_large",
         }
     }
 
@@ -129,6 +133,7 @@ impl ErrorCode {
             ErrorCode::IdempotencyKeyReused => 422,
             ErrorCode::PayloadTooLarge => 413,
             ErrorCode::UpgradeRequired => 426,
+            ErrorCode::HeadersTooLarge => 431,
             ErrorCode::PlanLimitReached | ErrorCode::RateLimited => 429,
             ErrorCode::InternalError => 500,
             ErrorCode::CapacityExhausted

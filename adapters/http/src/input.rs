@@ -11,6 +11,11 @@ use utoipa::IntoParams;
 use crate::error::{ApiError, ErrorCode};
 use crate::views::{CreateRequest, StatusView, json_object};
 
+/// Most header fields a request may have (answered `431 headers_too_large` past it).
+pub const MAX_HEADERS: usize = 100;
+/// Most bytes of header names and values a request may have (`431 headers_too_large`).
+pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+
 /// Longest metadata document accepted, serialized.
 pub const MAX_METADATA_BYTES: usize = 4096;
 /// Longest room name accepted, in characters.
@@ -188,6 +193,32 @@ impl ListParams {
             before,
         })
     }
+}
+
+/// Middleware: a request with more than [`MAX_HEADERS`] header fields, or more than
+/// [`MAX_HEADER_BYTES`] of names and values, is answered `431 headers_too_large` with the
+/// JSON error body, before anything reads it.
+pub async fn check_headers(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    let headers = request.headers();
+    let bytes: usize = headers
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len())
+        .sum();
+    if headers.len() > MAX_HEADERS || bytes > MAX_HEADER_BYTES {
+        return ApiError::new(
+            ErrorCode::HeadersTooLarge,
+            format!(
+                "request headers too large: {} fields, {bytes} bytes (at most {MAX_HEADERS} fields, {MAX_HEADER_BYTES} bytes)",
+                headers.len()
+            ),
+        )
+        .into_response();
+    }
+    next.run(request).await
 }
 
 #[cfg(test)]

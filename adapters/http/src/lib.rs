@@ -31,6 +31,7 @@ pub mod observe;
 pub mod outbound;
 pub mod request_id;
 pub mod routes;
+pub mod serve;
 pub mod state;
 pub mod tenants;
 pub mod tokens;
@@ -46,6 +47,7 @@ use axum::routing::{get, post};
 use tower::ServiceBuilder;
 
 pub use crate::doc::openapi;
+pub use crate::serve::serve;
 pub use crate::state::{AppState, HttpConfig};
 
 use crate::routes::{events, operations, overview, sessions, webhooks as hooks, ws};
@@ -97,6 +99,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .fallback(operations::not_found)
         .layer(DefaultBodyLimit::max(state.config.max_body_bytes))
         .layer(limits)
+        .layer(axum::middleware::from_fn(input::check_headers))
         .layer(axum::middleware::from_fn_with_state(
             Arc::clone(&state),
             observe::observe,

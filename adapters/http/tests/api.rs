@@ -1003,3 +1003,44 @@ fn contradictory_settings_are_refused_at_start() {
         assert!(!stderr.contains("panicked"), "{flags:?}: {stderr}");
     }
 }
+
+/// Headers over the limit (too many fields, or too many bytes) are answered `431
+/// headers_too_large` with the JSON error body and a request id, like every other error;
+/// a request just under both limits is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headers_over_the_limit_get_a_json_431() {
+    use session_lifecycle_http::input::{MAX_HEADER_BYTES, MAX_HEADERS};
+    let s = Server::start(&[]);
+    let send = |fields: usize, filler: usize| {
+        let url = s.url("/v1/sessions");
+        async move {
+            let mut req = client().get(url).header("x-api-key", "key-acme");
+            // reqwest adds host and accept: the count is of what the server sees.
+            for i in 0..fields.saturating_sub(3) {
+                req = req.header(format!("x-extra-{i}"), "v");
+            }
+            if filler > 0 {
+                req = req.header("x-filler", "f".repeat(filler));
+            }
+            let resp = req.send().await.unwrap();
+            let status = resp.status();
+            let request_id = resp.headers().get("x-request-id").cloned();
+            let text = resp.text().await.unwrap();
+            (status, request_id, text)
+        }
+    };
+    for (what, fields, filler) in [
+        ("too many fields", MAX_HEADERS + 20, 0),
+        ("too many bytes", 3, MAX_HEADER_BYTES + 1),
+    ] {
+        let (status, request_id, text) = send(fields, filler).await;
+        assert_eq!(status.as_u16(), 431, "{what}: {text}");
+        let v: Value =
+            serde_json::from_str(&text).unwrap_or_else(|_| panic!("{what}: not JSON: {text:?}"));
+        assert_eq!(error_code(&v), "headers_too_large", "{what}");
+        let request_id = request_id.expect("x-request-id");
+        assert_eq!(v["error"]["request_id"], request_id.to_str().unwrap());
+    }
+    let (status, _, text) = send(MAX_HEADERS - 10, MAX_HEADER_BYTES / 2).await;
+    assert_eq!(status, StatusCode::OK, "under the limits: {text}");
+}

@@ -399,11 +399,10 @@ async fn run(cli: Cli) -> Result<(), String> {
     let app = router(Arc::clone(&state));
     let (stop_serving, serving_stopped) = tokio::sync::oneshot::channel::<()>();
     let mut server = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = serving_stopped.await;
-            })
-            .await
+        session_lifecycle_http::serve(listener, app, async move {
+            let _ = serving_stopped.await;
+        })
+        .await
     });
     let stopped = tokio::select! {
         r = &mut server => Some(r),
