@@ -22,6 +22,7 @@ use crate::faults::Faults;
 use crate::rng::Rng;
 
 mod cluster;
+mod courier;
 mod verdict;
 mod workload;
 
@@ -157,6 +158,8 @@ struct Sim {
     wall_high_water: Timestamp,
     config: SimConfig,
     limits: Limits,
+    /// The webhook receiver the outbox delivers to (see `courier`).
+    receiver: courier::Receiver,
 }
 
 const TENANTS: [&str; 3] = ["t0", "t1", "t2"];
@@ -279,6 +282,7 @@ impl Sim {
                 orphan_timeout: config0.policy.orphan_timeout,
                 node_timeout: config0.node_timeout,
             },
+            receiver: courier::Receiver::new(root.split(4)),
         };
         sim.log(format!(
             // The store is not named: the same seed on either store makes the same trace.
@@ -315,11 +319,15 @@ impl Sim {
             self.step().await;
             self.ops += 1;
             self.check().await;
+            self.maybe_courier().await;
             if !lock(&self.shared).obs.violations.is_empty() {
                 return;
             }
         }
         self.quiesce().await;
+        if lock(&self.shared).obs.violations.is_empty() {
+            self.settle_outbox().await;
+        }
     }
 
     /// What was scheduled for now: outages ending, nodes restarting or coming back, room
