@@ -29,6 +29,7 @@
 
 #[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
+mod delegate;
 mod error;
 pub mod faults;
 mod idempotency;

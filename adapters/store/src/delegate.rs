@@ -1,0 +1,242 @@
+//! Writing a store wrapper once: [`delegate_store!`](crate::delegate_store) implements every
+//! store trait of a wrapper type by passing each call to its `inner` store through the
+//! wrapper's own macro, so a wrapper states only what it does around a call.
+
+/// Implements every store trait ([`Store`](crate::Store)) for `$ty`, a type with a field
+/// `inner: Arc<dyn Store>`, each method running `$wrap!(self, "method_name", inner_call)`,
+/// where `$wrap` is a macro in scope at the call site that turns the inner call's future
+/// into the wrapper's `BoxFuture` (the watches of the event stream and of releases go
+/// straight through).
+#[macro_export]
+macro_rules! delegate_store {
+    ($ty:ty, $wrap:ident) => {
+        impl $crate::SessionStore for $ty {
+            fn create(&self, new: $crate::NewSession) -> $crate::BoxFuture<'_, Result<$crate::CreateOutcome, $crate::StoreError>> {
+                $wrap!(self, "create", self.inner.create(new))
+            }
+            fn attach(
+                &self,
+                id: session_lifecycle::SessionId,
+                resource: session_lifecycle::Resource,
+            ) -> $crate::BoxFuture<'_, Result<$crate::AttachOutcome, $crate::StoreError>> {
+                $wrap!(self, "attach", self.inner.attach(id, resource))
+            }
+            fn end<'a>(
+                &'a self,
+                id: session_lifecycle::SessionId,
+                tenant: $crate::TenantScope<'a>,
+                now: session_lifecycle::Timestamp,
+                reason: session_lifecycle::EndReason,
+                claim: Option<$crate::ReleaseClaim>,
+            ) -> $crate::BoxFuture<'a, Result<Option<($crate::SessionRecord, session_lifecycle::Transition)>, $crate::StoreError>> {
+                $wrap!(self, "end", self.inner.end(id, tenant, now, reason, claim))
+            }
+            fn get(&self, id: session_lifecycle::SessionId) -> $crate::BoxFuture<'_, Result<Option<$crate::SessionRecord>, $crate::StoreError>> {
+                $wrap!(self, "get", self.inner.get(id))
+            }
+            fn list(&self, query: $crate::ListQuery) -> $crate::BoxFuture<'_, Result<Vec<$crate::SessionRecord>, $crate::StoreError>> {
+                $wrap!(self, "list", self.inner.list(query))
+            }
+            fn ended_since(
+                &self,
+                tenant: Option<String>,
+                since: session_lifecycle::Timestamp,
+                limit: u32,
+            ) -> $crate::BoxFuture<'_, Result<Vec<$crate::SessionRecord>, $crate::StoreError>> {
+                $wrap!(
+                    self,
+                    "ended_since",
+                    self.inner.ended_since(tenant, since, limit)
+                )
+            }
+            fn count_ends(
+                &self,
+                tenant: Option<String>,
+                since: session_lifecycle::Timestamp,
+                until: session_lifecycle::Timestamp,
+                bucket: std::time::Duration,
+            ) -> $crate::BoxFuture<'_, Result<Vec<$crate::EndCount>, $crate::StoreError>> {
+                $wrap!(
+                    self,
+                    "count_ends",
+                    self.inner.count_ends(tenant, since, until, bucket)
+                )
+            }
+            fn touch<'a>(
+                &'a self,
+                id: session_lifecycle::SessionId,
+                tenant: $crate::TenantScope<'a>,
+                now: session_lifecycle::Timestamp,
+            ) -> $crate::BoxFuture<'a, Result<$crate::TouchOutcome, $crate::StoreError>> {
+                $wrap!(self, "touch", self.inner.touch(id, tenant, now))
+            }
+            fn due(
+                &self,
+                now: session_lifecycle::Timestamp,
+                orphan_timeout: std::time::Duration,
+                limit: u32,
+            ) -> $crate::BoxFuture<'_, Result<Vec<(session_lifecycle::SessionId, session_lifecycle::EndReason)>, $crate::StoreError>> {
+                $wrap!(self, "due", self.inner.due(now, orphan_timeout, limit))
+            }
+        }
+
+        impl $crate::ReleaseQueue for $ty {
+            fn claim_releases(
+                &self,
+                node: &str,
+                now: session_lifecycle::Timestamp,
+                lease: std::time::Duration,
+                limit: u32,
+            ) -> $crate::BoxFuture<'_, Result<Vec<$crate::SessionRecord>, $crate::StoreError>> {
+                let node = node.to_owned();
+                $wrap!(
+                    self,
+                    "claim_releases",
+                    self.inner.claim_releases(&node, now, lease, limit)
+                )
+            }
+            fn record_release(
+                &self,
+                node: &str,
+                progress: $crate::ReleaseProgress,
+            ) -> $crate::BoxFuture<'_, Result<(), $crate::StoreError>> {
+                let node = node.to_owned();
+                $wrap!(
+                    self,
+                    "record_release",
+                    self.inner.record_release(&node, progress)
+                )
+            }
+            fn drop_claims(&self, node: &str) -> $crate::BoxFuture<'_, Result<(), $crate::StoreError>> {
+                let node = node.to_owned();
+                $wrap!(self, "drop_claims", self.inner.drop_claims(&node))
+            }
+            fn watch_releases<'a>(
+                &'a self,
+                node: &'a str,
+                wake: &'a (dyn Fn() + Send + Sync),
+            ) -> $crate::BoxFuture<'a, ()> {
+                self.inner.watch_releases(node, wake)
+            }
+        }
+
+        impl $crate::NodeMembership for $ty {
+            fn node_alive(&self, node: &str, now: session_lifecycle::Timestamp) -> $crate::BoxFuture<'_, Result<(), $crate::StoreError>> {
+                let node = node.to_owned();
+                $wrap!(self, "node_alive", self.inner.node_alive(&node, now))
+            }
+            fn live_nodes(
+                &self,
+                now: session_lifecycle::Timestamp,
+                node_timeout: std::time::Duration,
+            ) -> $crate::BoxFuture<'_, Result<u32, $crate::StoreError>> {
+                $wrap!(self, "live_nodes", self.inner.live_nodes(now, node_timeout))
+            }
+            fn report_node<'a>(
+                &'a self,
+                node: &'a str,
+                report: &'a str,
+            ) -> $crate::BoxFuture<'a, Result<(), $crate::StoreError>> {
+                $wrap!(self, "report_node", self.inner.report_node(node, report))
+            }
+            fn nodes(
+                &self,
+                now: session_lifecycle::Timestamp,
+                node_timeout: std::time::Duration,
+                window: std::time::Duration,
+            ) -> $crate::BoxFuture<'_, Result<Vec<$crate::NodeRow>, $crate::StoreError>> {
+                $wrap!(self, "nodes", self.inner.nodes(now, node_timeout, window))
+            }
+            fn end_dead_nodes(
+                &self,
+                except: &str,
+                now: session_lifecycle::Timestamp,
+                node_timeout: std::time::Duration,
+                limit: u32,
+            ) -> $crate::BoxFuture<'_, Result<Vec<session_lifecycle::SessionId>, $crate::StoreError>> {
+                let except = except.to_owned();
+                $wrap!(
+                    self,
+                    "end_dead_nodes",
+                    self.inner.end_dead_nodes(&except, now, node_timeout, limit)
+                )
+            }
+        }
+
+        impl $crate::RoomStore for $ty {
+            fn room_event(
+                &self,
+                event: $crate::RoomEvent,
+                now: session_lifecycle::Timestamp,
+            ) -> $crate::BoxFuture<'_, Result<Option<Vec<$crate::RoomState>>, $crate::StoreError>> {
+                $wrap!(self, "room_event", self.inner.room_event(event, now))
+            }
+            fn room_state(&self, id: session_lifecycle::SessionId) -> $crate::BoxFuture<'_, Result<Option<$crate::RoomState>, $crate::StoreError>> {
+                $wrap!(self, "room_state", self.inner.room_state(id))
+            }
+            fn touch_present(&self, now: session_lifecycle::Timestamp) -> $crate::BoxFuture<'_, Result<Vec<session_lifecycle::SessionId>, $crate::StoreError>> {
+                $wrap!(self, "touch_present", self.inner.touch_present(now))
+            }
+            fn prune_rooms(
+                &self,
+                ended_before: session_lifecycle::Timestamp,
+                limit: u32,
+            ) -> $crate::BoxFuture<'_, Result<u32, $crate::StoreError>> {
+                $wrap!(
+                    self,
+                    "prune_rooms",
+                    self.inner.prune_rooms(ended_before, limit)
+                )
+            }
+        }
+
+        impl $crate::PresenceStore for $ty {
+            fn set_presence(
+                &self,
+                session: session_lifecycle::SessionId,
+                node: &str,
+                holds: bool,
+                now: session_lifecycle::Timestamp,
+            ) -> $crate::BoxFuture<'_, Result<(), $crate::StoreError>> {
+                let node = node.to_owned();
+                $wrap!(
+                    self,
+                    "set_presence",
+                    self.inner.set_presence(session, &node, holds, now)
+                )
+            }
+            fn clear_presence(&self, node: &str, now: session_lifecycle::Timestamp) -> $crate::BoxFuture<'_, Result<(), $crate::StoreError>> {
+                let node = node.to_owned();
+                $wrap!(
+                    self,
+                    "clear_presence",
+                    self.inner.clear_presence(&node, now)
+                )
+            }
+            fn presence(
+                &self,
+                session: session_lifecycle::SessionId,
+                now: session_lifecycle::Timestamp,
+                node_timeout: std::time::Duration,
+            ) -> $crate::BoxFuture<'_, Result<Vec<String>, $crate::StoreError>> {
+                $wrap!(
+                    self,
+                    "presence",
+                    self.inner.presence(session, now, node_timeout)
+                )
+            }
+            fn watch_ends<'a>(&'a self, ended: &'a (dyn Fn(session_lifecycle::SessionId) + Send + Sync)) -> $crate::BoxFuture<'a, ()> {
+                self.inner.watch_ends(ended)
+            }
+        }
+
+        impl $crate::StoreHealth for $ty {
+            fn ping(&self) -> $crate::BoxFuture<'_, Result<(), $crate::StoreError>> {
+                $wrap!(self, "ping", self.inner.ping())
+            }
+        }
+
+        $crate::delegate_outbox!($ty, $wrap);
+        $crate::delegate_idempotency!($ty, $wrap);
+    };
+}
