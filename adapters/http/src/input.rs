@@ -195,30 +195,23 @@ impl ListParams {
     }
 }
 
-/// Middleware: a request with more than [`MAX_HEADERS`] header fields, or more than
-/// [`MAX_HEADER_BYTES`] of names and values, is answered `431 headers_too_large` with the
-/// JSON error body, before anything reads it.
-pub async fn check_headers(
-    request: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> axum::response::Response {
-    use axum::response::IntoResponse;
-    let headers = request.headers();
+/// The answer to a request with more than [`MAX_HEADERS`] header fields, or more than
+/// [`MAX_HEADER_BYTES`] of names and values: `431 headers_too_large` with the JSON error
+/// body, before anything reads it (`observe` asks first). `None`: the headers pass.
+pub fn headers_too_large(headers: &axum::http::HeaderMap) -> Option<ApiError> {
     let bytes: usize = headers
         .iter()
         .map(|(name, value)| name.as_str().len() + value.len())
         .sum();
-    if headers.len() > MAX_HEADERS || bytes > MAX_HEADER_BYTES {
-        return ApiError::new(
+    (headers.len() > MAX_HEADERS || bytes > MAX_HEADER_BYTES).then(|| {
+        ApiError::new(
             ErrorCode::HeadersTooLarge,
             format!(
                 "request headers too large: {} fields, {bytes} bytes (at most {MAX_HEADERS} fields, {MAX_HEADER_BYTES} bytes)",
                 headers.len()
             ),
         )
-        .into_response();
-    }
-    next.run(request).await
+    })
 }
 
 #[cfg(test)]

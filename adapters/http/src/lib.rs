@@ -19,6 +19,39 @@
 //! - [`extract`] (the authenticated tenant, the session id of the path), [`state`];
 //! - [`observe`] (request ids, log lines, metrics), [`routes`], [`doc`], and this file,
 //!   which builds the router.
+//!
+//! A service mounts the API in its own router (see `examples/embed_axum.rs` for one
+//! served with its own authentication in front):
+//!
+//! ```
+//! use std::sync::Arc;
+//! use std::time::Duration;
+//!
+//! use axum::body::Body;
+//! use axum::http::{Request, StatusCode};
+//! use session_lifecycle_http::tenants::Tenants;
+//! use session_lifecycle_http::tokens::TokenSigner;
+//! use session_lifecycle_http::{AppState, HttpConfig, router};
+//! use session_lifecycle_runtime::{Engine, EngineConfig, MemoryStore, Plan, SystemClock};
+//! use tower::ServiceExt as _;
+//!
+//! # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+//! let store = Arc::new(MemoryStore::new());
+//! let engine = Engine::open(store, Vec::new(), Arc::new(SystemClock), EngineConfig::default())
+//!     .await
+//!     .unwrap();
+//! let tenants = Tenants::single("acme", "sk_test", Plan::new(None, Duration::from_secs(3600)));
+//! let tokens = TokenSigner::from_secret("shared by the instances");
+//! let state = AppState::new(engine, tenants, tokens, HttpConfig::default());
+//! let app = axum::Router::new().nest("/avatar", router(state));
+//!
+//! let create = Request::post("/avatar/v1/sessions").header("x-api-key", "sk_test");
+//! let answer = app.clone().oneshot(create.body(Body::empty()).unwrap()).await.unwrap();
+//! assert_eq!(answer.status(), StatusCode::CREATED);
+//! let anonymous = Request::post("/avatar/v1/sessions").body(Body::empty()).unwrap();
+//! assert_eq!(app.oneshot(anonymous).await.unwrap().status(), StatusCode::UNAUTHORIZED);
+//! # });
+//! ```
 
 pub mod answers;
 pub mod doc;
@@ -99,7 +132,6 @@ pub fn router(state: Arc<AppState>) -> Router {
         .fallback(operations::not_found)
         .layer(DefaultBodyLimit::max(state.config.max_body_bytes))
         .layer(limits)
-        .layer(axum::middleware::from_fn(input::check_headers))
         .layer(axum::middleware::from_fn_with_state(
             Arc::clone(&state),
             observe::observe,

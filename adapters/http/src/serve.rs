@@ -1,7 +1,7 @@
 //! Serving a router on a TCP listener, with graceful shutdown: what `axum::serve` does,
 //! with hyper's own header limits set well above the service's, so that a request over
 //! the service's limits gets its JSON error (`431 headers_too_large`, see
-//! [`check_headers`](crate::input::check_headers)) rather than hyper's bare 431.
+//! [`headers_too_large`](crate::input::headers_too_large)) rather than hyper's bare 431.
 
 use std::future::Future;
 use std::time::Duration;
