@@ -412,7 +412,7 @@ impl Session {
     }
 
     /// Adds a resource to a started session, after those it holds: refused once it ended,
-    /// for a resource it already holds, or past [`MAX_RESOURCES`]. A table's
+    /// for a resource it already holds, or past `MAX_RESOURCES`. A table's
     /// `SessionTable::attach` calls this; a driver that keeps a session
     /// elsewhere mirrors the attach it recorded.
     pub fn attach(&mut self, resource: Resource) -> Result<(), AttachRefusal> {

@@ -32,6 +32,42 @@
 //! service stops a session by its cgroup when that exists (no pid is signalled directly);
 //! otherwise by pid, after checking `/proc/<pid>/environ` for the session's id, so that a
 //! recycled pid is never signalled. Linux only.
+//!
+//! # Example
+//!
+//! An engine whose sessions each run `sleep 600` as their avatar server; ending the
+//! session stops it (SIGTERM, within the grace) and records how:
+//!
+//! ```
+//! use std::sync::Arc;
+//! use std::time::Duration;
+//!
+//! use session_lifecycle::EndReason;
+//! use session_lifecycle_process::{CgroupMode, ProcessBackend, ProcessConfig};
+//! use session_lifecycle_runtime::{
+//!     Engine, EngineConfig, MemoryStore, Plan, ResourceBackend, StartRequest, SystemClock,
+//! };
+//!
+//! # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+//! let config = ProcessConfig { cgroups: CgroupMode::Off, ..ProcessConfig::new(["sleep", "600"]) };
+//! let avatar: Arc<dyn ResourceBackend> = Arc::new(ProcessBackend::new(config).unwrap());
+//! let store = Arc::new(MemoryStore::new());
+//! let engine = Engine::open(store, vec![avatar], Arc::new(SystemClock), EngineConfig::default())
+//!     .await
+//!     .unwrap();
+//! let plan = Plan::new(None, Duration::from_secs(3600));
+//! let started = engine.start(StartRequest::new("acme", plan)).await.unwrap();
+//! let id = *started.session.id();
+//! engine.end(None, id, EndReason::Requested).await.unwrap();
+//! let mut record = engine.get(None, id).await.unwrap();
+//! while !record.session.is_fully_released() {
+//!     tokio::time::sleep(Duration::from_millis(20)).await;
+//!     record = engine.get(None, id).await.unwrap();
+//! }
+//! assert_eq!(record.release_notes[0].1, "sigterm");
+//! engine.shutdown(Duration::from_secs(5)).await.unwrap();
+//! # });
+//! ```
 
 #![deny(unsafe_code)]
 

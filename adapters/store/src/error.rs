@@ -6,7 +6,7 @@ use std::pin::Pin;
 
 use session_lifecycle::SessionId;
 
-/// A boxed, sendable future: what [`Store`] and backend methods return, so that both
+/// A boxed, sendable future: what `Store` and backend methods return, so that both
 /// traits can be used as `dyn` objects chosen at run time.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 

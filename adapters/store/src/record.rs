@@ -109,7 +109,7 @@ pub struct NewSession {
     pub callback_url: Option<String>,
 }
 
-/// What [`Store::create`] did.
+/// What `Store::create` did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CreateOutcome {
     /// The session is recorded, started.
@@ -118,7 +118,7 @@ pub enum CreateOutcome {
     LimitReached,
 }
 
-/// What [`Store::attach`] did.
+/// What `Store::attach` did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AttachOutcome {
     /// The resource is recorded as held by the started session.
@@ -128,7 +128,7 @@ pub enum AttachOutcome {
     Refused,
 }
 
-/// What [`Store::touch`] did.
+/// What `Store::touch` did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TouchOutcome {
     /// `last_seen_at` moved forward (it never moves back); the session as it now stands.
@@ -140,7 +140,7 @@ pub enum TouchOutcome {
 }
 
 /// How many sessions ended for one reason within one span of time (see
-/// [`SessionStore::count_ends`]).
+/// `SessionStore::count_ends`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EndCount {
     /// The span: its index from the start of the count, each span one `bucket` long.
@@ -219,7 +219,7 @@ pub struct RoomState {
     pub participant_left: Option<Duration>,
 }
 
-/// A claim on a session's releases taken with its end (see [`Store::end`]).
+/// A claim on a session's releases taken with its end (see `Store::end`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReleaseClaim {
     /// The node ending the session; the claim is taken only if the session runs on it.
@@ -270,7 +270,7 @@ pub struct NodeRow {
     pub last_heartbeat_at: Timestamp,
     /// Whether it counts as alive.
     pub alive: bool,
-    /// What it last reported of itself (see [`NodeMembership::report_node`]).
+    /// What it last reported of itself (see `NodeMembership::report_node`).
     pub report: Option<String>,
 }
 

@@ -57,7 +57,7 @@ impl fmt::Display for TouchError {
     }
 }
 
-/// Why [`SessionTable::handle_release`] refused an outcome; nothing changed.
+/// Why `SessionTable::handle_release` refused an outcome; nothing changed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReleaseRefused {
     /// No session with that id is in the table.

@@ -199,6 +199,24 @@ pub struct StartRequest {
     pub callback_url: Option<String>,
 }
 
+impl StartRequest {
+    /// A session of `tenant` under `plan`, with every default: the plan's longest
+    /// duration, no metadata, no room, the engine's timeouts, the backends' default
+    /// resources, no callback.
+    pub fn new(tenant: impl Into<String>, plan: Plan) -> StartRequest {
+        StartRequest {
+            tenant: tenant.into(),
+            plan,
+            duration: None,
+            metadata: None,
+            room: None,
+            timeouts: SessionTimeouts::default(),
+            resources: ResourceRequest::default(),
+            callback_url: None,
+        }
+    }
+}
+
 /// Why an engine call failed. A failed call changes nothing the caller did not see
 /// acknowledged.
 #[derive(Debug, thiserror::Error)]
