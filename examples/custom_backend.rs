@@ -70,11 +70,9 @@ impl ResourceBackend for SeatPool {
         Box::pin(async move {
             let mut seats = self.seats.lock().unwrap_or_else(PoisonError::into_inner);
             let seat = usize::try_from(resource.handle).ok();
+            // A seat this pool never had holds nothing: nothing to give back.
             let Some(slot) = seat.and_then(|i| seats.get_mut(i)) else {
-                return Err(ReleaseError::permanent(format!(
-                    "no seat {}",
-                    resource.handle
-                )));
+                return Ok(ReleaseNote::Other(format!("no seat {}", resource.handle)));
             };
             if *slot != Some(session) {
                 return Ok(ReleaseNote::Other("seat already free".into()));
@@ -132,7 +130,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let again = engine.end(None, id, EndReason::Expired).await?;
     assert_eq!(again.session.ended_at(), ended.session.ended_at());
     let when = ended.session.ended_at().ok_or("no ended_at")?;
-    println!("ended: {id} at {when}, reason {}", EndReason::Requested);
+    let reason = ended.session.end_reason().ok_or("no end reason recorded")?;
+    println!("ended: {id} at {when}, reason {reason}");
     wait_released(&engine, id).await?;
     println!("free seats: {}", pool.free_seats());
     if pool.free_seats() != 1 {

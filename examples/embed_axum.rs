@@ -4,11 +4,15 @@
 //!
 //! The service's users never see an API key of the session API: the service's own layer
 //! checks its users' credentials (here, one bearer token) and calls the session API as
-//! its tenant `app`.
+//! its one tenant `app`, so every signed-in user sees every session of the service (a
+//! service with several customers configures one tenant per customer instead). The
+//! session WebSocket and the provider webhooks authenticate themselves (a client token,
+//! a provider signature) and pass the service's layer untouched.
 //!
 //! `cargo run --example embed_axum -- 127.0.0.1:3000 embed_axum.db`, then
 //! `curl -X POST localhost:3000/avatar/v1/sessions -H 'authorization: Bearer demo-user'`.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
@@ -17,6 +21,7 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use session_lifecycle_http::outbound::{Outbound, OutboundConfig};
 use session_lifecycle_http::tenants::Tenants;
 use session_lifecycle_http::tokens::TokenSigner;
 use session_lifecycle_http::{AppState, HttpConfig};
@@ -32,6 +37,13 @@ const TENANT_KEY: &str = "app-internal-key";
 /// The service's authentication in front of the session API: a user who is not signed
 /// in gets the service's own 401; a signed-in user's request goes on as tenant `app`.
 async fn service_auth(mut request: Request, next: Next) -> Response {
+    // Inside the nest the path is the session API's own (`/v1/...`).
+    let path = request.uri().path();
+    let self_authenticated = path.starts_with("/v1/webhooks/")
+        || (path.starts_with("/v1/sessions/") && path.ends_with("/ws"));
+    if self_authenticated {
+        return next.run(request).await;
+    }
     let signed_in = request
         .headers()
         .get(header::AUTHORIZATION)
@@ -45,6 +57,23 @@ async fn service_auth(mut request: Request, next: Next) -> Response {
     next.run(request).await
 }
 
+/// Ctrl-C or SIGTERM (what a deploy sends).
+async fn stop_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            },
+            Err(_) => drop(tokio::signal::ctrl_c().await),
+        }
+    }
+    #[cfg(not(unix))]
+    drop(tokio::signal::ctrl_c().await);
+}
+
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
@@ -53,18 +82,37 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // The engine: a store and resource backends (none here; sessiond adds avatar server
     // processes and GPUs the same way).
-    let store = std::sync::Arc::new(SqliteStore::open(&database)?);
+    let store = Arc::new(SqliteStore::open(&database)?);
     let config = EngineConfig::default();
-    let engine = Engine::open(store, Vec::new(), std::sync::Arc::new(SystemClock), config).await?;
+    let engine = Engine::open(store, Vec::new(), Arc::new(SystemClock), config).await?;
     let background = engine.spawn_background();
 
     let plan = Plan::new(Some(100), Duration::from_secs(3600));
     let tenants = Tenants::single("app", TENANT_KEY, plan);
-    // Signs the client tokens of session WebSockets; share the secret between instances.
-    let secret = std::env::var("TOKEN_SECRET")
-        .unwrap_or_else(|_| format!("{:?}", std::time::SystemTime::now()));
+    // Signs the client tokens of session WebSockets: set TOKEN_SECRET to the same value
+    // on every instance, else tokens are valid on this process only.
+    let secret = match std::env::var("TOKEN_SECRET") {
+        Ok(secret) => secret,
+        Err(_) => {
+            let mut bytes = [0u8; 32];
+            getrandom::fill(&mut bytes)?;
+            bytes.iter().map(|b| format!("{b:02x}")).collect()
+        }
+    };
     let tokens = TokenSigner::from_secret(&secret);
-    let state = AppState::new(engine.clone(), tenants, tokens, HttpConfig::default());
+    let state = AppState::new(
+        engine.clone(),
+        tenants.clone(),
+        tokens,
+        HttpConfig::default(),
+    );
+
+    // The outbox worker: fans recorded events out to the event stream (`/v1/events`) and
+    // forgets old events and idempotency keys. Without it the stream stays silent.
+    let outbound = Outbound::new(engine.clone(), tenants, OutboundConfig::new("embed_axum"))?;
+    let _ = state.outbound.set(Arc::clone(&outbound));
+    let (stop_outbound, outbound_stop) = tokio::sync::watch::channel(false);
+    let outbound_task = tokio::spawn(outbound.run(outbound_stop));
 
     let avatar = session_lifecycle_http::router(state).layer(middleware::from_fn(service_auth));
     let app = Router::new()
@@ -74,14 +122,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let listener = tokio::net::TcpListener::bind(&listen).await?;
     println!("listening on http://{}", listener.local_addr()?);
-    let stop = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    session_lifecycle_http::serve(listener, app, stop).await?;
+    session_lifecycle_http::serve(listener, app, stop_signal()).await?;
 
-    // Stopping: sessions still running end `shutdown` and release what they hold.
+    // Stopping: sessions still running end `shutdown` and release what they hold; their
+    // events are in the store before the worker stops.
     let ended = engine.shutdown(Duration::from_secs(10)).await?;
     background.join().await;
+    let _ = stop_outbound.send(true);
+    outbound_task.await?;
     println!("stopped; {ended} session(s) ended");
     Ok(())
 }

@@ -1,8 +1,8 @@
 //! The `no_std` core on its own, driven the way firmware or a test harness drives it: a
 //! hand-written loop and a fake clock. The loop sleeps (here: jumps the clock) to the
 //! table's next deadline, takes the work the table hands out, does it, and reports back.
-//! Nothing here allocates in the core, and the same code builds for bare metal (see
-//! `.ci/no-std-probe`); this example prints, so it runs on a host.
+//! The core allocates nothing; this example itself uses `std` (it prints, and it runs on
+//! a host). CI builds the core alone for a bare-metal target (`.ci/no-std-probe`).
 //!
 //! `cargo run --example no_std_core`
 

@@ -70,10 +70,20 @@ fn no_std_core_ends_releases_and_evicts_every_session() {
     ] {
         assert!(out.contains(line), "{line:?} in:\n{out}");
     }
-    // The process is released before the GPU under it, in each session.
+    // The process is released before the GPU under it.
     let process = out.find("release process 1000").unwrap();
     let gpu = out.find("release gpu 0").unwrap();
     assert!(process < gpu, "{out}");
+}
+
+/// A child process that does not outlive a failed test.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// One HTTP/1.1 request to `addr`: the status and the body.
@@ -107,12 +117,14 @@ fn embed_axum_serves_the_session_api_under_avatar_behind_the_service_s_auth() {
     let dir = std::env::temp_dir().join(format!("embed-axum-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let db = dir.join("embed.db");
-    let mut child = Command::new(example("embed_axum"))
-        .args(["127.0.0.1:0", db.to_str().unwrap()])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut child = KillOnDrop(
+        Command::new(example("embed_axum"))
+            .args(["127.0.0.1:0", db.to_str().unwrap()])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut lines = BufReader::new(child.0.stdout.take().unwrap()).lines();
     let first = lines.next().unwrap().unwrap();
     let addr = first
         .strip_prefix("listening on http://")
@@ -144,6 +156,20 @@ fn embed_axum_serves_the_session_api_under_avatar_behind_the_service_s_auth() {
         .nth(1)
         .and_then(|s| s.split('"').next())
         .unwrap();
+    // The WebSocket and the provider webhooks authenticate themselves: the session
+    // API answers them, not the service's sign-in.
+    for (method, path) in [
+        ("GET", format!("/avatar/v1/sessions/{id}/ws")),
+        ("POST", "/avatar/v1/webhooks/livekit".to_owned()),
+    ] {
+        let (status, body) = http(&addr, method, &path, &[]);
+        assert!(status >= 400, "{path}: {status} {body}");
+        assert!(!body.contains("sign in to the service"), "{path}: {body}");
+        assert!(
+            body.contains(r#""code""#),
+            "{path}: the API's own error: {body}"
+        );
+    }
     let (status, ended) = http(
         &addr,
         "POST",
@@ -164,15 +190,15 @@ fn embed_axum_serves_the_session_api_under_avatar_behind_the_service_s_auth() {
     assert_eq!(status, 404, "{missing}");
     assert!(missing.contains("session_not_found"), "{missing}");
 
-    // Ctrl-C: the service stops serving, then ends what still runs.
+    // SIGTERM (a deploy): the service stops serving, then ends what still runs.
     let (_, running) = http(&addr, "POST", "/avatar/v1/sessions", &[user]);
     assert!(running.contains("started"), "{running}");
-    let interrupted = Command::new("kill")
-        .args(["-INT", &child.id().to_string()])
+    let terminated = Command::new("kill")
+        .args(["-TERM", &child.0.id().to_string()])
         .status()
         .unwrap();
-    assert!(interrupted.success());
-    let status = child.wait().unwrap();
+    assert!(terminated.success());
+    let status = child.0.wait().unwrap();
     let rest: Vec<String> = lines.map_while(Result::ok).collect();
     assert!(status.success(), "{status}: {rest:?}");
     assert_eq!(rest, ["stopped; 1 session(s) ended"]);

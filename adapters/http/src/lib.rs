@@ -6,7 +6,7 @@
 //! `GET /v1/sessions/{id}/ws`, `POST /v1/webhooks/{livekit,daily}`, `GET /healthz`,
 //! `GET /v1/events` (Server-Sent Events), `GET /v1/webhook-deliveries`,
 //! `POST /v1/webhook-deliveries/{id}/retry`, `GET /v1/overview`, `GET /ui` (the live
-//! page), `GET /readyz`, `GET /metrics`, `GET /openapi.json`.
+//! page, feature `live-page`), `GET /readyz`, `GET /metrics`, `GET /openapi.json`.
 //!
 //! Modules, each using only those listed before it (`tests/module_graph.rs` fails on a
 //! cycle):
@@ -19,6 +19,17 @@
 //! - [`extract`] (the authenticated tenant, the session id of the path), [`state`];
 //! - [`observe`] (request ids, log lines, metrics), [`routes`], [`doc`], and this file,
 //!   which builds the router.
+//!
+//! # Features
+//!
+//! - `sessiond` (default): the `sessiond` binary and what only it uses (the SQLite and
+//!   PostgreSQL stores, GPUs, avatar processes, its command line and logging). A service
+//!   that mounts the router brings its own store and backends: `default-features = false`.
+//! - `live-page` (default): `GET /ui`, the live page, compiled into the router.
+//! - `outbound-webhooks` (default): delivery of outbound webhooks and callbacks by
+//!   [`outbound::Outbound`] (reqwest with rustls). Without it the worker still fans events
+//!   out to the event stream and prunes the outbox, and refuses tenants that have webhook
+//!   endpoints or a callback secret.
 //!
 //! A service mounts the API in its own router (see `examples/embed_axum.rs` for one
 //! served with its own authentication in front):
@@ -93,7 +104,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .concurrency_limit(state.config.max_in_flight)
         .timeout(state.config.request_timeout);
     let webhook_limit = state.config.webhook_max_body_bytes;
-    Router::new()
+    let routes = Router::new()
         .route(
             "/v1/sessions",
             post(sessions::create_session).get(sessions::list_sessions),
@@ -121,13 +132,11 @@ pub fn router(state: Arc<AppState>) -> Router {
             post(events::retry_delivery),
         )
         .route("/v1/overview", get(overview::get_overview))
-        .route("/ui", get(overview::page))
-        .route("/ui/", get(overview::page_with_slash))
-        .route("/ui/{asset}", get(overview::page_asset))
         .route("/healthz", get(operations::healthz))
         .route("/readyz", get(operations::readyz))
         .route("/metrics", get(operations::metrics))
-        .route("/openapi.json", get(doc::openapi_json))
+        .route("/openapi.json", get(doc::openapi_json));
+    with_live_page(routes)
         .method_not_allowed_fallback(operations::method_not_allowed)
         .fallback(operations::not_found)
         .layer(DefaultBodyLimit::max(state.config.max_body_bytes))
@@ -137,4 +146,20 @@ pub fn router(state: Arc<AppState>) -> Router {
             observe::observe,
         ))
         .with_state(state)
+}
+
+/// `GET /ui`, its trailing-slash redirect and its files.
+#[cfg(feature = "live-page")]
+fn with_live_page(routes: Router<Arc<AppState>>) -> Router<Arc<AppState>> {
+    use crate::routes::page;
+    routes
+        .route("/ui", get(page::page))
+        .route("/ui/", get(page::page_with_slash))
+        .route("/ui/{asset}", get(page::page_asset))
+}
+
+/// Built without the live page: `/ui` is an unknown path.
+#[cfg(not(feature = "live-page"))]
+fn with_live_page(routes: Router<Arc<AppState>>) -> Router<Arc<AppState>> {
+    routes
 }

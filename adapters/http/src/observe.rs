@@ -35,7 +35,11 @@ pub async fn observe(State(state): State<Arc<AppState>>, request: Request, next:
     // Headers over the service's limits are refused here, in the layer every request
     // passes anyway: one layer less on every other request.
     let mut response = match crate::input::headers_too_large(request.headers()) {
-        Some(refused) => id.scope(async move { refused.into_response() }).await,
+        Some(refused) => {
+            id.scope(async move { refused.into_response() })
+                .instrument(span.clone())
+                .await
+        }
         None => id.scope(next.run(request)).instrument(span.clone()).await,
     };
     if let Some(header) = header {

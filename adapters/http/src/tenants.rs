@@ -151,7 +151,7 @@ fn webhook_endpoints(entries: Vec<WebhookEntry>) -> Result<Vec<WebhookEndpoint>,
         if out.iter().any(|o| o.name == e.name) {
             return Err(format!("webhook {:?} listed twice", e.name));
         }
-        if reqwest::Url::parse(&e.url).is_err() {
+        if url::Url::parse(&e.url).is_err() {
             return Err(format!("webhook {:?}: url is not a URL", e.name));
         }
         let listed: Vec<String> = e.secret.into_iter().chain(e.secrets).collect();

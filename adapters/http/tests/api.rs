@@ -1,6 +1,7 @@
 //! HTTP tests against a real `sessiond` process on a loopback port, with a real HTTP
 //! client (reqwest) and a real WebSocket client (tokio-tungstenite), covering every row of
 //! CONTRACT.md's error table and every success path.
+#![cfg(feature = "sessiond")]
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};

@@ -1,6 +1,7 @@
 //! Several `sessiond` instances on one PostgreSQL database: ends from any instance, releases
 //! on the owning node, and a node that dies and comes back. Needs `SESSION_LIFECYCLE_PG_URL`
 //! (skipped without it, unless `SESSION_LIFECYCLE_REQUIRE_PG=1`).
+#![cfg(feature = "sessiond")]
 
 mod common;
 

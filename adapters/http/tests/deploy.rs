@@ -1,5 +1,6 @@
 //! The dashboard and alert rules under `deploy/` use only metrics a live `sessiond`
 //! exposes (promtool checks and tests the rules themselves, in `.ci/run`).
+#![cfg(feature = "sessiond")]
 
 mod common;
 

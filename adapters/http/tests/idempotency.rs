@@ -1,4 +1,5 @@
 //! Safe retries of creates with `Idempotency-Key`, against real `sessiond` processes.
+#![cfg(feature = "sessiond")]
 
 mod common;
 

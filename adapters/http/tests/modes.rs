@@ -2,6 +2,7 @@
 //! (the `avatar-fixture` in ledger mode: one line per SIGTERM, naming the session and the
 //! sender) and client WebSockets: a drain keeps calls running, a handover keeps the avatar
 //! servers across a restart.
+#![cfg(feature = "sessiond")]
 
 mod common;
 

@@ -1,6 +1,7 @@
 //! Outbound webhooks and the event stream, against real `sessiond` processes and a receiver
 //! that verifies every delivery with the Standard Webhooks reference library
 //! (`tests/providers/webhook_receiver.py`, `standardwebhooks` on PyPI).
+#![cfg(feature = "sessiond")]
 
 mod common;
 

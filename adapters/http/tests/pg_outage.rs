@@ -11,6 +11,7 @@
 //! It stops the server the tests share, so it is a test binary of its own, and its tests
 //! take turns. The stop and start commands are `SESSION_LIFECYCLE_PG_STOP` and
 //! `SESSION_LIFECYCLE_PG_START`, or `pg_ctlcluster` for the local cluster.
+#![cfg(feature = "sessiond")]
 
 mod common;
 

@@ -6,6 +6,7 @@
 //! test binaries one at a time). The restart command is `SESSION_LIFECYCLE_PG_RESTART` (a
 //! shell command line) or, without it, `pg_ctlcluster` for the local cluster on the URL's
 //! port. Skipped when neither works, unless `SESSION_LIFECYCLE_REQUIRE_PG=1`.
+#![cfg(feature = "sessiond")]
 
 mod common;
 

@@ -3,6 +3,7 @@
 //! of it; a client may reconnect to the other instance within the grace; an end anywhere
 //! closes every socket of the session within a second; and holding sockets costs no store
 //! writes while nothing changes.
+#![cfg(feature = "sessiond")]
 
 mod common;
 

@@ -1,6 +1,7 @@
 //! Fair limits per tenant, against real `sessiond` processes: a tenant over its request
 //! rate gets 429 `rate_limited` with `Retry-After` while another's requests all pass, and
 //! with two instances the limit holds for the cluster.
+#![cfg(feature = "sessiond")]
 
 mod common;
 

@@ -7,6 +7,7 @@
 //! On PostgreSQL (when configured) the page is served by one instance while the sessions
 //! are created and ended through another. Without `chromium` the test is skipped with a
 //! message, unless `SESSION_LIFECYCLE_REQUIRE_BROWSER=1` (CI), which makes it a failure.
+#![cfg(feature = "sessiond")]
 
 mod common;
 

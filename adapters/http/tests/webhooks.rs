@@ -2,6 +2,7 @@
 //! document them (LiveKit: an HS256 JWT in `Authorization` whose `sha256` claim is the
 //! base64 SHA-256 of the body; Daily: base64 HMAC-SHA256 of `"{timestamp}.{body}"` under
 //! the base64-decoded secret, in `X-Webhook-Signature` with `X-Webhook-Timestamp`).
+#![cfg(feature = "sessiond")]
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};

@@ -11,36 +11,52 @@
 macro_rules! delegate_store {
     ($ty:ty, $wrap:ident) => {
         impl $crate::SessionStore for $ty {
-            fn create(&self, new: $crate::NewSession) -> $crate::BoxFuture<'_, Result<$crate::CreateOutcome, $crate::StoreError>> {
+            fn create(
+                &self,
+                new: $crate::NewSession,
+            ) -> $crate::BoxFuture<'_, Result<$crate::CreateOutcome, $crate::StoreError>> {
                 $wrap!(self, "create", self.inner.create(new))
             }
             fn attach(
                 &self,
-                id: session_lifecycle::SessionId,
-                resource: session_lifecycle::Resource,
+                id: $crate::__core::SessionId,
+                resource: $crate::__core::Resource,
             ) -> $crate::BoxFuture<'_, Result<$crate::AttachOutcome, $crate::StoreError>> {
                 $wrap!(self, "attach", self.inner.attach(id, resource))
             }
             fn end<'a>(
                 &'a self,
-                id: session_lifecycle::SessionId,
+                id: $crate::__core::SessionId,
                 tenant: $crate::TenantScope<'a>,
-                now: session_lifecycle::Timestamp,
-                reason: session_lifecycle::EndReason,
+                now: $crate::__core::Timestamp,
+                reason: $crate::__core::EndReason,
                 claim: Option<$crate::ReleaseClaim>,
-            ) -> $crate::BoxFuture<'a, Result<Option<($crate::SessionRecord, session_lifecycle::Transition)>, $crate::StoreError>> {
+            ) -> $crate::BoxFuture<
+                'a,
+                Result<
+                    Option<($crate::SessionRecord, $crate::__core::Transition)>,
+                    $crate::StoreError,
+                >,
+            > {
                 $wrap!(self, "end", self.inner.end(id, tenant, now, reason, claim))
             }
-            fn get(&self, id: session_lifecycle::SessionId) -> $crate::BoxFuture<'_, Result<Option<$crate::SessionRecord>, $crate::StoreError>> {
+            fn get(
+                &self,
+                id: $crate::__core::SessionId,
+            ) -> $crate::BoxFuture<'_, Result<Option<$crate::SessionRecord>, $crate::StoreError>>
+            {
                 $wrap!(self, "get", self.inner.get(id))
             }
-            fn list(&self, query: $crate::ListQuery) -> $crate::BoxFuture<'_, Result<Vec<$crate::SessionRecord>, $crate::StoreError>> {
+            fn list(
+                &self,
+                query: $crate::ListQuery,
+            ) -> $crate::BoxFuture<'_, Result<Vec<$crate::SessionRecord>, $crate::StoreError>> {
                 $wrap!(self, "list", self.inner.list(query))
             }
             fn ended_since(
                 &self,
                 tenant: Option<String>,
-                since: session_lifecycle::Timestamp,
+                since: $crate::__core::Timestamp,
                 limit: u32,
             ) -> $crate::BoxFuture<'_, Result<Vec<$crate::SessionRecord>, $crate::StoreError>> {
                 $wrap!(
@@ -52,8 +68,8 @@ macro_rules! delegate_store {
             fn count_ends(
                 &self,
                 tenant: Option<String>,
-                since: session_lifecycle::Timestamp,
-                until: session_lifecycle::Timestamp,
+                since: $crate::__core::Timestamp,
+                until: $crate::__core::Timestamp,
                 bucket: std::time::Duration,
             ) -> $crate::BoxFuture<'_, Result<Vec<$crate::EndCount>, $crate::StoreError>> {
                 $wrap!(
@@ -64,18 +80,24 @@ macro_rules! delegate_store {
             }
             fn touch<'a>(
                 &'a self,
-                id: session_lifecycle::SessionId,
+                id: $crate::__core::SessionId,
                 tenant: $crate::TenantScope<'a>,
-                now: session_lifecycle::Timestamp,
+                now: $crate::__core::Timestamp,
             ) -> $crate::BoxFuture<'a, Result<$crate::TouchOutcome, $crate::StoreError>> {
                 $wrap!(self, "touch", self.inner.touch(id, tenant, now))
             }
             fn due(
                 &self,
-                now: session_lifecycle::Timestamp,
+                now: $crate::__core::Timestamp,
                 orphan_timeout: std::time::Duration,
                 limit: u32,
-            ) -> $crate::BoxFuture<'_, Result<Vec<(session_lifecycle::SessionId, session_lifecycle::EndReason)>, $crate::StoreError>> {
+            ) -> $crate::BoxFuture<
+                '_,
+                Result<
+                    Vec<($crate::__core::SessionId, $crate::__core::EndReason)>,
+                    $crate::StoreError,
+                >,
+            > {
                 $wrap!(self, "due", self.inner.due(now, orphan_timeout, limit))
             }
         }
@@ -84,7 +106,7 @@ macro_rules! delegate_store {
             fn claim_releases(
                 &self,
                 node: &str,
-                now: session_lifecycle::Timestamp,
+                now: $crate::__core::Timestamp,
                 lease: std::time::Duration,
                 limit: u32,
             ) -> $crate::BoxFuture<'_, Result<Vec<$crate::SessionRecord>, $crate::StoreError>> {
@@ -107,7 +129,10 @@ macro_rules! delegate_store {
                     self.inner.record_release(&node, progress)
                 )
             }
-            fn drop_claims(&self, node: &str) -> $crate::BoxFuture<'_, Result<(), $crate::StoreError>> {
+            fn drop_claims(
+                &self,
+                node: &str,
+            ) -> $crate::BoxFuture<'_, Result<(), $crate::StoreError>> {
                 let node = node.to_owned();
                 $wrap!(self, "drop_claims", self.inner.drop_claims(&node))
             }
@@ -121,13 +146,17 @@ macro_rules! delegate_store {
         }
 
         impl $crate::NodeMembership for $ty {
-            fn node_alive(&self, node: &str, now: session_lifecycle::Timestamp) -> $crate::BoxFuture<'_, Result<(), $crate::StoreError>> {
+            fn node_alive(
+                &self,
+                node: &str,
+                now: $crate::__core::Timestamp,
+            ) -> $crate::BoxFuture<'_, Result<(), $crate::StoreError>> {
                 let node = node.to_owned();
                 $wrap!(self, "node_alive", self.inner.node_alive(&node, now))
             }
             fn live_nodes(
                 &self,
-                now: session_lifecycle::Timestamp,
+                now: $crate::__core::Timestamp,
                 node_timeout: std::time::Duration,
             ) -> $crate::BoxFuture<'_, Result<u32, $crate::StoreError>> {
                 $wrap!(self, "live_nodes", self.inner.live_nodes(now, node_timeout))
@@ -141,7 +170,7 @@ macro_rules! delegate_store {
             }
             fn nodes(
                 &self,
-                now: session_lifecycle::Timestamp,
+                now: $crate::__core::Timestamp,
                 node_timeout: std::time::Duration,
                 window: std::time::Duration,
             ) -> $crate::BoxFuture<'_, Result<Vec<$crate::NodeRow>, $crate::StoreError>> {
@@ -150,10 +179,11 @@ macro_rules! delegate_store {
             fn end_dead_nodes(
                 &self,
                 except: &str,
-                now: session_lifecycle::Timestamp,
+                now: $crate::__core::Timestamp,
                 node_timeout: std::time::Duration,
                 limit: u32,
-            ) -> $crate::BoxFuture<'_, Result<Vec<session_lifecycle::SessionId>, $crate::StoreError>> {
+            ) -> $crate::BoxFuture<'_, Result<Vec<$crate::__core::SessionId>, $crate::StoreError>>
+            {
                 let except = except.to_owned();
                 $wrap!(
                     self,
@@ -167,19 +197,27 @@ macro_rules! delegate_store {
             fn room_event(
                 &self,
                 event: $crate::RoomEvent,
-                now: session_lifecycle::Timestamp,
-            ) -> $crate::BoxFuture<'_, Result<Option<Vec<$crate::RoomState>>, $crate::StoreError>> {
+                now: $crate::__core::Timestamp,
+            ) -> $crate::BoxFuture<'_, Result<Option<Vec<$crate::RoomState>>, $crate::StoreError>>
+            {
                 $wrap!(self, "room_event", self.inner.room_event(event, now))
             }
-            fn room_state(&self, id: session_lifecycle::SessionId) -> $crate::BoxFuture<'_, Result<Option<$crate::RoomState>, $crate::StoreError>> {
+            fn room_state(
+                &self,
+                id: $crate::__core::SessionId,
+            ) -> $crate::BoxFuture<'_, Result<Option<$crate::RoomState>, $crate::StoreError>> {
                 $wrap!(self, "room_state", self.inner.room_state(id))
             }
-            fn touch_present(&self, now: session_lifecycle::Timestamp) -> $crate::BoxFuture<'_, Result<Vec<session_lifecycle::SessionId>, $crate::StoreError>> {
+            fn touch_present(
+                &self,
+                now: $crate::__core::Timestamp,
+            ) -> $crate::BoxFuture<'_, Result<Vec<$crate::__core::SessionId>, $crate::StoreError>>
+            {
                 $wrap!(self, "touch_present", self.inner.touch_present(now))
             }
             fn prune_rooms(
                 &self,
-                ended_before: session_lifecycle::Timestamp,
+                ended_before: $crate::__core::Timestamp,
                 limit: u32,
             ) -> $crate::BoxFuture<'_, Result<u32, $crate::StoreError>> {
                 $wrap!(
@@ -193,10 +231,10 @@ macro_rules! delegate_store {
         impl $crate::PresenceStore for $ty {
             fn set_presence(
                 &self,
-                session: session_lifecycle::SessionId,
+                session: $crate::__core::SessionId,
                 node: &str,
                 holds: bool,
-                now: session_lifecycle::Timestamp,
+                now: $crate::__core::Timestamp,
             ) -> $crate::BoxFuture<'_, Result<(), $crate::StoreError>> {
                 let node = node.to_owned();
                 $wrap!(
@@ -205,7 +243,11 @@ macro_rules! delegate_store {
                     self.inner.set_presence(session, &node, holds, now)
                 )
             }
-            fn clear_presence(&self, node: &str, now: session_lifecycle::Timestamp) -> $crate::BoxFuture<'_, Result<(), $crate::StoreError>> {
+            fn clear_presence(
+                &self,
+                node: &str,
+                now: $crate::__core::Timestamp,
+            ) -> $crate::BoxFuture<'_, Result<(), $crate::StoreError>> {
                 let node = node.to_owned();
                 $wrap!(
                     self,
@@ -215,8 +257,8 @@ macro_rules! delegate_store {
             }
             fn presence(
                 &self,
-                session: session_lifecycle::SessionId,
-                now: session_lifecycle::Timestamp,
+                session: $crate::__core::SessionId,
+                now: $crate::__core::Timestamp,
                 node_timeout: std::time::Duration,
             ) -> $crate::BoxFuture<'_, Result<Vec<String>, $crate::StoreError>> {
                 $wrap!(
@@ -225,7 +267,10 @@ macro_rules! delegate_store {
                     self.inner.presence(session, now, node_timeout)
                 )
             }
-            fn watch_ends<'a>(&'a self, ended: &'a (dyn Fn(session_lifecycle::SessionId) + Send + Sync)) -> $crate::BoxFuture<'a, ()> {
+            fn watch_ends<'a>(
+                &'a self,
+                ended: &'a (dyn Fn($crate::__core::SessionId) + Send + Sync),
+            ) -> $crate::BoxFuture<'a, ()> {
                 self.inner.watch_ends(ended)
             }
         }

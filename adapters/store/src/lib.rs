@@ -58,6 +58,9 @@ pub use record::{
     SessionRecord, SessionTimeouts, TouchOutcome,
 };
 pub use report::{DeviceReport, NodeReport};
+/// The core crate, for [`delegate_store!`]'s paths: a caller need not depend on it.
+#[doc(hidden)]
+pub use session_lifecycle as __core;
 pub use store::{
     NodeMembership, PresenceStore, ReleaseQueue, RoomStore, SessionStore, Store, StoreHealth,
 };

@@ -1,13 +1,12 @@
 //! Where webhooks may go: HTTPS (or plain HTTP to loopback, or anywhere if allowed), and
 //! only to public addresses unless loopback or private ones are allowed. The check runs
 //! on the URL when it is configured or given, and again on every address a name resolves
-//! to when a delivery connects ([`CheckedResolver`]), so a name that later resolves to
+//! to when a delivery connects (the delivery worker's resolver), so a name that later resolves to
 //! a private address (DNS rebinding) is refused then.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::Arc;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use reqwest::Url;
+use url::Url;
 
 /// What webhooks are allowed to reach.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -156,62 +155,6 @@ impl AddressPolicy {
             "http" => Err(UrlRefused::PlainHttp),
             _ => Err(UrlRefused::Scheme),
         }
-    }
-}
-
-/// Resolves names for the webhook client, keeping only addresses the policy allows: the
-/// connection goes to one of those, never to an address that was not checked.
-pub struct CheckedResolver {
-    policy: AddressPolicy,
-}
-
-impl CheckedResolver {
-    /// A resolver enforcing `policy`.
-    pub fn new(policy: AddressPolicy) -> Arc<CheckedResolver> {
-        Arc::new(CheckedResolver { policy })
-    }
-}
-
-/// No allowed address for a name.
-#[derive(Debug, thiserror::Error)]
-#[error("{name} resolves to no allowed address ({refused})")]
-struct NoAllowedAddress {
-    name: String,
-    refused: String,
-}
-
-impl reqwest::dns::Resolve for CheckedResolver {
-    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
-        let policy = self.policy;
-        let host = name.as_str().to_owned();
-        Box::pin(async move {
-            let found: Vec<SocketAddr> =
-                tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
-            let mut refused = Vec::new();
-            let allowed: Vec<SocketAddr> = found
-                .into_iter()
-                .filter(|a| match policy.check_ip(a.ip()) {
-                    Ok(()) => true,
-                    Err(e) => {
-                        refused.push(e.to_string());
-                        false
-                    }
-                })
-                .collect();
-            if allowed.is_empty() {
-                let refused = if refused.is_empty() {
-                    "no addresses".to_owned()
-                } else {
-                    refused.join("; ")
-                };
-                return Err(Box::new(NoAllowedAddress {
-                    name: host,
-                    refused,
-                })
-                    as Box<dyn std::error::Error + Send + Sync>);
-            }
-            Ok(Box::new(allowed.into_iter()) as reqwest::dns::Addrs)
-        })
     }
 }
 

@@ -5,6 +5,8 @@
 pub mod events;
 pub mod operations;
 pub mod overview;
+#[cfg(feature = "live-page")]
+pub mod page;
 pub mod sessions;
 pub mod webhooks;
 pub mod ws;
