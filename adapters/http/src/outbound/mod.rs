@@ -6,7 +6,8 @@
 //! fans new events out (one delivery per endpoint: the tenant's endpoints that want the
 //! event's type, and the session's own callback URL) and delivers what is due, each
 //! attempt claimed in the store so that it happens once across the cluster. A failed
-//! attempt is retried when the core's [`DeliveryPolicy`] says, until the retry period
+//! attempt is retried when the core's
+//! [`DeliveryPolicy`](session_lifecycle::DeliveryPolicy) says, until the retry period
 //! ends; a session's deliveries to an endpoint go in the session's order, and nothing else
 //! waits for a failing one. Deliveries are bounded per endpoint, so one slow receiver
 //! cannot hold back another tenant's.
