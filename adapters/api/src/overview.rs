@@ -101,6 +101,8 @@ pub struct NodeView {
     pub full: Option<String>,
     /// Started sessions it runs.
     pub sessions: u64,
+    /// The most sessions it runs at once (`--max-node-sessions`); `null`: no limit.
+    pub slots: Option<u64>,
     /// Its GPUs.
     pub gpus: Vec<GpuView>,
 }

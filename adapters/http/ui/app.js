@@ -403,7 +403,10 @@
       const gpus = el("td");
       if (n.gpus.length === 0) gpus.append(el("span", "no GPUs reported", "muted"));
       for (const g of n.gpus) gpus.append(gpuBar(g));
-      tr.append(el("td", n.node), state, el("td", perNode ? perNode.get(n.node) || 0 : n.sessions), gpus);
+      const running = perNode ? perNode.get(n.node) || 0 : n.sessions;
+      // "3 / 5": its sessions and its slots (--max-node-sessions), when it has a limit.
+      const count = el("td", n.slots === null || n.slots === undefined ? String(running) : running + " / " + n.slots);
+      tr.append(el("td", n.node), state, count, gpus);
       return tr;
     }));
   }

@@ -51,6 +51,12 @@ const RELEASES_CHANNEL: &str = "session_lifecycle_releases";
 const ENDS_CHANNEL: &str = "session_lifecycle_ends";
 /// The channel a fan-out notifies when it placed events in the stream.
 const EVENTS_CHANNEL: &str = "session_lifecycle_events";
+/// The channel on which a placement wakes the node it assigned a session to (payload: the
+/// node id).
+const STARTS_CHANNEL: &str = "session_lifecycle_starts";
+/// The channel on which a node reports that a placed session's start finished or was
+/// refused (payload: the session id).
+const PLACED_CHANNEL: &str = "session_lifecycle_placed";
 
 impl PostgresStore {
     /// Connects to `url` (a `postgres://` URL) with a pool, and migrates the schema.
@@ -191,6 +197,7 @@ mod error;
 mod idempotency;
 mod nodes;
 mod outbox;
+mod placement;
 mod presence;
 mod releases;
 mod rooms;
@@ -199,65 +206,84 @@ mod rows;
 use error::{PgError, pool_unavailable, unavailable};
 use rows::{col, get_record, records, resource_key};
 
+/// Whether the tenant of `new` is at its limit of started sessions, judged in `tx`: creates
+/// of one tenant take turns (an advisory lock held until `tx` ends), whichever instance
+/// serves them.
+async fn tenant_at_limit(
+    tx: &tokio_postgres::Transaction<'_>,
+    new: &NewSession,
+) -> Result<bool, StoreError> {
+    let Some(max) = new.max_concurrent else {
+        return Ok(false);
+    };
+    tx.execute("SELECT pg_advisory_xact_lock(hashtext($1))", &[&new.tenant])
+        .await
+        .map_err(unavailable)?;
+    let running: i64 = col(
+        &tx.query_one(pg(statements::COUNT_STARTED), &[&new.tenant])
+            .await
+            .map_err(unavailable)?,
+        0,
+    )?;
+    Ok(running >= i64::from(max))
+}
+
+/// Inserts `new` and its `started` event in `tx`; an id taken already is
+/// [`StoreError::DuplicateId`].
+async fn insert_session(
+    tx: &tokio_postgres::Transaction<'_>,
+    new: &NewSession,
+) -> Result<(), StoreError> {
+    let (left, absent, grace) = timeout_columns(&new.timeouts);
+    let inserted = tx
+        .execute(
+            pg(statements::INSERT_SESSION),
+            &[
+                &new.id.to_string(),
+                &new.tenant,
+                &ms(new.started_at),
+                &ms(new.expires_at.max(new.started_at)),
+                &new.metadata,
+                &new.room.as_ref().map(|r| r.provider.as_str()),
+                &new.room.as_ref().map(|r| r.name.as_str()),
+                &new.node,
+                &left,
+                &absent,
+                &grace,
+                &new.callback_url,
+            ],
+        )
+        .await;
+    match inserted {
+        Ok(_) => {}
+        Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
+            return Err(StoreError::DuplicateId(new.id));
+        }
+        Err(e) => return Err(unavailable(e)),
+    }
+    tx.execute(
+        pg(statements::INSERT_EVENT),
+        &[
+            &new.id.to_string(),
+            &new.tenant,
+            &event_sequence(EventKind::Started),
+            &ms(new.started_at),
+        ],
+    )
+    .await
+    .map_err(unavailable)?;
+    Ok(())
+}
+
 impl SessionStore for PostgresStore {
     fn create(&self, new: NewSession) -> BoxFuture<'_, Result<CreateOutcome, StoreError>> {
         Box::pin(async move {
             let mut client = self.client().await?;
             let tx = client.transaction().await.map_err(unavailable)?;
-            if let Some(max) = new.max_concurrent {
-                // Creates of one tenant take turns, whichever instance serves them.
-                tx.execute("SELECT pg_advisory_xact_lock(hashtext($1))", &[&new.tenant])
-                    .await
-                    .map_err(unavailable)?;
-                let running: i64 = col(
-                    &tx.query_one(pg(statements::COUNT_STARTED), &[&new.tenant])
-                        .await
-                        .map_err(unavailable)?,
-                    0,
-                )?;
-                if running >= i64::from(max) {
-                    return Ok(CreateOutcome::LimitReached);
-                }
+            if tenant_at_limit(&tx, &new).await? {
+                return Ok(CreateOutcome::LimitReached);
             }
-            let (left, absent, grace) = timeout_columns(&new.timeouts);
-            let inserted = tx
-                .execute(
-                    pg(statements::INSERT_SESSION),
-                    &[
-                        &new.id.to_string(),
-                        &new.tenant,
-                        &ms(new.started_at),
-                        &ms(new.expires_at.max(new.started_at)),
-                        &new.metadata,
-                        &new.room.as_ref().map(|r| r.provider.as_str()),
-                        &new.room.as_ref().map(|r| r.name.as_str()),
-                        &new.node,
-                        &left,
-                        &absent,
-                        &grace,
-                        &new.callback_url,
-                    ],
-                )
-                .await;
-            match inserted {
-                Ok(_) => {
-                    tx.execute(
-                        pg(statements::INSERT_EVENT),
-                        &[
-                            &new.id.to_string(),
-                            &new.tenant,
-                            &event_sequence(EventKind::Started),
-                            &ms(new.started_at),
-                        ],
-                    )
-                    .await
-                    .map_err(unavailable)?;
-                }
-                Err(e) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
-                    return Err(StoreError::DuplicateId(new.id));
-                }
-                Err(e) => return Err(unavailable(e)),
-            }
+            insert_session(&tx, &new).await?;
             tx.commit().await.map_err(unavailable)?;
             Ok(CreateOutcome::Created)
         })

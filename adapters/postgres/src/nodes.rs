@@ -145,7 +145,12 @@ impl NodeMembership for PostgresStore {
                 let ids = tx
                     .query(
                         concat!(
-                            "UPDATE sessions SET status = 'ended', end_reason = 'node_lost', ended_at = ",
+                            // A session its node had not finished starting (a placed one) never
+                            // ran: it ends `start_failed`, not `node_lost`.
+                            "UPDATE sessions SET status = 'ended',
+                                    end_reason = CASE WHEN start_state IS NULL THEN 'node_lost'
+                                                      ELSE 'start_failed' END,
+                                    ended_at = ",
                             sql_ended_at!("$2"),
                             " WHERE id IN (SELECT id FROM sessions
                                       WHERE node = $1 AND status = 'started'

@@ -94,3 +94,4 @@ pub use session_lifecycle_store::{
     SessionTimeouts, Store, StoreError, StoreHealth, StoredKey, TenantScope, TouchOutcome,
     decide_key, faults, lock, rows, sql,
 };
+pub use session_lifecycle_store::{FleetPlacement, PlacementPolicy};

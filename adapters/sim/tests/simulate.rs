@@ -66,6 +66,47 @@ const FAULT_KINDS: [&str; 16] = [
     "node_death",
 ];
 
+/// The runs of seeds `first..first + count` on each of `stores`, in seed order, computed
+/// on as many threads as the machine has cores; after a failure, later seeds are not run.
+fn run_seeds(
+    first: u64,
+    count: u64,
+    stores: &[StoreKind],
+    planted: Option<PlantedBug>,
+) -> Vec<Vec<Result<session_lifecycle_sim::Report, session_lifecycle_sim::Failure>>> {
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let next = AtomicU64::new(first);
+    let failed = AtomicBool::new(false);
+    let done = Mutex::new(BTreeMap::new());
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    std::thread::scope(|scope| {
+        for _ in 0..threads {
+            scope.spawn(|| {
+                loop {
+                    let seed = next.fetch_add(1, Ordering::SeqCst);
+                    if seed >= first + count || failed.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    let results: Vec<_> = stores
+                        .iter()
+                        .map(|&store| run(seed, &config(store, planted)))
+                        .collect();
+                    if results.iter().any(Result::is_err) {
+                        failed.store(true, Ordering::SeqCst);
+                    }
+                    done.lock().unwrap().insert(seed, results);
+                }
+            });
+        }
+    });
+    // Up to the first seed not run (after a failure), in order.
+    let mut done = done.into_inner().unwrap();
+    (first..first + count)
+        .map_while(|seed| done.remove(&seed))
+        .collect()
+}
+
 #[test]
 fn seeds_hold_every_invariant() {
     if std::env::var_os("SIM_TRACE").is_some_and(|v| v == "1") {
@@ -91,10 +132,14 @@ fn seeds_hold_every_invariant() {
     let mut by_nodes = [0u64; 5];
     let mut runs = 0u64;
     let mut same_trace = 0u64;
-    for seed in first..first + count {
+    // Seeds run on every core (each run is single-threaded and deterministic: its own
+    // runtime, its own thread-local switches), then are judged in seed order, as one
+    // loop would.
+    let outcomes = run_seeds(first, count, &stores, planted);
+    for (seed, results) in (first..first + count).zip(outcomes) {
         let mut hashes = Vec::new();
-        for &store in &stores {
-            match run(seed, &config(store, planted)) {
+        for (store, result) in stores.iter().zip(results) {
+            match result {
                 Ok(report) => {
                     assert!(
                         report.ops >= 200,

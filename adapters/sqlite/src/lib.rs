@@ -528,6 +528,9 @@ impl SessionStore for SqliteStore {
     }
 }
 
+/// One machine: every session runs where it was created.
+impl session_lifecycle_store::FleetPlacement for SqliteStore {}
+
 impl StoreHealth for SqliteStore {
     fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>> {
         Box::pin(

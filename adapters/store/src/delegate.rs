@@ -275,6 +275,83 @@ macro_rules! delegate_store {
             }
         }
 
+        impl $crate::FleetPlacement for $ty {
+            fn places(&self) -> bool {
+                self.inner.places()
+            }
+            fn create_placed<'a>(
+                &'a self,
+                new: $crate::NewSession,
+                ask: &'a $crate::PlacementAsk,
+                request: &'a str,
+            ) -> $crate::BoxFuture<'a, Result<$crate::PlaceOutcome, $crate::StoreError>> {
+                $wrap!(
+                    self,
+                    "create_placed",
+                    self.inner.create_placed(new, ask, request)
+                )
+            }
+            fn place_again<'a>(
+                &'a self,
+                id: $crate::__core::SessionId,
+                from: &'a str,
+                ask: &'a $crate::PlacementAsk,
+            ) -> $crate::BoxFuture<'a, Result<Option<$crate::PlaceOutcome>, $crate::StoreError>>
+            {
+                $wrap!(self, "place_again", self.inner.place_again(id, from, ask))
+            }
+            fn claim_starts<'a>(
+                &'a self,
+                node: &'a str,
+                limit: u32,
+            ) -> $crate::BoxFuture<'a, Result<Vec<$crate::ClaimedStart>, $crate::StoreError>> {
+                $wrap!(self, "claim_starts", self.inner.claim_starts(node, limit))
+            }
+            fn finish_start<'a>(
+                &'a self,
+                id: $crate::__core::SessionId,
+                node: &'a str,
+                refused: Option<&'a str>,
+            ) -> $crate::BoxFuture<'a, Result<bool, $crate::StoreError>> {
+                $wrap!(
+                    self,
+                    "finish_start",
+                    self.inner.finish_start(id, node, refused)
+                )
+            }
+            fn placed_state(
+                &self,
+                id: $crate::__core::SessionId,
+            ) -> $crate::BoxFuture<'_, Result<Option<$crate::PlacedState>, $crate::StoreError>>
+            {
+                $wrap!(self, "placed_state", self.inner.placed_state(id))
+            }
+            fn interrupted_starts<'a>(
+                &'a self,
+                node: &'a str,
+            ) -> $crate::BoxFuture<'a, Result<Vec<$crate::__core::SessionId>, $crate::StoreError>>
+            {
+                $wrap!(
+                    self,
+                    "interrupted_starts",
+                    self.inner.interrupted_starts(node)
+                )
+            }
+            fn watch_starts<'a>(
+                &'a self,
+                node: &'a str,
+                wake: &'a (dyn Fn() + Send + Sync),
+            ) -> $crate::BoxFuture<'a, ()> {
+                self.inner.watch_starts(node, wake)
+            }
+            fn watch_placed<'a>(
+                &'a self,
+                heard: &'a (dyn Fn($crate::__core::SessionId) + Send + Sync),
+            ) -> $crate::BoxFuture<'a, ()> {
+                self.inner.watch_placed(heard)
+            }
+        }
+
         impl $crate::StoreHealth for $ty {
             fn ping(&self) -> $crate::BoxFuture<'_, Result<(), $crate::StoreError>> {
                 $wrap!(self, "ping", self.inner.ping())

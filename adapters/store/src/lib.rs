@@ -35,6 +35,7 @@ pub mod faults;
 mod idempotency;
 mod memory;
 mod outbox;
+pub mod placement;
 mod record;
 mod report;
 pub mod rows;
@@ -51,6 +52,10 @@ pub use memory::MemoryStore;
 pub use outbox::{
     Delivery, DeliveryAttempt, DeliveryCounts, DeliveryNext, DeliveryQuery, DeliveryStatus,
     Dispatch, EventOutbox, Fanout, SessionEvent,
+};
+pub use placement::{
+    Candidate, ClaimedStart, FleetPlacement, PlaceOutcome, PlacedState, PlacementAsk,
+    PlacementPolicy, StartState, choose_node,
 };
 pub use record::{
     AttachOutcome, CreateOutcome, EndCount, ListQuery, NewSession, NodeRow, ReleaseAttempt,

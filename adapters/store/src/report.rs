@@ -14,6 +14,9 @@ pub struct NodeReport {
     pub full: Option<String>,
     /// Started sessions it runs.
     pub sessions: u64,
+    /// The most sessions it runs at once (`--max-node-sessions`); `None`: no limit.
+    #[serde(default)]
+    pub slots: Option<u64>,
     /// It stopped on purpose (its last report before a shutdown or a handover): its
     /// heartbeat is not missed while it runs no session.
     #[serde(default)]

@@ -8,6 +8,7 @@ use session_lifecycle::{EndReason, Resource, SessionId, Timestamp, Transition};
 use crate::error::{BoxFuture, StoreError, TenantScope};
 use crate::idempotency::IdempotencyStore;
 use crate::outbox::EventOutbox;
+use crate::placement::FleetPlacement;
 use crate::record::*;
 
 /// Sessions: their records, created, attached to, ended, read, touched and swept.
@@ -288,6 +289,7 @@ pub trait Store:
     + PresenceStore
     + EventOutbox
     + IdempotencyStore
+    + FleetPlacement
     + StoreHealth
 {
 }
@@ -300,6 +302,7 @@ impl<T> Store for T where
         + PresenceStore
         + EventOutbox
         + IdempotencyStore
+        + FleetPlacement
         + StoreHealth
 {
 }

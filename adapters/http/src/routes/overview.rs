@@ -176,6 +176,7 @@ fn node_view(row: &NodeRow) -> NodeView {
         draining: report.draining,
         full: report.full,
         sessions: report.sessions,
+        slots: report.slots,
         gpus: report
             .devices
             .into_iter()

@@ -177,6 +177,14 @@ impl Cluster {
         )
     }
 
+    /// Starts node `id` with avatar servers and `extra` flags of its own.
+    pub fn start_with(&self, id: &str, extra: &[&str]) -> Node {
+        let avatar = format!("{} ledger {}", fixture().display(), self.ledger.display());
+        let mut flags = vec!["--avatar-command", &avatar, "--avatar-grace-secs", "5"];
+        flags.extend_from_slice(extra);
+        self.spawn(id, self.db_url(), &flags)
+    }
+
     /// Starts node `id` with no avatar servers (sessions hold nothing): for many sessions.
     pub fn start_bare(&self, id: &str) -> Node {
         self.spawn(id, self.db_url(), &["--gpu", "off"])

@@ -47,10 +47,12 @@ impl Engine {
         request: StartRequest,
     ) -> Result<SessionRecord, EngineError> {
         let inner = &self.inner;
-        if inner.draining.load(Ordering::SeqCst) {
+        // A draining node of a fleet still places creates, on the other nodes.
+        let draining = inner.draining.load(Ordering::SeqCst);
+        if draining && !inner.store.places() {
             return Err(EngineError::Draining);
         }
-        if inner.closing.load(Ordering::SeqCst) {
+        if inner.closing.load(Ordering::SeqCst) && !draining {
             return Err(EngineError::ShuttingDown);
         }
         let down = lock(&inner.health).is_down();
@@ -97,30 +99,36 @@ impl Engine {
         // Defaults resolved now and recorded: a later change of the service's defaults does
         // not change what a running session was told.
         let timeouts = self.timeouts_of(&request.timeouts);
-        let created = inner
-            .store
-            .create(NewSession {
-                id,
-                tenant: request.tenant.clone(),
-                started_at: now,
-                expires_at: now.saturating_add(lifetime),
-                metadata: request.metadata.clone(),
-                room: request.room.clone(),
-                max_concurrent: request.plan.max_concurrent_sessions,
-                node: inner.config.node.clone(),
-                timeouts,
-                callback_url: request.callback_url.clone(),
-            })
-            .await?;
-        if created == CreateOutcome::LimitReached {
-            return Err(EngineError::PlanLimit(
-                request.plan.max_concurrent_sessions.unwrap_or(0),
-            ));
+        let new = NewSession {
+            id,
+            tenant: request.tenant.clone(),
+            started_at: now,
+            expires_at: now.saturating_add(lifetime),
+            metadata: request.metadata.clone(),
+            room: request.room.clone(),
+            max_concurrent: request.plan.max_concurrent_sessions,
+            node: inner.config.node.clone(),
+            timeouts,
+            callback_url: request.callback_url.clone(),
+        };
+        let mut slot = None;
+        if inner.store.places() {
+            // The fleet chooses the node; one on another node starts there.
+            if let Some(node) = self.place(new, &request).await? {
+                return self.await_placed(id, node, &request).await;
+            }
+        } else {
+            slot = self.take_slot().await?;
+            let created = inner.store.create(new).await?;
+            if created == CreateOutcome::LimitReached {
+                return Err(EngineError::PlanLimit(
+                    request.plan.max_concurrent_sessions.unwrap_or(0),
+                ));
+            }
         }
-        inner.metrics.session_started();
         let session = Session::new(id, now, now.saturating_add(lifetime));
-        let mut answer = SessionRecord {
-            session: session.clone(),
+        let answer = SessionRecord {
+            session,
             tenant: request.tenant.clone(),
             metadata: request.metadata.clone(),
             room: request.room.clone(),
@@ -130,24 +138,52 @@ impl Engine {
             release_errors: Vec::new(),
             ready_at: None,
         };
-        let mut tracked = self.timers().restore(session.clone()).is_ok();
+        self.run_here(answer, request.resources, slot).await
+    }
+
+    /// Runs a session recorded on this node (`answer`, as recorded): tracks its timers,
+    /// then acquires its resources from every backend in order, attaching each. If any
+    /// acquire fails, the session ends `start_failed` and what was acquired is released.
+    /// `slot` (this node's slot gate, see `take_slot`) is let go once the session is
+    /// tracked.
+    pub(super) async fn run_here(
+        &self,
+        mut answer: SessionRecord,
+        resources: crate::backend::ResourceRequest,
+        slot: Option<tokio::sync::MutexGuard<'_, ()>>,
+    ) -> Result<SessionRecord, EngineError> {
+        let inner = &self.inner;
+        let id = *answer.session.id();
+        let timeouts = answer.timeouts;
+        inner.metrics.session_started();
+        let session = answer.session.clone();
+        // Tracked already: a placed session this node's recovery put back before it
+        // claimed its start.
+        let restore = |session| {
+            matches!(
+                self.timers().restore(session),
+                Ok(_) | Err(session_lifecycle::StartError::DuplicateId)
+            )
+        };
+        let mut tracked = restore(session.clone());
         if !tracked {
             // Ended sessions leave the table on its next pass: make room, then retry.
             self.timers_once().await;
-            tracked = self.timers().restore(session).is_ok();
+            tracked = restore(session);
         }
         inner.timers_changed.notify_one();
+        drop(slot);
         if !tracked {
             self.end_internal(id, EndReason::StartFailed).await?;
             return Err(EngineError::CapacityExhausted(
                 "this node tracks the most sessions it can".to_owned(),
             ));
         }
-        tracing::info!(session = %id, tenant = %request.tenant, "session started");
-        if request.room.is_some()
+        tracing::info!(session = %id, tenant = %answer.tenant, node = %answer.node, "session started");
+        if answer.room.is_some()
             && let Some(allowance) = timeouts.participant_absent
         {
-            self.spawn_join_wait(id, now.saturating_add(allowance));
+            self.spawn_join_wait(id, answer.session.started_at().saturating_add(allowance));
         }
 
         let mut env = vec![(SESSION_ID_ENV.to_owned(), id.to_string())];
@@ -160,9 +196,9 @@ impl Engine {
                 _ = inner.cancel.cancelled() => return Err(EngineError::ShuttingDown),
                 acquired = backend.acquire(
                     AcquireRequest {
-                        resources: request.resources,
+                        resources,
                         session: id,
-                        tenant: &request.tenant,
+                        tenant: &answer.tenant,
                         env: &env,
                     },
                     inner.events.clone(),

@@ -7,7 +7,7 @@ use session_lifecycle::{Policy, ResourceKind, SessionId};
 use tokio_util::task::TaskTracker;
 
 use crate::backend::ResourceRequest;
-use session_lifecycle_store::{RoomBinding, SessionTimeouts, StoreError};
+use session_lifecycle_store::{PlacementPolicy, RoomBinding, SessionTimeouts, StoreError};
 
 /// How many started sessions one engine tracks timers for. Starting more fails with
 /// [`EngineError::CapacityExhausted`]; a node runs far fewer avatar servers than this.
@@ -97,6 +97,19 @@ pub struct EngineConfig {
     /// orphan, no dead node), so that live nodes and clients have time to report again.
     /// Two heartbeats by default.
     pub outage_settle: Duration,
+    /// The most started sessions this node runs at once (its session slots); `None`: no
+    /// limit. A create beyond it fails with [`EngineError::CapacityExhausted`], or, on a
+    /// store that places sessions across a fleet, goes to a node with a free slot.
+    pub max_node_sessions: Option<u32>,
+    /// How a create chooses the node of its session, on a store that places sessions
+    /// across a fleet (see [`FleetPlacement`](session_lifecycle_store::FleetPlacement)).
+    pub placement: PlacementPolicy,
+    /// How long a create placed on another node waits for that node to start the session
+    /// before it ends it `start_failed` and answers so.
+    pub placement_wait: Duration,
+    /// How long a session placed on another node may wait unclaimed (that node may have
+    /// just died, its heartbeat still fresh) before it is placed on another node.
+    pub placement_claim_timeout: Duration,
 }
 
 impl Default for EngineConfig {
@@ -116,6 +129,10 @@ impl Default for EngineConfig {
             websocket_grace: Duration::ZERO,
             room_retention: Duration::from_secs(24 * 3600),
             outage_settle: Duration::from_secs(10),
+            max_node_sessions: None,
+            placement: PlacementPolicy::Spread,
+            placement_wait: Duration::from_secs(20),
+            placement_claim_timeout: Duration::from_secs(3),
         }
     }
 }

@@ -15,6 +15,9 @@
 //!   a first one to join);
 //! - `sockets`: client WebSockets held here, presence shared through the store, and the
 //!   word that a session ended;
+//! - `placement`: session slots, and on a store shared by a fleet the node each create's
+//!   session runs on, the starts other instances place here and the wait for one placed
+//!   elsewhere;
 //! - `recovery`: what a restarted node settles before it serves;
 //! - `tasks`: the background loops, each a `run` over a `*_once` step that
 //!   [`Engine::run_due`] calls too, every task tracked, and shutdown.
@@ -34,6 +37,7 @@
 //! | `releases` ([`ReleaseBook`]) | one release run per session at a time, the failing resources, progress not yet recorded (written before the next claim), the next retry time and the runs this node started with its own ends |
 //! | `node_self` ([`NodeSelf`]) | what this node last wrote of itself: its heartbeat time and its report |
 //! | `events_rx` | the one receiver of backend events, taken by the event loop |
+//! | `slot_gate` (async) | one machine with limited slots: held from a create's slot count until its session is tracked, so the last slot is taken once |
 //! | `sockets.held` | this node's client sockets per session; each session's own async lock (`Recorded`) orders its presence writes |
 //!
 //! Order: no synchronous lock is ever held while another is taken, nor across an
@@ -41,13 +45,16 @@
 //! `clippy::await_holding_lock` in CI holds the second part). The two kinds of
 //! per-session async locks (`starting`'s and `sockets`' `Recorded`) are held across store
 //! and backend calls by design, are only ever taken with no synchronous lock held, and
-//! never one inside the other. `closing` and `draining` are atomics read on their own.
+//! never one inside the other; `slot_gate` is taken only by a start holding its own
+//! `starting` lock, and no async lock is taken while it is held. `closing` and `draining`
+//! are atomics read on their own.
 
 mod api;
 mod config;
 mod health;
 mod held;
 mod outages;
+mod placement;
 mod recovery;
 mod releases;
 mod rooms;
@@ -106,6 +113,14 @@ pub(crate) struct Inner {
     timers_changed: Notify,
     /// A release may have become due here: the release worker claims again.
     releases_due: Notify,
+    /// A session may have been placed on this node by another instance: claim its start.
+    starts_due: Notify,
+    /// A placed session's start finished or was refused somewhere: its waiter looks.
+    placed_changed: Notify,
+    /// Held from a create's slot count to its session being tracked, when this node's
+    /// slots are limited and its store does not place (one machine): two creates never
+    /// both take the last slot.
+    slot_gate: tokio::sync::Mutex<()>,
     events: EventSink,
     events_rx: Mutex<Option<mpsc::Receiver<ResourceEvent>>>,
     /// Set when shutting down or draining: no new sessions.
@@ -215,6 +230,9 @@ impl Engine {
                 timers: Mutex::new(timers),
                 timers_changed: Notify::new(),
                 releases_due: Notify::new(),
+                starts_due: Notify::new(),
+                placed_changed: Notify::new(),
+                slot_gate: tokio::sync::Mutex::new(()),
                 events,
                 events_rx: Mutex::new(Some(events_rx)),
                 closing: AtomicBool::new(false),

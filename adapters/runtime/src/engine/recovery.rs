@@ -69,6 +69,8 @@ impl Engine {
         );
         let late = self.adopt_untracked(&candidates).await?;
         self.resume_held(&started).await;
+        // Placed starts that were under way end now, releasing what was adopted above.
+        self.end_interrupted_starts().await?;
         let owed = self.releases_once().await?;
         if owed.released + owed.release_failures > 0 {
             tracing::info!(

@@ -123,6 +123,7 @@ impl Engine {
         let mut report = crate::NodeReport {
             draining: self.is_draining(),
             sessions: self.active_sessions() as u64,
+            slots: inner.config.max_node_sessions.map(u64::from),
             stopped,
             ..Default::default()
         };

@@ -55,6 +55,24 @@ impl Engine {
             let wake = || inner.releases_due.notify_one();
             inner.store.watch_releases(&inner.config.node, &wake).await;
         });
+        // Sessions other instances place on this node, and the outcomes of those this
+        // node's creates placed elsewhere, pushed by a store that places.
+        if self.inner.store.places() {
+            let engine = self.clone();
+            self.spawn_tracked(async move { engine.run_placed_starts().await });
+            let engine = self.clone();
+            self.spawn_tracked(async move {
+                let inner = &engine.inner;
+                let wake = || inner.starts_due.notify_one();
+                inner.store.watch_starts(&inner.config.node, &wake).await;
+            });
+            let engine = self.clone();
+            self.spawn_tracked(async move {
+                let inner = &engine.inner;
+                let heard = |_: SessionId| inner.placed_changed.notify_waiters();
+                inner.store.watch_placed(&heard).await;
+            });
+        }
         let engine = self.clone();
         self.spawn_tracked(async move { engine.run_events().await });
         let engine = self.clone();
@@ -207,6 +225,9 @@ impl Engine {
             sessions = self.active_sessions(),
             "draining: no new sessions here; running ones continue"
         );
+        // Said at once, not at the next heartbeat: the fleet's creates stop coming here.
+        let engine = self.clone();
+        self.spawn_tracked(async move { engine.report_within(false).await });
     }
 
     /// Whether this node can take a new session of the default size now: not draining,

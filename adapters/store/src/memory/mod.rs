@@ -529,6 +529,9 @@ impl SessionStore for MemoryStore {
     }
 }
 
+/// One machine: every session runs where it was created.
+impl crate::FleetPlacement for MemoryStore {}
+
 impl StoreHealth for MemoryStore {
     fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>> {
         ready(Ok(()))

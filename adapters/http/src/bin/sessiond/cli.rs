@@ -130,6 +130,23 @@ pub(crate) struct Cli {
     #[arg(long, env = "SESSIOND_NODE_TIMEOUT_SECS", default_value_t = 30)]
     pub(crate) node_timeout_secs: u64,
 
+    /// The most started sessions this node runs at once (its session slots); none by
+    /// default. Full, a create answers 503 `capacity_exhausted`, or, with a PostgreSQL
+    /// store shared by a fleet, its session goes to a node with a free slot.
+    #[arg(long, env = "SESSIOND_MAX_NODE_SESSIONS")]
+    pub(crate) max_node_sessions: Option<u32>,
+
+    /// How a create on a fleet sharing PostgreSQL chooses the node of its session among
+    /// those with room: `spread` (the largest free fraction of slots and GPU memory) or
+    /// `pack` (the smallest that still has room).
+    #[arg(long, env = "SESSIOND_PLACEMENT", value_enum, default_value_t = PlacementMode::Spread)]
+    pub(crate) placement: PlacementMode,
+
+    /// Seconds a create placed on another node waits for that node to start the session
+    /// before it ends it `start_failed` and answers so.
+    #[arg(long, env = "SESSIOND_PLACEMENT_WAIT_SECS", default_value_t = 20)]
+    pub(crate) placement_wait_secs: u64,
+
     /// Milliseconds between looks for due releases, besides the store's notifications.
     #[arg(long, env = "SESSIOND_RELEASE_POLL_MS", default_value_t = 2000)]
     pub(crate) release_poll_ms: u64,
@@ -295,6 +312,12 @@ pub(crate) enum Command {
 pub(crate) enum GpuMode {
     Auto,
     Off,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub(crate) enum PlacementMode {
+    Spread,
+    Pack,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

@@ -20,7 +20,9 @@ use session_lifecycle_http::webhooks::{DailySecret, LivekitKey, WebhookConfig};
 use session_lifecycle_http::{AppState, HttpConfig, router};
 use session_lifecycle_postgres::PostgresStore;
 use session_lifecycle_process::{CgroupMode, ProcessBackend, ProcessConfig};
-use session_lifecycle_runtime::{Engine, EngineConfig, Plan, ResourceBackend, Store, SystemClock};
+use session_lifecycle_runtime::{
+    Engine, EngineConfig, PlacementPolicy, Plan, ResourceBackend, Store, SystemClock,
+};
 use session_lifecycle_sqlite::SqliteStore;
 
 mod cli;
@@ -285,6 +287,15 @@ async fn run(cli: Cli) -> Result<(), String> {
             outage_settle: Duration::from_millis(
                 cli.outage_settle_ms.unwrap_or(2 * cli.node_heartbeat_ms),
             ),
+            max_node_sessions: cli.max_node_sessions,
+            placement: match cli.placement {
+                cli::PlacementMode::Spread => PlacementPolicy::Spread,
+                cli::PlacementMode::Pack => PlacementPolicy::Pack,
+            },
+            placement_wait: Duration::from_secs(cli.placement_wait_secs),
+            // Well within the node timeout, and longer than a claim by poll (release poll).
+            placement_claim_timeout: (Duration::from_secs(cli.node_timeout_secs) / 4)
+                .clamp(Duration::from_secs(1), Duration::from_secs(5)),
             ..EngineConfig::default()
         },
     )
