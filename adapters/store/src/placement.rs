@@ -23,8 +23,8 @@ use crate::report::NodeReport;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum PlacementPolicy {
     /// The node with the largest free fraction (of its session slots, and of the memory of
-    /// its roomiest GPU, whichever is scarcer): load spreads evenly, a node's failure
-    /// touches few sessions.
+    /// its roomiest GPU, whichever is scarcer; a node bounded by neither is wholly free):
+    /// load spreads evenly, a node's failure touches few sessions.
     #[default]
     Spread,
     /// The node with the smallest free fraction that still has room: nodes fill one after
@@ -326,8 +326,9 @@ fn free_fraction(candidate: &Candidate, ask: &PlacementAsk) -> Option<f64> {
             None => {}
         }
     }
-    // Nothing bounds it: the fewer sessions, the freer.
-    Some(free.unwrap_or(1.0 / (1.0 + candidate.started as f64)))
+    // Nothing bounds it (no slots, no GPUs): wholly free, so that ties keep a session on
+    // the node that received it, as on one machine.
+    Some(free.unwrap_or(1.0))
 }
 
 #[cfg(test)]
@@ -339,7 +340,8 @@ mod tests {
         PlacementAsk {
             receiving: "a".to_owned(),
             receiving_has_room: true,
-            receiving_slots: None,
+            // As `node("a", Some(2), _)` reports.
+            receiving_slots: Some(2),
             exclude: Vec::new(),
             gpu_memory: None,
             policy,
