@@ -128,7 +128,7 @@ pub trait FleetPlacement: Send + Sync + 'static {
     /// Records `new` on a node chosen by `ask` ([`choose_node`] over the live nodes, in
     /// the same transaction as the session and its `started` event, so two creates
     /// racing for a node's last slot never both get it), refused like
-    /// [`SessionStore::create`](crate::SessionStore::create) when its tenant is at its
+    /// `SessionStore::create` when its tenant is at its
     /// limit. `new.node` is ignored. A session placed on another node than the receiving
     /// one is recorded assigned, with `request` (what it asks of its resources) kept for
     /// that node, which is woken (see [`watch_starts`](Self::watch_starts)).
