@@ -114,8 +114,8 @@ impl Engine {
         let mut slot = None;
         if inner.store.places() {
             // The fleet chooses the node; one on another node starts there.
-            if let Some(node) = self.place(new, &request).await? {
-                return self.await_placed(id, node, &request).await;
+            if !self.place(new, &request).await? {
+                return self.await_placed(id, &request).await;
             }
         } else {
             slot = self.take_slot().await?;

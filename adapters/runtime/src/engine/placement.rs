@@ -77,13 +77,13 @@ impl Engine {
         }
     }
 
-    /// Records `new` on the node the fleet chooses: `None` if that is this node (which
-    /// runs it now), else that node's id.
+    /// Records `new` on the node the fleet chooses: whether that is this node (which runs
+    /// it now) rather than another.
     pub(super) async fn place(
         &self,
         new: NewSession,
         request: &StartRequest,
-    ) -> Result<Option<String>, EngineError> {
+    ) -> Result<bool, EngineError> {
         let ask = self.ask(request, Vec::new()).await;
         let encoded = encode_request(&request.resources);
         let id = new.id;
@@ -92,21 +92,20 @@ impl Engine {
                 request.plan.max_concurrent_sessions.unwrap_or(0),
             )),
             PlaceOutcome::NoRoom => Err(no_room()),
-            PlaceOutcome::Placed { node } if node == self.inner.config.node => Ok(None),
+            PlaceOutcome::Placed { node } if node == self.inner.config.node => Ok(true),
             PlaceOutcome::Placed { node } => {
                 tracing::info!(session = %id, node = %node, "session placed on another node");
-                Ok(Some(node))
+                Ok(false)
             }
         }
     }
 
-    /// Waits for the start of session `id`, placed on `node`, and answers as a start here
+    /// Waits for the start of session `id`, placed on another node, and answers as a start here
     /// would: the session as started there, or an error (the session then ended, holding
     /// nothing this wait knows of).
     pub(super) async fn await_placed(
         &self,
         id: SessionId,
-        node: String,
         request: &StartRequest,
     ) -> Result<SessionRecord, EngineError> {
         let inner = &self.inner;
@@ -114,7 +113,6 @@ impl Engine {
         let mut assigned_at = tokio::time::Instant::now();
         let mut placed_again = false;
         let mut refused_by = Vec::new();
-        tracing::debug!(session = %id, node = %node, "waiting for the start of a placed session");
         loop {
             // Registered before the look: word arriving between the two is not missed.
             let changed = inner.placed_changed.notified();
