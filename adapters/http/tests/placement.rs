@@ -190,11 +190,13 @@ async fn placement_fills_the_fleet_from_one_instance_and_refuses_only_when_all_a
     cluster.finish().await;
 }
 
-/// A node killed (-9) while its heartbeat is still fresh is chosen, never takes the
-/// session, and the create places it again on a live node: it answers 201 there, and the
-/// dead node runs no avatar server.
+/// A node chosen for a session is killed (-9) after the assignment and before it starts
+/// the session: it was stopped (SIGSTOP) with its heartbeat still fresh, so spread chose
+/// it, and the kill comes once the record names it. The create places the session again
+/// on a live node within the node timeout and answers 201 there; the dead node never ran
+/// an avatar server for it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn placement_moves_a_session_off_a_node_that_died_before_starting_it() {
+async fn placement_moves_a_session_off_a_node_killed_between_assignment_and_start() {
     let _serial = ONE_AT_A_TIME.lock().await;
     let Some(cluster) = Cluster::new(FLAGS).await else {
         return;
@@ -209,11 +211,26 @@ async fn placement_moves_a_session_off_a_node_that_died_before_starting_it() {
     assert_eq!(status, StatusCode::CREATED, "{body}");
     let first = body["session"]["session_id"].as_str().unwrap().to_owned();
     assert_eq!(recorded_nodes(&a).await[&first], "b");
-    dying.kill_9();
-    // Spread takes the freest node: the dead one, until its heartbeat is stale.
+    // Stopped, `dying` claims nothing, while its last heartbeat keeps it alive for the
+    // node timeout: spread takes it, the freest node.
+    signal(dying.pid, "-STOP");
     let started = Instant::now();
-    let (status, _, body) = create_on(&a).await;
+    let create = tokio::spawn({
+        let a_url = a.url("/v1/sessions");
+        async move { send(&client(), Method::POST, &a_url).await }
+    });
+    let give_up = Instant::now() + Duration::from_secs(3);
+    while !recorded_nodes(&a).await.values().any(|n| n == "dying") {
+        assert!(
+            Instant::now() < give_up,
+            "the session was never assigned to `dying`"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    dying.kill_9();
+    let (status, _, text) = create.await.unwrap();
     let took = started.elapsed();
+    let body = json(&text);
     assert_eq!(status, StatusCode::CREATED, "{body}");
     let id = body["session"]["session_id"].as_str().unwrap().to_owned();
     let placed = recorded_nodes(&a).await;
@@ -223,14 +240,22 @@ async fn placement_moves_a_session_off_a_node_that_died_before_starting_it() {
         took < Duration::from_secs(4),
         "within the node timeout: {took:?}"
     );
-    eprintln!("a create whose first node was dead answered 201 in {took:?}");
-    // Nothing runs for the dead node: its avatar servers would have been its children.
+    eprintln!("a create whose node was killed after the assignment answered 201 in {took:?}");
     for id in [&first, &id] {
         end_on(&a, id).await;
     }
     common::wait_released(&client(), &a, &[first, id], Duration::from_secs(30)).await;
     drop((a, b));
     cluster.finish().await;
+}
+
+/// Sends `sig` (as `kill` spells it) to process `pid`.
+fn signal(pid: u32, sig: &str) {
+    let status = std::process::Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill {sig} {pid}");
 }
 
 /// A node that drains (SIGTERM, `--shutdown-mode drain`) takes no new sessions: the
