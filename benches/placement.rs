@@ -4,8 +4,10 @@
 //!    placed on another node (the receiving node has no slot of its own, so every create
 //!    it receives goes to the other), both landing on the same node with a real avatar
 //!    server (`avatar-fixture behave`);
-//! 2. creates per second across three instances (no avatar servers), sent round-robin by
-//!    32 concurrent clients.
+//! 2. creates per second across three instances (no avatar servers) from 32 concurrent
+//!    clients: sent round-robin to nodes without slots (each session stays where it was
+//!    received), and all sent to one instance of nodes with 1,000 slots each (two in
+//!    three are placed on another node).
 //!
 //! `cargo build --release -p session-lifecycle-http --bin sessiond -p session-lifecycle-process --bin avatar-fixture`
 //! then `SESSION_LIFECYCLE_PG_URL=postgres://postgres@127.0.0.1:5432/test cargo bench -p
@@ -166,10 +168,33 @@ async fn main() {
     drop((runner, receiver));
     db.drop_db().await;
 
-    // 2. Throughput across three instances.
-    let db = TestDb::create(&url).await;
+    // 2. Throughput across three instances: round-robin with no slots (each session stays
+    // where it was received), then every create sent to one instance with slots for all
+    // (two in three are placed on another node).
+    let spread = creates_per_second(&url, None, false).await;
+    println!(
+        "creates per second across 3 instances ({THROUGHPUT_CREATES} creates, {CLIENTS} clients, no avatar servers):"
+    );
+    println!("  sent round-robin, each kept where received   {spread:>6.0}");
+    let slots = u32::try_from(THROUGHPUT_CREATES / 3).expect("slots");
+    let one = creates_per_second(&url, Some(slots), true).await;
+    println!("  all sent to one, {slots} slots per node        {one:>6.0}");
+}
+
+/// Creates per second of `THROUGHPUT_CREATES` creates from `CLIENTS` concurrent clients
+/// over three instances (`slots` each, unlimited without), sent round-robin or all to the
+/// first.
+async fn creates_per_second(url: &str, slots: Option<u32>, all_to_first: bool) -> f64 {
+    let db = TestDb::create(url).await;
+    let slot_flag = slots.map(|n| n.to_string());
     let nodes: Vec<Node> = (0..3)
-        .map(|i| start(&db.url, &format!("node-{i}"), &["--gpu", "off"]))
+        .map(|i| {
+            let mut flags = vec!["--gpu", "off"];
+            if let Some(n) = &slot_flag {
+                flags.extend(["--max-node-sessions", n.as_str()]);
+            }
+            start(&db.url, &format!("node-{i}"), &flags)
+        })
         .collect();
     let clients: Vec<Client> = nodes
         .iter()
@@ -188,7 +213,8 @@ async fn main() {
                 if i >= THROUGHPUT_CREATES {
                     return;
                 }
-                clients[i % clients.len()]
+                let to = if all_to_first { 0 } else { i % clients.len() };
+                clients[to]
                     .create_session(&CreateRequest::default())
                     .await
                     .expect("create");
@@ -199,10 +225,7 @@ async fn main() {
         w.await.expect("worker");
     }
     let took = started.elapsed();
-    println!(
-        "creates per second across 3 instances ({THROUGHPUT_CREATES} creates, {CLIENTS} clients, no avatar servers): {:.0}",
-        THROUGHPUT_CREATES as f64 / took.as_secs_f64()
-    );
     drop(nodes);
     db.drop_db().await;
+    THROUGHPUT_CREATES as f64 / took.as_secs_f64()
 }
