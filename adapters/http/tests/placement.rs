@@ -258,6 +258,50 @@ fn signal(pid: u32, sig: &str) {
     assert!(status.success(), "kill {sig} {pid}");
 }
 
+/// A chosen node that cannot start the session (its avatar command cannot be spawned)
+/// reports back, and the create is placed again on another node, once: it answers 201
+/// there. When no other node has room, the create fails clearly (503
+/// `capacity_exhausted`, naming the spawn failure) and leaves no started session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn placement_retries_a_start_that_failed_on_its_node_once_then_fails_clearly() {
+    let _serial = ONE_AT_A_TIME.lock().await;
+    let Some(cluster) = Cluster::new(FLAGS).await else {
+        return;
+    };
+    let a = start(&cluster, "a", 0);
+    let good = start(&cluster, "good", 1);
+    // Chosen first: as free as `good`, and first by id.
+    let bad = cluster.spawn(
+        "bad",
+        cluster.db_url(),
+        &[
+            "--avatar-command",
+            "/nonexistent/avatar-server",
+            "--max-node-sessions",
+            "50",
+        ],
+    );
+    wait_for_reports(&a, &[("a", 0), ("good", 1), ("bad", 50)]).await;
+    let (status, _, body) = create_on(&a).await;
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let id = body["session"]["session_id"].as_str().unwrap().to_owned();
+    assert_eq!(recorded_nodes(&a).await[&id], "good");
+    assert_eq!(avatar_parent(&id), Some(good.pid));
+    // `good` is full now: the only node with room cannot start it.
+    let (status, retry, body) = create_on(&a).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert_eq!(body["error"]["code"], "capacity_exhausted", "{body}");
+    assert!(retry.is_some(), "Retry-After");
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("avatar"), "names the failure: {message}");
+    let started = recorded_nodes(&a).await;
+    assert_eq!(started.len(), 1, "only the first session runs: {started:?}");
+    end_on(&a, &id).await;
+    common::wait_released(&client(), &a, &[id], Duration::from_secs(30)).await;
+    drop((a, good, bad));
+    cluster.finish().await;
+}
+
 /// A node that drains (SIGTERM, `--shutdown-mode drain`) takes no new sessions: the
 /// creates sent to it go to the others, and none fails while they have room.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use session_lifecycle::{EndReason, Resource, Session, SessionId, TouchError, Transition};
 
 use super::{Engine, EngineError, StartRequest, lock};
-use crate::backend::{AcquireError, AcquireRequest};
+use crate::backend::{AcquireError, AcquireRequest, Acquired};
 use crate::simulation::PlantedBug;
 use session_lifecycle_store::{
     AttachOutcome, CreateOutcome, ListQuery, NewSession, ReleaseClaim, SessionRecord,
@@ -138,20 +138,25 @@ impl Engine {
             release_errors: Vec::new(),
             ready_at: None,
         };
-        self.run_here(answer, request.resources, slot).await
+        self.run_here(answer, request.resources, slot, Vec::new())
+            .await
     }
 
     /// Runs a session recorded on this node (`answer`, as recorded): tracks its timers,
     /// then acquires its resources from every backend in order, attaching each. If any
     /// acquire fails, the session ends `start_failed` and what was acquired is released.
     /// `slot` (this node's slot gate, see `take_slot`) is let go once the session is
-    /// tracked.
+    /// tracked. `acquired_before` holds what the first backends acquired already, in
+    /// backend order and recorded nowhere (a placed start acquires everything before it
+    /// records anything, see `start_claimed`); each is attached in its backend's turn.
     pub(super) async fn run_here(
         &self,
         mut answer: SessionRecord,
         resources: crate::backend::ResourceRequest,
         slot: Option<tokio::sync::MutexGuard<'_, ()>>,
+        acquired_before: Vec<Acquired>,
     ) -> Result<SessionRecord, EngineError> {
+        let mut acquired_before = acquired_before.into_iter();
         let inner = &self.inner;
         let id = *answer.session.id();
         let timeouts = answer.timeouts;
@@ -174,6 +179,7 @@ impl Engine {
         inner.timers_changed.notify_one();
         drop(slot);
         if !tracked {
+            self.release_unrecorded(id, acquired_before).await;
             self.end_internal(id, EndReason::StartFailed).await?;
             return Err(EngineError::CapacityExhausted(
                 "this node tracks the most sessions it can".to_owned(),
@@ -191,7 +197,9 @@ impl Engine {
             // A stop (shutdown, handover) acquires nothing more: the session stays as
             // recorded, and the node's next start adopts anything an interrupted acquire
             // left behind (`find_held`).
-            let acquired = tokio::select! {
+            let acquired = match acquired_before.next() {
+                Some(acquired) => Ok(acquired),
+                None => tokio::select! {
                 biased;
                 _ = inner.cancel.cancelled() => return Err(EngineError::ShuttingDown),
                 acquired = backend.acquire(
@@ -203,6 +211,7 @@ impl Engine {
                     },
                     inner.events.clone(),
                 ) => acquired,
+                },
             };
             let acquired = match acquired {
                 Ok(a) => a,
@@ -227,11 +236,13 @@ impl Engine {
                     // It is the last acquired, so it goes first; the session's other
                     // releases wait for this start to return.
                     if !crate::simulation::planted(PlantedBug::ForgetLateResource) {
+                        self.release_unrecorded(id, acquired_before).await;
                         self.release_now(id, acquired.resource).await;
                     }
                     return Err(EngineError::SessionEnded);
                 }
                 Err(e) => {
+                    self.release_unrecorded(id, acquired_before).await;
                     self.release_now(id, acquired.resource).await;
                     let _ = self.end_internal(id, EndReason::StartFailed).await;
                     return Err(e.into());
@@ -258,6 +269,18 @@ impl Engine {
                 }
                 result => return result,
             }
+        }
+    }
+
+    /// Releases resources that never made it into the store (acquired in this order), the
+    /// last acquired first, each with `release_now`.
+    pub(super) async fn release_unrecorded(
+        &self,
+        session: SessionId,
+        acquired: impl DoubleEndedIterator<Item = Acquired>,
+    ) {
+        for acquired in acquired.rev() {
+            self.release_now(session, acquired.resource).await;
         }
     }
 

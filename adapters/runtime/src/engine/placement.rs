@@ -6,8 +6,8 @@
 //! another node is started there: that node claims it (woken by the store, or by its own
 //! poll), checks it still has room, runs it like its own, and reports back, while the
 //! receiving instance waits within `placement_wait`. A node that refuses (draining, no
-//! room), or that does not claim within `placement_claim_timeout` (it may have died with
-//! a fresh heartbeat), gets the session placed elsewhere, once; then the create fails
+//! room, an acquire failed), or that does not claim within `placement_claim_timeout` (it
+//! may have died with a fresh heartbeat), gets the session placed elsewhere, once; then the create fails
 //! clearly and the session ends `start_failed`, holding nothing.
 
 use std::sync::Arc;
@@ -20,7 +20,7 @@ use session_lifecycle_store::{
 };
 
 use super::{Engine, EngineError, StartRequest, lock};
-use crate::backend::ResourceRequest;
+use crate::backend::{AcquireRequest, Acquired, ResourceRequest, SESSION_ID_ENV};
 
 /// The most placed starts a node claims in one pass.
 const CLAIM_BATCH: u32 = 32;
@@ -231,21 +231,35 @@ impl Engine {
     }
 
     /// Starts a session another instance placed here, and reports the outcome: started,
-    /// or refused before anything was acquired (draining, no room) so that it is placed
-    /// elsewhere. A failure after an acquire ended it `start_failed` (see `run_here`).
+    /// or refused so that it is placed elsewhere. It refuses when it has no room (draining,
+    /// stopping, its backends full) and when an acquire fails (the avatar server cannot be
+    /// spawned, the GPU share cannot be claimed): every backend acquires before anything
+    /// is recorded or tracked, so a refusal gives back what was acquired and leaves the
+    /// session as it was placed, holding nothing. A failure after that (recording a
+    /// resource) ends it `start_failed` (see `run_here`).
     async fn start_claimed(&self, claim: ClaimedStart) {
         let inner = &self.inner;
         let node = inner.config.node.clone();
         let id = *claim.record.session.id();
         let resources = decode_request(&claim.request);
-        if let Err(why) = self.room_here(resources).await {
-            tracing::info!(session = %id, reason = %why, "refusing a session placed here");
-            if let Err(e) = inner.store.finish_start(id, &node, Some(&why)).await {
-                tracing::warn!(session = %id, error = %e, "reporting a refused start failed; its create places it again when it sees no start");
+        let acquired = match self.room_here(resources).await {
+            Ok(()) => self.acquire_unrecorded(&claim.record, resources).await,
+            Err(why) => Err(Some(why)),
+        };
+        let acquired = match acquired {
+            Ok(acquired) => acquired,
+            // Stopping: the session stays as placed; this node's next start ends it
+            // `start_failed` and adopts what the acquires left (`end_interrupted_starts`).
+            Err(None) => return,
+            Err(Some(why)) => {
+                tracing::info!(session = %id, reason = %why, "refusing a session placed here");
+                if let Err(e) = inner.store.finish_start(id, &node, Some(&why)).await {
+                    tracing::warn!(session = %id, error = %e, "reporting a refused start failed; its create places it again when it sees no start");
+                }
+                return;
             }
-            return;
-        }
-        match self.run_here(claim.record, resources, None).await {
+        };
+        match self.run_here(claim.record, resources, None, acquired).await {
             Ok(_) => {
                 if let Err(e) = inner.store.finish_start(id, &node, None).await {
                     tracing::warn!(session = %id, error = %e, "reporting a finished start failed");
@@ -255,6 +269,48 @@ impl Engine {
                 tracing::warn!(session = %id, error = %e, "a session placed here failed to start")
             }
         }
+    }
+
+    /// Acquires the session's resources from every backend in order, recording nothing.
+    /// On a failure it releases what it acquired (the last first) and answers why; `None`
+    /// when the engine stops meanwhile (what was acquired is left to the next start, as a
+    /// stop leaves any interrupted acquire).
+    async fn acquire_unrecorded(
+        &self,
+        record: &SessionRecord,
+        resources: ResourceRequest,
+    ) -> Result<Vec<Acquired>, Option<String>> {
+        let inner = &self.inner;
+        let id = *record.session.id();
+        let mut env = vec![(SESSION_ID_ENV.to_owned(), id.to_string())];
+        let mut acquired: Vec<Acquired> = Vec::with_capacity(inner.backends.len());
+        for backend in &inner.backends {
+            let outcome = tokio::select! {
+                biased;
+                _ = inner.cancel.cancelled() => return Err(None),
+                outcome = backend.acquire(
+                    AcquireRequest {
+                        resources,
+                        session: id,
+                        tenant: &record.tenant,
+                        env: &env,
+                    },
+                    inner.events.clone(),
+                ) => outcome,
+            };
+            match outcome {
+                Ok(got) => {
+                    env.extend(got.env.iter().cloned());
+                    acquired.push(got);
+                }
+                Err(e) => {
+                    tracing::warn!(session = %id, backend = backend.name(), error = %e, "acquire failed for a session placed here");
+                    self.release_unrecorded(id, acquired.into_iter()).await;
+                    return Err(Some(format!("{}: {e}", backend.name())));
+                }
+            }
+        }
+        Ok(acquired)
     }
 
     /// The placed-start loop: claims whenever the store says a session was placed here,
