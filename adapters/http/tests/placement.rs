@@ -296,6 +296,20 @@ async fn placement_retries_a_start_that_failed_on_its_node_once_then_fails_clear
     assert!(message.contains("avatar"), "names the failure: {message}");
     let started = recorded_nodes(&a).await;
     assert_eq!(started.len(), 1, "only the first session runs: {started:?}");
+    // Both creates were tried on `bad` first, and it said why it gave them back.
+    let give_up = Instant::now() + Duration::from_secs(5);
+    loop {
+        let log = std::fs::read_to_string(cluster.log_path("bad")).unwrap_or_default();
+        let refusals = log.matches("refusing a session placed here").count();
+        if refusals >= 2 && log.contains(&id) {
+            break;
+        }
+        assert!(
+            Instant::now() < give_up,
+            "bad refused {refusals} starts:\n{log}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     end_on(&a, &id).await;
     common::wait_released(&client(), &a, &[id], Duration::from_secs(30)).await;
     drop((a, good, bad));
