@@ -113,6 +113,7 @@ mod resource;
 mod session;
 mod table;
 mod time;
+pub mod usage;
 
 pub use event::{DeliveryPolicy, DeliveryStep, EventKind};
 pub use id::{
