@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use session_lifecycle::{EndReason, Resource, Session, SessionId, TouchError, Transition};
 
 use super::{Engine, EngineError, StartRequest, lock};
-use crate::backend::{AcquireError, AcquireRequest, Acquired};
+use crate::backend::{AcquireError, AcquireRequest, Acquired, ResourceBackend};
 use crate::simulation::PlantedBug;
 use session_lifecycle_store::{
     AttachOutcome, CreateOutcome, ListQuery, NewSession, ReleaseClaim, SessionRecord,
@@ -199,19 +199,18 @@ impl Engine {
             // left behind (`find_held`).
             let acquired = match acquired_before.next() {
                 Some(acquired) => Ok(acquired),
-                None => tokio::select! {
-                biased;
-                _ = inner.cancel.cancelled() => return Err(EngineError::ShuttingDown),
-                acquired = backend.acquire(
-                    AcquireRequest {
+                None => {
+                    let request = AcquireRequest {
                         resources,
                         session: id,
                         tenant: &answer.tenant,
                         env: &env,
-                    },
-                    inner.events.clone(),
-                ) => acquired,
-                },
+                    };
+                    match self.acquire_from(backend.as_ref(), request).await {
+                        Some(outcome) => outcome,
+                        None => return Err(EngineError::ShuttingDown),
+                    }
+                }
             };
             let acquired = match acquired {
                 Ok(a) => a,
@@ -269,6 +268,22 @@ impl Engine {
                 }
                 result => return result,
             }
+        }
+    }
+
+    /// Acquires from `backend`, or `None` if the engine stops first (a stop acquires
+    /// nothing more; the node's next start adopts what an interrupted acquire left,
+    /// `find_held`).
+    pub(super) async fn acquire_from(
+        &self,
+        backend: &dyn ResourceBackend,
+        request: AcquireRequest<'_>,
+    ) -> Option<Result<Acquired, AcquireError>> {
+        let inner = &self.inner;
+        tokio::select! {
+            biased;
+            _ = inner.cancel.cancelled() => None,
+            outcome = backend.acquire(request, inner.events.clone()) => Some(outcome),
         }
     }
 

@@ -7,8 +7,8 @@
 //! poll), checks it still has room, runs it like its own, and reports back, while the
 //! receiving instance waits within `placement_wait`. A node that refuses (draining, no
 //! room, an acquire failed), or that does not claim within `placement_claim_timeout` (it
-//! may have died with a fresh heartbeat), gets the session placed elsewhere, once; then the create fails
-//! clearly and the session ends `start_failed`, holding nothing.
+//! may have died with a fresh heartbeat), gets the session placed elsewhere, once; then
+//! the create fails clearly and the session ends `start_failed`, holding nothing.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -285,18 +285,14 @@ impl Engine {
         let mut env = vec![(SESSION_ID_ENV.to_owned(), id.to_string())];
         let mut acquired: Vec<Acquired> = Vec::with_capacity(inner.backends.len());
         for backend in &inner.backends {
-            let outcome = tokio::select! {
-                biased;
-                _ = inner.cancel.cancelled() => return Err(None),
-                outcome = backend.acquire(
-                    AcquireRequest {
-                        resources,
-                        session: id,
-                        tenant: &record.tenant,
-                        env: &env,
-                    },
-                    inner.events.clone(),
-                ) => outcome,
+            let request = AcquireRequest {
+                resources,
+                session: id,
+                tenant: &record.tenant,
+                env: &env,
+            };
+            let Some(outcome) = self.acquire_from(backend.as_ref(), request).await else {
+                return Err(None);
             };
             match outcome {
                 Ok(got) => {
