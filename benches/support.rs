@@ -71,6 +71,7 @@ pub async fn created<S: Store + Clone>(store: &S, node: &str, n: u64) -> Vec<Ses
                     store
                         .create(NewSession {
                             callback_url: None,
+                            billing: Default::default(),
                             id,
                             tenant: "bare".into(),
                             started_at: now,

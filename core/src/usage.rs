@@ -10,7 +10,9 @@
 //! - it ends at `ended_at`, except where our side failed: a session ended `start_failed`
 //!   is never billed, and one ended `node_lost` is billed only up to when its node was
 //!   last heard from (`shutdown` ends at the moment of the stop, which is `ended_at`);
-//! - a session still running is billed up to `now`.
+//! - a session still running is billed up to `now`;
+//! - under [`Rounding::Minute`] an ended session's interval is extended to whole minutes,
+//!   except after our failures (`node_lost`, `shutdown`): never billed past that moment.
 //!
 //! ```
 //! use session_lifecycle::{EndReason, Timestamp};
@@ -25,8 +27,8 @@
 //! };
 //! let rule = BillingRule { meter: MeterStart::Ready, rounding: Rounding::Minute };
 //! let interval = rule.interval(&session, at(500)).unwrap();
-//! assert_eq!(interval.millis(), 86_000);
-//! // Rounded up to a whole minute once the session has ended.
+//! // 86 s from readiness to the end, rounded up to whole minutes once it has ended.
+//! assert_eq!((interval.from(), interval.to()), (at(104), at(224)));
 //! assert_eq!(rule.billable_millis(&session, at(500)), 120_000);
 //! // The part of it inside a range, cut at the range's edges.
 //! assert_eq!(interval.millis_within(at(150), at(160)), 10_000);
@@ -56,6 +58,40 @@ pub enum Rounding {
     Second,
     /// Up to the next whole minute per session, once it has ended.
     Minute,
+}
+
+impl MeterStart {
+    /// Its name in configuration and in the store.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            MeterStart::Started => "started",
+            MeterStart::Ready => "ready",
+        }
+    }
+
+    /// The meter start named `name`.
+    pub fn from_name(name: &str) -> Option<MeterStart> {
+        [MeterStart::Started, MeterStart::Ready]
+            .into_iter()
+            .find(|m| m.as_str() == name)
+    }
+}
+
+impl Rounding {
+    /// Its name in configuration and in the store.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Rounding::Second => "second",
+            Rounding::Minute => "minute",
+        }
+    }
+
+    /// The rounding named `name`.
+    pub fn from_name(name: &str) -> Option<Rounding> {
+        [Rounding::Second, Rounding::Minute]
+            .into_iter()
+            .find(|r| r.as_str() == name)
+    }
 }
 
 /// A tenant's billing rule.
@@ -93,6 +129,11 @@ impl Interval {
         (from < to).then_some(Interval { from, to })
     }
 
+    /// The part of it inside `[from, to)`, if any.
+    pub fn within(&self, from: Timestamp, to: Timestamp) -> Option<Interval> {
+        Interval::new(self.from.max(from), self.to.min(to))
+    }
+
     /// Where it starts.
     pub const fn from(&self) -> Timestamp {
         self.from
@@ -118,30 +159,37 @@ impl Interval {
 }
 
 impl BillingRule {
-    /// The session's billable interval as of `now` (`None`: nothing billable), before
-    /// rounding. A running session's interval ends at `now`.
+    /// The session's billable interval as of `now` (`None`: nothing billable). A running
+    /// session's interval ends at `now`. Under [`Rounding::Minute`], an ended session's
+    /// interval is extended to a whole number of minutes, unless it ended through our
+    /// failure ([`EndReason::NodeLost`], [`EndReason::Shutdown`]): those are never billed
+    /// past the moment our side failed.
     pub fn interval(&self, session: &MeteredSession, now: Timestamp) -> Option<Interval> {
         let from = match self.meter {
             MeterStart::Started => session.started_at,
             MeterStart::Ready => session.ready_at.unwrap_or(session.started_at),
         };
-        let to = match session.ended {
-            None => now,
+        let (to, rounds_up) = match session.ended {
+            None => (now, false),
             Some((_, EndReason::StartFailed)) => return None,
-            Some((at, EndReason::NodeLost)) => session.node_last_seen.map_or(at, |s| s.min(at)),
-            Some((at, _)) => at,
+            Some((at, EndReason::NodeLost)) => {
+                (session.node_last_seen.map_or(at, |s| s.min(at)), false)
+            }
+            Some((at, EndReason::Shutdown)) => (at, false),
+            Some((at, _)) => (at, self.rounding == Rounding::Minute),
         };
-        Interval::new(from, to)
+        let exact = Interval::new(from, to)?;
+        if !rounds_up {
+            return Some(exact);
+        }
+        let rounded = exact.millis().div_ceil(MINUTE_MS) * MINUTE_MS;
+        Interval::new(from, Timestamp::from_millis(from.as_millis() + rounded))
     }
 
-    /// The session's billable milliseconds as of `now`: its interval, rounded by the rule
-    /// once it has ended.
+    /// The session's billable milliseconds as of `now`: the length of its
+    /// [`interval`](Self::interval).
     pub fn billable_millis(&self, session: &MeteredSession, now: Timestamp) -> u64 {
-        let millis = self.interval(session, now).map_or(0, |i| i.millis());
-        match (self.rounding, session.ended) {
-            (Rounding::Minute, Some(_)) => millis.div_ceil(MINUTE_MS) * MINUTE_MS,
-            _ => millis,
-        }
+        self.interval(session, now).map_or(0, |i| i.millis())
     }
 }
 
@@ -203,6 +251,19 @@ mod tests {
         assert_eq!(
             rule.billable_millis(&ended(EndReason::Shutdown), at(0)),
             58_000
+        );
+        let minute = BillingRule {
+            rounding: Rounding::Minute,
+            ..rule
+        };
+        assert_eq!(
+            minute.billable_millis(&ended(EndReason::Shutdown), at(0)),
+            58_000,
+            "our failures are not rounded up past the moment"
+        );
+        assert_eq!(
+            minute.billable_millis(&ended(EndReason::NodeLost), at(0)),
+            28_000
         );
     }
 

@@ -70,6 +70,7 @@ proptest! {
     #[test]
     fn usage_stays_inside_what_the_session_lived(rule in rule(), s in session()) {
         let now = ms(3_000_000);
+        let exact_rule = BillingRule { rounding: Rounding::Second, ..rule };
         let billed = rule.billable_millis(&s, now);
         let lived_until = s.ended.map_or(now, |(at, _)| at);
         let lived = lived_until.as_millis() - s.started_at.as_millis();
@@ -77,16 +78,18 @@ proptest! {
             Some((_, EndReason::StartFailed)) => prop_assert_eq!(billed, 0),
             Some((at, EndReason::NodeLost)) => {
                 let seen = s.node_last_seen.unwrap().min(at);
-                let exact = rule.interval(&s, now).map_or(0, |i| i.millis());
-                prop_assert!(exact <= seen.as_millis().saturating_sub(s.started_at.as_millis()));
+                prop_assert!(billed <= seen.as_millis().saturating_sub(s.started_at.as_millis()));
             }
             _ => {}
         }
-        let exact = rule.interval(&s, now).map_or(0, |i| i.millis());
+        let exact = exact_rule.billable_millis(&s, now);
         prop_assert!(exact <= lived);
         prop_assert!(billed >= exact && billed - exact < 60_000);
-        if let Some(i) = rule.interval(&s, now) {
+        if let Some(i) = exact_rule.interval(&s, now) {
             prop_assert!(i.from() >= s.started_at && i.to() <= lived_until);
+        }
+        if matches!(s.ended, Some((_, EndReason::Shutdown | EndReason::NodeLost))) {
+            prop_assert_eq!(billed, exact, "our failures are never rounded up");
         }
     }
 }

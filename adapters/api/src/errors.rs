@@ -58,11 +58,13 @@ pub enum ErrorCode {
     RateLimited,
     /// 431: the request's headers are over the limit (count or bytes).
     HeadersTooLarge,
+    /// 400: a time range whose `to` is before its `from`, or that is longer than 366 days.
+    InvalidRange,
 }
 
 impl ErrorCode {
     /// Every code, in declaration order.
-    pub const ALL: [ErrorCode; 23] = [
+    pub const ALL: [ErrorCode; 24] = [
         ErrorCode::Unauthorized,
         ErrorCode::InvalidSessionId,
         ErrorCode::SessionNotFound,
@@ -86,6 +88,7 @@ impl ErrorCode {
         ErrorCode::IdempotencyKeyReused,
         ErrorCode::RateLimited,
         ErrorCode::HeadersTooLarge,
+        ErrorCode::InvalidRange,
     ];
 
     /// The code named `name` as error bodies spell it (`session_not_found`), if any.
@@ -119,13 +122,16 @@ impl ErrorCode {
             ErrorCode::IdempotencyKeyReused => "idempotency_key_reused",
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::HeadersTooLarge => "headers_too_large",
+            ErrorCode::InvalidRange => "invalid_range",
         }
     }
 
     /// The HTTP status every answer with this code has.
     pub fn http_status(self) -> u16 {
         match self {
-            ErrorCode::InvalidSessionId | ErrorCode::InvalidRequest => 400,
+            ErrorCode::InvalidSessionId | ErrorCode::InvalidRequest | ErrorCode::InvalidRange => {
+                400
+            }
             ErrorCode::Unauthorized => 401,
             ErrorCode::SessionNotFound | ErrorCode::NotFound | ErrorCode::DeliveryNotFound => 404,
             ErrorCode::MethodNotAllowed => 405,

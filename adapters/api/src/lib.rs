@@ -5,7 +5,8 @@
 //! - [`events`]: session events (the webhook and event-stream envelope) and webhook
 //!   deliveries;
 //! - [`errors`]: the error body and every error code, each with its one HTTP status;
-//! - [`overview`]: what the live page (`/ui`) shows, as `GET /v1/overview` answers it.
+//! - [`overview`]: what the live page (`/ui`) shows, as `GET /v1/overview` answers it;
+//! - [`usage`]: billable time, as `GET /v1/usage` answers it.
 //!
 //! ```
 //! use session_lifecycle_api::errors::ErrorCode;
@@ -17,5 +18,6 @@
 pub mod errors;
 pub mod events;
 pub mod overview;
+pub mod usage;
 pub mod views;
 mod wire;

@@ -22,7 +22,7 @@ use crate::outbound::payload::{
     EventEnvelope, EventType, ReleaseNoteView,
 };
 use crate::request_id;
-use crate::routes::{events, operations, overview, sessions, webhooks, ws};
+use crate::routes::{events, operations, overview, sessions, usage, webhooks, ws};
 use crate::views::{
     CreateRequest, CreatedResponse, EndReasonView, HealthResponse, HealthStatus, ListResponse,
     ProviderView, ReleaseView, ResourceView, RoomView, SessionResponse, SessionView, StatusView,
@@ -31,6 +31,7 @@ use crate::views::{
 use session_lifecycle_api::overview::{
     EndsBucket, GpuView, NodeView, OverviewResponse, OwedRelease, PlacedSessionView, ReasonCount,
 };
+use session_lifecycle_api::usage::{UsageGroupView, UsageResponse};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -58,6 +59,7 @@ use session_lifecycle_api::overview::{
         events::list_deliveries,
         events::retry_delivery,
         overview::get_overview,
+        usage::get_usage,
         operations::healthz,
         operations::readyz,
         operations::metrics,
@@ -99,6 +101,8 @@ use session_lifecycle_api::overview::{
         OwedRelease,
         NodeView,
         GpuView,
+        UsageResponse,
+        UsageGroupView,
     )),
     modifiers(&SecuritySchemes)
 )]

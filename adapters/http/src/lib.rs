@@ -94,7 +94,7 @@ pub use crate::doc::openapi;
 pub use crate::serve::serve;
 pub use crate::state::{AppState, HttpConfig};
 
-use crate::routes::{events, operations, overview, sessions, webhooks as hooks, ws};
+use crate::routes::{events, operations, overview, sessions, usage, webhooks as hooks, ws};
 
 /// The API as a router, ready to serve or to mount in another service's router.
 pub fn router(state: Arc<AppState>) -> Router {
@@ -132,6 +132,7 @@ pub fn router(state: Arc<AppState>) -> Router {
             post(events::retry_delivery),
         )
         .route("/v1/overview", get(overview::get_overview))
+        .route("/v1/usage", get(usage::get_usage))
         .route("/healthz", get(operations::healthz))
         .route("/readyz", get(operations::readyz))
         .route("/metrics", get(operations::metrics))

@@ -15,6 +15,7 @@ use crate::outbound::endpoints::{CALLBACK_ENDPOINT, CallbackSettings, WebhookEnd
 use crate::outbound::sign::SigningSecret;
 use crate::webhooks::secrets::{DailySecret, LivekitKey};
 use session_lifecycle::EventKind;
+use session_lifecycle::usage::{BillingRule, MeterStart, Rounding};
 
 /// A tenant: who owns sessions, with its key (hashed) and plan.
 #[derive(Debug, Clone)]
@@ -115,6 +116,37 @@ struct TenantEntry {
     requests_per_second: Option<u32>,
     #[serde(default)]
     request_burst: Option<u32>,
+    /// How its usage is billed (`[tenants.billing]`; default: meter from `ready`, exact).
+    #[serde(default)]
+    billing: Option<BillingEntry>,
+}
+
+/// A tenant's billing rule as written: `meter = "ready" | "started"`,
+/// `rounding = "second" | "minute"`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BillingEntry {
+    #[serde(default)]
+    meter: Option<String>,
+    #[serde(default)]
+    rounding: Option<String>,
+}
+
+impl BillingEntry {
+    fn rule(&self) -> Result<BillingRule, String> {
+        let mut rule = BillingRule::default();
+        if let Some(meter) = &self.meter {
+            rule.meter = MeterStart::from_name(meter).ok_or_else(|| {
+                format!("billing.meter must be \"ready\" or \"started\", not {meter:?}")
+            })?;
+        }
+        if let Some(rounding) = &self.rounding {
+            rule.rounding = Rounding::from_name(rounding).ok_or_else(|| {
+                format!("billing.rounding must be \"second\" or \"minute\", not {rounding:?}")
+            })?;
+        }
+        Ok(rule)
+    }
 }
 
 #[derive(Deserialize)]
@@ -273,6 +305,9 @@ impl Tenants {
             );
             plan.max_websocket_grace =
                 limit(entry.max_websocket_grace_ms, plan.max_websocket_grace);
+            if let Some(billing) = &entry.billing {
+                plan.billing = billing.rule().map_err(|p| invalid(&p))?;
+            }
             let webhooks = webhook_endpoints(entry.webhooks).map_err(|p| invalid(&p))?;
             let callback = if entry.callback_secrets.is_empty() {
                 if entry.callback_hosts.is_some() {

@@ -12,6 +12,7 @@
 
 mod schema;
 pub mod testing;
+mod usage;
 
 use std::time::Duration;
 
@@ -251,6 +252,8 @@ async fn insert_session(
                 &absent,
                 &grace,
                 &new.callback_url,
+                &new.billing.meter.as_str(),
+                &new.billing.rounding.as_str(),
             ],
         )
         .await;
@@ -344,12 +347,14 @@ impl SessionStore for PostgresStore {
         claim: Option<ReleaseClaim>,
     ) -> BoxFuture<'a, Result<Option<(SessionRecord, Transition)>, StoreError>> {
         Box::pin(async move {
-            let client = self.client().await?;
+            let mut client = self.client().await?;
             let id_text = id.to_string();
-            // One statement, so one round trip and its own transaction: the conditional
-            // update, the release intents, the owning nodes' notification (sent when it
-            // commits) and the record as ended, built from what the updates return.
-            let statement = client
+            let tx = client.transaction().await.map_err(unavailable)?;
+            // One statement: the conditional update, the release intents, the owning
+            // nodes' notification (sent when it commits) and the record as ended, built
+            // from what the updates return; then the usage it settles, in the same
+            // transaction.
+            let statement = tx
                 .prepare_cached(concat!(
                     "WITH ended AS (
                         UPDATE sessions SET status = 'ended', end_reason = $3, ended_at = ",
@@ -388,7 +393,7 @@ impl SessionStore for PostgresStore {
                 ))
                 .await
                 .map_err(unavailable)?;
-            let rows = client
+            let rows = tx
                 .query(
                     &statement,
                     &[
@@ -407,8 +412,11 @@ impl SessionStore for PostgresStore {
                 .await
                 .map_err(unavailable)?;
             if let Some(record) = records(&rows)?.pop() {
+                usage::settle_usage(&tx, &id_text, None, now).await?;
+                tx.commit().await.map_err(unavailable)?;
                 return Ok(Some((record, Transition::Committed)));
             }
+            tx.rollback().await.map_err(unavailable)?;
             // Already ended, unknown or out of scope. A fresh statement, whose snapshot
             // includes the end that a concurrent call committed while this one waited on its
             // row lock.

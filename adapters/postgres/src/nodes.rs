@@ -152,7 +152,8 @@ impl NodeMembership for PostgresStore {
                                                       ELSE 'start_failed' END,
                                     ended_at = ",
                             sql_ended_at!("$2"),
-                            " WHERE id IN (SELECT id FROM sessions
+                            ", node_last_seen_at = (SELECT last_heartbeat_at FROM nodes WHERE id = $1)
+                             WHERE id IN (SELECT id FROM sessions
                                       WHERE node = $1 AND status = 'started'
                                       ORDER BY id LIMIT $3 FOR UPDATE)
                            AND status = 'started'
@@ -213,6 +214,7 @@ impl NodeMembership for PostgresStore {
                 .await
                 .map_err(unavailable)?;
                 for id in &ids {
+                    crate::usage::settle_usage(&tx, id, None, now).await?;
                     ended.push(parse_id(id)?);
                 }
             }

@@ -74,6 +74,7 @@ impl EventOutbox for PostgresStore {
                 )
                 .await
                 .map_err(unavailable)?;
+                crate::usage::settle_usage(&tx, &id, None, at).await?;
             }
             tx.commit().await.map_err(unavailable)?;
             Ok(n == 1)

@@ -186,6 +186,35 @@ const MIGRATIONS: &[&str] = &["
     ALTER TABLE sessions ADD COLUMN start_state TEXT;
     ALTER TABLE sessions ADD COLUMN start_request TEXT;
     ALTER TABLE sessions ADD COLUMN start_note TEXT;
+",
+// 11: usage: each session's billing rule as of its creation, its lost node's last
+// heartbeat, how far its usage periods are closed, and its usage records (see
+// `session_lifecycle_store::usage`).
+"
+    ALTER TABLE sessions ADD COLUMN bill_meter TEXT NOT NULL DEFAULT 'ready';
+    ALTER TABLE sessions ADD COLUMN bill_rounding TEXT NOT NULL DEFAULT 'second';
+    ALTER TABLE sessions ADD COLUMN node_last_seen_at BIGINT;
+    ALTER TABLE sessions ADD COLUMN usage_closed_to BIGINT;
+    CREATE TABLE usage_records (
+        id            TEXT PRIMARY KEY,
+        session_id    TEXT NOT NULL REFERENCES sessions (id),
+        tenant        TEXT NOT NULL,
+        seq           BIGINT NOT NULL,
+        span_from     BIGINT NOT NULL,
+        span_to       BIGINT,
+        from_ms       BIGINT NOT NULL,
+        to_ms         BIGINT NOT NULL,
+        millis        BIGINT NOT NULL,
+        revision      BIGINT NOT NULL,
+        corrects      TEXT,
+        superseded_by TEXT,
+        recorded_at   BIGINT NOT NULL,
+        UNIQUE (session_id, seq)
+    );
+    CREATE INDEX usage_records_latest ON usage_records (tenant, to_ms)
+        WHERE superseded_by IS NULL AND millis > 0;
+    CREATE INDEX usage_records_latest_all ON usage_records (to_ms)
+        WHERE superseded_by IS NULL AND millis > 0;
 "];
 
 /// An index built with `CREATE INDEX CONCURRENTLY`, which does not block writes to its table

@@ -27,6 +27,7 @@ fn new_session(n: u128) -> NewSession {
         node: "ignored".to_owned(),
         timeouts: SessionTimeouts::default(),
         callback_url: None,
+        billing: Default::default(),
     }
 }
 

@@ -92,6 +92,6 @@ pub use session_lifecycle_store::{
     ReleaseAttempt, ReleaseClaim, ReleaseProgress, ReleaseQueue, RoomBinding, RoomEvent,
     RoomEventKind, RoomProvider, RoomState, RoomStore, SessionEvent, SessionRecord, SessionStore,
     SessionTimeouts, Store, StoreError, StoreHealth, StoredKey, TenantScope, TouchOutcome,
-    decide_key, faults, lock, rows, sql,
+    decide_key, faults, lock, rows, sql, usage,
 };
 pub use session_lifecycle_store::{FleetPlacement, PlacementPolicy};

@@ -25,6 +25,7 @@ mod presence;
 mod releases;
 mod rooms;
 mod schema;
+mod usage;
 
 pub use schema::SCHEMA_VERSION;
 
@@ -185,6 +186,7 @@ fn mark_resources_due(c: &Connection, id: &str) -> Result<(), StoreError> {
 /// Session `id` just ended at `now`: its `ended` event, and `released` if it holds nothing
 /// to release.
 fn ended_events(c: &Connection, id: &str, now: Timestamp) -> Result<(), StoreError> {
+    usage::settle_usage(c, id, None, now)?;
     c.prepare_cached(statements::EVENT_ENDED)
         .and_then(|mut s| s.execute(params![id, event_sequence(EventKind::Ended)]))
         .map_err(db)?;
@@ -231,7 +233,9 @@ impl SessionStore for SqliteStore {
                         left,
                         absent,
                         grace,
-                        new.callback_url
+                        new.callback_url,
+                        new.billing.meter.as_str(),
+                        new.billing.rounding.as_str()
                     ])
                 });
             match inserted {

@@ -117,7 +117,8 @@ impl NodeMembership for SqliteStore {
                             sql_ended_at!("?2"),
                             ", release_due_at = ",
                             sql_release_due_at!(sql_ended_at!("?2")),
-                            " WHERE id IN (SELECT id FROM sessions
+                            ", node_last_seen_at = (SELECT last_heartbeat_at FROM nodes WHERE id = ?1)
+                             WHERE id IN (SELECT id FROM sessions
                                       WHERE node = ?1 AND status = 'started' LIMIT ?3)
                          RETURNING id"
                         ),

@@ -97,6 +97,7 @@ impl EventOutbox for SqliteStore {
                 c.prepare_cached(statements::EVENT_READY)
                     .and_then(|mut s| s.execute(params![id, event_sequence(EventKind::Ready)]))
                     .map_err(db)?;
+                crate::usage::settle_usage(c, &id, None, at)?;
             }
             Ok(n == 1)
         }))

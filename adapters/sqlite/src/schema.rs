@@ -175,6 +175,33 @@ const MIGRATIONS: &[&str] = &[
     // and ended sessions by the time they ended (its recent ends).
     "ALTER TABLE nodes ADD COLUMN report TEXT;
      CREATE INDEX sessions_ended_by_time ON sessions (ended_at) WHERE status = 'ended';",
+    // 10: usage: each session's billing rule as of its creation, its lost node's last
+    // heartbeat, how far its usage periods are closed, and its usage records (see
+    // `session_lifecycle_store::usage`).
+    "ALTER TABLE sessions ADD COLUMN bill_meter TEXT NOT NULL DEFAULT 'ready';
+     ALTER TABLE sessions ADD COLUMN bill_rounding TEXT NOT NULL DEFAULT 'second';
+     ALTER TABLE sessions ADD COLUMN node_last_seen_at INTEGER;
+     ALTER TABLE sessions ADD COLUMN usage_closed_to INTEGER;
+     CREATE TABLE usage_records (
+        id            TEXT PRIMARY KEY,
+        session_id    TEXT NOT NULL REFERENCES sessions (id),
+        tenant        TEXT NOT NULL,
+        seq           INTEGER NOT NULL,
+        span_from     INTEGER NOT NULL,
+        span_to       INTEGER,
+        from_ms       INTEGER NOT NULL,
+        to_ms         INTEGER NOT NULL,
+        millis        INTEGER NOT NULL,
+        revision      INTEGER NOT NULL,
+        corrects      TEXT,
+        superseded_by TEXT,
+        recorded_at   INTEGER NOT NULL,
+        UNIQUE (session_id, seq)
+     );
+     CREATE INDEX usage_records_latest ON usage_records (tenant, to_ms)
+        WHERE superseded_by IS NULL AND millis > 0;
+     CREATE INDEX usage_records_latest_all ON usage_records (to_ms)
+        WHERE superseded_by IS NULL AND millis > 0;",
 ];
 
 /// The schema version this code writes.

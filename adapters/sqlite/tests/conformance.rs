@@ -27,6 +27,7 @@ async fn acknowledged_writes_survive_reopen_and_schema_is_versioned() {
         store
             .create(NewSession {
                 callback_url: None,
+                billing: Default::default(),
                 id,
                 tenant: "t".into(),
                 started_at: t0,

@@ -444,6 +444,7 @@ async fn sweeper_ends_and_releases_ten_thousand_orphans_within_the_bound() {
                 store
                     .create(NewSession {
                         callback_url: None,
+                        billing: Default::default(),
                         id,
                         tenant: "t".into(),
                         started_at: t0,

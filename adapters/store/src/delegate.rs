@@ -358,6 +358,56 @@ macro_rules! delegate_store {
             }
         }
 
+        impl $crate::usage::UsageLedger for $ty {
+            fn close_usage<'a>(
+                &'a self,
+                node: &'a str,
+                now: $crate::__core::Timestamp,
+                period: ::std::time::Duration,
+                limit: u32,
+            ) -> $crate::BoxFuture<'a, Result<u32, $crate::StoreError>> {
+                $wrap!(
+                    self,
+                    "close_usage",
+                    self.inner.close_usage(node, now, period, limit)
+                )
+            }
+            fn usage_records(
+                &self,
+                tenant: Option<String>,
+                from: $crate::__core::Timestamp,
+                to: $crate::__core::Timestamp,
+            ) -> $crate::BoxFuture<'_, Result<Vec<$crate::usage::UsageRecord>, $crate::StoreError>>
+            {
+                $wrap!(
+                    self,
+                    "usage_records",
+                    self.inner.usage_records(tenant, from, to)
+                )
+            }
+            fn session_usage(
+                &self,
+                session: $crate::__core::SessionId,
+            ) -> $crate::BoxFuture<'_, Result<Vec<$crate::usage::UsageRecord>, $crate::StoreError>>
+            {
+                $wrap!(self, "session_usage", self.inner.session_usage(session))
+            }
+            fn usage_states(
+                &self,
+                from: $crate::__core::Timestamp,
+                to: $crate::__core::Timestamp,
+                after: Option<$crate::__core::SessionId>,
+                limit: u32,
+            ) -> $crate::BoxFuture<'_, Result<Vec<$crate::usage::UsageState>, $crate::StoreError>>
+            {
+                $wrap!(
+                    self,
+                    "usage_states",
+                    self.inner.usage_states(from, to, after, limit)
+                )
+            }
+        }
+
         $crate::delegate_outbox!($ty, $wrap);
         $crate::delegate_idempotency!($ty, $wrap);
     };

@@ -42,6 +42,7 @@ pub mod rows;
 pub mod sql;
 mod store;
 mod sync;
+pub mod usage;
 
 pub use error::{BoxError, BoxFuture, StoreError, TenantScope};
 pub use idempotency::{

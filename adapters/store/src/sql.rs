@@ -181,12 +181,13 @@ pub mod statements {
     /// A new started session, alive as of its start: `?1` id, `?2` tenant, `?3` started_at,
     /// `?4` expires_at, `?5` metadata, `?6` room provider, `?7` room name, `?8` node, its
     /// own timeouts in ms: `?9` participant left, `?10` participant absent, `?11` WebSocket
-    /// grace; `?12` its callback URL.
+    /// grace; `?12` its callback URL; its billing rule: `?13` meter, `?14` rounding.
     pub const INSERT_SESSION: &str =
         "INSERT INTO sessions (id, tenant, status, started_at, expires_at, last_seen_at,
                                metadata, room_provider, room_name, node, participant_left_ms,
-                               participant_absent_ms, websocket_grace_ms, callback_url)
-         VALUES (?1, ?2, 'started', ?3, ?4, ?3, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)";
+                               participant_absent_ms, websocket_grace_ms, callback_url,
+                               bill_meter, bill_rounding)
+         VALUES (?1, ?2, 'started', ?3, ?4, ?3, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)";
 
     /// The event of sequence `?3` (see `EventKind::sequence`) of session `?1` of tenant
     /// `?2`, at `?4`: written with its cause.
@@ -489,6 +490,66 @@ pub mod statements {
     /// Room event ids received at or before `?1` (kept as long as the retention, for
     /// deduplicating a provider's retries).
     pub const PRUNE_ROOM_EVENTS: &str = "DELETE FROM room_events WHERE received_at <= ?1";
+
+    /// The usage state of session `?1`, as `usage::UsageStateRow` reads it.
+    pub const USAGE_STATE: &str = "SELECT id, tenant, started_at, ready_at, ended_at, end_reason,
+                node_last_seen_at, bill_meter, bill_rounding, usage_closed_to
+         FROM sessions WHERE id = ?1";
+
+    /// Every usage record of session `?1`, in the order written (`usage::UsageRow`'s
+    /// columns).
+    pub const SESSION_USAGE: &str = "SELECT id, session_id, tenant, seq, span_from, span_to,
+                from_ms, to_ms, revision, corrects, superseded_by, recorded_at
+         FROM usage_records WHERE session_id = ?1 ORDER BY seq";
+
+    /// A new usage record: `usage::UsageRow`'s columns in order as `?1` to `?12`, its
+    /// billable milliseconds `?13`.
+    pub const INSERT_USAGE: &str = "INSERT INTO usage_records (id, session_id, tenant, seq,
+                span_from, span_to, from_ms, to_ms, revision, corrects, superseded_by,
+                recorded_at, millis)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)";
+
+    /// Usage record `?1` is replaced by the correction `?2`.
+    pub const SUPERSEDE_USAGE: &str = "UPDATE usage_records SET superseded_by = ?2
+         WHERE id = ?1 AND superseded_by IS NULL";
+
+    /// Session `?1`'s usage is recorded up to `?2` (the end of its last closed period).
+    pub const CLOSE_USAGE_TO: &str = "UPDATE sessions SET usage_closed_to = ?2 WHERE id = ?1";
+
+    /// Up to `?3` started sessions of node `?1` with a usage period to close before `?2`,
+    /// by id.
+    pub const USAGE_TO_CLOSE: &str = "SELECT id FROM sessions
+         WHERE node = ?1 AND status = 'started' AND started_at < ?2
+           AND (usage_closed_to IS NULL OR usage_closed_to < ?2)
+         ORDER BY id LIMIT ?3";
+
+    /// The usage state of up to `?4` sessions (as `USAGE_STATE`) whose life overlaps
+    /// `[?1, ?2)`, by id, after id `?3` (`''`: from the first).
+    pub const USAGE_STATES: &str = "SELECT id, tenant, started_at, ready_at, ended_at, end_reason,
+                node_last_seen_at, bill_meter, bill_rounding, usage_closed_to
+         FROM sessions
+         WHERE started_at < ?2 AND (ended_at IS NULL OR ended_at >= ?1) AND id > ?3
+         ORDER BY id LIMIT ?4";
+}
+
+/// The latest usage records of tenant `$tenant` (each dialect's NULL test of its text
+/// parameter) with billable time inside `[?2, ?3)` (`usage::UsageRow`'s columns).
+#[macro_export]
+macro_rules! sql_usage_in_range {
+    ($tenant:literal) => {
+        concat!(
+            "SELECT id, session_id, tenant, seq, span_from, span_to, from_ms, to_ms, revision,
+                    corrects, superseded_by, recorded_at
+             FROM usage_records
+             WHERE superseded_by IS NULL AND millis > 0 AND to_ms > ",
+            "?2",
+            " AND from_ms < ",
+            "?3",
+            " AND (",
+            $tenant,
+            ")"
+        )
+    };
 }
 
 /// PostgreSQL's form of a shared statement: `?N` parameters as `$N`. Made once per

@@ -10,6 +10,7 @@ use crate::idempotency::IdempotencyStore;
 use crate::outbox::EventOutbox;
 use crate::placement::FleetPlacement;
 use crate::record::*;
+use crate::usage::UsageLedger;
 
 /// Sessions: their records, created, attached to, ended, read, touched and swept.
 ///
@@ -290,6 +291,7 @@ pub trait Store:
     + EventOutbox
     + IdempotencyStore
     + FleetPlacement
+    + UsageLedger
     + StoreHealth
 {
 }
@@ -303,6 +305,7 @@ impl<T> Store for T where
         + EventOutbox
         + IdempotencyStore
         + FleetPlacement
+        + UsageLedger
         + StoreHealth
 {
 }

@@ -8,5 +8,6 @@ pub mod overview;
 #[cfg(feature = "live-page")]
 pub mod page;
 pub mod sessions;
+pub mod usage;
 pub mod webhooks;
 pub mod ws;

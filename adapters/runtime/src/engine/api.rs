@@ -110,6 +110,7 @@ impl Engine {
             node: inner.config.node.clone(),
             timeouts,
             callback_url: request.callback_url.clone(),
+            billing: request.plan.billing,
         };
         let mut slot = None;
         if inner.store.places() {

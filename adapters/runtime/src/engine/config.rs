@@ -110,6 +110,11 @@ pub struct EngineConfig {
     /// How long a session placed on another node may wait unclaimed (that node may have
     /// just died, its heartbeat still fresh) before it is placed on another node.
     pub placement_claim_timeout: Duration,
+    /// How long a usage period is: each started session this node runs gets a usage
+    /// record per closed period, so that a bill can be cut while it runs (see
+    /// [`usage`](session_lifecycle_store::usage)). Periods count from the epoch; a
+    /// divisor of an hour keeps every record inside one hour and one day.
+    pub usage_period: Duration,
 }
 
 impl Default for EngineConfig {
@@ -133,6 +138,7 @@ impl Default for EngineConfig {
             placement: PlacementPolicy::Spread,
             placement_wait: Duration::from_secs(20),
             placement_claim_timeout: Duration::from_secs(3),
+            usage_period: Duration::from_secs(300),
         }
     }
 }
@@ -151,6 +157,8 @@ pub struct Plan {
     pub max_participant_absent: Duration,
     /// The longest [`SessionTimeouts::websocket_grace`] a session may set.
     pub max_websocket_grace: Duration,
+    /// How its sessions' usage is billed (kept with each session at its creation).
+    pub billing: session_lifecycle::usage::BillingRule,
 }
 
 impl Plan {
@@ -163,6 +171,7 @@ impl Plan {
             max_participant_left: max_session,
             max_participant_absent: max_session,
             max_websocket_grace: max_session,
+            billing: session_lifecycle::usage::BillingRule::default(),
         }
     }
 
@@ -289,6 +298,8 @@ pub struct DueReport {
     pub released: u32,
     /// Release attempts that failed (retried later).
     pub release_failures: u32,
+    /// Sessions whose usage periods this pass closed.
+    pub usage_closed: u32,
 }
 
 impl DueReport {
@@ -298,6 +309,7 @@ impl DueReport {
         self.node_lost += other.node_lost;
         self.released += other.released;
         self.release_failures += other.release_failures;
+        self.usage_closed += other.usage_closed;
     }
 }
 

@@ -200,4 +200,41 @@ impl Engine {
             next.await;
         }
     }
+
+    /// Closes the usage periods of this node's started sessions as they end, looking once
+    /// a heartbeat interval (closing is idempotent: a look that finds nothing due writes
+    /// nothing).
+    pub(super) async fn run_usage_periods(&self) {
+        let inner = &self.inner;
+        loop {
+            let next = inner.clock.sleep(inner.config.node_heartbeat);
+            if let Err(e) = self.usage_once().await {
+                tracing::warn!(error = %e, "closing usage periods failed");
+            }
+            next.await;
+        }
+    }
+
+    /// Closes every usage period of this node's started sessions that ended by now, batch
+    /// by batch; returns how many sessions had periods closed.
+    pub(super) async fn usage_once(&self) -> Result<u32, EngineError> {
+        let inner = &self.inner;
+        let now = inner.clock.now();
+        let mut closed = 0;
+        loop {
+            let batch = inner
+                .store
+                .close_usage(
+                    &inner.config.node,
+                    now,
+                    inner.config.usage_period,
+                    inner.config.sweep_batch,
+                )
+                .await?;
+            closed += batch;
+            if batch < inner.config.sweep_batch {
+                return Ok(closed);
+            }
+        }
+    }
 }

@@ -47,6 +47,8 @@ impl Engine {
         let engine = self.clone();
         self.spawn_tracked(async move { engine.run_reports().await });
         let engine = self.clone();
+        self.spawn_tracked(async move { engine.run_usage_periods().await });
+        let engine = self.clone();
         self.spawn_tracked(async move { engine.run_releases().await });
         // Ends on other instances of this node's sessions, pushed by the store.
         let engine = self.clone();
@@ -164,6 +166,7 @@ impl Engine {
         let mut report = self.timers_once().await;
         report.add(self.sweep_once().await?);
         report.add(self.releases_once().await?);
+        report.usage_closed += self.usage_once().await?;
         Ok(report)
     }
 

@@ -48,6 +48,7 @@ pub(super) fn new_session(tenant: &str, started: Timestamp, lifetime: Duration) 
         node: NODE.to_owned(),
         timeouts: SessionTimeouts::default(),
         callback_url: None,
+        billing: Default::default(),
     }
 }
 

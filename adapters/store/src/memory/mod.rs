@@ -11,6 +11,7 @@ mod outbox;
 mod presence;
 mod releases;
 mod rooms;
+mod usage;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Mutex;
@@ -60,6 +61,10 @@ struct SessionRow {
     claimed_until: Option<Timestamp>,
     callback_url: Option<String>,
     ready_at: Option<Timestamp>,
+    billing: session_lifecycle::usage::BillingRule,
+    /// For a session ended `node_lost`: its node's last heartbeat.
+    node_last_seen: Option<Timestamp>,
+    usage_closed_to: Option<Timestamp>,
 }
 
 #[derive(Debug, Default)]
@@ -77,12 +82,15 @@ struct State {
     outbox: outbox::Outbox,
     /// Idempotency keys by (tenant, key).
     idempotency: BTreeMap<(String, String), crate::idempotency::StoredKey>,
+    /// Per session, its usage records in the order written.
+    usage: BTreeMap<SessionId, Vec<crate::usage::UsageRecord>>,
 }
 
 impl State {
-    /// Session `id` just ended: its `session.ended` event, and `session.released` if it
-    /// held nothing to release.
-    fn ended_events(&mut self, id: SessionId) {
+    /// Session `id` just ended: its `session.ended` event, `session.released` if it held
+    /// nothing to release, and its usage settled (at `now`).
+    fn ended_events(&mut self, id: SessionId, now: Timestamp) {
+        self.settle_usage(id, None, now);
         let Some(s) = self.sessions.get(&id) else {
             return;
         };
@@ -330,6 +338,9 @@ impl SessionStore for MemoryStore {
                 claimed_until: None,
                 callback_url: new.callback_url,
                 ready_at: None,
+                billing: new.billing,
+                node_last_seen: None,
+                usage_closed_to: None,
             },
         );
         ready(Ok(CreateOutcome::Created))
@@ -390,7 +401,7 @@ impl SessionStore for MemoryStore {
             _ => {}
         }
         let record = s.record(&id);
-        state.ended_events(id);
+        state.ended_events(id, now);
         ready(record.map(|r| Some((r, Transition::Committed))))
     }
 

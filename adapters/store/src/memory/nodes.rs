@@ -81,12 +81,14 @@ impl NodeMembership for MemoryStore {
         let mut ended: Vec<SessionId> = Vec::new();
         for node in dead {
             state.let_go_of(&node, now);
+            let last_seen = state.nodes.get(&node).copied();
             let first = ended.len();
             for (id, s) in state.sessions.iter_mut() {
                 if s.node != node {
                     continue;
                 }
                 if s.ending.is_none() && ended.len() < limit as usize {
+                    s.node_last_seen = last_seen;
                     s.end(now, EndReason::NodeLost);
                     let _ = self.ended.send(*id);
                     ended.push(*id);
@@ -99,7 +101,7 @@ impl NodeMembership for MemoryStore {
                 }
             }
             for id in ended[first..].iter().copied() {
-                state.ended_events(id);
+                state.ended_events(id, now);
             }
         }
         ready(Ok(ended))

@@ -73,6 +73,7 @@ impl EventOutbox for MemoryStore {
         state
             .outbox
             .event(session, &tenant, EventKind::Ready, at, callback.as_deref());
+        state.settle_usage(session, None, at);
         ready(Ok(true))
     }
 

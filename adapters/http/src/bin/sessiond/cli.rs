@@ -18,7 +18,12 @@ pub(crate) struct Cli {
 
     /// Where sessions are stored: a SQLite file path, or a postgres:// URL for several
     /// instances sharing one database.
-    #[arg(long, env = "SESSIOND_DATABASE", default_value = "./sessiond.db")]
+    #[arg(
+        long,
+        env = "SESSIOND_DATABASE",
+        default_value = "./sessiond.db",
+        global = true
+    )]
     pub(crate) database: String,
 
     /// This node's identity: it runs the sessions started here and alone releases their
@@ -146,6 +151,12 @@ pub(crate) struct Cli {
     /// before it ends it `start_failed` and answers so.
     #[arg(long, env = "SESSIOND_PLACEMENT_WAIT_SECS", default_value_t = 20)]
     pub(crate) placement_wait_secs: u64,
+
+    /// Seconds in a usage period: every started session gets a usage record per closed
+    /// period, so that a bill can be cut while it runs. Periods count from the epoch; a
+    /// divisor of 3600 (60, 300, 900, 3600...) so that every record falls in one hour.
+    #[arg(long, env = "SESSIOND_USAGE_PERIOD_SECS", default_value_t = 300)]
+    pub(crate) usage_period_secs: u64,
 
     /// Milliseconds between looks for due releases, besides the store's notifications.
     #[arg(long, env = "SESSIOND_RELEASE_POLL_MS", default_value_t = 2000)]
@@ -305,6 +316,26 @@ pub(crate) enum Command {
     HashKey {
         /// The key.
         key: String,
+    },
+    /// Usage records (`--database` names the store).
+    Usage {
+        #[command(subcommand)]
+        action: UsageCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum UsageCommand {
+    /// Recomputes the usage of every session whose life overlaps the range from its
+    /// session record, and reports every difference against the recorded usage (exit
+    /// status 1 when there is any).
+    Reconcile {
+        /// Where the range starts (included), RFC 3339.
+        #[arg(long)]
+        from: String,
+        /// Where it ends (excluded), RFC 3339.
+        #[arg(long)]
+        to: String,
     },
 }
 

@@ -27,6 +27,7 @@ use session_lifecycle_sqlite::SqliteStore;
 
 mod cli;
 mod logging;
+mod reconcile;
 
 use cli::{Cli, Command, GpuMode, ShutdownMode};
 use logging::init_logging;
@@ -91,6 +92,12 @@ async fn main() -> ExitCode {
         println!("{}", hash_key(key));
         return ExitCode::SUCCESS;
     }
+    if let Some(Command::Usage {
+        action: cli::UsageCommand::Reconcile { from, to },
+    }) = &cli.command
+    {
+        return reconcile::run(&cli.database, from, to).await;
+    }
     let logs = init_logging(cli.log_format);
     let flusher = {
         let logs = logs.clone();
@@ -113,6 +120,24 @@ async fn main() -> ExitCode {
     flusher.abort();
     logs.flush();
     code
+}
+
+/// Whether `database` names a PostgreSQL database (else a SQLite file).
+fn is_shared(database: &str) -> bool {
+    database.starts_with("postgres://") || database.starts_with("postgresql://")
+}
+
+/// The store `database` names: PostgreSQL for a `postgres://` URL, else a SQLite file.
+async fn open_store(database: &str) -> Result<Arc<dyn Store>, String> {
+    Ok(if is_shared(database) {
+        Arc::new(
+            PostgresStore::connect(database)
+                .await
+                .map_err(|e| format!("connecting to PostgreSQL: {e}"))?,
+        )
+    } else {
+        Arc::new(SqliteStore::open(database).map_err(|e| format!("opening {database}: {e}"))?)
+    })
 }
 
 async fn run(cli: Cli) -> Result<(), String> {
@@ -175,8 +200,7 @@ async fn run(cli: Cli) -> Result<(), String> {
         }
     };
 
-    let shared =
-        cli.database.starts_with("postgres://") || cli.database.starts_with("postgresql://");
+    let shared = is_shared(&cli.database);
     // It names the node in the store, logs and metric labels.
     if cli
         .node_id
@@ -184,6 +208,9 @@ async fn run(cli: Cli) -> Result<(), String> {
         .is_some_and(|id| id.is_empty() || id.len() > 128 || id.chars().any(char::is_control))
     {
         return Err("--node-id must have 1 to 128 bytes and no control characters".to_owned());
+    }
+    if cli.usage_period_secs == 0 || 3600 % cli.usage_period_secs != 0 {
+        return Err("--usage-period-secs must divide 3600 (60, 300, 900, 3600...)".to_owned());
     }
     if cli.node_heartbeat_ms == 0 || cli.node_timeout_secs * 1000 <= 2 * cli.node_heartbeat_ms {
         return Err("--node-timeout-secs must exceed two --node-heartbeat-ms intervals".to_owned());
@@ -193,18 +220,7 @@ async fn run(cli: Cli) -> Result<(), String> {
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", cli.listen))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
-    let store: Arc<dyn Store> = if shared {
-        Arc::new(
-            PostgresStore::connect(&cli.database)
-                .await
-                .map_err(|e| format!("connecting to PostgreSQL: {e}"))?,
-        )
-    } else {
-        Arc::new(
-            SqliteStore::open(&cli.database)
-                .map_err(|e| format!("opening {}: {e}", cli.database))?,
-        )
-    };
+    let store = open_store(&cli.database).await?;
     let node_id = cli.node_id.clone().unwrap_or_else(|| {
         if !shared {
             return "local".to_owned();
@@ -293,6 +309,7 @@ async fn run(cli: Cli) -> Result<(), String> {
                 cli::PlacementMode::Pack => PlacementPolicy::Pack,
             },
             placement_wait: Duration::from_secs(cli.placement_wait_secs),
+            usage_period: Duration::from_secs(cli.usage_period_secs),
             // Well within the node timeout, and longer than a claim by poll (release poll).
             placement_claim_timeout: (Duration::from_secs(cli.node_timeout_secs) / 4)
                 .clamp(Duration::from_secs(1), Duration::from_secs(5)),

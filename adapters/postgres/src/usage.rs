@@ -1,0 +1,202 @@
+//! Usage records in PostgreSQL: settled in the transaction of their cause, periods closed
+//! by node under row locks (a session is settled by one transaction at a time: its end,
+//! its readiness or a close, whichever locks its row first; the others see what it wrote).
+
+use std::time::Duration;
+
+use deadpool_postgres::GenericClient;
+use session_lifecycle::{SessionId, Timestamp};
+use session_lifecycle_store::rows::millis as ms;
+use session_lifecycle_store::sql::{postgres as pg, statements};
+use session_lifecycle_store::usage::{
+    UsageLedger, UsageRecord, UsageRow, UsageState, UsageStateRow, settle,
+};
+use session_lifecycle_store::{BoxFuture, StoreError, sql_usage_in_range};
+use tokio_postgres::Row;
+
+use crate::PostgresStore;
+use crate::error::unavailable;
+use crate::rows::col;
+
+fn state_row(r: &Row) -> Result<UsageStateRow, StoreError> {
+    Ok(UsageStateRow {
+        id: col(r, 0)?,
+        tenant: col(r, 1)?,
+        started_at: col(r, 2)?,
+        ready_at: col(r, 3)?,
+        ended_at: col(r, 4)?,
+        end_reason: col(r, 5)?,
+        node_last_seen_at: col(r, 6)?,
+        bill_meter: col(r, 7)?,
+        bill_rounding: col(r, 8)?,
+        usage_closed_to: col(r, 9)?,
+    })
+}
+
+fn usage_row(r: &Row) -> Result<UsageRow, StoreError> {
+    Ok(UsageRow {
+        id: col(r, 0)?,
+        session_id: col(r, 1)?,
+        tenant: col(r, 2)?,
+        seq: col(r, 3)?,
+        span_from: col(r, 4)?,
+        span_to: col(r, 5)?,
+        from_ms: col(r, 6)?,
+        to_ms: col(r, 7)?,
+        revision: col(r, 8)?,
+        corrects: col(r, 9)?,
+        superseded_by: col(r, 10)?,
+        recorded_at: col(r, 11)?,
+    })
+}
+
+fn records(rows: &[Row]) -> Result<Vec<UsageRecord>, StoreError> {
+    rows.iter().map(|r| usage_row(r)?.into_record()).collect()
+}
+
+/// Settles the usage of session `id` after its cause at `now`, in the caller's transaction
+/// (see `session_lifecycle_store::usage::settle`); closes its periods up to `close` if
+/// given. The caller holds the session's row lock (its cause updated or locked the row).
+pub(crate) async fn settle_usage(
+    tx: &impl GenericClient,
+    id: &str,
+    close: Option<(Timestamp, Duration)>,
+    now: Timestamp,
+) -> Result<(), StoreError> {
+    let Some(row) = tx
+        .query_opt(pg(statements::USAGE_STATE), &[&id])
+        .await
+        .map_err(unavailable)?
+    else {
+        return Ok(());
+    };
+    let state = state_row(&row)?.into_state()?;
+    let existing = tx
+        .query(pg(statements::SESSION_USAGE), &[&id])
+        .await
+        .map_err(unavailable)?;
+    let settled = settle(&state, &records(&existing)?, close, now);
+    for record in &settled.records {
+        let r = UsageRow::of(record);
+        tx.execute(
+            pg(statements::INSERT_USAGE),
+            &[
+                &r.id,
+                &r.session_id,
+                &r.tenant,
+                &r.seq,
+                &r.span_from,
+                &r.span_to,
+                &r.from_ms,
+                &r.to_ms,
+                &r.revision,
+                &r.corrects,
+                &r.superseded_by,
+                &r.recorded_at,
+                &(record.millis() as i64),
+            ],
+        )
+        .await
+        .map_err(unavailable)?;
+    }
+    for (old, by) in &settled.superseded {
+        tx.execute(pg(statements::SUPERSEDE_USAGE), &[old, by])
+            .await
+            .map_err(unavailable)?;
+    }
+    if let Some(to) = settled.closed_to {
+        tx.execute(pg(statements::CLOSE_USAGE_TO), &[&id, &ms(to)])
+            .await
+            .map_err(unavailable)?;
+    }
+    Ok(())
+}
+
+impl UsageLedger for PostgresStore {
+    fn close_usage<'a>(
+        &'a self,
+        node: &'a str,
+        now: Timestamp,
+        period: Duration,
+        limit: u32,
+    ) -> BoxFuture<'a, Result<u32, StoreError>> {
+        Box::pin(async move {
+            let period_ms = (period.as_millis() as u64).max(1);
+            let boundary = Timestamp::from_millis(now.as_millis() / period_ms * period_ms);
+            let mut client = self.client().await?;
+            let tx = client.transaction().await.map_err(unavailable)?;
+            // Locked, so that an end or a readiness report of one of them waits for this
+            // close (and then sees its records); one locked elsewhere is closed next time.
+            let ids = tx
+                .query(
+                    "SELECT id FROM sessions
+                     WHERE node = $1 AND status = 'started' AND started_at < $2
+                       AND (usage_closed_to IS NULL OR usage_closed_to < $2)
+                     ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED",
+                    &[&node, &ms(boundary), &i64::from(limit)],
+                )
+                .await
+                .map_err(unavailable)?;
+            for row in &ids {
+                let id: String = col(row, 0)?;
+                settle_usage(&tx, &id, Some((boundary, period)), now).await?;
+            }
+            tx.commit().await.map_err(unavailable)?;
+            Ok(ids.len() as u32)
+        })
+    }
+
+    fn usage_records(
+        &self,
+        tenant: Option<String>,
+        from: Timestamp,
+        to: Timestamp,
+    ) -> BoxFuture<'_, Result<Vec<UsageRecord>, StoreError>> {
+        Box::pin(async move {
+            let client = self.client().await?;
+            let rows = client
+                .query(
+                    pg(sql_usage_in_range!("?1::TEXT IS NULL OR tenant = ?1")),
+                    &[&tenant, &ms(from), &ms(to)],
+                )
+                .await
+                .map_err(unavailable)?;
+            records(&rows)
+        })
+    }
+
+    fn session_usage(
+        &self,
+        session: SessionId,
+    ) -> BoxFuture<'_, Result<Vec<UsageRecord>, StoreError>> {
+        Box::pin(async move {
+            let client = self.client().await?;
+            let rows = client
+                .query(pg(statements::SESSION_USAGE), &[&session.to_string()])
+                .await
+                .map_err(unavailable)?;
+            records(&rows)
+        })
+    }
+
+    fn usage_states(
+        &self,
+        from: Timestamp,
+        to: Timestamp,
+        after: Option<SessionId>,
+        limit: u32,
+    ) -> BoxFuture<'_, Result<Vec<UsageState>, StoreError>> {
+        Box::pin(async move {
+            let client = self.client().await?;
+            let after = after.map(|a| a.to_string()).unwrap_or_default();
+            let rows = client
+                .query(
+                    pg(statements::USAGE_STATES),
+                    &[&ms(from), &ms(to), &after, &i64::from(limit)],
+                )
+                .await
+                .map_err(unavailable)?;
+            rows.iter().map(|r| state_row(r)?.into_state()).collect()
+        })
+    }
+}

@@ -1,0 +1,185 @@
+//! Usage records in SQLite: settled in the step of their cause, periods closed by node.
+
+use std::time::Duration;
+
+use rusqlite::{Connection, params};
+use session_lifecycle::{SessionId, Timestamp};
+use session_lifecycle_store::rows::millis as ms;
+use session_lifecycle_store::sql::statements;
+use session_lifecycle_store::usage::{
+    UsageLedger, UsageRecord, UsageRow, UsageState, UsageStateRow, settle,
+};
+use session_lifecycle_store::{BoxFuture, StoreError, sql_usage_in_range};
+
+use crate::SqliteStore;
+use crate::error::db;
+
+fn state_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<UsageStateRow> {
+    Ok(UsageStateRow {
+        id: r.get(0)?,
+        tenant: r.get(1)?,
+        started_at: r.get(2)?,
+        ready_at: r.get(3)?,
+        ended_at: r.get(4)?,
+        end_reason: r.get(5)?,
+        node_last_seen_at: r.get(6)?,
+        bill_meter: r.get(7)?,
+        bill_rounding: r.get(8)?,
+        usage_closed_to: r.get(9)?,
+    })
+}
+
+fn usage_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<UsageRow> {
+    Ok(UsageRow {
+        id: r.get(0)?,
+        session_id: r.get(1)?,
+        tenant: r.get(2)?,
+        seq: r.get(3)?,
+        span_from: r.get(4)?,
+        span_to: r.get(5)?,
+        from_ms: r.get(6)?,
+        to_ms: r.get(7)?,
+        revision: r.get(8)?,
+        corrects: r.get(9)?,
+        superseded_by: r.get(10)?,
+        recorded_at: r.get(11)?,
+    })
+}
+
+fn session_records(c: &Connection, id: &str) -> Result<Vec<UsageRecord>, StoreError> {
+    let rows: Vec<UsageRow> = c
+        .prepare_cached(statements::SESSION_USAGE)
+        .and_then(|mut s| s.query_map([id], usage_row)?.collect())
+        .map_err(db)?;
+    rows.into_iter().map(UsageRow::into_record).collect()
+}
+
+/// Settles the usage of session `id` after its cause at `now`, in the caller's step (see
+/// `session_lifecycle_store::usage::settle`); closes its periods up to `close` if given.
+pub(crate) fn settle_usage(
+    c: &Connection,
+    id: &str,
+    close: Option<(Timestamp, Duration)>,
+    now: Timestamp,
+) -> Result<(), StoreError> {
+    let row = c
+        .prepare_cached(statements::USAGE_STATE)
+        .and_then(|mut s| s.query_map([id], state_row)?.next().transpose())
+        .map_err(db)?;
+    let Some(row) = row else { return Ok(()) };
+    let state = row.into_state()?;
+    let records = session_records(c, id)?;
+    let settled = settle(&state, &records, close, now);
+    for record in &settled.records {
+        let r = UsageRow::of(record);
+        c.prepare_cached(statements::INSERT_USAGE)
+            .and_then(|mut s| {
+                s.execute(params![
+                    r.id,
+                    r.session_id,
+                    r.tenant,
+                    r.seq,
+                    r.span_from,
+                    r.span_to,
+                    r.from_ms,
+                    r.to_ms,
+                    r.revision,
+                    r.corrects,
+                    r.superseded_by,
+                    r.recorded_at,
+                    record.millis() as i64
+                ])
+            })
+            .map_err(db)?;
+    }
+    for (old, by) in &settled.superseded {
+        c.prepare_cached(statements::SUPERSEDE_USAGE)
+            .and_then(|mut s| s.execute(params![old, by]))
+            .map_err(db)?;
+    }
+    if let Some(to) = settled.closed_to {
+        c.prepare_cached(statements::CLOSE_USAGE_TO)
+            .and_then(|mut s| s.execute(params![id, ms(to)]))
+            .map_err(db)?;
+    }
+    Ok(())
+}
+
+impl UsageLedger for SqliteStore {
+    fn close_usage<'a>(
+        &'a self,
+        node: &'a str,
+        now: Timestamp,
+        period: Duration,
+        limit: u32,
+    ) -> BoxFuture<'a, Result<u32, StoreError>> {
+        let node = node.to_owned();
+        Box::pin(self.inner.conns.write(move |c| {
+            let period_ms = (period.as_millis() as u64).max(1);
+            let boundary = Timestamp::from_millis(now.as_millis() / period_ms * period_ms);
+            let ids: Vec<String> = c
+                .prepare_cached(statements::USAGE_TO_CLOSE)
+                .and_then(|mut s| {
+                    s.query_map(params![node, ms(boundary), i64::from(limit)], |r| r.get(0))?
+                        .collect()
+                })
+                .map_err(db)?;
+            for id in &ids {
+                settle_usage(c, id, Some((boundary, period)), now)?;
+            }
+            Ok(ids.len() as u32)
+        }))
+    }
+
+    fn usage_records(
+        &self,
+        tenant: Option<String>,
+        from: Timestamp,
+        to: Timestamp,
+    ) -> BoxFuture<'_, Result<Vec<UsageRecord>, StoreError>> {
+        Box::pin(self.inner.conns.read(move |c| {
+            let rows: Vec<UsageRow> = c
+                .prepare_cached(sql_usage_in_range!("?1 IS NULL OR tenant = ?1"))
+                .and_then(|mut s| {
+                    s.query_map(params![tenant, ms(from), ms(to)], usage_row)?
+                        .collect()
+                })
+                .map_err(db)?;
+            rows.into_iter().map(UsageRow::into_record).collect()
+        }))
+    }
+
+    fn session_usage(
+        &self,
+        session: SessionId,
+    ) -> BoxFuture<'_, Result<Vec<UsageRecord>, StoreError>> {
+        Box::pin(
+            self.inner
+                .conns
+                .read(move |c| session_records(c, &session.to_string())),
+        )
+    }
+
+    fn usage_states(
+        &self,
+        from: Timestamp,
+        to: Timestamp,
+        after: Option<SessionId>,
+        limit: u32,
+    ) -> BoxFuture<'_, Result<Vec<UsageState>, StoreError>> {
+        Box::pin(self.inner.conns.read(move |c| {
+            let after = after.map(|a| a.to_string()).unwrap_or_default();
+            let rows: Vec<UsageStateRow> = c
+                .prepare_cached(statements::USAGE_STATES)
+                .and_then(|mut s| {
+                    s.query_map(
+                        params![ms(from), ms(to), after, i64::from(limit)],
+                        state_row,
+                    )?
+                    .collect()
+                })
+                .map_err(db)?;
+            rows.into_iter().map(UsageStateRow::into_state).collect()
+        }))
+    }
+}

@@ -1,0 +1,127 @@
+//! The reference store's usage records.
+
+use std::time::Duration;
+
+use session_lifecycle::{SessionId, Timestamp};
+
+use super::{MemoryStore, State, ready};
+use crate::error::{BoxFuture, StoreError};
+use crate::usage::{UsageLedger, UsageRecord, UsageState, settle};
+
+impl State {
+    /// The usage state of session `id`, if there is one.
+    fn usage_state(&self, id: SessionId) -> Option<UsageState> {
+        let s = self.sessions.get(&id)?;
+        Some(UsageState {
+            session: id,
+            tenant: s.tenant.clone(),
+            rule: s.billing,
+            metered: session_lifecycle::usage::MeteredSession {
+                started_at: s.started_at,
+                ready_at: s.ready_at,
+                ended: s.ending,
+                node_last_seen: s.node_last_seen,
+            },
+            closed_to: s.usage_closed_to,
+        })
+    }
+
+    /// Settles the usage of session `id` after its cause at `now` (see
+    /// [`settle`]), closing its periods up to `close` if given.
+    pub(super) fn settle_usage(
+        &mut self,
+        id: SessionId,
+        close: Option<(Timestamp, Duration)>,
+        now: Timestamp,
+    ) {
+        let Some(state) = self.usage_state(id) else {
+            return;
+        };
+        let records = self.usage.entry(id).or_default();
+        let settled = settle(&state, records, close, now);
+        for (old, by) in settled.superseded {
+            if let Some(r) = records.iter_mut().find(|r| r.id == old) {
+                r.superseded_by = Some(by);
+            }
+        }
+        records.extend(settled.records);
+        if let (Some(to), Some(s)) = (settled.closed_to, self.sessions.get_mut(&id)) {
+            s.usage_closed_to = Some(to);
+        }
+    }
+}
+
+impl UsageLedger for MemoryStore {
+    fn close_usage<'a>(
+        &'a self,
+        node: &'a str,
+        now: Timestamp,
+        period: Duration,
+        limit: u32,
+    ) -> BoxFuture<'a, Result<u32, StoreError>> {
+        let mut state = self.state();
+        let period_ms = (period.as_millis() as u64).max(1);
+        let boundary = Timestamp::from_millis(now.as_millis() / period_ms * period_ms);
+        let due: Vec<SessionId> = state
+            .sessions
+            .iter()
+            .filter(|(_, s)| {
+                s.node == node
+                    && s.ending.is_none()
+                    && s.started_at < boundary
+                    && s.usage_closed_to.is_none_or(|c| c < boundary)
+            })
+            .map(|(id, _)| *id)
+            .take(limit as usize)
+            .collect();
+        for id in &due {
+            state.settle_usage(*id, Some((boundary, period)), now);
+        }
+        ready(Ok(due.len() as u32))
+    }
+
+    fn usage_records(
+        &self,
+        tenant: Option<String>,
+        from: Timestamp,
+        to: Timestamp,
+    ) -> BoxFuture<'_, Result<Vec<UsageRecord>, StoreError>> {
+        let state = self.state();
+        let records = state
+            .usage
+            .values()
+            .flatten()
+            .filter(|r| tenant.as_ref().is_none_or(|t| *t == r.tenant))
+            .filter(|r| r.superseded_by.is_none() && r.millis_within(from, to) > 0)
+            .cloned()
+            .collect();
+        ready(Ok(records))
+    }
+
+    fn session_usage(
+        &self,
+        session: SessionId,
+    ) -> BoxFuture<'_, Result<Vec<UsageRecord>, StoreError>> {
+        let state = self.state();
+        ready(Ok(state.usage.get(&session).cloned().unwrap_or_default()))
+    }
+
+    fn usage_states(
+        &self,
+        from: Timestamp,
+        to: Timestamp,
+        after: Option<SessionId>,
+        limit: u32,
+    ) -> BoxFuture<'_, Result<Vec<UsageState>, StoreError>> {
+        let state = self.state();
+        let states = state
+            .sessions
+            .iter()
+            .filter(|(id, _)| after.is_none_or(|a| **id > a))
+            .filter(|(_, s)| s.started_at < to && s.ending.is_none_or(|(at, _)| at >= from))
+            .take(limit as usize)
+            .filter_map(|(id, _)| state.usage_state(*id))
+            .collect();
+        ready(Ok(states))
+    }
+}

@@ -1,0 +1,558 @@
+//! Usage: the durable records a bill is cut from, written by the store in the same step as
+//! their cause, and the arithmetic every store shares to write, total and reconcile them.
+//!
+//! A session's billable interval is the core's
+//! [`BillingRule::interval`](session_lifecycle::usage::BillingRule::interval), under the
+//! rule its tenant had when it was created (kept with the session). The store records it
+//! in pieces that never overlap:
+//!
+//! - while the session runs, one **period record** per closed period (periods are
+//!   `period`-long spans counted from the epoch, closed by [`UsageLedger::close_usage`]):
+//!   the billable part of that period;
+//! - when it ends, in the end's own step, one **final record**: its billable interval from
+//!   the end of the last closed period on;
+//! - when a later cause moves a boundary already recorded (a readiness report after
+//!   periods were closed from the start, an end of ours before the end of a closed period),
+//!   a **correction** of each record it changes, in that cause's step: a new record with
+//!   a new identifier that names the one it replaces. Nothing recorded is ever changed in
+//!   place; the replaced record is marked superseded.
+//!
+//! So the latest records of a session add up, to the millisecond, to its billable interval
+//! (of an ended session), or to its billable part up to its last closed period (of a
+//! running one), however the range is cut. [`settle`] is that arithmetic, written once.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use session_lifecycle::usage::{BillingRule, Interval, MeterStart, MeteredSession, Rounding};
+use session_lifecycle::{EndReason, SessionId, Timestamp};
+
+use crate::error::{BoxFuture, StoreError};
+use crate::rows::{corrupt, parse_id, timestamp};
+
+/// One usage record: billable time of one session within one span.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageRecord {
+    /// Its identifier, stable on every retry and on every instance (a billing system
+    /// deduplicates by it): `usage:<session>:<span start ms>` for a period record,
+    /// `usage:<session>:final` for the final one, and `:r<revision>` appended for a
+    /// correction.
+    pub id: String,
+    /// The session.
+    pub session: SessionId,
+    /// Its tenant.
+    pub tenant: String,
+    /// Its place among the session's records (1 for the first written).
+    pub seq: u32,
+    /// The span it accounts for: a period, or (final record) from the end of the last
+    /// closed period on (`None`: open-ended).
+    pub span: (Timestamp, Option<Timestamp>),
+    /// The billable interval inside the span (`None`: nothing, as a correction to zero).
+    pub billable: Option<Interval>,
+    /// 1 for a first record, one more for each correction of it.
+    pub revision: u32,
+    /// The identifier of the record it corrects, if it is a correction.
+    pub corrects: Option<String>,
+    /// The identifier of the correction that replaced it, if one did.
+    pub superseded_by: Option<String>,
+    /// When it was written (the clock of the step that wrote it).
+    pub recorded_at: Timestamp,
+}
+
+impl UsageRecord {
+    /// Its billable milliseconds.
+    pub fn millis(&self) -> u64 {
+        self.billable.map_or(0, |i| i.millis())
+    }
+
+    /// Its billable milliseconds inside `[from, to)`.
+    pub fn millis_within(&self, from: Timestamp, to: Timestamp) -> u64 {
+        self.billable.map_or(0, |i| i.millis_within(from, to))
+    }
+
+    /// Whether it is a final record.
+    pub fn is_final(&self) -> bool {
+        self.span.1.is_none()
+    }
+}
+
+/// What a session's usage depends on, as its row keeps it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageState {
+    /// The session.
+    pub session: SessionId,
+    /// Its tenant.
+    pub tenant: String,
+    /// Its tenant's billing rule when it was created.
+    pub rule: BillingRule,
+    /// Its instants.
+    pub metered: MeteredSession,
+    /// The end of its last closed period, if one was closed.
+    pub closed_to: Option<Timestamp>,
+}
+
+impl UsageState {
+    /// What its latest records must add up to: the billable interval of an ended
+    /// session; of a running one, the billable part up to `horizon`.
+    pub fn target(&self, horizon: Option<Timestamp>) -> Option<Interval> {
+        match self.metered.ended {
+            Some(_) => self.rule.interval(&self.metered, Timestamp::from_millis(0)),
+            None => {
+                let to = horizon?;
+                self.rule.interval(&self.metered, to)
+            }
+        }
+    }
+}
+
+/// The writes one settling of a session's usage makes, in its cause's step.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Settlement {
+    /// Records to insert.
+    pub records: Vec<UsageRecord>,
+    /// `(replaced, by)`: records a correction replaces.
+    pub superseded: Vec<(String, String)>,
+    /// The session's new `closed_to`, if a close moved it.
+    pub closed_to: Option<Timestamp>,
+}
+
+/// Settles a session's usage after its cause: corrects every latest record the session's
+/// state no longer agrees with; closes the periods up to `close` (`(boundary, period)`,
+/// for a running session); writes the final record of an ended one. `records` are every
+/// record the session has (in any order), `now` the cause's time.
+pub fn settle(
+    state: &UsageState,
+    records: &[UsageRecord],
+    close: Option<(Timestamp, Duration)>,
+    now: Timestamp,
+) -> Settlement {
+    let mut out = Settlement::default();
+    let ended = state.metered.ended.is_some();
+    if records.iter().any(UsageRecord::is_final) {
+        return out; // settled for good at its end
+    }
+    let mut next_seq = records.iter().map(|r| r.seq).max().unwrap_or(0) + 1;
+    let boundary = close
+        .map(|(b, _)| b)
+        .filter(|b| !ended && state.closed_to < Some(*b));
+    let horizon = boundary.or(state.closed_to);
+    let target = state.target(horizon);
+    let part = |from: Timestamp, to: Option<Timestamp>| {
+        target.and_then(|t| t.within(from, to.unwrap_or(Timestamp::from_millis(u64::MAX))))
+    };
+    let mut latest: Vec<&UsageRecord> = records
+        .iter()
+        .filter(|r| r.superseded_by.is_none())
+        .collect();
+    latest.sort_by_key(|r| r.seq);
+    for old in latest {
+        let billable = part(old.span.0, old.span.1);
+        if billable == old.billable {
+            continue;
+        }
+        let base = old.id.split(":r").next().unwrap_or(&old.id);
+        let revision = old.revision + 1;
+        let id = format!("{base}:r{revision}");
+        out.superseded.push((old.id.clone(), id.clone()));
+        out.records.push(UsageRecord {
+            id,
+            session: state.session,
+            tenant: state.tenant.clone(),
+            seq: next_seq,
+            span: old.span,
+            billable,
+            revision,
+            corrects: Some(old.id.clone()),
+            superseded_by: None,
+            recorded_at: now,
+        });
+        next_seq += 1;
+    }
+    let mut push = |id: String, span: (Timestamp, Option<Timestamp>), billable| {
+        out.records.push(UsageRecord {
+            id,
+            session: state.session,
+            tenant: state.tenant.clone(),
+            seq: next_seq,
+            span,
+            billable,
+            revision: 1,
+            corrects: None,
+            superseded_by: None,
+            recorded_at: now,
+        });
+        next_seq += 1;
+    };
+    if let (Some(b), Some((_, period))) = (boundary, close) {
+        let period = (period.as_millis() as u64).max(1);
+        let first = match (state.closed_to, target) {
+            (Some(c), _) => c.as_millis(),
+            (None, Some(t)) => t.from().as_millis() / period * period,
+            (None, None) => b.as_millis(),
+        };
+        let mut start = first;
+        while start < b.as_millis() {
+            let end = (start + period).min(b.as_millis());
+            let span = (
+                Timestamp::from_millis(start),
+                Some(Timestamp::from_millis(end)),
+            );
+            if let Some(billable) = part(span.0, span.1) {
+                push(
+                    format!("usage:{}:{start}", state.session),
+                    span,
+                    Some(billable),
+                );
+            }
+            start = end;
+        }
+        out.closed_to = Some(b);
+    }
+    if ended {
+        let from = state.closed_to.unwrap_or(Timestamp::from_millis(0));
+        if let Some(billable) = part(from, None) {
+            push(
+                format!("usage:{}:final", state.session),
+                (from, None),
+                Some(billable),
+            );
+        }
+    }
+    out
+}
+
+/// How [`UsageLedger::usage`] groups a range's usage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UsageGrouping {
+    /// By UTC day.
+    Day,
+    /// By UTC hour.
+    Hour,
+    /// By session.
+    Session,
+}
+
+impl UsageGrouping {
+    /// Its wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UsageGrouping::Day => "day",
+            UsageGrouping::Hour => "hour",
+            UsageGrouping::Session => "session",
+        }
+    }
+
+    /// The grouping named `name`.
+    pub fn from_name(name: &str) -> Option<UsageGrouping> {
+        [
+            UsageGrouping::Day,
+            UsageGrouping::Hour,
+            UsageGrouping::Session,
+        ]
+        .into_iter()
+        .find(|g| g.as_str() == name)
+    }
+}
+
+/// One group of a usage total.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UsageGroup {
+    /// A UTC day or hour starting here.
+    Time(Timestamp),
+    /// A session, of this tenant.
+    Session(SessionId, String),
+}
+
+/// A range's usage: its total, and its groups with any billable time, in order.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct UsageTotals {
+    /// Billable milliseconds inside the range.
+    pub total_ms: u64,
+    /// Per group, in order (time, or session id), only those with billable time.
+    pub groups: Vec<(UsageGroup, u64)>,
+}
+
+/// The usage of `records` inside `[from, to)`, cut at the range's edges, by `grouping`.
+/// Only latest records count (superseded ones are skipped).
+pub fn totals<'a>(
+    records: impl IntoIterator<Item = &'a UsageRecord>,
+    from: Timestamp,
+    to: Timestamp,
+    grouping: Option<UsageGrouping>,
+) -> UsageTotals {
+    let bucket_ms: u64 = match grouping {
+        Some(UsageGrouping::Day) => 86_400_000,
+        Some(UsageGrouping::Hour) => 3_600_000,
+        _ => 0,
+    };
+    let mut by_time: BTreeMap<u64, u64> = BTreeMap::new();
+    let mut by_session: BTreeMap<SessionId, (String, u64)> = BTreeMap::new();
+    let mut total_ms = 0;
+    for r in records {
+        if r.superseded_by.is_some() {
+            continue;
+        }
+        let Some(part) = r.billable.and_then(|b| b.within(from, to)) else {
+            continue;
+        };
+        total_ms += part.millis();
+        match grouping {
+            Some(UsageGrouping::Session) => {
+                let entry = by_session
+                    .entry(r.session)
+                    .or_insert_with(|| (r.tenant.clone(), 0));
+                entry.1 += part.millis();
+            }
+            Some(_) => {
+                let mut start = part.from().as_millis();
+                while start < part.to().as_millis() {
+                    let bucket = start / bucket_ms * bucket_ms;
+                    let end = (bucket + bucket_ms).min(part.to().as_millis());
+                    *by_time.entry(bucket).or_default() += end - start;
+                    start = end;
+                }
+            }
+            None => {}
+        }
+    }
+    let mut groups: Vec<(UsageGroup, u64)> = by_time
+        .into_iter()
+        .map(|(b, ms)| (UsageGroup::Time(Timestamp::from_millis(b)), ms))
+        .collect();
+    groups.extend(
+        by_session
+            .into_iter()
+            .map(|(id, (tenant, ms))| (UsageGroup::Session(id, tenant), ms)),
+    );
+    UsageTotals { total_ms, groups }
+}
+
+/// One session whose recorded usage disagrees with what its record says it should be.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageDifference {
+    /// The session.
+    pub session: SessionId,
+    /// Its tenant.
+    pub tenant: String,
+    /// Billable milliseconds inside the range its record gives (see [`UsageState::target`]).
+    pub expected_ms: u64,
+    /// Billable milliseconds inside the range its latest usage records add up to.
+    pub recorded_ms: u64,
+    /// What disagrees, in words.
+    pub problem: String,
+}
+
+/// Checks one session's records against its state, inside `[from, to)`: that its latest
+/// records add up to its billable time there, that they do not overlap, and that an ended
+/// session has been settled (none of its periods left after its end). `None`: they agree.
+pub fn reconcile_session(
+    state: &UsageState,
+    records: &[UsageRecord],
+    from: Timestamp,
+    to: Timestamp,
+) -> Option<UsageDifference> {
+    let target = state.target(state.closed_to);
+    let expected_ms = target.map_or(0, |t| t.millis_within(from, to));
+    let mut latest: Vec<Interval> = records
+        .iter()
+        .filter(|r| r.superseded_by.is_none())
+        .filter_map(|r| r.billable)
+        .collect();
+    latest.sort_by_key(|i| i.from());
+    let recorded_ms: u64 = latest.iter().map(|i| i.millis_within(from, to)).sum();
+    let overlap = latest.windows(2).any(|w| w[1].from() < w[0].to());
+    let outside = latest
+        .iter()
+        .any(|i| target.is_none_or(|t| i.from() < t.from() || i.to() > t.to()));
+    let problem = if overlap {
+        "latest records overlap"
+    } else if outside {
+        "a record lies outside the billable interval"
+    } else if expected_ms != recorded_ms {
+        "recorded usage differs from the session record"
+    } else {
+        return None;
+    };
+    Some(UsageDifference {
+        session: state.session,
+        tenant: state.tenant.clone(),
+        expected_ms,
+        recorded_ms,
+        problem: problem.to_owned(),
+    })
+}
+
+/// A usage record as SQL stores keep it, column by column.
+#[derive(Debug, Clone)]
+pub struct UsageRow {
+    /// `id`.
+    pub id: String,
+    /// `session_id`.
+    pub session_id: String,
+    /// `tenant`.
+    pub tenant: String,
+    /// `seq`.
+    pub seq: i64,
+    /// `span_from`.
+    pub span_from: i64,
+    /// `span_to`.
+    pub span_to: Option<i64>,
+    /// `from_ms`.
+    pub from_ms: i64,
+    /// `to_ms`.
+    pub to_ms: i64,
+    /// `revision`.
+    pub revision: i64,
+    /// `corrects`.
+    pub corrects: Option<String>,
+    /// `superseded_by`.
+    pub superseded_by: Option<String>,
+    /// `recorded_at`.
+    pub recorded_at: i64,
+}
+
+impl UsageRow {
+    /// The columns of a record, in the order this row lists them (its insert binds them in
+    /// that order too, with `millis` last).
+    pub const COLUMNS: &'static str = "id, session_id, tenant, seq, span_from, span_to, from_ms, to_ms, revision, corrects, superseded_by, recorded_at";
+
+    /// The row of `record`.
+    pub fn of(record: &UsageRecord) -> UsageRow {
+        let m = |t: Timestamp| t.as_millis() as i64;
+        let (from_ms, to_ms) = record
+            .billable
+            .map_or((m(record.span.0), m(record.span.0)), |b| {
+                (m(b.from()), m(b.to()))
+            });
+        UsageRow {
+            id: record.id.clone(),
+            session_id: record.session.to_string(),
+            tenant: record.tenant.clone(),
+            seq: i64::from(record.seq),
+            span_from: m(record.span.0),
+            span_to: record.span.1.map(m),
+            from_ms,
+            to_ms,
+            revision: i64::from(record.revision),
+            corrects: record.corrects.clone(),
+            superseded_by: record.superseded_by.clone(),
+            recorded_at: m(record.recorded_at),
+        }
+    }
+
+    /// The record it keeps.
+    pub fn into_record(self) -> Result<UsageRecord, StoreError> {
+        let count = |v: i64, what: &str| {
+            u32::try_from(v).map_err(|_| corrupt(&self.session_id, format!("usage {what} {v}")))
+        };
+        Ok(UsageRecord {
+            session: parse_id(&self.session_id)?,
+            seq: count(self.seq, "seq")?,
+            revision: count(self.revision, "revision")?,
+            span: (timestamp(self.span_from), self.span_to.map(timestamp)),
+            billable: Interval::new(timestamp(self.from_ms), timestamp(self.to_ms)),
+            recorded_at: timestamp(self.recorded_at),
+            id: self.id,
+            tenant: self.tenant,
+            corrects: self.corrects,
+            superseded_by: self.superseded_by,
+        })
+    }
+}
+
+/// A session's usage state as SQL stores keep it (see [`USAGE_STATE`](crate::sql::statements::USAGE_STATE)).
+#[derive(Debug, Clone)]
+pub struct UsageStateRow {
+    /// `id`.
+    pub id: String,
+    /// `tenant`.
+    pub tenant: String,
+    /// `started_at`.
+    pub started_at: i64,
+    /// `ready_at`.
+    pub ready_at: Option<i64>,
+    /// `ended_at`.
+    pub ended_at: Option<i64>,
+    /// `end_reason`.
+    pub end_reason: Option<String>,
+    /// `node_last_seen_at`.
+    pub node_last_seen_at: Option<i64>,
+    /// `bill_meter`.
+    pub bill_meter: String,
+    /// `bill_rounding`.
+    pub bill_rounding: String,
+    /// `usage_closed_to`.
+    pub usage_closed_to: Option<i64>,
+}
+
+impl UsageStateRow {
+    /// The state it keeps.
+    pub fn into_state(self) -> Result<UsageState, StoreError> {
+        let meter = MeterStart::from_name(&self.bill_meter)
+            .ok_or_else(|| corrupt(&self.id, format!("bill_meter {:?}", self.bill_meter)))?;
+        let rounding = Rounding::from_name(&self.bill_rounding)
+            .ok_or_else(|| corrupt(&self.id, format!("bill_rounding {:?}", self.bill_rounding)))?;
+        let ended = match (self.ended_at, self.end_reason.as_deref()) {
+            (Some(at), Some(reason)) => Some((
+                timestamp(at),
+                EndReason::from_name(reason)
+                    .ok_or_else(|| corrupt(&self.id, format!("end_reason {reason:?}")))?,
+            )),
+            _ => None,
+        };
+        Ok(UsageState {
+            session: parse_id(&self.id)?,
+            tenant: self.tenant,
+            rule: BillingRule { meter, rounding },
+            metered: MeteredSession {
+                started_at: timestamp(self.started_at),
+                ready_at: self.ready_at.map(timestamp),
+                ended,
+                node_last_seen: self.node_last_seen_at.map(timestamp),
+            },
+            closed_to: self.usage_closed_to.map(timestamp),
+        })
+    }
+}
+
+/// Usage records: closing periods of running sessions, and reading what was recorded.
+/// Records of ready and end are written by those steps themselves
+/// (`EventOutbox::record_ready`, `SessionStore::end`, `NodeMembership::end_dead_nodes`).
+pub trait UsageLedger: Send + Sync + 'static {
+    /// Closes the usage periods (`period` long, counted from the epoch) that ended at or
+    /// before `now` of up to `limit` started sessions that `node` runs: each gets its
+    /// period records up to the last boundary, once (closing again writes nothing).
+    /// Returns how many sessions it closed periods of.
+    fn close_usage<'a>(
+        &'a self,
+        node: &'a str,
+        now: Timestamp,
+        period: Duration,
+        limit: u32,
+    ) -> BoxFuture<'a, Result<u32, StoreError>>;
+
+    /// The latest usage records of `tenant` (`None`: every tenant's) with billable time
+    /// inside `[from, to)`.
+    fn usage_records(
+        &self,
+        tenant: Option<String>,
+        from: Timestamp,
+        to: Timestamp,
+    ) -> BoxFuture<'_, Result<Vec<UsageRecord>, StoreError>>;
+
+    /// Every usage record of `session`, superseded ones too, in the order written.
+    fn session_usage(
+        &self,
+        session: SessionId,
+    ) -> BoxFuture<'_, Result<Vec<UsageRecord>, StoreError>>;
+
+    /// The usage state of up to `limit` sessions whose life overlaps `[from, to)` (started
+    /// before `to`, not ended before `from`), by id, after `after`.
+    fn usage_states(
+        &self,
+        from: Timestamp,
+        to: Timestamp,
+        after: Option<SessionId>,
+        limit: u32,
+    ) -> BoxFuture<'_, Result<Vec<UsageState>, StoreError>>;
+}
