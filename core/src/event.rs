@@ -23,10 +23,18 @@ pub enum EventKind {
     /// Every resource it held is given back: its GPU capacity is free again (written with
     /// the last release, or with the end of a session that held nothing).
     Released,
+    /// A usage record of the session was written (with its cause: a closed usage period,
+    /// the end, or a correction): the record's place among the session's usage records,
+    /// from 1. Its own type, for billing systems; not one of [`EventKind::ALL`].
+    UsageRecorded(u32),
 }
 
+/// Usage events are numbered after the session's own: sequence `USAGE_SEQUENCE_BASE + n`
+/// is its `n`-th usage record.
+pub const USAGE_SEQUENCE_BASE: u32 = 100;
+
 impl EventKind {
-    /// Every kind, in sequence order.
+    /// Every kind of the session's own lifecycle, in sequence order.
     pub const ALL: [EventKind; 4] = [
         EventKind::Started,
         EventKind::Ready,
@@ -41,10 +49,11 @@ impl EventKind {
             EventKind::Ready => "session.ready",
             EventKind::Ended => "session.ended",
             EventKind::Released => "session.released",
+            EventKind::UsageRecorded(_) => "usage.recorded",
         }
     }
 
-    /// The kind whose wire type is `text`.
+    /// The lifecycle kind whose wire type is `text` (one of [`EventKind::ALL`]).
     pub fn from_name(text: &str) -> Option<EventKind> {
         EventKind::ALL.into_iter().find(|k| k.as_str() == text)
     }
@@ -57,11 +66,15 @@ impl EventKind {
             EventKind::Ready => 2,
             EventKind::Ended => 3,
             EventKind::Released => 4,
+            EventKind::UsageRecorded(n) => USAGE_SEQUENCE_BASE.saturating_add(n),
         }
     }
 
     /// The kind with sequence number `sequence`.
     pub fn from_sequence(sequence: u32) -> Option<EventKind> {
+        if sequence > USAGE_SEQUENCE_BASE {
+            return Some(EventKind::UsageRecorded(sequence - USAGE_SEQUENCE_BASE));
+        }
         EventKind::ALL
             .into_iter()
             .find(|k| k.sequence() == sequence)
@@ -145,6 +158,9 @@ mod tests {
                 .all(|w| w[0].sequence() < w[1].sequence())
         );
         assert_eq!(EventKind::from_name("session.paused"), None);
+        let usage = EventKind::UsageRecorded(3);
+        assert_eq!(EventKind::from_sequence(usage.sequence()), Some(usage));
+        assert_eq!(EventKind::from_sequence(USAGE_SEQUENCE_BASE), None);
     }
 
     #[test]

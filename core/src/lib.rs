@@ -115,7 +115,7 @@ mod table;
 mod time;
 pub mod usage;
 
-pub use event::{DeliveryPolicy, DeliveryStep, EventKind};
+pub use event::{DeliveryPolicy, DeliveryStep, EventKind, USAGE_SEQUENCE_BASE};
 pub use id::{
     IdText, SESSION_ID_MAX_CHARS, SESSION_ID_MAX_LEN, SESSION_ID_PREFIX, SessionId, SessionIdError,
 };

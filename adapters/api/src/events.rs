@@ -27,6 +27,10 @@ pub enum EventType {
     /// Every resource it held is given back: its GPU capacity is free again.
     #[serde(rename = "session.released")]
     Released,
+    /// A usage record was written (sent only to endpoints that export usage, in the
+    /// shape they chose).
+    #[serde(rename = "usage.recorded")]
+    UsageRecorded,
     /// A type this version does not know, by its wire name. Never sent by this version.
     #[serde(untagged)]
     Other(String),
@@ -35,7 +39,7 @@ pub enum EventType {
 crate::wire::known_names_schema!(
     EventType,
     "The type of a session event.",
-    [Started, Ready, Ended, Released]
+    [Started, Ready, Ended, Released, UsageRecorded]
 );
 
 impl From<EventKind> for EventType {
@@ -45,6 +49,7 @@ impl From<EventKind> for EventType {
             EventKind::Ready => EventType::Ready,
             EventKind::Ended => EventType::Ended,
             EventKind::Released => EventType::Released,
+            EventKind::UsageRecorded(_) => EventType::UsageRecorded,
         }
     }
 }

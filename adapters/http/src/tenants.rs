@@ -11,7 +11,12 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::limits::{RateLimit, RateLimits};
-use crate::outbound::endpoints::{CALLBACK_ENDPOINT, CallbackSettings, WebhookEndpoint};
+use crate::outbound::endpoints::{
+    CALLBACK_ENDPOINT, CallbackSettings, UsageExport, UsageFormat, WebhookEndpoint,
+};
+
+/// The Stripe meter event name of exported usage, unless a tenant names its own.
+pub const DEFAULT_USAGE_EVENT_NAME: &str = "session_milliseconds";
 use crate::outbound::sign::SigningSecret;
 use crate::webhooks::secrets::{DailySecret, LivekitKey};
 use session_lifecycle::EventKind;
@@ -39,6 +44,8 @@ pub struct Tenant {
     pub avatar_ready_timeout: Option<Duration>,
     /// Its request rate limit (`None`: the service's default, if any).
     pub rate_limit: Option<RateLimit>,
+    /// What its exported usage names.
+    pub usage_export: UsageExport,
 }
 
 /// Why a tenants file cannot be used.
@@ -130,6 +137,12 @@ struct BillingEntry {
     meter: Option<String>,
     #[serde(default)]
     rounding: Option<String>,
+    /// Its customer id at the billing system (default: the tenant's name).
+    #[serde(default)]
+    customer: Option<String>,
+    /// The Stripe meter's event name (default `session_milliseconds`).
+    #[serde(default)]
+    event_name: Option<String>,
 }
 
 impl BillingEntry {
@@ -160,9 +173,13 @@ struct WebhookEntry {
     /// Several `whsec_...` secrets; each signs every message (a rotation lists both).
     #[serde(default)]
     secrets: Vec<String>,
-    /// Event types wanted (default: all).
+    /// Session event types wanted (default: all).
     #[serde(default)]
     events: Option<Vec<String>>,
+    /// Export usage to it: `usage.recorded` events as `stripe` meter events or as
+    /// `cloudevents` (default: none).
+    #[serde(default)]
+    usage: Option<String>,
 }
 
 fn secrets(list: &[String]) -> Result<Vec<SigningSecret>, String> {
@@ -204,11 +221,21 @@ fn webhook_endpoints(entries: Vec<WebhookEntry>) -> Result<Vec<WebhookEndpoint>,
                     .collect::<Result<Vec<_>, _>>()?,
             ),
         };
+        let usage = match e.usage.as_deref() {
+            None => None,
+            Some(name) => Some(UsageFormat::from_name(name).ok_or_else(|| {
+                format!(
+                    "webhook {:?}: usage must be \"stripe\" or \"cloudevents\", not {name:?}",
+                    e.name
+                )
+            })?),
+        };
         out.push(WebhookEndpoint {
             name: e.name,
             url: e.url,
             secrets: signing,
             events,
+            usage,
         });
     }
     Ok(out)
@@ -308,6 +335,20 @@ impl Tenants {
             if let Some(billing) = &entry.billing {
                 plan.billing = billing.rule().map_err(|p| invalid(&p))?;
             }
+            let billing = entry.billing.as_ref();
+            let usage_export = UsageExport {
+                customer: billing
+                    .and_then(|b| b.customer.clone())
+                    .unwrap_or_else(|| entry.name.clone()),
+                event_name: billing
+                    .and_then(|b| b.event_name.clone())
+                    .unwrap_or_else(|| DEFAULT_USAGE_EVENT_NAME.to_owned()),
+            };
+            if usage_export.customer.is_empty() || usage_export.event_name.is_empty() {
+                return Err(invalid(
+                    "billing.customer and billing.event_name must not be empty",
+                ));
+            }
             let webhooks = webhook_endpoints(entry.webhooks).map_err(|p| invalid(&p))?;
             let callback = if entry.callback_secrets.is_empty() {
                 if entry.callback_hosts.is_some() {
@@ -341,6 +382,7 @@ impl Tenants {
             };
             tenants.push(Arc::new(Tenant {
                 rate_limit,
+                usage_export,
                 webhooks,
                 callback,
                 avatar_ready_timeout: entry.avatar_ready_timeout_ms.map(Duration::from_millis),
@@ -408,6 +450,10 @@ impl Tenants {
                 callback: None,
                 avatar_ready_timeout: None,
                 rate_limit: None,
+                usage_export: UsageExport {
+                    customer: name.to_owned(),
+                    event_name: DEFAULT_USAGE_EVENT_NAME.to_owned(),
+                },
             })],
             operators: Vec::new(),
             limits: Arc::new(RateLimits::new()),

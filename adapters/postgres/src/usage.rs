@@ -5,8 +5,8 @@
 use std::time::Duration;
 
 use deadpool_postgres::GenericClient;
-use session_lifecycle::{SessionId, Timestamp};
-use session_lifecycle_store::rows::millis as ms;
+use session_lifecycle::{EventKind, SessionId, Timestamp};
+use session_lifecycle_store::rows::{event_sequence, millis as ms};
 use session_lifecycle_store::sql::{postgres as pg, statements};
 use session_lifecycle_store::usage::{
     UsageLedger, UsageRecord, UsageRow, UsageState, UsageStateRow, settle,
@@ -94,6 +94,18 @@ pub(crate) async fn settle_usage(
                 &r.superseded_by,
                 &r.recorded_at,
                 &(record.millis() as i64),
+            ],
+        )
+        .await
+        .map_err(unavailable)?;
+        // Its `usage.recorded` event, in the same transaction.
+        tx.execute(
+            pg(statements::INSERT_EVENT),
+            &[
+                &r.session_id,
+                &r.tenant,
+                &event_sequence(EventKind::UsageRecorded(record.seq)),
+                &r.recorded_at,
             ],
         )
         .await

@@ -3,8 +3,8 @@
 use std::time::Duration;
 
 use rusqlite::{Connection, params};
-use session_lifecycle::{SessionId, Timestamp};
-use session_lifecycle_store::rows::millis as ms;
+use session_lifecycle::{EventKind, SessionId, Timestamp};
+use session_lifecycle_store::rows::{event_sequence, millis as ms};
 use session_lifecycle_store::sql::statements;
 use session_lifecycle_store::usage::{
     UsageLedger, UsageRecord, UsageRow, UsageState, UsageStateRow, settle,
@@ -88,6 +88,17 @@ pub(crate) fn settle_usage(
                     r.superseded_by,
                     r.recorded_at,
                     record.millis() as i64
+                ])
+            })
+            .map_err(db)?;
+        // Its `usage.recorded` event, in the same step.
+        c.prepare_cached(statements::INSERT_EVENT)
+            .and_then(|mut s| {
+                s.execute(params![
+                    r.session_id,
+                    r.tenant,
+                    event_sequence(EventKind::UsageRecorded(record.seq)),
+                    r.recorded_at
                 ])
             })
             .map_err(db)?;

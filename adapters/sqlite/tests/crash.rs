@@ -3,7 +3,12 @@
 //!
 //! Checks: every end acknowledged before a kill is still ended with the same `ended_at`;
 //! every resource ends up released exactly once (the file ledger of `common`, kept
-//! outside the engine); `PRAGMA integrity_check` is `ok`.
+//! outside the engine); `PRAGMA integrity_check` is `ok`. And after every kill, usage: the
+//! `usage.recorded` events in the outbox, taken as a billing receiver takes them
+//! (deduplicated by identifier, a correction replacing what it names), add up for every
+//! session to exactly its billable time by its record (an ended one's interval, a running
+//! one's closed periods): 0 ms lost, 0 ms counted twice. Usage periods are 1 s long here,
+//! and some sessions run for a few of them.
 //!
 //! Cycles: `CRASH_CYCLES` (default 25; CI runs 200). The long run:
 //! `CRASH_CYCLES=2000 cargo test --release -p session-lifecycle-sqlite --test crash`
@@ -43,7 +48,11 @@ async fn open(dir: &std::path::Path) -> (Engine, Arc<FileBackend>, SqliteStore) 
         Arc::new(store.clone()),
         vec![files.clone()],
         Arc::new(SystemClock),
-        EngineConfig::default(),
+        EngineConfig {
+            usage_period: Duration::from_secs(1),
+            node_heartbeat: Duration::from_millis(100),
+            ..EngineConfig::default()
+        },
     )
     .await
     .unwrap();
@@ -62,6 +71,25 @@ async fn crash_child() {
     let _background = engine.spawn_background();
     println!("READY");
     let mut workers = Vec::new();
+    // Sessions that run across usage periods (1 s here) before they end.
+    for lingering in 0..2u64 {
+        let engine = engine.clone();
+        workers.push(tokio::spawn(async move {
+            let mut n = lingering;
+            loop {
+                let Ok(record) = engine.start(request()).await else {
+                    continue;
+                };
+                n += 1;
+                tokio::time::sleep(Duration::from_millis(300 + (n * 677) % 2500)).await;
+                let id = *record.session.id();
+                if let Ok(ended) = engine.end(Some("crash"), id, EndReason::Requested).await {
+                    let at = ended.session.ended_at().unwrap().as_millis();
+                    println!("ACK {id} {at}");
+                }
+            }
+        }));
+    }
     for _ in 0..4 {
         let engine = engine.clone();
         workers.push(tokio::spawn(async move {
@@ -91,6 +119,7 @@ async fn crash_recovery() {
     let dir = tempfile::tempdir().unwrap();
     let exe = std::env::current_exe().unwrap();
     let mut acked: HashMap<SessionId, u64> = HashMap::new();
+    let mut receiver = UsageReceiver::default();
     let mut seed = 0x9E37_79B9_7F4A_7C15u64 ^ u64::from(std::process::id());
     for cycle in 0..cycles {
         let mut child = Command::new(&exe)
@@ -140,7 +169,12 @@ async fn crash_recovery() {
                 acked.insert(SessionId::parse(id).unwrap(), at.parse().unwrap());
             }
         }
+        receiver.check_after_crash(dir.path(), cycle).await;
     }
+    assert!(
+        receiver.closed_periods > 0,
+        "no usage period was closed in the run"
+    );
 
     // Restart once more, in this process, and let it settle.
     let (engine, files, store) = open(dir.path()).await;
@@ -218,9 +252,97 @@ async fn crash_recovery() {
     common::assert_released_once_after_crashes(&files);
     assert_eq!(store.integrity_check().await.unwrap(), "ok");
     println!(
-        "{cycles} kill -9 cycles: {} sessions, {} acknowledged ends kept, {} resources released once",
+        "{cycles} kill -9 cycles: {} sessions, {} acknowledged ends kept, {} resources released once, \
+         {} usage events taken ({} closed periods), 0 ms lost or counted twice",
         all.len(),
         acked.len(),
-        files.released().len()
+        files.released().len(),
+        receiver.received.len(),
+        receiver.closed_periods
     );
+}
+
+/// A billing system's view of the exported usage: every `usage.recorded` event of the
+/// outbox taken once by its record's identifier, a correction replacing what it names.
+#[derive(Default)]
+struct UsageReceiver {
+    /// Identifier -> (session, billable ms, identifier it corrects).
+    received: HashMap<String, (SessionId, u64, Option<String>)>,
+    /// The events taken so far, by session and sequence.
+    seen: std::collections::HashSet<(SessionId, u32)>,
+    closed_periods: u64,
+}
+
+impl UsageReceiver {
+    async fn check_after_crash(&mut self, dir: &std::path::Path, cycle: u32) {
+        use session_lifecycle::EventKind;
+        use session_lifecycle::usage::Interval;
+        use session_lifecycle_runtime::EventOutbox;
+        use session_lifecycle_runtime::usage::UsageLedger;
+
+        let store = SqliteStore::open(dir.join("engine.db")).unwrap();
+        // Nothing delivers in this run: every event ever written is still in the outbox.
+        let events = store.undispatched_events(u32::MAX).await.unwrap();
+        let mut records_of = HashMap::new();
+        for event in &events {
+            let EventKind::UsageRecorded(seq) = event.kind else {
+                continue;
+            };
+            if !self.seen.insert((event.session, seq)) {
+                continue;
+            }
+            if !records_of.contains_key(&event.session) {
+                let records = store.session_usage(event.session).await.unwrap();
+                records_of.insert(event.session, records);
+            }
+            let record = records_of[&event.session]
+                .iter()
+                .find(|r| r.seq == seq)
+                .unwrap_or_else(|| panic!("cycle {cycle}: an event without its record"));
+            let first = self
+                .received
+                .insert(
+                    record.id.clone(),
+                    (event.session, record.millis(), record.corrects.clone()),
+                )
+                .is_none();
+            assert!(first, "cycle {cycle}: two events of one record");
+            if record.span.1.is_some() && record.revision == 1 {
+                self.closed_periods += 1;
+            }
+        }
+        let states = store
+            .usage_states(
+                session_lifecycle::Timestamp::from_millis(0),
+                session_lifecycle::Timestamp::from_millis(u64::MAX / 2),
+                None,
+                u32::MAX,
+            )
+            .await
+            .unwrap();
+        let corrected: std::collections::HashSet<&String> = self
+            .received
+            .values()
+            .filter_map(|(_, _, c)| c.as_ref())
+            .collect();
+        let mut counted: HashMap<SessionId, u64> = HashMap::new();
+        for (id, (session, ms, _)) in &self.received {
+            if !corrected.contains(id) {
+                *counted.entry(*session).or_default() += ms;
+            }
+        }
+        for state in states {
+            // What its record says it owes: an ended session's billable interval, a
+            // running one's billable part up to its last closed period.
+            let owed = state
+                .target(state.closed_to)
+                .map_or(0, |i: Interval| i.millis());
+            let got = counted.get(&state.session).copied().unwrap_or(0);
+            assert_eq!(
+                got, owed,
+                "cycle {cycle}: session {} exported {got} ms for {owed} ms billable",
+                state.session
+            );
+        }
+    }
 }

@@ -6,8 +6,11 @@
 //! after the event (a `started` event never shows the end that came later), so every
 //! delivery of one event, retries included, carries the same bytes.
 
-use session_lifecycle::{EventKind, ReleaseState};
+use session_lifecycle::{EventKind, ReleaseState, Timestamp};
+use session_lifecycle_runtime::usage::UsageRecord;
 use session_lifecycle_runtime::{Delivery, DeliveryStatus, SessionEvent, SessionRecord};
+
+use crate::outbound::endpoints::{UsageExport, UsageFormat};
 
 pub use session_lifecycle_api::events::*;
 
@@ -94,5 +97,67 @@ pub fn delivery_status_view(s: DeliveryStatus) -> DeliveryStatusView {
         DeliveryStatus::Pending => DeliveryStatusView::Pending,
         DeliveryStatus::Delivered => DeliveryStatusView::Delivered,
         DeliveryStatus::Failed => DeliveryStatusView::Failed,
+    }
+}
+
+/// The body of a `usage.recorded` event of `record` in `format`, and its content type.
+/// A record's bytes never change, so every delivery and retry of it is the same. Values
+/// are billable milliseconds. A correction carries the value the span now has (not a
+/// difference) and `corrects`, the identifier it replaces: a receiver drops the replaced
+/// one (for Stripe: a meter event adjustment that cancels it) and counts this one.
+pub fn usage_body(
+    record: &UsageRecord,
+    format: UsageFormat,
+    tenant: &str,
+    export: &UsageExport,
+) -> (&'static str, Vec<u8>) {
+    let at = |t: Timestamp| t.to_string();
+    let (from, to) = record
+        .billable
+        .map_or((None, None), |b| (Some(at(b.from())), Some(at(b.to()))));
+    match format {
+        UsageFormat::Stripe => {
+            let mut payload = serde_json::json!({
+                "stripe_customer_id": export.customer,
+                "value": record.millis().to_string(),
+            });
+            if let Some(corrects) = &record.corrects {
+                payload["corrects"] = serde_json::Value::String(corrects.clone());
+            }
+            let body = serde_json::json!({
+                "event_name": export.event_name,
+                "identifier": record.id,
+                "timestamp": record.recorded_at.as_secs(),
+                "payload": payload,
+            });
+            ("application/json", body.to_string().into_bytes())
+        }
+        UsageFormat::CloudEvents => {
+            let body = serde_json::json!({
+                "specversion": "1.0",
+                "id": record.id,
+                "source": format!("/session-lifecycle/tenants/{tenant}"),
+                "type": "usage.recorded",
+                "subject": record.session.to_string(),
+                "time": at(record.recorded_at),
+                "datacontenttype": "application/json",
+                "data": {
+                    "session_id": record.session.to_string(),
+                    "tenant": tenant,
+                    "customer": export.customer,
+                    "billable_ms": record.millis(),
+                    "span_start": at(record.span.0),
+                    "span_end": record.span.1.map(at),
+                    "billable_from": from,
+                    "billable_to": to,
+                    "revision": record.revision,
+                    "corrects": record.corrects,
+                },
+            });
+            (
+                "application/cloudevents+json",
+                body.to_string().into_bytes(),
+            )
+        }
     }
 }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
-use session_lifecycle::DeliveryPolicy;
+use session_lifecycle::{DeliveryPolicy, EventKind};
 use session_lifecycle_runtime::{Dispatch, Engine, Fanout, SessionEvent, StoreError};
 use tokio::sync::Notify;
 
@@ -262,7 +262,9 @@ impl Outbound {
             .filter(|e| e.wants(event.kind))
             .map(|e| fanout(&e.name, &e.url))
             .collect();
-        if let (Some(url), Some(_)) = (&event.callback_url, &tenant.callback) {
+        // A session's own callback hears of its lifecycle; usage goes to billing endpoints.
+        let lifecycle = !matches!(event.kind, EventKind::UsageRecorded(_));
+        if let (Some(url), Some(_), true) = (&event.callback_url, &tenant.callback, lifecycle) {
             to.push(fanout(CALLBACK_ENDPOINT, url));
         }
         to

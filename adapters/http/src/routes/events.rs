@@ -206,9 +206,13 @@ impl Stream {
     }
 }
 
-/// The SSE message of `event`; `Ok(None)` if its session is gone, `Err` if it cannot be
-/// read now (logged).
+/// The SSE message of `event`; `Ok(None)` if its session is gone or it is a usage event
+/// (those go to the endpoints that export usage, not to the lifecycle stream), `Err` if it
+/// cannot be read now (logged).
 async fn message(state: &AppState, event: &SessionEvent) -> Result<Option<Event>, ()> {
+    if matches!(event.kind, session_lifecycle::EventKind::UsageRecorded(_)) {
+        return Ok(None);
+    }
     let record = match state.engine.store().get(event.session).await {
         Ok(Some(record)) => record,
         Ok(None) => return Ok(None),

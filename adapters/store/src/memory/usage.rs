@@ -44,6 +44,16 @@ impl State {
                 r.superseded_by = Some(by);
             }
         }
+        for r in &settled.records {
+            self.outbox.event(
+                id,
+                &r.tenant,
+                session_lifecycle::EventKind::UsageRecorded(r.seq),
+                r.recorded_at,
+                None,
+            );
+        }
+        let records = self.usage.entry(id).or_default();
         records.extend(settled.records);
         if let (Some(to), Some(s)) = (settled.closed_to, self.sessions.get_mut(&id)) {
             s.usage_closed_to = Some(to);

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use session_lifecycle::{DeliveryStep, Timestamp};
+use session_lifecycle::{DeliveryStep, EventKind, Timestamp};
 use session_lifecycle_runtime::{
     Delivery, DeliveryAttempt, DeliveryNext, SessionEvent, StoreError,
 };
@@ -223,49 +223,61 @@ impl Outbound {
             .tenants
             .by_name(&delivery.tenant)
             .ok_or("the tenant is no longer configured")?;
-        let (url, secrets) = if delivery.endpoint == CALLBACK_ENDPOINT {
+        let (url, secrets, usage) = if delivery.endpoint == CALLBACK_ENDPOINT {
             let callback = tenant
                 .callback
                 .as_ref()
                 .ok_or("the tenant no longer signs callbacks")?;
-            (delivery.url.as_str(), &callback.secrets)
+            (delivery.url.as_str(), &callback.secrets, None)
         } else {
             let endpoint = tenant
                 .webhooks
                 .iter()
                 .find(|e| e.name == delivery.endpoint)
                 .ok_or("the endpoint is no longer configured")?;
-            (endpoint.url.as_str(), &endpoint.secrets)
+            (endpoint.url.as_str(), &endpoint.secrets, endpoint.usage)
         };
         let url = self
             .config
             .addresses
             .check_url(url)
             .map_err(|e| e.to_string())?;
-        let record = self
-            .engine
-            .store()
-            .get(delivery.session)
-            .await
-            .map_err(|e| e.to_string())?
-            .ok_or("the session is gone")?;
-        let event = SessionEvent {
-            position: None,
-            session: delivery.session,
-            tenant: delivery.tenant.clone(),
-            kind: delivery.kind,
-            at: delivery.event_at,
-            callback_url: None,
+        let store = self.engine.store();
+        let (content_type, body) = if let EventKind::UsageRecorded(seq) = delivery.kind {
+            let format = usage.ok_or("the endpoint no longer exports usage")?;
+            let record = store
+                .session_usage(delivery.session)
+                .await
+                .map_err(|e| e.to_string())?
+                .into_iter()
+                .find(|r| r.seq == seq)
+                .ok_or("the usage record is gone")?;
+            payload::usage_body(&record, format, &tenant.name, &tenant.usage_export)
+        } else {
+            let record = store
+                .get(delivery.session)
+                .await
+                .map_err(|e| e.to_string())?
+                .ok_or("the session is gone")?;
+            let event = SessionEvent {
+                position: None,
+                session: delivery.session,
+                tenant: delivery.tenant.clone(),
+                kind: delivery.kind,
+                at: delivery.event_at,
+                callback_url: None,
+            };
+            let kind_name = |k| self.engine.kind_name(k);
+            let body = payload::envelope(&event, &record, &kind_name).to_bytes();
+            ("application/json", body)
         };
-        let kind_name = |k| self.engine.kind_name(k);
-        let body = payload::envelope(&event, &record, &kind_name).to_bytes();
         let id = message_id(&delivery.session, delivery.kind);
         let timestamp = unix_secs(self.engine.now());
         let response = self
             .delivering
             .client
             .post(url)
-            .header("content-type", "application/json")
+            .header("content-type", content_type)
             .header("webhook-id", &id)
             .header("webhook-timestamp", timestamp.to_string())
             .header(
