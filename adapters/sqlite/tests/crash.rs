@@ -291,9 +291,8 @@ impl UsageReceiver {
             if !self.seen.insert((event.session, seq)) {
                 continue;
             }
-            if !records_of.contains_key(&event.session) {
-                let records = store.session_usage(event.session).await.unwrap();
-                records_of.insert(event.session, records);
+            if let std::collections::hash_map::Entry::Vacant(e) = records_of.entry(event.session) {
+                e.insert(store.session_usage(event.session).await.unwrap());
             }
             let record = records_of[&event.session]
                 .iter()
