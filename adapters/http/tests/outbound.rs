@@ -1070,3 +1070,197 @@ async fn readiness_is_recorded_and_a_server_never_ready_ends_start_failed() {
     );
     cluster.finish().await;
 }
+
+/// Usage export from two instances on PostgreSQL to a receiver that fails for its first
+/// seconds: every usage record's `usage.recorded` event arrives at each endpoint that
+/// exports usage (CloudEvents and Stripe shapes), verified with the Standard Webhooks
+/// library, accepted once per identifier; taken as a billing system takes them (by
+/// identifier, corrections replacing what they name) they add up, session by session, to
+/// what `GET /v1/usage` answers; another tenant's endpoint hears of none of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_events_from_two_instances_arrive_once_each_through_a_failing_receiver() {
+    let Some(mut cluster) = Cluster::new(&[
+        "--webhook-allow-loopback",
+        "--webhook-backoff-ms",
+        "200",
+        "--usage-period-secs",
+        "1",
+    ])
+    .await
+    else {
+        eprintln!("skipped: SESSION_LIFECYCLE_PG_URL is not set");
+        return;
+    };
+    let fail_until = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+        + 6.0;
+    let Some(receiver) = Receiver::start(
+        cluster.dir.path(),
+        "r",
+        &[OLD_SECRET],
+        &format!("fail-until:{fail_until}"),
+    ) else {
+        return;
+    };
+    let hash = |k: &str| session_lifecycle_http::tenants::hash_key(k);
+    let text = format!(
+        "[[tenants]]\nname = \"acme\"\napi_key_sha256 = \"{}\"\nmax_concurrent_sessions = 1000\nmax_session_secs = 3600\n\
+         billing = {{ meter = \"started\", customer = \"cus_acme\" }}\n\
+         [[tenants.webhooks]]\nname = \"ce\"\nurl = \"{}\"\nsecret = \"{OLD_SECRET}\"\nevents = []\nusage = \"cloudevents\"\n\
+         [[tenants.webhooks]]\nname = \"stripe\"\nurl = \"{}\"\nsecret = \"{OLD_SECRET}\"\nevents = []\nusage = \"stripe\"\n\n\
+         [[tenants]]\nname = \"globex\"\napi_key_sha256 = \"{}\"\nmax_concurrent_sessions = 1000\nmax_session_secs = 3600\n\
+         [[tenants.webhooks]]\nname = \"g\"\nurl = \"{}\"\nsecret = \"{OLD_SECRET}\"\nusage = \"cloudevents\"\n",
+        hash(ACME),
+        receiver.url("/ce"),
+        receiver.url("/stripe"),
+        hash(GLOBEX),
+        receiver.url("/g"),
+    );
+    let path = cluster.dir.path().join("tenants.toml");
+    std::fs::write(&path, text).unwrap();
+    cluster.auth = vec!["--tenants".to_owned(), path.to_str().unwrap().to_owned()];
+    let nodes = [cluster.start_bare("a"), cluster.start_bare("b")];
+    let mut ids = Vec::new();
+    for i in 0..24 {
+        ids.push(create(&nodes[i % 2], ACME, json!({})).await);
+    }
+    // Several usage periods (1 s) close on their nodes while they run.
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    for (i, id) in ids.iter().enumerate() {
+        end(&nodes[(i + 1) % 2], ACME, id).await;
+        if i % 6 == 0 {
+            tokio::time::sleep(Duration::from_millis(700)).await;
+        }
+    }
+    // What the store recorded, read from PostgreSQL itself.
+    let db = session_lifecycle_postgres::testing::connect(cluster.db_url()).await;
+    let recorded: BTreeSet<String> = db
+        .query("SELECT id FROM usage_records WHERE tenant = 'acme'", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(
+        recorded.len() > ids.len(),
+        "periods were closed: {recorded:?}"
+    );
+    let identifier = |r: &Value, path: &str| -> String {
+        let body = &r["body"];
+        if path == "/ce" {
+            &body["id"]
+        } else {
+            &body["identifier"]
+        }
+        .as_str()
+        .unwrap()
+        .to_owned()
+    };
+    receiver
+        .wait_for(Duration::from_secs(90), |got| {
+            ["/ce", "/stripe"].iter().all(|path| {
+                let seen: BTreeSet<String> = accepted(got)
+                    .into_iter()
+                    .filter(|r| r["path"] == *path)
+                    .map(|r| identifier(r, path))
+                    .collect();
+                seen == recorded
+            })
+        })
+        .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let got = receiver.received();
+    assert!(
+        got.iter().any(|r| r["answered"] == 500),
+        "the receiver failed at first"
+    );
+    let (_, usage) = call(
+        &nodes[0],
+        ACME,
+        Method::GET,
+        "/v1/usage?from=2020-01-01T00:00:00Z&to=2020-12-31T00:00:00Z&group_by=session",
+        None,
+    )
+    .await;
+    assert_eq!(usage["billable_ms"], 0, "a range before them all is empty");
+    let now = session_lifecycle::Timestamp::from_millis(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64
+            + 3_600_000,
+    );
+    let (status, usage) = call(
+        &nodes[1],
+        ACME,
+        Method::GET,
+        &format!("/v1/usage?from=2026-01-01T00:00:00Z&to={now}&group_by=session"),
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{usage}");
+    let want: BTreeMap<String, u64> = usage["groups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| {
+            (
+                g["session_id"].as_str().unwrap().to_owned(),
+                g["billable_ms"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(want.len(), ids.len(), "every session was billed");
+    for path in ["/ce", "/stripe"] {
+        // Each accepted once, verified; as a billing system takes them.
+        let mut by_id: BTreeMap<String, (String, u64, Option<String>)> = BTreeMap::new();
+        for r in accepted(&got).into_iter().filter(|r| r["path"] == path) {
+            assert_eq!(r["verified"], true, "{r}");
+            let id = identifier(r, path);
+            let body = &r["body"];
+            let (session, ms, corrects) = if path == "/ce" {
+                assert_eq!(body["specversion"], "1.0");
+                assert_eq!(body["type"], "usage.recorded");
+                assert_eq!(body["source"], "/session-lifecycle/tenants/acme");
+                (
+                    body["data"]["session_id"].as_str().unwrap().to_owned(),
+                    body["data"]["billable_ms"].as_u64().unwrap(),
+                    body["data"]["corrects"].as_str().map(str::to_owned),
+                )
+            } else {
+                assert_eq!(body["event_name"], "session_milliseconds");
+                assert_eq!(body["payload"]["stripe_customer_id"], "cus_acme");
+                let session = id.split(':').nth(1).unwrap().to_owned();
+                (
+                    session,
+                    body["payload"]["value"].as_str().unwrap().parse().unwrap(),
+                    body["payload"]["corrects"].as_str().map(str::to_owned),
+                )
+            };
+            assert!(
+                by_id.insert(id.clone(), (session, ms, corrects)).is_none(),
+                "{path}: {id} accepted twice"
+            );
+        }
+        let replaced: BTreeSet<String> = by_id.values().filter_map(|v| v.2.clone()).collect();
+        let mut sums: BTreeMap<String, u64> = BTreeMap::new();
+        for (id, (session, ms, _)) in &by_id {
+            if !replaced.contains(id) {
+                *sums.entry(session.clone()).or_default() += ms;
+            }
+        }
+        sums.retain(|_, ms| *ms > 0);
+        assert_eq!(
+            sums, want,
+            "{path}: exported usage adds up to GET /v1/usage"
+        );
+    }
+    assert!(
+        got.iter().all(|r| r["path"] != "/g"),
+        "another tenant's endpoint heard of acme's usage"
+    );
+    drop(nodes);
+    cluster.finish().await;
+}
