@@ -65,6 +65,8 @@ struct Inner {
     /// Sessions ended here, for [`PresenceStore::watch_ends`] (one process: an in-process
     /// broadcast).
     ended: tokio::sync::broadcast::Sender<SessionId>,
+    /// Whether usage records are written (see [`SqliteStore::set_usage_records`]).
+    usage: std::sync::atomic::AtomicBool,
 }
 
 impl SqliteStore {
@@ -75,8 +77,22 @@ impl SqliteStore {
                 conns: Connections::open(path.as_ref())?,
                 releases_due: tokio::sync::broadcast::channel(1024).0,
                 ended: tokio::sync::broadcast::channel(1024).0,
+                usage: std::sync::atomic::AtomicBool::new(true),
             }),
         })
+    }
+
+    /// Turns the writing of usage records (and their `usage.recorded` events) on (the
+    /// default) or off, for a deployment that does not bill, and to measure what
+    /// recording costs. Sessions ended while it is off have no usage records.
+    pub fn set_usage_records(&self, on: bool) {
+        self.inner
+            .usage
+            .store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn usage_on(&self) -> bool {
+        self.inner.usage.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The file this store lives in.
@@ -185,8 +201,10 @@ fn mark_resources_due(c: &Connection, id: &str) -> Result<(), StoreError> {
 
 /// Session `id` just ended at `now`: its `ended` event, and `released` if it holds nothing
 /// to release.
-fn ended_events(c: &Connection, id: &str, now: Timestamp) -> Result<(), StoreError> {
-    usage::settle_usage(c, id, None, now)?;
+fn ended_events(c: &Connection, id: &str, now: Timestamp, usage: bool) -> Result<(), StoreError> {
+    if usage {
+        usage::settle_usage(c, id, None, now)?;
+    }
     c.prepare_cached(statements::EVENT_ENDED)
         .and_then(|mut s| s.execute(params![id, event_sequence(EventKind::Ended)]))
         .map_err(db)?;
@@ -311,6 +329,7 @@ impl SessionStore for SqliteStore {
     ) -> BoxFuture<'a, Result<Option<(SessionRecord, Transition)>, StoreError>> {
         let tenant = tenant.map(str::to_owned);
         let claimed = claim.clone();
+        let usage = self.usage_on();
         Box::pin(async move {
             let ended = self
                 .inner
@@ -347,7 +366,7 @@ impl SessionStore for SqliteStore {
                         .map_err(db)?;
                     let transition = if n == 1 {
                         mark_resources_due(c, &id_text)?;
-                        ended_events(c, &id_text, now)?;
+                        ended_events(c, &id_text, now, usage)?;
                         Transition::Committed
                     } else {
                         Transition::AlreadyEnded

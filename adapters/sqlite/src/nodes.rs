@@ -96,6 +96,7 @@ impl NodeMembership for SqliteStore {
     ) -> BoxFuture<'_, Result<Vec<SessionId>, StoreError>> {
         let except = except.to_owned();
         let timeout_ms = duration_ms(node_timeout);
+        let usage = self.usage_on();
         Box::pin(async move {
             let ended = self.inner.conns.write(move |c| {
             let dead: Vec<String> = c
@@ -130,7 +131,7 @@ impl NodeMembership for SqliteStore {
                     .map_err(db)?;
                 for id in &ids {
                     mark_resources_due(c, id)?;
-                    ended_events(c, id, now)?;
+                    ended_events(c, id, now, usage)?;
                     ended.push(parse_id(id)?);
                 }
                 c.prepare_cached(statements::MARK_LOST)

@@ -87,6 +87,7 @@ impl EventOutbox for SqliteStore {
         session: SessionId,
         at: Timestamp,
     ) -> BoxFuture<'_, Result<bool, StoreError>> {
+        let usage = self.usage_on();
         Box::pin(self.inner.conns.write(move |c| {
             let id = session.to_string();
             let n = c
@@ -97,7 +98,9 @@ impl EventOutbox for SqliteStore {
                 c.prepare_cached(statements::EVENT_READY)
                     .and_then(|mut s| s.execute(params![id, event_sequence(EventKind::Ready)]))
                     .map_err(db)?;
-                crate::usage::settle_usage(c, &id, None, at)?;
+                if usage {
+                    crate::usage::settle_usage(c, &id, None, at)?;
+                }
             }
             Ok(n == 1)
         }))

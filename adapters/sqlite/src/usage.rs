@@ -125,7 +125,11 @@ impl UsageLedger for SqliteStore {
         limit: u32,
     ) -> BoxFuture<'a, Result<u32, StoreError>> {
         let node = node.to_owned();
+        let usage = self.usage_on();
         Box::pin(self.inner.conns.write(move |c| {
+            if !usage {
+                return Ok(0);
+            }
             let period_ms = (period.as_millis() as u64).max(1);
             let boundary = Timestamp::from_millis(now.as_millis() / period_ms * period_ms);
             let ids: Vec<String> = c

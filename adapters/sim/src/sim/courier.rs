@@ -233,7 +233,9 @@ impl Sim {
                 left.join(", ")
             ));
         }
-        // Each session's events, in stream order, against the order of first arrival.
+        // Each session's events in their order, against the order of first arrival: its
+        // lifecycle events in sequence, and its usage records as written (the two
+        // interleave: a running session's usage goes before its end exists).
         let mut by_session: BTreeMap<SessionId, Vec<EventKind>> = BTreeMap::new();
         for e in &stored {
             let key = (e.session, e.kind);
@@ -254,6 +256,10 @@ impl Sim {
             }
             by_session.entry(e.session).or_default().push(e.kind);
         }
+        let usage = |k: &EventKind| matches!(k, EventKind::UsageRecorded(_));
+        let split = |kinds: &[EventKind]| -> (Vec<EventKind>, Vec<EventKind>) {
+            kinds.iter().copied().partition(|k| !usage(k))
+        };
         let mut first_seen: BTreeMap<SessionId, Vec<EventKind>> = BTreeMap::new();
         let mut seen = BTreeSet::new();
         for key in &self.receiver.arrivals {
@@ -262,7 +268,8 @@ impl Sim {
             }
         }
         for (id, order) in &by_session {
-            if first_seen.get(id) != Some(order) {
+            let seen_order = first_seen.get(id).map(|kinds| split(kinds));
+            if seen_order != Some(split(order)) {
                 broken.push(format!(
                     "{}: events stored as {order:?}, first received as {:?}",
                     shared.label(id),

@@ -180,6 +180,8 @@ fn engine_config(node: &str) -> EngineConfig {
         release_lease: Duration::from_secs(30),
         websocket_grace: Duration::from_secs(5),
         outage_settle: Duration::from_secs(10),
+        // Short, so that sessions run across several periods within a run.
+        usage_period: Duration::from_secs(20),
         ..EngineConfig::default()
     }
 }

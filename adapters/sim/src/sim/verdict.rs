@@ -3,7 +3,8 @@
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::time::Duration;
 
-use session_lifecycle::{EndReason, Status};
+use session_lifecycle::{EndReason, Status, Timestamp};
+use session_lifecycle_runtime::usage::reconcile_session;
 use session_lifecycle_runtime::{ListQuery, RoomEvent, RoomEventKind, SessionRecord, lock};
 use tokio::task::JoinHandle;
 
@@ -54,9 +55,49 @@ impl Sim {
         shared.obs.violations.extend(missing);
         let ledger_broken = std::mem::take(&mut lock(&self.world.ledger).violations);
         shared.obs.violations.extend(ledger_broken);
+        drop(shared);
+        // Usage is written with its cause, so whatever crashed, every session's latest
+        // usage records agree with its record: reconciliation finds nothing, every step.
+        let usage = self.usage_differences().await;
+        let mut shared = lock(&self.shared);
+        shared.obs.violations.extend(usage);
         shared.obs.last_check = now;
         let digest = digest.finish();
         shared.log(format!("check {} sessions {digest:016x}", records.len()));
+    }
+
+    /// Every session whose recorded usage disagrees with its record, in words.
+    async fn usage_differences(&self) -> Vec<String> {
+        let (from, to) = (
+            Timestamp::from_millis(0),
+            Timestamp::from_millis(u64::MAX / 2),
+        );
+        let mut found = Vec::new();
+        let mut after = None;
+        loop {
+            let states = self
+                .raw
+                .usage_states(from, to, after, 500)
+                .await
+                .expect("the store without faults answers");
+            for state in &states {
+                let records = self
+                    .raw
+                    .session_usage(state.session)
+                    .await
+                    .expect("the store without faults answers");
+                if let Some(d) = reconcile_session(state, &records, from, to) {
+                    found.push(format!(
+                        "{}: usage {} ms recorded for {} ms billable: {}",
+                        d.session, d.recorded_ms, d.expected_ms, d.problem
+                    ));
+                }
+            }
+            match states.last() {
+                Some(last) if states.len() == 500 => after = Some(last.session),
+                _ => return found,
+            }
+        }
     }
 
     pub(super) async fn all_records(&self) -> Vec<SessionRecord> {
