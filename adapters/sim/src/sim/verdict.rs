@@ -20,6 +20,9 @@ impl Sim {
     /// backends' ledger.
     pub(super) async fn check(&mut self) {
         let records = self.all_records().await;
+        // Usage is written with its cause, so whatever crashed, every session's latest
+        // usage records agree with its record: reconciliation finds nothing, every step.
+        let usage = self.usage_differences().await;
         let now = self.now();
         let mut shared = lock(&self.shared);
         let mut digest = DefaultHasher::new();
@@ -55,11 +58,6 @@ impl Sim {
         shared.obs.violations.extend(missing);
         let ledger_broken = std::mem::take(&mut lock(&self.world.ledger).violations);
         shared.obs.violations.extend(ledger_broken);
-        drop(shared);
-        // Usage is written with its cause, so whatever crashed, every session's latest
-        // usage records agree with its record: reconciliation finds nothing, every step.
-        let usage = self.usage_differences().await;
-        let mut shared = lock(&self.shared);
         shared.obs.violations.extend(usage);
         shared.obs.last_check = now;
         let digest = digest.finish();
