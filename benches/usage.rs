@@ -57,20 +57,21 @@ fn fill(path: &std::path::Path, n: u64) {
             .prepare(
                 "INSERT INTO usage_records (id, session_id, tenant, seq, span_from, span_to,
                         from_ms, to_ms, millis, revision, corrects, superseded_by, recorded_at)
-                 VALUES (?1, ?2, 'bench', 1, ?3, NULL, ?3, ?4, ?5, 1, NULL, NULL, ?4)",
+                 VALUES (?1, ?2, 'bench', 1, ?3, ?4, ?3, ?4, ?5, 1, NULL, NULL, ?4)",
             )
             .unwrap();
         let spacing = 29 * 86_400_000 / n;
         for i in 0..n {
             let start = MONTH + i * spacing;
-            let length = 60_000 + (i * 7919) % 1_800_000;
+            // As the store writes them: no record across an hour boundary.
+            let length = (60_000 + (i * 7919) % 1_800_000).min(3_600_000 - start % 3_600_000);
             let id = SessionId::from_ulid_parts(Timestamp::from_millis(start), u128::from(i) + 1)
                 .to_string();
             let (s, e) = (start as i64, (start + length) as i64);
             session.execute(rusqlite::params![id, s, e]).unwrap();
             record
                 .execute(rusqlite::params![
-                    format!("usage:{id}:final"),
+                    format!("usage:{id}:{start}"),
                     id,
                     s,
                     e,

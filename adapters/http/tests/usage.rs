@@ -76,7 +76,7 @@ fn rule_of(tenant: &str) -> (bool, bool) {
     }
 }
 
-fn plan(rng: &mut Rng) -> (Vec<Planned>, Vec<LostNode>) {
+fn plan(rng: &mut Rng, count: usize) -> (Vec<Planned>, Vec<LostNode>) {
     let lost: Vec<LostNode> = (0..LOST_NODES)
         .map(|_| {
             let last_heartbeat = 1_800_000 + rng.below(HORIZON_MS - 2_400_000);
@@ -93,7 +93,7 @@ fn plan(rng: &mut Rng) -> (Vec<Planned>, Vec<LostNode>) {
         .filter(|r| *r != EndReason::NodeLost)
         .collect();
     let mut sessions = Vec::new();
-    for i in 0..SESSIONS {
+    for i in 0..count {
         let tenant = if rng.chance(50) { "alpha" } else { "beta" };
         let on_lost = rng.chance(8);
         let (node, start, end) = if on_lost {
@@ -359,7 +359,7 @@ async fn usage_totals_equal_the_reference(store: Arc<dyn Store>, last_seen_known
         .and_then(|s| s.parse().ok())
         .unwrap_or(7);
     let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
-    let (sessions, lost) = plan(&mut rng);
+    let (sessions, lost) = plan(&mut rng, SESSIONS);
     let service = serve(store).await;
     let closed_to = record(&service.store, &sessions, &lost).await;
 
@@ -595,4 +595,83 @@ async fn usage_refuses_bad_ranges_with_a_clear_code() {
     }
     let (got, _) = usage(&service.base, "wrong-key", "from=x&to=y").await;
     assert_eq!(got, StatusCode::UNAUTHORIZED);
+}
+
+/// `sessiond usage reconcile` finds nothing on a healthy store, and names every session
+/// whose records were changed behind the store's back (exit status 1); bad input is exit
+/// status 2 with the reason.
+#[cfg(feature = "sessiond")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_reconcile_reports_nothing_on_a_healthy_store_and_every_difference() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("u.db");
+    {
+        let store: Arc<dyn Store> =
+            Arc::new(session_lifecycle_sqlite::SqliteStore::open(&file).unwrap());
+        let mut rng = Rng(99);
+        let (sessions, lost) = plan(&mut rng, 200);
+        record(&store, &sessions, &lost).await;
+    }
+    let reconcile = |from: &str, to: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_sessiond"))
+            .args(["--database", file.to_str().unwrap(), "usage", "reconcile"])
+            .args(["--from", from, "--to", to])
+            .output()
+            .unwrap()
+    };
+    let (from, to) = (rfc3339(0), rfc3339(HORIZON_MS + 86_400_000));
+    let healthy = reconcile(&from, &to);
+    let out = String::from_utf8_lossy(&healthy.stdout).into_owned();
+    assert_eq!(healthy.status.code(), Some(0), "{out}");
+    assert!(
+        out.contains("checked 200 sessions") && out.ends_with("0 differences\n"),
+        "{out}"
+    );
+
+    // Behind the store's back: one record made longer, another session's records gone.
+    let db = rusqlite::Connection::open(&file).unwrap();
+    let (longer, lengthened): (String, String) = db
+        .query_row(
+            "SELECT session_id, id FROM usage_records
+             WHERE superseded_by IS NULL AND millis > 0 ORDER BY id LIMIT 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    db.execute(
+        "UPDATE usage_records SET to_ms = to_ms + 1000, millis = millis + 1000 WHERE id = ?1",
+        [&lengthened],
+    )
+    .unwrap();
+    let gone: String = db
+        .query_row(
+            "SELECT session_id FROM usage_records
+             WHERE superseded_by IS NULL AND millis > 0 AND session_id <> ?1
+             ORDER BY id DESC LIMIT 1",
+            [&longer],
+            |r| r.get(0),
+        )
+        .unwrap();
+    db.execute("DELETE FROM usage_records WHERE session_id = ?1", [&gone])
+        .unwrap();
+    drop(db);
+    let broken = reconcile(&from, &to);
+    let out = String::from_utf8_lossy(&broken.stdout).into_owned();
+    assert_eq!(broken.status.code(), Some(1), "{out}");
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 3, "{out}");
+    assert!(lines.iter().any(|l| l.starts_with(&longer)), "{out}");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with(&gone) && l.contains("recorded_ms=0")),
+        "{out}"
+    );
+    assert!(out.ends_with("2 differences\n"), "{out}");
+
+    let bad = reconcile(&to, &from);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("--to must not be before --from"));
+    let bad = reconcile("yesterday", &to);
+    assert_eq!(bad.status.code(), Some(2));
 }

@@ -196,12 +196,12 @@ const MIGRATIONS: &[&str] = &["
     ALTER TABLE sessions ADD COLUMN node_last_seen_at BIGINT;
     ALTER TABLE sessions ADD COLUMN usage_closed_to BIGINT;
     CREATE TABLE usage_records (
-        id            TEXT PRIMARY KEY,
         session_id    TEXT NOT NULL REFERENCES sessions (id),
-        tenant        TEXT NOT NULL,
         seq           BIGINT NOT NULL,
+        id            TEXT NOT NULL,
+        tenant        TEXT NOT NULL,
         span_from     BIGINT NOT NULL,
-        span_to       BIGINT,
+        span_to       BIGINT NOT NULL,
         from_ms       BIGINT NOT NULL,
         to_ms         BIGINT NOT NULL,
         millis        BIGINT NOT NULL,
@@ -209,11 +209,11 @@ const MIGRATIONS: &[&str] = &["
         corrects      TEXT,
         superseded_by TEXT,
         recorded_at   BIGINT NOT NULL,
-        UNIQUE (session_id, seq)
+        PRIMARY KEY (session_id, seq)
     );
-    CREATE INDEX usage_records_latest ON usage_records (tenant, to_ms)
-        WHERE superseded_by IS NULL AND millis > 0;
-    CREATE INDEX usage_records_latest_all ON usage_records (to_ms)
+    -- A tenant's latest records by where they start: none spans an hour boundary, so a
+    -- range's records start at most an hour before it.
+    CREATE INDEX usage_records_latest ON usage_records (tenant, from_ms)
         WHERE superseded_by IS NULL AND millis > 0;
 "];
 

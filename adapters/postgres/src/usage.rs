@@ -9,9 +9,10 @@ use session_lifecycle::{EventKind, SessionId, Timestamp};
 use session_lifecycle_store::rows::{event_sequence, millis as ms};
 use session_lifecycle_store::sql::{postgres as pg, statements};
 use session_lifecycle_store::usage::{
-    UsageLedger, UsageRecord, UsageRow, UsageState, UsageStateRow, settle,
+    UsageGrouping, UsageLedger, UsageRecord, UsageRow, UsageState, UsageStateRow, UsageTotals,
+    settle, totals_of_rows, totals_query,
 };
-use session_lifecycle_store::{BoxFuture, StoreError, sql_usage_in_range};
+use session_lifecycle_store::{BoxFuture, StoreError};
 use tokio_postgres::Row;
 
 use crate::PostgresStore;
@@ -71,11 +72,16 @@ pub(crate) async fn settle_usage(
         return Ok(());
     };
     let state = state_row(&row)?.into_state()?;
-    let existing = tx
-        .query(pg(statements::SESSION_USAGE), &[&id])
-        .await
-        .map_err(unavailable)?;
-    let settled = settle(&state, &records(&existing)?, close, now);
+    // Nothing is recorded of a session before its first close or end.
+    let existing = match state.closed_to {
+        Some(_) => records(
+            &tx.query(pg(statements::SESSION_USAGE), &[&id])
+                .await
+                .map_err(unavailable)?,
+        )?,
+        None => Vec::new(),
+    };
+    let settled = settle(&state, &existing, close, now);
     for record in &settled.records {
         let r = UsageRow::of(record);
         tx.execute(
@@ -112,9 +118,12 @@ pub(crate) async fn settle_usage(
         .map_err(unavailable)?;
     }
     for (old, by) in &settled.superseded {
-        tx.execute(pg(statements::SUPERSEDE_USAGE), &[old, by])
-            .await
-            .map_err(unavailable)?;
+        tx.execute(
+            pg(statements::SUPERSEDE_USAGE),
+            &[&id, &i64::from(*old), by],
+        )
+        .await
+        .map_err(unavailable)?;
     }
     if let Some(to) = settled.closed_to {
         tx.execute(pg(statements::CLOSE_USAGE_TO), &[&id, &ms(to)])
@@ -158,22 +167,27 @@ impl UsageLedger for PostgresStore {
         })
     }
 
-    fn usage_records(
+    fn usage_totals(
         &self,
         tenant: Option<String>,
         from: Timestamp,
         to: Timestamp,
-    ) -> BoxFuture<'_, Result<Vec<UsageRecord>, StoreError>> {
+        grouping: Option<UsageGrouping>,
+    ) -> BoxFuture<'_, Result<UsageTotals, StoreError>> {
         Box::pin(async move {
             let client = self.client().await?;
             let rows = client
                 .query(
-                    pg(sql_usage_in_range!("?1::TEXT IS NULL OR tenant = ?1")),
+                    &totals_query(grouping, true),
                     &[&tenant, &ms(from), &ms(to)],
                 )
                 .await
                 .map_err(unavailable)?;
-            records(&rows)
+            let rows = rows
+                .iter()
+                .map(|r| Ok((col(r, 0)?, col(r, 1)?, col(r, 2)?, col(r, 3)?)))
+                .collect::<Result<Vec<_>, StoreError>>()?;
+            totals_of_rows(rows, grouping)
         })
     }
 

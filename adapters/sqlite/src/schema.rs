@@ -183,25 +183,25 @@ const MIGRATIONS: &[&str] = &[
      ALTER TABLE sessions ADD COLUMN node_last_seen_at INTEGER;
      ALTER TABLE sessions ADD COLUMN usage_closed_to INTEGER;
      CREATE TABLE usage_records (
-        id            TEXT PRIMARY KEY,
-        session_id    TEXT NOT NULL REFERENCES sessions (id),
-        tenant        TEXT NOT NULL,
-        seq           INTEGER NOT NULL,
-        span_from     INTEGER NOT NULL,
-        span_to       INTEGER,
-        from_ms       INTEGER NOT NULL,
-        to_ms         INTEGER NOT NULL,
-        millis        INTEGER NOT NULL,
-        revision      INTEGER NOT NULL,
-        corrects      TEXT,
-        superseded_by TEXT,
-        recorded_at   INTEGER NOT NULL,
-        UNIQUE (session_id, seq)
-     );
-     CREATE INDEX usage_records_latest ON usage_records (tenant, to_ms)
-        WHERE superseded_by IS NULL AND millis > 0;
-     CREATE INDEX usage_records_latest_all ON usage_records (to_ms)
-        WHERE superseded_by IS NULL AND millis > 0;",
+         session_id    TEXT NOT NULL REFERENCES sessions (id),
+         seq           INTEGER NOT NULL,
+         id            TEXT NOT NULL,
+         tenant        TEXT NOT NULL,
+         span_from     INTEGER NOT NULL,
+         span_to       INTEGER NOT NULL,
+         from_ms       INTEGER NOT NULL,
+         to_ms         INTEGER NOT NULL,
+         millis        INTEGER NOT NULL,
+         revision      INTEGER NOT NULL,
+         corrects      TEXT,
+         superseded_by TEXT,
+         recorded_at   INTEGER NOT NULL,
+         PRIMARY KEY (session_id, seq)
+     ) WITHOUT ROWID;
+     -- A tenant's latest records by where they start: none spans an hour boundary, so a
+     -- range's records start at most an hour before it.
+     CREATE INDEX usage_records_latest ON usage_records (tenant, from_ms)
+         WHERE superseded_by IS NULL AND millis > 0;",
 ];
 
 /// The schema version this code writes.

@@ -7,9 +7,10 @@ use session_lifecycle::{EventKind, SessionId, Timestamp};
 use session_lifecycle_store::rows::{event_sequence, millis as ms};
 use session_lifecycle_store::sql::statements;
 use session_lifecycle_store::usage::{
-    UsageLedger, UsageRecord, UsageRow, UsageState, UsageStateRow, settle,
+    UsageGrouping, UsageLedger, UsageRecord, UsageRow, UsageState, UsageStateRow, UsageTotals,
+    settle, totals_of_rows, totals_query,
 };
-use session_lifecycle_store::{BoxFuture, StoreError, sql_usage_in_range};
+use session_lifecycle_store::{BoxFuture, StoreError};
 
 use crate::SqliteStore;
 use crate::error::db;
@@ -68,7 +69,11 @@ pub(crate) fn settle_usage(
         .map_err(db)?;
     let Some(row) = row else { return Ok(()) };
     let state = row.into_state()?;
-    let records = session_records(c, id)?;
+    // Nothing is recorded of a session before its first close or end.
+    let records = match state.closed_to {
+        Some(_) => session_records(c, id)?,
+        None => Vec::new(),
+    };
     let settled = settle(&state, &records, close, now);
     for record in &settled.records {
         let r = UsageRow::of(record);
@@ -105,7 +110,7 @@ pub(crate) fn settle_usage(
     }
     for (old, by) in &settled.superseded {
         c.prepare_cached(statements::SUPERSEDE_USAGE)
-            .and_then(|mut s| s.execute(params![old, by]))
+            .and_then(|mut s| s.execute(params![id, old, by]))
             .map_err(db)?;
     }
     if let Some(to) = settled.closed_to {
@@ -146,21 +151,25 @@ impl UsageLedger for SqliteStore {
         }))
     }
 
-    fn usage_records(
+    fn usage_totals(
         &self,
         tenant: Option<String>,
         from: Timestamp,
         to: Timestamp,
-    ) -> BoxFuture<'_, Result<Vec<UsageRecord>, StoreError>> {
+        grouping: Option<UsageGrouping>,
+    ) -> BoxFuture<'_, Result<UsageTotals, StoreError>> {
+        let sql = totals_query(grouping, false);
         Box::pin(self.inner.conns.read(move |c| {
-            let rows: Vec<UsageRow> = c
-                .prepare_cached(sql_usage_in_range!("?1 IS NULL OR tenant = ?1"))
+            let rows = c
+                .prepare_cached(&sql)
                 .and_then(|mut s| {
-                    s.query_map(params![tenant, ms(from), ms(to)], usage_row)?
-                        .collect()
+                    s.query_map(params![tenant, ms(from), ms(to)], |r| {
+                        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+                    })?
+                    .collect()
                 })
                 .map_err(db)?;
-            rows.into_iter().map(UsageRow::into_record).collect()
+            totals_of_rows(rows, grouping)
         }))
     }
 

@@ -372,17 +372,17 @@ macro_rules! delegate_store {
                     self.inner.close_usage(node, now, period, limit)
                 )
             }
-            fn usage_records(
+            fn usage_totals(
                 &self,
                 tenant: Option<String>,
                 from: $crate::__core::Timestamp,
                 to: $crate::__core::Timestamp,
-            ) -> $crate::BoxFuture<'_, Result<Vec<$crate::usage::UsageRecord>, $crate::StoreError>>
-            {
+                grouping: Option<$crate::usage::UsageGrouping>,
+            ) -> $crate::BoxFuture<'_, Result<$crate::usage::UsageTotals, $crate::StoreError>> {
                 $wrap!(
                     self,
-                    "usage_records",
-                    self.inner.usage_records(tenant, from, to)
+                    "usage_totals",
+                    self.inner.usage_totals(tenant, from, to, grouping)
                 )
             }
             fn session_usage(

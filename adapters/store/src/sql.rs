@@ -509,9 +509,9 @@ pub mod statements {
                 recorded_at, millis)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)";
 
-    /// Usage record `?1` is replaced by the correction `?2`.
-    pub const SUPERSEDE_USAGE: &str = "UPDATE usage_records SET superseded_by = ?2
-         WHERE id = ?1 AND superseded_by IS NULL";
+    /// Usage record `?2` of session `?1` is replaced by the correction `?3`.
+    pub const SUPERSEDE_USAGE: &str = "UPDATE usage_records SET superseded_by = ?3
+         WHERE session_id = ?1 AND seq = ?2 AND superseded_by IS NULL";
 
     /// Session `?1`'s usage is recorded up to `?2` (the end of its last closed period).
     pub const CLOSE_USAGE_TO: &str = "UPDATE sessions SET usage_closed_to = ?2 WHERE id = ?1";
@@ -524,32 +524,13 @@ pub mod statements {
          ORDER BY id LIMIT ?3";
 
     /// The usage state of up to `?4` sessions (as `USAGE_STATE`) whose life overlaps
-    /// `[?1, ?2)`, by id, after id `?3` (`''`: from the first).
+    /// `[?1, ?2)` (a minute's rounding after its end counts as its life), by id, after id
+    /// `?3` (`''`: from the first).
     pub const USAGE_STATES: &str = "SELECT id, tenant, started_at, ready_at, ended_at, end_reason,
                 node_last_seen_at, bill_meter, bill_rounding, usage_closed_to
          FROM sessions
-         WHERE started_at < ?2 AND (ended_at IS NULL OR ended_at >= ?1) AND id > ?3
+         WHERE started_at < ?2 AND (ended_at IS NULL OR ended_at + 60000 >= ?1) AND id > ?3
          ORDER BY id LIMIT ?4";
-}
-
-/// The latest usage records of tenant `$tenant` (each dialect's NULL test of its text
-/// parameter) with billable time inside `[?2, ?3)` (`usage::UsageRow`'s columns).
-#[macro_export]
-macro_rules! sql_usage_in_range {
-    ($tenant:literal) => {
-        concat!(
-            "SELECT id, session_id, tenant, seq, span_from, span_to, from_ms, to_ms, revision,
-                    corrects, superseded_by, recorded_at
-             FROM usage_records
-             WHERE superseded_by IS NULL AND millis > 0 AND to_ms > ",
-            "?2",
-            " AND from_ms < ",
-            "?3",
-            " AND (",
-            $tenant,
-            ")"
-        )
-    };
 }
 
 /// PostgreSQL's form of a shared statement: `?N` parameters as `$N`. Made once per

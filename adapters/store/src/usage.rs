@@ -9,15 +9,16 @@
 //! - while the session runs, one **period record** per closed period (periods are
 //!   `period`-long spans counted from the epoch, closed by [`UsageLedger::close_usage`]):
 //!   the billable part of that period;
-//! - when it ends, in the end's own step, one **final record**: its billable interval from
-//!   the end of the last closed period on;
+//! - when it ends, in the end's own step, the rest: its billable interval from the end of
+//!   the last closed period on (one record per hour it spans, usually one);
 //! - when a later cause moves a boundary already recorded (a readiness report after
 //!   periods were closed from the start, an end of ours before the end of a closed period),
 //!   a **correction** of each record it changes, in that cause's step: a new record with
 //!   a new identifier that names the one it replaces. Nothing recorded is ever changed in
 //!   place; the replaced record is marked superseded.
 //!
-//! So the latest records of a session add up, to the millisecond, to its billable interval
+//! No record spans an hour boundary, so a range's hour or day groups are sums of whole
+//! records. So the latest records of a session add up, to the millisecond, to its billable interval
 //! (of an ended session), or to its billable part up to its last closed period (of a
 //! running one), however the range is cut. [`settle`] is that arithmetic, written once.
 
@@ -34,9 +35,8 @@ use crate::rows::{corrupt, parse_id, timestamp};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UsageRecord {
     /// Its identifier, stable on every retry and on every instance (a billing system
-    /// deduplicates by it): `usage:<session>:<span start ms>` for a period record,
-    /// `usage:<session>:final` for the final one, and `:r<revision>` appended for a
-    /// correction.
+    /// deduplicates by it): `usage:<session>:<span start ms>`, with `:r<revision>`
+    /// appended for a correction.
     pub id: String,
     /// The session.
     pub session: SessionId,
@@ -44,9 +44,9 @@ pub struct UsageRecord {
     pub tenant: String,
     /// Its place among the session's records (1 for the first written).
     pub seq: u32,
-    /// The span it accounts for: a period, or (final record) from the end of the last
-    /// closed period on (`None`: open-ended).
-    pub span: (Timestamp, Option<Timestamp>),
+    /// The span it accounts for: a period, or a part of one (never across an hour
+    /// boundary).
+    pub span: (Timestamp, Timestamp),
     /// The billable interval inside the span (`None`: nothing, as a correction to zero).
     pub billable: Option<Interval>,
     /// 1 for a first record, one more for each correction of it.
@@ -69,11 +69,6 @@ impl UsageRecord {
     pub fn millis_within(&self, from: Timestamp, to: Timestamp) -> u64 {
         self.billable.map_or(0, |i| i.millis_within(from, to))
     }
-
-    /// Whether it is a final record.
-    pub fn is_final(&self) -> bool {
-        self.span.1.is_none()
-    }
 }
 
 /// What a session's usage depends on, as its row keeps it.
@@ -87,7 +82,8 @@ pub struct UsageState {
     pub rule: BillingRule,
     /// Its instants.
     pub metered: MeteredSession,
-    /// The end of its last closed period, if one was closed.
+    /// How far its usage is recorded: while it runs, the end of its last closed period;
+    /// once ended and settled, the end of its billable interval.
     pub closed_to: Option<Timestamp>,
 }
 
@@ -110,16 +106,42 @@ impl UsageState {
 pub struct Settlement {
     /// Records to insert.
     pub records: Vec<UsageRecord>,
-    /// `(replaced, by)`: records a correction replaces.
-    pub superseded: Vec<(String, String)>,
+    /// `(seq, by)`: the session's records (by their `seq`) a correction replaces, and
+    /// the correction's identifier.
+    pub superseded: Vec<(u32, String)>,
     /// The session's new `closed_to`, if a close moved it.
     pub closed_to: Option<Timestamp>,
 }
 
+/// Milliseconds in an hour: no record spans an hour boundary, so every record lies in one
+/// UTC hour and one UTC day (and a range's groups are sums of whole records).
+pub const HOUR_MS: u64 = 3_600_000;
+
+/// The spans `[from, to)` is cut into: at every multiple of `step` (a period), and at
+/// every hour boundary.
+fn spans(from: u64, to: u64, step: u64) -> impl Iterator<Item = (u64, u64)> {
+    let step = step.max(1);
+    let mut start = from;
+    std::iter::from_fn(move || {
+        if start >= to {
+            return None;
+        }
+        let next_step = (start / step + 1).saturating_mul(step);
+        let next_hour = (start / HOUR_MS + 1).saturating_mul(HOUR_MS);
+        let end = next_step.min(next_hour).min(to);
+        let span = (start, end);
+        start = end;
+        Some(span)
+    })
+}
+
 /// Settles a session's usage after its cause: corrects every latest record the session's
 /// state no longer agrees with; closes the periods up to `close` (`(boundary, period)`,
-/// for a running session); writes the final record of an ended one. `records` are every
-/// record the session has (in any order), `now` the cause's time.
+/// for a running session); records the rest of an ended one, up to its billable end,
+/// after which it is settled for good (`closed_to` then marks the end of its recorded
+/// usage, and settling again writes nothing). Every record spans at most one period and
+/// one hour. `records` are every record the session has (in any order), `now` the
+/// cause's time.
 pub fn settle(
     state: &UsageState,
     records: &[UsageRecord],
@@ -128,18 +150,13 @@ pub fn settle(
 ) -> Settlement {
     let mut out = Settlement::default();
     let ended = state.metered.ended.is_some();
-    if records.iter().any(UsageRecord::is_final) {
-        return out; // settled for good at its end
-    }
     let mut next_seq = records.iter().map(|r| r.seq).max().unwrap_or(0) + 1;
     let boundary = close
         .map(|(b, _)| b)
         .filter(|b| !ended && state.closed_to < Some(*b));
     let horizon = boundary.or(state.closed_to);
     let target = state.target(horizon);
-    let part = |from: Timestamp, to: Option<Timestamp>| {
-        target.and_then(|t| t.within(from, to.unwrap_or(Timestamp::from_millis(u64::MAX))))
-    };
+    let part = |from: Timestamp, to: Timestamp| target.and_then(|t| t.within(from, to));
     let mut latest: Vec<&UsageRecord> = records
         .iter()
         .filter(|r| r.superseded_by.is_none())
@@ -153,7 +170,7 @@ pub fn settle(
         let base = old.id.split(":r").next().unwrap_or(&old.id);
         let revision = old.revision + 1;
         let id = format!("{base}:r{revision}");
-        out.superseded.push((old.id.clone(), id.clone()));
+        out.superseded.push((old.seq, id.clone()));
         out.records.push(UsageRecord {
             id,
             session: state.session,
@@ -168,54 +185,44 @@ pub fn settle(
         });
         next_seq += 1;
     }
-    let mut push = |id: String, span: (Timestamp, Option<Timestamp>), billable| {
-        out.records.push(UsageRecord {
-            id,
-            session: state.session,
-            tenant: state.tenant.clone(),
-            seq: next_seq,
-            span,
-            billable,
-            revision: 1,
-            corrects: None,
-            superseded_by: None,
-            recorded_at: now,
-        });
-        next_seq += 1;
-    };
-    if let (Some(b), Some((_, period))) = (boundary, close) {
-        let period = (period.as_millis() as u64).max(1);
-        let first = match (state.closed_to, target) {
-            (Some(c), _) => c.as_millis(),
-            (None, Some(t)) => t.from().as_millis() / period * period,
-            (None, None) => b.as_millis(),
-        };
-        let mut start = first;
-        while start < b.as_millis() {
-            let end = (start + period).min(b.as_millis());
-            let span = (
-                Timestamp::from_millis(start),
-                Some(Timestamp::from_millis(end)),
-            );
-            if let Some(billable) = part(span.0, span.1) {
-                push(
-                    format!("usage:{}:{start}", state.session),
-                    span,
-                    Some(billable),
-                );
-            }
-            start = end;
+    // New records: `[from, to)` cut into spans, each with its billable part.
+    let (from, to, step) = match (ended, boundary, close, target) {
+        (false, Some(b), Some((_, period)), _) => {
+            let period = (period.as_millis() as u64).max(1);
+            let first = match (state.closed_to, target) {
+                (Some(c), _) => c.as_millis(),
+                (None, Some(t)) => t.from().as_millis() / period * period,
+                (None, None) => b.as_millis(),
+            };
+            out.closed_to = Some(b);
+            (first, b.as_millis(), period)
         }
-        out.closed_to = Some(b);
-    }
-    if ended {
-        let from = state.closed_to.unwrap_or(Timestamp::from_millis(0));
-        if let Some(billable) = part(from, None) {
-            push(
-                format!("usage:{}:final", state.session),
-                (from, None),
-                Some(billable),
-            );
+        (true, _, _, Some(t)) => {
+            let first = state.closed_to.map_or(t.from(), |c| c.max(t.from()));
+            let settled = state.closed_to.map_or(t.to(), |c| c.max(t.to()));
+            if state.closed_to != Some(settled) {
+                out.closed_to = Some(settled);
+            }
+            (first.as_millis(), t.to().as_millis(), HOUR_MS)
+        }
+        _ => (0, 0, 1),
+    };
+    for (start, end) in spans(from, to, step) {
+        let span = (Timestamp::from_millis(start), Timestamp::from_millis(end));
+        if let Some(billable) = part(span.0, span.1) {
+            out.records.push(UsageRecord {
+                id: format!("usage:{}:{start}", state.session),
+                session: state.session,
+                tenant: state.tenant.clone(),
+                seq: next_seq,
+                span,
+                billable: Some(billable),
+                revision: 1,
+                corrects: None,
+                superseded_by: None,
+                recorded_at: now,
+            });
+            next_seq += 1;
         }
     }
     out
@@ -353,6 +360,14 @@ pub fn reconcile_session(
 ) -> Option<UsageDifference> {
     let target = state.target(state.closed_to);
     let expected_ms = target.map_or(0, |t| t.millis_within(from, to));
+    let misplaced = records.iter().any(|r| {
+        let (from, to) = (r.span.0.as_millis(), r.span.1.as_millis());
+        let across_hour = to > from && (to - 1) / HOUR_MS != from / HOUR_MS;
+        let outside_span = r
+            .billable
+            .is_some_and(|b| b.from() < r.span.0 || b.to() > r.span.1);
+        across_hour || outside_span
+    });
     let mut latest: Vec<Interval> = records
         .iter()
         .filter(|r| r.superseded_by.is_none())
@@ -364,7 +379,9 @@ pub fn reconcile_session(
     let outside = latest
         .iter()
         .any(|i| target.is_none_or(|t| i.from() < t.from() || i.to() > t.to()));
-    let problem = if overlap {
+    let problem = if misplaced {
+        "a record crosses an hour boundary or lies outside its span"
+    } else if overlap {
         "latest records overlap"
     } else if outside {
         "a record lies outside the billable interval"
@@ -382,6 +399,69 @@ pub fn reconcile_session(
     })
 }
 
+/// The query SQL stores total usage with (see [`UsageLedger::usage_totals`]): rows of
+/// (time bucket index, session id, tenant, billable ms), as [`totals_of_rows`] reads them.
+/// `?1` tenant (NULL: all), `?2` from, `?3` to. Records never span an hour boundary, so a
+/// record's start names its hour and day, and a range needs only records that start less
+/// than an hour before it.
+pub fn totals_query(grouping: Option<UsageGrouping>, postgres: bool) -> String {
+    let bucket = match grouping {
+        Some(UsageGrouping::Day) => "from_ms / 86400000",
+        Some(UsageGrouping::Hour) => "from_ms / 3600000",
+        _ => "0",
+    };
+    let session = match grouping {
+        Some(UsageGrouping::Session) => "session_id",
+        _ => "CAST(NULL AS TEXT)",
+    };
+    let (least, greatest, tenant) = if postgres {
+        ("LEAST", "GREATEST", "$1::TEXT IS NULL OR tenant = $1")
+    } else {
+        ("MIN", "MAX", "?1 IS NULL OR tenant = ?1")
+    };
+    let (from, to) = if postgres { ("$2", "$3") } else { ("?2", "?3") };
+    format!(
+        "SELECT CAST({bucket} AS BIGINT), {session}, MIN(tenant),
+                CAST(SUM({least}(to_ms, {to}) - {greatest}(from_ms, {from})) AS BIGINT)
+         FROM usage_records
+         WHERE superseded_by IS NULL AND millis > 0 AND ({tenant})
+           AND from_ms >= CAST({from} AS BIGINT) - {HOUR_MS} AND from_ms < {to} AND to_ms > {from}
+         GROUP BY 1, 2 ORDER BY 1, 2"
+    )
+}
+
+/// The totals of [`totals_query`]'s rows for `grouping`.
+pub fn totals_of_rows(
+    rows: Vec<(i64, Option<String>, String, i64)>,
+    grouping: Option<UsageGrouping>,
+) -> Result<UsageTotals, StoreError> {
+    let bucket_ms: u64 = match grouping {
+        Some(UsageGrouping::Day) => 86_400_000,
+        _ => HOUR_MS,
+    };
+    let mut out = UsageTotals::default();
+    for (bucket, session, tenant, ms) in rows {
+        let ms = u64::try_from(ms).unwrap_or(0);
+        if ms == 0 {
+            continue;
+        }
+        out.total_ms += ms;
+        match (grouping, session) {
+            (Some(UsageGrouping::Session), Some(id)) => {
+                out.groups
+                    .push((UsageGroup::Session(parse_id(&id)?, tenant), ms));
+            }
+            (Some(UsageGrouping::Day | UsageGrouping::Hour), _) => {
+                let start = u64::try_from(bucket).unwrap_or(0) * bucket_ms;
+                out.groups
+                    .push((UsageGroup::Time(Timestamp::from_millis(start)), ms));
+            }
+            _ => {}
+        }
+    }
+    Ok(out)
+}
+
 /// A usage record as SQL stores keep it, column by column.
 #[derive(Debug, Clone)]
 pub struct UsageRow {
@@ -396,7 +476,7 @@ pub struct UsageRow {
     /// `span_from`.
     pub span_from: i64,
     /// `span_to`.
-    pub span_to: Option<i64>,
+    pub span_to: i64,
     /// `from_ms`.
     pub from_ms: i64,
     /// `to_ms`.
@@ -430,7 +510,7 @@ impl UsageRow {
             tenant: record.tenant.clone(),
             seq: i64::from(record.seq),
             span_from: m(record.span.0),
-            span_to: record.span.1.map(m),
+            span_to: m(record.span.1),
             from_ms,
             to_ms,
             revision: i64::from(record.revision),
@@ -449,7 +529,7 @@ impl UsageRow {
             session: parse_id(&self.session_id)?,
             seq: count(self.seq, "seq")?,
             revision: count(self.revision, "revision")?,
-            span: (timestamp(self.span_from), self.span_to.map(timestamp)),
+            span: (timestamp(self.span_from), timestamp(self.span_to)),
             billable: Interval::new(timestamp(self.from_ms), timestamp(self.to_ms)),
             recorded_at: timestamp(self.recorded_at),
             id: self.id,
@@ -531,14 +611,16 @@ pub trait UsageLedger: Send + Sync + 'static {
         limit: u32,
     ) -> BoxFuture<'a, Result<u32, StoreError>>;
 
-    /// The latest usage records of `tenant` (`None`: every tenant's) with billable time
-    /// inside `[from, to)`.
-    fn usage_records(
+    /// The usage of `tenant` (`None`: every tenant's) inside `[from, to)`, each record cut
+    /// at the range's edges, in total and by `grouping` (as [`totals`] adds up the latest
+    /// records).
+    fn usage_totals(
         &self,
         tenant: Option<String>,
         from: Timestamp,
         to: Timestamp,
-    ) -> BoxFuture<'_, Result<Vec<UsageRecord>, StoreError>>;
+        grouping: Option<UsageGrouping>,
+    ) -> BoxFuture<'_, Result<UsageTotals, StoreError>>;
 
     /// Every usage record of `session`, superseded ones too, in the order written.
     fn session_usage(
@@ -547,7 +629,8 @@ pub trait UsageLedger: Send + Sync + 'static {
     ) -> BoxFuture<'_, Result<Vec<UsageRecord>, StoreError>>;
 
     /// The usage state of up to `limit` sessions whose life overlaps `[from, to)` (started
-    /// before `to`, not ended before `from`), by id, after `after`.
+    /// before `to`, not ended a minute or more before `from`: rounding may bill up to a
+    /// minute past an end), by id, after `after`.
     fn usage_states(
         &self,
         from: Timestamp,

@@ -147,7 +147,7 @@ pub fn usage_body(
                     "customer": export.customer,
                     "billable_ms": record.millis(),
                     "span_start": at(record.span.0),
-                    "span_end": record.span.1.map(at),
+                    "span_end": at(record.span.1),
                     "billable_from": from,
                     "billable_to": to,
                     "revision": record.revision,

@@ -10,7 +10,7 @@ use serde::Deserialize;
 use session_lifecycle::Timestamp;
 use session_lifecycle_api::errors::ErrorCode;
 use session_lifecycle_api::usage::{UsageGroupView, UsageResponse};
-use session_lifecycle_runtime::usage::{UsageGroup, UsageGrouping, totals};
+use session_lifecycle_runtime::usage::{UsageGroup, UsageGrouping};
 use utoipa::IntoParams;
 
 use crate::error::{ApiError, ErrorBody};
@@ -85,13 +85,12 @@ pub async fn get_usage(
         ),
     };
     let tenant = viewer.tenant().map(str::to_owned);
-    let records = state
+    let sums = state
         .engine
         .store()
-        .usage_records(tenant.clone(), from, to)
+        .usage_totals(tenant.clone(), from, to, grouping)
         .await
         .map_err(|e| ApiError::from(session_lifecycle_runtime::EngineError::Store(e)))?;
-    let sums = totals(&records, from, to, grouping);
     let groups = sums
         .groups
         .into_iter()

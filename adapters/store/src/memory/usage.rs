@@ -6,7 +6,9 @@ use session_lifecycle::{SessionId, Timestamp};
 
 use super::{MemoryStore, State, ready};
 use crate::error::{BoxFuture, StoreError};
-use crate::usage::{UsageLedger, UsageRecord, UsageState, settle};
+use crate::usage::{
+    UsageGrouping, UsageLedger, UsageRecord, UsageState, UsageTotals, settle, totals,
+};
 
 impl State {
     /// The usage state of session `id`, if there is one.
@@ -40,7 +42,7 @@ impl State {
         let records = self.usage.entry(id).or_default();
         let settled = settle(&state, records, close, now);
         for (old, by) in settled.superseded {
-            if let Some(r) = records.iter_mut().find(|r| r.id == old) {
+            if let Some(r) = records.iter_mut().find(|r| r.seq == old) {
                 r.superseded_by = Some(by);
             }
         }
@@ -90,22 +92,20 @@ impl UsageLedger for MemoryStore {
         ready(Ok(due.len() as u32))
     }
 
-    fn usage_records(
+    fn usage_totals(
         &self,
         tenant: Option<String>,
         from: Timestamp,
         to: Timestamp,
-    ) -> BoxFuture<'_, Result<Vec<UsageRecord>, StoreError>> {
+        grouping: Option<UsageGrouping>,
+    ) -> BoxFuture<'_, Result<UsageTotals, StoreError>> {
         let state = self.state();
         let records = state
             .usage
             .values()
             .flatten()
-            .filter(|r| tenant.as_ref().is_none_or(|t| *t == r.tenant))
-            .filter(|r| r.superseded_by.is_none() && r.millis_within(from, to) > 0)
-            .cloned()
-            .collect();
-        ready(Ok(records))
+            .filter(|r| tenant.as_ref().is_none_or(|t| *t == r.tenant));
+        ready(Ok(totals(records, from, to, grouping)))
     }
 
     fn session_usage(
@@ -128,7 +128,11 @@ impl UsageLedger for MemoryStore {
             .sessions
             .iter()
             .filter(|(id, _)| after.is_none_or(|a| **id > a))
-            .filter(|(_, s)| s.started_at < to && s.ending.is_none_or(|(at, _)| at >= from))
+            .filter(|(_, s)| {
+                s.started_at < to
+                    && s.ending
+                        .is_none_or(|(at, _)| at.saturating_add(Duration::from_secs(60)) >= from)
+            })
             .take(limit as usize)
             .filter_map(|(id, _)| state.usage_state(*id))
             .collect();
