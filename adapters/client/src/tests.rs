@@ -137,6 +137,6 @@ fn known_names_are_never_other_and_new_event_types_are() {
         let parsed: EventType = serde_json::from_value(serde_json::json!(name)).unwrap();
         assert!(!matches!(parsed, EventType::Other(_)), "{name}");
     }
-    let parsed: EventType = serde_json::from_str(r#""usage.recorded""#).unwrap();
-    assert_eq!(parsed, EventType::Other("usage.recorded".to_owned()));
+    let parsed: EventType = serde_json::from_str(r#""session.paused""#).unwrap();
+    assert_eq!(parsed, EventType::Other("session.paused".to_owned()));
 }
