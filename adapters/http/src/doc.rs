@@ -365,7 +365,8 @@ mod tests {
                 "session.started",
                 "session.ready",
                 "session.ended",
-                "session.released"
+                "session.released",
+                "usage.recorded"
             ]
         );
         assert_eq!(schema(&doc, "EndReasonView")["type"], "string");
@@ -480,7 +481,7 @@ mod tests {
                 }
             }
         }
-        assert_eq!(operations, 16);
+        assert_eq!(operations, 17);
         let ws = &doc["paths"]["/v1/sessions/{session_id}/ws"]["get"]["responses"];
         assert!(ws.get("101").is_some());
         assert_eq!(ws["426"]["headers"]["Upgrade"]["required"], true);
