@@ -107,8 +107,8 @@ pub struct NewSession {
     pub timeouts: SessionTimeouts,
     /// Where its events go besides its tenant's endpoints (checked by the caller).
     pub callback_url: Option<String>,
-    /// Its tenant's billing rule now, kept with it: its usage is measured by it (see
-    /// [`usage`](crate::usage)).
+    /// Its tenant's billing rule now, kept with it: its usage is measured by it (see the
+    /// `usage` module).
     pub billing: session_lifecycle::usage::BillingRule,
 }
 

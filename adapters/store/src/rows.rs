@@ -1,4 +1,4 @@
-//! Decoding of the rows SQL stores keep, shared by every SQL [`Store`](crate::store::Store): times
+//! Decoding of the rows SQL stores keep, shared by every SQL `Store`: times
 //! as milliseconds since the epoch, states and reasons as their wire names. Every check
 //! that a record is a possible session happens here, once.
 
@@ -48,7 +48,7 @@ pub fn corrupt(id: &str, detail: impl std::fmt::Display) -> StoreError {
     }
 }
 
-/// One row of [`count_ends`](crate::store::SessionStore::count_ends)'s query (`sql_count_ends!`):
+/// One row of `SessionStore::count_ends`'s query (`sql_count_ends!`):
 /// the span's index, the reason's wire name, the count.
 pub fn end_count(bucket: i64, reason: &str, count: i64) -> Result<EndCount, StoreError> {
     Ok(EndCount {

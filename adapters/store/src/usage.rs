@@ -228,7 +228,7 @@ pub fn settle(
     out
 }
 
-/// How [`UsageLedger::usage`] groups a range's usage.
+/// How [`UsageLedger::usage_totals`] groups a range's usage.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum UsageGrouping {
     /// By UTC day.
@@ -540,7 +540,7 @@ impl UsageRow {
     }
 }
 
-/// A session's usage state as SQL stores keep it (see [`USAGE_STATE`](crate::sql::statements::USAGE_STATE)).
+/// A session's usage state as SQL stores keep it (see `sql::statements::USAGE_STATE`).
 #[derive(Debug, Clone)]
 pub struct UsageStateRow {
     /// `id`.
