@@ -10,7 +10,7 @@ use session_lifecycle_store::rows::{event_sequence, millis as ms};
 use session_lifecycle_store::sql::{postgres as pg, statements};
 use session_lifecycle_store::usage::{
     UsageGrouping, UsageLedger, UsageRecord, UsageRow, UsageState, UsageStateRow, UsageTotals,
-    settle, totals_of_rows, totals_query,
+    period_boundary, settle, totals_of_rows, totals_query,
 };
 use session_lifecycle_store::{BoxFuture, StoreError};
 use tokio_postgres::Row;
@@ -142,8 +142,7 @@ impl UsageLedger for PostgresStore {
         limit: u32,
     ) -> BoxFuture<'a, Result<u32, StoreError>> {
         Box::pin(async move {
-            let period_ms = (period.as_millis() as u64).max(1);
-            let boundary = Timestamp::from_millis(now.as_millis() / period_ms * period_ms);
+            let boundary = period_boundary(now, period);
             let mut client = self.client().await?;
             let tx = client.transaction().await.map_err(unavailable)?;
             // Locked, so that an end or a readiness report of one of them waits for this

@@ -8,7 +8,7 @@ use session_lifecycle_store::rows::{event_sequence, millis as ms};
 use session_lifecycle_store::sql::statements;
 use session_lifecycle_store::usage::{
     UsageGrouping, UsageLedger, UsageRecord, UsageRow, UsageState, UsageStateRow, UsageTotals,
-    settle, totals_of_rows, totals_query,
+    period_boundary, settle, totals_of_rows, totals_query,
 };
 use session_lifecycle_store::{BoxFuture, StoreError};
 
@@ -135,8 +135,7 @@ impl UsageLedger for SqliteStore {
             if !usage {
                 return Ok(0);
             }
-            let period_ms = (period.as_millis() as u64).max(1);
-            let boundary = Timestamp::from_millis(now.as_millis() / period_ms * period_ms);
+            let boundary = period_boundary(now, period);
             let ids: Vec<String> = c
                 .prepare_cached(statements::USAGE_TO_CLOSE)
                 .and_then(|mut s| {

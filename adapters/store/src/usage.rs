@@ -117,6 +117,13 @@ pub struct Settlement {
 /// UTC hour and one UTC day (and a range's groups are sums of whole records).
 pub const HOUR_MS: u64 = 3_600_000;
 
+/// The end of the last usage period (`period` long, counted from the epoch) that ended at
+/// or before `now`: how far [`UsageLedger::close_usage`] closes.
+pub fn period_boundary(now: Timestamp, period: Duration) -> Timestamp {
+    let period_ms = (period.as_millis() as u64).max(1);
+    Timestamp::from_millis(now.as_millis() / period_ms * period_ms)
+}
+
 /// The spans `[from, to)` is cut into: at every multiple of `step` (a period), and at
 /// every hour boundary.
 fn spans(from: u64, to: u64, step: u64) -> impl Iterator<Item = (u64, u64)> {

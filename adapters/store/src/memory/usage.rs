@@ -7,7 +7,8 @@ use session_lifecycle::{SessionId, Timestamp};
 use super::{MemoryStore, State, ready};
 use crate::error::{BoxFuture, StoreError};
 use crate::usage::{
-    UsageGrouping, UsageLedger, UsageRecord, UsageState, UsageTotals, settle, totals,
+    UsageGrouping, UsageLedger, UsageRecord, UsageState, UsageTotals, period_boundary, settle,
+    totals,
 };
 
 impl State {
@@ -72,8 +73,7 @@ impl UsageLedger for MemoryStore {
         limit: u32,
     ) -> BoxFuture<'a, Result<u32, StoreError>> {
         let mut state = self.state();
-        let period_ms = (period.as_millis() as u64).max(1);
-        let boundary = Timestamp::from_millis(now.as_millis() / period_ms * period_ms);
+        let boundary = period_boundary(now, period);
         let due: Vec<SessionId> = state
             .sessions
             .iter()
