@@ -15,11 +15,50 @@ use crate::schema;
 /// The most calls committed in one transaction.
 const MAX_BATCH: usize = 512;
 
-/// A write: runs its statements inside a savepoint, says whether they succeeded, and
-/// hands back what to do once the whole transaction committed (or not). A job given `Err`
-/// must not run, only report the error.
-type Job = Box<dyn FnOnce(Result<&Connection, &str>) -> (bool, Finish) + Send>;
-type Finish = Box<dyn FnOnce(Option<&str>) + Send>;
+/// A write queued for the next batch.
+trait Job: Send {
+    /// Runs its statements and keeps their answer; whether they succeeded. Given `Err`, it
+    /// does not run: its answer is that error. It may run again after its transaction was
+    /// rolled back (its statements are a function of the database, nothing else).
+    fn run(&mut self, conn: Result<&Connection, &str>) -> bool;
+
+    /// Hands its answer to its caller once its transaction committed (`None`) or failed
+    /// to (the commit's error).
+    fn finish(self: Box<Self>, commit_error: Option<&str>);
+}
+
+/// The [`Job`] of [`Connections::write`]: `f`, its last answer, and where it goes.
+struct Write<T, F> {
+    f: F,
+    answer: Option<Result<T, StoreError>>,
+    to: oneshot::Sender<Result<T, StoreError>>,
+}
+
+impl<T, F> Job for Write<T, F>
+where
+    T: Send,
+    F: Fn(&Connection) -> Result<T, StoreError> + Send,
+{
+    fn run(&mut self, conn: Result<&Connection, &str>) -> bool {
+        let answer = match conn {
+            Ok(conn) => (self.f)(conn),
+            Err(msg) => Err(unavailable(msg)),
+        };
+        let ok = answer.is_ok();
+        self.answer = Some(answer);
+        ok
+    }
+
+    fn finish(self: Box<Self>, commit_error: Option<&str>) {
+        let answer = match (self.answer, commit_error) {
+            (Some(Ok(v)), None) => Ok(v),
+            (Some(Ok(_)), Some(e)) => Err(StoreError::unavailable(format!("commit failed: {e}"))),
+            (Some(Err(e)), _) => Err(e),
+            (None, _) => Err(unavailable("a write did not run")),
+        };
+        let _ = self.to.send(answer);
+    }
+}
 
 /// How long a connection waits for another's lock before it reports SQLITE_BUSY.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -33,7 +72,7 @@ pub(crate) struct Connections {
     /// transaction (group commit): alone, a caller commits its own job on its own thread;
     /// under load, one fsync covers everything that queued up meanwhile.
     writer: tokio::sync::Mutex<Connection>,
-    queue: Mutex<Vec<Job>>,
+    queue: Mutex<Vec<Box<dyn Job>>>,
     /// Read-only connections, idle. Beside the writer: reads never wait for a commit's
     /// fsync (WAL readers and the writer do not block each other).
     readers: Mutex<Vec<Connection>>,
@@ -47,6 +86,12 @@ fn open_connection(path: &Path, flags: OpenFlags) -> Result<Connection, StoreErr
     // FULL: each commit is fsynced before it is acknowledged (NORMAL in WAL mode may lose
     // the last commits on power loss).
     conn.pragma_update(None, "synchronous", "FULL")
+        .map_err(unavailable)?;
+    // Each write runs in a savepoint, which keeps the original of every page it changes
+    // in a statement journal for its rollback. On disk, past a few pages, that is a write
+    // call per page per savepoint; in memory it is a copy. It only ever undoes a
+    // savepoint of the open transaction, so the database's durability does not rest on it.
+    conn.pragma_update(None, "temp_store", "MEMORY")
         .map_err(unavailable)?;
     Ok(conn)
 }
@@ -86,30 +131,19 @@ impl Connections {
     }
 
     /// Runs `f` on the writer thread, inside the current batch's transaction; the answer
-    /// comes only after that transaction committed.
+    /// comes only after that transaction committed. `f` may run more than once (a batch
+    /// runs again when one of its writes fails), so it touches nothing but the database.
     pub(crate) async fn write<T, F>(&self, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
-        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+        F: Fn(&Connection) -> Result<T, StoreError> + Send + 'static,
     {
-        let (tx, rx) = oneshot::channel();
-        let job: Job = Box::new(move |conn| {
-            let result = match conn {
-                Ok(conn) => f(conn),
-                Err(msg) => Err(unavailable(msg)),
-            };
-            let ok = result.is_ok();
-            let finish: Finish = Box::new(move |commit_error| {
-                let answer = match (result, commit_error) {
-                    (Ok(v), None) => Ok(v),
-                    (Ok(_), Some(e)) => Err(StoreError::unavailable(format!("commit failed: {e}"))),
-                    (Err(e), _) => Err(e),
-                };
-                let _ = tx.send(answer);
-            });
-            (ok, finish)
+        let (to, mut rx) = oneshot::channel();
+        let job: Box<dyn Job> = Box::new(Write {
+            f,
+            answer: None,
+            to,
         });
-        let mut rx = rx;
         lock(&self.queue).push(job);
         let conn = self.writer.lock().await;
         // An earlier holder may have committed our job with its batch.
@@ -231,15 +265,18 @@ fn is_busy(e: &StoreError) -> bool {
         })
 }
 
-/// Commits `jobs` in one transaction, each in its own savepoint (so that one failing
-/// job does not undo the others), then gives every job its answer.
-fn commit_batch(conn: &Connection, jobs: Vec<Job>) {
+/// Commits `jobs` in one transaction, then gives every job its answer. They run one after
+/// another with nothing between them; if one fails, the transaction is rolled back and
+/// they all run again, each in its own savepoint, so that the failing one undoes only
+/// itself. (A savepoint keeps a copy of every page its write changes: most of a small
+/// write's cost, for a failure that is rare.)
+fn commit_batch(conn: &Connection, jobs: Vec<Box<dyn Job>>) {
     for chunk in chunks(jobs, MAX_BATCH) {
         commit_chunk(conn, chunk);
     }
 }
 
-fn chunks(mut jobs: Vec<Job>, size: usize) -> Vec<Vec<Job>> {
+fn chunks(mut jobs: Vec<Box<dyn Job>>, size: usize) -> Vec<Vec<Box<dyn Job>>> {
     let mut out = Vec::new();
     while jobs.len() > size {
         let rest = jobs.split_off(size);
@@ -250,54 +287,68 @@ fn chunks(mut jobs: Vec<Job>, size: usize) -> Vec<Vec<Job>> {
     out
 }
 
-fn commit_chunk(conn: &Connection, jobs: Vec<Job>) {
-    {
-        if jobs.is_empty() {
-            return;
+fn statement(conn: &Connection, sql: &str) -> Result<(), String> {
+    conn.prepare_cached(sql)
+        .and_then(|mut s| s.execute([]))
+        .map(drop)
+        .map_err(|e| e.to_string())
+}
+
+/// Every job's answer is an error: `msg`, from the transaction around them.
+fn fail_all(jobs: Vec<Box<dyn Job>>, msg: &str) {
+    for mut job in jobs {
+        job.run(Err(msg));
+        job.finish(Some(msg));
+    }
+}
+
+/// Commits `jobs` in one transaction (see [`commit_batch`]).
+fn commit_chunk(conn: &Connection, mut jobs: Vec<Box<dyn Job>>) {
+    if jobs.is_empty() {
+        return;
+    }
+    if let Err(msg) = statement(conn, "BEGIN IMMEDIATE") {
+        return fail_all(jobs, &msg);
+    }
+    if jobs.iter_mut().all(|job| job.run(Ok(conn))) {
+        return commit(conn, jobs.into_iter().map(|job| (job, None)).collect());
+    }
+    let _ = statement(conn, "ROLLBACK");
+    if jobs.len() == 1 {
+        // Alone: its own error is its answer, and nothing of it was kept.
+        for job in jobs {
+            job.finish(None);
         }
-        if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
-            let msg = e.to_string();
-            for job in jobs {
-                let (_, finish) = job(Err(&msg));
-                finish(Some(&msg));
-            }
-            return;
+        return;
+    }
+    if let Err(msg) = statement(conn, "BEGIN IMMEDIATE") {
+        return fail_all(jobs, &msg);
+    }
+    let mut done = Vec::with_capacity(jobs.len());
+    for mut job in jobs {
+        if let Err(msg) = statement(conn, "SAVEPOINT job") {
+            job.run(Err(&msg));
+            done.push((job, Some(msg)));
+            continue;
         }
-        let mut finishes = Vec::with_capacity(jobs.len());
-        if jobs.len() == 1 {
-            // Alone in its transaction: no savepoint needed, a failure rolls back the lot.
-            for job in jobs {
-                let (ok, finish) = job(Ok(conn));
-                if !ok {
-                    let _ = conn.execute_batch("ROLLBACK");
-                    finish(None);
-                    return;
-                }
-                finishes.push((finish, None));
-            }
+        let undo = if job.run(Ok(conn)) {
+            statement(conn, "RELEASE job")
         } else {
-            for job in jobs {
-                if let Err(e) = conn.execute_batch("SAVEPOINT job") {
-                    let msg = e.to_string();
-                    let (_, finish) = job(Err(&msg));
-                    finishes.push((finish, Some(msg)));
-                    continue;
-                }
-                let (ok, finish) = job(Ok(conn));
-                let undo = if ok {
-                    conn.execute_batch("RELEASE job")
-                } else {
-                    conn.execute_batch("ROLLBACK TO job; RELEASE job")
-                };
-                finishes.push((finish, undo.err().map(|e| e.to_string())));
-            }
-        }
-        let commit_error = conn.execute_batch("COMMIT").err().map(|e| e.to_string());
-        if commit_error.is_some() {
-            let _ = conn.execute_batch("ROLLBACK");
-        }
-        for (finish, own_error) in finishes {
-            finish(commit_error.as_deref().or(own_error.as_deref()));
-        }
+            statement(conn, "ROLLBACK TO job").and_then(|()| statement(conn, "RELEASE job"))
+        };
+        done.push((job, undo.err()));
+    }
+    commit(conn, done);
+}
+
+/// Commits the open transaction and gives each job its answer (its own error, if its
+/// savepoint could not be closed, or the commit's).
+fn commit(conn: &Connection, jobs: Vec<(Box<dyn Job>, Option<String>)>) {
+    let commit_error = statement(conn, "COMMIT").err();
+    if commit_error.is_some() {
+        let _ = statement(conn, "ROLLBACK");
+    }
+    for (job, own_error) in jobs {
+        job.finish(commit_error.as_deref().or(own_error.as_deref()));
     }
 }

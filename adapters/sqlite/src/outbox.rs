@@ -124,7 +124,8 @@ impl EventOutbox for SqliteStore {
     ) -> BoxFuture<'_, Result<u32, StoreError>> {
         Box::pin(self.inner.conns.write(move |c| {
             let mut dispatched = 0;
-            for Dispatch { session, kind, to } in events {
+            for Dispatch { session, kind, to } in &events {
+                let (session, kind) = (*session, *kind);
                 let id = session.to_string();
                 let sequence = event_sequence(kind);
                 // One writer: reading the next place and taking it are one step here.
@@ -248,7 +249,7 @@ impl EventOutbox for SqliteStore {
     ) -> BoxFuture<'_, Result<(), StoreError>> {
         let node = node.to_owned();
         Box::pin(self.inner.conns.write(move |c| {
-            for attempt in attempts {
+            for attempt in &attempts {
                 let (status, next) = delivery_next(attempt.next);
                 c.prepare_cached(statements::RECORD_DELIVERY)
                     .and_then(|mut s| {

@@ -119,7 +119,7 @@ impl ReleaseQueue for SqliteStore {
         let node = node.to_owned();
         Box::pin(self.inner.conns.write(move |c| {
             c.prepare_cached(statements::DROP_CLAIMS)
-                .and_then(|mut s| s.execute([node]))
+                .and_then(|mut s| s.execute([&node]))
                 .map_err(db)?;
             Ok(())
         }))
