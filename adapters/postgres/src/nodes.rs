@@ -152,7 +152,12 @@ impl NodeMembership for PostgresStore {
                                                       ELSE 'start_failed' END,
                                     ended_at = ",
                             sql_ended_at!("$2"),
-                            ", node_last_seen_at = (SELECT last_heartbeat_at FROM nodes WHERE id = $1)
+                            // Its last heartbeat, as this instance's clock (which wrote
+                            // `ended_at` and the usage periods) saw it: its age on the
+                            // database's clock, back from `now`.
+                            ", node_last_seen_at = $2::BIGINT - GREATEST(0, ",
+                            db_now_ms!(),
+                            " - (SELECT last_heartbeat_at FROM nodes WHERE id = $1))
                              WHERE id IN (SELECT id FROM sessions
                                       WHERE node = $1 AND status = 'started'
                                       ORDER BY id LIMIT $3 FOR UPDATE)
