@@ -1071,6 +1071,16 @@ async fn readiness_is_recorded_and_a_server_never_ready_ends_start_failed() {
     cluster.finish().await;
 }
 
+/// The identifier a Stripe-shaped correction cancels, from its `adjustment` (the body of a
+/// Stripe meter event adjustment); `None` for a first record, which carries none.
+fn stripe_cancelled(body: &Value) -> Option<String> {
+    let adjustment = body.get("adjustment")?;
+    assert_eq!(adjustment["type"], "cancel", "{body}");
+    assert_eq!(adjustment["event_name"], body["event_name"], "{body}");
+    assert!(body["payload"].get("corrects").is_none(), "{body}");
+    Some(adjustment["cancel"]["identifier"].as_str()?.to_owned())
+}
+
 /// Usage export from two instances on PostgreSQL to a receiver that fails for its first
 /// seconds: every usage record's `usage.recorded` event arrives at each endpoint that
 /// exports usage (CloudEvents and Stripe shapes), verified with the Standard Webhooks
@@ -1137,7 +1147,13 @@ async fn usage_events_from_two_instances_arrive_once_each_through_a_failing_rece
     // What the store recorded, read from PostgreSQL itself.
     let db = session_lifecycle_postgres::testing::connect(cluster.db_url()).await;
     let recorded: BTreeSet<String> = db
-        .query("SELECT id FROM usage_records WHERE tenant = 'acme'", &[])
+        // Identifiers are derived, not stored: `usage:<session>:<span start>[:r<revision>]`.
+        .query(
+            "SELECT 'usage:' || session_id || ':' || span_from \
+                 || CASE WHEN revision > 1 THEN ':r' || revision ELSE '' END \
+             FROM usage_records WHERE tenant = 'acme'",
+            &[],
+        )
         .await
         .unwrap()
         .iter()
@@ -1233,10 +1249,13 @@ async fn usage_events_from_two_instances_arrive_once_each_through_a_failing_rece
                 assert_eq!(body["event_name"], "session_milliseconds");
                 assert_eq!(body["payload"]["stripe_customer_id"], "cus_acme");
                 let session = id.split(':').nth(1).unwrap().to_owned();
+                // Stamped with its span's start, so it lands in the period it was used in.
+                let span_start: u64 = id.split(':').nth(2).unwrap().parse().unwrap();
+                assert_eq!(body["timestamp"], span_start / 1000, "{body}");
                 (
                     session,
                     body["payload"]["value"].as_str().unwrap().parse().unwrap(),
-                    body["payload"]["corrects"].as_str().map(str::to_owned),
+                    stripe_cancelled(body),
                 )
             };
             assert!(

@@ -103,8 +103,13 @@ pub fn delivery_status_view(s: DeliveryStatus) -> DeliveryStatusView {
 /// The body of a `usage.recorded` event of `record` in `format`, and its content type.
 /// A record's bytes never change, so every delivery and retry of it is the same. Values
 /// are billable milliseconds. A correction carries the value the span now has (not a
-/// difference) and `corrects`, the identifier it replaces: a receiver drops the replaced
-/// one (for Stripe: a meter event adjustment that cancels it) and counts this one.
+/// difference) and the identifier it replaces: a receiver drops the replaced one and
+/// counts this one. In the Stripe shape the replacement is explicit: a correction carries
+/// `adjustment`, the body of a Stripe meter event adjustment that cancels the replaced
+/// identifier, to send before the rest (the meter event). Stripe refuses a meter event
+/// with an unknown `adjustment` parameter, so a relay that forwards bodies unread fails
+/// loudly instead of billing both values. The Stripe `timestamp` is the span's start, so
+/// usage lands in the invoice of the period it was used in.
 pub fn usage_body(
     record: &UsageRecord,
     format: UsageFormat,
@@ -117,19 +122,22 @@ pub fn usage_body(
         .map_or((None, None), |b| (Some(at(b.from())), Some(at(b.to()))));
     match format {
         UsageFormat::Stripe => {
-            let mut payload = serde_json::json!({
-                "stripe_customer_id": export.customer,
-                "value": record.millis().to_string(),
-            });
-            if let Some(corrects) = &record.corrects {
-                payload["corrects"] = serde_json::Value::String(corrects.clone());
-            }
-            let body = serde_json::json!({
+            let mut body = serde_json::json!({
                 "event_name": export.event_name,
                 "identifier": record.id,
-                "timestamp": record.recorded_at.as_secs(),
-                "payload": payload,
+                "timestamp": record.span.0.as_secs(),
+                "payload": {
+                    "stripe_customer_id": export.customer,
+                    "value": record.millis().to_string(),
+                },
             });
+            if let Some(corrects) = &record.corrects {
+                body["adjustment"] = serde_json::json!({
+                    "event_name": export.event_name,
+                    "type": "cancel",
+                    "cancel": {"identifier": corrects},
+                });
+            }
             ("application/json", body.to_string().into_bytes())
         }
         UsageFormat::CloudEvents => {
