@@ -55,9 +55,9 @@ fn fill(path: &std::path::Path, n: u64) {
             .unwrap();
         let mut record = db
             .prepare(
-                "INSERT INTO usage_records (id, session_id, tenant, seq, span_from, span_to,
-                        from_ms, to_ms, millis, revision, corrects, superseded_by, recorded_at)
-                 VALUES (?1, ?2, 'bench', 1, ?3, ?4, ?3, ?4, ?5, 1, NULL, NULL, ?4)",
+                "INSERT INTO usage_records (session_id, tenant, seq, span_from, span_to,
+                        from_ms, to_ms, millis, revision, superseded, recorded_at)
+                 VALUES (?1, 'bench', 1, ?2, ?3, ?2, ?3, ?4, 1, 0, ?3)",
             )
             .unwrap();
         let spacing = 29 * 86_400_000 / n;
@@ -70,13 +70,7 @@ fn fill(path: &std::path::Path, n: u64) {
             let (s, e) = (start as i64, (start + length) as i64);
             session.execute(rusqlite::params![id, s, e]).unwrap();
             record
-                .execute(rusqlite::params![
-                    format!("usage:{id}:{start}"),
-                    id,
-                    s,
-                    e,
-                    length as i64
-                ])
+                .execute(rusqlite::params![id, s, e, length as i64])
                 .unwrap();
         }
     }

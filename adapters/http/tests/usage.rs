@@ -630,24 +630,25 @@ async fn usage_reconcile_reports_nothing_on_a_healthy_store_and_every_difference
 
     // Behind the store's back: one record made longer, another session's records gone.
     let db = rusqlite::Connection::open(&file).unwrap();
-    let (longer, lengthened): (String, String) = db
+    let (longer, lengthened): (String, i64) = db
         .query_row(
-            "SELECT session_id, id FROM usage_records
-             WHERE superseded_by IS NULL AND millis > 0 ORDER BY id LIMIT 1",
+            "SELECT session_id, seq FROM usage_records
+             WHERE NOT superseded AND millis > 0 ORDER BY session_id, seq LIMIT 1",
             [],
             |r| Ok((r.get(0)?, r.get(1)?)),
         )
         .unwrap();
     db.execute(
-        "UPDATE usage_records SET to_ms = to_ms + 1000, millis = millis + 1000 WHERE id = ?1",
-        [&lengthened],
+        "UPDATE usage_records SET to_ms = to_ms + 1000, millis = millis + 1000
+         WHERE session_id = ?1 AND seq = ?2",
+        rusqlite::params![&longer, lengthened],
     )
     .unwrap();
     let gone: String = db
         .query_row(
             "SELECT session_id FROM usage_records
-             WHERE superseded_by IS NULL AND millis > 0 AND session_id <> ?1
-             ORDER BY id DESC LIMIT 1",
+             WHERE NOT superseded AND millis > 0 AND session_id <> ?1
+             ORDER BY session_id DESC LIMIT 1",
             [&longer],
             |r| r.get(0),
         )

@@ -36,18 +36,16 @@ fn state_row(r: &Row) -> Result<UsageStateRow, StoreError> {
 
 fn usage_row(r: &Row) -> Result<UsageRow, StoreError> {
     Ok(UsageRow {
-        id: col(r, 0)?,
-        session_id: col(r, 1)?,
-        tenant: col(r, 2)?,
-        seq: col(r, 3)?,
-        span_from: col(r, 4)?,
-        span_to: col(r, 5)?,
-        from_ms: col(r, 6)?,
-        to_ms: col(r, 7)?,
-        revision: col(r, 8)?,
-        corrects: col(r, 9)?,
-        superseded_by: col(r, 10)?,
-        recorded_at: col(r, 11)?,
+        session_id: col(r, 0)?,
+        tenant: col(r, 1)?,
+        seq: col(r, 2)?,
+        span_from: col(r, 3)?,
+        span_to: col(r, 4)?,
+        from_ms: col(r, 5)?,
+        to_ms: col(r, 6)?,
+        revision: col(r, 7)?,
+        superseded: col(r, 8)?,
+        recorded_at: col(r, 9)?,
     })
 }
 
@@ -58,7 +56,25 @@ fn records(rows: &[Row]) -> Result<Vec<UsageRecord>, StoreError> {
 /// Settles the usage of session `id` after its cause at `now`, in the caller's transaction
 /// (see `session_lifecycle_store::usage::settle`); closes its periods up to `close` if
 /// given. The caller holds the session's row lock (its cause updated or locked the row).
+/// A corrupt usage state or record never keeps its cause (an end above all: the session's
+/// resources wait on it) from committing: the session is left unsettled, with a warning,
+/// for `sessiond usage reconcile` to report.
 pub(crate) async fn settle_usage(
+    tx: &impl GenericClient,
+    id: &str,
+    close: Option<(Timestamp, Duration)>,
+    now: Timestamp,
+) -> Result<(), StoreError> {
+    match settle_session(tx, id, close, now).await {
+        Err(e @ StoreError::Corrupt { .. }) => {
+            tracing::warn!(error = %e, "usage not recorded: its session's usage is corrupt");
+            Ok(())
+        }
+        other => other,
+    }
+}
+
+async fn settle_session(
     tx: &impl GenericClient,
     id: &str,
     close: Option<(Timestamp, Duration)>,
@@ -87,7 +103,6 @@ pub(crate) async fn settle_usage(
         tx.execute(
             pg(statements::INSERT_USAGE),
             &[
-                &r.id,
                 &r.session_id,
                 &r.tenant,
                 &r.seq,
@@ -96,8 +111,7 @@ pub(crate) async fn settle_usage(
                 &r.from_ms,
                 &r.to_ms,
                 &r.revision,
-                &r.corrects,
-                &r.superseded_by,
+                &r.superseded,
                 &r.recorded_at,
                 &(record.millis() as i64),
             ],
@@ -117,13 +131,10 @@ pub(crate) async fn settle_usage(
         .await
         .map_err(unavailable)?;
     }
-    for (old, by) in &settled.superseded {
-        tx.execute(
-            pg(statements::SUPERSEDE_USAGE),
-            &[&id, &i64::from(*old), by],
-        )
-        .await
-        .map_err(unavailable)?;
+    for (old, _) in &settled.superseded {
+        tx.execute(pg(statements::SUPERSEDE_USAGE), &[&id, &i64::from(*old)])
+            .await
+            .map_err(unavailable)?;
     }
     if let Some(to) = settled.closed_to {
         tx.execute(pg(statements::CLOSE_USAGE_TO), &[&id, &ms(to)])

@@ -35,13 +35,14 @@ use std::time::Duration;
 
 use connections::Connections;
 use error::db;
-use rusqlite::{Connection, params};
+use rusqlite::{Connection, OptionalExtension, params};
 use session_lifecycle::{EndReason, EventKind, Resource, SessionId, Status, Timestamp, Transition};
 use session_lifecycle_store::rows::{
     RELEASED_ON_RETURN, ResourceRow, SessionRow, duration_ms, end_count, event_sequence,
     millis as ms, parse_id, release_columns, timeout_columns,
 };
 use session_lifecycle_store::sql::statements;
+use session_lifecycle_store::usage::UsageStateRow;
 use session_lifecycle_store::{
     AttachOutcome, BoxFuture, CreateOutcome, EndCount, ListQuery, NewSession, ReleaseClaim,
     ReleaseProgress, ReleaseQueue, SessionRecord, SessionStore, StoreError, StoreHealth,
@@ -49,6 +50,7 @@ use session_lifecycle_store::{
 };
 use session_lifecycle_store::{
     sql_count_ends, sql_ended_at, sql_ended_since, sql_later, sql_release_due_at,
+    sql_usage_state_columns,
 };
 
 /// A session store in one SQLite file.
@@ -199,11 +201,16 @@ fn mark_resources_due(c: &Connection, id: &str) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Session `id` just ended at `now`: its `ended` event, and `released` if it holds nothing
-/// to release.
-fn ended_events(c: &Connection, id: &str, now: Timestamp, usage: bool) -> Result<(), StoreError> {
-    if usage {
-        usage::settle_usage(c, id, None, now)?;
+/// Session `id` just ended at `now`: its usage (of its usage state after the end, if it
+/// is recorded), its `ended` event, and `released` if it holds nothing to release.
+fn ended_events(
+    c: &Connection,
+    id: &str,
+    now: Timestamp,
+    usage: Option<UsageStateRow>,
+) -> Result<(), StoreError> {
+    if let Some(row) = usage {
+        usage::settle_row(c, row, None, now)?;
     }
     c.prepare_cached(statements::EVENT_ENDED)
         .and_then(|mut s| s.execute(params![id, event_sequence(EventKind::Ended)]))
@@ -342,8 +349,8 @@ impl SessionStore for SqliteStore {
                     };
                     // One statement for the session row: the end, its next release due at
                     // the end if it holds anything, and the claim of the node ending its
-                    // own session.
-                    let n = c
+                    // own session; it answers the session's usage state after the end.
+                    let ended = c
                         .prepare_cached(concat!(
                             "UPDATE sessions SET status = 'ended', end_reason = ?3, ended_at = ",
                             sql_ended_at!("?2"),
@@ -351,25 +358,32 @@ impl SessionStore for SqliteStore {
                             sql_release_due_at!(sql_ended_at!("?2")),
                             ", release_claimed_by = CASE WHEN resource_count > 0 AND node = ?4 THEN ?4 END,
                                release_claimed_until = CASE WHEN resource_count > 0 AND node = ?4 THEN ?5 END
-                             WHERE id = ?1 AND status = 'started' AND (?6 IS NULL OR tenant = ?6)"
+                             WHERE id = ?1 AND status = 'started' AND (?6 IS NULL OR tenant = ?6)
+                             RETURNING ",
+                            sql_usage_state_columns!()
                         ))
                         .and_then(|mut s| {
-                            s.execute(params![
-                                id_text,
-                                ms(now),
-                                reason.as_str(),
-                                claim_node,
-                                claim_until,
-                                tenant
-                            ])
+                            s.query_row(
+                                params![
+                                    id_text,
+                                    ms(now),
+                                    reason.as_str(),
+                                    claim_node,
+                                    claim_until,
+                                    tenant
+                                ],
+                                usage::state_row,
+                            )
+                            .optional()
                         })
                         .map_err(db)?;
-                    let transition = if n == 1 {
-                        mark_resources_due(c, &id_text)?;
-                        ended_events(c, &id_text, now, usage)?;
-                        Transition::Committed
-                    } else {
-                        Transition::AlreadyEnded
+                    let transition = match ended {
+                        Some(row) => {
+                            mark_resources_due(c, &id_text)?;
+                            ended_events(c, &id_text, now, Some(row).filter(|_| usage))?;
+                            Transition::Committed
+                        }
+                        None => Transition::AlreadyEnded,
                     };
                     let record = get_record(c, &id_text)?
                         .filter(|r| tenant.as_ref().is_none_or(|t| *t == r.tenant));

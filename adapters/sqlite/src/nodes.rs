@@ -8,10 +8,14 @@ use session_lifecycle_store::rows::{
     LOST_WITH_NODE, duration_ms, millis as ms, parse_id, timestamp,
 };
 use session_lifecycle_store::sql::statements;
+use session_lifecycle_store::usage::UsageStateRow;
 use session_lifecycle_store::{BoxFuture, NodeMembership, NodeRow, StoreError};
-use session_lifecycle_store::{sql_ended_at, sql_later, sql_release_due_at};
+use session_lifecycle_store::{
+    sql_ended_at, sql_later, sql_release_due_at, sql_usage_state_columns,
+};
 
 use crate::presence::let_go_of;
+use crate::usage;
 use crate::{SqliteStore, db, ended_events, mark_resources_due};
 
 impl NodeMembership for SqliteStore {
@@ -111,7 +115,7 @@ impl NodeMembership for SqliteStore {
             let mut ended = Vec::new();
             for node in dead {
                 let room = i64::from(limit).saturating_sub(ended.len() as i64);
-                let ids: Vec<String> = c
+                let rows: Vec<UsageStateRow> = c
                     .prepare_cached(
                         concat!(
                             "UPDATE sessions SET status = 'ended', end_reason = 'node_lost', ended_at = ",
@@ -121,18 +125,20 @@ impl NodeMembership for SqliteStore {
                             ", node_last_seen_at = (SELECT last_heartbeat_at FROM nodes WHERE id = ?1)
                              WHERE id IN (SELECT id FROM sessions
                                       WHERE node = ?1 AND status = 'started' LIMIT ?3)
-                         RETURNING id"
+                         RETURNING ",
+                            sql_usage_state_columns!()
                         ),
                     )
                     .and_then(|mut s| {
-                        s.query_map(params![node, ms(now), room], |r| r.get(0))?
+                        s.query_map(params![node, ms(now), room], usage::state_row)?
                             .collect()
                     })
                     .map_err(db)?;
-                for id in &ids {
-                    mark_resources_due(c, id)?;
-                    ended_events(c, id, now, usage)?;
-                    ended.push(parse_id(id)?);
+                for row in rows {
+                    let id = row.id.clone();
+                    mark_resources_due(c, &id)?;
+                    ended_events(c, &id, now, Some(row).filter(|_| usage))?;
+                    ended.push(parse_id(&id)?);
                 }
                 c.prepare_cached(statements::MARK_LOST)
                     .and_then(|mut s| s.execute(params![node, ms(now), LOST_WITH_NODE]))

@@ -202,6 +202,33 @@ const MIGRATIONS: &[&str] = &[
      -- range's records start at most an hour before it.
      CREATE INDEX usage_records_latest ON usage_records (tenant, from_ms)
          WHERE superseded_by IS NULL AND millis > 0;",
+    // 11: usage records keep no identifiers (`usage::record_id` derives them from the
+    // session, the span's start and the revision), only whether a correction replaced
+    // them: smaller rows, on every end. And no foreign key: each is written from its
+    // session's row in the step that reads it (sessions are never deleted), and the check
+    // was a lookup of that row, and a statement journal, on every end.
+    "CREATE TABLE usage_records_11 (
+         session_id    TEXT NOT NULL,
+         seq           INTEGER NOT NULL,
+         tenant        TEXT NOT NULL,
+         span_from     INTEGER NOT NULL,
+         span_to       INTEGER NOT NULL,
+         from_ms       INTEGER NOT NULL,
+         to_ms         INTEGER NOT NULL,
+         millis        INTEGER NOT NULL,
+         revision      INTEGER NOT NULL,
+         superseded    INTEGER NOT NULL,
+         recorded_at   INTEGER NOT NULL,
+         PRIMARY KEY (session_id, seq)
+     ) WITHOUT ROWID;
+     INSERT INTO usage_records_11
+         SELECT session_id, seq, tenant, span_from, span_to, from_ms, to_ms, millis, revision,
+                superseded_by IS NOT NULL, recorded_at
+         FROM usage_records;
+     DROP TABLE usage_records;
+     ALTER TABLE usage_records_11 RENAME TO usage_records;
+     CREATE INDEX usage_records_latest ON usage_records (tenant, from_ms)
+         WHERE NOT superseded AND millis > 0;",
 ];
 
 /// The schema version this code writes.

@@ -15,7 +15,7 @@ use session_lifecycle_store::{BoxFuture, StoreError};
 use crate::SqliteStore;
 use crate::error::db;
 
-fn state_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<UsageStateRow> {
+pub(crate) fn state_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<UsageStateRow> {
     Ok(UsageStateRow {
         id: r.get(0)?,
         tenant: r.get(1)?,
@@ -32,18 +32,16 @@ fn state_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<UsageStateRow> {
 
 fn usage_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<UsageRow> {
     Ok(UsageRow {
-        id: r.get(0)?,
-        session_id: r.get(1)?,
-        tenant: r.get(2)?,
-        seq: r.get(3)?,
-        span_from: r.get(4)?,
-        span_to: r.get(5)?,
-        from_ms: r.get(6)?,
-        to_ms: r.get(7)?,
-        revision: r.get(8)?,
-        corrects: r.get(9)?,
-        superseded_by: r.get(10)?,
-        recorded_at: r.get(11)?,
+        session_id: r.get(0)?,
+        tenant: r.get(1)?,
+        seq: r.get(2)?,
+        span_from: r.get(3)?,
+        span_to: r.get(4)?,
+        from_ms: r.get(5)?,
+        to_ms: r.get(6)?,
+        revision: r.get(7)?,
+        superseded: r.get(8)?,
+        recorded_at: r.get(9)?,
     })
 }
 
@@ -67,20 +65,53 @@ pub(crate) fn settle_usage(
         .prepare_cached(statements::USAGE_STATE)
         .and_then(|mut s| s.query_map([id], state_row)?.next().transpose())
         .map_err(db)?;
-    let Some(row) = row else { return Ok(()) };
-    let state = row.into_state()?;
+    match row {
+        Some(row) => settle_row(c, row, close, now),
+        None => Ok(()),
+    }
+}
+
+/// [`settle_usage`] of a session whose usage state after its cause is `row` (read by the
+/// cause's own statement). A corrupt usage state or record never keeps its cause (an end
+/// above all: the session's resources wait on it) from committing: the session is left
+/// unsettled, with a warning, for `sessiond usage reconcile` to report.
+pub(crate) fn settle_row(
+    c: &Connection,
+    row: UsageStateRow,
+    close: Option<(Timestamp, Duration)>,
+    now: Timestamp,
+) -> Result<(), StoreError> {
+    match row
+        .into_state()
+        .and_then(|state| settle_state(c, &state, close, now))
+    {
+        Err(e @ StoreError::Corrupt { .. }) => {
+            tracing::warn!(error = %e, "usage not recorded: its session's usage is corrupt");
+            Ok(())
+        }
+        other => other,
+    }
+}
+
+fn settle_state(
+    c: &Connection,
+    state: &UsageState,
+    close: Option<(Timestamp, Duration)>,
+    now: Timestamp,
+) -> Result<(), StoreError> {
+    let id = state.session.to_string();
+    let id = id.as_str();
     // Nothing is recorded of a session before its first close or end.
     let records = match state.closed_to {
         Some(_) => session_records(c, id)?,
         None => Vec::new(),
     };
-    let settled = settle(&state, &records, close, now);
+    let settled = settle(state, &records, close, now);
     for record in &settled.records {
         let r = UsageRow::of(record);
         c.prepare_cached(statements::INSERT_USAGE)
             .and_then(|mut s| {
                 s.execute(params![
-                    r.id,
                     r.session_id,
                     r.tenant,
                     r.seq,
@@ -89,8 +120,7 @@ pub(crate) fn settle_usage(
                     r.from_ms,
                     r.to_ms,
                     r.revision,
-                    r.corrects,
-                    r.superseded_by,
+                    r.superseded,
                     r.recorded_at,
                     record.millis() as i64
                 ])
@@ -108,9 +138,9 @@ pub(crate) fn settle_usage(
             })
             .map_err(db)?;
     }
-    for (old, by) in &settled.superseded {
+    for (old, _) in &settled.superseded {
         c.prepare_cached(statements::SUPERSEDE_USAGE)
-            .and_then(|mut s| s.execute(params![id, old, by]))
+            .and_then(|mut s| s.execute(params![id, old]))
             .map_err(db)?;
     }
     if let Some(to) = settled.closed_to {

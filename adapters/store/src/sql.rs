@@ -70,6 +70,15 @@ macro_rules! sql_release_due_at {
     };
 }
 
+/// The columns of a session's usage state, as `usage::UsageStateRow` reads them.
+#[macro_export]
+macro_rules! sql_usage_state_columns {
+    () => {
+        "id, tenant, started_at, ready_at, ended_at, end_reason, node_last_seen_at, bill_meter,
+         bill_rounding, usage_closed_to"
+    };
+}
+
 /// The live nodes holding client sockets of session `?1`, by id; `$node_alive` is the
 /// dialect's condition that node row `n` is alive.
 #[macro_export]
@@ -492,26 +501,27 @@ pub mod statements {
     pub const PRUNE_ROOM_EVENTS: &str = "DELETE FROM room_events WHERE received_at <= ?1";
 
     /// The usage state of session `?1`, as `usage::UsageStateRow` reads it.
-    pub const USAGE_STATE: &str = "SELECT id, tenant, started_at, ready_at, ended_at, end_reason,
-                node_last_seen_at, bill_meter, bill_rounding, usage_closed_to
-         FROM sessions WHERE id = ?1";
+    pub const USAGE_STATE: &str = concat!(
+        "SELECT ",
+        sql_usage_state_columns!(),
+        " FROM sessions WHERE id = ?1"
+    );
 
     /// Every usage record of session `?1`, in the order written (`usage::UsageRow`'s
     /// columns).
-    pub const SESSION_USAGE: &str = "SELECT id, session_id, tenant, seq, span_from, span_to,
-                from_ms, to_ms, revision, corrects, superseded_by, recorded_at
+    pub const SESSION_USAGE: &str = "SELECT session_id, tenant, seq, span_from, span_to,
+                from_ms, to_ms, revision, superseded, recorded_at
          FROM usage_records WHERE session_id = ?1 ORDER BY seq";
 
-    /// A new usage record: `usage::UsageRow`'s columns in order as `?1` to `?12`, its
-    /// billable milliseconds `?13`.
-    pub const INSERT_USAGE: &str = "INSERT INTO usage_records (id, session_id, tenant, seq,
-                span_from, span_to, from_ms, to_ms, revision, corrects, superseded_by,
-                recorded_at, millis)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)";
+    /// A new usage record: `usage::UsageRow`'s columns in order as `?1` to `?10`, its
+    /// billable milliseconds `?11`.
+    pub const INSERT_USAGE: &str = "INSERT INTO usage_records (session_id, tenant, seq,
+                span_from, span_to, from_ms, to_ms, revision, superseded, recorded_at, millis)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)";
 
-    /// Usage record `?2` of session `?1` is replaced by the correction `?3`.
-    pub const SUPERSEDE_USAGE: &str = "UPDATE usage_records SET superseded_by = ?3
-         WHERE session_id = ?1 AND seq = ?2 AND superseded_by IS NULL";
+    /// Usage record `?2` of session `?1` is replaced by a correction.
+    pub const SUPERSEDE_USAGE: &str = "UPDATE usage_records SET superseded = TRUE
+         WHERE session_id = ?1 AND seq = ?2 AND NOT superseded";
 
     /// Session `?1`'s usage is recorded up to `?2` (the end of its last closed period).
     pub const CLOSE_USAGE_TO: &str = "UPDATE sessions SET usage_closed_to = ?2 WHERE id = ?1";
@@ -526,11 +536,13 @@ pub mod statements {
     /// The usage state of up to `?4` sessions (as `USAGE_STATE`) whose life overlaps
     /// `[?1, ?2)` (a minute's rounding after its end counts as its life), by id, after id
     /// `?3` (`''`: from the first).
-    pub const USAGE_STATES: &str = "SELECT id, tenant, started_at, ready_at, ended_at, end_reason,
-                node_last_seen_at, bill_meter, bill_rounding, usage_closed_to
-         FROM sessions
+    pub const USAGE_STATES: &str = concat!(
+        "SELECT ",
+        sql_usage_state_columns!(),
+        " FROM sessions
          WHERE started_at < ?2 AND (ended_at IS NULL OR ended_at + 60000 >= ?1) AND id > ?3
-         ORDER BY id LIMIT ?4";
+         ORDER BY id LIMIT ?4"
+    );
 }
 
 /// PostgreSQL's form of a shared statement: `?N` parameters as `$N`. Made once per

@@ -82,8 +82,7 @@ pub struct UsageState {
     pub rule: BillingRule,
     /// Its instants.
     pub metered: MeteredSession,
-    /// How far its usage is recorded: while it runs, the end of its last closed period;
-    /// once ended and settled, the end of its billable interval.
+    /// The end of its last closed usage period, if one was closed (kept after its end).
     pub closed_to: Option<Timestamp>,
 }
 
@@ -111,6 +110,19 @@ pub struct Settlement {
     pub superseded: Vec<(u32, String)>,
     /// The session's new `closed_to`, if a close moved it.
     pub closed_to: Option<Timestamp>,
+}
+
+/// The identifier of revision `revision` of the record of `session` whose span starts at
+/// `span_from`: `usage:<session>:<span start ms>`, with `:r<revision>` after the first.
+/// A session's spans never overlap, so the span's start names the record and the
+/// revision its correction; stores keep neither identifier, they derive it.
+pub fn record_id(session: SessionId, span_from: Timestamp, revision: u32) -> String {
+    let ms = span_from.as_millis();
+    if revision > 1 {
+        format!("usage:{session}:{ms}:r{revision}")
+    } else {
+        format!("usage:{session}:{ms}")
+    }
 }
 
 /// Milliseconds in an hour: no record spans an hour boundary, so every record lies in one
@@ -144,11 +156,14 @@ fn spans(from: u64, to: u64, step: u64) -> impl Iterator<Item = (u64, u64)> {
 
 /// Settles a session's usage after its cause: corrects every latest record the session's
 /// state no longer agrees with; closes the periods up to `close` (`(boundary, period)`,
-/// for a running session); records the rest of an ended one, up to its billable end,
-/// after which it is settled for good (`closed_to` then marks the end of its recorded
-/// usage, and settling again writes nothing). Every record spans at most one period and
-/// one hour. `records` are every record the session has (in any order), `now` the
-/// cause's time.
+/// for a running session); records the rest of an ended one, from the end of what is
+/// recorded up to its billable end, after which it is settled for good (settling again
+/// writes nothing). Every record spans at most one period and one hour. `records` are
+/// every record the session has (in any order), `now` the cause's time.
+///
+/// A session has records only once a period of it was closed (`closed_to` is set) or it
+/// ended: a store settling a cause of a session that was running before it (every cause
+/// is one) reads its records only if `closed_to` is set.
 pub fn settle(
     state: &UsageState,
     records: &[UsageRecord],
@@ -174,9 +189,8 @@ pub fn settle(
         if billable == old.billable {
             continue;
         }
-        let base = old.id.split(":r").next().unwrap_or(&old.id);
         let revision = old.revision + 1;
-        let id = format!("{base}:r{revision}");
+        let id = record_id(state.session, old.span.0, revision);
         out.superseded.push((old.seq, id.clone()));
         out.records.push(UsageRecord {
             id,
@@ -205,11 +219,13 @@ pub fn settle(
             (first, b.as_millis(), period)
         }
         (true, _, _, Some(t)) => {
-            let first = state.closed_to.map_or(t.from(), |c| c.max(t.from()));
-            let settled = state.closed_to.map_or(t.to(), |c| c.max(t.to()));
-            if state.closed_to != Some(settled) {
-                out.closed_to = Some(settled);
-            }
+            // What is recorded already: its closed periods, and whatever an earlier
+            // settling of its end recorded (so settling again writes nothing).
+            let recorded = records.iter().map(|r| r.span.1).max();
+            let first = state
+                .closed_to
+                .max(recorded)
+                .map_or(t.from(), |c| c.max(t.from()));
             (first.as_millis(), t.to().as_millis(), HOUR_MS)
         }
         _ => (0, 0, 1),
@@ -218,7 +234,7 @@ pub fn settle(
         let span = (Timestamp::from_millis(start), Timestamp::from_millis(end));
         if let Some(billable) = part(span.0, span.1) {
             out.records.push(UsageRecord {
-                id: format!("usage:{}:{start}", state.session),
+                id: record_id(state.session, span.0, 1),
                 session: state.session,
                 tenant: state.tenant.clone(),
                 seq: next_seq,
@@ -431,7 +447,7 @@ pub fn totals_query(grouping: Option<UsageGrouping>, postgres: bool) -> String {
         "SELECT CAST({bucket} AS BIGINT), {session}, MIN(tenant),
                 CAST(SUM({least}(to_ms, {to}) - {greatest}(from_ms, {from})) AS BIGINT)
          FROM usage_records
-         WHERE superseded_by IS NULL AND millis > 0 AND ({tenant})
+         WHERE NOT superseded AND millis > 0 AND ({tenant})
            AND from_ms >= CAST({from} AS BIGINT) - {HOUR_MS} AND from_ms < {to} AND to_ms > {from}
          GROUP BY 1, 2 ORDER BY 1, 2"
     )
@@ -469,11 +485,10 @@ pub fn totals_of_rows(
     Ok(out)
 }
 
-/// A usage record as SQL stores keep it, column by column.
+/// A usage record as SQL stores keep it, column by column. Identifiers are not kept:
+/// [`record_id`] derives them.
 #[derive(Debug, Clone)]
 pub struct UsageRow {
-    /// `id`.
-    pub id: String,
     /// `session_id`.
     pub session_id: String,
     /// `tenant`.
@@ -490,10 +505,8 @@ pub struct UsageRow {
     pub to_ms: i64,
     /// `revision`.
     pub revision: i64,
-    /// `corrects`.
-    pub corrects: Option<String>,
-    /// `superseded_by`.
-    pub superseded_by: Option<String>,
+    /// `superseded`: a correction replaced it.
+    pub superseded: bool,
     /// `recorded_at`.
     pub recorded_at: i64,
 }
@@ -501,7 +514,7 @@ pub struct UsageRow {
 impl UsageRow {
     /// The columns of a record, in the order this row lists them (its insert binds them in
     /// that order too, with `millis` last).
-    pub const COLUMNS: &'static str = "id, session_id, tenant, seq, span_from, span_to, from_ms, to_ms, revision, corrects, superseded_by, recorded_at";
+    pub const COLUMNS: &'static str = "session_id, tenant, seq, span_from, span_to, from_ms, to_ms, revision, superseded, recorded_at";
 
     /// The row of `record`.
     pub fn of(record: &UsageRecord) -> UsageRow {
@@ -512,7 +525,6 @@ impl UsageRow {
                 (m(b.from()), m(b.to()))
             });
         UsageRow {
-            id: record.id.clone(),
             session_id: record.session.to_string(),
             tenant: record.tenant.clone(),
             seq: i64::from(record.seq),
@@ -521,8 +533,7 @@ impl UsageRow {
             from_ms,
             to_ms,
             revision: i64::from(record.revision),
-            corrects: record.corrects.clone(),
-            superseded_by: record.superseded_by.clone(),
+            superseded: record.superseded_by.is_some(),
             recorded_at: m(record.recorded_at),
         }
     }
@@ -532,17 +543,25 @@ impl UsageRow {
         let count = |v: i64, what: &str| {
             u32::try_from(v).map_err(|_| corrupt(&self.session_id, format!("usage {what} {v}")))
         };
+        let session = parse_id(&self.session_id)?;
+        let revision = count(self.revision, "revision")?;
+        if revision == 0 {
+            return Err(corrupt(&self.session_id, "usage revision 0".to_owned()));
+        }
+        let span = (timestamp(self.span_from), timestamp(self.span_to));
         Ok(UsageRecord {
-            session: parse_id(&self.session_id)?,
-            seq: count(self.seq, "seq")?,
-            revision: count(self.revision, "revision")?,
-            span: (timestamp(self.span_from), timestamp(self.span_to)),
-            billable: Interval::new(timestamp(self.from_ms), timestamp(self.to_ms)),
-            recorded_at: timestamp(self.recorded_at),
-            id: self.id,
+            id: record_id(session, span.0, revision),
+            session,
             tenant: self.tenant,
-            corrects: self.corrects,
-            superseded_by: self.superseded_by,
+            seq: count(self.seq, "seq")?,
+            span,
+            billable: Interval::new(timestamp(self.from_ms), timestamp(self.to_ms)),
+            revision,
+            corrects: (revision > 1).then(|| record_id(session, span.0, revision - 1)),
+            superseded_by: self
+                .superseded
+                .then(|| record_id(session, span.0, revision + 1)),
+            recorded_at: timestamp(self.recorded_at),
         })
     }
 }
@@ -645,4 +664,172 @@ pub trait UsageLedger: Send + Sync + 'static {
         after: Option<SessionId>,
         limit: u32,
     ) -> BoxFuture<'_, Result<Vec<UsageState>, StoreError>>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use session_lifecycle::usage::{MeterStart, Rounding};
+
+    const PERIOD: Duration = Duration::from_secs(300);
+    /// 2026-12-01T10:00:00Z, on an hour boundary.
+    const T0: u64 = 1_764_583_200_000;
+
+    fn at(secs: u64) -> Timestamp {
+        Timestamp::from_millis(T0 + secs * 1000)
+    }
+
+    fn state(ready: Option<u64>, ended: Option<(u64, EndReason)>) -> UsageState {
+        UsageState {
+            session: SessionId::from_ulid_parts(at(0), 7),
+            tenant: "acme".into(),
+            rule: BillingRule {
+                meter: MeterStart::Ready,
+                rounding: Rounding::Second,
+            },
+            metered: MeteredSession {
+                started_at: at(10),
+                ready_at: ready.map(at),
+                ended: ended.map(|(s, r)| (at(s), r)),
+                node_last_seen: None,
+            },
+            closed_to: None,
+        }
+    }
+
+    /// Settles `state` with `records`, then applies the settlement as a store would:
+    /// the session's records afterwards.
+    fn apply(
+        state: &mut UsageState,
+        records: &mut Vec<UsageRecord>,
+        close: Option<Timestamp>,
+        now: Timestamp,
+    ) -> Settlement {
+        let settled = settle(state, records, close.map(|b| (b, PERIOD)), now);
+        for (seq, by) in &settled.superseded {
+            let old = records.iter_mut().find(|r| r.seq == *seq).unwrap();
+            assert!(old.superseded_by.is_none(), "superseded twice");
+            old.superseded_by = Some(by.clone());
+        }
+        records.extend(settled.records.iter().cloned());
+        if let Some(to) = settled.closed_to {
+            state.closed_to = Some(to);
+        }
+        settled
+    }
+
+    fn latest_ms(records: &[UsageRecord]) -> u64 {
+        totals(records, at(0), at(100_000), None).total_ms
+    }
+
+    #[test]
+    fn an_ended_session_is_recorded_once_in_pieces_that_never_cross_an_hour() {
+        // Ready 10:00:20, ended 11:00:30: 3610 s, across one hour boundary.
+        let mut s = state(Some(20), Some((3630, EndReason::Requested)));
+        let mut records = Vec::new();
+        let first = apply(&mut s, &mut records, None, at(3630));
+        assert_eq!(first.records.len(), 2);
+        assert_eq!(latest_ms(&records), 3_610_000);
+        assert_eq!(
+            first.records[0].id,
+            format!("usage:{}:{}", s.session, T0 + 20_000)
+        );
+        assert_eq!(first.records[1].span.0, at(3600));
+        assert!(first.closed_to.is_none(), "an end closes no period");
+        // Settling again (a retried step) writes nothing.
+        assert_eq!(
+            apply(&mut s, &mut records, None, at(3700)),
+            Settlement::default()
+        );
+    }
+
+    #[test]
+    fn closed_periods_and_the_end_add_up_to_the_billable_interval() {
+        let mut s = state(Some(20), None);
+        let mut records = Vec::new();
+        // Closes at 10:05 and 10:10; closing 10:10 again writes nothing.
+        apply(&mut s, &mut records, Some(at(300)), at(301));
+        apply(&mut s, &mut records, Some(at(600)), at(601));
+        assert_eq!(
+            apply(&mut s, &mut records, Some(at(600)), at(602)),
+            Settlement::default()
+        );
+        assert_eq!(s.closed_to, Some(at(600)));
+        assert_eq!(latest_ms(&records), 580_000);
+        s.metered.ended = Some((at(700), EndReason::Requested));
+        let end = apply(&mut s, &mut records, None, at(700));
+        assert_eq!(end.records.len(), 1, "only the rest after the last close");
+        assert_eq!(end.records[0].span, (at(600), at(700)));
+        assert_eq!(latest_ms(&records), 680_000);
+        assert!(records.iter().all(|r| r.corrects.is_none()));
+    }
+
+    #[test]
+    fn a_node_lost_before_a_closed_boundary_corrects_the_record_it_overran() {
+        let mut s = state(Some(20), None);
+        let mut records = Vec::new();
+        apply(&mut s, &mut records, Some(at(600)), at(601));
+        // Its node was last heard of at 10:07, after which a period to 10:10 was closed.
+        s.metered.ended = Some((at(900), EndReason::NodeLost));
+        s.metered.node_last_seen = Some(at(420));
+        let end = apply(&mut s, &mut records, None, at(900));
+        assert_eq!(end.superseded.len(), 1);
+        let correction = &end.records[0];
+        let replaced = records
+            .iter()
+            .find(|r| r.seq == end.superseded[0].0)
+            .unwrap();
+        assert_eq!(correction.corrects.as_ref(), Some(&replaced.id));
+        assert_eq!(correction.id, format!("{}:r2", replaced.id));
+        assert_eq!(correction.revision, 2);
+        assert_eq!(correction.span, replaced.span);
+        assert_eq!(
+            latest_ms(&records),
+            400_000,
+            "billed to the last heartbeat only"
+        );
+    }
+
+    #[test]
+    fn a_late_readiness_report_corrects_the_periods_metered_from_the_start() {
+        let mut s = state(None, None);
+        let mut records = Vec::new();
+        apply(&mut s, &mut records, Some(at(300)), at(301));
+        assert_eq!(
+            latest_ms(&records),
+            290_000,
+            "metered from its start meanwhile"
+        );
+        s.metered.ready_at = Some(at(100));
+        let ready = apply(&mut s, &mut records, None, at(302));
+        assert_eq!(ready.records.len(), 1);
+        assert_eq!(latest_ms(&records), 200_000);
+    }
+
+    #[test]
+    fn a_start_failure_is_never_billed_and_zeroes_what_was_closed() {
+        let mut s = state(None, None);
+        let mut records = Vec::new();
+        apply(&mut s, &mut records, Some(at(300)), at(301));
+        s.metered.ended = Some((at(310), EndReason::StartFailed));
+        let end = apply(&mut s, &mut records, None, at(310));
+        assert_eq!(end.records.len(), 1);
+        assert_eq!(end.records[0].billable, None, "a correction to zero");
+        assert_eq!(latest_ms(&records), 0);
+    }
+
+    #[test]
+    fn a_stored_row_gives_back_the_record_with_its_identifiers() {
+        let mut s = state(Some(20), None);
+        let mut records = Vec::new();
+        apply(&mut s, &mut records, Some(at(600)), at(601));
+        s.metered.ended = Some((at(650), EndReason::NodeLost));
+        s.metered.node_last_seen = Some(at(500));
+        apply(&mut s, &mut records, None, at(650));
+        assert!(records.iter().any(|r| r.superseded_by.is_some()));
+        for record in &records {
+            let back = UsageRow::of(record).into_record().unwrap();
+            assert_eq!(&back, record);
+        }
+    }
 }
