@@ -130,7 +130,7 @@ impl From<EngineError> for ApiError {
             }
             EngineError::StartFailed(m) => ApiError::new(ErrorCode::StartFailed, m),
             e @ EngineError::TimeoutOverPlan { .. } => ApiError::invalid(e.to_string()),
-            EngineError::InvalidConfig(e) => {
+            e @ (EngineError::InvalidConfig(_) | EngineError::InvalidUsagePeriod { .. }) => {
                 // Not reachable once the engine opened (its settings were checked then).
                 tracing::error!(error = %e, "invalid engine settings");
                 ApiError::new(ErrorCode::InternalError, "the service is misconfigured")

@@ -113,7 +113,9 @@ pub struct EngineConfig {
     /// How long a usage period is: each started session this node runs gets a usage
     /// record per closed period, so that a bill can be cut while it runs (see
     /// [`usage`](session_lifecycle_store::usage)). Periods count from the epoch; a
-    /// divisor of an hour keeps every record inside one hour and one day.
+    /// divisor of an hour keeps every record inside one hour and one day. Must be whole
+    /// seconds dividing an hour (60, 300, 900, 3600 ...), or [`Engine::open`](crate::Engine::open)
+    /// refuses it with [`EngineError::InvalidUsagePeriod`].
     pub usage_period: Duration,
 }
 
@@ -274,6 +276,17 @@ pub enum EngineError {
     /// The engine's settings cannot be used (an invalid policy).
     #[error("invalid engine settings: {0}")]
     InvalidConfig(#[from] session_lifecycle::PolicyError),
+    /// [`EngineConfig::usage_period`] is not a whole number of seconds that divides an
+    /// hour (shorter periods would write a usage record per session every few
+    /// milliseconds; others would cut records at every hour besides).
+    #[error(
+        "invalid engine settings: usage period of {} ms must be whole seconds dividing an hour",
+        period.as_millis()
+    )]
+    InvalidUsagePeriod {
+        /// The period asked for.
+        period: Duration,
+    },
     /// The store failed; nothing was acknowledged. Worth retrying.
     #[error(transparent)]
     Store(#[from] StoreError),

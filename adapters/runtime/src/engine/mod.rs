@@ -197,6 +197,10 @@ impl Engine {
         config: EngineConfig,
     ) -> Result<Engine, EngineError> {
         config.policy.validate()?;
+        let period = config.usage_period;
+        if period.subsec_nanos() != 0 || period.is_zero() || 3600 % period.as_secs() != 0 {
+            return Err(EngineError::InvalidUsagePeriod { period });
+        }
         let table_policy = Policy {
             retention: Duration::ZERO,
             ..config.policy

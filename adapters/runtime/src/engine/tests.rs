@@ -581,3 +581,45 @@ async fn timeouts_over_the_plan_are_refused_and_defaults_are_recorded() {
         }
     );
 }
+
+#[tokio::test]
+async fn usage_period_that_does_not_divide_an_hour_in_whole_seconds_is_refused_at_open() {
+    let clock = ManualClock::new(t0());
+    for period in [
+        Duration::ZERO,
+        Duration::from_millis(1),
+        Duration::from_millis(1500),
+        Duration::from_secs(7),
+        Duration::from_secs(7200),
+    ] {
+        let config = EngineConfig {
+            usage_period: period,
+            ..EngineConfig::default()
+        };
+        let opened = Engine::open(
+            Arc::new(MemoryStore::new()),
+            Vec::new(),
+            Arc::new(clock.clone()),
+            config,
+        )
+        .await;
+        assert!(
+            matches!(opened, Err(EngineError::InvalidUsagePeriod { period: p }) if p == period),
+            "{period:?} was accepted"
+        );
+    }
+    for period in [1, 60, 300, 3600].map(Duration::from_secs) {
+        let config = EngineConfig {
+            usage_period: period,
+            ..EngineConfig::default()
+        };
+        Engine::open(
+            Arc::new(MemoryStore::new()),
+            Vec::new(),
+            Arc::new(clock.clone()),
+            config,
+        )
+        .await
+        .unwrap();
+    }
+}
