@@ -7,7 +7,7 @@
 //! billing rules (not from the library's), and a tenant never sees another's sessions.
 //! `USAGE_SEED` picks the random run (default 7).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -153,7 +153,7 @@ enum Step {
 fn reference(
     s: &Planned,
     lost: &[LostNode],
-    last_seen_known: bool,
+    last_seen: &HashMap<SessionId, u64>,
     closed_to: u64,
 ) -> Option<(u64, u64)> {
     let (from_ready, minute) = rule_of(s.tenant);
@@ -169,11 +169,12 @@ fn reference(
         Some((_, EndReason::StartFailed)) => return None,
         Some((at, EndReason::NodeLost)) => {
             let k: usize = s.node.trim_start_matches("lost-").parse().unwrap();
-            if last_seen_known {
-                at.min(lost[k].last_heartbeat)
-            } else {
-                at
-            }
+            at.min(
+                last_seen
+                    .get(&s.id)
+                    .copied()
+                    .unwrap_or(lost[k].last_heartbeat),
+            )
         }
         Some((at, _)) => at,
     };
@@ -353,7 +354,12 @@ async fn record(store: &Arc<dyn Store>, sessions: &[Planned], lost: &[LostNode])
     last_tick / PERIOD_MS * PERIOD_MS
 }
 
-async fn usage_totals_equal_the_reference(store: Arc<dyn Store>, last_seen_known: bool) {
+/// `heartbeats_on_db_clock`: the store writes heartbeats on its own clock (PostgreSQL), so
+/// a lost node's last heartbeat is known only as the store saw it: its age when the node
+/// was declared dead, taken back from that moment. The reference then takes each lost
+/// session's last-seen time from the store, after checking it lies within the real time
+/// the run took before that end.
+async fn usage_totals_equal_the_reference(store: Arc<dyn Store>, heartbeats_on_db_clock: bool) {
     let seed: u64 = std::env::var("USAGE_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -361,11 +367,39 @@ async fn usage_totals_equal_the_reference(store: Arc<dyn Store>, last_seen_known
     let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
     let (sessions, lost) = plan(&mut rng, SESSIONS);
     let service = serve(store).await;
+    let started = std::time::Instant::now();
     let closed_to = record(&service.store, &sessions, &lost).await;
+    let run_ms = started.elapsed().as_millis() as u64 + 1;
 
+    let mut last_seen: HashMap<SessionId, u64> = HashMap::new();
+    if heartbeats_on_db_clock {
+        let states = service
+            .store
+            .usage_states(
+                Timestamp::from_millis(0),
+                Timestamp::from_millis(u64::MAX / 2),
+                None,
+                u32::MAX,
+            )
+            .await
+            .unwrap();
+        for usage in &states {
+            let m = &usage.state.metered;
+            if let (Some((ended, EndReason::NodeLost)), Some(seen)) = (m.ended, m.node_last_seen) {
+                let (ended, seen) = (ended.as_millis() - T0, seen.as_millis() - T0);
+                assert!(
+                    seen <= ended && ended - seen <= run_ms,
+                    "{}: last seen {seen} for an end at {ended}, the run took {run_ms} ms",
+                    usage.state.session
+                );
+                last_seen.insert(usage.state.session, seen);
+            }
+        }
+        assert!(!last_seen.is_empty(), "no session was lost with its node");
+    }
     let intervals: Vec<Option<(u64, u64)>> = sessions
         .iter()
-        .map(|s| reference(s, &lost, last_seen_known, closed_to))
+        .map(|s| reference(s, &lost, &last_seen, closed_to))
         .collect();
     // Every kind of session is in the run.
     for reason in EndReason::ALL {
@@ -511,10 +545,10 @@ async fn usage_totals_equal_the_reference(store: Arc<dyn Store>, last_seen_known
             .usage_states(from, to, after, 300)
             .await
             .unwrap();
-        for state in &page {
-            let records = service.store.session_usage(state.session).await.unwrap();
+        for usage in &page {
+            let (state, records) = (&usage.state, usage.records.as_ref().unwrap());
             assert_eq!(
-                reconcile_session(state, &records, from, to),
+                reconcile_session(state, records, from, to),
                 None,
                 "{}",
                 state.session
@@ -522,7 +556,7 @@ async fn usage_totals_equal_the_reference(store: Arc<dyn Store>, last_seen_known
             states.insert(state.session);
         }
         match page.last() {
-            Some(last) if page.len() == 300 => after = Some(last.session),
+            Some(last) if page.len() == 300 => after = Some(last.state.session),
             _ => break,
         }
     }
@@ -533,7 +567,7 @@ async fn usage_totals_equal_the_reference(store: Arc<dyn Store>, last_seen_known
 async fn usage_totals_equal_the_reference_on_sqlite() {
     let dir = tempfile::tempdir().unwrap();
     let store = session_lifecycle_sqlite::SqliteStore::open(dir.path().join("u.db")).unwrap();
-    usage_totals_equal_the_reference(Arc::new(store), true).await;
+    usage_totals_equal_the_reference(Arc::new(store), false).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -543,9 +577,7 @@ async fn usage_totals_equal_the_reference_on_postgres() {
     let store = session_lifecycle_postgres::PostgresStore::connect(&db.url)
         .await
         .unwrap();
-    // PostgreSQL writes heartbeats on its own clock (now, long after this run's times):
-    // the lost nodes were seen until they were declared dead.
-    usage_totals_equal_the_reference(Arc::new(store), false).await;
+    usage_totals_equal_the_reference(Arc::new(store), true).await;
     db.drop_db().await;
 }
 
@@ -655,20 +687,43 @@ async fn usage_reconcile_reports_nothing_on_a_healthy_store_and_every_difference
         .unwrap();
     db.execute("DELETE FROM usage_records WHERE session_id = ?1", [&gone])
         .unwrap();
+    // And a third's record unreadable: reported, and the others still checked.
+    let corrupt: String = db
+        .query_row(
+            "SELECT session_id FROM usage_records
+             WHERE session_id NOT IN (?1, ?2) ORDER BY session_id LIMIT 1",
+            [&longer, &gone],
+            |r| r.get(0),
+        )
+        .unwrap();
+    db.execute(
+        "UPDATE usage_records SET revision = 0 WHERE session_id = ?1",
+        [&corrupt],
+    )
+    .unwrap();
     drop(db);
     let broken = reconcile(&from, &to);
     let out = String::from_utf8_lossy(&broken.stdout).into_owned();
     assert_eq!(broken.status.code(), Some(1), "{out}");
     let lines: Vec<&str> = out.lines().collect();
-    assert_eq!(lines.len(), 3, "{out}");
+    assert_eq!(lines.len(), 4, "{out}");
     assert!(lines.iter().any(|l| l.starts_with(&longer)), "{out}");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with(&corrupt) && l.contains("unreadable")),
+        "{out}"
+    );
     assert!(
         lines
             .iter()
             .any(|l| l.starts_with(&gone) && l.contains("recorded_ms=0")),
         "{out}"
     );
-    assert!(out.ends_with("2 differences\n"), "{out}");
+    assert!(
+        out.contains("checked 200 sessions") && out.ends_with("3 differences\n"),
+        "{out}"
+    );
 
     let bad = reconcile(&to, &from);
     assert_eq!(bad.status.code(), Some(2));

@@ -2,6 +2,7 @@
 //! by node under row locks (a session is settled by one transaction at a time: its end,
 //! its readiness or a close, whichever locks its row first; the others see what it wrote).
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use deadpool_postgres::GenericClient;
@@ -9,11 +10,11 @@ use session_lifecycle::{EventKind, SessionId, Timestamp};
 use session_lifecycle_store::rows::{event_sequence, millis as ms};
 use session_lifecycle_store::sql::{postgres as pg, statements};
 use session_lifecycle_store::usage::{
-    UsageGrouping, UsageLedger, UsageRecord, UsageRow, UsageState, UsageStateRow, UsageTotals,
+    SessionUsage, UsageGrouping, UsageLedger, UsageRecord, UsageRow, UsageStateRow, UsageTotals,
     period_boundary, settle, totals_of_rows, totals_query,
 };
 use session_lifecycle_store::{BoxFuture, StoreError};
-use tokio_postgres::Row;
+use tokio_postgres::{IsolationLevel, Row};
 
 use crate::PostgresStore;
 use crate::error::unavailable;
@@ -48,6 +49,12 @@ fn usage_row(r: &Row) -> Result<UsageRow, StoreError> {
         recorded_at: col(r, 9)?,
     })
 }
+
+/// Every usage record of the sessions `$1` names (`usage::UsageRow`'s columns), by session
+/// and in the order written.
+const PAGE_USAGE: &str = "SELECT session_id, tenant, seq, span_from, span_to,
+            from_ms, to_ms, revision, superseded, recorded_at
+     FROM usage_records WHERE session_id = ANY($1) ORDER BY session_id, seq";
 
 fn records(rows: &[Row]) -> Result<Vec<UsageRecord>, StoreError> {
     rows.iter().map(|r| usage_row(r)?.into_record()).collect()
@@ -188,7 +195,7 @@ impl UsageLedger for PostgresStore {
             let client = self.client().await?;
             let rows = client
                 .query(
-                    &totals_query(grouping, true),
+                    &totals_query(grouping, tenant.is_some(), true),
                     &[&tenant, &ms(from), &ms(to)],
                 )
                 .await
@@ -221,18 +228,58 @@ impl UsageLedger for PostgresStore {
         to: Timestamp,
         after: Option<SessionId>,
         limit: u32,
-    ) -> BoxFuture<'_, Result<Vec<UsageState>, StoreError>> {
+    ) -> BoxFuture<'_, Result<Vec<SessionUsage>, StoreError>> {
         Box::pin(async move {
-            let client = self.client().await?;
+            let mut client = self.client().await?;
+            // One snapshot of the states and their records.
+            let snapshot = client
+                .build_transaction()
+                .isolation_level(IsolationLevel::RepeatableRead)
+                .read_only(true)
+                .start()
+                .await
+                .map_err(unavailable)?;
             let after = after.map(|a| a.to_string()).unwrap_or_default();
-            let rows = client
+            let rows = snapshot
                 .query(
                     pg(statements::USAGE_STATES),
                     &[&ms(from), &ms(to), &after, &i64::from(limit)],
                 )
                 .await
                 .map_err(unavailable)?;
-            rows.iter().map(|r| state_row(r)?.into_state()).collect()
+            let states = rows
+                .iter()
+                .map(state_row)
+                .collect::<Result<Vec<UsageStateRow>, StoreError>>()?;
+            let ids: Vec<&str> = states.iter().map(|s| s.id.as_str()).collect();
+            let record_rows = snapshot
+                .query(PAGE_USAGE, &[&ids])
+                .await
+                .map_err(unavailable)?;
+            let mut by_session: HashMap<String, Vec<UsageRow>> = HashMap::new();
+            for r in &record_rows {
+                let row = usage_row(r)?;
+                by_session
+                    .entry(row.session_id.clone())
+                    .or_default()
+                    .push(row);
+            }
+            snapshot.commit().await.map_err(unavailable)?;
+            states
+                .into_iter()
+                .map(|row| {
+                    let records = by_session
+                        .remove(&row.id)
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(UsageRow::into_record)
+                        .collect();
+                    Ok(SessionUsage {
+                        state: row.into_state()?,
+                        records,
+                    })
+                })
+                .collect()
         })
     }
 }

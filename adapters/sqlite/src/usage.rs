@@ -7,8 +7,8 @@ use session_lifecycle::{EventKind, SessionId, Timestamp};
 use session_lifecycle_store::rows::{event_sequence, millis as ms};
 use session_lifecycle_store::sql::statements;
 use session_lifecycle_store::usage::{
-    UsageGrouping, UsageLedger, UsageRecord, UsageRow, UsageState, UsageStateRow, UsageTotals,
-    period_boundary, settle, totals_of_rows, totals_query,
+    SessionUsage, UsageGrouping, UsageLedger, UsageRecord, UsageRow, UsageState, UsageStateRow,
+    UsageTotals, period_boundary, settle, totals_of_rows, totals_query,
 };
 use session_lifecycle_store::{BoxFuture, StoreError};
 
@@ -187,7 +187,7 @@ impl UsageLedger for SqliteStore {
         to: Timestamp,
         grouping: Option<UsageGrouping>,
     ) -> BoxFuture<'_, Result<UsageTotals, StoreError>> {
-        let sql = totals_query(grouping, false);
+        let sql = totals_query(grouping, tenant.is_some(), false);
         Box::pin(self.inner.conns.read(move |c| {
             let rows = c
                 .prepare_cached(&sql)
@@ -219,8 +219,9 @@ impl UsageLedger for SqliteStore {
         to: Timestamp,
         after: Option<SessionId>,
         limit: u32,
-    ) -> BoxFuture<'_, Result<Vec<UsageState>, StoreError>> {
+    ) -> BoxFuture<'_, Result<Vec<SessionUsage>, StoreError>> {
         Box::pin(self.inner.conns.read(move |c| {
+            // A read is one snapshot (see `Connections::read`): states and records agree.
             let after = after.map(|a| a.to_string()).unwrap_or_default();
             let rows: Vec<UsageStateRow> = c
                 .prepare_cached(statements::USAGE_STATES)
@@ -232,7 +233,15 @@ impl UsageLedger for SqliteStore {
                     .collect()
                 })
                 .map_err(db)?;
-            rows.into_iter().map(UsageStateRow::into_state).collect()
+            rows.into_iter()
+                .map(|row| {
+                    let records = session_records(c, &row.id);
+                    Ok(SessionUsage {
+                        state: row.into_state()?,
+                        records,
+                    })
+                })
+                .collect()
         }))
     }
 }

@@ -398,7 +398,7 @@ macro_rules! delegate_store {
                 to: $crate::__core::Timestamp,
                 after: Option<$crate::__core::SessionId>,
                 limit: u32,
-            ) -> $crate::BoxFuture<'_, Result<Vec<$crate::usage::UsageState>, $crate::StoreError>>
+            ) -> $crate::BoxFuture<'_, Result<Vec<$crate::usage::SessionUsage>, $crate::StoreError>>
             {
                 $wrap!(
                     self,

@@ -424,10 +424,12 @@ pub fn reconcile_session(
 
 /// The query SQL stores total usage with (see [`UsageLedger::usage_totals`]): rows of
 /// (time bucket index, session id, tenant, billable ms), as [`totals_of_rows`] reads them.
-/// `?1` tenant (NULL: all), `?2` from, `?3` to. Records never span an hour boundary, so a
-/// record's start names its hour and day, and a range needs only records that start less
-/// than an hour before it.
-pub fn totals_query(grouping: Option<UsageGrouping>, postgres: bool) -> String {
+/// `?1` tenant (NULL: all), `?2` from, `?3` to; `scoped` when `?1` names a tenant. Two
+/// statements, not one with `?1 IS NULL OR tenant = ?1`: a planner cannot range over the
+/// `(tenant, from_ms)` index with that, and a tenant's query would read every tenant's
+/// records. Records never span an hour boundary, so a record's start names its hour and
+/// day, and a range needs only records that start less than an hour before it.
+pub fn totals_query(grouping: Option<UsageGrouping>, scoped: bool, postgres: bool) -> String {
     let bucket = match grouping {
         Some(UsageGrouping::Day) => "from_ms / 86400000",
         Some(UsageGrouping::Hour) => "from_ms / 3600000",
@@ -437,10 +439,11 @@ pub fn totals_query(grouping: Option<UsageGrouping>, postgres: bool) -> String {
         Some(UsageGrouping::Session) => "session_id",
         _ => "CAST(NULL AS TEXT)",
     };
-    let (least, greatest, tenant) = if postgres {
-        ("LEAST", "GREATEST", "$1::TEXT IS NULL OR tenant = $1")
-    } else {
-        ("MIN", "MAX", "?1 IS NULL OR tenant = ?1")
+    let (least, greatest, tenant) = match (postgres, scoped) {
+        (true, true) => ("LEAST", "GREATEST", "tenant = $1"),
+        (true, false) => ("LEAST", "GREATEST", "$1::TEXT IS NULL"),
+        (false, true) => ("MIN", "MAX", "tenant = ?1"),
+        (false, false) => ("MIN", "MAX", "?1 IS NULL"),
     };
     let (from, to) = if postgres { ("$2", "$3") } else { ("?2", "?3") };
     format!(
@@ -656,14 +659,28 @@ pub trait UsageLedger: Send + Sync + 'static {
 
     /// The usage state of up to `limit` sessions whose life overlaps `[from, to)` (started
     /// before `to`, not ended a minute or more before `from`: rounding may bill up to a
-    /// minute past an end), by id, after `after`.
+    /// minute past an end), by id, after `after`, each with its records: all read in one
+    /// snapshot, so that a cause committing meanwhile cannot make a state and its records
+    /// disagree (what [`reconcile_session`] checks on a live store).
     fn usage_states(
         &self,
         from: Timestamp,
         to: Timestamp,
         after: Option<SessionId>,
         limit: u32,
-    ) -> BoxFuture<'_, Result<Vec<UsageState>, StoreError>>;
+    ) -> BoxFuture<'_, Result<Vec<SessionUsage>, StoreError>>;
+}
+
+/// A session's usage state and its usage records, read together
+/// (see [`UsageLedger::usage_states`]).
+#[derive(Debug)]
+pub struct SessionUsage {
+    /// The session's usage state.
+    pub state: UsageState,
+    /// Every one of its usage records, superseded ones too, in the order written; an error
+    /// when one cannot be read (a corrupt row): a difference to report, not a reason to
+    /// stop reading the others.
+    pub records: Result<Vec<UsageRecord>, StoreError>,
 }
 
 #[cfg(test)]

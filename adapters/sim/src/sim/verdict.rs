@@ -78,13 +78,9 @@ impl Sim {
                 .usage_states(from, to, after, 500)
                 .await
                 .expect("the store without faults answers");
-            for state in &states {
-                let records = self
-                    .raw
-                    .session_usage(state.session)
-                    .await
-                    .expect("the store without faults answers");
-                if let Some(d) = reconcile_session(state, &records, from, to) {
+            for usage in &states {
+                let records = usage.records.as_ref().expect("records are readable");
+                if let Some(d) = reconcile_session(&usage.state, records, from, to) {
                     found.push(format!(
                         "{}: usage {} ms recorded for {} ms billable: {}",
                         d.session, d.recorded_ms, d.expected_ms, d.problem
@@ -92,7 +88,7 @@ impl Sim {
                 }
             }
             match states.last() {
-                Some(last) if states.len() == 500 => after = Some(last.session),
+                Some(last) if states.len() == 500 => after = Some(last.state.session),
                 _ => return found,
             }
         }

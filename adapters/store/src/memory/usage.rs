@@ -7,8 +7,8 @@ use session_lifecycle::{SessionId, Timestamp};
 use super::{MemoryStore, State, ready};
 use crate::error::{BoxFuture, StoreError};
 use crate::usage::{
-    UsageGrouping, UsageLedger, UsageRecord, UsageState, UsageTotals, period_boundary, settle,
-    totals,
+    SessionUsage, UsageGrouping, UsageLedger, UsageRecord, UsageState, UsageTotals,
+    period_boundary, settle, totals,
 };
 
 impl State {
@@ -122,7 +122,7 @@ impl UsageLedger for MemoryStore {
         to: Timestamp,
         after: Option<SessionId>,
         limit: u32,
-    ) -> BoxFuture<'_, Result<Vec<UsageState>, StoreError>> {
+    ) -> BoxFuture<'_, Result<Vec<SessionUsage>, StoreError>> {
         let state = self.state();
         let states = state
             .sessions
@@ -134,7 +134,12 @@ impl UsageLedger for MemoryStore {
                         .is_none_or(|(at, _)| at.saturating_add(Duration::from_secs(60)) >= from)
             })
             .take(limit as usize)
-            .filter_map(|(id, _)| state.usage_state(*id))
+            .filter_map(|(id, _)| {
+                Some(SessionUsage {
+                    state: state.usage_state(*id)?,
+                    records: Ok(state.usage.get(id).cloned().unwrap_or_default()),
+                })
+            })
             .collect();
         ready(Ok(states))
     }

@@ -39,13 +39,22 @@ async fn check(database: &str, from: &str, to: &str) -> Result<u64, String> {
             .usage_states(from_at, to_at, after, PAGE)
             .await
             .map_err(|e| format!("reading sessions: {e}"))?;
-        for state in &states {
-            let records = store
-                .session_usage(state.session)
-                .await
-                .map_err(|e| format!("reading usage of {}: {e}", state.session))?;
+        for usage in &states {
             checked += 1;
-            if let Some(d) = reconcile_session(state, &records, from_at, to_at) {
+            let state = &usage.state;
+            let records = match &usage.records {
+                Ok(records) => records,
+                // A corrupt record is a difference to report, not a reason to stop checking.
+                Err(e) => {
+                    differences += 1;
+                    println!(
+                        "{} tenant={}: usage records unreadable: {e}",
+                        state.session, state.tenant
+                    );
+                    continue;
+                }
+            };
+            if let Some(d) = reconcile_session(state, records, from_at, to_at) {
                 differences += 1;
                 println!(
                     "{} tenant={} expected_ms={} recorded_ms={}: {}",
@@ -54,7 +63,7 @@ async fn check(database: &str, from: &str, to: &str) -> Result<u64, String> {
             }
         }
         match states.last() {
-            Some(last) if states.len() == PAGE as usize => after = Some(last.session),
+            Some(last) if states.len() == PAGE as usize => after = Some(last.state.session),
             _ => break,
         }
     }
