@@ -222,6 +222,24 @@ impl UsageLedger for PostgresStore {
         })
     }
 
+    fn usage_record(
+        &self,
+        session: SessionId,
+        seq: u32,
+    ) -> BoxFuture<'_, Result<Option<UsageRecord>, StoreError>> {
+        Box::pin(async move {
+            let client = self.client().await?;
+            let row = client
+                .query_opt(
+                    pg(statements::USAGE_RECORD),
+                    &[&session.to_string(), &i64::from(seq)],
+                )
+                .await
+                .map_err(unavailable)?;
+            row.map(|r| usage_row(&r)?.into_record()).transpose()
+        })
+    }
+
     fn usage_states(
         &self,
         from: Timestamp,

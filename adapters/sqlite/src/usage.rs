@@ -213,6 +213,25 @@ impl UsageLedger for SqliteStore {
         )
     }
 
+    fn usage_record(
+        &self,
+        session: SessionId,
+        seq: u32,
+    ) -> BoxFuture<'_, Result<Option<UsageRecord>, StoreError>> {
+        let id = session.to_string();
+        Box::pin(self.inner.conns.read(move |c| {
+            c.prepare_cached(statements::USAGE_RECORD)
+                .and_then(|mut s| {
+                    s.query_map(params![id, i64::from(seq)], usage_row)?
+                        .next()
+                        .transpose()
+                })
+                .map_err(db)?
+                .map(UsageRow::into_record)
+                .transpose()
+        }))
+    }
+
     fn usage_states(
         &self,
         from: Timestamp,

@@ -392,6 +392,14 @@ macro_rules! delegate_store {
             {
                 $wrap!(self, "session_usage", self.inner.session_usage(session))
             }
+            fn usage_record(
+                &self,
+                session: $crate::__core::SessionId,
+                seq: u32,
+            ) -> $crate::BoxFuture<'_, Result<Option<$crate::usage::UsageRecord>, $crate::StoreError>>
+            {
+                $wrap!(self, "usage_record", self.inner.usage_record(session, seq))
+            }
             fn usage_states(
                 &self,
                 from: $crate::__core::Timestamp,

@@ -513,6 +513,11 @@ pub mod statements {
                 from_ms, to_ms, revision, superseded, recorded_at
          FROM usage_records WHERE session_id = ?1 ORDER BY seq";
 
+    /// Usage record `?2` of session `?1` (`usage::UsageRow`'s columns).
+    pub const USAGE_RECORD: &str = "SELECT session_id, tenant, seq, span_from, span_to,
+                from_ms, to_ms, revision, superseded, recorded_at
+         FROM usage_records WHERE session_id = ?1 AND seq = ?2";
+
     /// A new usage record: `usage::UsageRow`'s columns in order as `?1` to `?10`, its
     /// billable milliseconds `?11`.
     pub const INSERT_USAGE: &str = "INSERT INTO usage_records (session_id, tenant, seq,

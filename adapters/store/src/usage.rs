@@ -657,6 +657,14 @@ pub trait UsageLedger: Send + Sync + 'static {
         session: SessionId,
     ) -> BoxFuture<'_, Result<Vec<UsageRecord>, StoreError>>;
 
+    /// The usage record `seq` of `session` (what its `usage.recorded` event reports), if
+    /// there is one: one row, however many periods the session has run.
+    fn usage_record(
+        &self,
+        session: SessionId,
+        seq: u32,
+    ) -> BoxFuture<'_, Result<Option<UsageRecord>, StoreError>>;
+
     /// The usage state of up to `limit` sessions whose life overlaps `[from, to)` (started
     /// before `to`, not ended a minute or more before `from`: rounding may bill up to a
     /// minute past an end), by id, after `after`, each with its records: all read in one

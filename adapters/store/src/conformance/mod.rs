@@ -15,6 +15,7 @@ mod releases;
 mod rooms;
 mod sessions;
 mod support;
+mod usage;
 
 pub use idempotency::idempotency_keys_bind_one_request;
 pub use nodes::{
@@ -39,6 +40,7 @@ pub use sessions::{
     list_is_newest_first_tenant_scoped_and_paged, plan_limit_is_enforced, touch_moves_forward_only,
     watch_releases_wakes_a_waiting_node,
 };
+pub use usage::usage_is_recorded_with_its_causes_and_read_back_exactly;
 
 /// Runs every check of the suite against `store`.
 pub async fn run_all(store: Arc<dyn Store>) {
@@ -69,5 +71,6 @@ pub async fn run_all(store: Arc<dyn Store>) {
     readiness_is_recorded_once(&*store).await;
     idempotency_keys_bind_one_request(&*store).await;
     pruning_forgets_only_what_is_done(&*store).await;
+    usage_is_recorded_with_its_causes_and_read_back_exactly(&*store).await;
     store.ping().await.expect("ping");
 }

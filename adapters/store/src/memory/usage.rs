@@ -116,6 +116,19 @@ impl UsageLedger for MemoryStore {
         ready(Ok(state.usage.get(&session).cloned().unwrap_or_default()))
     }
 
+    fn usage_record(
+        &self,
+        session: SessionId,
+        seq: u32,
+    ) -> BoxFuture<'_, Result<Option<UsageRecord>, StoreError>> {
+        let state = self.state();
+        let record = state
+            .usage
+            .get(&session)
+            .and_then(|records| records.iter().find(|r| r.seq == seq).cloned());
+        ready(Ok(record))
+    }
+
     fn usage_states(
         &self,
         from: Timestamp,

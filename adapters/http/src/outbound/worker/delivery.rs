@@ -246,11 +246,9 @@ impl Outbound {
         let (content_type, body) = if let EventKind::UsageRecorded(seq) = delivery.kind {
             let format = usage.ok_or("the endpoint no longer exports usage")?;
             let record = store
-                .session_usage(delivery.session)
+                .usage_record(delivery.session, seq)
                 .await
                 .map_err(|e| e.to_string())?
-                .into_iter()
-                .find(|r| r.seq == seq)
                 .ok_or("the usage record is gone")?;
             payload::usage_body(&record, format, &tenant.name, &tenant.usage_export)
         } else {

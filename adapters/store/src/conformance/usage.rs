@@ -1,0 +1,129 @@
+//! Usage records: written with their causes, closed per period once, read back one by
+//! one, with their state, and in totals cut at a range's edges.
+
+use std::time::Duration;
+
+use session_lifecycle::{EndReason, EventKind, SessionId};
+
+use super::support::{at, create, fresh_tenant, new_session, random};
+use crate::store::Store;
+use crate::usage::{UsageGroup, UsageGrouping, record_id};
+
+/// A session metered from its readiness report (the default rule), on its own node:
+/// closing its periods writes one record per closed period, once; its end writes the rest;
+/// each record has its `usage.recorded` event; a record reads back alone, with the
+/// session's state, and in totals to the millisecond.
+pub async fn usage_is_recorded_with_its_causes_and_read_back_exactly(store: &dyn Store) {
+    let period = Duration::from_secs(300);
+    let tenant = fresh_tenant();
+    let node = format!("usage-{:x}", random() as u64);
+    let mut new = new_session(&tenant, at(0), Duration::from_secs(3600));
+    new.node = node.clone();
+    let id = new.id;
+    create(store, &new).await;
+    assert!(store.record_ready(id, at(10)).await.expect("ready"));
+
+    // 12 minutes in: two periods closed, once.
+    assert_eq!(
+        store
+            .close_usage(&node, at(720), period, 100)
+            .await
+            .expect("close"),
+        1
+    );
+    assert_eq!(
+        store
+            .close_usage(&node, at(720), period, 100)
+            .await
+            .expect("close again"),
+        0,
+        "closing again writes nothing"
+    );
+    let records = store.session_usage(id).await.expect("records");
+    let spans: Vec<_> = records
+        .iter()
+        .map(|r| (r.seq, r.span, r.billable.map(|b| (b.from(), b.to()))))
+        .collect();
+    assert_eq!(
+        spans,
+        [
+            (1, (at(0), at(300)), Some((at(10), at(300)))),
+            (2, (at(300), at(600)), Some((at(300), at(600)))),
+        ]
+    );
+    assert_eq!(records[0].id, record_id(id, at(0), 1));
+    assert!(
+        records
+            .iter()
+            .all(|r| r.tenant == tenant && r.revision == 1)
+    );
+    assert_eq!(
+        store.usage_record(id, 2).await.expect("record"),
+        Some(records[1].clone())
+    );
+    assert_eq!(store.usage_record(id, 9).await.expect("record"), None);
+    let stranger = SessionId::from_ulid_parts(at(0), random());
+    assert_eq!(store.usage_record(stranger, 1).await.expect("record"), None);
+
+    // Its end records the rest of its last period.
+    store
+        .end(id, None, at(690), EndReason::Requested, None)
+        .await
+        .expect("end")
+        .expect("it was running");
+    let records = store.session_usage(id).await.expect("records");
+    assert_eq!(records.len(), 3, "{records:?}");
+    assert_eq!(records[2].span, (at(600), at(690)));
+    assert_eq!(records[2].millis(), 90_000);
+    let events: Vec<u32> = store
+        .undispatched_events(100_000)
+        .await
+        .expect("undispatched")
+        .into_iter()
+        .filter(|e| e.session == id)
+        .filter_map(|e| match e.kind {
+            EventKind::UsageRecorded(seq) => Some(seq),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(events, [1, 2, 3], "one usage.recorded event per record");
+
+    let total = |tenant: Option<String>, from, to, grouping| async move {
+        store
+            .usage_totals(tenant, from, to, grouping)
+            .await
+            .expect("totals")
+    };
+    let all = total(Some(tenant.clone()), at(0), at(3600), None).await;
+    assert_eq!(all.total_ms, 680_000);
+    let cut = total(Some(tenant.clone()), at(100), at(650), None).await;
+    assert_eq!(cut.total_ms, 550_000, "records cut at the range's edges");
+    let by_session = total(
+        Some(tenant.clone()),
+        at(0),
+        at(3600),
+        Some(UsageGrouping::Session),
+    )
+    .await;
+    assert_eq!(
+        by_session.groups,
+        [(UsageGroup::Session(id, tenant.clone()), 680_000)]
+    );
+    let other = total(Some(fresh_tenant()), at(0), at(3600), None).await;
+    assert_eq!(other.total_ms, 0, "another tenant's usage never appears");
+
+    let states = store
+        .usage_states(at(0), at(3600), None, u32::MAX)
+        .await
+        .expect("states");
+    let mine = states
+        .iter()
+        .find(|u| u.state.session == id)
+        .expect("its state");
+    assert_eq!(mine.state.tenant, tenant);
+    assert_eq!(
+        mine.state.metered.ended,
+        Some((at(690), EndReason::Requested))
+    );
+    assert_eq!(mine.records.as_ref().expect("readable"), &records);
+}
