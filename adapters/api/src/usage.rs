@@ -20,9 +20,15 @@ pub struct UsageResponse {
     pub group_by: Option<String>,
     /// Billable milliseconds inside the range.
     pub billable_ms: u64,
-    /// The groups with billable time, in order (by time, or by session id); their
-    /// `billable_ms` add up to the total.
+    /// The groups with billable time, in order (by time, or by session id). By day or
+    /// hour they add up to the total; by session they are one page (`limit`, `cursor`),
+    /// and the pages together add up to it.
     pub groups: Vec<UsageGroupView>,
+    /// By session: pass as `cursor` for the next page of groups; `null` on the last page
+    /// (and for the other groupings, which answer every group at once).
+    #[serde(default)]
+    #[schema(pattern = "^sess_[0-9A-HJKMNP-TV-Z]{1,64}$")]
+    pub next_cursor: Option<String>,
 }
 
 /// One group of a usage answer.

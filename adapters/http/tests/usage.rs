@@ -457,14 +457,35 @@ async fn usage_totals_equal_the_reference(store: Arc<dyn Store>, heartbeats_on_d
             } else {
                 format!("from={}&to={}&group_by={group_by}", rfc3339(a), rfc3339(b))
             };
-            let (status, v) = usage(&service.base, key, &query).await;
-            assert_eq!(status, StatusCode::OK, "{v}");
-            assert_eq!(
-                v["billable_ms"].as_u64().unwrap(),
-                expected,
-                "{key} range [{a}, {b}) {group_by}"
-            );
-            let groups = v["groups"].as_array().unwrap();
+            // By session, a page at a time (a small limit, so that most ranges take
+            // several): each answer has the whole total, the pages every group once.
+            let limit = 1 + rng.below(300);
+            let mut groups: Vec<Value> = Vec::new();
+            let mut cursor: Option<String> = None;
+            loop {
+                let query = match (group_by, &cursor) {
+                    ("session", None) => format!("{query}&limit={limit}"),
+                    ("session", Some(c)) => format!("{query}&limit={limit}&cursor={c}"),
+                    _ => query.clone(),
+                };
+                let (status, v) = usage(&service.base, key, &query).await;
+                assert_eq!(status, StatusCode::OK, "{v}");
+                assert_eq!(
+                    v["billable_ms"].as_u64().unwrap(),
+                    expected,
+                    "{key} range [{a}, {b}) {group_by}"
+                );
+                let page = v["groups"].as_array().unwrap();
+                groups.extend(page.iter().cloned());
+                match v["next_cursor"].as_str() {
+                    Some(next) => {
+                        assert_eq!(group_by, "session", "{v}");
+                        assert_eq!(page.len() as u64, limit, "only a full page has a next");
+                        cursor = Some(next.to_owned());
+                    }
+                    None => break,
+                }
+            }
             let sum: u64 = groups
                 .iter()
                 .map(|g| g["billable_ms"].as_u64().unwrap())
@@ -616,6 +637,56 @@ async fn usage_refuses_bad_ranges_with_a_clear_code() {
             "",
         ),
         (format!("from={}&to={}", rfc3339(0), rfc3339(0)), 200, ""),
+        (
+            format!(
+                "from={}&to={}&group_by=day&limit=5",
+                rfc3339(0),
+                rfc3339(day)
+            ),
+            400,
+            "invalid_request",
+        ),
+        (
+            format!("from={}&to={}&cursor=sess_01", rfc3339(0), rfc3339(day)),
+            400,
+            "invalid_request",
+        ),
+        (
+            format!(
+                "from={}&to={}&group_by=session&limit=0",
+                rfc3339(0),
+                rfc3339(day)
+            ),
+            400,
+            "invalid_request",
+        ),
+        (
+            format!(
+                "from={}&to={}&group_by=session&limit=10001",
+                rfc3339(0),
+                rfc3339(day)
+            ),
+            400,
+            "invalid_request",
+        ),
+        (
+            format!(
+                "from={}&to={}&group_by=session&cursor=bogus",
+                rfc3339(0),
+                rfc3339(day)
+            ),
+            400,
+            "invalid_request",
+        ),
+        (
+            format!(
+                "from={}&to={}&group_by=session&limit=10000",
+                rfc3339(0),
+                rfc3339(day)
+            ),
+            200,
+            "",
+        ),
     ] {
         let (got, v) = usage(&service.base, "key-alpha", &query).await;
         assert_eq!(got.as_u16(), status, "{query}: {v}");

@@ -10,8 +10,8 @@ use session_lifecycle::{EventKind, SessionId, Timestamp};
 use session_lifecycle_store::rows::{event_sequence, millis as ms};
 use session_lifecycle_store::sql::{postgres as pg, statements};
 use session_lifecycle_store::usage::{
-    SessionUsage, UsageGrouping, UsageLedger, UsageRecord, UsageRow, UsageStateRow, UsageTotals,
-    period_boundary, settle, totals_of_rows, totals_query,
+    SessionPage, SessionUsage, UsageGrouping, UsageLedger, UsageRecord, UsageRow, UsageStateRow,
+    UsageTotals, period_boundary, settle, totals_of_rows, totals_query,
 };
 use session_lifecycle_store::{BoxFuture, StoreError};
 use tokio_postgres::{IsolationLevel, Row};
@@ -190,21 +190,54 @@ impl UsageLedger for PostgresStore {
         from: Timestamp,
         to: Timestamp,
         grouping: Option<UsageGrouping>,
+        page: SessionPage,
     ) -> BoxFuture<'_, Result<UsageTotals, StoreError>> {
         Box::pin(async move {
-            let client = self.client().await?;
-            let rows = client
+            let scoped = tenant.is_some();
+            let read = |rows: Vec<Row>| {
+                rows.iter()
+                    .map(|r| Ok((col(r, 0)?, col(r, 1)?, col(r, 2)?, col(r, 3)?)))
+                    .collect::<Result<Vec<_>, StoreError>>()
+            };
+            let mut client = self.client().await?;
+            if grouping != Some(UsageGrouping::Session) {
+                let rows = client
+                    .query(
+                        &totals_query(grouping, scoped, true),
+                        &[&tenant, &ms(from), &ms(to)],
+                    )
+                    .await
+                    .map_err(unavailable)?;
+                return totals_of_rows(read(rows)?, grouping);
+            }
+            // A page of session groups leaves sessions out: the total is a query of its
+            // own, in the same snapshot.
+            let snapshot = client
+                .build_transaction()
+                .isolation_level(IsolationLevel::RepeatableRead)
+                .read_only(true)
+                .start()
+                .await
+                .map_err(unavailable)?;
+            let after = page.after.map(|a| a.to_string()).unwrap_or_default();
+            let rows = snapshot
                 .query(
-                    &totals_query(grouping, tenant.is_some(), true),
+                    &totals_query(grouping, scoped, true),
+                    &[&tenant, &ms(from), &ms(to), &after, &i64::from(page.limit)],
+                )
+                .await
+                .map_err(unavailable)?;
+            let mut out = totals_of_rows(read(rows)?, grouping)?;
+            let rows = snapshot
+                .query(
+                    &totals_query(None, scoped, true),
                     &[&tenant, &ms(from), &ms(to)],
                 )
                 .await
                 .map_err(unavailable)?;
-            let rows = rows
-                .iter()
-                .map(|r| Ok((col(r, 0)?, col(r, 1)?, col(r, 2)?, col(r, 3)?)))
-                .collect::<Result<Vec<_>, StoreError>>()?;
-            totals_of_rows(rows, grouping)
+            out.total_ms = totals_of_rows(read(rows)?, None)?.total_ms;
+            snapshot.commit().await.map_err(unavailable)?;
+            Ok(out)
         })
     }
 

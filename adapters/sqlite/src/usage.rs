@@ -7,8 +7,8 @@ use session_lifecycle::{EventKind, SessionId, Timestamp};
 use session_lifecycle_store::rows::{event_sequence, millis as ms};
 use session_lifecycle_store::sql::statements;
 use session_lifecycle_store::usage::{
-    SessionUsage, UsageGrouping, UsageLedger, UsageRecord, UsageRow, UsageState, UsageStateRow,
-    UsageTotals, period_boundary, settle, totals_of_rows, totals_query,
+    SessionPage, SessionUsage, UsageGrouping, UsageLedger, UsageRecord, UsageRow, UsageState,
+    UsageStateRow, UsageTotals, period_boundary, settle, totals_of_rows, totals_query,
 };
 use session_lifecycle_store::{BoxFuture, StoreError};
 
@@ -186,19 +186,42 @@ impl UsageLedger for SqliteStore {
         from: Timestamp,
         to: Timestamp,
         grouping: Option<UsageGrouping>,
+        page: SessionPage,
     ) -> BoxFuture<'_, Result<UsageTotals, StoreError>> {
-        let sql = totals_query(grouping, tenant.is_some(), false);
+        let scoped = tenant.is_some();
+        let sql = totals_query(grouping, scoped, false);
+        // A page of session groups leaves sessions out: the total is a query of its own
+        // (in the same snapshot: a read is one).
+        let paged = grouping == Some(UsageGrouping::Session);
+        let total_sql = paged.then(|| totals_query(None, scoped, false));
+        let after = page.after.map(|a| a.to_string()).unwrap_or_default();
+        let limit = i64::from(page.limit);
         Box::pin(self.inner.conns.read(move |c| {
+            let row = |r: &rusqlite::Row<'_>| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?));
             let rows = c
                 .prepare_cached(&sql)
                 .and_then(|mut s| {
-                    s.query_map(params![tenant, ms(from), ms(to)], |r| {
-                        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
-                    })?
-                    .collect()
+                    if paged {
+                        s.query_map(params![tenant, ms(from), ms(to), after, limit], row)?
+                            .collect()
+                    } else {
+                        s.query_map(params![tenant, ms(from), ms(to)], row)?
+                            .collect()
+                    }
                 })
                 .map_err(db)?;
-            totals_of_rows(rows, grouping)
+            let mut out = totals_of_rows(rows, grouping)?;
+            if let Some(total_sql) = &total_sql {
+                let rows = c
+                    .prepare_cached(total_sql)
+                    .and_then(|mut s| {
+                        s.query_map(params![tenant, ms(from), ms(to)], row)?
+                            .collect()
+                    })
+                    .map_err(db)?;
+                out.total_ms = totals_of_rows(rows, None)?.total_ms;
+            }
+            Ok(out)
         }))
     }
 

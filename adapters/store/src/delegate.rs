@@ -378,11 +378,12 @@ macro_rules! delegate_store {
                 from: $crate::__core::Timestamp,
                 to: $crate::__core::Timestamp,
                 grouping: Option<$crate::usage::UsageGrouping>,
+                page: $crate::usage::SessionPage,
             ) -> $crate::BoxFuture<'_, Result<$crate::usage::UsageTotals, $crate::StoreError>> {
                 $wrap!(
                     self,
                     "usage_totals",
-                    self.inner.usage_totals(tenant, from, to, grouping)
+                    self.inner.usage_totals(tenant, from, to, grouping, page)
                 )
             }
             fn session_usage(

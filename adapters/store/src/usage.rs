@@ -284,6 +284,25 @@ impl UsageGrouping {
     }
 }
 
+/// Which session groups a [`UsageGrouping::Session`] answer holds: those after `after` (by
+/// id), at most `limit`. The total is always the whole range's. Other groupings ignore it
+/// (a year has at most 8,784 hours; a tenant can have millions of sessions).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionPage {
+    /// The last session of the previous page, if any.
+    pub after: Option<SessionId>,
+    /// The most groups to answer.
+    pub limit: u32,
+}
+
+impl SessionPage {
+    /// Every session group.
+    pub const ALL: SessionPage = SessionPage {
+        after: None,
+        limit: u32::MAX,
+    };
+}
+
 /// One group of a usage total.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum UsageGroup {
@@ -309,6 +328,7 @@ pub fn totals<'a>(
     from: Timestamp,
     to: Timestamp,
     grouping: Option<UsageGrouping>,
+    page: SessionPage,
 ) -> UsageTotals {
     let bucket_ms: u64 = match grouping {
         Some(UsageGrouping::Day) => 86_400_000,
@@ -352,6 +372,8 @@ pub fn totals<'a>(
     groups.extend(
         by_session
             .into_iter()
+            .filter(|(id, _)| page.after.is_none_or(|a| *id > a))
+            .take(page.limit as usize)
             .map(|(id, (tenant, ms))| (UsageGroup::Session(id, tenant), ms)),
     );
     UsageTotals { total_ms, groups }
@@ -424,7 +446,9 @@ pub fn reconcile_session(
 
 /// The query SQL stores total usage with (see [`UsageLedger::usage_totals`]): rows of
 /// (time bucket index, session id, tenant, billable ms), as [`totals_of_rows`] reads them.
-/// `?1` tenant (NULL: all), `?2` from, `?3` to; `scoped` when `?1` names a tenant. Two
+/// `?1` tenant (NULL: all), `?2` from, `?3` to, and for [`UsageGrouping::Session`] the
+/// page: `?4` the session after which it starts (`''` from the first), `?5` its limit
+/// (the total then needs `totals_query(None, ..)` besides); `scoped` when `?1` names a tenant. Two
 /// statements, not one with `?1 IS NULL OR tenant = ?1`: a planner cannot range over the
 /// `(tenant, from_ms)` index with that, and a tenant's query would read every tenant's
 /// records. Records never span an hour boundary, so a record's start names its hour and
@@ -446,13 +470,18 @@ pub fn totals_query(grouping: Option<UsageGrouping>, scoped: bool, postgres: boo
         (false, false) => ("MIN", "MAX", "?1 IS NULL"),
     };
     let (from, to) = if postgres { ("$2", "$3") } else { ("?2", "?3") };
+    let (after, limit) = match (grouping, postgres) {
+        (Some(UsageGrouping::Session), true) => (" AND session_id > $4", " LIMIT $5"),
+        (Some(UsageGrouping::Session), false) => (" AND session_id > ?4", " LIMIT ?5"),
+        _ => ("", ""),
+    };
     format!(
         "SELECT CAST({bucket} AS BIGINT), {session}, MIN(tenant),
                 CAST(SUM({least}(to_ms, {to}) - {greatest}(from_ms, {from})) AS BIGINT)
          FROM usage_records
          WHERE NOT superseded AND millis > 0 AND ({tenant})
-           AND from_ms >= CAST({from} AS BIGINT) - {HOUR_MS} AND from_ms < {to} AND to_ms > {from}
-         GROUP BY 1, 2 ORDER BY 1, 2"
+           AND from_ms >= CAST({from} AS BIGINT) - {HOUR_MS} AND from_ms < {to} AND to_ms > {from}{after}
+         GROUP BY 1, 2 ORDER BY 1, 2{limit}"
     )
 }
 
@@ -642,13 +671,15 @@ pub trait UsageLedger: Send + Sync + 'static {
 
     /// The usage of `tenant` (`None`: every tenant's) inside `[from, to)`, each record cut
     /// at the range's edges, in total and by `grouping` (as [`totals`] adds up the latest
-    /// records).
+    /// records); session groups only those `page` names. Total and groups are read in one
+    /// snapshot.
     fn usage_totals(
         &self,
         tenant: Option<String>,
         from: Timestamp,
         to: Timestamp,
         grouping: Option<UsageGrouping>,
+        page: SessionPage,
     ) -> BoxFuture<'_, Result<UsageTotals, StoreError>>;
 
     /// Every usage record of `session`, superseded ones too, in the order written.
@@ -744,7 +775,7 @@ mod tests {
     }
 
     fn latest_ms(records: &[UsageRecord]) -> u64 {
-        totals(records, at(0), at(100_000), None).total_ms
+        totals(records, at(0), at(100_000), None, SessionPage::ALL).total_ms
     }
 
     #[test]

@@ -7,10 +7,10 @@ use axum::Json;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
 use serde::Deserialize;
-use session_lifecycle::Timestamp;
+use session_lifecycle::{SessionId, Timestamp};
 use session_lifecycle_api::errors::ErrorCode;
 use session_lifecycle_api::usage::{UsageGroupView, UsageResponse};
-use session_lifecycle_runtime::usage::{UsageGroup, UsageGrouping};
+use session_lifecycle_runtime::usage::{SessionPage, UsageGroup, UsageGrouping};
 use utoipa::IntoParams;
 
 use crate::error::{ApiError, ErrorBody};
@@ -19,6 +19,9 @@ use crate::state::AppState;
 
 /// The longest range one call may ask for.
 pub const MAX_RANGE_DAYS: u64 = 366;
+
+/// The most session groups one answer holds (and how many it holds unless `limit` says).
+pub const MAX_SESSION_GROUPS: u32 = 10_000;
 
 /// Which usage to total.
 #[derive(Debug, Default, Deserialize, IntoParams)]
@@ -34,6 +37,49 @@ pub struct UsageParams {
     /// Groups to answer besides the total: `day` or `hour` (UTC), or `session`.
     #[param(value_type = Option<String>, pattern = "^(day|hour|session)$")]
     pub group_by: Option<String>,
+    /// With `group_by=session`: session groups per answer, 1 to 10,000 (default 10,000).
+    #[param(value_type = Option<u32>, minimum = 1, maximum = 10000)]
+    pub limit: Option<String>,
+    /// With `group_by=session`: the `next_cursor` of the previous answer.
+    #[param(pattern = "^sess_[0-9A-HJKMNP-TV-Z]{1,64}$")]
+    pub cursor: Option<String>,
+}
+
+/// The page of session groups `limit` and `cursor` ask for; they apply to `group_by=session`
+/// only.
+fn session_page(
+    params: &UsageParams,
+    grouping: Option<UsageGrouping>,
+) -> Result<SessionPage, ApiError> {
+    if grouping != Some(UsageGrouping::Session) {
+        if params.limit.is_some() || params.cursor.is_some() {
+            return Err(ApiError::invalid(
+                "limit and cursor apply to group_by=session only",
+            ));
+        }
+        return Ok(SessionPage::ALL);
+    }
+    let limit = match params.limit.as_deref() {
+        None => MAX_SESSION_GROUPS,
+        Some(text) => match text.parse::<u32>() {
+            Ok(n)
+                if text.bytes().all(|b| b.is_ascii_digit())
+                    && (1..=MAX_SESSION_GROUPS).contains(&n) =>
+            {
+                n
+            }
+            _ => {
+                return Err(ApiError::invalid(format!(
+                    "limit must be an integer from 1 to {MAX_SESSION_GROUPS}"
+                )));
+            }
+        },
+    };
+    let after = match params.cursor.as_deref() {
+        None => None,
+        Some(c) => Some(SessionId::parse(c).map_err(|_| ApiError::invalid("invalid cursor"))?),
+    };
+    Ok(SessionPage { after, limit })
 }
 
 fn time(name: &str, text: Option<&str>) -> Result<Timestamp, ApiError> {
@@ -51,7 +97,7 @@ fn time(name: &str, text: Option<&str>) -> Result<Timestamp, ApiError> {
     params(UsageParams),
     responses(
         (status = 200, description = "The range's usage", body = UsageResponse),
-        (status = 400, description = "Missing or invalid `from`, `to` or `group_by` (`invalid_request`); `to` before `from`, or a range over 366 days (`invalid_range`)", body = ErrorBody),
+        (status = 400, description = "Missing or invalid `from`, `to`, `group_by`, `limit` or `cursor`, or `limit`/`cursor` without `group_by=session` (`invalid_request`); `to` before `from`, or a range over 366 days (`invalid_range`)", body = ErrorBody),
         (status = 401, description = "Missing, unknown or revoked key (`unauthorized`)", body = ErrorBody),
         (status = 503, description = "Storage unavailable or overloaded", body = ErrorBody),
     ),
@@ -84,11 +130,12 @@ pub async fn get_usage(
                 .ok_or_else(|| ApiError::invalid("group_by must be day, hour or session"))?,
         ),
     };
+    let page = session_page(&params, grouping)?;
     let tenant = viewer.tenant().map(str::to_owned);
     let sums = state
         .engine
         .store()
-        .usage_totals(tenant.clone(), from, to, grouping)
+        .usage_totals(tenant.clone(), from, to, grouping, page)
         .await
         .map_err(|e| ApiError::from(session_lifecycle_runtime::EngineError::Store(e)))?;
     let groups = sums
@@ -108,7 +155,11 @@ pub async fn get_usage(
                 billable_ms,
             },
         })
-        .collect();
+        .collect::<Vec<_>>();
+    let next_cursor = match groups.last() {
+        Some(last) if groups.len() == page.limit as usize => last.session_id.clone(),
+        _ => None,
+    };
     Ok(Json(UsageResponse {
         success: true,
         tenant,
@@ -117,5 +168,6 @@ pub async fn get_usage(
         group_by: grouping.map(|g| g.as_str().to_owned()),
         billable_ms: sums.total_ms,
         groups,
+        next_cursor,
     }))
 }

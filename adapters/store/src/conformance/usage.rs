@@ -7,7 +7,7 @@ use session_lifecycle::{EndReason, EventKind, SessionId};
 
 use super::support::{at, create, fresh_tenant, new_session, random};
 use crate::store::Store;
-use crate::usage::{UsageGroup, UsageGrouping, record_id};
+use crate::usage::{SessionPage, UsageGroup, UsageGrouping, record_id};
 
 /// A session metered from its readiness report (the default rule), on its own node:
 /// closing its periods writes one record per closed period, once; its end writes the rest;
@@ -90,7 +90,7 @@ pub async fn usage_is_recorded_with_its_causes_and_read_back_exactly(store: &dyn
 
     let total = |tenant: Option<String>, from, to, grouping| async move {
         store
-            .usage_totals(tenant, from, to, grouping)
+            .usage_totals(tenant, from, to, grouping, SessionPage::ALL)
             .await
             .expect("totals")
     };
@@ -111,6 +111,50 @@ pub async fn usage_is_recorded_with_its_causes_and_read_back_exactly(store: &dyn
     );
     let other = total(Some(fresh_tenant()), at(0), at(3600), None).await;
     assert_eq!(other.total_ms, 0, "another tenant's usage never appears");
+
+    // Session groups come a page at a time, by id; the total is always the range's.
+    let mut second = new_session(&tenant, at(0), Duration::from_secs(3600));
+    second.node = node.clone();
+    second.billing.meter = session_lifecycle::usage::MeterStart::Started;
+    create(store, &second).await;
+    store
+        .end(second.id, None, at(30), EndReason::Requested, None)
+        .await
+        .expect("end")
+        .expect("it was running");
+    let mut ids = [id, second.id];
+    ids.sort();
+    let page = |after, limit| {
+        let tenant = tenant.clone();
+        async move {
+            store
+                .usage_totals(
+                    Some(tenant),
+                    at(0),
+                    at(3600),
+                    Some(UsageGrouping::Session),
+                    SessionPage { after, limit },
+                )
+                .await
+                .expect("a page of totals")
+        }
+    };
+    let first = page(None, 1).await;
+    assert_eq!(first.total_ms, 710_000, "the total is the whole range's");
+    let sessions = |t: &crate::usage::UsageTotals| -> Vec<SessionId> {
+        t.groups
+            .iter()
+            .filter_map(|(g, _)| match g {
+                UsageGroup::Session(id, _) => Some(*id),
+                UsageGroup::Time(_) => None,
+            })
+            .collect()
+    };
+    assert_eq!(sessions(&first), [ids[0]]);
+    let rest = page(Some(ids[0]), 1).await;
+    assert_eq!((rest.total_ms, sessions(&rest)), (710_000, vec![ids[1]]));
+    let past = page(Some(ids[1]), 10).await;
+    assert_eq!((past.total_ms, past.groups.len()), (710_000, 0));
 
     let states = store
         .usage_states(at(0), at(3600), None, u32::MAX)

@@ -7,7 +7,7 @@ use session_lifecycle::{SessionId, Timestamp};
 use super::{MemoryStore, State, ready};
 use crate::error::{BoxFuture, StoreError};
 use crate::usage::{
-    SessionUsage, UsageGrouping, UsageLedger, UsageRecord, UsageState, UsageTotals,
+    SessionPage, SessionUsage, UsageGrouping, UsageLedger, UsageRecord, UsageState, UsageTotals,
     period_boundary, settle, totals,
 };
 
@@ -98,6 +98,7 @@ impl UsageLedger for MemoryStore {
         from: Timestamp,
         to: Timestamp,
         grouping: Option<UsageGrouping>,
+        page: SessionPage,
     ) -> BoxFuture<'_, Result<UsageTotals, StoreError>> {
         let state = self.state();
         let records = state
@@ -105,7 +106,7 @@ impl UsageLedger for MemoryStore {
             .values()
             .flatten()
             .filter(|r| tenant.as_ref().is_none_or(|t| *t == r.tenant));
-        ready(Ok(totals(records, from, to, grouping)))
+        ready(Ok(totals(records, from, to, grouping, page)))
     }
 
     fn session_usage(
