@@ -384,15 +384,15 @@ async fn usage_totals_equal_the_reference(store: Arc<dyn Store>, heartbeats_on_d
             .await
             .unwrap();
         for usage in &states {
-            let m = &usage.state.metered;
+            let m = &usage.state.as_ref().unwrap().metered;
             if let (Some((ended, EndReason::NodeLost)), Some(seen)) = (m.ended, m.node_last_seen) {
                 let (ended, seen) = (ended.as_millis() - T0, seen.as_millis() - T0);
                 assert!(
                     seen <= ended && ended - seen <= run_ms,
                     "{}: last seen {seen} for an end at {ended}, the run took {run_ms} ms",
-                    usage.state.session
+                    usage.session
                 );
-                last_seen.insert(usage.state.session, seen);
+                last_seen.insert(usage.session, seen);
             }
         }
         assert!(!last_seen.is_empty(), "no session was lost with its node");
@@ -567,7 +567,8 @@ async fn usage_totals_equal_the_reference(store: Arc<dyn Store>, heartbeats_on_d
             .await
             .unwrap();
         for usage in &page {
-            let (state, records) = (&usage.state, usage.records.as_ref().unwrap());
+            let state = usage.state.as_ref().unwrap();
+            let records = usage.records.as_ref().unwrap();
             assert_eq!(
                 reconcile_session(state, records, from, to),
                 None,
@@ -577,7 +578,7 @@ async fn usage_totals_equal_the_reference(store: Arc<dyn Store>, heartbeats_on_d
             states.insert(state.session);
         }
         match page.last() {
-            Some(last) if page.len() == 300 => after = Some(last.state.session),
+            Some(last) if page.len() == 300 => after = Some(last.session),
             _ => break,
         }
     }

@@ -215,17 +215,6 @@ const MIGRATIONS: &[&str] = &["
     -- range's records start at most an hour before it.
     CREATE INDEX usage_records_latest ON usage_records (tenant, from_ms)
         WHERE superseded_by IS NULL AND millis > 0;
-",
-// 12: usage records keep no identifiers (`usage::record_id` derives them from the session,
-// the span's start and the revision), only whether a correction replaced them.
-"
-    ALTER TABLE usage_records ADD COLUMN superseded BOOLEAN NOT NULL DEFAULT FALSE;
-    UPDATE usage_records SET superseded = TRUE WHERE superseded_by IS NOT NULL;
-    DROP INDEX usage_records_latest;
-    ALTER TABLE usage_records DROP COLUMN id, DROP COLUMN corrects, DROP COLUMN superseded_by;
-    ALTER TABLE usage_records ALTER COLUMN superseded DROP DEFAULT;
-    CREATE INDEX usage_records_latest ON usage_records (tenant, from_ms)
-        WHERE NOT superseded AND millis > 0;
 "];
 
 /// An index built with `CREATE INDEX CONCURRENTLY`, which does not block writes to its table

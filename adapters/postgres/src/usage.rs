@@ -7,11 +7,11 @@ use std::time::Duration;
 
 use deadpool_postgres::GenericClient;
 use session_lifecycle::{EventKind, SessionId, Timestamp};
-use session_lifecycle_store::rows::{event_sequence, millis as ms};
+use session_lifecycle_store::rows::{event_sequence, millis as ms, parse_id};
 use session_lifecycle_store::sql::{postgres as pg, statements};
 use session_lifecycle_store::usage::{
-    SessionPage, SessionUsage, UsageGrouping, UsageLedger, UsageRecord, UsageRow, UsageStateRow,
-    UsageTotals, period_boundary, settle, totals_of_rows, totals_query,
+    SessionPage, SessionUsage, UsageGrouping, UsageLedger, UsageRecord, UsageRow, UsageState,
+    UsageStateRow, UsageTotals, period_boundary, settle, totals_of_rows, totals_query,
 };
 use session_lifecycle_store::{BoxFuture, StoreError};
 use tokio_postgres::{IsolationLevel, Row};
@@ -50,11 +50,50 @@ fn usage_row(r: &Row) -> Result<UsageRow, StoreError> {
     })
 }
 
-/// Every usage record of the sessions `$1` names (`usage::UsageRow`'s columns), by session
-/// and in the order written.
-const PAGE_USAGE: &str = "SELECT session_id, tenant, seq, span_from, span_to,
-            from_ms, to_ms, revision, superseded, recorded_at
-     FROM usage_records WHERE session_id = ANY($1) ORDER BY session_id, seq";
+// PostgreSQL keeps the usage records' identifier columns (`id`, `corrects`,
+// `superseded_by`) that SQLite dropped (its migration 11): instances of the previous
+// release, still running during a rolling deploy, write and read them. So its statements
+// write them too and read "superseded" from `superseded_by`. They can go once no instance
+// that reads them runs (a later release's migration).
+
+/// `usage::UsageRow`'s columns.
+macro_rules! usage_row_columns {
+    () => {
+        "session_id, tenant, seq, span_from, span_to, from_ms, to_ms, revision,
+         superseded_by IS NOT NULL, recorded_at"
+    };
+}
+
+/// Every usage record of session `$1`, in the order written.
+const SESSION_USAGE: &str = concat!(
+    "SELECT ",
+    usage_row_columns!(),
+    " FROM usage_records WHERE session_id = $1 ORDER BY seq"
+);
+
+/// Usage record `$2` of session `$1`.
+const USAGE_RECORD: &str = concat!(
+    "SELECT ",
+    usage_row_columns!(),
+    " FROM usage_records WHERE session_id = $1 AND seq = $2"
+);
+
+/// Every usage record of the sessions `$1` names, by session and in the order written.
+const PAGE_USAGE: &str = concat!(
+    "SELECT ",
+    usage_row_columns!(),
+    " FROM usage_records WHERE session_id = ANY($1) ORDER BY session_id, seq"
+);
+
+/// A new usage record: `usage::UsageRow`'s columns but `superseded` (a new record is
+/// the latest), its billable milliseconds, its identifier and the one it corrects.
+const INSERT_USAGE: &str = "INSERT INTO usage_records (session_id, tenant, seq, span_from,
+        span_to, from_ms, to_ms, revision, recorded_at, millis, id, corrects)
+     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)";
+
+/// Record `$2` of session `$1` is replaced by the correction `$3`.
+const SUPERSEDE_USAGE: &str = "UPDATE usage_records SET superseded_by = $3
+     WHERE session_id = $1 AND seq = $2 AND superseded_by IS NULL";
 
 fn records(rows: &[Row]) -> Result<Vec<UsageRecord>, StoreError> {
     rows.iter().map(|r| usage_row(r)?.into_record()).collect()
@@ -63,52 +102,65 @@ fn records(rows: &[Row]) -> Result<Vec<UsageRecord>, StoreError> {
 /// Settles the usage of session `id` after its cause at `now`, in the caller's transaction
 /// (see `session_lifecycle_store::usage::settle`); closes its periods up to `close` if
 /// given. The caller holds the session's row lock (its cause updated or locked the row).
-/// A corrupt usage state or record never keeps its cause (an end above all: the session's
-/// resources wait on it) from committing: the session is left unsettled, with a warning,
-/// for `sessiond usage reconcile` to report.
+/// A usage state or record whose values are not ours (corrupt, or written by a newer
+/// release) never keeps its cause (an end above all: the session's resources wait on it)
+/// from committing: the session is left unsettled (`false`), with a warning, for
+/// `sessiond usage reconcile` to report. A column that does not read as its type (a
+/// schema this code does not know) or a failing database still fails the cause.
 pub(crate) async fn settle_usage(
     tx: &impl GenericClient,
     id: &str,
     close: Option<(Timestamp, Duration)>,
     now: Timestamp,
-) -> Result<(), StoreError> {
-    match settle_session(tx, id, close, now).await {
-        Err(e @ StoreError::Corrupt { .. }) => {
+) -> Result<bool, StoreError> {
+    let skipped = |e: StoreError| match e {
+        StoreError::Corrupt { .. } => {
             tracing::warn!(error = %e, "usage not recorded: its session's usage is corrupt");
-            Ok(())
+            Ok(false)
         }
-        other => other,
-    }
-}
-
-async fn settle_session(
-    tx: &impl GenericClient,
-    id: &str,
-    close: Option<(Timestamp, Duration)>,
-    now: Timestamp,
-) -> Result<(), StoreError> {
+        e => Err(e),
+    };
     let Some(row) = tx
         .query_opt(pg(statements::USAGE_STATE), &[&id])
         .await
         .map_err(unavailable)?
     else {
-        return Ok(());
+        return Ok(true);
     };
-    let state = state_row(&row)?.into_state()?;
+    let state = match state_row(&row)?.into_state() {
+        Ok(state) => state,
+        Err(e) => return skipped(e),
+    };
     // Nothing is recorded of a session before its first close or end.
     let existing = match state.closed_to {
-        Some(_) => records(
-            &tx.query(pg(statements::SESSION_USAGE), &[&id])
-                .await
-                .map_err(unavailable)?,
-        )?,
+        Some(_) => {
+            let rows = tx.query(SESSION_USAGE, &[&id]).await.map_err(unavailable)?;
+            let rows = rows.iter().map(usage_row).collect::<Result<Vec<_>, _>>()?;
+            match rows.into_iter().map(UsageRow::into_record).collect() {
+                Ok(records) => records,
+                Err(e) => return skipped(e),
+            }
+        }
         None => Vec::new(),
     };
-    let settled = settle(&state, &existing, close, now);
+    write_settled(tx, &state, &existing, close, now).await?;
+    Ok(true)
+}
+
+async fn write_settled(
+    tx: &impl GenericClient,
+    state: &UsageState,
+    existing: &[UsageRecord],
+    close: Option<(Timestamp, Duration)>,
+    now: Timestamp,
+) -> Result<(), StoreError> {
+    let id = state.session.to_string();
+    let id = id.as_str();
+    let settled = settle(state, existing, close, now);
     for record in &settled.records {
         let r = UsageRow::of(record);
         tx.execute(
-            pg(statements::INSERT_USAGE),
+            INSERT_USAGE,
             &[
                 &r.session_id,
                 &r.tenant,
@@ -118,9 +170,10 @@ async fn settle_session(
                 &r.from_ms,
                 &r.to_ms,
                 &r.revision,
-                &r.superseded,
                 &r.recorded_at,
                 &(record.millis() as i64),
+                &record.id,
+                &record.corrects,
             ],
         )
         .await
@@ -138,8 +191,8 @@ async fn settle_session(
         .await
         .map_err(unavailable)?;
     }
-    for (old, _) in &settled.superseded {
-        tx.execute(pg(statements::SUPERSEDE_USAGE), &[&id, &i64::from(*old)])
+    for (old, by) in &settled.superseded {
+        tx.execute(SUPERSEDE_USAGE, &[&id, &i64::from(*old), by])
             .await
             .map_err(unavailable)?;
     }
@@ -165,22 +218,34 @@ impl UsageLedger for PostgresStore {
             let tx = client.transaction().await.map_err(unavailable)?;
             // Locked, so that an end or a readiness report of one of them waits for this
             // close (and then sees its records); one locked elsewhere is closed next time.
-            let ids = tx
-                .query(
-                    "SELECT id FROM sessions
-                     WHERE node = $1 AND status = 'started' AND started_at < $2
-                       AND (usage_closed_to IS NULL OR usage_closed_to < $2)
-                     ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED",
-                    &[&node, &ms(boundary), &i64::from(limit)],
-                )
-                .await
-                .map_err(unavailable)?;
-            for row in &ids {
-                let id: String = col(row, 0)?;
-                settle_usage(&tx, &id, Some((boundary, period)), now).await?;
+            // Past the sessions whose usage is corrupt (they stay due): counted, they
+            // would fill every batch and keep the others from ever closing.
+            let (mut closed, mut after) = (0u32, String::new());
+            while closed < limit {
+                let want = limit - closed;
+                let ids = tx
+                    .query(
+                        "SELECT id FROM sessions
+                         WHERE node = $1 AND status = 'started' AND started_at < $2
+                           AND (usage_closed_to IS NULL OR usage_closed_to < $2) AND id > $3
+                         ORDER BY id LIMIT $4 FOR UPDATE SKIP LOCKED",
+                        &[&node, &ms(boundary), &after, &i64::from(want)],
+                    )
+                    .await
+                    .map_err(unavailable)?;
+                let ids: Vec<String> = ids.iter().map(|r| col(r, 0)).collect::<Result<_, _>>()?;
+                for id in &ids {
+                    if settle_usage(&tx, id, Some((boundary, period)), now).await? {
+                        closed += 1;
+                    }
+                }
+                match ids.last() {
+                    Some(last) if ids.len() == want as usize => after = last.clone(),
+                    _ => break,
+                }
             }
             tx.commit().await.map_err(unavailable)?;
-            Ok(ids.len() as u32)
+            Ok(closed)
         })
     }
 
@@ -248,7 +313,7 @@ impl UsageLedger for PostgresStore {
         Box::pin(async move {
             let client = self.client().await?;
             let rows = client
-                .query(pg(statements::SESSION_USAGE), &[&session.to_string()])
+                .query(SESSION_USAGE, &[&session.to_string()])
                 .await
                 .map_err(unavailable)?;
             records(&rows)
@@ -263,10 +328,7 @@ impl UsageLedger for PostgresStore {
         Box::pin(async move {
             let client = self.client().await?;
             let row = client
-                .query_opt(
-                    pg(statements::USAGE_RECORD),
-                    &[&session.to_string(), &i64::from(seq)],
-                )
+                .query_opt(USAGE_RECORD, &[&session.to_string(), &i64::from(seq)])
                 .await
                 .map_err(unavailable)?;
             row.map(|r| usage_row(&r)?.into_record()).transpose()
@@ -326,7 +388,9 @@ impl UsageLedger for PostgresStore {
                         .map(UsageRow::into_record)
                         .collect();
                     Ok(SessionUsage {
-                        state: row.into_state()?,
+                        session: parse_id(&row.id)?,
+                        tenant: row.tenant.clone(),
+                        state: row.into_state(),
                         records,
                     })
                 })

@@ -42,3 +42,27 @@ async fn migrations_run_from_several_instances_at_once() {
     assert_eq!(version, session_lifecycle_postgres::SCHEMA_VERSION);
     db.drop_db().await;
 }
+
+/// A session whose usage row holds a value this release does not know never blocks its end
+/// or the other sessions' usage periods (see the conformance check).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_of_an_unreadable_session_never_blocks_its_end_or_the_others_periods() {
+    let Some(url) = pg_url() else { return };
+    let db = TestDb::create(&url).await;
+    let store = PostgresStore::connect(&db.url).await.unwrap();
+    let raw = connect(&db.url).await;
+    conformance::unreadable_usage_never_blocks_an_end_or_other_sessions(&store, |id| {
+        let raw = &raw;
+        async move {
+            raw.execute(
+                "UPDATE sessions SET bill_meter = 'future' WHERE id = $1",
+                &[&id.to_string()],
+            )
+            .await
+            .unwrap();
+        }
+    })
+    .await;
+    drop(raw);
+    db.drop_db().await;
+}

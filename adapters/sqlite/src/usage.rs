@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use rusqlite::{Connection, params};
 use session_lifecycle::{EventKind, SessionId, Timestamp};
-use session_lifecycle_store::rows::{event_sequence, millis as ms};
+use session_lifecycle_store::rows::{event_sequence, millis as ms, parse_id};
 use session_lifecycle_store::sql::statements;
 use session_lifecycle_store::usage::{
     SessionPage, SessionUsage, UsageGrouping, UsageLedger, UsageRecord, UsageRow, UsageState,
@@ -55,41 +55,44 @@ fn session_records(c: &Connection, id: &str) -> Result<Vec<UsageRecord>, StoreEr
 
 /// Settles the usage of session `id` after its cause at `now`, in the caller's step (see
 /// `session_lifecycle_store::usage::settle`); closes its periods up to `close` if given.
+/// `false`: its usage is corrupt and was left as it was (see [`settle_row`]).
 pub(crate) fn settle_usage(
     c: &Connection,
     id: &str,
     close: Option<(Timestamp, Duration)>,
     now: Timestamp,
-) -> Result<(), StoreError> {
+) -> Result<bool, StoreError> {
     let row = c
         .prepare_cached(statements::USAGE_STATE)
         .and_then(|mut s| s.query_map([id], state_row)?.next().transpose())
         .map_err(db)?;
     match row {
         Some(row) => settle_row(c, row, close, now),
-        None => Ok(()),
+        None => Ok(true),
     }
 }
 
 /// [`settle_usage`] of a session whose usage state after its cause is `row` (read by the
-/// cause's own statement). A corrupt usage state or record never keeps its cause (an end
-/// above all: the session's resources wait on it) from committing: the session is left
-/// unsettled, with a warning, for `sessiond usage reconcile` to report.
+/// cause's own statement). A usage state or record whose values are not ours (corrupt, or
+/// written by a newer release) never keeps its cause (an end above all: the session's
+/// resources wait on it) from committing: the session is left unsettled (`false`), with a
+/// warning, for `sessiond usage reconcile` to report. A failing database still fails it.
 pub(crate) fn settle_row(
     c: &Connection,
     row: UsageStateRow,
     close: Option<(Timestamp, Duration)>,
     now: Timestamp,
-) -> Result<(), StoreError> {
+) -> Result<bool, StoreError> {
     match row
         .into_state()
         .and_then(|state| settle_state(c, &state, close, now))
     {
+        Ok(()) => Ok(true),
         Err(e @ StoreError::Corrupt { .. }) => {
             tracing::warn!(error = %e, "usage not recorded: its session's usage is corrupt");
-            Ok(())
+            Ok(false)
         }
-        other => other,
+        Err(e) => Err(e),
     }
 }
 
@@ -166,17 +169,31 @@ impl UsageLedger for SqliteStore {
                 return Ok(0);
             }
             let boundary = period_boundary(now, period);
-            let ids: Vec<String> = c
-                .prepare_cached(statements::USAGE_TO_CLOSE)
-                .and_then(|mut s| {
-                    s.query_map(params![node, ms(boundary), i64::from(limit)], |r| r.get(0))?
+            // Past the sessions whose usage is corrupt (they stay due): counted, they
+            // would fill every batch and keep the others from ever closing.
+            let (mut closed, mut after) = (0u32, String::new());
+            while closed < limit {
+                let want = limit - closed;
+                let ids: Vec<String> = c
+                    .prepare_cached(statements::USAGE_TO_CLOSE)
+                    .and_then(|mut s| {
+                        s.query_map(params![node, ms(boundary), after, i64::from(want)], |r| {
+                            r.get(0)
+                        })?
                         .collect()
-                })
-                .map_err(db)?;
-            for id in &ids {
-                settle_usage(c, id, Some((boundary, period)), now)?;
+                    })
+                    .map_err(db)?;
+                for id in &ids {
+                    if settle_usage(c, id, Some((boundary, period)), now)? {
+                        closed += 1;
+                    }
+                }
+                match ids.last() {
+                    Some(last) if ids.len() == want as usize => after = last.clone(),
+                    _ => break,
+                }
             }
-            Ok(ids.len() as u32)
+            Ok(closed)
         }))
     }
 
@@ -277,10 +294,11 @@ impl UsageLedger for SqliteStore {
                 .map_err(db)?;
             rows.into_iter()
                 .map(|row| {
-                    let records = session_records(c, &row.id);
                     Ok(SessionUsage {
-                        state: row.into_state()?,
-                        records,
+                        session: parse_id(&row.id)?,
+                        tenant: row.tenant.clone(),
+                        records: session_records(c, &row.id),
+                        state: row.into_state(),
                     })
                 })
                 .collect()

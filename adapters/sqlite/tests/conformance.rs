@@ -71,3 +71,25 @@ async fn a_newer_schema_is_refused() {
     drop(conn);
     assert!(SqliteStore::open(&path).is_err());
 }
+
+/// A session whose usage row holds a value this release does not know never blocks its end
+/// or the other sessions' usage periods (see the conformance check).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_of_an_unreadable_session_never_blocks_its_end_or_the_others_periods() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.db");
+    let store = SqliteStore::open(&path).unwrap();
+    conformance::unreadable_usage_never_blocks_an_end_or_other_sessions(&store, |id| {
+        let path = path.clone();
+        async move {
+            rusqlite::Connection::open(&path)
+                .unwrap()
+                .execute(
+                    "UPDATE sessions SET bill_meter = 'future' WHERE id = ?1",
+                    [id.to_string()],
+                )
+                .unwrap();
+        }
+    })
+    .await;
+}

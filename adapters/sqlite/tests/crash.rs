@@ -335,7 +335,7 @@ impl UsageReceiver {
                 *counted.entry(*session).or_default() += ms;
             }
         }
-        for state in states.iter().map(|usage| &usage.state) {
+        for state in states.iter().map(|usage| usage.state.as_ref().unwrap()) {
             // What its record says it owes: an ended session's billable interval, a
             // running one's billable part up to its last closed period.
             let owed = state

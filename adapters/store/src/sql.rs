@@ -507,6 +507,9 @@ pub mod statements {
         " FROM sessions WHERE id = ?1"
     );
 
+    // The usage record statements below are SQLite's: PostgreSQL keeps the identifier
+    // columns SQLite dropped, for the previous release's instances (see its adapter).
+
     /// Every usage record of session `?1`, in the order written (`usage::UsageRow`'s
     /// columns).
     pub const SESSION_USAGE: &str = "SELECT session_id, tenant, seq, span_from, span_to,
@@ -535,8 +538,8 @@ pub mod statements {
     /// by id.
     pub const USAGE_TO_CLOSE: &str = "SELECT id FROM sessions
          WHERE node = ?1 AND status = 'started' AND started_at < ?2
-           AND (usage_closed_to IS NULL OR usage_closed_to < ?2)
-         ORDER BY id LIMIT ?3";
+           AND (usage_closed_to IS NULL OR usage_closed_to < ?2) AND id > ?3
+         ORDER BY id LIMIT ?4";
 
     /// The usage state of up to `?4` sessions (as `USAGE_STATE`) whose life overlaps
     /// `[?1, ?2)` (a minute's rounding after its end counts as its life), by id, after id

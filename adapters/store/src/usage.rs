@@ -475,11 +475,17 @@ pub fn totals_query(grouping: Option<UsageGrouping>, scoped: bool, postgres: boo
         (Some(UsageGrouping::Session), false) => (" AND session_id > ?4", " LIMIT ?5"),
         _ => ("", ""),
     };
+    // PostgreSQL still marks a replaced record by `superseded_by` (see its adapter).
+    let latest = if postgres {
+        "superseded_by IS NULL"
+    } else {
+        "NOT superseded"
+    };
     format!(
         "SELECT CAST({bucket} AS BIGINT), {session}, MIN(tenant),
                 CAST(SUM({least}(to_ms, {to}) - {greatest}(from_ms, {from})) AS BIGINT)
          FROM usage_records
-         WHERE NOT superseded AND millis > 0 AND ({tenant})
+         WHERE {latest} AND millis > 0 AND ({tenant})
            AND from_ms >= CAST({from} AS BIGINT) - {HOUR_MS} AND from_ms < {to} AND to_ms > {from}{after}
          GROUP BY 1, 2 ORDER BY 1, 2{limit}"
     )
@@ -714,8 +720,13 @@ pub trait UsageLedger: Send + Sync + 'static {
 /// (see [`UsageLedger::usage_states`]).
 #[derive(Debug)]
 pub struct SessionUsage {
-    /// The session's usage state.
-    pub state: UsageState,
+    /// The session.
+    pub session: SessionId,
+    /// Its tenant.
+    pub tenant: String,
+    /// Its usage state; an error when its row cannot be read as one (a corrupt value, or
+    /// one a newer release wrote): a difference to report, like an unreadable record.
+    pub state: Result<UsageState, StoreError>,
     /// Every one of its usage records, superseded ones too, in the order written; an error
     /// when one cannot be read (a corrupt row): a difference to report, not a reason to
     /// stop reading the others.

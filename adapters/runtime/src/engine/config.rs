@@ -114,7 +114,7 @@ pub struct EngineConfig {
     /// record per closed period, so that a bill can be cut while it runs (see
     /// [`usage`](session_lifecycle_store::usage)). Periods count from the epoch; a
     /// divisor of an hour keeps every record inside one hour and one day. Must be whole
-    /// seconds dividing an hour (60, 300, 900, 3600 ...), or [`Engine::open`](crate::Engine::open)
+    /// seconds dividing an hour (60, 300, 900, 3600 ...), or `Engine::open`
     /// refuses it with [`EngineError::InvalidUsagePeriod`].
     pub usage_period: Duration,
 }

@@ -80,7 +80,8 @@ impl Sim {
                 .expect("the store without faults answers");
             for usage in &states {
                 let records = usage.records.as_ref().expect("records are readable");
-                if let Some(d) = reconcile_session(&usage.state, records, from, to) {
+                let state = usage.state.as_ref().expect("states are readable");
+                if let Some(d) = reconcile_session(state, records, from, to) {
                     found.push(format!(
                         "{}: usage {} ms recorded for {} ms billable: {}",
                         d.session, d.recorded_ms, d.expected_ms, d.problem
@@ -88,7 +89,7 @@ impl Sim {
                 }
             }
             match states.last() {
-                Some(last) if states.len() == 500 => after = Some(last.state.session),
+                Some(last) if states.len() == 500 => after = Some(last.session),
                 _ => return found,
             }
         }

@@ -40,7 +40,10 @@ pub use sessions::{
     list_is_newest_first_tenant_scoped_and_paged, plan_limit_is_enforced, touch_moves_forward_only,
     watch_releases_wakes_a_waiting_node,
 };
-pub use usage::usage_is_recorded_with_its_causes_and_read_back_exactly;
+pub use usage::{
+    unreadable_usage_never_blocks_an_end_or_other_sessions,
+    usage_is_recorded_with_its_causes_and_read_back_exactly,
+};
 
 /// Runs every check of the suite against `store`.
 pub async fn run_all(store: Arc<dyn Store>) {

@@ -149,8 +149,11 @@ impl UsageLedger for MemoryStore {
             })
             .take(limit as usize)
             .filter_map(|(id, _)| {
+                let usage = state.usage_state(*id)?;
                 Some(SessionUsage {
-                    state: state.usage_state(*id)?,
+                    session: *id,
+                    tenant: usage.tenant.clone(),
+                    state: Ok(usage),
                     records: Ok(state.usage.get(id).cloned().unwrap_or_default()),
                 })
             })

@@ -41,15 +41,22 @@ async fn check(database: &str, from: &str, to: &str) -> Result<u64, String> {
             .map_err(|e| format!("reading sessions: {e}"))?;
         for usage in &states {
             checked += 1;
-            let state = &usage.state;
-            let records = match &usage.records {
-                Ok(records) => records,
-                // A corrupt record is a difference to report, not a reason to stop checking.
-                Err(e) => {
+            // A corrupt state or record is a difference to report, not a reason to stop.
+            let (state, records) = match (&usage.state, &usage.records) {
+                (Ok(state), Ok(records)) => (state, records),
+                (Err(e), _) => {
+                    differences += 1;
+                    println!(
+                        "{} tenant={}: session usage state unreadable: {e}",
+                        usage.session, usage.tenant
+                    );
+                    continue;
+                }
+                (_, Err(e)) => {
                     differences += 1;
                     println!(
                         "{} tenant={}: usage records unreadable: {e}",
-                        state.session, state.tenant
+                        usage.session, usage.tenant
                     );
                     continue;
                 }
@@ -63,7 +70,7 @@ async fn check(database: &str, from: &str, to: &str) -> Result<u64, String> {
             }
         }
         match states.last() {
-            Some(last) if states.len() == PAGE as usize => after = Some(last.state.session),
+            Some(last) if states.len() == PAGE as usize => after = Some(last.session),
             _ => break,
         }
     }
