@@ -172,7 +172,7 @@ pub async fn usage_is_recorded_with_its_causes_and_read_back_exactly(store: &dyn
 /// newer release's rule; `make_unreadable` writes one behind the store's back) is left
 /// unsettled, with a warning: its end still commits, closing usage periods goes past it
 /// to the sessions behind it, and a look at the ledger reports it and reads the others.
-/// Not in [`run_all`](super::run_all): only a store with a raw handle can break a row.
+/// Not in `run_all`: only a store with a raw handle can break a row.
 pub async fn unreadable_usage_never_blocks_an_end_or_other_sessions<F, Fut>(
     store: &dyn Store,
     make_unreadable: F,
