@@ -221,9 +221,13 @@ async fn a_thousand_idle_sockets_cost_no_store_writes() {
         "no presence write while idle"
     );
     assert_eq!(store_after.presence, store_before.presence);
-    assert_eq!(
-        store_after.sessions, store_before.sessions,
-        "no touch per ping"
+    // No touch per ping. A session row changes at most once: when a usage period
+    // (300 s, from the epoch) closes inside the idle minute, each session is marked
+    // recorded up to it, once per period, whatever the pings.
+    assert!(
+        store_after.sessions - store_before.sessions <= 1000,
+        "no touch per ping: {} session row changes",
+        store_after.sessions - store_before.sessions
     );
     // About one heartbeat per node per interval (5 s): nothing per socket.
     let expected = 2 * idle.as_secs() as i64 / 5;
