@@ -132,6 +132,20 @@ pub fn parse_create(body: &[u8]) -> Result<CreateRequest, ApiError> {
     Ok(request)
 }
 
+/// A page size as a query string gives it: digits only (`+5` is not an integer in the
+/// document's sense), 1 to `max`; `default` when absent.
+pub fn page_limit(text: Option<&str>, default: u32, max: u32) -> Result<u32, ApiError> {
+    match text {
+        None => Ok(default),
+        Some(text) => match text.parse::<u32>() {
+            Ok(n) if text.bytes().all(|b| b.is_ascii_digit()) && (1..=max).contains(&n) => Ok(n),
+            _ => Err(ApiError::invalid(format!(
+                "limit must be an integer from 1 to {max}"
+            ))),
+        },
+    }
+}
+
 /// Listing parameters, as the query string gives them (checked by [`ListParams::check`]).
 #[derive(Debug, Default, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
@@ -167,22 +181,7 @@ impl ListParams {
             Some("ended") => Some(Status::Ended),
             Some(_) => return Err(ApiError::invalid("status must be started or ended")),
         };
-        let limit = match self.limit.as_deref() {
-            None => DEFAULT_PAGE,
-            Some(text) => match text.parse::<u32>() {
-                // Digits only: `+5` is not an integer in the document's sense.
-                Ok(n)
-                    if text.bytes().all(|b| b.is_ascii_digit()) && (1..=MAX_PAGE).contains(&n) =>
-                {
-                    n
-                }
-                _ => {
-                    return Err(ApiError::invalid(format!(
-                        "limit must be an integer from 1 to {MAX_PAGE}"
-                    )));
-                }
-            },
-        };
+        let limit = page_limit(self.limit.as_deref(), DEFAULT_PAGE, MAX_PAGE)?;
         let before = match self.cursor.as_deref() {
             None => None,
             Some(c) => Some(SessionId::parse(c).map_err(|_| ApiError::invalid("invalid cursor"))?),

@@ -59,22 +59,11 @@ fn session_page(
         }
         return Ok(SessionPage::ALL);
     }
-    let limit = match params.limit.as_deref() {
-        None => MAX_SESSION_GROUPS,
-        Some(text) => match text.parse::<u32>() {
-            Ok(n)
-                if text.bytes().all(|b| b.is_ascii_digit())
-                    && (1..=MAX_SESSION_GROUPS).contains(&n) =>
-            {
-                n
-            }
-            _ => {
-                return Err(ApiError::invalid(format!(
-                    "limit must be an integer from 1 to {MAX_SESSION_GROUPS}"
-                )));
-            }
-        },
-    };
+    let limit = crate::input::page_limit(
+        params.limit.as_deref(),
+        MAX_SESSION_GROUPS,
+        MAX_SESSION_GROUPS,
+    )?;
     let after = match params.cursor.as_deref() {
         None => None,
         Some(c) => Some(SessionId::parse(c).map_err(|_| ApiError::invalid("invalid cursor"))?),
