@@ -3,7 +3,9 @@
 //!
 //! - `usage_end`: ends per second through the engine on SQLite, with usage recording on
 //!   (the final record and its `usage.recorded` event ride on the end's own commit) and
-//!   off (`SqliteStore::set_usage_records(false)`). Target: on/off >= 0.9.
+//!   off (`SqliteStore::set_usage_records(false)`). Target: on/off >= 0.9. Criterion
+//!   measures each apart; `usage_end/paired` measures the ratio in alternating pairs of
+//!   batches, which cancels the drift of a shared machine between the two.
 //! - `usage_get`: `GET /v1/usage` over HTTP (the router in-process) for a tenant with
 //!   10,000, 100,000 and 1,000,000 ended sessions, over a range that holds all of them
 //!   (a month's bill), total only and by day.
@@ -97,6 +99,65 @@ async fn serve(path: &std::path::Path) -> String {
     base
 }
 
+/// Whether this run's filter (criterion's first free argument) selects bench `name`.
+fn wanted(name: &str) -> bool {
+    let filter = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .find(|a| a.parse::<f64>().is_err());
+    filter.is_none_or(|f| name.contains(&f))
+}
+
+/// Ends per second with recording on over off, measured in pairs: each round ends a
+/// batch on one engine and then on the other (alternating which goes first), so the
+/// machine's drift between two criterion runs (seconds apart, on a shared host) cancels
+/// out; the median of the rounds' ratios is printed and written to
+/// `target/criterion/usage_end/paired.json`.
+fn paired_ratio(rt: &tokio::runtime::Runtime, engines: &[Engine]) {
+    const ROUNDS: usize = 31;
+    const BATCH: u64 = 2_000;
+    let mut ratios = Vec::with_capacity(ROUNDS);
+    for round in 0..ROUNDS {
+        let times = rt.block_on(async {
+            let mut ids = Vec::new();
+            for engine in engines {
+                ids.push(started(std::slice::from_ref(engine), BATCH).await);
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            let mut times = [Duration::ZERO; 2];
+            let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
+            for k in order {
+                let batch = std::mem::take(&mut ids[k]);
+                let t = Instant::now();
+                end_concurrently(std::slice::from_ref(&engines[k]), batch).await;
+                times[k] = t.elapsed();
+            }
+            times
+        });
+        // Ends/s on over ends/s off = time off over time on.
+        ratios.push(times[1].as_secs_f64() / times[0].as_secs_f64());
+    }
+    ratios.sort_by(f64::total_cmp);
+    let median = ratios[ROUNDS / 2];
+    println!(
+        "usage_end/paired: ends/s recording on / off = {median:.3} (median of {ROUNDS} rounds of {BATCH} ends each; range {:.3}..{:.3})",
+        ratios[0],
+        ratios[ROUNDS - 1]
+    );
+    let out =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/criterion/usage_end");
+    if std::fs::create_dir_all(&out).is_ok() {
+        let _ = std::fs::write(
+            out.join("paired.json"),
+            format!(
+                "{{\"median_ratio\": {median}, \"rounds\": {ROUNDS}, \"batch\": {BATCH}, \"min\": {}, \"max\": {}}}\n",
+                ratios[0],
+                ratios[ROUNDS - 1]
+            ),
+        );
+    }
+}
+
 fn main() {
     let mut c = Criterion::default().configure_from_args();
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -108,6 +169,7 @@ fn main() {
 
     let mut group = c.benchmark_group("usage_end");
     group.throughput(Throughput::Elements(1));
+    let mut engines = Vec::new();
     for (name, on) in [
         ("concurrent/recording_on", true),
         ("concurrent/recording_off", false),
@@ -116,6 +178,7 @@ fn main() {
             SqliteStore::open(dir.path().join(format!("{name}.db").replace('/', "_"))).unwrap();
         store.set_usage_records(on);
         let engine = rt.block_on(engine_on(store));
+        engines.push(engine.clone());
         group.bench_function(name, |b| {
             b.iter_custom(|iters| {
                 rt.block_on(async {
@@ -130,6 +193,9 @@ fn main() {
         });
     }
     group.finish();
+    if wanted("usage_end/paired") {
+        paired_ratio(&rt, &engines);
+    }
 
     let mut group = c.benchmark_group("usage_get");
     group.sample_size(10);

@@ -209,11 +209,18 @@ fn ended_events(
     now: Timestamp,
     usage: Option<UsageStateRow>,
 ) -> Result<(), StoreError> {
-    if let Some(row) = usage {
-        usage::settle_row(c, row, None, now)?;
-    }
+    let usage_from = match usage {
+        Some(row) => usage::settle_row(c, row, None, now, usage::UsageEvents::WithEnded)?.first_new,
+        None => None,
+    };
     c.prepare_cached(statements::EVENT_ENDED)
-        .and_then(|mut s| s.execute(params![id, event_sequence(EventKind::Ended)]))
+        .and_then(|mut s| {
+            s.execute(params![
+                id,
+                event_sequence(EventKind::Ended),
+                usage_from.map(i64::from)
+            ])
+        })
         .map_err(db)?;
     released_event(c, id, now)
 }

@@ -17,6 +17,9 @@ use session_lifecycle_store::{
 
 use crate::{SqliteStore, db};
 
+/// The sequence of usage record 0's event (`EventKind::UsageRecorded`).
+const USAGE_BASE: i64 = session_lifecycle::USAGE_SEQUENCE_BASE as i64;
+
 /// `items` as a JSON array of strings (for `json_each`).
 fn json_array(items: &[String]) -> String {
     let quoted: Vec<String> = items
@@ -110,11 +113,42 @@ impl EventOutbox for SqliteStore {
         &self,
         limit: u32,
     ) -> BoxFuture<'_, Result<Vec<SessionEvent>, StoreError>> {
-        Box::pin(
-            self.inner
-                .conns
-                .read(move |c| events(c, statements::UNDISPATCHED, [i64::from(limit)])),
-        )
+        Box::pin(self.inner.conns.read(move |c| {
+            type Row = (EventRow, i64, Option<i64>, Option<i64>);
+            let rows: Vec<Row> = c
+                .prepare_cached(statements::UNDISPATCHED)
+                .and_then(|mut s| {
+                    s.query_map([i64::from(limit)], |r| {
+                        Ok((event_row(r)?, r.get(6)?, r.get(7)?, r.get(8)?))
+                    })?
+                    .collect()
+                })
+                .map_err(db)?;
+            let mut out = Vec::with_capacity(rows.len());
+            let mut last = None;
+            for (row, written, record, recorded_at) in rows {
+                if last != Some(written) {
+                    last = Some(written);
+                    out.push(event(row.clone())?);
+                }
+                // An ended event's usage events, not written yet: as they will be.
+                if let (Some(seq), Some(at)) = (record, recorded_at) {
+                    let (_, session, tenant, _, _, callback_url) = row;
+                    out.push(event((
+                        None,
+                        session,
+                        tenant,
+                        USAGE_BASE + seq,
+                        at,
+                        callback_url,
+                    ))?);
+                }
+            }
+            // At most `limit`: usage events left out are written with their ended event's
+            // fan-out, and come next time.
+            out.truncate(limit as usize);
+            Ok(out)
+        }))
     }
 
     fn dispatch_events(
@@ -146,6 +180,13 @@ impl EventOutbox for SqliteStore {
                     continue;
                 };
                 dispatched += 1;
+                if kind == EventKind::Ended {
+                    // The usage events of what its end recorded: written now, in its
+                    // place's step, so each is written once (see `UNDISPATCHED`).
+                    c.prepare_cached(statements::MATERIALIZE_USAGE_EVENTS)
+                        .and_then(|mut s| s.execute(params![event_id, USAGE_BASE]))
+                        .map_err(db)?;
+                }
                 c.prepare_cached(statements::NEXT_POSITION)
                     .and_then(|mut s| s.query_row([], |r| r.get::<_, i64>(0)))
                     .map_err(db)?;

@@ -229,6 +229,10 @@ const MIGRATIONS: &[&str] = &[
      ALTER TABLE usage_records_11 RENAME TO usage_records;
      CREATE INDEX usage_records_latest ON usage_records (tenant, from_ms)
          WHERE NOT superseded AND millis > 0;",
+    // 12: an `ended` event names the first usage record its end wrote: those records'
+    // `usage.recorded` events are written when it is fanned out, not in the end's commit
+    // (see `outbox`), so an end writes one row less.
+    "ALTER TABLE events ADD COLUMN usage_from INTEGER;",
 ];
 
 /// The schema version this code writes.

@@ -67,9 +67,28 @@ pub(crate) fn settle_usage(
         .and_then(|mut s| s.query_map([id], state_row)?.next().transpose())
         .map_err(db)?;
     match row {
-        Some(row) => settle_row(c, row, close, now),
+        Some(row) => Ok(settle_row(c, row, close, now, UsageEvents::InStep)?.sound),
         None => Ok(true),
     }
+}
+
+/// When a new usage record's `usage.recorded` event is written.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum UsageEvents {
+    /// In the step that writes the record.
+    InStep,
+    /// With the fan-out of its session's `ended` event, which names the first record its
+    /// end wrote (see `statements::UNDISPATCHED`): an end's commit writes no event row
+    /// for its usage.
+    WithEnded,
+}
+
+/// What settling a session's usage did.
+pub(crate) struct Settled {
+    /// `false`: its usage is corrupt and was left as it was (see [`settle_row`]).
+    pub sound: bool,
+    /// The sequence number of the first record written, if any was.
+    pub first_new: Option<u32>,
 }
 
 /// [`settle_usage`] of a session whose usage state after its cause is `row` (read by the
@@ -82,26 +101,35 @@ pub(crate) fn settle_row(
     row: UsageStateRow,
     close: Option<(Timestamp, Duration)>,
     now: Timestamp,
-) -> Result<bool, StoreError> {
+    events: UsageEvents,
+) -> Result<Settled, StoreError> {
     match row
         .into_state()
-        .and_then(|state| settle_state(c, &state, close, now))
+        .and_then(|state| settle_state(c, &state, close, now, events))
     {
-        Ok(()) => Ok(true),
+        Ok(first_new) => Ok(Settled {
+            sound: true,
+            first_new,
+        }),
         Err(e @ StoreError::Corrupt { .. }) => {
             tracing::warn!(error = %e, "usage not recorded: its session's usage is corrupt");
-            Ok(false)
+            Ok(Settled {
+                sound: false,
+                first_new: None,
+            })
         }
         Err(e) => Err(e),
     }
 }
 
+/// Writes what [`settle`] makes of `state`; the first new record's sequence number.
 fn settle_state(
     c: &Connection,
     state: &UsageState,
     close: Option<(Timestamp, Duration)>,
     now: Timestamp,
-) -> Result<(), StoreError> {
+    events: UsageEvents,
+) -> Result<Option<u32>, StoreError> {
     let id = state.session.to_string();
     let id = id.as_str();
     // Nothing is recorded of a session before its first close or end.
@@ -129,6 +157,9 @@ fn settle_state(
                 ])
             })
             .map_err(db)?;
+        if events == UsageEvents::WithEnded {
+            continue;
+        }
         // Its `usage.recorded` event, in the same step.
         c.prepare_cached(statements::INSERT_EVENT)
             .and_then(|mut s| {
@@ -151,7 +182,7 @@ fn settle_state(
             .and_then(|mut s| s.execute(params![id, ms(to)]))
             .map_err(db)?;
     }
-    Ok(())
+    Ok(settled.records.first().map(|r| r.seq))
 }
 
 impl UsageLedger for SqliteStore {

@@ -204,9 +204,12 @@ pub mod statements {
         "INSERT INTO events (session_id, tenant, session_seq, at) VALUES (?1, ?2, ?3, ?4)
          ON CONFLICT DO NOTHING";
 
-    /// Session `?1` ended: its `ended` event (sequence `?2`), at its end, once.
-    pub const EVENT_ENDED: &str = "INSERT INTO events (session_id, tenant, session_seq, at)
-         SELECT id, tenant, CAST(?2 AS BIGINT), ended_at FROM sessions
+    /// Session `?1` ended: its `ended` event (sequence `?2`), at its end, once. SQLite's:
+    /// `?3` is the first of the usage records its end wrote, if any (their events are
+    /// written with the fan-out of this one: `MATERIALIZE_USAGE_EVENTS`).
+    pub const EVENT_ENDED: &str = "INSERT INTO events (session_id, tenant, session_seq, at,
+                                            usage_from)
+         SELECT id, tenant, CAST(?2 AS BIGINT), ended_at, ?3 FROM sessions
          WHERE id = ?1 AND status = 'ended'
          ON CONFLICT DO NOTHING";
 
@@ -234,11 +237,28 @@ pub mod statements {
          WHERE id = ?1 AND ready_at IS NOT NULL
          ON CONFLICT DO NOTHING";
 
-    /// Events not fanned out yet, in the order they were written, at most `?1`.
+    /// Up to `?1` events not fanned out yet, in the order they were written; SQLite's. Each
+    /// row is an event, and for an `ended` event, each of the usage records its end wrote
+    /// (their `usage.recorded` events are written when it is fanned out:
+    /// `MATERIALIZE_USAGE_EVENTS`), one row per record: sequence, time.
     pub const UNDISPATCHED: &str =
-        "SELECT NULL, e.session_id, e.tenant, e.session_seq, e.at, s.callback_url
-         FROM events e JOIN sessions s ON s.id = e.session_id
-         WHERE e.position IS NULL ORDER BY e.id LIMIT ?1";
+        "SELECT NULL, e.session_id, e.tenant, e.session_seq, e.at, s.callback_url, e.id,
+                u.seq, u.recorded_at
+         FROM (SELECT id, session_id, tenant, session_seq, at, usage_from FROM events
+               WHERE position IS NULL ORDER BY id LIMIT ?1) e
+         JOIN sessions s ON s.id = e.session_id
+         LEFT JOIN usage_records u ON u.session_id = e.session_id AND u.seq >= e.usage_from
+         ORDER BY e.id, u.seq";
+
+    /// Event `?1` (an `ended` one) is being fanned out: the `usage.recorded` events
+    /// (sequence `?2` + record) of the usage records its end wrote, once; SQLite's.
+    pub const MATERIALIZE_USAGE_EVENTS: &str =
+        "INSERT INTO events (session_id, tenant, session_seq, at)
+         SELECT u.session_id, u.tenant, ?2 + u.seq, u.recorded_at
+         FROM events e JOIN usage_records u ON u.session_id = e.session_id
+         WHERE e.id = ?1 AND e.usage_from IS NOT NULL AND u.seq >= e.usage_from
+         ORDER BY u.seq
+         ON CONFLICT DO NOTHING";
 
     /// The stream position of the last event fanned out.
     pub const LAST_POSITION: &str = "SELECT last_position FROM event_stream";
