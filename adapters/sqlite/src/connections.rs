@@ -310,7 +310,11 @@ fn commit_chunk(conn: &Connection, mut jobs: Vec<Box<dyn Job>>) {
     if let Err(msg) = statement(conn, "BEGIN IMMEDIATE") {
         return fail_all(jobs, &msg);
     }
-    if jobs.iter_mut().all(|job| job.run(Ok(conn))) {
+    // (A transaction SQLite rolled back on its own counts as a failure: see below.)
+    if jobs
+        .iter_mut()
+        .all(|job| job.run(Ok(conn)) && !conn.is_autocommit())
+    {
         return commit(conn, jobs.into_iter().map(|job| (job, None)).collect());
     }
     let _ = statement(conn, "ROLLBACK");
@@ -325,7 +329,8 @@ fn commit_chunk(conn: &Connection, mut jobs: Vec<Box<dyn Job>>) {
         return fail_all(jobs, &msg);
     }
     let mut done = Vec::with_capacity(jobs.len());
-    for mut job in jobs {
+    let mut jobs = jobs.into_iter();
+    while let Some(mut job) = jobs.next() {
         if let Err(msg) = statement(conn, "SAVEPOINT job") {
             job.run(Err(&msg));
             done.push((job, Some(msg)));
@@ -337,9 +342,21 @@ fn commit_chunk(conn: &Connection, mut jobs: Vec<Box<dyn Job>>) {
             statement(conn, "ROLLBACK TO job").and_then(|()| statement(conn, "RELEASE job"))
         };
         done.push((job, undo.err()));
+        if conn.is_autocommit() {
+            // SQLite rolled the whole transaction back (it may, on SQLITE_FULL, IOERR or
+            // NOMEM): what ran in it is gone, and a savepoint now would be a transaction
+            // of its own, committed by its RELEASE. Nothing of the chunk was kept.
+            for (job, _) in done {
+                job.finish(Some(ROLLED_BACK));
+            }
+            return fail_all(jobs.collect(), ROLLED_BACK);
+        }
     }
     commit(conn, done);
 }
+
+/// The answer of the writes of a chunk whose transaction SQLite rolled back.
+const ROLLED_BACK: &str = "the write's transaction was rolled back by the database";
 
 /// Commits the open transaction and gives each job its answer (its own error, if its
 /// savepoint could not be closed, or the commit's).
@@ -350,5 +367,80 @@ fn commit(conn: &Connection, jobs: Vec<(Box<dyn Job>, Option<String>)>) {
     }
     for (job, own_error) in jobs {
         job.finish(commit_error.as_deref().or(own_error.as_deref()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A job writing `value` into table `t`; `rollback`: it fails after rolling back the
+    /// whole transaction, as SQLite may itself on SQLITE_FULL or SQLITE_IOERR.
+    fn job(
+        value: i64,
+        rollback: bool,
+    ) -> (Box<dyn Job>, oneshot::Receiver<Result<(), StoreError>>) {
+        let (to, rx) = oneshot::channel();
+        let f = move |c: &Connection| {
+            c.execute("INSERT INTO t (v) VALUES (?1)", [value])
+                .map_err(db)?;
+            if rollback {
+                c.execute_batch("ROLLBACK").map_err(db)?;
+                return Err(unavailable("disk full"));
+            }
+            Ok(())
+        };
+        let job: Box<dyn Job> = Box::new(Write {
+            f,
+            answer: None,
+            to,
+        });
+        (job, rx)
+    }
+
+    fn values(c: &Connection) -> Vec<i64> {
+        c.prepare("SELECT v FROM t ORDER BY v")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    }
+
+    /// A chunk whose transaction the database rolled back mid-way keeps nothing and
+    /// answers every write with an error: no write after it commits on its own while
+    /// being answered as failed.
+    #[test]
+    fn a_chunk_rolled_back_by_the_database_keeps_nothing_and_fails_every_write() {
+        let conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch("CREATE TABLE t (v INTEGER)").unwrap();
+        let (jobs, answers): (Vec<_>, Vec<_>) = [job(1, false), job(2, true), job(3, false)]
+            .into_iter()
+            .unzip();
+        commit_batch(&conn, jobs);
+        assert!(conn.is_autocommit());
+        assert_eq!(values(&conn), Vec::<i64>::new(), "nothing kept");
+        for mut answer in answers {
+            assert!(answer.try_recv().unwrap().is_err());
+        }
+
+        // A failing write that leaves the transaction alone undoes only itself.
+        let (to, rx) = oneshot::channel();
+        let failing: Box<dyn Job> = Box::new(Write {
+            f: |c: &Connection| {
+                c.execute("INSERT INTO t (v) VALUES (5)", []).map_err(db)?;
+                Err::<(), _>(unavailable("refused"))
+            },
+            answer: None,
+            to,
+        });
+        let (four, mut four_answer) = job(4, false);
+        let (six, mut six_answer) = job(6, false);
+        commit_batch(&conn, vec![four, failing, six]);
+        assert_eq!(values(&conn), [4, 6]);
+        assert!(four_answer.try_recv().unwrap().is_ok());
+        assert!(six_answer.try_recv().unwrap().is_ok());
+        let mut rx = rx;
+        assert!(rx.try_recv().unwrap().is_err());
     }
 }
