@@ -9,9 +9,10 @@ use deadpool_postgres::GenericClient;
 use session_lifecycle::{EventKind, SessionId, Timestamp};
 use session_lifecycle_store::rows::{event_sequence, millis as ms, parse_id};
 use session_lifecycle_store::sql::{postgres as pg, statements};
+use session_lifecycle_store::usage::sql::{UsageRow, UsageStateRow, totals_of_rows, totals_query};
 use session_lifecycle_store::usage::{
-    SessionPage, SessionUsage, UsageGrouping, UsageLedger, UsageRecord, UsageRow, UsageState,
-    UsageStateRow, UsageTotals, period_boundary, settle, totals_of_rows, totals_query,
+    SessionPage, SessionUsage, UsageGrouping, UsageLedger, UsageRecord, UsageState, UsageTotals,
+    period_boundary, settle,
 };
 use session_lifecycle_store::{BoxFuture, StoreError};
 use tokio_postgres::{IsolationLevel, Row};
@@ -56,7 +57,7 @@ fn usage_row(r: &Row) -> Result<UsageRow, StoreError> {
 // write them too and read "superseded" from `superseded_by`. They can go once no instance
 // that reads them runs (a later release's migration).
 
-/// `usage::UsageRow`'s columns.
+/// `usage::sql::UsageRow`'s columns.
 macro_rules! usage_row_columns {
     () => {
         "session_id, tenant, seq, span_from, span_to, from_ms, to_ms, revision,
@@ -85,7 +86,7 @@ const PAGE_USAGE: &str = concat!(
     " FROM usage_records WHERE session_id = ANY($1) ORDER BY session_id, seq"
 );
 
-/// A new usage record: `usage::UsageRow`'s columns but `superseded` (a new record is
+/// A new usage record: `usage::sql::UsageRow`'s columns but `superseded` (a new record is
 /// the latest), its billable milliseconds, its identifier and the one it corrects.
 const INSERT_USAGE: &str = "INSERT INTO usage_records (session_id, tenant, seq, span_from,
         span_to, from_ms, to_ms, revision, recorded_at, millis, id, corrects)

@@ -42,7 +42,7 @@ use session_lifecycle_store::rows::{
     millis as ms, parse_id, release_columns, timeout_columns,
 };
 use session_lifecycle_store::sql::statements;
-use session_lifecycle_store::usage::UsageStateRow;
+use session_lifecycle_store::usage::sql::UsageStateRow;
 use session_lifecycle_store::{
     AttachOutcome, BoxFuture, CreateOutcome, EndCount, ListQuery, NewSession, ReleaseClaim,
     ReleaseProgress, ReleaseQueue, SessionRecord, SessionStore, StoreError, StoreHealth,

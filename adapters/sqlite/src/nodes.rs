@@ -8,7 +8,7 @@ use session_lifecycle_store::rows::{
     LOST_WITH_NODE, duration_ms, millis as ms, parse_id, timestamp,
 };
 use session_lifecycle_store::sql::statements;
-use session_lifecycle_store::usage::UsageStateRow;
+use session_lifecycle_store::usage::sql::UsageStateRow;
 use session_lifecycle_store::{BoxFuture, NodeMembership, NodeRow, StoreError};
 use session_lifecycle_store::{
     sql_ended_at, sql_later, sql_release_due_at, sql_usage_state_columns,

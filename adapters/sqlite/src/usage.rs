@@ -6,9 +6,10 @@ use rusqlite::{Connection, params};
 use session_lifecycle::{EventKind, SessionId, Timestamp};
 use session_lifecycle_store::rows::{event_sequence, millis as ms, parse_id};
 use session_lifecycle_store::sql::statements;
+use session_lifecycle_store::usage::sql::{UsageRow, UsageStateRow, totals_of_rows, totals_query};
 use session_lifecycle_store::usage::{
-    SessionPage, SessionUsage, UsageGrouping, UsageLedger, UsageRecord, UsageRow, UsageState,
-    UsageStateRow, UsageTotals, period_boundary, settle, totals_of_rows, totals_query,
+    SessionPage, SessionUsage, UsageGrouping, UsageLedger, UsageRecord, UsageState, UsageTotals,
+    period_boundary, settle,
 };
 use session_lifecycle_store::{BoxFuture, StoreError};
 

@@ -70,7 +70,7 @@ macro_rules! sql_release_due_at {
     };
 }
 
-/// The columns of a session's usage state, as `usage::UsageStateRow` reads them.
+/// The columns of a session's usage state, as `usage::sql::UsageStateRow` reads them.
 #[macro_export]
 macro_rules! sql_usage_state_columns {
     () => {
@@ -520,7 +520,7 @@ pub mod statements {
     /// deduplicating a provider's retries).
     pub const PRUNE_ROOM_EVENTS: &str = "DELETE FROM room_events WHERE received_at <= ?1";
 
-    /// The usage state of session `?1`, as `usage::UsageStateRow` reads it.
+    /// The usage state of session `?1`, as `usage::sql::UsageStateRow` reads it.
     pub const USAGE_STATE: &str = concat!(
         "SELECT ",
         sql_usage_state_columns!(),
@@ -530,18 +530,18 @@ pub mod statements {
     // The usage record statements below are SQLite's: PostgreSQL keeps the identifier
     // columns SQLite dropped, for the previous release's instances (see its adapter).
 
-    /// Every usage record of session `?1`, in the order written (`usage::UsageRow`'s
+    /// Every usage record of session `?1`, in the order written (`usage::sql::UsageRow`'s
     /// columns).
     pub const SESSION_USAGE: &str = "SELECT session_id, tenant, seq, span_from, span_to,
                 from_ms, to_ms, revision, superseded, recorded_at
          FROM usage_records WHERE session_id = ?1 ORDER BY seq";
 
-    /// Usage record `?2` of session `?1` (`usage::UsageRow`'s columns).
+    /// Usage record `?2` of session `?1` (`usage::sql::UsageRow`'s columns).
     pub const USAGE_RECORD: &str = "SELECT session_id, tenant, seq, span_from, span_to,
                 from_ms, to_ms, revision, superseded, recorded_at
          FROM usage_records WHERE session_id = ?1 AND seq = ?2";
 
-    /// A new usage record: `usage::UsageRow`'s columns in order as `?1` to `?10`, its
+    /// A new usage record: `usage::sql::UsageRow`'s columns in order as `?1` to `?10`, its
     /// billable milliseconds `?11`.
     pub const INSERT_USAGE: &str = "INSERT INTO usage_records (session_id, tenant, seq,
                 span_from, span_to, from_ms, to_ms, revision, superseded, recorded_at, millis)

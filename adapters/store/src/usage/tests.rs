@@ -1,6 +1,8 @@
 //! settle()'s rules, case by case.
 
+use super::sql::UsageRow;
 use super::*;
+use session_lifecycle::EndReason;
 use session_lifecycle::usage::{MeterStart, Rounding};
 
 const PERIOD: Duration = Duration::from_secs(300);
