@@ -1081,6 +1081,15 @@ fn stripe_cancelled(body: &Value) -> Option<String> {
     Some(adjustment["cancel"]["identifier"].as_str()?.to_owned())
 }
 
+/// The flags of the usage export tests' instances: usage periods of a second.
+const USAGE_EXPORT_FLAGS: [&str; 5] = [
+    "--webhook-allow-loopback",
+    "--webhook-backoff-ms",
+    "200",
+    "--usage-period-secs",
+    "1",
+];
+
 /// Usage export from two instances on PostgreSQL to a receiver that fails for its first
 /// seconds: every usage record's `usage.recorded` event arrives at each endpoint that
 /// exports usage (CloudEvents and Stripe shapes), verified with the Standard Webhooks
@@ -1089,18 +1098,23 @@ fn stripe_cancelled(body: &Value) -> Option<String> {
 /// what `GET /v1/usage` answers; another tenant's endpoint hears of none of them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn usage_events_from_two_instances_arrive_once_each_through_a_failing_receiver() {
-    let Some(mut cluster) = Cluster::new(&[
-        "--webhook-allow-loopback",
-        "--webhook-backoff-ms",
-        "200",
-        "--usage-period-secs",
-        "1",
-    ])
-    .await
-    else {
+    let Some(cluster) = Cluster::new(&USAGE_EXPORT_FLAGS).await else {
         eprintln!("skipped: SESSION_LIFECYCLE_PG_URL is not set");
         return;
     };
+    usage_export_through_a_failing_receiver(cluster, 2).await;
+}
+
+/// The same from one instance on SQLite, where an end's usage events are written when
+/// its `ended` event is fanned out rather than in the end's commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn usage_events_from_sqlite_arrive_once_each_through_a_failing_receiver() {
+    usage_export_through_a_failing_receiver(Cluster::sqlite(&USAGE_EXPORT_FLAGS), 1).await;
+}
+
+/// The usage export check on `cluster`, its sessions created and ended across `instances`
+/// instances (see the PostgreSQL test above).
+async fn usage_export_through_a_failing_receiver(mut cluster: Cluster, instances: usize) {
     let fail_until = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -1131,34 +1145,45 @@ async fn usage_events_from_two_instances_arrive_once_each_through_a_failing_rece
     let path = cluster.dir.path().join("tenants.toml");
     std::fs::write(&path, text).unwrap();
     cluster.auth = vec!["--tenants".to_owned(), path.to_str().unwrap().to_owned()];
-    let nodes = [cluster.start_bare("a"), cluster.start_bare("b")];
+    let nodes: Vec<Node> = ["a", "b"][..instances]
+        .iter()
+        .map(|id| cluster.start_bare(id))
+        .collect();
     let mut ids = Vec::new();
     for i in 0..24 {
-        ids.push(create(&nodes[i % 2], ACME, json!({})).await);
+        ids.push(create(&nodes[i % instances], ACME, json!({})).await);
     }
     // Several usage periods (1 s) close on their nodes while they run.
     tokio::time::sleep(Duration::from_millis(3500)).await;
     for (i, id) in ids.iter().enumerate() {
-        end(&nodes[(i + 1) % 2], ACME, id).await;
+        end(&nodes[(i + 1) % instances], ACME, id).await;
         if i % 6 == 0 {
             tokio::time::sleep(Duration::from_millis(700)).await;
         }
     }
-    // What the store recorded, read from PostgreSQL itself.
-    let db = session_lifecycle_postgres::testing::connect(cluster.db_url()).await;
-    let recorded: BTreeSet<String> = db
-        // Identifiers are derived, not stored: `usage:<session>:<span start>[:r<revision>]`.
-        .query(
-            "SELECT 'usage:' || session_id || ':' || span_from \
+    // What the store recorded, read from the database itself. Identifiers are derived,
+    // not stored: `usage:<session>:<span start>[:r<revision>]`.
+    let recorded_ids = "SELECT 'usage:' || session_id || ':' || span_from \
                  || CASE WHEN revision > 1 THEN ':r' || revision ELSE '' END \
-             FROM usage_records WHERE tenant = 'acme'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+             FROM usage_records WHERE tenant = 'acme'";
+    let recorded: BTreeSet<String> = match &cluster.sqlite {
+        Some(path) => rusqlite::Connection::open(path)
+            .unwrap()
+            .prepare(recorded_ids)
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap(),
+        None => session_lifecycle_postgres::testing::connect(cluster.db_url())
+            .await
+            .query(recorded_ids, &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect(),
+    };
     assert!(
         recorded.len() > ids.len(),
         "periods were closed: {recorded:?}"
@@ -1209,7 +1234,7 @@ async fn usage_events_from_two_instances_arrive_once_each_through_a_failing_rece
             + 3_600_000,
     );
     let (status, usage) = call(
-        &nodes[1],
+        &nodes[instances - 1],
         ACME,
         Method::GET,
         &format!("/v1/usage?from=2026-01-01T00:00:00Z&to={now}&group_by=session"),
