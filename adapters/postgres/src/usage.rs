@@ -205,6 +205,19 @@ async fn write_settled(
     Ok(())
 }
 
+/// One snapshot for several reads: a read-only REPEATABLE READ transaction.
+async fn snapshot(
+    client: &mut deadpool_postgres::Object,
+) -> Result<deadpool_postgres::Transaction<'_>, StoreError> {
+    client
+        .build_transaction()
+        .isolation_level(IsolationLevel::RepeatableRead)
+        .read_only(true)
+        .start()
+        .await
+        .map_err(unavailable)
+}
+
 impl UsageLedger for PostgresStore {
     fn close_usage<'a>(
         &'a self,
@@ -278,13 +291,7 @@ impl UsageLedger for PostgresStore {
             }
             // A page of session groups leaves sessions out: the total is a query of its
             // own, in the same snapshot.
-            let snapshot = client
-                .build_transaction()
-                .isolation_level(IsolationLevel::RepeatableRead)
-                .read_only(true)
-                .start()
-                .await
-                .map_err(unavailable)?;
+            let snapshot = snapshot(&mut client).await?;
             let after = page.after.map(|a| a.to_string()).unwrap_or_default();
             let rows = snapshot
                 .query(
@@ -346,13 +353,7 @@ impl UsageLedger for PostgresStore {
         Box::pin(async move {
             let mut client = self.client().await?;
             // One snapshot of the states and their records.
-            let snapshot = client
-                .build_transaction()
-                .isolation_level(IsolationLevel::RepeatableRead)
-                .read_only(true)
-                .start()
-                .await
-                .map_err(unavailable)?;
+            let snapshot = snapshot(&mut client).await?;
             let after = after.map(|a| a.to_string()).unwrap_or_default();
             let rows = snapshot
                 .query(
