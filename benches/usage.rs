@@ -2,7 +2,8 @@
 //! history grows.
 //!
 //! - `usage_end`: ends per second through the engine on SQLite, with usage recording on
-//!   (the final record and its `usage.recorded` event ride on the end's own commit) and
+//!   (the final record rides on the end's own commit; its `usage.recorded` event is
+//!   written when the end is fanned out, and no dispatcher runs here) and
 //!   off (`SqliteStore::set_usage_records(false)`). Target: on/off >= 0.9. Criterion
 //!   measures each apart; `usage_end/paired` measures the ratio in alternating pairs of
 //!   batches, which cancels the drift of a shared machine between the two.

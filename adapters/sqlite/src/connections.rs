@@ -315,13 +315,15 @@ fn commit_chunk(conn: &Connection, mut jobs: Vec<Box<dyn Job>>) {
         .iter_mut()
         .all(|job| job.run(Ok(conn)) && !conn.is_autocommit())
     {
-        return commit(conn, jobs.into_iter().map(|job| (job, None)).collect());
+        return commit(conn, jobs);
     }
+    let rolled_back = conn.is_autocommit();
     let _ = statement(conn, "ROLLBACK");
     if jobs.len() == 1 {
-        // Alone: its own error is its answer, and nothing of it was kept.
+        // Alone: its own error is its answer (or, if it succeeded in a transaction the
+        // database rolled back, that), and nothing of it was kept.
         for job in jobs {
-            job.finish(None);
+            job.finish(rolled_back.then_some(ROLLED_BACK));
         }
         return;
     }
@@ -331,25 +333,32 @@ fn commit_chunk(conn: &Connection, mut jobs: Vec<Box<dyn Job>>) {
     let mut done = Vec::with_capacity(jobs.len());
     let mut jobs = jobs.into_iter();
     while let Some(mut job) = jobs.next() {
-        if let Err(msg) = statement(conn, "SAVEPOINT job") {
-            job.run(Err(&msg));
-            done.push((job, Some(msg)));
-            continue;
-        }
-        let undo = if job.run(Ok(conn)) {
-            statement(conn, "RELEASE job")
-        } else {
-            statement(conn, "ROLLBACK TO job").and_then(|()| statement(conn, "RELEASE job"))
-        };
-        done.push((job, undo.err()));
-        if conn.is_autocommit() {
-            // SQLite rolled the whole transaction back (it may, on SQLITE_FULL, IOERR or
-            // NOMEM): what ran in it is gone, and a savepoint now would be a transaction
-            // of its own, committed by its RELEASE. Nothing of the chunk was kept.
-            for (job, _) in done {
-                job.finish(Some(ROLLED_BACK));
+        let closed = match statement(conn, "SAVEPOINT job") {
+            Err(msg) => {
+                job.run(Err(&msg));
+                Err(msg)
             }
-            return fail_all(jobs.collect(), ROLLED_BACK);
+            Ok(()) if job.run(Ok(conn)) => statement(conn, "RELEASE job"),
+            Ok(()) => {
+                statement(conn, "ROLLBACK TO job").and_then(|()| statement(conn, "RELEASE job"))
+            }
+        };
+        done.push(job);
+        // A savepoint that could not be opened or closed leaves the chunk's writes in no
+        // known state; and SQLite may have rolled the whole transaction back (it may, on
+        // SQLITE_FULL, IOERR or NOMEM): then what ran in it is gone, and a savepoint now
+        // would be a transaction of its own, committed by its RELEASE. Either way the
+        // chunk keeps nothing and every write of it is answered with the error.
+        let lost = match closed {
+            Err(msg) => Some(msg),
+            Ok(()) => conn.is_autocommit().then(|| ROLLED_BACK.to_owned()),
+        };
+        if let Some(msg) = lost {
+            let _ = statement(conn, "ROLLBACK");
+            for job in done {
+                job.finish(Some(&msg));
+            }
+            return fail_all(jobs.collect(), &msg);
         }
     }
     commit(conn, done);
@@ -358,15 +367,15 @@ fn commit_chunk(conn: &Connection, mut jobs: Vec<Box<dyn Job>>) {
 /// The answer of the writes of a chunk whose transaction SQLite rolled back.
 const ROLLED_BACK: &str = "the write's transaction was rolled back by the database";
 
-/// Commits the open transaction and gives each job its answer (its own error, if its
-/// savepoint could not be closed, or the commit's).
-fn commit(conn: &Connection, jobs: Vec<(Box<dyn Job>, Option<String>)>) {
+/// Commits the open transaction and gives each job its answer (the commit's error, if
+/// it failed).
+fn commit(conn: &Connection, jobs: Vec<Box<dyn Job>>) {
     let commit_error = statement(conn, "COMMIT").err();
     if commit_error.is_some() {
         let _ = statement(conn, "ROLLBACK");
     }
-    for (job, own_error) in jobs {
-        job.finish(commit_error.as_deref().or(own_error.as_deref()));
+    for job in jobs {
+        job.finish(commit_error.as_deref());
     }
 }
 
@@ -374,21 +383,34 @@ fn commit(conn: &Connection, jobs: Vec<(Box<dyn Job>, Option<String>)>) {
 mod tests {
     use super::*;
 
-    /// A job writing `value` into table `t`; `rollback`: it fails after rolling back the
-    /// whole transaction, as SQLite may itself on SQLITE_FULL or SQLITE_IOERR.
-    fn job(
-        value: i64,
-        rollback: bool,
-    ) -> (Box<dyn Job>, oneshot::Receiver<Result<(), StoreError>>) {
+    /// What a test job does after its write.
+    #[derive(Clone, Copy)]
+    enum Then {
+        Succeed,
+        /// Rolls the whole transaction back, as SQLite may itself on SQLITE_FULL or
+        /// SQLITE_IOERR, and fails.
+        RollBackAndFail,
+        /// The same, but answers Ok (as a job that swallowed the error would).
+        RollBackAndSucceed,
+    }
+
+    /// A job writing `value` into table `t`, then doing `then`.
+    fn job(value: i64, then: Then) -> (Box<dyn Job>, oneshot::Receiver<Result<(), StoreError>>) {
         let (to, rx) = oneshot::channel();
         let f = move |c: &Connection| {
             c.execute("INSERT INTO t (v) VALUES (?1)", [value])
                 .map_err(db)?;
-            if rollback {
-                c.execute_batch("ROLLBACK").map_err(db)?;
-                return Err(unavailable("disk full"));
+            match then {
+                Then::Succeed => Ok(()),
+                Then::RollBackAndFail => {
+                    c.execute_batch("ROLLBACK").map_err(db)?;
+                    Err(unavailable("disk full"))
+                }
+                Then::RollBackAndSucceed => {
+                    c.execute_batch("ROLLBACK").map_err(db)?;
+                    Ok(())
+                }
             }
-            Ok(())
         };
         let job: Box<dyn Job> = Box::new(Write {
             f,
@@ -414,14 +436,27 @@ mod tests {
     fn a_chunk_rolled_back_by_the_database_keeps_nothing_and_fails_every_write() {
         let conn = Connection::open_in_memory().unwrap();
         conn.execute_batch("CREATE TABLE t (v INTEGER)").unwrap();
-        let (jobs, answers): (Vec<_>, Vec<_>) = [job(1, false), job(2, true), job(3, false)]
-            .into_iter()
-            .unzip();
-        commit_batch(&conn, jobs);
-        assert!(conn.is_autocommit());
-        assert_eq!(values(&conn), Vec::<i64>::new(), "nothing kept");
-        for mut answer in answers {
-            assert!(answer.try_recv().unwrap().is_err());
+        for chunk in [
+            vec![
+                job(1, Then::Succeed),
+                job(2, Then::RollBackAndFail),
+                job(3, Then::Succeed),
+            ],
+            vec![
+                job(1, Then::Succeed),
+                job(2, Then::RollBackAndSucceed),
+                job(3, Then::Succeed),
+            ],
+            vec![job(2, Then::RollBackAndSucceed)],
+            vec![job(2, Then::RollBackAndFail)],
+        ] {
+            let (jobs, answers): (Vec<_>, Vec<_>) = chunk.into_iter().unzip();
+            commit_batch(&conn, jobs);
+            assert!(conn.is_autocommit());
+            assert_eq!(values(&conn), Vec::<i64>::new(), "nothing kept");
+            for mut answer in answers {
+                assert!(answer.try_recv().unwrap().is_err(), "answered as kept");
+            }
         }
 
         // A failing write that leaves the transaction alone undoes only itself.
@@ -434,8 +469,8 @@ mod tests {
             answer: None,
             to,
         });
-        let (four, mut four_answer) = job(4, false);
-        let (six, mut six_answer) = job(6, false);
+        let (four, mut four_answer) = job(4, Then::Succeed);
+        let (six, mut six_answer) = job(6, Then::Succeed);
         commit_batch(&conn, vec![four, failing, six]);
         assert_eq!(values(&conn), [4, 6]);
         assert!(four_answer.try_recv().unwrap().is_ok());

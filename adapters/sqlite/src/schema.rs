@@ -231,7 +231,7 @@ const MIGRATIONS: &[&str] = &[
          WHERE NOT superseded AND millis > 0;",
     // 12: an `ended` event names the first usage record its end wrote: those records'
     // `usage.recorded` events are written when it is fanned out, not in the end's commit
-    // (see `outbox`), so an end writes one row less.
+    // (see `outbox`), so an end writes one row less per record.
     "ALTER TABLE events ADD COLUMN usage_from INTEGER;",
 ];
 

@@ -193,7 +193,9 @@ pub trait EventOutbox: Send + Sync + 'static {
         at: Timestamp,
     ) -> BoxFuture<'_, Result<bool, StoreError>>;
 
-    /// Events not fanned out yet, oldest first, at most `limit`.
+    /// Events not fanned out yet, oldest first, at most `limit`. (A store may return an
+    /// event its fan-out of another writes, such as SQLite an end's usage events, right
+    /// after that other.)
     fn undispatched_events(
         &self,
         limit: u32,
