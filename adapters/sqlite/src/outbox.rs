@@ -6,8 +6,8 @@ use std::time::Duration;
 use rusqlite::{OptionalExtension, params};
 use session_lifecycle::{EventKind, SessionId, Timestamp};
 use session_lifecycle_store::rows::{
-    DeliveryRow, EventRow, delivery_counts, delivery_next, duration_ms, event, event_sequence,
-    millis as ms,
+    DeliveryRow, EventRow, corrupt, delivery_counts, delivery_next, duration_ms, event,
+    event_sequence, millis as ms, timestamp,
 };
 use session_lifecycle_store::sql::statements;
 use session_lifecycle_store::{
@@ -129,19 +129,20 @@ impl EventOutbox for SqliteStore {
             for (row, written, record, recorded_at) in rows {
                 if last != Some(written) {
                     last = Some(written);
-                    out.push(event(row.clone())?);
+                    out.push(event(row)?);
                 }
-                // An ended event's usage events, not written yet: as they will be.
-                if let (Some(seq), Some(at)) = (record, recorded_at) {
-                    let (_, session, tenant, _, _, callback_url) = row;
-                    out.push(event((
-                        None,
-                        session,
-                        tenant,
-                        USAGE_BASE + seq,
-                        at,
-                        callback_url,
-                    ))?);
+                // An ended event's usage events, not written yet: as they will be (the
+                // session's, as the event before).
+                if let (Some(seq), Some(at), Some(before)) = (record, recorded_at, out.last()) {
+                    let seq = u32::try_from(seq)
+                        .map_err(|_| corrupt(&before.session.to_string(), "usage record seq"))?;
+                    let usage = SessionEvent {
+                        position: None,
+                        kind: EventKind::UsageRecorded(seq),
+                        at: timestamp(at),
+                        ..before.clone()
+                    };
+                    out.push(usage);
                 }
             }
             // At most `limit`: usage events left out are written with their ended event's
